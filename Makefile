@@ -1,0 +1,33 @@
+# Set-up and checks for batchrun. Two commands do everything on a fresh machine:
+#   make demo   # .venv, install, run the sample input against the embedded mock provider
+#   make test   # .venv with the test extras, then the whole suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint clean
+
+$(BIN)/batchrun: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-extras: $(BIN)/batchrun
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/batchrun
+	$(BIN)/batchrun run sample_inputs/prompts.jsonl --out out.jsonl --provider mock --no-progress
+	@echo "wrote out.jsonl ($$(wc -l < out.jsonl) lines)"
+
+test: $(VENV)/.test-extras
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test-extras
+	$(BIN)/ruff check batchrun tests
+	$(BIN)/ruff format --check batchrun tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) out.jsonl out.jsonl.batchrun .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,143 @@
+"""The ``batchrun`` command: flags to configuration, results to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from batchrun.config import build_config, load_job_file
+from batchrun.errors import UsageError
+from batchrun.runner import EXIT_USAGE, run
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run a JSONL file of model requests through one pooled, rate-bounded session.",
+)
+
+_LIMITS = "Limits (DashScope SDK knobs)"
+_TIMEOUTS = "Timeouts (seconds)"
+_RETRY = "Retries"
+
+
+def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
+    return typer.Option(*names, help=help_text, rich_help_panel=panel, show_default=False)
+
+
+@app.command("run")
+def run_command(
+    input_path: Annotated[
+        Path | None, typer.Argument(metavar="INPUT", help="JSONL (or .jsonl.gz) requests.")
+    ] = None,
+    out: Annotated[
+        Path | None, _opt("Output JSONL, one line per input line.", None, "--out", "-o")
+    ] = None,
+    job: Annotated[Path | None, _opt("TOML job file; flags override it.", None, "--job")] = None,
+    provider: Annotated[str | None, _opt("openai | dashscope | mock (default mock).")] = None,
+    base_url: Annotated[str | None, _opt("API base URL, e.g. https://host/v1.")] = None,
+    model: Annotated[str | None, _opt("Model for lines that name none.")] = None,
+    api_key_env: Annotated[str | None, _opt("Environment variable holding the API key.")] = None,
+    param: Annotated[
+        list[str] | None, _opt("Default request parameter KEY=JSON (repeatable).", None, "--param")
+    ] = None,
+    connection_pool_size: Annotated[int | None, _opt("Connections kept (32).", _LIMITS)] = None,
+    max_async_requests: Annotated[int | None, _opt("Requests in flight (32).", _LIMITS)] = None,
+    max_async_requests_per_host: Annotated[
+        int | None, _opt("Requests in flight per host (32).", _LIMITS)
+    ] = None,
+    connect_timeout: Annotated[float | None, _opt("Connecting (120).", _TIMEOUTS)] = None,
+    read_timeout: Annotated[
+        float | None, _opt("Each wait for response bytes (300).", _TIMEOUTS)
+    ] = None,
+    write_timeout: Annotated[
+        float | None, _opt("Sending the request body (60).", _TIMEOUTS)
+    ] = None,
+    connection_idle_timeout: Annotated[
+        float | None, _opt("Keeping an idle connection (300).", _TIMEOUTS)
+    ] = None,
+    max_attempts: Annotated[int | None, _opt("Attempts per row (6).", _RETRY)] = None,
+    retry_budget: Annotated[
+        float | None, _opt("Seconds per row for all attempts (900).", _RETRY)
+    ] = None,
+    reorder_window: Annotated[
+        int | None, _opt("Rows held at most while an earlier one is unfinished (10000).")
+    ] = None,
+    progress: Annotated[
+        bool | None, _opt("Progress bar or log lines.", None, "--progress/--no-progress")
+    ] = None,
+    summary: Annotated[Path | None, _opt("Also write the summary as JSON here.")] = None,
+) -> None:
+    """Send every request of INPUT and write one result line per input line to OUT."""
+    flags = dict(locals())
+    _setup_logging()
+    try:
+        settings = _settings(flags)
+        config = build_config(settings)
+        result = run(config)
+    except UsageError as exc:
+        typer.echo(f"batchrun: error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(result.render(), err=True)
+    if config.summary_path is not None:
+        config.summary_path.write_bytes(
+            orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        )
+    raise typer.Exit(result.exit_code)
+
+
+def _settings(flags: dict[str, Any]) -> dict[str, Any]:
+    """Job-file settings overridden by the flags that were given."""
+    job_path = flags.pop("job")
+    settings: dict[str, Any] = load_job_file(job_path) if job_path is not None else {}
+    params = dict(settings.get("params") or {})
+    params.update(_parse_params(flags.pop("param") or []))
+    flags["input"] = flags.pop("input_path")
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    settings["params"] = params
+    return settings
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param takes KEY=VALUE, got {pair!r}")
+        try:
+            params[key] = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            params[key] = value  # a bare word is a string
+    return params
+
+
+@app.command("mock-server")
+def mock_server_command(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    latency: Annotated[float, typer.Option(help="Seconds added to every answer.")] = 0.0,
+    fail_rate: Annotated[float, typer.Option(help="Share of answers that are 503.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fault draw.")] = 0,
+) -> None:
+    """Serve the simulated provider (OpenAI and DashScope dialects) until stopped."""
+    from batchrun.mock_server import serve
+
+    serve(host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed)
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("batchrun: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("batchrun")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

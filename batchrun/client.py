@@ -1,0 +1,201 @@
+"""The pooled HTTP session, and the one place where aiohttp exceptions and HTTP
+statuses become batchrun errors.
+
+One ``aiohttp.ClientSession`` over one ``TCPConnector`` serves a whole run, so
+connections are reused instead of opened per call. The connector caps
+connections (``pool_size`` overall, ``per_host`` per host) and keeps idle ones
+for ``idle`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+from aiohttp.abc import AbstractStreamWriter
+
+from batchrun.config import Limits, Timeouts
+from batchrun.errors import FatalError, RequestError, RowError, TransientError
+from batchrun.providers import Provider
+from batchrun.records import Request, Response
+from batchrun.retry import parse_retry_after
+
+
+@asynccontextmanager
+async def open_session(limits: Limits, timeouts: Timeouts) -> AsyncIterator[aiohttp.ClientSession]:
+    """The run's single session; closed, shielded from cancellation, on exit."""
+    connector = aiohttp.TCPConnector(
+        limit=limits.pool_size,
+        limit_per_host=limits.per_host,
+        keepalive_timeout=timeouts.idle,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+    )
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, raise_for_status=False
+    ) as session:
+        try:
+            yield session
+        finally:
+            with anyio.CancelScope(shield=True):
+                await session.close()
+
+
+class _WriteStalled(Exception):
+    """Raised inside aiohttp's body writer when the peer stops reading."""
+
+
+class _TimedBody(aiohttp.BytesPayload):
+    """A JSON body whose sending is bounded by the write timeout.
+
+    aiohttp has no write timeout of its own; its body writer awaits the
+    transport's flow control, so a peer that stops reading would stall it.
+    """
+
+    def __init__(self, value: bytes, write_timeout: float) -> None:
+        super().__init__(value, content_type="application/json")
+        self._write_timeout = write_timeout
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await super().write_with_length(writer, content_length)
+        except TimeoutError as exc:
+            raise _WriteStalled from exc
+
+
+class Client:
+    """Sends one request through the shared session and returns its ``Response``
+    or raises a classified ``RequestError``. Never retries: that is the
+    caller's policy."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        provider: Provider,
+        *,
+        base_url: str,
+        api_key: str | None,
+        write_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._provider = provider
+        self._base_url = base_url
+        self._headers = provider.headers(api_key)
+        self._api_key = api_key
+        self._write_timeout = write_timeout
+        self._clock = clock
+
+    async def send(self, request: Request) -> Response:
+        url = self._provider.url(request, self._base_url)
+        body = _TimedBody(orjson.dumps(self._provider.body(request)), self._write_timeout)
+        try:
+            async with self._session.post(url, data=body, headers=self._headers) as answer:
+                raw = await answer.read()
+                return self._response(answer.status, answer.headers, raw)
+        except RequestError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise self._redacted(transport_error(exc)) from exc
+
+    def _response(self, status: int, headers: Any, raw: bytes) -> Response:
+        body = _parse_json(raw)
+        request_id = _request_id(headers, body)
+        if 200 <= status < 300:
+            if body is _UNPARSABLE:
+                raise TransientError(
+                    "invalid_json",
+                    f"HTTP {status} with a body that is not JSON ({len(raw)} bytes)",
+                    status=status,
+                    request_id=request_id,
+                )
+            return Response(status_code=status, request_id=request_id, body=body)
+        shown = None if body is _UNPARSABLE else body
+        verdict = self._provider.classify(status, shown)
+        error_type = {"transient": TransientError, "row": RowError, "fatal": FatalError}[
+            verdict.verdict
+        ]
+        raise self._redacted(
+            error_type(
+                verdict.code,
+                verdict.message,
+                status=status,
+                body=shown,
+                request_id=request_id,
+                retry_after=parse_retry_after(headers),
+            )
+        )
+
+    def _redacted(self, error: RequestError) -> RequestError:
+        """The error with every trace of the API key masked (providers echo it)."""
+        key = self._api_key
+        if key:
+            error.message = error.message.replace(key, redact(key))
+            if error.body is not None:
+                text = orjson.dumps(error.body).decode()
+                if key in text:
+                    error.body = orjson.loads(text.replace(key, redact(key)))
+            error.args = (error.message,)
+        return error
+
+
+def redact(key: str) -> str:
+    """A key shown safely: its first three characters at most, then stars."""
+    return key[: min(3, len(key) // 4)] + "***"
+
+
+_UNPARSABLE = object()
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _UNPARSABLE
+
+
+def _request_id(headers: Any, body: Any) -> str | None:
+    for name in ("x-request-id", "x-dashscope-request-id", "request-id"):
+        value = headers.get(name)
+        if value:
+            return str(value)
+    if isinstance(body, dict):
+        value = body.get("request_id") or body.get("id")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def transport_error(exc: BaseException) -> RequestError:
+    """The batchrun error for an aiohttp or socket failure (no HTTP answer)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectionError) and isinstance(exc.__cause__, _WriteStalled):
+        return TransientError("write_timeout", "sending the request body timed out")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return TransientError("connect_timeout", f"connecting timed out: {text}")
+    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        return TransientError("read_timeout", f"waiting for the response timed out: {text}")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return FatalError("tls_error", f"TLS verification failed: {text}")
+    if isinstance(exc, ssl.SSLError):
+        return FatalError("tls_error", f"TLS failed: {text}")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return FatalError("invalid_url", f"invalid URL: {text}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return TransientError("truncated_body", f"the response body was cut short: {text}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return TransientError("server_disconnected", f"the server closed the connection: {text}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return TransientError("connect_error", f"cannot connect: {text}")
+    return TransientError("connection_error", f"connection failed: {text}")

@@ -1,0 +1,65 @@
+"""batchrun's error hierarchy.
+
+Transport failures and HTTP answers become these types in exactly one place,
+``batchrun.client``; everything downstream (retry, runner, records) speaks
+only these types. Three verdicts matter for a request:
+
+* ``TransientError``: worth another attempt (timeouts, resets, 429, 5xx ...).
+* ``RowError``: this row failed for good; record it and go on.
+* ``FatalError``: every later row would fail the same way (bad key, no
+  quota); abort the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BatchrunError(Exception):
+    """Base class of every error batchrun raises on purpose."""
+
+
+class UsageError(BatchrunError):
+    """Bad configuration, flags, job file or input file (exit code 2)."""
+
+
+class RequestError(BatchrunError):
+    """A request's failure, with what the output record needs.
+
+    ``code`` is a short stable machine name (``rate_limited``, ``read_timeout``,
+    a provider's own code ...); ``status`` is the HTTP status when there was an
+    answer; ``retry_after`` is the server's requested pause in seconds.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        body: Any = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.body = body
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, status={self.status!r})"
+
+
+class TransientError(RequestError):
+    """A failure that another attempt may cure."""
+
+
+class RowError(RequestError):
+    """A failure of this row alone that no retry will cure."""
+
+
+class FatalError(RequestError):
+    """A failure that dooms every row: the run aborts (exit code 3)."""

@@ -1,0 +1,81 @@
+"""What every provider dialect supplies, and the verdict type of its error map."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from batchrun.records import Request
+
+Verdict = Literal["transient", "row", "fatal"]
+
+# Statuses that another attempt may cure, whatever the dialect says.
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """A provider's verdict on a non-2xx answer."""
+
+    verdict: Verdict
+    code: str
+    message: str
+
+
+class Provider:
+    """A provider dialect: where to send a request, in what shape, and how to
+    read its answers. Subclasses override the class attributes and hooks."""
+
+    name: str = "base"
+    default_base_url: str = ""
+    default_key_env: str = ""
+    key_required: bool = True
+    fallback_key: str | None = None  # used when the key variable is unset
+
+    def url(self, request: Request, base_url: str) -> str:
+        """The absolute URL for ``request`` under ``base_url``."""
+        raise NotImplementedError
+
+    def body(self, request: Request) -> dict[str, Any]:
+        """The JSON body to send for ``request``."""
+        raise NotImplementedError
+
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        """Request headers; the key goes only here."""
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        return headers
+
+    def classify(self, status: int, body: Any) -> Classified:
+        """The verdict on a non-2xx answer with parsed ``body`` (None if unparsable)."""
+        raise NotImplementedError
+
+    def usage(self, body: Any) -> tuple[int, int]:
+        """Tokens (in, out) that a successful answer reports; (0, 0) when absent."""
+        raise NotImplementedError
+
+
+def status_verdict(status: int) -> Verdict:
+    """The verdict a bare HTTP status implies when the body says nothing more."""
+    if status in (401, 403):
+        return "fatal"
+    if status in TRANSIENT_STATUSES or status >= 500:
+        return "transient"
+    return "row"
+
+
+def int_field(data: Any, *keys: str) -> int:
+    """``data[keys[0]]`` if it is an int, else the next key's, else 0."""
+    if isinstance(data, Mapping):
+        for key in keys:
+            value = data.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return 0
+
+
+def join_url(base_url: str, path: str) -> str:
+    """``base_url`` + ``path``, with exactly one slash between them."""
+    return base_url.rstrip("/") + "/" + path.lstrip("/")

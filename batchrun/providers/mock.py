@@ -1,0 +1,17 @@
+"""The mock provider: the OpenAI dialect against batchrun's embedded mock server.
+
+The run starts the server itself (see ``batchrun.mock_server``) on an ephemeral
+loopback port unless a ``--base-url`` points at one already running.
+"""
+
+from __future__ import annotations
+
+from batchrun.providers.openai import OpenAIProvider
+
+
+class MockProvider(OpenAIProvider):
+    name = "mock"
+    default_base_url = ""  # filled in with the embedded server's address
+    default_key_env = "BATCHRUN_MOCK_KEY"
+    key_required = False
+    fallback_key = "mock-key"

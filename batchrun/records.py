@@ -1,0 +1,233 @@
+"""Input lines to requests, outcomes to output lines. Pure: no I/O.
+
+An input line is one of three forms:
+
+1. an OpenAI batch request ``{"custom_id", "method", "url", "body"}``;
+2. a bare request body: chat ``{"messages": [...]}``, completions
+   ``{"prompt": ...}`` or embeddings ``{"input": str | [...]}``, optionally with
+   ``custom_id`` or ``id``;
+3. a DashScope native body ``{"input": {"messages": [...]}, "parameters": {...}}``.
+
+A line that is none of these becomes a ``LineError``, never an exception: one
+bad line must not stop a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+Kind = Literal["chat", "completions", "embeddings", "dashscope"]
+
+# OpenAI batch urls and the kind of request each carries.
+BATCH_URLS: dict[str, Kind] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Defaults:
+    """Job-level request defaults; a line's own values win."""
+
+    model: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request:
+    """One parsed input line. ``line`` is 1-based; ``body`` has defaults applied."""
+
+    line: int
+    custom_id: str
+    kind: Kind
+    body: dict[str, Any]
+    url: str | None = None  # the line's own batch url, when it gave one
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LineError:
+    """An input line that is not a request; it becomes an error record."""
+
+    line: int
+    custom_id: str
+    message: str
+    code: str = "invalid_line"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Response:
+    """A provider's successful answer: HTTP status, request id, parsed body."""
+
+    status_code: int
+    request_id: str | None
+    body: Any
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Outcome:
+    """The final result of one row, in output-record terms.
+
+    Exactly one of ``response`` (success) or ``error_code`` is the verdict;
+    a failed HTTP answer keeps its ``response`` too, so the provider's error
+    body reaches the user.
+    """
+
+    line: int
+    custom_id: str
+    response: Response | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    attempts: int = 0
+    latency_s: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+def parse_line(raw: bytes, line: int, defaults: Defaults) -> Request | LineError:
+    """Parse one input line (without its newline) numbered ``line`` (1-based)."""
+    fallback_id = f"line-{line}"
+    if not raw.strip():
+        return LineError(line=line, custom_id=fallback_id, message=f"line {line}: blank line")
+    try:
+        raw.decode("utf-8")
+        data = orjson.loads(raw)
+    except UnicodeDecodeError as exc:
+        return _error(line, fallback_id, f"not UTF-8 text (byte {exc.start})")
+    except orjson.JSONDecodeError as exc:
+        return _error(line, fallback_id, f"not valid JSON ({exc})")
+    if not isinstance(data, dict):
+        return _error(line, fallback_id, f"expected a JSON object, got {type(data).__name__}")
+    custom_id = _custom_id(data, fallback_id)
+    if "body" in data and "url" in data:
+        return _batch_request(data, line, custom_id, defaults)
+    return _bare_request(data, line, custom_id, defaults)
+
+
+def _error(line: int, custom_id: str, what: str) -> LineError:
+    return LineError(line=line, custom_id=custom_id, message=f"line {line}: {what}")
+
+
+def _custom_id(data: Mapping[str, Any], fallback: str) -> str:
+    for key in ("custom_id", "id"):
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    return fallback
+
+
+def _batch_request(
+    data: Mapping[str, Any], line: int, custom_id: str, defaults: Defaults
+) -> Request | LineError:
+    method = data.get("method", "POST")
+    url = data.get("url")
+    body = data.get("body")
+    if method != "POST":
+        return _error(line, custom_id, f"method must be POST, got {method!r}")
+    kind = BATCH_URLS.get(url) if isinstance(url, str) else None
+    if kind is None:
+        known = ", ".join(BATCH_URLS)
+        return _error(line, custom_id, f"url must be one of {known}, got {url!r}")
+    if not isinstance(body, dict):
+        return _error(line, custom_id, "body must be a JSON object")
+    return Request(
+        line=line, custom_id=custom_id, kind=kind, body=_with_defaults(body, defaults), url=url
+    )
+
+
+def _bare_request(
+    data: Mapping[str, Any], line: int, custom_id: str, defaults: Defaults
+) -> Request | LineError:
+    body = {key: value for key, value in data.items() if key not in ("custom_id", "id")}
+    kind = _bare_kind(body)
+    if kind is None:
+        return _error(
+            line,
+            custom_id,
+            "no recognisable request: expected a batch request (url, body), or a body with"
+            ' "messages", "prompt", "input", or DashScope\'s "input": {"messages": ...}',
+        )
+    if kind == "dashscope":
+        return Request(
+            line=line, custom_id=custom_id, kind=kind, body=_native_defaults(body, defaults)
+        )
+    return Request(line=line, custom_id=custom_id, kind=kind, body=_with_defaults(body, defaults))
+
+
+def _bare_kind(body: Mapping[str, Any]) -> Kind | None:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        return "chat"
+    if "prompt" in body and isinstance(body["prompt"], str | list):
+        return "completions"
+    given = body.get("input")
+    if isinstance(given, dict) and isinstance(given.get("messages"), list):
+        return "dashscope"
+    if isinstance(given, str | list) and given:
+        return "embeddings"
+    return None
+
+
+def _with_defaults(body: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    if defaults.model is None and not defaults.params:
+        return body
+    merged: dict[str, Any] = dict(defaults.params)
+    if defaults.model is not None:
+        merged["model"] = defaults.model
+    merged.update(body)
+    return merged
+
+
+def _native_defaults(body: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    merged = dict(body)
+    if defaults.model is not None:
+        merged.setdefault("model", defaults.model)
+    given = body.get("parameters")
+    merged["parameters"] = {**defaults.params, **(given if isinstance(given, dict) else {})}
+    return merged
+
+
+def output_record(outcome: Outcome) -> dict[str, Any]:
+    """The OpenAI batch-output shape of an outcome, plus batchrun's own fields."""
+    response = outcome.response
+    return {
+        "id": f"batch_req_{outcome.line}",
+        "custom_id": outcome.custom_id,
+        "line": outcome.line,
+        "response": None
+        if response is None
+        else {
+            "status_code": response.status_code,
+            "request_id": response.request_id,
+            "body": response.body,
+        },
+        "error": None
+        if outcome.error_code is None
+        else {"code": outcome.error_code, "message": outcome.error_message},
+        "attempts": outcome.attempts,
+    }
+
+
+def output_line(outcome: Outcome) -> bytes:
+    """One output line, newline included."""
+    return orjson.dumps(output_record(outcome), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def line_error_outcome(error: LineError) -> Outcome:
+    """The outcome of a line that never became a request."""
+    return Outcome(
+        line=error.line,
+        custom_id=error.custom_id,
+        error_code=error.code,
+        error_message=error.message,
+    )

@@ -1,0 +1,114 @@
+"""Ordered output: a pure reorder buffer and the file it feeds.
+
+Rows finish in any order; the output must hold them in input order. The
+``ReorderBuffer`` holds finished rows until every earlier row has finished; the
+runner bounds how far ahead of the oldest unfinished row it reads, so the
+buffer never holds more than the reorder window.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class ReorderBuffer(Generic[T]):
+    """Releases items in index order, starting at ``next_index``.
+
+    Invariant: every held index is greater than ``next_index``; each index is
+    pushed at most once.
+    """
+
+    def __init__(self, next_index: int = 0) -> None:
+        self._next = next_index
+        self._held: dict[int, T] = {}
+
+    @property
+    def next_index(self) -> int:
+        """The index the buffer waits for: all lower ones were released."""
+        return self._next
+
+    @property
+    def held(self) -> int:
+        """How many items wait for an earlier one."""
+        return len(self._held)
+
+    def push(self, index: int, item: T) -> list[T]:
+        """Add item ``index``; return the items now releasable, in order."""
+        if index < self._next or index in self._held:
+            raise ValueError(f"index {index} was pushed twice")
+        if index != self._next:
+            self._held[index] = item
+            return []
+        ready = [item]
+        self._next += 1
+        while self._next in self._held:
+            ready.append(self._held.pop(self._next))
+            self._next += 1
+        return ready
+
+
+def state_dir(out: Path) -> Path:
+    """The directory beside ``out`` that holds a run's work in progress."""
+    return out.with_name(out.name + ".batchrun")
+
+
+class OutputFile:
+    """The ordered output, written in the state directory and published to
+    ``out`` by an atomic rename, so readers never see a partial ``out``."""
+
+    def __init__(self, out: Path) -> None:
+        self.final = out
+        self.partial = state_dir(out) / "output.partial"
+        self._handle: BinaryIO | None = None
+
+    def open(self, *, append: bool = False) -> None:
+        """Open the partial output (emptied unless ``append``)."""
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.partial.open("ab" if append else "wb")
+
+    def write(self, data: bytes) -> None:
+        assert self._handle is not None, "open() first"
+        self._handle.write(data)
+
+    def flush(self, *, fsync: bool = False) -> None:
+        """Hand buffered lines to the operating system (and the disk if ``fsync``)."""
+        if self._handle is not None:
+            self._handle.flush()
+            if fsync:
+                os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self.flush()
+            self._handle.close()
+            self._handle = None
+
+    def publish(self) -> None:
+        """Make the finished output visible at ``out`` in one step."""
+        if self._handle is not None:
+            self.flush(fsync=True)
+            self.close()
+        os.replace(self.partial, self.final)
+        _fsync_dir(self.final.parent)
+        try:
+            self.partial.parent.rmdir()
+        except OSError:
+            pass  # not empty: it holds state a later step still needs
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
