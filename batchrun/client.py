@@ -10,6 +10,7 @@ for ``idle`` seconds.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ import aiohttp
 import anyio
 import orjson
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 
 from batchrun.config import Limits, Timeouts
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
@@ -53,7 +55,7 @@ class _WriteStalled(Exception):
     """Raised inside aiohttp's body writer when the peer stops reading."""
 
 
-class _TimedBody(aiohttp.BytesPayload):
+class _TimedBody(Payload):
     """A JSON body whose sending is bounded by the write timeout.
 
     aiohttp has no write timeout of its own; its body writer awaits the
@@ -62,14 +64,23 @@ class _TimedBody(aiohttp.BytesPayload):
 
     def __init__(self, value: bytes, write_timeout: float) -> None:
         super().__init__(value, content_type="application/json")
+        self._size = len(value)
+        self._body = value
         self._write_timeout = write_timeout
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self._body.decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
 
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
+        data = self._body if content_length is None else self._body[:content_length]
         try:
             async with asyncio.timeout(self._write_timeout):
-                await super().write_with_length(writer, content_length)
+                await writer.write(data)
         except TimeoutError as exc:
             raise _WriteStalled from exc
 
@@ -198,4 +209,6 @@ def transport_error(exc: BaseException) -> RequestError:
         return TransientError("server_disconnected", f"the server closed the connection: {text}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return TransientError("connect_error", f"cannot connect: {text}")
+    if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
+        return TransientError("connection_reset", f"the connection was reset: {text}")
     return TransientError("connection_error", f"connection failed: {text}")

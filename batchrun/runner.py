@@ -212,7 +212,8 @@ class Pipeline:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._count_total)
-                tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
+                if self.reporter.mode != "off":
+                    tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
                 async with work_tx, work_rx, done_tx:
                     tasks.start_soon(self._read, work_tx.clone(), done_tx.clone())
                     for _ in range(limits.max_async):

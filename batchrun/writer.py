@@ -8,6 +8,7 @@ buffer never holds more than the reorder window.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
@@ -94,10 +95,9 @@ class OutputFile:
             self.close()
         os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
-        try:
+        # Left in place when not empty: it holds state a later step still needs.
+        with contextlib.suppress(OSError):
             self.partial.parent.rmdir()
-        except OSError:
-            pass  # not empty: it holds state a later step still needs
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real mock provider on loopback, input files, fake time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+import pytest_asyncio
+
+from batchrun.config import RunConfig, build_config
+from batchrun.mock_server import MockServer
+from batchrun.runner import Clock
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[MockServer]:
+    async with MockServer() as mock:
+        yield mock
+
+
+class FakeSleep:
+    """Records requested waits and returns at once (one checkpoint)."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.fixture
+def fake_sleep() -> FakeSleep:
+    return FakeSleep()
+
+
+@pytest.fixture
+def fake_clock(fake_sleep: FakeSleep) -> Clock:
+    return Clock(sleep=fake_sleep)
+
+
+def chat(text: str, **extra: Any) -> dict[str, Any]:
+    """A bare chat row whose prompt is ``text`` (mock directives go in it)."""
+    return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any] | bytes]) -> Path:
+    with path.open("wb") as handle:
+        for row in rows:
+            handle.write(row if isinstance(row, bytes) else orjson.dumps(row))
+            handle.write(b"\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def make_config(
+    tmp_path: Path, rows: Iterable[dict[str, Any] | bytes], server: MockServer, **settings: Any
+) -> RunConfig:
+    """A run of ``rows`` against ``server`` (OpenAI dialect), progress off."""
+    base: dict[str, Any] = {
+        "input": write_jsonl(tmp_path / "in.jsonl", rows),
+        "out": tmp_path / "out.jsonl",
+        "provider": "mock",
+        "base_url": server.base_url,
+        "progress": False,
+    }
+    base.update(settings)
+    return build_config(base)

@@ -1,0 +1,213 @@
+"""The real command line, run as a subprocess: flags, job files, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from batchrun.mock_server import MockServer
+from tests.conftest import chat, read_jsonl, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(extra)
+    return env
+
+
+def batchrun(*args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchrun", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(**env),
+        cwd=ROOT,
+    )
+
+
+async def abatchrun(*args: str | Path, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """The CLI run while this test's event loop keeps serving the mock."""
+    with anyio.fail_after(60):
+        return await anyio.run_process(
+            [sys.executable, "-m", "batchrun", *map(str, args)],
+            env=cli_env(**env),
+            cwd=ROOT,
+            check=False,
+        )
+
+
+def test_sample_input_with_the_embedded_mock(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    summary_path = tmp_path / "summary.json"
+
+    done = batchrun(
+        "run",
+        "sample_inputs/prompts.jsonl",
+        "--out",
+        out,
+        "--provider",
+        "mock",
+        "--no-progress",
+        "--summary",
+        summary_path,
+    )
+
+    assert done.returncode == 0, done.stderr
+    rows = read_jsonl(out)
+    assert len(rows) == len((ROOT / "sample_inputs/prompts.jsonl").read_bytes().splitlines())
+    assert [r["line"] for r in rows] == list(range(1, len(rows) + 1))
+    summary = orjson.loads(summary_path.read_bytes())
+    assert summary["ok"] == len(rows)
+    assert summary["exit_code"] == 0
+    assert {
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "latency_p99_ms",
+        "tokens_in",
+        "tokens_out",
+        "retries",
+        "failed_by_code",
+        "duration_s",
+        "rows_per_s",
+    } <= summary.keys()
+    assert "rows" in done.stderr
+    assert "ok" in done.stderr
+
+
+def test_failed_rows_exit_1(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("fine"), chat("no mock:fail=400")])
+
+    done = batchrun("run", source, "--out", tmp_path / "o.jsonl", "--no-progress")
+
+    assert done.returncode == 1, done.stderr
+    assert "invalid_request_error: 1" in done.stderr
+
+
+def test_limit_rule_violation_exits_2_naming_the_rule(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("x")])
+
+    done = batchrun(
+        "run",
+        source,
+        "--out",
+        tmp_path / "o.jsonl",
+        "--max-async-requests",
+        "64",
+        "--connection-pool-size",
+        "16",
+    )
+
+    assert done.returncode == 2
+    assert "--max-async-requests-per-host <= --max-async-requests <= --connection-pool-size" in (
+        done.stderr
+    )
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    bad_job = tmp_path / "job.toml"
+    bad_job.write_text('input = "x.jsonl"\nout = "y.jsonl"\nmax_asink = 3\n')
+
+    missing_input = batchrun("run", tmp_path / "nope.jsonl", "--out", tmp_path / "o.jsonl")
+    unknown_key = batchrun("run", "--job", bad_job)
+    no_key = batchrun(
+        "run",
+        "sample_inputs/prompts.jsonl",
+        "--out",
+        tmp_path / "o.jsonl",
+        "--provider",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+    )
+    unknown_flag = batchrun("run", "--bogus")
+
+    assert missing_input.returncode == 2
+    assert "does not exist" in missing_input.stderr
+    assert unknown_key.returncode == 2
+    assert "max_asink" in unknown_key.stderr
+    assert no_key.returncode == 2
+    assert "OPENAI_API_KEY" in no_key.stderr
+    assert unknown_flag.returncode == 2
+
+
+@pytest.mark.asyncio
+async def test_flags_override_the_job_file(tmp_path: Path, server: MockServer) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i} mock:delay=0.05") for i in range(20)])
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'input = "{source}"\nout = "{tmp_path / "o.jsonl"}"\nprovider = "openai"\n'
+        f'base_url = "{server.base_url}"\nmodel = "from-job"\n'
+        "[limits]\nmax_async_requests = 2\n"
+    )
+
+    done = await abatchrun(
+        "run", "--job", job, "--model", "from-flag", "--no-progress", OPENAI_API_KEY="sk-test"
+    )
+
+    assert done.returncode == 0, done.stderr.decode()
+    rows = read_jsonl(tmp_path / "o.jsonl")
+    assert {r["response"]["body"]["model"] for r in rows} == {"from-flag"}
+    assert server.stats.max_in_flight == 2  # the job file's limit still applies
+
+
+@pytest.mark.asyncio
+async def test_bad_key_exits_3_with_a_redacted_message(tmp_path: Path, server: MockServer) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(200)])
+
+    done = await abatchrun(
+        "run",
+        source,
+        "--out",
+        tmp_path / "o.jsonl",
+        "--provider",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--max-async-requests",
+        "2",
+        "--no-progress",
+        OPENAI_API_KEY="bad-key",
+    )
+
+    stderr = done.stderr.decode()
+    assert done.returncode == 3, stderr
+    assert "aborted" in stderr
+    assert "invalid_api_key" in stderr
+    assert "bad-key" not in stderr
+    assert server.stats.requests <= 4
+
+
+def test_log_lines_without_a_terminal(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
+
+    done = batchrun("run", source, "--out", tmp_path / "o.jsonl")
+
+    assert done.returncode == 0
+    assert "progress 3/3" in done.stderr  # the final log line, not a bar
+
+
+def test_mock_server_command_serves_until_stopped() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "batchrun", "mock-server", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert "mock server listening on http://127.0.0.1:" in line
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert proc.returncode in (0, -15)

@@ -1,0 +1,176 @@
+"""The client: transport failures and HTTP answers become batchrun errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from multidict import CIMultiDict
+
+from batchrun.client import Client, open_session, redact
+from batchrun.config import Limits, Timeouts
+from batchrun.errors import FatalError, RowError, TransientError
+from batchrun.mock_server import MockServer
+from batchrun.providers import get_provider
+from batchrun.records import Request
+
+pytestmark = pytest.mark.asyncio
+
+
+def request(text: str = "hi", **body: object) -> Request:
+    return Request(
+        line=1,
+        custom_id="c1",
+        kind="chat",
+        body={"messages": [{"role": "user", "content": text}], **body},
+    )
+
+
+async def send(
+    base_url: str,
+    req: Request,
+    *,
+    key: str = "sk-0123456789",
+    write: float = 60.0,
+    read: float = 300.0,
+) -> object:
+    async with open_session(Limits(), Timeouts(read=read, write=write)) as session:
+        client = Client(
+            session, get_provider("openai"), base_url=base_url, api_key=key, write_timeout=write
+        )
+        return await client.send(req)
+
+
+async def test_success_carries_status_request_id_and_body(server: MockServer) -> None:
+    response = await send(server.base_url, request("hello"))
+
+    assert response.status_code == 200  # type: ignore[attr-defined]
+    assert response.request_id.startswith("req-")  # type: ignore[attr-defined]
+    assert response.body["choices"][0]["message"]["content"] == "echo: hello"  # type: ignore[attr-defined]
+
+
+async def test_pool_reuses_connections(server: MockServer) -> None:
+    """Ten sequential calls through one session open one connection."""
+    async with open_session(Limits(), Timeouts()) as session:
+        client = Client(
+            session, get_provider("openai"), base_url=server.base_url, api_key="k", write_timeout=5
+        )
+        for i in range(10):
+            await client.send(request(f"n{i}"))
+        connector = session.connector
+        assert connector is not None
+        assert sum(len(conns) for conns in connector._conns.values()) == 1
+
+
+async def test_rate_limited_answer_is_transient_with_retry_after(server: MockServer) -> None:
+    with pytest.raises(TransientError) as caught:
+        await send(server.base_url, request("x mock:fail=429 mock:retry_after=3"))
+
+    assert caught.value.code == "rate_limit_exceeded"
+    assert caught.value.status == 429
+    assert caught.value.retry_after == 3.0
+
+
+async def test_client_error_is_a_row_error(server: MockServer) -> None:
+    with pytest.raises(RowError) as caught:
+        await send(server.base_url, request("x mock:fail=400"))
+    assert caught.value.status == 400
+
+
+async def test_bad_key_is_fatal_and_redacted_everywhere(server: MockServer) -> None:
+    with pytest.raises(FatalError) as caught:
+        await send(server.base_url, request(), key="bad-key")
+
+    error = caught.value
+    assert error.status == 401
+    assert "bad-key" not in error.message
+    assert "bad-key" not in str(error)
+    assert "bad-key" not in repr(error.body)
+    assert redact("bad-key") in error.message
+
+
+async def test_reset_truncation_and_bad_json_are_transient(server: MockServer) -> None:
+    codes = []
+    for directive in ("mock:reset=1", "mock:truncate=1", "mock:badjson=1"):
+        with pytest.raises(TransientError) as caught:
+            await send(server.base_url, request(f"x {directive}"))
+        codes.append(caught.value.code)
+    assert codes == ["connection_reset", "truncated_body", "invalid_json"]
+
+
+async def test_read_timeout(server: MockServer) -> None:
+    with pytest.raises(TransientError) as caught:
+        await send(server.base_url, request("x mock:delay=2"), read=0.2)
+    assert caught.value.code == "read_timeout"
+
+
+async def test_connection_refused_is_transient() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(TransientError) as caught:
+        await send(f"http://127.0.0.1:{port}/v1", request())
+    assert caught.value.code == "connect_error"
+
+
+@pytest_asyncio.fixture
+async def deaf_server() -> AsyncIterator[str]:
+    """Accepts connections and never reads from them: sending stalls."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_write_timeout_bounds_a_stalled_send(deaf_server: str) -> None:
+    big = request("x" * (64 << 20))  # far beyond loopback socket buffers
+    with pytest.raises(TransientError) as caught:
+        await send(deaf_server, big, write=0.3, read=30)
+    assert caught.value.code == "write_timeout"
+
+
+async def test_status_mapping_without_a_socket() -> None:
+    """The answer-to-error map alone, as a pure function of status, headers, body."""
+    client = Client(
+        None,  # type: ignore[arg-type]  # never used: no request is sent
+        get_provider("openai"),
+        base_url="http://api.invalid/v1",
+        api_key="sk-0123456789",
+        write_timeout=1,
+    )
+    quota = b'{"error": {"code": "insufficient_quota", "message": "no quota"}}'
+    cases = [
+        (503, {"Retry-After": "2"}, b"<html>busy</html>"),
+        (200, {}, b"not json"),
+        (429, {}, quota),
+        (404, {}, b'{"error": {"message": "no such model", "code": "model_not_found"}}'),
+    ]
+    errors = []
+    for status, headers, raw in cases:
+        with pytest.raises((TransientError, FatalError, RowError)) as caught:
+            client._response(status, CIMultiDict(headers), raw)
+        errors.append(caught.value)
+    busy, garbled, no_quota, missing = errors
+    assert isinstance(busy, TransientError)
+    assert busy.code == "http_503"
+    assert busy.retry_after == 2
+    assert busy.body is None  # not JSON: nothing to show
+    assert isinstance(garbled, TransientError)
+    assert garbled.code == "invalid_json"
+    assert isinstance(no_quota, FatalError)
+    assert no_quota.code == "insufficient_quota"
+    assert isinstance(missing, RowError)
+    assert missing.code == "model_not_found"

@@ -1,0 +1,275 @@
+"""The library run end to end against the real mock provider on loopback."""
+
+from __future__ import annotations
+
+import gzip
+import random
+from pathlib import Path
+
+import anyio
+import pytest
+
+from batchrun.errors import UsageError
+from batchrun.mock_server import MockServer
+from batchrun.runner import Clock, run_async
+from tests.conftest import FakeSleep, chat, make_config, read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_scrambled_completions_come_out_in_input_order(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rng = random.Random(7)
+    rows = [
+        chat(f"row {i} mock:delay={rng.uniform(0, 0.15):.3f}", custom_id=f"c{i}") for i in range(80)
+    ]
+    config = make_config(tmp_path, rows, server, max_async_requests=16)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    out = read_jsonl(config.out)
+    assert [r["line"] for r in out] == list(range(1, 81))
+    assert [r["custom_id"] for r in out] == [f"c{i}" for i in range(80)]
+    assert all(r["error"] is None and r["response"]["status_code"] == 200 for r in out)
+    assert out[3]["response"]["body"]["choices"][0]["message"]["content"].startswith("echo: row 3")
+    assert summary.exit_code == 0
+    assert (summary.ok, summary.failed) == (80, 0)
+
+
+async def test_in_flight_never_exceeds_max_async(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat(f"row {i} mock:delay=0.05") for i in range(60)]
+    config = make_config(tmp_path, rows, server, max_async_requests=5)
+
+    await run_async(config, clock=fake_clock)
+
+    assert server.stats.max_in_flight == 5  # reached, never passed
+    assert server.stats.requests == 60
+
+
+async def test_per_host_cap_holds_below_the_global_cap(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat(f"row {i} mock:delay=0.05") for i in range(40)]
+    config = make_config(
+        tmp_path, rows, server, max_async_requests=8, max_async_requests_per_host=3
+    )
+
+    await run_async(config, clock=fake_clock)
+
+    assert server.stats.max_in_flight == 3
+
+
+async def test_transient_faults_are_retried_until_success(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, fake_sleep: FakeSleep
+) -> None:
+    rows = [
+        chat("a mock:fail=429x2 mock:retry_after=7"),
+        chat("b mock:fail=503x1"),
+        chat("c mock:reset=1"),
+        chat("d mock:truncate=1"),
+        chat("e mock:badjson=1"),
+        chat("f mock:fail=408x1"),
+        chat("g"),
+    ]
+    config = make_config(tmp_path, rows, server)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    out = read_jsonl(config.out)
+    assert [r["attempts"] for r in out] == [3, 2, 2, 2, 2, 2, 1]
+    assert all(r["error"] is None for r in out)
+    assert summary.retries == 7
+    assert summary.exit_code == 0
+    # The two waits of row a honour its Retry-After of 7 s.
+    assert sum(1 for wait in fake_sleep.waits if wait >= 7) >= 2
+
+
+async def test_permanent_error_is_recorded_and_not_retried(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("ok"), chat("bad mock:fail=400"), chat("ok too")]
+    config = make_config(tmp_path, rows, server)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    out = read_jsonl(config.out)
+    bad = out[1]
+    assert bad["error"]["code"] == "invalid_request_error"
+    assert bad["response"]["status_code"] == 400
+    assert bad["attempts"] == 1
+    assert out[0]["error"] is None
+    assert out[2]["error"] is None
+    assert summary.exit_code == 1
+    assert summary.failed_by_code == {"invalid_request_error": 1}
+
+
+async def test_exhausted_retries_record_the_last_error(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    config = make_config(tmp_path, [chat("x mock:fail=500")], server, max_attempts=3)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    (row,) = read_jsonl(config.out)
+    assert row["error"]["code"] == "server_error"
+    assert row["attempts"] == 3
+    assert server.stats.requests == 3
+    assert summary.exit_code == 1
+
+
+@pytest.mark.slow
+async def test_slow_answer_past_the_read_timeout_is_a_read_timeout(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("slow mock:delay=3"), chat("quick")]
+    config = make_config(tmp_path, rows, server, read_timeout=0.3, max_attempts=2)
+
+    await run_async(config, clock=fake_clock)
+
+    slow, quick = read_jsonl(config.out)
+    assert slow["error"]["code"] == "read_timeout"
+    assert slow["response"] is None
+    assert slow["attempts"] == 2
+    assert quick["error"] is None
+
+
+async def test_malformed_lines_get_error_records_in_place(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows: list[dict[str, object] | bytes] = [
+        chat("fine"),
+        b"",
+        b"{not json",
+        b"[1, 2]",
+        b"\xff\xfe\x00",
+        {"nothing": "here"},
+        chat("fine again"),
+    ]
+    config = make_config(tmp_path, rows, server)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    out = read_jsonl(config.out)
+    assert len(out) == 7
+    assert [r["error"] is None for r in out] == [True, False, False, False, False, False, True]
+    for number in range(2, 7):
+        assert f"line {number}" in out[number - 1]["error"]["message"]
+    assert "blank" in out[1]["error"]["message"]
+    assert "UTF-8" in out[4]["error"]["message"]
+    assert server.stats.requests == 2
+    assert summary.exit_code == 1
+
+
+async def test_gzip_input(tmp_path: Path, server: MockServer, fake_clock: Clock) -> None:
+    plain = write_jsonl(tmp_path / "plain.jsonl", [chat(f"z{i}") for i in range(5)])
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    config = make_config(tmp_path, [], server, input=packed)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    assert [r["line"] for r in read_jsonl(config.out)] == [1, 2, 3, 4, 5]
+    assert summary.ok == 5
+
+
+async def test_job_defaults_fill_what_the_line_leaves_out(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("no model"), chat("own model", model="line-model")]
+    config = make_config(tmp_path, rows, server, model="job-model", params={"temperature": 0.1})
+
+    await run_async(config, clock=fake_clock)
+
+    first, second = read_jsonl(config.out)
+    assert first["response"]["body"]["model"] == "job-model"
+    assert second["response"]["body"]["model"] == "line-model"
+
+
+async def test_dashscope_native_dialect(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    rows = [
+        chat("hello qwen"),
+        {"custom_id": "n1", "input": {"messages": [{"role": "user", "content": "native"}]}},
+    ]
+    config = make_config(
+        tmp_path,
+        rows,
+        server,
+        provider="dashscope",
+        base_url=server.dashscope_base_url,
+        model="qwen-plus",
+    )
+
+    summary = await run_async(config, clock=fake_clock)
+
+    chat_row, native_row = read_jsonl(config.out)
+    assert chat_row["response"]["body"]["output"]["choices"][0]["message"]["content"] == (
+        "echo: hello qwen"
+    )
+    assert native_row["custom_id"] == "n1"
+    assert summary.tokens_in > 0
+    assert summary.tokens_out > 0
+    assert summary.exit_code == 0
+
+
+async def test_bad_key_aborts_early_with_exit_3_and_the_key_redacted(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "bad-key")
+    rows = [chat(f"row {i}") for i in range(500)]
+    config = make_config(tmp_path, rows, server, provider="openai", max_async_requests=4)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    assert summary.exit_code == 3
+    assert summary.aborted is not None
+    assert "invalid_api_key" in summary.aborted
+    assert "bad-key" not in summary.aborted
+    assert "bad-key" not in summary.render()
+    assert server.stats.requests <= 8  # a handful, not the whole file
+    assert not config.out.exists()  # an aborted run publishes nothing
+
+
+async def test_missing_key_is_an_error_before_any_request(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = make_config(tmp_path, [chat("x")], server, provider="openai")
+
+    with pytest.raises(UsageError, match="OPENAI_API_KEY"):
+        await run_async(config)
+    assert server.stats.requests == 0
+
+
+async def test_missing_input_is_a_usage_error(tmp_path: Path, server: MockServer) -> None:
+    config = make_config(tmp_path, [], server, input=tmp_path / "nope.jsonl")
+
+    with pytest.raises(UsageError, match="does not exist"):
+        await run_async(config)
+
+
+async def test_reorder_window_bounds_how_far_reading_runs_ahead(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("head of line mock:delay=0.6")] + [chat(f"quick {i}") for i in range(300)]
+    config = make_config(tmp_path, rows, server, max_async_requests=4, reorder_window=20)
+    seen_while_blocked: list[int] = []
+
+    async def watch() -> None:
+        await anyio.sleep(0.4)
+        seen_while_blocked.append(server.stats.requests)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
+        summary = await run_async(config, clock=fake_clock)
+
+    # Row 1 holds the window: at most 20 rows were read, so at most 20 were sent.
+    assert seen_while_blocked
+    assert seen_while_blocked[0] <= 20
+    assert summary.ok == 301
+    assert [r["line"] for r in read_jsonl(config.out)] == list(range(1, 302))
