@@ -211,3 +211,12 @@ def test_mock_server_command_serves_until_stopped() -> None:
             proc.terminate()
             proc.wait(timeout=10)
     assert proc.returncode in (0, -15)
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_job_files_are_valid(job: Path) -> None:
+    from batchrun.config import build_config, load_job_file
+
+    settings = {"input": "in.jsonl", "out": "out.jsonl", **load_job_file(job)}
+    config = build_config(settings)
+    assert config.limits.per_host <= config.limits.max_async <= config.limits.pool_size
