@@ -10,8 +10,14 @@ The same run as ``batchrun run`` from Python (a notebook, an Airflow task)::
 """
 
 from batchrun.config import Limits, RetryPolicy, RunConfig, Timeouts, build_config, load_job_file
-from batchrun.errors import BatchrunError, FatalError, RequestError, RowError, TransientError
-from batchrun.errors import UsageError
+from batchrun.errors import (
+    BatchrunError,
+    FatalError,
+    RequestError,
+    RowError,
+    TransientError,
+    UsageError,
+)
 from batchrun.progress import Summary
 from batchrun.runner import run, run_async
 
