@@ -210,7 +210,7 @@ class Pipeline:
         work_tx, work_rx = anyio.create_memory_object_stream[Work](limits.max_async)
         done_tx, done_rx = anyio.create_memory_object_stream[Done](limits.max_async)
         try:
-            async with anyio.create_task_group() as tasks:
+            async with done_rx, anyio.create_task_group() as tasks:
                 tasks.start_soon(self._count_total)
                 if self.reporter.mode != "off":
                     tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
@@ -283,13 +283,15 @@ class Pipeline:
         )
 
     async def _write(self, done: MemoryObjectReceiveStream[Done]) -> None:
+        # The stream stays open if this task is cancelled, so that a worker
+        # finishing at that instant blocks (and is cancelled) instead of
+        # failing on a closed stream.
         reorder: ReorderBuffer[Outcome] = ReorderBuffer()
-        async with done:
-            async for index, outcome in done:
-                for ready in reorder.push(index, outcome):
-                    self._emit(ready)
-                if done.statistics().current_buffer_used == 0:
-                    self.output.flush()
+        async for index, outcome in done:
+            for ready in reorder.push(index, outcome):
+                self._emit(ready)
+            if done.statistics().current_buffer_used == 0:
+                self.output.flush()
 
     def _emit(self, outcome: Outcome) -> None:
         self.output.write(output_line(outcome))

@@ -1,0 +1,499 @@
+"""A deterministic simulated model provider on loopback, with scriptable faults.
+
+``MockServer`` is a real ``aiohttp.web`` server. OpenAI dialect: ``POST``
+``/v1/{chat/completions,completions,embeddings}``, also under
+``/compatible-mode/v1``. DashScope native dialect: ``POST
+/api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
+returns ``MockServer.stats`` as JSON.
+
+Answers are pure functions of the raw request body: its sha256 hex ``digest``
+names the request (``x-request-id: req-<digest[:16]>``) and seeds the content.
+A row scripts its own faults with whitespace-separated ``mock:NAME[=VALUE]``
+tokens anywhere in its prompt text; attempt ``n`` counts the receipts of this
+digest, this one included. The first of these that fires decides the answer:
+
+* ``mock:reset=N``: attempts ``n <= N`` get the TCP connection reset (RST);
+* ``mock:quota``: always the "no quota" error (OpenAI 429, DashScope 400);
+* ``mock:fail=CODE`` (always) / ``mock:fail=CODExN`` (attempts ``n <= N``):
+  HTTP ``CODE``, 400-599, with an error body in the dialect;
+* the server-wide ``fail_rate``: 503 "overloaded";
+* ``mock:truncate=N``: attempts ``n <= N`` get a 200 whose body stops short of
+  its ``Content-Length``, then the connection closes;
+* ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse.
+
+``mock:delay=S`` sleeps ``S`` seconds before every answer to the row, and
+``mock:retry_after=S`` adds ``Retry-After: S`` (verbatim) to its quota, fail
+and overloaded answers. Malformed and unknown tokens are ignored; for a
+repeated name the last wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import math
+import random
+import signal
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import orjson
+from aiohttp import web
+
+Kind = Literal["chat", "completion", "embedding", "dashscope"]
+
+DASHSCOPE_PATH: Final = "/api/v1/services/aigc/text-generation/generation"
+_OPENAI_ROUTES: Final[dict[str, Kind]] = {
+    "chat/completions": "chat",
+    "completions": "completion",
+    "embeddings": "embedding",
+}
+_ECHO_CHARS: Final = 200
+_BAD_KEY: Final = "bad-key"
+_BAD_JSON: Final = b'{"choices": ['
+_JSON: Final = "application/json"
+# Seconds stop() waits for a running handler, twice (aiohttp waits, cancels, waits).
+_SHUTDOWN_GRACE: Final = 0.25
+# SO_LINGER on with a zero timeout makes close() send an RST instead of a FIN.
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
+
+
+class MockStats:
+    """Plain mutable counters, updated by the server and read by tests.
+
+    ``requests`` counts requests to the model routes; ``in_flight`` and
+    ``max_in_flight`` count those inside a handler, sleeps included;
+    ``by_digest`` counts them per sha256 hex of the raw body; ``statuses``
+    counts answers per HTTP status, 0 standing for no complete answer (reset,
+    truncated, or the client gave up first).
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.by_digest: collections.Counter[str] = collections.Counter()
+        self.statuses: collections.Counter[int] = collections.Counter()
+
+    def reset(self) -> None:
+        """Zero the counters; ``in_flight`` keeps tracking the live handlers."""
+        self.requests = 0
+        self.max_in_flight = self.in_flight
+        self.by_digest.clear()
+        self.statuses.clear()
+
+    def as_json(self) -> dict[str, Any]:
+        """The counters but ``by_digest``, JSON-ready (status keys as strings)."""
+        statuses = {str(code): n for code, n in sorted(self.statuses.items())}
+        return {
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "statuses": statuses,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Directives:
+    """A row's parsed ``mock:`` tokens (see the module docstring); 0 = off."""
+
+    delay: float = 0.0
+    fail: int | None = None
+    fail_times: int | None = None  # None: every attempt
+    retry_after: str | None = None
+    quota: bool = False
+    reset: int = 0
+    truncate: int = 0
+    badjson: int = 0
+
+
+_NO_DIRECTIVES: Final = Directives()
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def _count(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
+
+
+def _fail(value: str | None) -> tuple[int | None, int | None]:
+    code, sep, times = (value or "").partition("x")
+    if not code.isdigit() or not 400 <= int(code) <= 599 or (sep and not times.isdigit()):
+        return None, None
+    return int(code), int(times) if sep else None
+
+
+def parse_directives(text: str) -> Directives:
+    """Collect the ``mock:NAME[=VALUE]`` tokens of a prompt text."""
+    if "mock:" not in text:
+        return _NO_DIRECTIVES
+    found: dict[str, str] = {}
+    for token in text.split():
+        if token.startswith("mock:"):
+            name, _, value = token[5:].partition("=")
+            found[name] = value
+    fail, fail_times = _fail(found.get("fail"))
+    return Directives(
+        delay=_seconds(found.get("delay")),
+        fail=fail,
+        fail_times=fail_times,
+        retry_after=found.get("retry_after") or None,
+        quota="quota" in found,
+        reset=_count(found.get("reset")),
+        truncate=_count(found.get("truncate")),
+        badjson=_count(found.get("badjson")),
+    )
+
+
+def _strings(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [item for item in items if isinstance(item, str)]
+
+
+def _message_texts(messages: Any) -> list[str]:
+    """One text per message: a string content, or its list's ``text`` parts."""
+    texts = []
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts = (part.get("text") for part in content if isinstance(part, dict))
+            content = "\n".join(part for part in parts if isinstance(part, str))
+        texts.append(content if isinstance(content, str) else "")
+    return texts
+
+
+def prompt_parts(kind: Kind, body: dict[str, Any]) -> list[str]:
+    """The texts of a request: message contents, prompts or embedding inputs."""
+    if kind == "chat":
+        return _message_texts(body.get("messages"))
+    if kind != "dashscope":
+        return _strings(body.get("prompt" if kind == "completion" else "input"))
+    given = body.get("input")
+    if not isinstance(given, dict):
+        return []
+    return _message_texts(given.get("messages")) or _strings(given.get("prompt"))
+
+
+@dataclass(slots=True)
+class _Call:
+    """One authorised request with a JSON object body."""
+
+    kind: Kind
+    digest: str
+    attempt: int
+    body: dict[str, Any]
+    parts: list[str]
+
+    @property
+    def request_id(self) -> str:
+        return "req-" + self.digest[:16]
+
+
+def _embedding(text: str) -> list[float]:
+    # 32 digest bytes are 8 signed int32s; dividing by 2**31 lands in [-1, 1).
+    words = struct.unpack("<8i", hashlib.sha256(text.encode()).digest())
+    return [word / 2147483648 for word in words]
+
+
+def _success(call: _Call) -> dict[str, Any]:
+    """The normal answer; token counts are whitespace-separated words."""
+    model = call.body.get("model")
+    model = model if isinstance(model, str) else "mock"
+    n_in = sum(len(part.split()) for part in call.parts)
+    if call.kind == "embedding":
+        data = [
+            {"object": "embedding", "index": i, "embedding": _embedding(text)}
+            for i, text in enumerate(call.parts)
+        ]
+        usage = {"prompt_tokens": n_in, "total_tokens": n_in}
+        return {"object": "list", "data": data, "model": model, "usage": usage}
+    content = "echo: " + (call.parts[-1][:_ECHO_CHARS] if call.parts else "")
+    message = {"role": "assistant", "content": content}
+    n_out = len(content.split())
+    if call.kind == "dashscope":
+        output = {"choices": [{"finish_reason": "stop", "message": message}]}
+        usage = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
+        return {"output": output, "usage": usage, "request_id": call.request_id}
+    chat = call.kind == "chat"
+    choice = {"index": 0, **({"message": message} if chat else {"text": content})}
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + call.digest[:12],
+        "object": "chat.completion" if chat else "text_completion",
+        "created": 0,
+        "model": model,
+        "choices": [{**choice, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+    }
+
+
+def _json(status: int, body: Any, headers: dict[str, str]) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers)
+
+
+def _error(
+    kind: Kind, headers: dict[str, str], status: int, message: str, code: str | None = None
+) -> web.Response:
+    """An error answer in the dialect of ``kind``; ``code`` overrides the default."""
+    if kind == "dashscope":
+        default = "InternalError" if status >= 500 else "InvalidParameter"
+        code = code or _DASHSCOPE_CODES.get(status, default)
+        body = {"code": code, "message": message, "request_id": headers["x-request-id"]}
+        return _json(status, body, headers)
+    if status == 429:
+        kind_type, default = "requests", "rate_limit_exceeded"
+    else:
+        kind_type = default = "server_error" if status >= 500 else "invalid_request_error"
+    error = {"message": message, "type": kind_type, "code": code or default}
+    return _json(status, {"error": error}, headers)
+
+
+def _auth_error(kind: Kind, headers: dict[str, str], key: str) -> web.Response:
+    # Real providers echo (part of) a rejected key; the full echo tests redaction.
+    if kind == "dashscope":
+        message = f"Invalid API-key provided: {key}" if key else "No API-key provided."
+        return _error(kind, headers, 401, message, "InvalidApiKey")
+    message = (
+        f"Incorrect API key provided: {key}. You can find your API key at "
+        "https://platform.openai.com/account/api-keys."
+        if key
+        else "You didn't provide an API key: send 'Authorization: Bearer KEY'."
+    )
+    return _error(kind, headers, 401, message, "invalid_api_key")
+
+
+def _fault(call: _Call, rules: Directives, overloaded: bool) -> web.Response | None:
+    """The error answer a row's directives or the fail rate force, if any."""
+    headers = {"x-request-id": call.request_id}
+    if rules.retry_after:
+        headers["Retry-After"] = rules.retry_after
+    if rules.quota and call.kind == "dashscope":
+        return _error(call.kind, headers, 400, "Access denied: account in arrears.", "Arrearage")
+    if rules.quota:
+        message = "You exceeded your current quota, please check your plan and billing details."
+        return _error(call.kind, headers, 429, message, "insufficient_quota")
+    if rules.fail is not None and (rules.fail_times is None or call.attempt <= rules.fail_times):
+        return _error(call.kind, headers, rules.fail, f"mock fault: HTTP {rules.fail}")
+    if overloaded:
+        return _error(call.kind, headers, 503, "The server is overloaded, please retry later.")
+    return None
+
+
+def _reset_connection(request: web.Request) -> web.StreamResponse:
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+    # Never sent: aiohttp finds the transport closing and drops the answer quietly.
+    return web.Response(status=204)
+
+
+async def _truncated(request: web.Request, call: _Call) -> web.StreamResponse:
+    full = orjson.dumps(_success(call))
+    response = web.StreamResponse(headers={"x-request-id": call.request_id})
+    response.content_type = _JSON
+    response.content_length = len(full)
+    response.force_close()
+    await response.prepare(request)
+    await response.write(full[: len(full) // 2])
+    # close(), not abort(): the partial body must reach the client before the FIN.
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
+async def _scripted(
+    request: web.Request, call: _Call, rules: Directives, overloaded: bool
+) -> web.StreamResponse:
+    """Answer an authorised request whose body is a JSON object."""
+    if call.attempt <= rules.reset:
+        return _reset_connection(request)
+    fault = _fault(call, rules, overloaded)
+    if fault is not None:
+        return fault
+    if call.attempt <= rules.truncate:
+        return await _truncated(request, call)
+    headers = {"x-request-id": call.request_id}
+    if call.attempt <= rules.badjson:
+        return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
+    return _json(200, _success(call), headers)
+
+
+class MockServer:
+    """The simulated provider; use ``async with MockServer() as server``.
+
+    ``latency`` (seconds) is slept before every answer, on top of any
+    ``mock:delay``. ``fail_rate`` in [0, 1] is the chance, drawn on arrival
+    from ``random.Random(seed)``, that a valid request gets a 503.
+    ``keepalive_timeout`` (seconds) closes idle client connections. ``port``
+    0 binds an ephemeral port; ``port`` holds the real one after ``start()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        fail_rate: float = 0.0,
+        seed: int = 0,
+        keepalive_timeout: float = 75.0,
+    ) -> None:
+        if not 0.0 <= fail_rate <= 1.0:
+            raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
+        self.host = host
+        self.port = port
+        self.latency = latency
+        self.fail_rate = fail_rate
+        self.keepalive_timeout = keepalive_timeout
+        self.stats = MockStats()
+        self._rng = random.Random(seed)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-dialect base URL: ``http://HOST:PORT/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def dashscope_base_url(self) -> str:
+        """DashScope-native base URL: ``http://HOST:PORT/api/v1``."""
+        return f"http://{self.host}:{self.port}/api/v1"
+
+    async def start(self) -> None:
+        """Bind and serve; ``RuntimeError`` if already started."""
+        if self._runner is not None:
+            raise RuntimeError("MockServer already started")
+        app = web.Application()
+        for prefix in ("/v1/", "/compatible-mode/v1/"):
+            for path, kind in _OPENAI_ROUTES.items():
+                app.router.add_post(prefix + path, self._handler(kind))
+        app.router.add_post(DASHSCOPE_PATH, self._handler("dashscope"))
+        app.router.add_get("/_mock/stats", self._get_stats)
+        # handler_cancellation: a client that gives up must not leave a sleeper behind.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=self.keepalive_timeout,
+            shutdown_timeout=_SHUTDOWN_GRACE,
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Close the listener and every connection; a no-op when not started."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _handler(self, kind: Kind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            stats = self.stats
+            stats.requests += 1
+            stats.in_flight += 1
+            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+            status = 0  # stays 0 if the client gives up and the handler is cancelled
+            try:
+                response = await self._answer(request, kind)
+                transport = request.transport
+                # A reset or truncated answer leaves the connection closing.
+                if transport is not None and not transport.is_closing():
+                    status = response.status
+                return response
+            finally:
+                stats.in_flight -= 1
+                stats.statuses[status] += 1
+
+        return handle
+
+    async def _answer(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        raw = await request.read()
+        digest = hashlib.sha256(raw).hexdigest()
+        self.stats.by_digest[digest] += 1
+        overloaded = self.fail_rate > 0 and self._rng.random() < self.fail_rate
+        call = _Call(kind, digest, self.stats.by_digest[digest], {}, [])
+        key = _bearer_key(request)
+        body = _json_object(raw)
+        rules = _NO_DIRECTIVES
+        if key and key != _BAD_KEY and body is not None:
+            call.body, call.parts = body, prompt_parts(kind, body)
+            rules = parse_directives("\n".join(call.parts))
+        pause = self.latency + rules.delay
+        if pause > 0:
+            await asyncio.sleep(pause)
+        headers = {"x-request-id": call.request_id}
+        if not key or key == _BAD_KEY:
+            return _auth_error(kind, headers, key)
+        if body is None:
+            return _error(kind, headers, 400, "The request body is not a JSON object.")
+        return await _scripted(request, call, rules, overloaded)
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.stats.as_json()), content_type=_JSON)
+
+
+def _bearer_key(request: web.Request) -> str:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+async def _serve_until_signal(server: MockServer) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        async with server:
+            origin = f"http://{server.host}:{server.port}"
+            line = f"{origin} (openai: {origin}/v1, dashscope: {origin}/api/v1)"
+            print("mock server listening on", line, flush=True)
+            await stopping.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def serve(*, host: str, port: int, latency: float, fail_rate: float, seed: int = 0) -> None:
+    """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly.
+
+    Once listening, prints one flushed line to stdout:
+    ``mock server listening on http://HOST:PORT (openai: http://HOST:PORT/v1,
+    dashscope: http://HOST:PORT/api/v1)``.
+    """
+    server = MockServer(host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed)
+    asyncio.run(_serve_until_signal(server))
