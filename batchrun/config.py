@@ -30,6 +30,17 @@ def _require(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def _is_count(value: object) -> bool:
+    """A whole number >= 1 (a TOML ``true`` is not a number)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_seconds(value: object, *, minimum_exclusive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value > 0 if minimum_exclusive else value >= 0
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Limits:
     """Concurrency caps. Invariant: per_host <= max_async <= pool_size.
@@ -46,10 +57,7 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("pool_size", "max_async", "per_host"):
             value = getattr(self, name)
-            _require(
-                isinstance(value, int) and value >= 1,
-                f"{_flag(name)} must be a whole number >= 1, got {value!r}",
-            )
+            _require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
         _require(
             self.per_host <= self.max_async <= self.pool_size,
             "limits must satisfy --max-async-requests-per-host <= --max-async-requests"
@@ -66,6 +74,10 @@ def resolve_limits(*, pool_size: int | None, max_async: int | None, per_host: in
     lowers the per-host cap. Values the user set are never changed, so a
     combination that breaks the invariant is reported, not silently fixed.
     """
+    given = {"pool_size": pool_size, "max_async": max_async, "per_host": per_host}
+    for name, value in given.items():
+        if value is not None:
+            _require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
     if max_async is None:
         max_async = max(DEFAULT_MAX_ASYNC, per_host or 0)
         if pool_size is not None:
@@ -94,7 +106,7 @@ class Timeouts:
         for name in ("connect", "read", "write", "idle"):
             value = getattr(self, name)
             _require(
-                isinstance(value, int | float) and value > 0,
+                _is_seconds(value, minimum_exclusive=True),
                 f"{_flag(name)} must be a number of seconds > 0, got {value!r}",
             )
 
@@ -116,13 +128,13 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.max_attempts, int) and self.max_attempts >= 1,
+            _is_count(self.max_attempts),
             f"--max-attempts must be a whole number >= 1, got {self.max_attempts!r}",
         )
         for name in ("budget", "backoff_initial", "backoff_max"):
             value = getattr(self, name)
             _require(
-                isinstance(value, int | float) and value >= 0,
+                _is_seconds(value, minimum_exclusive=False),
                 f"{_flag(name)} must be a number of seconds >= 0, got {value!r}",
             )
 
@@ -151,7 +163,7 @@ class RunConfig:
             f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}",
         )
         _require(
-            isinstance(self.reorder_window, int) and self.reorder_window >= 1,
+            _is_count(self.reorder_window),
             f"--reorder-window must be a whole number >= 1, got {self.reorder_window!r}",
         )
         _require(

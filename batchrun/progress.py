@@ -91,9 +91,9 @@ class LatencyHistogram:
 class RunStats:
     """Live counters of one run; the runner mutates them, the reporter reads them.
 
-    ``done`` counts rows with a final outcome, including ``skipped`` rows (done
-    by an earlier run, on resume); ``ok`` and ``failed_by_code`` count only rows
-    finished in this run, so ``done == ok + failed + skipped``.
+    ``done`` counts rows with a final outcome, ``done == ok + failed``;
+    ``skipped`` counts those of them an earlier run finished (on resume), so
+    that rates and ETAs measure this run's own work.
     """
 
     total: int | None = None
@@ -137,6 +137,20 @@ class RunStats:
             self.latency.record(latency_s)
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
+
+    def record_earlier(
+        self, *, ok: bool, error_code: str | None, tokens_in: int = 0, tokens_out: int = 0
+    ) -> None:
+        """Count a row an earlier run finished: in the totals, not in the rate."""
+        self.record_outcome(
+            ok=ok,
+            error_code=error_code,
+            attempts=1,
+            latency_s=None,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+        )
+        self.skipped += 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -219,7 +233,7 @@ class Summary:
         if self.failed_by_code:
             head += " (" + ", ".join(f"{c}: {n:,}" for c, n in self.failed_by_code.items()) + ")"
         if self.skipped:
-            head += f", {self.skipped:,} skipped (done earlier)"
+            head += f"; {self.skipped:,} of them done by an earlier run"
         lines = [head, "  " + " | ".join(self._detail_parts()), f"  output {self.output}"]
         if self.extra:
             lines.append("  " + " | ".join(f"{k} {v}" for k, v in self.extra.items()))
