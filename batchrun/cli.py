@@ -12,7 +12,8 @@ import typer
 
 from batchrun.config import build_config, load_job_file
 from batchrun.errors import UsageError
-from batchrun.runner import EXIT_USAGE, run
+from batchrun.runner import EXIT_LOCKED, EXIT_USAGE, run
+from batchrun.state import LockedError
 
 app = typer.Typer(
     add_completion=False,
@@ -23,6 +24,7 @@ app = typer.Typer(
 _LIMITS = "Limits (DashScope SDK knobs)"
 _TIMEOUTS = "Timeouts (seconds)"
 _RETRY = "Retries"
+_RESUME = "Resume and durability"
 
 
 def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
@@ -71,6 +73,33 @@ def run_command(
         bool | None, _opt("Progress bar or log lines.", None, "--progress/--no-progress")
     ] = None,
     summary: Annotated[Path | None, _opt("Also write the summary as JSON here.")] = None,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="Discard this output's unfinished state; start over.",
+            rich_help_panel=_RESUME,
+        ),
+    ] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="Send again the rows of a finished output whose error is retryable.",
+            rich_help_panel=_RESUME,
+        ),
+    ] = False,
+    fsync: Annotated[
+        str | None,
+        _opt(
+            "off (default): results reach the OS at once; batch: the disk too,"
+            " per written batch; always: per result.",
+            _RESUME,
+        ),
+    ] = None,
+    grace: Annotated[
+        float | None, _opt("Seconds in-flight requests get after SIGINT/SIGTERM (3).", _RESUME)
+    ] = None,
 ) -> None:
     """Send every request of INPUT and write one result line per input line to OUT."""
     flags = dict(locals())
@@ -78,10 +107,13 @@ def run_command(
     try:
         settings = _settings(flags)
         config = build_config(settings)
-        result = run(config)
+        result = run(config, handle_signals=True)
     except UsageError as exc:
         typer.echo(f"batchrun: error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
+    except LockedError as exc:
+        typer.echo(f"batchrun: {exc}", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
     typer.echo(result.render(), err=True)
     if config.summary_path is not None:
         config.summary_path.write_bytes(
@@ -97,6 +129,8 @@ def _settings(flags: dict[str, Any]) -> dict[str, Any]:
     params = dict(settings.get("params") or {})
     params.update(_parse_params(flags.pop("param") or []))
     flags["input"] = flags.pop("input_path")
+    for switch in ("restart", "retry_failed"):
+        flags[switch] = flags[switch] or None  # an unset switch leaves the job file's value
     settings.update({key: value for key, value in flags.items() if value is not None})
     settings["params"] = params
     return settings

@@ -156,6 +156,10 @@ class RunConfig:
     reorder_window: int = 10_000
     progress: bool = True
     summary_path: Path | None = None
+    fsync: Literal["off", "batch", "always"] = "off"
+    grace: float = 3.0
+    restart: bool = False
+    retry_failed: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -172,6 +176,18 @@ class RunConfig:
             f" --max-async-requests ({self.limits.max_async})",
         )
         _require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
+        _require(
+            self.fsync in ("off", "batch", "always"),
+            f"--fsync must be one of off, batch, always, got {self.fsync!r}",
+        )
+        _require(
+            _is_seconds(self.grace, minimum_exclusive=False),
+            f"--grace must be a number of seconds >= 0, got {self.grace!r}",
+        )
+        _require(
+            not (self.restart and self.retry_failed),
+            "--restart and --retry-failed do not go together: --restart discards the output",
+        )
 
 
 _FLAGS = {
@@ -204,6 +220,8 @@ _JOB_KEYS: dict[str, str] = {
     "progress": "run",
     "summary": "run",
     "params": "run",
+    "fsync": "run",
+    "grace": "run",
     "connection_pool_size": "limits",
     "max_async_requests": "limits",
     "max_async_requests_per_host": "limits",
@@ -296,6 +314,10 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         reorder_window="reorder_window",
         progress="progress",
         summary_path="summary",
+        fsync="fsync",
+        grace="grace",
+        restart="restart",
+        retry_failed="retry_failed",
     )
     for key in ("input", "out", "summary_path"):
         if key in run_keys:

@@ -82,6 +82,7 @@ class Outcome:
     response: Response | None = None
     error_code: str | None = None
     error_message: str | None = None
+    retryable: bool = False  # the failure was transient: --retry-failed sends it again
     attempts: int = 0
     latency_s: float | None = None
     tokens_in: int = 0
@@ -213,7 +214,11 @@ def output_record(outcome: Outcome) -> dict[str, Any]:
         },
         "error": None
         if outcome.error_code is None
-        else {"code": outcome.error_code, "message": outcome.error_message},
+        else {
+            "code": outcome.error_code,
+            "message": outcome.error_message,
+            "retryable": outcome.retryable,
+        },
         "attempts": outcome.attempts,
     }
 

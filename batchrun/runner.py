@@ -1,93 +1,77 @@
-"""The run: one task group of a reader, a pool of workers and an ordered writer.
-
-    reader --(window slot, request)--> workers x max_async --(outcome)--> writer
-
-The reader takes a slot of the reorder window before each row and the writer
-gives it back once the row is written, so at most ``reorder_window`` rows are
-between reading and writing whatever the completion order: memory stays flat
-for any input size. Workers are exactly ``max_async`` tasks, which is the
-in-flight cap.
-"""
+"""A run from start to finish: key, lock, resume decision, session, pipeline,
+publication and summary. The row-level work is in ``pipeline``."""
 
 from __future__ import annotations
 
-import gzip
+import collections
+import dataclasses
 import ipaddress
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO, cast
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batchrun.client import Client, open_session
 from batchrun.config import RunConfig
-from batchrun.errors import FatalError, RequestError, UsageError
+from batchrun.errors import UsageError
+from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary
 from batchrun.providers import Provider, get_provider
-from batchrun.records import (
-    Defaults,
-    LineError,
-    Outcome,
-    Request,
-    Response,
-    line_error_outcome,
-    output_line,
-    parse_line,
-)
-from batchrun.retry import Sleep, retrying
-from batchrun.writer import OutputFile, ReorderBuffer
+from batchrun.resume import ResumePoint, recover
+from batchrun.state import StateDir, check_fingerprint, fingerprint
+from batchrun.timing import Clock
+from batchrun.writer import OutputFile
 
 log = logging.getLogger("batchrun")
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: run the same command again to resume
+
+__all__ = ["Clock", "run", "run_async"]
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Clock:
-    """Time as the runner sees it; tests inject fakes so nothing really waits."""
-
-    sleep: Sleep = anyio.sleep
-    monotonic: Callable[[], float] = time.monotonic
-
-
-def run(config: RunConfig, *, stream: TextIO | None = None) -> Summary:
+def run(
+    config: RunConfig, *, stream: TextIO | None = None, handle_signals: bool = False
+) -> Summary:
     """Run a job to the end from synchronous code (a notebook cell, an Airflow
-    task) and return its summary. Raises ``UsageError`` for bad settings."""
-    return anyio.run(lambda: run_async(config, stream=stream))
+    task) and return its summary. Raises ``UsageError`` for bad settings and
+    ``LockedError`` when another run holds the output."""
+    return anyio.run(lambda: run_async(config, stream=stream, handle_signals=handle_signals))
 
 
 async def run_async(
-    config: RunConfig, *, clock: Clock | None = None, stream: TextIO | None = None
+    config: RunConfig,
+    *,
+    clock: Clock | None = None,
+    stream: TextIO | None = None,
+    handle_signals: bool = False,
 ) -> Summary:
-    """Run a job to the end inside a running event loop; return its summary."""
-    clock = clock or Clock()
+    """Run (or resume) a job inside a running event loop; return its summary.
+
+    ``handle_signals``: SIGINT/SIGTERM stop the run resumably (exit code 75);
+    only from the main thread.
+    """
     provider = get_provider(config.provider)
     api_key = resolve_api_key(provider, config)
-    _check_input(config.input)
-    async with AsyncExitStack() as stack:
-        base_url = config.base_url or provider.default_base_url
-        if not base_url:
-            base_url = await _start_mock_server(stack)
-        _warn_plain_http(base_url, api_key)
-        session = await stack.enter_async_context(open_session(config.limits, config.timeouts))
-        client = Client(
-            session,
-            provider,
-            base_url=base_url,
-            api_key=api_key,
-            write_timeout=config.timeouts.write,
+    if not config.input.is_file():
+        raise UsageError(f"input file {config.input} does not exist or is not a file")
+    state = StateDir(config.out)
+    state.lock()
+    try:
+        prepared = prepare(state, config, provider)
+        if isinstance(prepared, Summary):
+            return prepared
+        config, start = prepared
+        return await _execute(
+            config, provider, api_key, state, start, clock or Clock(), stream, handle_signals
         )
-        return await Pipeline(config, client, provider, clock, stream).run()
-    raise AssertionError("unreachable")  # pragma: no cover - AsyncExitStack never swallows
+    finally:
+        state.unlock()
 
 
 def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
@@ -103,9 +87,168 @@ def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
     )
 
 
-def _check_input(path: Path) -> None:
-    if not path.is_file():
-        raise UsageError(f"input file {path} does not exist or is not a file")
+def prepare(
+    state: StateDir, config: RunConfig, provider: Provider
+) -> tuple[RunConfig, ResumePoint] | Summary:
+    """Decide how this run starts: fresh, resumed, a retry pass, or a no-op
+    (a ``Summary``) because the output is already complete."""
+    if config.restart:
+        state.clear()
+    current = fingerprint(config)
+    meta = state.read_meta()
+    if meta is None:
+        if config.retry_failed:
+            raise UsageError(f"--retry-failed needs a finished run's output; {config.out} has none")
+        return config, _begin(state, current, "full")
+    check_fingerprint(meta, current)
+    finished = state.read_finished()
+    if finished is not None:
+        return _after_finish(state, config, current, finished)
+    retry_pass = meta.get("pass") == "retry-failed"
+    if config.retry_failed and not retry_pass:
+        raise UsageError(
+            f"the run on {config.out} has not finished: run it to the end first"
+            " (the same command without --retry-failed)"
+        )
+    return dataclasses.replace(config, retry_failed=retry_pass), recover(state, provider.usage)
+
+
+def _after_finish(
+    state: StateDir, config: RunConfig, current: dict[str, Any], finished: dict[str, Any]
+) -> tuple[RunConfig, ResumePoint] | Summary:
+    if state.partial_path.exists():  # stopped between the marker and the rename
+        _publish(state, config.out)
+    if config.retry_failed:
+        if not config.out.exists():
+            raise UsageError(f"--retry-failed: {config.out} does not exist any more")
+        return config, _begin(state, current, "retry-failed")
+    if config.out.exists():
+        return _already_done(finished, config.out)
+    log.info("%s was removed after its run finished: running the job again", config.out)
+    return config, _begin(state, current, "full")
+
+
+def _begin(state: StateDir, current: dict[str, Any], kind: str) -> ResumePoint:
+    state.clear()
+    state.write_meta({**current, "pass": kind})
+    return ResumePoint()
+
+
+def _already_done(finished: dict[str, Any], out: Path) -> Summary:
+    rows = int(finished.get("rows", 0))
+    return Summary(
+        rows=rows,
+        ok=int(finished.get("ok", 0)),
+        failed=int(finished.get("failed", 0)),
+        failed_by_code=dict(finished.get("failed_by_code") or {}),
+        retries=0,
+        skipped=rows,
+        tokens_in=0,
+        tokens_out=0,
+        latency_p50_ms=None,
+        latency_p95_ms=None,
+        latency_p99_ms=None,
+        duration_s=0.0,
+        rows_per_s=0.0,
+        exit_code=int(finished.get("exit_code", EXIT_OK)),
+        aborted=None,
+        output=str(out),
+        extra={"already finished at": finished.get("finished_at"), "requests sent": 0},
+    )
+
+
+async def _execute(
+    config: RunConfig,
+    provider: Provider,
+    api_key: str | None,
+    state: StateDir,
+    start: ResumePoint,
+    clock: Clock,
+    stream: TextIO | None,
+    handle_signals: bool,
+) -> Summary:
+    async with AsyncExitStack() as stack:
+        base_url = config.base_url or provider.default_base_url
+        if not base_url:
+            base_url = await _start_mock_server(stack)
+        _warn_plain_http(base_url, api_key)
+        session = await stack.enter_async_context(open_session(config.limits, config.timeouts))
+        client = Client(
+            session,
+            provider,
+            base_url=base_url,
+            api_key=api_key,
+            write_timeout=config.timeouts.write,
+        )
+        pipeline = Pipeline(
+            config,
+            client=client,
+            provider=provider,
+            clock=clock,
+            reporter=_reporter(config, start, clock, stream),
+            state=state,
+            start=start,
+            handle_signals=handle_signals,
+        )
+        started = clock.monotonic()
+        await pipeline.run()
+        return _conclude(pipeline, state, clock.monotonic() - started)
+    raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+def _reporter(
+    config: RunConfig, start: ResumePoint, clock: Clock, stream: TextIO | None
+) -> ProgressReporter:
+    done = start.checkpoint
+    stats = RunStats(
+        done=done.rows,
+        ok=done.ok,
+        skipped=done.rows,
+        failed_by_code=collections.Counter(done.failed_by_code),
+        tokens_in=done.tokens_in,
+        tokens_out=done.tokens_out,
+    )
+    out_stream = stream or sys.stderr
+    mode = ProgressReporter.choose_mode(config.progress, out_stream)
+    return ProgressReporter(stats, mode=mode, stream=out_stream, clock=clock.monotonic)
+
+
+def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
+    stats, config = pipeline.stats, pipeline.config
+    aborted: str | None = None
+    if pipeline.complete:
+        exit_code = EXIT_FAILED_ROWS if stats.failed else EXIT_OK
+    elif pipeline.aborted is not None:
+        exit_code, aborted = EXIT_FATAL, _fatal_advice(pipeline)
+    else:
+        exit_code = EXIT_INTERRUPTED
+        aborted = f"{pipeline.stop_reason or 'stopped'}; run the same command again to resume"
+    summary = Summary.from_stats(
+        stats,
+        duration_s=duration,
+        exit_code=exit_code,
+        aborted=aborted,
+        output=str(config.out),
+        extra={"in doubt": pipeline.in_doubt, "in doubt (all runs)": pipeline.progress.in_doubt},
+    )
+    if pipeline.complete:
+        state.write_finished(summary.to_dict())
+        _publish(state, config.out)
+    return summary
+
+
+def _fatal_advice(pipeline: Pipeline) -> str:
+    error = pipeline.aborted
+    assert error is not None
+    return (
+        f"the provider answered {error.status or ''} {error.code}: {error.message}. Fix the key"
+        " or the quota, then run the same command again to resume"
+    )
+
+
+def _publish(state: StateDir, out: Path) -> None:
+    OutputFile(out).publish()
+    state.drop_progress_files()
 
 
 async def _start_mock_server(stack: AsyncExitStack) -> str:
@@ -126,197 +269,3 @@ def _warn_plain_http(base_url: str, api_key: str | None) -> None:
         loopback = host == "localhost"
     if not loopback:
         log.warning("sending the API key over plain http to %s: use https", host)
-
-
-def open_input(path: Path) -> BinaryIO:
-    """The input as bytes; ``.gz`` files are decompressed on the fly."""
-    if path.suffix == ".gz":
-        return cast(BinaryIO, gzip.open(path, "rb"))
-    return path.open("rb")
-
-
-def iter_lines(handle: BinaryIO) -> Iterator[bytes]:
-    """Input lines without their line endings; streamed, never loaded whole."""
-    for raw in handle:
-        yield raw.rstrip(b"\r\n")
-
-
-def count_lines(path: Path) -> int:
-    """Lines in the input (a final line without newline counts)."""
-    count, last = 0, b"\n"
-    with open_input(path) as handle:
-        while chunk := handle.read(1 << 20):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
-    return count + (last != b"\n")
-
-
-Work = tuple[int, Request]
-Done = tuple[int, Outcome]
-
-
-class Pipeline:
-    """One run's reader, workers and writer, wired by bounded streams."""
-
-    def __init__(
-        self,
-        config: RunConfig,
-        client: Client,
-        provider: Provider,
-        clock: Clock,
-        stream: TextIO | None,
-    ) -> None:
-        self.config = config
-        self.client = client
-        self.provider = provider
-        self.clock = clock
-        self.stats = RunStats()
-        out_stream = stream or sys.stderr
-        mode = ProgressReporter.choose_mode(config.progress, out_stream)
-        self.reporter = ProgressReporter(
-            self.stats, mode=mode, stream=out_stream, clock=clock.monotonic
-        )
-        self.window = anyio.Semaphore(config.reorder_window)
-        self.output = OutputFile(config.out)
-        self.aborted: str | None = None
-
-    async def run(self) -> Summary:
-        started = self.clock.monotonic()
-        self.output.open()
-        try:
-            await self._run_tasks()
-        finally:
-            self.reporter.close()
-        duration = self.clock.monotonic() - started
-        if self.aborted is None:
-            self.output.publish()
-        else:
-            self.output.close()
-        return Summary.from_stats(
-            self.stats,
-            duration_s=duration,
-            exit_code=self._exit_code(),
-            aborted=self.aborted,
-            output=str(self.config.out),
-        )
-
-    def _exit_code(self) -> int:
-        if self.aborted is not None:
-            return EXIT_FATAL
-        return EXIT_FAILED_ROWS if self.stats.failed else EXIT_OK
-
-    async def _run_tasks(self) -> None:
-        limits = self.config.limits
-        work_tx, work_rx = anyio.create_memory_object_stream[Work](limits.max_async)
-        done_tx, done_rx = anyio.create_memory_object_stream[Done](limits.max_async)
-        try:
-            async with done_rx, anyio.create_task_group() as tasks:
-                tasks.start_soon(self._count_total)
-                if self.reporter.mode != "off":
-                    tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
-                async with work_tx, work_rx, done_tx:
-                    tasks.start_soon(self._read, work_tx.clone(), done_tx.clone())
-                    for _ in range(limits.max_async):
-                        tasks.start_soon(self._work, work_rx.clone(), done_tx.clone())
-                await self._write(done_rx)
-                # Every row is written; only the heartbeat and the counter are left.
-                tasks.cancel_scope.cancel()
-        except* FatalError as group:
-            fatal = group.exceptions[0]
-            assert isinstance(fatal, FatalError)
-            self.aborted = f"{fatal.code}: {fatal.message}"
-
-    async def _count_total(self) -> None:
-        self.stats.total = await anyio.to_thread.run_sync(
-            count_lines, self.config.input, abandon_on_cancel=True
-        )
-
-    async def _read(self, work: ObjectSendStream[Work], done: ObjectSendStream[Done]) -> None:
-        defaults = Defaults(model=self.config.model, params=self.config.params)
-        async with work, done:
-            with open_input(self.config.input) as handle:
-                for index, raw in enumerate(iter_lines(handle)):
-                    await self.window.acquire()
-                    parsed = parse_line(raw, index + 1, defaults)
-                    if isinstance(parsed, LineError):
-                        await done.send((index, line_error_outcome(parsed)))
-                    else:
-                        await work.send((index, parsed))
-
-    async def _work(self, work: ObjectReceiveStream[Work], done: ObjectSendStream[Done]) -> None:
-        async with work, done:
-            async for index, request in work:
-                await done.send((index, await self.process(request)))
-
-    async def process(self, request: Request) -> Outcome:
-        """One row to its outcome, retrying transient failures.
-
-        ``FatalError`` propagates: it aborts the run.
-        """
-        attempts = 0
-        started = self.clock.monotonic()
-
-        async def attempt() -> Response:
-            nonlocal attempts
-            attempts += 1
-            self.stats.in_flight += 1
-            try:
-                return await self.client.send(request)
-            finally:
-                self.stats.in_flight -= 1
-
-        try:
-            response: Response = await retrying(self.config.retry, sleep=self.clock.sleep)(attempt)
-        except FatalError:
-            raise
-        except RequestError as exc:
-            return _failed(request, exc, attempts, self.clock.monotonic() - started)
-        tokens_in, tokens_out = self.provider.usage(response.body)
-        return Outcome(
-            line=request.line,
-            custom_id=request.custom_id,
-            response=response,
-            attempts=attempts,
-            latency_s=self.clock.monotonic() - started,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-        )
-
-    async def _write(self, done: MemoryObjectReceiveStream[Done]) -> None:
-        # The stream stays open if this task is cancelled, so that a worker
-        # finishing at that instant blocks (and is cancelled) instead of
-        # failing on a closed stream.
-        reorder: ReorderBuffer[Outcome] = ReorderBuffer()
-        async for index, outcome in done:
-            for ready in reorder.push(index, outcome):
-                self._emit(ready)
-            if done.statistics().current_buffer_used == 0:
-                self.output.flush()
-
-    def _emit(self, outcome: Outcome) -> None:
-        self.output.write(output_line(outcome))
-        self.window.release()
-        self.stats.record_outcome(
-            ok=outcome.ok,
-            error_code=outcome.error_code,
-            attempts=outcome.attempts,
-            latency_s=outcome.latency_s,
-            tokens_in=outcome.tokens_in,
-            tokens_out=outcome.tokens_out,
-        )
-        self.reporter.update()
-
-
-def _failed(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:
-    response = None
-    if exc.status is not None:
-        response = Response(status_code=exc.status, request_id=exc.request_id, body=exc.body)
-    return Outcome(
-        line=request.line,
-        custom_id=request.custom_id,
-        response=response,
-        error_code=exc.code,
-        error_message=exc.message,
-        attempts=attempts,
-        latency_s=latency,
-    )

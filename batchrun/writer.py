@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
+from batchrun import crashpoint
+
 T = TypeVar("T")
 
 
@@ -66,13 +68,20 @@ class OutputFile:
         self.partial = state_dir(out) / "output.partial"
         self._handle: BinaryIO | None = None
 
-    def open(self, *, append: bool = False) -> None:
-        """Open the partial output (emptied unless ``append``)."""
+    def open(self, *, keep_bytes: int = 0) -> None:
+        """Open the partial output for appending after its first ``keep_bytes``
+        bytes (a resume keeps the complete lines; a fresh run keeps none)."""
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self.partial.open("ab" if append else "wb")
+        handle = self.partial.open("ab")
+        handle.truncate(keep_bytes)
+        self._handle = handle
 
     def write(self, data: bytes) -> None:
         assert self._handle is not None, "open() first"
+        if crashpoint.armed("output_torn"):
+            self._handle.write(data[: len(data) // 2])
+            self._handle.flush()
+            crashpoint.die()
         self._handle.write(data)
 
     def flush(self, *, fsync: bool = False) -> None:
@@ -93,6 +102,7 @@ class OutputFile:
         if self._handle is not None:
             self.flush(fsync=True)
             self.close()
+        crashpoint.hit("before_publish")
         os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
         # Left in place when not empty: it holds state a later step still needs.

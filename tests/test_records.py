@@ -332,21 +332,26 @@ def test_output_record_failed_http_answer_keeps_response() -> None:
         "custom_id": "c",
         "line": 1,
         "response": {"status_code": 400, "request_id": None, "body": {"error": {"code": "bad"}}},
-        "error": {"code": "bad", "message": "Bad request"},
+        "error": {"code": "bad", "message": "Bad request", "retryable": False},
         "attempts": 1,
     }
 
 
 def test_output_record_transport_error_has_null_response() -> None:
     outcome = Outcome(
-        line=6, custom_id="t", error_code="read_timeout", error_message="timed out", attempts=6
+        line=6,
+        custom_id="t",
+        error_code="read_timeout",
+        error_message="timed out",
+        retryable=True,
+        attempts=6,
     )
     assert output_record(outcome) == {
         "id": "batch_req_6",
         "custom_id": "t",
         "line": 6,
         "response": None,
-        "error": {"code": "read_timeout", "message": "timed out"},
+        "error": {"code": "read_timeout", "message": "timed out", "retryable": True},
         "attempts": 6,
     }
 

@@ -175,15 +175,15 @@ def test_publish_replaces_existing_out(tmp_path: Path) -> None:
     assert out.read_bytes() == b"new\n"
 
 
-def test_open_truncates_unless_append(tmp_path: Path) -> None:
+def test_open_keeps_only_the_bytes_asked_for(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     first = OutputFile(out)
     first.open()
-    first.write(b"1\n")
+    first.write(b"1\n{torn")
     first.close()
 
     resumed = OutputFile(out)
-    resumed.open(append=True)
+    resumed.open(keep_bytes=2)  # the complete lines; the torn tail goes
     resumed.write(b"2\n")
     resumed.close()
     assert resumed.partial.read_bytes() == b"1\n2\n"

@@ -1,0 +1,158 @@
+"""The journal: every received result, durable before the run moves on.
+
+An append-only file of JSON lines in the state directory, of two kinds:
+
+* ``{"b": N}``: row ``N`` (1-based input line) is about to be sent. A row
+  begun but never finished was in flight at a crash: the provider may have
+  billed it, so a resume counts it "in doubt" before sending it again.
+* ``{"x": N}``: row ``N`` was answered with a fatal error (a bad key): it was
+  not billed and is sent again on resume, but not in doubt.
+* an output record (``{"id": ..., "line": N, ...}``): row ``N`` finished; the
+  same bytes later go into the ordered output.
+
+Each record goes to the operating system in one ``write`` as soon as it is
+known, so a killed process loses none; ``fsync`` adds power-loss safety. A
+kill can tear only the last record: reading drops a final piece without its
+newline. Anything unreadable before that is corruption and is refused.
+
+The journal is compacted at checkpoints: rows already in the ordered output
+are dropped, so resuming reads a bounded file however long the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+from batchrun import crashpoint
+from batchrun.errors import UsageError
+
+FsyncPolicy = Literal["off", "batch", "always"]
+
+
+class CorruptStateError(UsageError):
+    """A state file is damaged other than by a torn final write."""
+
+
+@dataclass(slots=True)
+class JournalContents:
+    """What a journal holds for rows after the ordered prefix.
+
+    ``results`` maps line to its output record (newline included); ``begun``
+    holds lines sent without a result; ``valid_bytes`` is the length of the
+    readable part (a torn tail starts there).
+    """
+
+    results: dict[int, bytes] = field(default_factory=dict)
+    begun: set[int] = field(default_factory=set)
+    valid_bytes: int = 0
+
+    @property
+    def in_doubt(self) -> set[int]:
+        """Rows that were in flight when the writing process stopped."""
+        return self.begun - self.results.keys()
+
+
+def read_journal(path: Path, *, after_line: int) -> JournalContents:
+    """Read the journal, keeping rows with line > ``after_line``.
+
+    Raises ``CorruptStateError`` for an unreadable record that is not the
+    torn final piece.
+    """
+    contents = JournalContents()
+    if not path.exists():
+        return contents
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                break  # torn by a kill mid-write: the row is simply not done
+            _take(contents, raw, number, path, after_line)
+            contents.valid_bytes += len(raw)
+    return contents
+
+
+def _take(contents: JournalContents, raw: bytes, number: int, path: Path, after: int) -> None:
+    try:
+        record = orjson.loads(raw)
+        kind = "b" if "b" in record else "x" if "x" in record else "line"
+        line = record[kind]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        raise CorruptStateError(
+            f"journal {path} is damaged at record {number}; it cannot be resumed safely."
+            " Run again with --restart to start over"
+        ) from None
+    if not isinstance(line, int) or line <= after:
+        return
+    if kind == "b":
+        contents.begun.add(line)
+    elif kind == "x":
+        contents.begun.discard(line)
+    else:
+        contents.results[line] = raw
+
+
+class Journal:
+    """Appends records to the journal file; one ``write`` per record."""
+
+    def __init__(self, path: Path, *, fsync: FsyncPolicy = "off") -> None:
+        self.path = path
+        self._fsync = fsync
+        self._fd: int | None = None
+
+    def open(self, *, valid_bytes: int | None = None) -> None:
+        """Open for appending, first cutting a torn tail at ``valid_bytes``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if valid_bytes is not None:
+            os.truncate(self._fd, valid_bytes)
+
+    def begin(self, line: int) -> None:
+        """Row ``line`` is about to be sent."""
+        self._write(b'{"b":%d}\n' % line)
+
+    def abandon(self, line: int) -> None:
+        """Row ``line`` got a fatal answer: not billed, to be sent again."""
+        self._write(b'{"x":%d}\n' % line)
+
+    def record(self, output_line: bytes) -> None:
+        """Row finished: its output record, newline included."""
+        self._write(output_line)
+        if self._fsync == "always":
+            self.sync()
+
+    def sync(self) -> None:
+        """Make every record written so far survive a power loss."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def rewrite(self, records: Iterable[bytes]) -> None:
+        """Replace the journal with ``records`` in one atomic step (compaction)."""
+        fresh = self.path.with_name(self.path.name + ".new")
+        with fresh.open("wb") as handle:
+            for record in records:
+                handle.write(record)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.close()
+        os.replace(fresh, self.path)
+        self.open()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None, "open() first"
+        if crashpoint.armed("journal_torn"):
+            os.write(self._fd, data[: len(data) // 2])
+            crashpoint.die()
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]

@@ -1,0 +1,109 @@
+"""Where a run stopped, and what it had: the start of every resume.
+
+Reads only bounded data however large the run: the output written since the
+last checkpoint, and the compacted journal. The checkpoint says where in the
+input to seek, so the finished part of the input is not parsed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from batchrun.journal import CorruptStateError, JournalContents, read_journal
+from batchrun.state import Checkpoint, StateDir
+
+Usage = Callable[[Any], tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What an output record counts for in the summary."""
+
+    ok: bool
+    error_code: str | None
+    retryable: bool
+    tokens_in: int
+    tokens_out: int
+
+
+def tally(data: dict[str, Any], usage: Usage) -> Tally:
+    """An output record's verdict and tokens (``usage`` reads a body)."""
+    error = data.get("error")
+    response = data.get("response")
+    tokens = usage(response.get("body")) if isinstance(response, dict) else (0, 0)
+    if isinstance(error, dict):
+        code = str(error.get("code") or "unknown")
+        return Tally(False, code, bool(error.get("retryable")), *tokens)
+    return Tally(True, None, False, *tokens)
+
+
+@dataclass(slots=True)
+class ResumePoint:
+    """The state a run starts from.
+
+    ``checkpoint`` describes and counts the whole ordered output as it is on
+    disk (its ``rows`` and ``output_bytes``), and where to seek in the input;
+    ``journal`` holds the results and in-flight marks of later rows.
+    """
+
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    journal: JournalContents = field(default_factory=JournalContents)
+
+
+def recover(state: StateDir, usage: Usage) -> ResumePoint:
+    """The resume point of the unfinished run in ``state``."""
+    checkpoint = state.read_checkpoint()
+    counted = dataclasses.replace(checkpoint, failed_by_code=dict(checkpoint.failed_by_code))
+    rows, output_bytes = checkpoint.rows, checkpoint.output_bytes
+    if state.partial_path.exists():
+        rows, output_bytes = _scan_output(state, counted, usage)
+    elif rows:
+        raise CorruptStateError(f"{state.partial_path} is missing; run again with --restart")
+    counted.rows, counted.output_bytes = rows, output_bytes
+    journal = read_journal(state.journal_path, after_line=rows)
+    return ResumePoint(checkpoint=counted, journal=journal)
+
+
+def _scan_output(state: StateDir, counted: Checkpoint, usage: Usage) -> tuple[int, int]:
+    """Count the complete lines written after the checkpoint into ``counted``."""
+    rows, offset = counted.rows, counted.output_bytes
+    with state.partial_path.open("rb") as handle:
+        handle.seek(offset)
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                break  # torn by a kill mid-write: cut off when appending resumes
+            rows += 1
+            _count(counted, raw, rows, usage, state)
+            offset += len(raw)
+    if offset < counted.output_bytes:
+        raise CorruptStateError(f"{state.partial_path} is shorter than its checkpoint says")
+    return rows, offset
+
+
+def _count(counted: Checkpoint, raw: bytes, row: int, usage: Usage, state: StateDir) -> None:
+    try:
+        data = orjson.loads(raw)
+        line, verdict = data.get("line"), tally(data, usage)
+    except (orjson.JSONDecodeError, AttributeError):
+        line, verdict = None, None
+    if line != row or verdict is None:
+        raise CorruptStateError(
+            f"{state.partial_path} is damaged at row {row}; run again with --restart"
+        )
+    add_tally(counted, verdict)
+
+
+def add_tally(counted: Checkpoint, verdict: Tally) -> None:
+    """Add one row's verdict to the running counts."""
+    if verdict.ok:
+        counted.ok += 1
+    else:
+        code = verdict.error_code or "unknown"
+        counted.failed_by_code[code] = counted.failed_by_code.get(code, 0) + 1
+    counted.tokens_in += verdict.tokens_in
+    counted.tokens_out += verdict.tokens_out

@@ -1,0 +1,225 @@
+"""The state directory beside an output: lock, fingerprint, checkpoint, marker.
+
+``OUT.batchrun/`` holds everything of a run in progress:
+
+* ``lock``: held (``flock``) by the running process; it dies with the process,
+  SIGKILL included. Its text names the holder.
+* ``meta.json``: the fingerprint of the input and of the request-shaping
+  settings; a resume with other ones is refused.
+* ``output.partial``: the ordered output so far (see ``writer.OutputFile``).
+* ``journal``: results not yet in the ordered output (see ``journal``).
+* ``checkpoint.json``: how far the ordered output had come at the last
+  compaction, and where in the input that was, so a resume seeks there.
+* ``finished.json``: the run is done; its exit code, for no-op re-runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchrun.config import RunConfig
+from batchrun.errors import BatchrunError, UsageError
+from batchrun.journal import CorruptStateError
+from batchrun.writer import state_dir
+
+_SAMPLE = 1 << 20  # bytes hashed at each end of the input
+
+
+class LockedError(BatchrunError):
+    """Another live process runs on this output (exit code 4)."""
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """The ordered output's extent at a compaction, and what it held.
+
+    ``rows`` rows fill the first ``output_bytes`` bytes of ``output.partial``.
+    Input line ``input_line + 1`` starts at byte ``input_offset`` of the
+    (decompressed) input, with ``input_line <= rows``: a resume seeks there.
+    """
+
+    rows: int = 0
+    output_bytes: int = 0
+    input_line: int = 0
+    input_offset: int = 0
+    ok: int = 0
+    failed_by_code: dict[str, int] = field(default_factory=dict)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    in_doubt: int = 0  # rows resent after a crash, over all resumes
+
+
+class StateDir:
+    """Paths and small files of one output's state directory."""
+
+    def __init__(self, out: Path) -> None:
+        self.root = state_dir(out)
+        self.lock_path = self.root / "lock"
+        self.meta_path = self.root / "meta.json"
+        self.checkpoint_path = self.root / "checkpoint.json"
+        self.finished_path = self.root / "finished.json"
+        self.journal_path = self.root / "journal"
+        self.partial_path = self.root / "output.partial"
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Take the lock or raise ``LockedError`` naming the holder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(
+                f"another run holds {self.root.parent / self.root.name[: -len('.batchrun')]}"
+                f" ({self.holder() or 'holder unknown'}); not starting"
+            ) from None
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def holder(self) -> str | None:
+        """Who holds or last held the lock, as its text says."""
+        try:
+            return self.lock_path.read_text().strip() or None
+        except OSError:
+            return None
+
+    def is_locked(self) -> bool:
+        """Whether a live process holds the lock now (takes nothing)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def read_meta(self) -> dict[str, Any] | None:
+        return _read_json(self.meta_path)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        _write_json_atomic(self.meta_path, meta)
+
+    def read_checkpoint(self) -> Checkpoint:
+        data = _read_json(self.checkpoint_path)
+        if data is None:
+            return Checkpoint()
+        try:
+            return Checkpoint(**data)
+        except TypeError:
+            raise CorruptStateError(f"{self.checkpoint_path} is damaged") from None
+
+    def write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        _write_json_atomic(self.checkpoint_path, asdict(checkpoint))
+
+    def read_finished(self) -> dict[str, Any] | None:
+        return _read_json(self.finished_path)
+
+    def write_finished(self, summary: dict[str, Any]) -> None:
+        _write_json_atomic(self.finished_path, {"finished_at": _now(), **summary})
+
+    def clear(self) -> None:
+        """Remove the run's state except the lock (``--restart``)."""
+        for path in (
+            self.meta_path,
+            self.checkpoint_path,
+            self.finished_path,
+            self.journal_path,
+            self.partial_path,
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def drop_progress_files(self) -> None:
+        """After publishing: the journal and checkpoint are no longer needed."""
+        for path in (self.journal_path, self.checkpoint_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def fingerprint(config: RunConfig) -> dict[str, Any]:
+    """What must not change between a run and its resume.
+
+    The input is identified by its size and a hash of its first and last MiB
+    (cheap for any size; an edit that keeps the size and touches neither end
+    goes unseen). Settings that shape requests are included; limits, timeouts
+    and retry settings may change between resumes.
+    """
+    size = config.input.stat().st_size
+    digest = hashlib.sha256()
+    with config.input.open("rb") as handle:
+        digest.update(handle.read(_SAMPLE))
+        if size > _SAMPLE:
+            handle.seek(max(_SAMPLE, size - _SAMPLE))
+            digest.update(handle.read(_SAMPLE))
+    return {
+        "input": str(config.input.resolve()),
+        "input_size": size,
+        "input_hash": digest.hexdigest(),
+        "provider": config.provider,
+        "model": config.model,
+        "params": orjson.loads(orjson.dumps(dict(config.params), option=orjson.OPT_SORT_KEYS)),
+    }
+
+
+def check_fingerprint(stored: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise ``UsageError`` naming what changed since the run began."""
+    changed = [
+        key
+        for key in ("input_size", "input_hash", "provider", "model", "params")
+        if stored.get(key) != current.get(key)
+    ]
+    if not changed:
+        return
+    what = "the input file" if changed[0].startswith("input") else f"the setting {changed[0]!r}"
+    raise UsageError(
+        f"{what} changed since this output's run began (state in {stored.get('input')!r}"
+        f" → {current['input']!r}); resuming would mix two jobs. Run again with --restart"
+        " to start over, or choose another --out"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except orjson.JSONDecodeError:
+        raise CorruptStateError(f"{path} is damaged; run again with --restart") from None
+    if not isinstance(data, dict):
+        raise CorruptStateError(f"{path} is damaged; run again with --restart")
+    return data
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fresh = path.with_name(path.name + ".new")
+    with fresh.open("wb") as handle:
+        handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(fresh, path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
