@@ -1,0 +1,205 @@
+"""Adaptive concurrency: how many requests may be in flight at once.
+
+``AIMDController`` decides the limit the way TCP sizes its window: one more
+slot per round trip's worth of successes, half the slots on congestion (429,
+503, timeouts). ``AdaptiveLimiter`` enforces whatever the limit currently is,
+handing out slots in arrival order. Everything here runs on the event loop's
+thread: no locking.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from types import TracebackType
+
+import anyio
+import anyio.lowlevel
+
+__all__ = ["AIMDController", "AdaptiveLimiter"]
+
+
+class AIMDController:
+    """Additive-increase / multiplicative-decrease of the in-flight limit.
+
+    The limit starts at ``initial`` clamped to [``minimum``, ``maximum``].
+    Every ``increase_every`` successes (default: the current limit, i.e. one
+    more slot per round trip's worth) it grows by one, up to ``maximum``.
+    Congestion sets it to ``max(minimum, floor(limit * decrease_factor))``;
+    further signals within ``cooldown`` seconds (by ``clock``, monotonic) of
+    that decrease are the same congestion event and change nothing, because
+    the requests already in flight when the server pushed back report it too.
+
+    ``low`` and ``high`` are the range the limit has taken (for the summary);
+    ``decreases`` counts congestion events acted on, including ones that
+    found the limit already at ``minimum``.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: int,
+        minimum: int = 1,
+        maximum: int,
+        increase_every: int | None = None,
+        decrease_factor: float = 0.5,
+        clock: Callable[[], float],
+        cooldown: float = 1.0,
+    ) -> None:
+        if minimum < 1 or maximum < minimum:
+            raise ValueError(f"need 1 <= minimum <= maximum, got {minimum!r}, {maximum!r}")
+        if increase_every is not None and increase_every < 1:
+            raise ValueError(f"increase_every must be >= 1 or None, got {increase_every!r}")
+        if not 0 < decrease_factor < 1:
+            raise ValueError(f"decrease_factor must be in (0, 1), got {decrease_factor!r}")
+        if not cooldown >= 0:
+            raise ValueError(f"cooldown must be >= 0 seconds, got {cooldown!r}")
+        self.minimum = minimum
+        self.maximum = maximum
+        self.increase_every = increase_every
+        self.decrease_factor = decrease_factor
+        self.cooldown = cooldown
+        self._clock = clock
+        self._limit = min(max(initial, minimum), maximum)
+        self.low = self._limit
+        self.high = self._limit
+        self.decreases = 0
+        self._successes = 0
+        self._last_decrease = -math.inf
+        self._listeners: list[Callable[[int], None]] = []
+
+    @property
+    def limit(self) -> int:
+        """The current in-flight limit."""
+        return self._limit
+
+    def add_listener(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(new_limit)`` whenever the limit changes."""
+        self._listeners.append(callback)
+
+    def on_success(self) -> None:
+        """Count one success; grow the limit by one when enough have come."""
+        self._successes += 1
+        if self._successes < (self.increase_every or self._limit):
+            return
+        self._successes = 0
+        if self._limit < self.maximum:
+            self._set(self._limit + 1)
+
+    def on_congestion(self) -> None:
+        """The server pushed back (429, 503, a timeout): shrink the limit,
+        unless this is the same congestion event as a decrease under
+        ``cooldown`` seconds ago."""
+        now = self._clock()
+        if now - self._last_decrease < self.cooldown:
+            return
+        self._last_decrease = now
+        self.decreases += 1
+        # Successes counted towards the next increase were earned at the old limit.
+        self._successes = 0
+        self._set(max(self.minimum, math.floor(self._limit * self.decrease_factor)))
+
+    def _set(self, limit: int) -> None:
+        if limit == self._limit:
+            return
+        self._limit = limit
+        self.low = min(self.low, limit)
+        self.high = max(self.high, limit)
+        for callback in self._listeners:
+            callback(limit)
+
+
+class _Waiter:
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+
+
+class AdaptiveLimiter:
+    """An async slot limiter whose capacity follows a controller's limit.
+
+    FIFO: waiters are served in arrival order, and a newcomer never overtakes
+    a queued waiter, so the ordered output never starves behind newer rows.
+    When the limit shrinks, slots already held stay held (``in_flight`` may
+    exceed the limit for a while) and no new slot is granted until
+    ``in_flight`` is below the limit again. Use ``async with limiter:`` or
+    pair ``acquire`` with ``release``.
+    """
+
+    def __init__(self, controller: AIMDController) -> None:
+        self._controller = controller
+        self._in_flight = 0
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        # A grown limit must wake waiters even if no slot is released soon.
+        controller.add_listener(lambda _limit: self._grant())
+
+    @property
+    def in_flight(self) -> int:
+        """Slots held now (granted waiters included)."""
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Tasks queued for a slot."""
+        return len(self._waiters)
+
+    @property
+    def limit(self) -> int:
+        """The controller's current limit."""
+        return self._controller.limit
+
+    async def acquire(self) -> None:
+        """Wait for a slot and take it.
+
+        Cancellation-safe: a cancelled waiter leaves the queue, and a slot
+        granted to it at the moment it was cancelled is passed on, not leaked.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if not self._waiters and self._in_flight < self._controller.limit:
+            self._in_flight += 1
+            # Yield to other tasks without letting a cancellation strand the slot.
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            return
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                self.release()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back and grant slots to the next waiters the limit allows.
+
+        Raises RuntimeError when no slot is held.
+        """
+        if self._in_flight <= 0:
+            raise RuntimeError("AdaptiveLimiter.release() without a held slot")
+        self._in_flight -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        # Slots are counted as taken when granted, not when the waiter
+        # resumes, so two releases can never hand the same slot out twice.
+        while self._waiters and self._in_flight < self._controller.limit:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            self._in_flight += 1
+            waiter.event.set()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

@@ -1,0 +1,267 @@
+"""Client-side rate budgets and server-requested pauses.
+
+``RateBudget`` keeps a run under its requests-per-minute and tokens-per-minute
+limits, spread smoothly instead of in per-minute bursts. ``pause_hint`` reads
+how long a server asks us to back off, and ``PauseGate`` makes every worker
+honour that pause, not only the one that was told.
+
+Time is injected: ``clock`` returns monotonic seconds and ``sleep`` waits a
+number of seconds, so tests run on fake time and never really wait. Everything
+here runs on the event loop's thread: no locking.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+
+import anyio
+
+from batchrun.retry import parse_retry_after
+
+__all__ = ["PauseGate", "RateBudget", "parse_duration", "pause_hint"]
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# Shortfalls under a microsecond count as none: after sleeping exactly the
+# computed delay, float rounding can leave a sliver that would otherwise ask
+# for a sleep too short to move a (fake) clock at all.
+_SLACK_S = 1e-6
+
+
+class _Bucket:
+    """A continuously refilling bucket: ``rate`` units per second up to ``capacity``.
+
+    The level may go negative: that is debt (an oversize take, or usage above
+    its estimate) which later takes wait out before they fit.
+    """
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, per_minute: float, burst_seconds: float, now: float) -> None:
+        self.rate = per_minute / 60.0
+        # At least one unit, so a single request always fits a full bucket.
+        self.capacity = max(self.rate * burst_seconds, 1.0)
+        self.level = self.capacity  # start full: the first burst goes at once
+        self.stamp = now
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def delay(self, amount: float) -> float:
+        """Seconds until ``amount`` fits (after ``refill``). More than the
+        capacity fits once the bucket is full, so nothing waits forever."""
+        shortfall = min(amount, self.capacity) - self.level
+        return max(0.0, shortfall / self.rate)
+
+    def adjust(self, used: float) -> None:
+        """Take ``used`` units (negative gives them back, never above capacity)."""
+        self.level = min(self.capacity, self.level - used)
+
+
+class RateBudget:
+    """Client-side requests-per-minute and tokens-per-minute limits.
+
+    Each limit is a continuously refilling bucket holding ``burst_seconds``
+    worth of its rate (at least one unit), so the budget is spread smoothly
+    over the minute: never a whole minute's worth at once. Waiters are served
+    strictly in arrival order; only the head of the queue sleeps on the clock.
+    A disabled budget (``rpm`` and ``tpm`` both None) never waits.
+    """
+
+    def __init__(
+        self,
+        *,
+        rpm: float | None,
+        tpm: float | None,
+        clock: Clock,
+        sleep: Sleep,
+        burst_seconds: float = 1.0,
+    ) -> None:
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        if not (burst_seconds > 0 and math.isfinite(burst_seconds)):
+            raise ValueError(f"burst_seconds must be > 0, got {burst_seconds!r}")
+        self._clock = clock
+        self._sleep = sleep
+        now = clock()
+        self._requests = None if rpm is None else _Bucket(rpm, burst_seconds, now)
+        self._tokens = None if tpm is None else _Bucket(tpm, burst_seconds, now)
+        # One event per waiter, in arrival order; the head's is set (or it
+        # never needed to wait) and only the head may take from the buckets.
+        self._queue: collections.deque[anyio.Event] = collections.deque()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is set."""
+        return self._requests is not None or self._tokens is not None
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one request and ``tokens`` tokens fit, then take them.
+
+        ``tokens`` is the estimate to reserve (see ``batchrun.tokens``); call
+        ``settle`` once the real usage is known. A request bigger than a
+        bucket goes once that bucket is full and leaves it in debt.
+        Cancellation-safe: a cancelled waiter takes nothing and leaves the
+        queue, waking the next in line. Raises ValueError for ``tokens < 0``.
+        """
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens!r}")
+        if not self.enabled:
+            return
+        turn = anyio.Event()
+        self._queue.append(turn)
+        try:
+            if self._queue[0] is not turn:
+                await turn.wait()
+            # Re-check after every sleep: settle() may have added debt meanwhile.
+            while (delay := self._delay(tokens)) > _SLACK_S:
+                await self._sleep(delay)
+            # No await between the last check and the take: a cancellation
+            # lands either before (nothing taken) or after (all taken).
+            self._take(tokens)
+        finally:
+            self._leave(turn)
+
+    def settle(self, estimated: int, actual: int) -> None:
+        """Correct the token bucket once a request's real usage is known.
+
+        ``actual - estimated`` tokens are taken (positive: debt that delays
+        later acquires) or given back (negative: a refund, the bucket never
+        exceeding its capacity). No-op without a tokens-per-minute limit. A
+        refund does not wake a head already sleeping; it just finds more room.
+        """
+        if self._tokens is None:
+            return
+        self._tokens.refill(self._clock())
+        self._tokens.adjust(actual - estimated)
+
+    def _delay(self, tokens: int) -> float:
+        now = self._clock()
+        delay = 0.0
+        if self._requests is not None:
+            self._requests.refill(now)
+            delay = self._requests.delay(1)
+        if self._tokens is not None:
+            self._tokens.refill(now)
+            delay = max(delay, self._tokens.delay(tokens))
+        return delay
+
+    def _take(self, tokens: int) -> None:
+        if self._requests is not None:
+            self._requests.adjust(1)
+        if self._tokens is not None:
+            self._tokens.adjust(tokens)
+
+    def _leave(self, turn: anyio.Event) -> None:
+        if self._queue[0] is turn:
+            self._queue.popleft()
+            if self._queue:
+                self._queue[0].set()  # the next in line becomes head
+        else:
+            self._queue.remove(turn)
+
+
+# One Go-style duration component, e.g. "6m", "0.5s", "20ms"; "ms" before "m".
+_COMPONENT = r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)"
+_DURATION = re.compile(f"(?:{_COMPONENT})+")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in an OpenAI ``x-ratelimit-reset-*`` value: a Go duration such
+    as ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"2h3m4.5s"``, or a bare number of
+    seconds (``"0.5"``). None for anything else, negatives included."""
+    value = text.strip().lower()
+    if _DURATION.fullmatch(value):
+        return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in re.findall(_COMPONENT, value))
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def pause_hint(
+    headers: Mapping[str, str], *, status: int, now: datetime | None = None
+) -> float | None:
+    """The longest pause, in seconds, the server asks for; None when it asks none.
+
+    Reads ``Retry-After`` (delta seconds or an HTTP date, relative to ``now``,
+    default the current time) and ``retry-after-ms``; and, only when ``status``
+    is 429, ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens``. On
+    other answers those say when a bucket refills, not that we must stop.
+    Header names match case-insensitively. Unreadable values are ignored.
+    """
+    lower = {name.lower(): value for name, value in headers.items()}
+    hints: list[float | None] = [
+        # One header at a time: parse_retry_after prefers retry-after-ms, we want the longer.
+        parse_retry_after({name: lower[name]}, now=now)
+        for name in ("retry-after", "retry-after-ms")
+        if name in lower
+    ]
+    if status == 429:
+        reset = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+        hints.extend(parse_duration(lower[name]) for name in reset if name in lower)
+    found = [hint for hint in hints if hint is not None]
+    return max(found) if found else None
+
+
+class PauseGate:
+    """One Retry-After pauses every worker, not just the one that got it.
+
+    Workers call ``wait()`` before each request; whoever learns of a pause
+    calls ``pause_for``. ``paused_seconds`` and ``pauses`` feed the summary.
+    """
+
+    def __init__(self, *, clock: Clock, sleep: Sleep) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        # The current (or last) pause episode is [_start, _until]; earlier
+        # episodes are folded into _closed_s.
+        self._start = -math.inf
+        self._until = -math.inf
+        self._closed_s = 0.0
+        self._pauses = 0
+
+    def pause_for(self, seconds: float) -> None:
+        """Pause until ``seconds`` from now, unless already paused for longer:
+        a pause is extended, never shortened. Non-positive or NaN: no-op."""
+        if not seconds > 0:
+            return
+        now = self._clock()
+        end = now + seconds
+        if end <= self._until:
+            return
+        if now >= self._until:  # not paused: a new episode begins
+            if self._pauses:
+                self._closed_s += self._until - self._start
+            self._start = now
+            self._pauses += 1
+        self._until = end
+
+    async def wait(self) -> None:
+        """Return at once when not paused; else sleep until the deadline,
+        following any extension made meanwhile. Cancellation propagates."""
+        while (delay := self._until - self._clock()) > _SLACK_S:
+            await self._sleep(delay)
+
+    @property
+    def paused_seconds(self) -> float:
+        """Wall time spent paused so far, in seconds: the union of the pause
+        intervals (overlaps count once), the current one up to now."""
+        if not self._pauses:
+            return 0.0
+        current = min(self._clock(), self._until) - self._start
+        return self._closed_s + max(0.0, current)
+
+    @property
+    def pauses(self) -> int:
+        """Pause episodes: pauses begun while not paused (extensions don't count)."""
+        return self._pauses
