@@ -149,6 +149,25 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
+@app.command("status")
+def status_command(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output a run writes.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Tell how far the run on OUT has come, without touching anything."""
+    from batchrun import status
+
+    try:
+        report = status.describe(out)
+    except UsageError as exc:
+        typer.echo(f"batchrun: error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if as_json:
+        typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(status.render(report))
+
+
 @app.command("mock-server")
 def mock_server_command(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000,

@@ -1,0 +1,108 @@
+"""``batchrun status OUT``: how far a run on OUT has come. Reads, never writes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchrun.errors import UsageError
+from batchrun.inputs import count_lines
+from batchrun.providers import get_provider
+from batchrun.resume import recover, tally
+from batchrun.state import StateDir
+
+
+def describe(out: Path) -> dict[str, Any]:
+    """The state of the run on ``out``, JSON-ready.
+
+    Keys: ``output``, ``state`` (finished, unfinished), ``running`` (a live
+    process holds the lock), ``holder``, ``input``, ``rows``, ``done``,
+    ``ok``, ``failed_by_code``, ``in_doubt``, ``remaining`` (None when the input
+    is gone), ``exit_code`` (finished runs).
+    """
+    state = StateDir(out)
+    meta = state.read_meta()
+    if meta is None:
+        raise UsageError(f"no batchrun state for {out} (looked in {state.root})")
+    report: dict[str, Any] = {
+        "output": str(out),
+        "input": meta.get("input"),
+        "running": state.is_locked(),
+        "holder": state.holder(),
+    }
+    finished = state.read_finished()
+    if finished is not None:
+        report.update(_finished(finished))
+    else:
+        report.update(_unfinished(state, meta))
+    return report
+
+
+def _finished(finished: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": "finished",
+        "finished_at": finished.get("finished_at"),
+        "rows": finished.get("rows"),
+        "done": finished.get("rows"),
+        "ok": finished.get("ok"),
+        "failed_by_code": finished.get("failed_by_code") or {},
+        "in_doubt": 0,
+        "remaining": 0,
+        "exit_code": finished.get("exit_code"),
+    }
+
+
+def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
+    usage = get_provider(str(meta.get("provider", "openai"))).usage
+    point = recover(state, usage)
+    checkpoint = point.checkpoint
+    failed: Counter[str] = Counter(checkpoint.failed_by_code)
+    ok = checkpoint.ok
+    for record in point.journal.results.values():
+        verdict = tally(orjson.loads(record), usage)
+        ok += verdict.ok
+        if not verdict.ok:
+            failed[verdict.error_code or "unknown"] += 1
+    done = checkpoint.rows + len(point.journal.results)
+    rows = _input_rows(meta)
+    return {
+        "state": "unfinished",
+        "rows": rows,
+        "done": done,
+        "in_order": checkpoint.rows,
+        "ok": ok,
+        "failed_by_code": dict(failed),
+        "in_doubt": len(point.journal.in_doubt),
+        "resent_after_crashes": checkpoint.in_doubt,
+        "remaining": None if rows is None else rows - done,
+    }
+
+
+def _input_rows(meta: dict[str, Any]) -> int | None:
+    path = Path(str(meta.get("input")))
+    return count_lines(path) if path.is_file() else None
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report for a person, a few lines."""
+    failed = report["failed_by_code"]
+    failed_text = ", ".join(f"{code}: {n:,}" for code, n in failed.items()) or "none"
+    running = f"yes ({report['holder']})" if report["running"] else "no"
+    rows = report["rows"]
+    lines = [
+        f"{report['output']}: {report['state']}"
+        + (f" at {report['finished_at']}" if report.get("finished_at") else ""),
+        f"  input      {report['input']}" + ("" if rows is not None else " (missing)"),
+        f"  done       {report['done']:,}" + (f" of {rows:,}" if rows is not None else ""),
+        f"  ok         {report['ok']:,}",
+        f"  failed     {sum(failed.values()):,} ({failed_text})",
+        f"  in doubt   {report['in_doubt']:,} (sent, answer not recorded: resent on resume)",
+        f"  remaining  {report['remaining'] if report['remaining'] is not None else '?'}",
+        f"  running    {running}",
+    ]
+    if report.get("exit_code") is not None:
+        lines.append(f"  exit code  {report['exit_code']}")
+    return "\n".join(lines)

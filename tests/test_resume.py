@@ -1,0 +1,328 @@
+"""Resume for real: subprocess runs killed with SIGKILL or stopped by signals,
+resumed, and compared with a clean run. The mock server runs in this test's
+event loop and counts every request it receives."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from anyio.abc import Process
+
+from batchrun.mock_server import MockServer
+from batchrun.state import StateDir
+from tests.conftest import chat, read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.asyncio
+ROOT = Path(__file__).resolve().parents[1]
+MAX_ASYNC = 8
+
+
+def rows(count: int, seed: int = 1, slowest: float = 0.03) -> list[dict[str, Any]]:
+    """Distinct rows whose delays scramble the completion order."""
+    rng = random.Random(seed)
+    return [chat(f"row {i} mock:delay={rng.uniform(0, slowest):.3f}") for i in range(count)]
+
+
+def command(source: Path, out: Path, server: MockServer, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "batchrun",
+        "run",
+        str(source),
+        "--out",
+        str(out),
+        "--provider",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--max-async-requests",
+        str(MAX_ASYNC),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OPENAI_API_KEY": "sk-test", **extra}
+
+
+async def run_cli(argv: list[str], **extra_env: str) -> subprocess.CompletedProcess[bytes]:
+    with anyio.fail_after(60):
+        return await anyio.run_process(argv, env=env(**extra_env), cwd=ROOT, check=False)
+
+
+async def start_cli(argv: list[str], **extra_env: str) -> Process:
+    return await anyio.open_process(
+        argv, env=env(**extra_env), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+async def finish(process: Process) -> tuple[int, str]:
+    """Wait for ``process`` (bounded) and return its exit code and stderr."""
+    assert process.stderr is not None
+    with anyio.fail_after(30):
+        chunks = [chunk async for chunk in process.stderr]
+        code = await process.wait()
+    await process.aclose()
+    return code, b"".join(chunks).decode()
+
+
+async def wait_for(condition: Any, timeout: float = 20) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+def duplicates(server: MockServer) -> int:
+    return sum(count - 1 for count in server.stats.by_digest.values())
+
+
+async def clean_output(tmp_path: Path, source: Path) -> bytes:
+    """The output of one uninterrupted run, on a server of its own."""
+    async with MockServer() as other:
+        out = tmp_path / "clean.jsonl"
+        done = await run_cli(command(source, out, other))
+        assert done.returncode == 0, done.stderr.decode()
+        return out.read_bytes()
+
+
+async def resume_to_end(
+    source: Path, out: Path, server: MockServer, tmp_path: Path
+) -> dict[str, Any]:
+    summary_path = tmp_path / "summary.json"
+    done = await run_cli(command(source, out, server, "--summary", str(summary_path)))
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Unclosed" not in done.stderr
+    return dict(orjson.loads(summary_path.read_bytes()))
+
+
+@pytest.mark.slow
+async def test_sigkill_at_random_instants_loses_nothing_and_repeats_little(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", rows(600))
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(2026)
+    kills = 0
+    for _ in range(8):
+        process = await start_cli(command(source, out, server))
+        await anyio.sleep(rng.uniform(0.15, 0.6))
+        if process.returncode is not None:
+            break
+        process.kill()
+        code, _ = await finish(process)
+        kills += code == -signal.SIGKILL
+        assert not out.exists() or StateDir(out).read_finished() is not None
+    summary = await resume_to_end(source, out, server, tmp_path)
+
+    assert out.read_bytes() == await clean_output(tmp_path, source)
+    assert kills >= 3
+    in_doubt = summary["extra"]["in doubt (all runs)"]
+    assert duplicates(server) <= in_doubt <= kills * MAX_ASYNC
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point", ["after_response:40", "journal_torn:50", "output_torn:60", "before_publish"]
+)
+async def test_sigkill_at_critical_points(tmp_path: Path, server: MockServer, point: str) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", rows(150))
+    out = tmp_path / "out.jsonl"
+
+    crashed = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT=point)
+    assert crashed.returncode == -signal.SIGKILL
+    assert not out.exists()  # nothing half-done is ever visible at OUT
+    summary = await resume_to_end(source, out, server, tmp_path)
+
+    assert out.read_bytes() == await clean_output(tmp_path, source)
+    if point == "before_publish":  # all was done: the re-run only publishes
+        assert summary["extra"]["requests sent"] == 0
+        assert duplicates(server) == 0
+    else:
+        assert duplicates(server) <= summary["extra"]["in doubt (all runs)"] <= MAX_ASYNC
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server: MockServer) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", rows(400, slowest=0.1))
+    out = tmp_path / "out.jsonl"
+
+    process = await start_cli(command(source, out, server, "--grace", "2"))
+    await wait_for(lambda: server.stats.requests >= 40)
+    process.send_signal(signal.SIGTERM)
+    code, stderr = await finish(process)
+
+    assert code == 75, stderr
+    assert "interrupted by SIGTERM" in stderr and "Unclosed" not in stderr
+    assert not out.exists()
+    status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out), "--json"])
+    report = orjson.loads(status.stdout)
+    assert report["state"] == "unfinished" and not report["running"]
+    assert report["in_doubt"] == 0  # the grace period let in-flight rows finish
+    assert 0 < report["done"] < 400
+    summary = await resume_to_end(source, out, server, tmp_path)
+    assert duplicates(server) == 0
+    assert summary["extra"]["in doubt (all runs)"] == 0
+    assert out.read_bytes() == await clean_output(tmp_path, source)
+
+
+@pytest.mark.slow
+async def test_a_second_sigterm_stops_at_once_and_counts_in_doubt(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"slow {i} mock:delay=3") for i in range(20)])
+    out = tmp_path / "out.jsonl"
+
+    process = await start_cli(command(source, out, server, "--grace", "30"))
+    await wait_for(lambda: server.stats.in_flight == MAX_ASYNC)
+    process.send_signal(signal.SIGTERM)
+    await anyio.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    with anyio.fail_after(2.5):  # far less than the grace or the answers' delay
+        code, stderr = await finish(process)
+
+    assert code == 75, stderr
+    status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out), "--json"])
+    assert orjson.loads(status.stdout)["in_doubt"] == MAX_ASYNC
+    summary = await resume_to_end(source, out, server, tmp_path)
+    assert summary["extra"]["in doubt"] == MAX_ASYNC
+    assert [r["line"] for r in read_jsonl(out)] == list(range(1, 21))
+
+
+@pytest.mark.slow
+async def test_a_second_run_on_the_same_output_exits_4_and_writes_nothing(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i} mock:delay=0.2") for i in range(60)])
+    out = tmp_path / "out.jsonl"
+    first = await start_cli(command(source, out, server))
+    await wait_for(lambda: StateDir(out).is_locked())
+    holder = StateDir(out).holder()
+
+    second = await run_cli(command(source, out, server))
+
+    assert second.returncode == 4
+    assert b"another run holds" in second.stderr
+    assert holder is not None and f"pid {first.pid}" in holder
+    assert holder.encode() in second.stderr
+    assert StateDir(out).holder() == holder
+    code, stderr = await finish(first)
+    assert code == 0, stderr
+    assert duplicates(server) == 0  # the second run sent none of the rows
+    assert [r["line"] for r in read_jsonl(out)] == list(range(1, 61))
+
+
+async def test_a_finished_run_is_a_no_op_with_its_exit_code(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("fine"), chat("bad mock:fail=400")])
+    out = tmp_path / "out.jsonl"
+    first = await run_cli(command(source, out, server))
+    assert first.returncode == 1
+    sent, content = server.stats.requests, out.read_bytes()
+
+    again = await run_cli(command(source, out, server))
+
+    assert again.returncode == 1
+    assert server.stats.requests == sent
+    assert out.read_bytes() == content
+    assert b"already finished" in again.stderr
+
+
+async def test_changed_input_is_refused_until_restart(tmp_path: Path, server: MockServer) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b unknown mock:fail=401")])
+    out = tmp_path / "out.jsonl"
+    aborted = await run_cli(command(source, out, server))
+    assert aborted.returncode == 3  # leaves a resumable state behind
+    write_jsonl(source, [chat("a"), chat("b fixed")])
+
+    refused = await run_cli(command(source, out, server))
+    restarted = await run_cli(command(source, out, server, "--restart"))
+
+    assert refused.returncode == 2
+    assert b"the input file changed" in refused.stderr and b"--restart" in refused.stderr
+    assert restarted.returncode == 0, restarted.stderr.decode()
+    assert len(read_jsonl(out)) == 2
+
+
+async def test_changed_request_settings_are_refused(tmp_path: Path, server: MockServer) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b mock:fail=401")])
+    out = tmp_path / "out.jsonl"
+    assert (await run_cli(command(source, out, server))).returncode == 3
+
+    refused = await run_cli(command(source, out, server, "--model", "other"))
+
+    assert refused.returncode == 2
+    assert b"'model'" in refused.stderr
+
+
+async def test_retry_failed_resends_only_retryable_rows_in_place(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(
+        tmp_path / "in.jsonl",
+        [chat("a"), chat("b mock:fail=500x2"), chat("c mock:fail=400"), chat("d")],
+    )
+    out = tmp_path / "out.jsonl"
+    first = await run_cli(command(source, out, server, "--max-attempts", "1"))
+    assert first.returncode == 1
+    before = read_jsonl(out)
+    assert before[1]["error"]["retryable"] and not before[2]["error"]["retryable"]
+    sent = server.stats.requests
+
+    retried = await run_cli(command(source, out, server, "--retry-failed", "--max-attempts", "3"))
+
+    assert retried.returncode == 1, retried.stderr.decode()  # row c still failed
+    after = read_jsonl(out)
+    assert server.stats.requests - sent == 2  # row b's second and third attempts only
+    assert after[1]["error"] is None and after[1]["response"]["status_code"] == 200
+    assert after[0] == before[0] and after[2] == before[2] and after[3] == before[3]
+    assert [r["line"] for r in after] == [1, 2, 3, 4]
+
+
+async def test_resume_seeks_past_the_checkpoint_without_parsing_it(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrun import pipeline, records
+    from batchrun.config import build_config
+    from batchrun.runner import run_async
+
+    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 10)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    lines = [chat(f"r{i}") for i in range(100)]
+    lines[60] = chat("r60 mock:fail=401")  # aborts the first run around row 60
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    settings = {
+        "input": source,
+        "out": tmp_path / "out.jsonl",
+        "provider": "openai",
+        "base_url": server.base_url,
+        "progress": False,
+        "max_async_requests": 1,
+    }
+    first = await run_async(build_config(settings))
+    assert first.exit_code == 3
+    parsed: list[int] = []
+    real_parse = records.parse_line
+
+    def counting_parse(raw: bytes, line: int, defaults: records.Defaults) -> object:
+        parsed.append(line)
+        return real_parse(raw, line, defaults)
+
+    monkeypatch.setattr(pipeline, "parse_line", counting_parse)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    # The fatal row stays fatal: the resume aborts there again, having parsed nothing before it.
+    second = await run_async(build_config(settings))
+
+    assert second.exit_code == 3
+    assert parsed and min(parsed) == 61
