@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean bench bench-smoke
 
 $(BIN)/batchrun: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ demo: $(BIN)/batchrun
 
 test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
+
+# The SDK peers are optional: if they can't be installed, the table says "unavailable".
+$(VENV)/.bench-extras: $(BIN)/batchrun
+	$(BIN)/pip install --quiet -e '.[bench]' && touch $@ \
+		|| echo "bench: could not install the bench extra; SDK peers will be unavailable"
+
+# Several minutes: scenarios a-d of benchmarks/run.py; BENCH_ARGS="--skip-big --reps 5" etc.
+bench: $(VENV)/.bench-extras
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+bench-smoke: $(BIN)/batchrun
+	$(BIN)/python -m benchmarks.run --smoke
 
 lint: $(VENV)/.test-extras
 	$(BIN)/ruff check batchrun tests

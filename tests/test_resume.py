@@ -77,9 +77,10 @@ async def finish(process: Process) -> tuple[int, str]:
     return code, b"".join(chunks).decode()
 
 
-async def wait_for(condition: Any, timeout: float = 20) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
+async def wait_for(condition: Any, limit: float = 20) -> None:
+    """Wait, bounded, for a condition on another process's state (no event to await)."""
+    with anyio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 - the state lives in another process
             await anyio.sleep(0.01)
 
 
@@ -163,11 +164,13 @@ async def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server: Mock
     code, stderr = await finish(process)
 
     assert code == 75, stderr
-    assert "interrupted by SIGTERM" in stderr and "Unclosed" not in stderr
+    assert "interrupted by SIGTERM" in stderr
+    assert "Unclosed" not in stderr
     assert not out.exists()
     status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out), "--json"])
     report = orjson.loads(status.stdout)
-    assert report["state"] == "unfinished" and not report["running"]
+    assert report["state"] == "unfinished"
+    assert not report["running"]
     assert report["in_doubt"] == 0  # the grace period let in-flight rows finish
     assert 0 < report["done"] < 400
     summary = await resume_to_end(source, out, server, tmp_path)
@@ -213,7 +216,8 @@ async def test_a_second_run_on_the_same_output_exits_4_and_writes_nothing(
 
     assert second.returncode == 4
     assert b"another run holds" in second.stderr
-    assert holder is not None and f"pid {first.pid}" in holder
+    assert holder is not None
+    assert f"pid {first.pid}" in holder
     assert holder.encode() in second.stderr
     assert StateDir(out).holder() == holder
     code, stderr = await finish(first)
@@ -250,7 +254,8 @@ async def test_changed_input_is_refused_until_restart(tmp_path: Path, server: Mo
     restarted = await run_cli(command(source, out, server, "--restart"))
 
     assert refused.returncode == 2
-    assert b"the input file changed" in refused.stderr and b"--restart" in refused.stderr
+    assert b"the input file changed" in refused.stderr
+    assert b"--restart" in refused.stderr
     assert restarted.returncode == 0, restarted.stderr.decode()
     assert len(read_jsonl(out)) == 2
 
@@ -277,7 +282,8 @@ async def test_retry_failed_resends_only_retryable_rows_in_place(
     first = await run_cli(command(source, out, server, "--max-attempts", "1"))
     assert first.returncode == 1
     before = read_jsonl(out)
-    assert before[1]["error"]["retryable"] and not before[2]["error"]["retryable"]
+    assert before[1]["error"]["retryable"]
+    assert not before[2]["error"]["retryable"]
     sent = server.stats.requests
 
     retried = await run_cli(command(source, out, server, "--retry-failed", "--max-attempts", "3"))
@@ -285,8 +291,11 @@ async def test_retry_failed_resends_only_retryable_rows_in_place(
     assert retried.returncode == 1, retried.stderr.decode()  # row c still failed
     after = read_jsonl(out)
     assert server.stats.requests - sent == 2  # row b's second and third attempts only
-    assert after[1]["error"] is None and after[1]["response"]["status_code"] == 200
-    assert after[0] == before[0] and after[2] == before[2] and after[3] == before[3]
+    assert after[1]["error"] is None
+    assert after[1]["response"]["status_code"] == 200
+    assert after[0] == before[0]
+    assert after[2] == before[2]
+    assert after[3] == before[3]
     assert [r["line"] for r in after] == [1, 2, 3, 4]
 
 
@@ -325,4 +334,5 @@ async def test_resume_seeks_past_the_checkpoint_without_parsing_it(
     second = await run_async(build_config(settings))
 
     assert second.exit_code == 3
-    assert parsed and min(parsed) == 61
+    assert parsed
+    assert min(parsed) == 61
