@@ -52,6 +52,18 @@ def run_command(
     max_async_requests_per_host: Annotated[
         int | None, _opt("Requests in flight per host (32).", _LIMITS)
     ] = None,
+    rpm: Annotated[float | None, _opt("Requests per minute, spread smoothly.", _LIMITS)] = None,
+    tpm: Annotated[
+        float | None, _opt("Tokens per minute (estimated, then corrected).", _LIMITS)
+    ] = None,
+    adaptive_concurrency: Annotated[
+        bool | None,
+        _opt(
+            "Start low, grow while answers are good, halve on 429/503/timeouts (default on).",
+            _LIMITS,
+            "--adaptive/--no-adaptive",
+        ),
+    ] = None,
     connect_timeout: Annotated[float | None, _opt("Connecting (120).", _TIMEOUTS)] = None,
     read_timeout: Annotated[
         float | None, _opt("Each wait for response bytes (300).", _TIMEOUTS)

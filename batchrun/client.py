@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ssl
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,8 +25,8 @@ from aiohttp.payload import Payload
 from batchrun.config import Limits, Timeouts
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.providers import Provider
+from batchrun.ratelimit import pause_hint
 from batchrun.records import Request, Response
-from batchrun.retry import parse_retry_after
 
 
 @asynccontextmanager
@@ -98,7 +97,6 @@ class Client:
         base_url: str,
         api_key: str | None,
         write_timeout: float,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
         self._provider = provider
@@ -106,17 +104,35 @@ class Client:
         self._headers = provider.headers(api_key)
         self._api_key = api_key
         self._write_timeout = write_timeout
-        self._clock = clock
+        self.stale_retries = 0
 
     async def send(self, request: Request) -> Response:
+        """One attempt. A pooled connection the server had already closed (its
+        keep-alive timeout ran out as we reused it) is not the provider's
+        answer: the request is sent once more at once, on a fresh connection."""
         url = self._provider.url(request, self._base_url)
-        body = _TimedBody(orjson.dumps(self._provider.body(request)), self._write_timeout)
+        data = orjson.dumps(self._provider.body(request))
+        try:
+            return await self._post(url, data)
+        except _StaleConnection:
+            self.stale_retries += 1
+        try:
+            return await self._post(url, data)
+        except _StaleConnection as exc:
+            raise self._redacted(transport_error(exc.cause)) from exc.cause
+
+    async def _post(self, url: str, data: bytes) -> Response:
+        body = _TimedBody(data, self._write_timeout)
         try:
             async with self._session.post(url, data=body, headers=self._headers) as answer:
                 raw = await answer.read()
                 return self._response(answer.status, answer.headers, raw)
         except RequestError:
             raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if _closed_before_answer(exc):
+                raise _StaleConnection(exc) from exc
+            raise self._redacted(transport_error(exc)) from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise self._redacted(transport_error(exc)) from exc
 
@@ -144,7 +160,7 @@ class Client:
                 status=status,
                 body=shown,
                 request_id=request_id,
-                retry_after=parse_retry_after(headers),
+                retry_after=pause_hint(headers, status=status),
             )
         )
 
@@ -159,6 +175,23 @@ class Client:
                     error.body = orjson.loads(text.replace(key, redact(key)))
             error.args = (error.message,)
         return error
+
+
+class _StaleConnection(Exception):
+    """The connection closed before any answer: maybe a stale pooled one."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _closed_before_answer(exc: Exception) -> bool:
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (
+        errno.ECONNRESET,
+        errno.EPIPE,
+    )
 
 
 def redact(key: str) -> str:

@@ -31,6 +31,9 @@ class AIMDController:
     that decrease are the same congestion event and change nothing, because
     the requests already in flight when the server pushed back report it too.
 
+    With ``slow_start`` the limit first grows by one per success (doubling
+    each round trip, as TCP's slow start does) until the first congestion.
+
     ``low`` and ``high`` are the range the limit has taken (for the summary);
     ``decreases`` counts congestion events acted on, including ones that
     found the limit already at ``minimum``.
@@ -46,6 +49,7 @@ class AIMDController:
         decrease_factor: float = 0.5,
         clock: Callable[[], float],
         cooldown: float = 1.0,
+        slow_start: bool = False,
     ) -> None:
         if minimum < 1 or maximum < minimum:
             raise ValueError(f"need 1 <= minimum <= maximum, got {minimum!r}, {maximum!r}")
@@ -66,6 +70,7 @@ class AIMDController:
         self.high = self._limit
         self.decreases = 0
         self._successes = 0
+        self._slow_start = slow_start
         self._last_decrease = -math.inf
         self._listeners: list[Callable[[int], None]] = []
 
@@ -79,7 +84,15 @@ class AIMDController:
         self._listeners.append(callback)
 
     def on_success(self) -> None:
-        """Count one success; grow the limit by one when enough have come."""
+        """Count one success; grow the limit by one when enough have come.
+
+        In slow start (until the first congestion) every success adds one, so
+        the limit doubles per round trip instead of growing by one.
+        """
+        if self._slow_start:
+            if self._limit < self.maximum:
+                self._set(self._limit + 1)
+            return
         self._successes += 1
         if self._successes < (self.increase_every or self._limit):
             return
@@ -95,6 +108,7 @@ class AIMDController:
         if now - self._last_decrease < self.cooldown:
             return
         self._last_decrease = now
+        self._slow_start = False
         self.decreases += 1
         # Successes counted towards the next increase were earned at the old limit.
         self._successes = 0

@@ -53,11 +53,21 @@ class Limits:
     pool_size: int = DEFAULT_POOL_SIZE
     max_async: int = DEFAULT_MAX_ASYNC
     per_host: int = DEFAULT_MAX_ASYNC
+    rpm: float | None = None  # requests per minute, client-side
+    tpm: float | None = None  # tokens per minute, client-side (estimated, then corrected)
+    adaptive: bool = True  # AIMD on the in-flight limit, up to max_async
 
     def __post_init__(self) -> None:
         for name in ("pool_size", "max_async", "per_host"):
             value = getattr(self, name)
             _require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            _require(
+                value is None or _is_seconds(value, minimum_exclusive=True),
+                f"--{name} must be a number > 0, got {value!r}",
+            )
+        _require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
         _require(
             self.per_host <= self.max_async <= self.pool_size,
             "limits must satisfy --max-async-requests-per-host <= --max-async-requests"
@@ -66,7 +76,15 @@ class Limits:
         )
 
 
-def resolve_limits(*, pool_size: int | None, max_async: int | None, per_host: int | None) -> Limits:
+def resolve_limits(
+    *,
+    pool_size: int | None,
+    max_async: int | None,
+    per_host: int | None,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    adaptive: bool = True,
+) -> Limits:
     """Fill unset knobs from the set ones, then validate.
 
     Unset knobs follow the set ones so that one flag is enough: raising
@@ -86,7 +104,14 @@ def resolve_limits(*, pool_size: int | None, max_async: int | None, per_host: in
         per_host = max_async
     if pool_size is None:
         pool_size = max(DEFAULT_POOL_SIZE, max_async)
-    return Limits(pool_size=pool_size, max_async=max_async, per_host=per_host)
+    return Limits(
+        pool_size=pool_size,
+        max_async=max_async,
+        per_host=per_host,
+        rpm=rpm,
+        tpm=tpm,
+        adaptive=adaptive,
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -201,6 +226,8 @@ _FLAGS = {
     "budget": "--retry-budget",
     "backoff_initial": "--backoff-initial",
     "backoff_max": "--backoff-max",
+    "rpm": "--rpm",
+    "tpm": "--tpm",
 }
 
 
@@ -225,6 +252,9 @@ _JOB_KEYS: dict[str, str] = {
     "connection_pool_size": "limits",
     "max_async_requests": "limits",
     "max_async_requests_per_host": "limits",
+    "rpm": "limits",
+    "tpm": "limits",
+    "adaptive_concurrency": "limits",
     "connect_timeout": "timeouts",
     "read_timeout": "timeouts",
     "write_timeout": "timeouts",
@@ -285,6 +315,9 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         pool_size=s.get("connection_pool_size"),
         max_async=s.get("max_async_requests"),
         per_host=s.get("max_async_requests_per_host"),
+        rpm=s.get("rpm"),
+        tpm=s.get("tpm"),
+        adaptive=s.get("adaptive_concurrency", True),
     )
     timeouts = _build(
         Timeouts,

@@ -49,7 +49,9 @@ from batchrun.records import (
 from batchrun.resume import ResumePoint, Tally, tally
 from batchrun.retry import retrying
 from batchrun.state import Checkpoint, StateDir
+from batchrun.throttle import Throttle
 from batchrun.timing import Clock
+from batchrun.tokens import estimate_tokens
 from batchrun.writer import OutputFile, ReorderBuffer
 
 # Rows between journal compactions: bounds the journal and the resume scan.
@@ -82,9 +84,11 @@ class Pipeline:
         reporter: ProgressReporter,
         state: StateDir,
         start: ResumePoint,
+        throttle: Throttle,
         handle_signals: bool = False,
     ) -> None:
         self.config = config
+        self.throttle = throttle
         self.client = client
         self.provider = provider
         self.clock = clock
@@ -281,15 +285,21 @@ class Pipeline:
         """
         attempts = 0
         started = self.clock.monotonic()
+        throttle = self.throttle
+        estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
 
         async def attempt() -> Response:
             nonlocal attempts
-            attempts += 1
-            self.stats.in_flight += 1
-            try:
-                return await self.client.send(request)
-            finally:
-                self.stats.in_flight -= 1
+            async with throttle.slot(estimate):
+                attempts += 1
+                self.stats.in_flight += 1
+                try:
+                    return await self.client.send(request)
+                except RequestError as exc:
+                    throttle.failed(exc)
+                    raise
+                finally:
+                    self.stats.in_flight -= 1
 
         try:
             response: Response = await retrying(self.config.retry, sleep=self.clock.sleep)(attempt)
@@ -298,6 +308,7 @@ class Pipeline:
         except RequestError as exc:
             return _failed(request, exc, attempts, self.clock.monotonic() - started)
         tokens_in, tokens_out = self.provider.usage(response.body)
+        throttle.succeeded(estimate, tokens_in + tokens_out)
         return Outcome(
             line=request.line,
             custom_id=request.custom_id,

@@ -24,6 +24,7 @@ from batchrun.progress import ProgressReporter, RunStats, Summary
 from batchrun.providers import Provider, get_provider
 from batchrun.resume import ResumePoint, recover
 from batchrun.state import StateDir, check_fingerprint, fingerprint
+from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.writer import OutputFile
 
@@ -180,14 +181,16 @@ async def _execute(
             api_key=api_key,
             write_timeout=config.timeouts.write,
         )
+        throttle = Throttle(config, clock)
         pipeline = Pipeline(
             config,
             client=client,
             provider=provider,
             clock=clock,
-            reporter=_reporter(config, start, clock, stream),
+            reporter=_reporter(config, start, clock, stream, throttle),
             state=state,
             start=start,
+            throttle=throttle,
             handle_signals=handle_signals,
         )
         started = clock.monotonic()
@@ -197,7 +200,7 @@ async def _execute(
 
 
 def _reporter(
-    config: RunConfig, start: ResumePoint, clock: Clock, stream: TextIO | None
+    config: RunConfig, start: ResumePoint, clock: Clock, stream: TextIO | None, throttle: Throttle
 ) -> ProgressReporter:
     done = start.checkpoint
     stats = RunStats(
@@ -210,7 +213,9 @@ def _reporter(
     )
     out_stream = stream or sys.stderr
     mode = ProgressReporter.choose_mode(config.progress, out_stream)
-    return ProgressReporter(stats, mode=mode, stream=out_stream, clock=clock.monotonic)
+    return ProgressReporter(
+        stats, mode=mode, stream=out_stream, clock=clock.monotonic, extra=throttle.level
+    )
 
 
 def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
@@ -229,7 +234,12 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
         exit_code=exit_code,
         aborted=aborted,
         output=str(config.out),
-        extra={"in doubt": pipeline.in_doubt, "in doubt (all runs)": pipeline.progress.in_doubt},
+        extra={
+            "in doubt": pipeline.in_doubt,
+            "in doubt (all runs)": pipeline.progress.in_doubt,
+            **pipeline.throttle.report(),
+            "stale connections retried": pipeline.client.stale_retries,
+        },
     )
     if pipeline.complete:
         state.write_finished(summary.to_dict())

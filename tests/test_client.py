@@ -94,11 +94,24 @@ async def test_bad_key_is_fatal_and_redacted_everywhere(server: MockServer) -> N
 
 async def test_reset_truncation_and_bad_json_are_transient(server: MockServer) -> None:
     codes = []
-    for directive in ("mock:reset=1", "mock:truncate=1", "mock:badjson=1"):
+    # Two resets: the first is taken for a stale pooled connection and resent at once.
+    for directive in ("mock:reset=2", "mock:truncate=1", "mock:badjson=1"):
         with pytest.raises(TransientError) as caught:
             await send(server.base_url, request(f"x {directive}"))
         codes.append(caught.value.code)
     assert codes == ["connection_reset", "truncated_body", "invalid_json"]
+
+
+async def test_one_reset_is_resent_at_once_as_a_stale_connection(server: MockServer) -> None:
+    async with open_session(Limits(), Timeouts()) as session:
+        client = Client(
+            session, get_provider("openai"), base_url=server.base_url, api_key="k",
+            write_timeout=5,
+        )
+        response = await client.send(request("x mock:reset=1"))
+    assert response.status_code == 200
+    assert client.stale_retries == 1
+    assert server.stats.requests == 2
 
 
 async def test_read_timeout(server: MockServer) -> None:

@@ -372,3 +372,20 @@ def test_release_without_acquire_raises() -> None:
     limiter = AdaptiveLimiter(controller(initial=2, maximum=2))
     with pytest.raises(RuntimeError, match="without a held slot"):
         limiter.release()
+
+
+def test_slow_start_grows_per_success_until_the_first_congestion() -> None:
+    now = [0.0]
+    controller = AIMDController(
+        initial=2, maximum=64, clock=lambda: now[0], slow_start=True, cooldown=1.0
+    )
+    for _ in range(10):
+        controller.on_success()
+    assert controller.limit == 12
+    controller.on_congestion()
+    assert controller.limit == 6
+    for _ in range(5):
+        controller.on_success()
+    assert controller.limit == 6  # additive now: one more per limit's worth of successes
+    controller.on_success()
+    assert controller.limit == 7

@@ -1,0 +1,96 @@
+"""When a request may go, and what each answer teaches about the provider.
+
+Three gates in this order, then the request:
+
+1. the pause gate: one server's ``Retry-After`` pauses every worker, so the
+   whole run backs off instead of a thundering herd;
+2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute;
+3. the adaptive in-flight limit: starts low, grows while answers are good,
+   halves on 429, 503 and timeouts (AIMD), never above
+   ``--max-async-requests``; slots go first come, first served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from batchrun.concurrency import AdaptiveLimiter, AIMDController
+from batchrun.config import RunConfig
+from batchrun.errors import RequestError
+from batchrun.ratelimit import PauseGate, RateBudget
+from batchrun.timing import Clock
+
+# In-flight requests allowed before the provider has answered anything: a
+# bad key or an overloaded server hears from few requests, and slow start
+# doubles the limit every round trip after that.
+INITIAL_CONCURRENCY = 4
+
+# Answers that mean "slow down", as opposed to "this row is wrong".
+_CONGESTION_STATUSES = frozenset({429, 503})
+_CONGESTION_CODES = frozenset({"read_timeout", "connect_timeout", "write_timeout"})
+
+
+class Throttle:
+    """The run's pause gate, rate budget and adaptive limit, with their counts."""
+
+    def __init__(self, config: RunConfig, clock: Clock) -> None:
+        limits = config.limits
+        self.gate = PauseGate(clock=clock.monotonic, sleep=clock.sleep)
+        self.budget = RateBudget(
+            rpm=limits.rpm, tpm=limits.tpm, clock=clock.monotonic, sleep=clock.sleep
+        )
+        initial = (
+            min(limits.max_async, INITIAL_CONCURRENCY) if limits.adaptive else limits.max_async
+        )
+        self.controller = AIMDController(
+            initial=initial,
+            maximum=limits.max_async,
+            clock=clock.monotonic,
+            slow_start=True,
+        )
+        self.limiter = AdaptiveLimiter(self.controller)
+        self._pause_cap = config.retry.backoff_max
+        self.rate_limited = 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether requests need a token estimate (a tokens-per-minute budget is set)."""
+        return self.budget.enabled
+
+    @asynccontextmanager
+    async def slot(self, estimate: int) -> AsyncIterator[None]:
+        """Hold a place for one request costing about ``estimate`` tokens."""
+        await self.gate.wait()
+        await self.budget.acquire(estimate)
+        async with self.limiter:
+            await self.gate.wait()  # a pause may have begun while this waited
+            yield
+
+    def succeeded(self, estimate: int, used: int) -> None:
+        """A good answer that used ``used`` tokens in all."""
+        if self.budget.enabled:
+            self.budget.settle(estimate, used)
+        self.controller.on_success()
+
+    def failed(self, error: RequestError) -> None:
+        """A failed attempt: back off if the provider asked for it."""
+        if error.status == 429:
+            self.rate_limited += 1
+        if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
+            self.controller.on_congestion()
+        if error.retry_after:
+            self.gate.pause_for(min(error.retry_after, self._pause_cap))
+
+    def level(self) -> str:
+        """The current in-flight limit, for the progress line."""
+        return f"concurrency {self.controller.limit}"
+
+    def report(self) -> dict[str, object]:
+        """Figures for the summary."""
+        return {
+            "rate limited (429)": self.rate_limited,
+            "paused s": round(self.gate.paused_seconds, 1),
+            "pauses": self.gate.pauses,
+            "concurrency": f"{self.controller.low}-{self.controller.high}",
+        }
