@@ -187,11 +187,16 @@ def mock_server_command(
     latency: Annotated[float, typer.Option(help="Seconds added to every answer.")] = 0.0,
     fail_rate: Annotated[float, typer.Option(help="Share of answers that are 503.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the fault draw.")] = 0,
+    rate_limit: Annotated[
+        int | None, typer.Option(help="Requests per second; beyond it, 429 + Retry-After.")
+    ] = None,
 ) -> None:
     """Serve the simulated provider (OpenAI and DashScope dialects) until stopped."""
     from batchrun.mock_server import serve
 
-    serve(host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed)
+    serve(
+        host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed, rate_limit=rate_limit
+    )
 
 
 def _setup_logging() -> None:

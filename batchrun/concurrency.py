@@ -33,6 +33,10 @@ class AIMDController:
 
     With ``slow_start`` the limit first grows by one per success (doubling
     each round trip, as TCP's slow start does) until the first congestion.
+    ``increase_interval`` (seconds) spaces additive increases out in time:
+    providers count quotas per second or minute, not per round trip, so with
+    fast answers one increase per round trip would overrun a quota again
+    within a fraction of a second.
 
     ``low`` and ``high`` are the range the limit has taken (for the summary);
     ``decreases`` counts congestion events acted on, including ones that
@@ -50,6 +54,7 @@ class AIMDController:
         clock: Callable[[], float],
         cooldown: float = 1.0,
         slow_start: bool = False,
+        increase_interval: float = 0.0,
     ) -> None:
         if minimum < 1 or maximum < minimum:
             raise ValueError(f"need 1 <= minimum <= maximum, got {minimum!r}, {maximum!r}")
@@ -71,6 +76,8 @@ class AIMDController:
         self.decreases = 0
         self._successes = 0
         self._slow_start = slow_start
+        self.increase_interval = increase_interval
+        self._last_increase = -math.inf
         self._last_decrease = -math.inf
         self._listeners: list[Callable[[int], None]] = []
 
@@ -96,14 +103,19 @@ class AIMDController:
         self._successes += 1
         if self._successes < (self.increase_every or self._limit):
             return
+        now = self._clock()
+        if now - self._last_increase < self.increase_interval:
+            return
         self._successes = 0
+        self._last_increase = now
         if self._limit < self.maximum:
             self._set(self._limit + 1)
 
-    def on_congestion(self) -> None:
+    def on_congestion(self, ceiling: int | None = None) -> None:
         """The server pushed back (429, 503, a timeout): shrink the limit,
         unless this is the same congestion event as a decrease under
-        ``cooldown`` seconds ago."""
+        ``cooldown`` seconds ago. ``ceiling``, when known, is the concurrency
+        the provider was seen to sustain: the limit drops to it if lower."""
         now = self._clock()
         if now - self._last_decrease < self.cooldown:
             return
@@ -112,7 +124,10 @@ class AIMDController:
         self.decreases += 1
         # Successes counted towards the next increase were earned at the old limit.
         self._successes = 0
-        self._set(max(self.minimum, math.floor(self._limit * self.decrease_factor)))
+        target = math.floor(self._limit * self.decrease_factor)
+        if ceiling is not None:
+            target = min(target, ceiling)
+        self._set(max(self.minimum, target))
 
     def _set(self, limit: int) -> None:
         if limit == self._limit:

@@ -37,6 +37,7 @@ import random
 import signal
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -79,6 +80,9 @@ class MockStats:
         self.max_in_flight = 0
         self.by_digest: collections.Counter[str] = collections.Counter()
         self.statuses: collections.Counter[int] = collections.Counter()
+        # Per whole second of the server's monotonic clock, with a rate limit set.
+        self.received_per_second: collections.Counter[int] = collections.Counter()
+        self.accepted_per_second: collections.Counter[int] = collections.Counter()
 
     def reset(self) -> None:
         """Zero the counters; ``in_flight`` keeps tracking the live handlers."""
@@ -339,6 +343,13 @@ class MockServer:
     from ``random.Random(seed)``, that a valid request gets a 503.
     ``keepalive_timeout`` (seconds) closes idle client connections. ``port``
     0 binds an ephemeral port; ``port`` holds the real one after ``start()``.
+
+    ``rate_limit`` (requests per second, fixed one-second windows) answers
+    429 with ``Retry-After`` to requests beyond it, as a provider's quota
+    would. ``stale_after`` (seconds) resets a request that arrives on a
+    connection idle at least that long, without answering: the race a server
+    with a short keep-alive timeout loses against a client reusing the
+    connection (0: every reused connection).
     """
 
     def __init__(
@@ -350,6 +361,8 @@ class MockServer:
         fail_rate: float = 0.0,
         seed: int = 0,
         keepalive_timeout: float = 75.0,
+        rate_limit: int | None = None,
+        stale_after: float | None = None,
     ) -> None:
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
@@ -361,6 +374,9 @@ class MockServer:
         self.stats = MockStats()
         self._rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
+        self.rate_limit = rate_limit
+        self.stale_after = stale_after
+        self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
 
     @property
     def base_url(self) -> str:
@@ -433,6 +449,34 @@ class MockServer:
         return handle
 
     async def _answer(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        if self._lost_race(request):
+            return _reset_connection(request)
+        try:
+            return await self._answer_fresh(request, kind)
+        finally:
+            if self.stale_after is not None:
+                self._idle_since[id(request.protocol)] = time.monotonic()
+
+    def _lost_race(self, request: web.Request) -> bool:
+        """Whether this request arrived on a connection idle past ``stale_after``."""
+        if self.stale_after is None:
+            return False
+        idle_since = self._idle_since.pop(id(request.protocol), None)
+        return idle_since is not None and time.monotonic() - idle_since >= self.stale_after
+
+    def _over_rate(self) -> float | None:
+        """Seconds to the next window when this request is over the rate limit."""
+        if self.rate_limit is None:
+            return None
+        now = time.monotonic()
+        second = int(now)
+        self.stats.received_per_second[second] += 1
+        if self.stats.accepted_per_second[second] >= self.rate_limit:
+            return second + 1 - now
+        self.stats.accepted_per_second[second] += 1
+        return None
+
+    async def _answer_fresh(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         raw = await request.read()
         digest = hashlib.sha256(raw).hexdigest()
         self.stats.by_digest[digest] += 1
@@ -441,13 +485,19 @@ class MockServer:
         key = _bearer_key(request)
         body = _json_object(raw)
         rules = _NO_DIRECTIVES
-        if key and key != _BAD_KEY and body is not None:
+        valid = bool(key) and key != _BAD_KEY and body is not None
+        if valid and body is not None:
             call.body, call.parts = body, prompt_parts(kind, body)
             rules = parse_directives("\n".join(call.parts))
+        headers = {"x-request-id": call.request_id}
+        # A quota is checked on arrival and answered at once, as providers do.
+        wait = self._over_rate() if valid else None
+        if wait is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return _error(kind, headers, 429, "Requests rate limit exceeded, slow down.")
         pause = self.latency + rules.delay
         if pause > 0:
             await asyncio.sleep(pause)
-        headers = {"x-request-id": call.request_id}
         if not key or key == _BAD_KEY:
             return _auth_error(kind, headers, key)
         if body is None:
@@ -488,12 +538,22 @@ async def _serve_until_signal(server: MockServer) -> None:
             loop.remove_signal_handler(sig)
 
 
-def serve(*, host: str, port: int, latency: float, fail_rate: float, seed: int = 0) -> None:
+def serve(
+    *,
+    host: str,
+    port: int,
+    latency: float,
+    fail_rate: float,
+    seed: int = 0,
+    rate_limit: int | None = None,
+) -> None:
     """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly.
 
     Once listening, prints one flushed line to stdout:
     ``mock server listening on http://HOST:PORT (openai: http://HOST:PORT/v1,
     dashscope: http://HOST:PORT/api/v1)``.
     """
-    server = MockServer(host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed)
+    server = MockServer(
+        host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed, rate_limit=rate_limit
+    )
     asyncio.run(_serve_until_signal(server))

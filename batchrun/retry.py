@@ -8,6 +8,7 @@ never wait for real.
 from __future__ import annotations
 
 import email.utils
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
@@ -64,13 +65,17 @@ class BackoffWithRetryAfter:
             multiplier=policy.backoff_initial, max=policy.backoff_max
         )
         self._cap = policy.budget
+        self._initial = policy.backoff_initial
 
     def __call__(self, state: RetryCallState) -> float:
         wait = self._jitter(state)
         outcome = state.outcome
         error = outcome.exception() if outcome is not None else None
         if isinstance(error, TransientError) and error.retry_after is not None:
-            wait = max(wait, error.retry_after)
+            # Jitter on top of the server's pause: rows that were told the same
+            # Retry-After must not all come back at the same instant.
+            spread = random.uniform(0, min(error.retry_after, self._initial))
+            wait = max(wait, error.retry_after + spread)
         return min(wait, self._cap)
 
 

@@ -12,12 +12,14 @@ Three gates in this order, then the request:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import collections
+import math
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from batchrun.concurrency import AdaptiveLimiter, AIMDController
 from batchrun.config import RunConfig
-from batchrun.errors import RequestError
+from batchrun.errors import FatalError, RequestError
 from batchrun.ratelimit import PauseGate, RateBudget
 from batchrun.timing import Clock
 
@@ -26,9 +28,49 @@ from batchrun.timing import Clock
 # doubles the limit every round trip after that.
 INITIAL_CONCURRENCY = 4
 
+# Weight of each new answer in the moving average of latency.
+_LATENCY_WEIGHT = 0.1
+
+# Seconds between additive increases once the provider has pushed back once.
+INCREASE_INTERVAL = 1.0
+
 # Answers that mean "slow down", as opposed to "this row is wrong".
 _CONGESTION_STATUSES = frozenset({429, 503})
 _CONGESTION_CODES = frozenset({"read_timeout", "connect_timeout", "write_timeout"})
+
+
+class Throughput:
+    """Answers per second over the last second, and their mean latency.
+
+    By Little's law their product is the concurrency the provider sustained:
+    after a 429 the limit drops straight to it, instead of halving blindly
+    from an overshoot again and again.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._answers: collections.deque[float] = collections.deque()
+        self._latency = 0.0  # seconds, moving average
+
+    def start(self) -> float:
+        return self._clock()
+
+    def finish(self, started: float) -> None:
+        """Count a good answer to a request sent at ``started``."""
+        now = self._clock()
+        self._latency += (now - started - self._latency) * _LATENCY_WEIGHT
+        answers = self._answers
+        answers.append(now)
+        while answers[0] < now - 1.0:
+            answers.popleft()
+
+    def sustained_concurrency(self) -> int | None:
+        """Requests in flight that the last second's answers sustained; None
+        before any answer."""
+        if not self._answers:
+            return None
+        recent = sum(1 for when in self._answers if when >= self._clock() - 1.0)
+        return max(1, math.ceil(recent * self._latency))
 
 
 class Throttle:
@@ -48,10 +90,13 @@ class Throttle:
             maximum=limits.max_async,
             clock=clock.monotonic,
             slow_start=True,
+            increase_interval=INCREASE_INTERVAL,
         )
         self.limiter = AdaptiveLimiter(self.controller)
         self._pause_cap = config.retry.backoff_max
+        self._throughput = Throughput(clock.monotonic)
         self.rate_limited = 0
+        self._tripped: FatalError | None = None
 
     @property
     def counts_tokens(self) -> bool:
@@ -65,7 +110,16 @@ class Throttle:
         await self.budget.acquire(estimate)
         async with self.limiter:
             await self.gate.wait()  # a pause may have begun while this waited
+            self._raise_if_tripped()
+            started = self._throughput.start()
             yield
+            self._throughput.finish(started)
+
+    def _raise_if_tripped(self) -> None:
+        """The circuit breaker: after one fatal answer, no request goes out."""
+        fatal = self._tripped
+        if fatal is not None:
+            raise FatalError(fatal.code, fatal.message, status=fatal.status, body=fatal.body)
 
     def succeeded(self, estimate: int, used: int) -> None:
         """A good answer that used ``used`` tokens in all."""
@@ -74,11 +128,14 @@ class Throttle:
         self.controller.on_success()
 
     def failed(self, error: RequestError) -> None:
-        """A failed attempt: back off if the provider asked for it."""
+        """A failed attempt: back off if the provider asked for it, or stop
+        every request if the answer was fatal."""
+        if isinstance(error, FatalError) and self._tripped is None:
+            self._tripped = error
         if error.status == 429:
             self.rate_limited += 1
         if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
-            self.controller.on_congestion()
+            self.controller.on_congestion(self._throughput.sustained_concurrency())
         if error.retry_after:
             self.gate.pause_for(min(error.retry_after, self._pause_cap))
 

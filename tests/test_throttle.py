@@ -1,0 +1,171 @@
+"""Rate limits, adaptive concurrency, the global pause and stale connections,
+against the real mock provider (which can enforce a per-second quota)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from batchrun.config import build_config
+from batchrun.errors import TransientError
+from batchrun.mock_server import MockServer
+from batchrun.runner import run_async
+from batchrun.throttle import INITIAL_CONCURRENCY, Throttle
+from batchrun.timing import Clock
+from tests.conftest import FakeSleep, chat, make_config, read_jsonl
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.mark.slow
+async def test_a_per_second_quota_is_met_by_adapting_not_hammering(tmp_path: Path) -> None:
+    limit, count = 100, 800
+    async with MockServer(rate_limit=limit, latency=0.05) as server:
+        rows = [chat(f"row {i}") for i in range(count)]
+        config = make_config(tmp_path, rows, server, max_async_requests=64, backoff_max=2.0)
+
+        summary = await run_async(config)
+
+    assert summary.exit_code == 0
+    assert summary.ok == count
+    rejected = summary.extra["rate limited (429)"]
+    assert isinstance(rejected, int)
+    assert rejected <= count // 10  # it adapts instead of hammering
+    assert summary.extra["pauses"]  # the whole run paused on Retry-After
+    received = server.stats.received_per_second
+    flooded = [second for second, n in received.items() if n > 2 * limit]
+    assert len(flooded) <= 1, received  # never far above the quota for long
+    assert max(server.stats.accepted_per_second.values()) <= limit
+
+
+async def test_a_wrong_key_aborts_after_a_handful_of_requests(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "bad-key")
+    rows = [chat(f"row {i}") for i in range(2000)]
+    config = make_config(tmp_path, rows, server, provider="openai", max_async_requests=128)
+
+    summary = await run_async(config)
+
+    assert summary.exit_code == 3
+    assert server.stats.requests <= INITIAL_CONCURRENCY
+    assert summary.aborted is not None
+    assert "Fix the key" in summary.aborted
+
+
+async def test_a_server_dropping_idle_connections_fails_no_row(
+    tmp_path: Path, fake_sleep: FakeSleep
+) -> None:
+    async with MockServer(stale_after=0.0) as server:  # every reused connection loses the race
+        rows = [chat(f"row {i}") for i in range(60)]
+        config = make_config(tmp_path, rows, server, max_async_requests=4)
+
+        summary = await run_async(config, clock=Clock(sleep=fake_sleep))
+
+    out = read_jsonl(config.out)
+    assert all(r["error"] is None for r in out)
+    assert all(r["attempts"] == 1 for r in out)  # handled below the retry policy
+    stale = summary.extra["stale connections retried"]
+    assert isinstance(stale, int)
+    assert stale > 0
+
+
+class FakeTime:
+    """A clock whose sleep advances it: nothing really waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+def throttle_for(tmp_path: Path, time: FakeTime, **settings: object) -> Throttle:
+    base = {"input": tmp_path / "in.jsonl", "out": tmp_path / "out.jsonl", **settings}
+    return Throttle(build_config(base), Clock(sleep=time.sleep, monotonic=time.monotonic))
+
+
+async def test_one_retry_after_pauses_every_worker(tmp_path: Path) -> None:
+    time = FakeTime()
+    throttle = throttle_for(tmp_path, time, backoff_max=60.0)
+    throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429, retry_after=5))
+    started: list[float] = []
+
+    async def worker() -> None:
+        async with throttle.slot(0):
+            started.append(time.now)
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(3):
+            tasks.start_soon(worker)
+
+    assert started == [5.0, 5.0, 5.0]
+    assert throttle.report()["rate limited (429)"] == 1
+    assert throttle.report()["paused s"] == 5.0
+
+
+async def test_a_huge_retry_after_pauses_the_run_no_longer_than_backoff_max(
+    tmp_path: Path,
+) -> None:
+    time = FakeTime()
+    throttle = throttle_for(tmp_path, time, backoff_max=30.0)
+    throttle.failed(TransientError("rate_limit_exceeded", "daily", status=429, retry_after=86400))
+
+    async with throttle.slot(0):
+        pass
+
+    assert time.now == 30.0
+
+
+async def test_congestion_halves_the_limit_once_per_burst(tmp_path: Path) -> None:
+    time = FakeTime()
+    throttle = throttle_for(tmp_path, time, max_async_requests=64)
+    for _ in range(100):
+        throttle.succeeded(0, 0)
+    assert throttle.controller.limit == 64
+    for _ in range(20):  # a burst of simultaneous 429s is one decrease
+        throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429))
+    assert throttle.controller.limit == 32
+    throttle.failed(TransientError("http_400", "bad", status=400))
+    assert throttle.controller.limit == 32  # a row's own error is no congestion
+    assert throttle.report()["concurrency"] == f"{INITIAL_CONCURRENCY}-64"
+
+
+async def test_after_a_429_the_limit_drops_to_what_the_provider_sustained(
+    tmp_path: Path,
+) -> None:
+    time = FakeTime()
+    throttle = throttle_for(tmp_path, time, max_async_requests=64)
+    for _ in range(60):  # slow start: 60 answers, each 50 ms after its request
+        throttle._throughput.finish(started=time.now - 0.05)
+        throttle.succeeded(0, 0)
+        time.now += 0.01
+    assert throttle.controller.limit == 64
+
+    throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429))
+
+    # ~60 answers/s at ~0.05 s each sustain about 3 in flight (Little's law), not 32.
+    assert throttle.controller.limit == 3
+
+
+async def test_no_adaptive_starts_at_the_cap(tmp_path: Path) -> None:
+    throttle = throttle_for(tmp_path, FakeTime(), max_async_requests=48, adaptive_concurrency=False)
+    assert throttle.controller.limit == 48
+
+
+async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) -> None:
+    time = FakeTime()
+    throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 100 of burst
+    assert throttle.counts_tokens
+    async with throttle.slot(100):
+        pass
+    throttle.succeeded(100, 400)  # the answer used 300 more than estimated
+    async with throttle.slot(100):
+        pass
+    assert time.now == pytest.approx(4.0)  # 300 of debt and 100 more, at 100/s
