@@ -9,7 +9,7 @@ The same run as ``batchrun run`` from Python (a notebook, an Airflow task)::
     print(summary.render(), summary.exit_code)
 """
 
-from batchrun.config import Limits, RetryPolicy, RunConfig, Timeouts, build_config, load_job_file
+from batchrun.config import Limits, RetryPolicy, RunConfig, Timeouts
 from batchrun.errors import (
     BatchrunError,
     FatalError,
@@ -18,6 +18,7 @@ from batchrun.errors import (
     TransientError,
     UsageError,
 )
+from batchrun.jobfile import build_config, load_job_file
 from batchrun.progress import Summary
 from batchrun.runner import run, run_async
 

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.config import build_config, load_job_file
 from batchrun.errors import UsageError
-from batchrun.runner import EXIT_LOCKED, EXIT_USAGE, run
+from batchrun.jobfile import build_config, load_job_file
+from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
 from batchrun.state import LockedError
 
 app = typer.Typer(
@@ -41,7 +41,14 @@ def run_command(
     ] = None,
     job: Annotated[Path | None, _opt("TOML job file; flags override it.", None, "--job")] = None,
     provider: Annotated[str | None, _opt("openai | dashscope | mock (default mock).")] = None,
-    base_url: Annotated[str | None, _opt("API base URL, e.g. https://host/v1.")] = None,
+    base_url: Annotated[
+        list[str] | None,
+        _opt(
+            "API base URL, e.g. https://host/v1; repeat it to spread over replicas.",
+            None,
+            "--base-url",
+        ),
+    ] = None,
     model: Annotated[str | None, _opt("Model for lines that name none.")] = None,
     api_key_env: Annotated[str | None, _opt("Environment variable holding the API key.")] = None,
     param: Annotated[
@@ -85,6 +92,12 @@ def run_command(
         bool | None, _opt("Progress bar or log lines.", None, "--progress/--no-progress")
     ] = None,
     summary: Annotated[Path | None, _opt("Also write the summary as JSON here.")] = None,
+    shard: Annotated[
+        str | None, _opt("Process shard I of N (I/N, from 0): every N-th row, from row I.")
+    ] = None,
+    metrics_file: Annotated[
+        Path | None, _opt("Prometheus textfile, rewritten during the run (node_exporter).")
+    ] = None,
     restart: Annotated[
         bool,
         typer.Option(
@@ -143,6 +156,10 @@ def _settings(flags: dict[str, Any]) -> dict[str, Any]:
     flags["input"] = flags.pop("input_path")
     for switch in ("restart", "retry_failed"):
         flags[switch] = flags[switch] or None  # an unset switch leaves the job file's value
+    if flags.get("base_url"):  # given on the command line: replaces the job file's hosts
+        settings.pop("base_urls", None)
+    else:
+        flags["base_url"] = None
     settings.update({key: value for key, value in flags.items() if value is not None})
     settings["params"] = params
     return settings
@@ -178,6 +195,27 @@ def status_command(
         typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(status.render(report))
+
+
+@app.command("merge")
+def merge_command(
+    shards: Annotated[list[Path], typer.Argument(metavar="SHARD_OUT...", help="Shard outputs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged output.")],
+) -> None:
+    """Join the outputs of --shard I/N runs into one output, in input order."""
+    from batchrun.merge import merge
+
+    try:
+        report = merge(shards, out)
+    except UsageError as exc:
+        typer.echo(f"batchrun: error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(
+        f"batchrun: merged {len(shards)} shards, {report.rows:,} rows"
+        f" ({report.failed:,} failed) into {report.output}",
+        err=True,
+    )
+    raise typer.Exit(EXIT_FAILED_ROWS if report.failed else 0)
 
 
 @app.command("mock-server")

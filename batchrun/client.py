@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from aiohttp.payload import Payload
 
 from batchrun.config import Limits, Timeouts
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
+from batchrun.hosts import HostPool
 from batchrun.providers import Provider
 from batchrun.ratelimit import pause_hint
 from batchrun.records import Request, Response
@@ -94,23 +96,42 @@ class Client:
         session: aiohttp.ClientSession,
         provider: Provider,
         *,
-        base_url: str,
+        base_url: str | None = None,
+        hosts: HostPool | None = None,
         api_key: str | None,
         write_timeout: float,
     ) -> None:
+        """``hosts`` spreads requests over several base URLs; ``base_url``
+        alone is a pool of one."""
+        if hosts is None:
+            if base_url is None:
+                raise ValueError("a base_url or hosts")
+            hosts = HostPool((base_url,), clock=time.monotonic)
         self._session = session
         self._provider = provider
-        self._base_url = base_url
+        self.hosts = hosts
         self._headers = provider.headers(api_key)
         self._api_key = api_key
         self._write_timeout = write_timeout
         self.stale_retries = 0
 
     async def send(self, request: Request) -> Response:
-        """One attempt. A pooled connection the server had already closed (its
-        keep-alive timeout ran out as we reused it) is not the provider's
-        answer: the request is sent once more at once, on a fresh connection."""
-        url = self._provider.url(request, self._base_url)
+        """One attempt, to the host the pool picks."""
+        host = self.hosts.pick()
+        host_failed = False
+        try:
+            return await self._send_to(host.base_url, request)
+        except RequestError as exc:
+            host_failed = exc.status is None or exc.status >= 500
+            raise
+        finally:
+            self.hosts.finished(host, host_failed=host_failed)
+
+    async def _send_to(self, base_url: str, request: Request) -> Response:
+        """A pooled connection the server had already closed (its keep-alive
+        timeout ran out as we reused it) is not the provider's answer: the
+        request is sent once more at once, on a fresh connection."""
+        url = self._provider.url(request, base_url)
         data = orjson.dumps(self._provider.body(request))
         try:
             return await self._post(url, data)

@@ -8,8 +8,6 @@ raises ``UsageError`` with a message that names the setting.
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ DEFAULT_POOL_SIZE = 32
 DEFAULT_MAX_ASYNC = 32
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
 
@@ -60,15 +58,15 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("pool_size", "max_async", "per_host"):
             value = getattr(self, name)
-            _require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+            require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
-            _require(
+            require(
                 value is None or _is_seconds(value, minimum_exclusive=True),
                 f"--{name} must be a number > 0, got {value!r}",
             )
-        _require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
-        _require(
+        require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
+        require(
             self.per_host <= self.max_async <= self.pool_size,
             "limits must satisfy --max-async-requests-per-host <= --max-async-requests"
             f" <= --connection-pool-size, got {self.per_host} <= {self.max_async}"
@@ -95,7 +93,7 @@ def resolve_limits(
     given = {"pool_size": pool_size, "max_async": max_async, "per_host": per_host}
     for name, value in given.items():
         if value is not None:
-            _require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+            require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
     if max_async is None:
         max_async = max(DEFAULT_MAX_ASYNC, per_host or 0)
         if pool_size is not None:
@@ -130,7 +128,7 @@ class Timeouts:
     def __post_init__(self) -> None:
         for name in ("connect", "read", "write", "idle"):
             value = getattr(self, name)
-            _require(
+            require(
                 _is_seconds(value, minimum_exclusive=True),
                 f"{_flag(name)} must be a number of seconds > 0, got {value!r}",
             )
@@ -152,16 +150,89 @@ class RetryPolicy:
     backoff_max: float = 60.0
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             _is_count(self.max_attempts),
             f"--max-attempts must be a whole number >= 1, got {self.max_attempts!r}",
         )
         for name in ("budget", "backoff_initial", "backoff_max"):
             value = getattr(self, name)
-            _require(
+            require(
                 _is_seconds(value, minimum_exclusive=False),
                 f"{_flag(name)} must be a number of seconds >= 0, got {value!r}",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count``: input rows ``r`` (0-based) with
+    ``r % count == index``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        require(
+            _is_count(self.count) and isinstance(self.index, int) and 0 <= self.index < self.count,
+            f"--shard must be I/N with 0 <= I < N, got {self.index}/{self.count}",
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` to a shard."""
+        index, sep, count = text.partition("/")
+        require(
+            bool(sep) and index.strip().isdigit() and count.strip().isdigit(),
+            f"--shard must be I/N (for example 0/4), got {text!r}",
+        )
+        return cls(int(index), int(count))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, row: int) -> bool:
+        """Whether input row ``row`` (0-based) is this shard's."""
+        return row % self.count == self.index
+
+    def seq(self, row: int) -> int:
+        """The place (0-based) of an owned input row in this shard's output."""
+        return row // self.count
+
+    def rows_before(self, row: int) -> int:
+        """How many of this shard's rows come before input row ``row``."""
+        return max(0, (row - self.index + self.count - 1) // self.count)
+
+    def line_of(self, place: int) -> int:
+        """The input line (1-based) of this shard's output row ``place`` (0-based)."""
+        return place * self.count + self.index + 1
+
+
+# The whole input: what a run without --shard processes.
+WHOLE = Shard(0, 1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Costs:
+    """What the job's model costs and holds, for ``validate``'s estimates.
+
+    Prices are per million tokens in the provider's currency; ``context_limit``
+    is the model's context window in tokens.
+    """
+
+    price_input_per_million: float | None = None
+    price_output_per_million: float | None = None
+    context_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("price_input_per_million", "price_output_per_million"):
+            value = getattr(self, name)
+            require(
+                value is None or _is_seconds(value, minimum_exclusive=False),
+                f"{name} must be a number >= 0, got {value!r}",
+            )
+        require(
+            self.context_limit is None or _is_count(self.context_limit),
+            f"context_limit must be a whole number of tokens >= 1, got {self.context_limit!r}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -171,7 +242,7 @@ class RunConfig:
     input: Path
     out: Path
     provider: ProviderName = "mock"
-    base_url: str | None = None
+    base_urls: tuple[str, ...] = ()  # empty: the provider's default
     model: str | None = None
     api_key_env: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -185,31 +256,38 @@ class RunConfig:
     grace: float = 3.0
     restart: bool = False
     retry_failed: bool = False
+    shard: Shard | None = None
+    metrics_file: Path | None = None
+    costs: Costs = field(default_factory=lambda: Costs())
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.provider in PROVIDERS,
             f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}",
         )
-        _require(
+        require(
             _is_count(self.reorder_window),
             f"--reorder-window must be a whole number >= 1, got {self.reorder_window!r}",
         )
-        _require(
+        require(
             self.reorder_window >= self.limits.max_async,
             f"--reorder-window ({self.reorder_window}) must be at least"
             f" --max-async-requests ({self.limits.max_async})",
         )
-        _require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
-        _require(
+        require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
+        require(
             self.fsync in ("off", "batch", "always"),
             f"--fsync must be one of off, batch, always, got {self.fsync!r}",
         )
-        _require(
+        require(
             _is_seconds(self.grace, minimum_exclusive=False),
             f"--grace must be a number of seconds >= 0, got {self.grace!r}",
         )
-        _require(
+        require(
+            all(isinstance(url, str) and "://" in url for url in self.base_urls),
+            f"--base-url must be a URL such as https://host/v1, got {list(self.base_urls)!r}",
+        )
+        require(
             not (self.restart and self.retry_failed),
             "--restart and --retry-failed do not go together: --restart discards the output",
         )
@@ -233,140 +311,3 @@ _FLAGS = {
 
 def _flag(name: str) -> str:
     return _FLAGS.get(name, name)
-
-
-# Job-file keys (flat, named like the flags) and the section they belong to.
-_JOB_KEYS: dict[str, str] = {
-    "input": "run",
-    "out": "run",
-    "provider": "run",
-    "base_url": "run",
-    "model": "run",
-    "api_key_env": "run",
-    "reorder_window": "run",
-    "progress": "run",
-    "summary": "run",
-    "params": "run",
-    "fsync": "run",
-    "grace": "run",
-    "connection_pool_size": "limits",
-    "max_async_requests": "limits",
-    "max_async_requests_per_host": "limits",
-    "rpm": "limits",
-    "tpm": "limits",
-    "adaptive_concurrency": "limits",
-    "connect_timeout": "timeouts",
-    "read_timeout": "timeouts",
-    "write_timeout": "timeouts",
-    "connection_idle_timeout": "timeouts",
-    "max_attempts": "retry",
-    "retry_budget": "retry",
-    "backoff_initial": "retry",
-    "backoff_max": "retry",
-}
-
-
-def load_job_file(path: Path) -> dict[str, Any]:
-    """Read a TOML job file into flat settings keyed like ``_JOB_KEYS``.
-
-    Top-level keys and the optional tables ``[limits]``, ``[timeouts]`` and
-    ``[retry]`` are accepted; ``[params]`` holds default request parameters.
-    Unknown keys are an error, so a typo never silently does nothing.
-    """
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UsageError(f"job file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("limits", "timeouts", "retry") and isinstance(value, dict):
-            for sub_key, sub_value in value.items():
-                _check_job_key(path, sub_key, section=key)
-                flat[sub_key] = sub_value
-        else:
-            _check_job_key(path, key, section=None)
-            flat[key] = value
-    return flat
-
-
-def _check_job_key(path: Path, key: str, *, section: str | None) -> None:
-    expected = _JOB_KEYS.get(key)
-    if expected is None:
-        allowed = ", ".join(sorted(_JOB_KEYS))
-        raise UsageError(f"job file {path}: unknown key {key!r}; allowed keys: {allowed}")
-    if section is not None and expected != section:
-        raise UsageError(f"job file {path}: key {key!r} belongs in [{expected}], not [{section}]")
-
-
-def build_config(settings: Mapping[str, Any]) -> RunConfig:
-    """Make a ``RunConfig`` from flat settings (job file merged with flags).
-
-    Keys are those of ``_JOB_KEYS``; a ``None`` value means "not set".
-    """
-    s = {key: value for key, value in settings.items() if value is not None}
-    for required in ("input", "out"):
-        _require(
-            required in s, f"no {required} given: pass it on the command line or in the job file"
-        )
-    limits = resolve_limits(
-        pool_size=s.get("connection_pool_size"),
-        max_async=s.get("max_async_requests"),
-        per_host=s.get("max_async_requests_per_host"),
-        rpm=s.get("rpm"),
-        tpm=s.get("tpm"),
-        adaptive=s.get("adaptive_concurrency", True),
-    )
-    timeouts = _build(
-        Timeouts,
-        s,
-        connect="connect_timeout",
-        read="read_timeout",
-        write="write_timeout",
-        idle="connection_idle_timeout",
-    )
-    retry = _build(
-        RetryPolicy,
-        s,
-        max_attempts="max_attempts",
-        budget="retry_budget",
-        backoff_initial="backoff_initial",
-        backoff_max="backoff_max",
-    )
-    run_keys = _pick(
-        s,
-        input="input",
-        out="out",
-        provider="provider",
-        base_url="base_url",
-        model="model",
-        api_key_env="api_key_env",
-        params="params",
-        reorder_window="reorder_window",
-        progress="progress",
-        summary_path="summary",
-        fsync="fsync",
-        grace="grace",
-        restart="restart",
-        retry_failed="retry_failed",
-    )
-    for key in ("input", "out", "summary_path"):
-        if key in run_keys:
-            run_keys[key] = Path(run_keys[key])
-    run_keys.setdefault("reorder_window", max(10_000, 4 * limits.max_async))
-    return RunConfig(limits=limits, timeouts=timeouts, retry=retry, **run_keys)
-
-
-def _pick(settings: Mapping[str, Any], **names: str) -> dict[str, Any]:
-    return {field_name: settings[key] for field_name, key in names.items() if key in settings}
-
-
-def _build(cls: Any, settings: Mapping[str, Any], **names: str) -> Any:
-    return cls(**_pick(settings, **names))
-
-
-def replace(config: RunConfig, **changes: Any) -> RunConfig:
-    """A copy of ``config`` with ``changes`` applied (and validated again)."""
-    return dataclasses.replace(config, **changes)

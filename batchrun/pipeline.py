@@ -30,7 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from batchrun import crashpoint
 from batchrun.client import Client
-from batchrun.config import RunConfig
+from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.inputs import count_lines, open_input
 from batchrun.journal import CorruptStateError, Journal
@@ -62,7 +62,7 @@ CHECKPOINT_EVERY = 50_000
 class Finished:
     """A row ready for the writer: its output record and where its input ended."""
 
-    index: int  # 0-based row
+    index: int  # 0-based input row
     input_end: int  # byte offset in the input just after this row
     data: bytes  # the output record, newline included
     outcome: Outcome | None  # None: finished by an earlier run
@@ -105,7 +105,8 @@ class Pipeline:
         self.in_flight: set[int] = set()  # begun, not finished: in doubt if we stop now
         self.in_doubt = len(start.journal.in_doubt)
         self.progress.in_doubt += self.in_doubt
-        self.rows_read = start.checkpoint.rows
+        self.shard = config.shard or WHOLE
+        self.rows_read = start.checkpoint.rows  # output rows the reader has handed on
         self.eof = False
         self.stop_reason: str | None = None
         self.aborted: FatalError | None = None
@@ -179,9 +180,10 @@ class Pipeline:
                     producers.start_soon(self._work, work_rx.clone(), done_tx.clone())
 
     async def _count_total(self) -> None:
-        self.stats.total = await anyio.to_thread.run_sync(
+        lines = await anyio.to_thread.run_sync(
             count_lines, self.config.input, abandon_on_cancel=True
         )
+        self.stats.total = self.shard.rows_before(lines)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -196,15 +198,18 @@ class Pipeline:
         async with work, done:
             with open_input(self.config.input) as handle, self._previous(first) as previous:
                 handle.seek(offset)
+                shard = self.shard
                 for index, raw in enumerate(handle, start=first):
                     offset += len(raw)
+                    if not shard.owns(index):
+                        continue
                     old = next(previous, None) if previous is not None else None
-                    if index < self.progress.rows:
+                    if shard.seq(index) < self.progress.rows:
                         continue  # written by an earlier run
                     await self.window.acquire()
                     if self.stopping:
                         return
-                    self.rows_read = index + 1
+                    self.rows_read = shard.seq(index) + 1
                     item = self._known(index, offset, old) or self._parse(
                         index, offset, raw, defaults
                     )
@@ -236,7 +241,7 @@ class Pipeline:
             yield None
             return
         with self.config.out.open("rb") as handle:
-            for _ in range(skip):
+            for _ in range(self.shard.rows_before(skip)):
                 handle.readline()
             yield iter(handle)
 
@@ -327,7 +332,7 @@ class Pipeline:
         # failing on a closed stream.
         reorder: ReorderBuffer[Finished] = ReorderBuffer(self.progress.rows)
         async for item in done:
-            for ready in reorder.push(item.index, item):
+            for ready in reorder.push(self.shard.seq(item.index), item):
                 self._emit(ready)
             if done.statistics().current_buffer_used == 0:
                 self._flush()
@@ -339,7 +344,7 @@ class Pipeline:
         progress = self.progress
         progress.rows += 1
         progress.output_bytes += len(item.data)
-        progress.input_line, progress.input_offset = progress.rows, item.input_end
+        progress.input_line, progress.input_offset = item.index + 1, item.input_end
         self._count(item)
         if progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY:
             self.checkpoint()

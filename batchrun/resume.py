@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from batchrun.config import WHOLE, Shard
 from batchrun.journal import CorruptStateError, JournalContents, read_journal
 from batchrun.state import Checkpoint, StateDir
 
@@ -55,21 +56,23 @@ class ResumePoint:
     journal: JournalContents = field(default_factory=JournalContents)
 
 
-def recover(state: StateDir, usage: Usage) -> ResumePoint:
-    """The resume point of the unfinished run in ``state``."""
+def recover(state: StateDir, usage: Usage, shard: Shard = WHOLE) -> ResumePoint:
+    """The resume point of the unfinished run in ``state`` (of ``shard``'s rows)."""
     checkpoint = state.read_checkpoint()
     counted = dataclasses.replace(checkpoint, failed_by_code=dict(checkpoint.failed_by_code))
     rows, output_bytes = checkpoint.rows, checkpoint.output_bytes
     if state.partial_path.exists():
-        rows, output_bytes = _scan_output(state, counted, usage)
+        rows, output_bytes = _scan_output(state, counted, usage, shard)
     elif rows:
         raise CorruptStateError(f"{state.partial_path} is missing; run again with --restart")
     counted.rows, counted.output_bytes = rows, output_bytes
-    journal = read_journal(state.journal_path, after_line=rows)
+    journal = read_journal(state.journal_path, after_line=shard.line_of(rows) - 1)
     return ResumePoint(checkpoint=counted, journal=journal)
 
 
-def _scan_output(state: StateDir, counted: Checkpoint, usage: Usage) -> tuple[int, int]:
+def _scan_output(
+    state: StateDir, counted: Checkpoint, usage: Usage, shard: Shard
+) -> tuple[int, int]:
     """Count the complete lines written after the checkpoint into ``counted``."""
     rows, offset = counted.rows, counted.output_bytes
     with state.partial_path.open("rb") as handle:
@@ -77,23 +80,23 @@ def _scan_output(state: StateDir, counted: Checkpoint, usage: Usage) -> tuple[in
         for raw in handle:
             if not raw.endswith(b"\n"):
                 break  # torn by a kill mid-write: cut off when appending resumes
+            _count(counted, raw, shard.line_of(rows), usage, state)
             rows += 1
-            _count(counted, raw, rows, usage, state)
             offset += len(raw)
     if offset < counted.output_bytes:
         raise CorruptStateError(f"{state.partial_path} is shorter than its checkpoint says")
     return rows, offset
 
 
-def _count(counted: Checkpoint, raw: bytes, row: int, usage: Usage, state: StateDir) -> None:
+def _count(counted: Checkpoint, raw: bytes, line: int, usage: Usage, state: StateDir) -> None:
     try:
         data = orjson.loads(raw)
-        line, verdict = data.get("line"), tally(data, usage)
+        found, verdict = data.get("line"), tally(data, usage)
     except (orjson.JSONDecodeError, AttributeError):
-        line, verdict = None, None
-    if line != row or verdict is None:
+        found, verdict = None, None
+    if found != line or verdict is None:
         raise CorruptStateError(
-            f"{state.partial_path} is damaged at row {row}; run again with --restart"
+            f"{state.partial_path} is damaged at the row of line {line}; run again with --restart"
         )
     add_tally(counted, verdict)
 

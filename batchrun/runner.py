@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 import anyio
 
 from batchrun.client import Client, open_session
-from batchrun.config import RunConfig
+from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
+from batchrun.hosts import HostPool
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary
 from batchrun.providers import Provider, get_provider
@@ -111,7 +112,8 @@ def prepare(
             f"the run on {config.out} has not finished: run it to the end first"
             " (the same command without --retry-failed)"
         )
-    return dataclasses.replace(config, retry_failed=retry_pass), recover(state, provider.usage)
+    start = recover(state, provider.usage, config.shard or WHOLE)
+    return dataclasses.replace(config, retry_failed=retry_pass), start
 
 
 def _after_finish(
@@ -169,15 +171,16 @@ async def _execute(
     handle_signals: bool,
 ) -> Summary:
     async with AsyncExitStack() as stack:
-        base_url = config.base_url or provider.default_base_url
-        if not base_url:
-            base_url = await _start_mock_server(stack)
-        _warn_plain_http(base_url, api_key)
+        base_urls = config.base_urls or (provider.default_base_url,)
+        if base_urls == ("",):
+            base_urls = (await _start_mock_server(stack),)
+        for base_url in base_urls:
+            _warn_plain_http(base_url, api_key)
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts))
         client = Client(
             session,
             provider,
-            base_url=base_url,
+            hosts=HostPool(base_urls, clock=clock.monotonic),
             api_key=api_key,
             write_timeout=config.timeouts.write,
         )
@@ -239,12 +242,18 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            **_hosts_report(pipeline),
         },
     )
     if pipeline.complete:
         state.write_finished(summary.to_dict())
         _publish(state, config.out)
     return summary
+
+
+def _hosts_report(pipeline: Pipeline) -> dict[str, object]:
+    pool = pipeline.client.hosts
+    return {"hosts": pool.report()} if len(pool.hosts) > 1 else {}
 
 
 def _fatal_advice(pipeline: Pipeline) -> str:

@@ -177,6 +177,7 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
         "input": str(config.input.resolve()),
         "input_size": size,
         "input_hash": digest.hexdigest(),
+        "shard": str(config.shard) if config.shard else None,
         "provider": config.provider,
         "model": config.model,
         "params": orjson.loads(orjson.dumps(dict(config.params), option=orjson.OPT_SORT_KEYS)),
@@ -185,19 +186,24 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
 
 def check_fingerprint(stored: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise ``UsageError`` naming what changed since the run began."""
-    changed = [
-        key
-        for key in ("input_size", "input_hash", "provider", "model", "params")
-        if stored.get(key) != current.get(key)
-    ]
+    changed = [key for key in _FINGERPRINT_KEYS if stored.get(key) != current.get(key)]
     if not changed:
         return
-    what = "the input file" if changed[0].startswith("input") else f"the setting {changed[0]!r}"
+    key = changed[0]
+    if key.startswith("input"):
+        what = f"the input file changed since this output's run began ({stored.get('input')})"
+    else:
+        what = (
+            f"the setting {key!r} changed since this output's run began"
+            f" ({stored.get(key)!r} → {current.get(key)!r})"
+        )
     raise UsageError(
-        f"{what} changed since this output's run began (state in {stored.get('input')!r}"
-        f" → {current['input']!r}); resuming would mix two jobs. Run again with --restart"
-        " to start over, or choose another --out"
+        f"{what}; resuming would mix two jobs. Run again with --restart to start over,"
+        " or choose another --out"
     )
+
+
+_FINGERPRINT_KEYS = ("input_size", "input_hash", "shard", "provider", "model", "params")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from batchrun.config import WHOLE, Shard
 from batchrun.errors import UsageError
 from batchrun.inputs import count_lines
 from batchrun.providers import get_provider
@@ -57,7 +58,8 @@ def _finished(finished: dict[str, Any]) -> dict[str, Any]:
 
 def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
     usage = get_provider(str(meta.get("provider", "openai"))).usage
-    point = recover(state, usage)
+    shard = Shard.parse(meta["shard"]) if meta.get("shard") else WHOLE
+    point = recover(state, usage, shard)
     checkpoint = point.checkpoint
     failed: Counter[str] = Counter(checkpoint.failed_by_code)
     ok = checkpoint.ok
@@ -67,7 +69,7 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
         if not verdict.ok:
             failed[verdict.error_code or "unknown"] += 1
     done = checkpoint.rows + len(point.journal.results)
-    rows = _input_rows(meta)
+    rows = _input_rows(meta, shard)
     return {
         "state": "unfinished",
         "rows": rows,
@@ -81,9 +83,9 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _input_rows(meta: dict[str, Any]) -> int | None:
+def _input_rows(meta: dict[str, Any], shard: Shard) -> int | None:
     path = Path(str(meta.get("input")))
-    return count_lines(path) if path.is_file() else None
+    return shard.rows_before(count_lines(path)) if path.is_file() else None
 
 
 def render(report: dict[str, Any]) -> str:

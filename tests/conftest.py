@@ -11,7 +11,8 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from batchrun.config import RunConfig, build_config
+from batchrun.config import RunConfig
+from batchrun.jobfile import build_config
 from batchrun.mock_server import MockServer
 from batchrun.runner import Clock
 

@@ -215,7 +215,7 @@ def test_mock_server_command_serves_until_stopped() -> None:
 
 @pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_job_files_are_valid(job: Path) -> None:
-    from batchrun.config import build_config, load_job_file
+    from batchrun.jobfile import build_config, load_job_file
 
     settings = {"input": "in.jsonl", "out": "out.jsonl", **load_job_file(job)}
     config = build_config(settings)

@@ -12,11 +12,10 @@ from batchrun.config import (
     RetryPolicy,
     RunConfig,
     Timeouts,
-    build_config,
-    load_job_file,
     resolve_limits,
 )
 from batchrun.errors import UsageError
+from batchrun.jobfile import build_config, load_job_file
 
 INVARIANT = "--max-async-requests-per-host <= --max-async-requests <= --connection-pool-size"
 
@@ -371,7 +370,7 @@ def test_build_config_defaults_and_paths() -> None:
     assert config.out == Path("o.jsonl")
     assert config.summary_path == Path("s.json")
     assert config.provider == "mock"
-    assert config.base_url is None
+    assert config.base_urls == ()
     assert config.progress is True
     assert dict(config.params) == {}
     assert config.reorder_window == 10_000
@@ -446,7 +445,7 @@ def test_build_config_maps_flat_keys() -> None:
             "backoff_max": 2,
         }
     )
-    assert config.base_url == "http://localhost:9/api/v1"
+    assert config.base_urls == ("http://localhost:9/api/v1",)
     assert config.model == "qwen-turbo"
     assert config.api_key_env == "MY_KEY"
     assert config.progress is False

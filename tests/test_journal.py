@@ -188,5 +188,5 @@ def test_recover_refuses_a_damaged_output(tmp_path: Path) -> None:
     state.root.mkdir()
     state.partial_path.write_bytes(record(1) + record(3))  # row 2 is missing
 
-    with pytest.raises(CorruptStateError, match="damaged at row 2"):
+    with pytest.raises(CorruptStateError, match="damaged at the row of line 2"):
         recover(state, usage)

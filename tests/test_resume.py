@@ -303,7 +303,7 @@ async def test_resume_seeks_past_the_checkpoint_without_parsing_it(
     tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from batchrun import pipeline, records
-    from batchrun.config import build_config
+    from batchrun.jobfile import build_config
     from batchrun.runner import run_async
 
     monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 10)

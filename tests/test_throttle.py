@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from batchrun.config import build_config
+from batchrun.jobfile import build_config
 from batchrun.errors import TransientError
 from batchrun.mock_server import MockServer
 from batchrun.runner import run_async

@@ -1,0 +1,132 @@
+"""``batchrun merge``: join the outputs of ``--shard I/N`` runs into one output
+in input order, refusing a missing, unfinished or foreign shard.
+
+Shard ``I`` holds input rows ``I, I+N, I+2N ...`` in order, so the merged
+output takes one line from each shard in turn; every line's number is
+checked on the way, and the result appears at ``OUT`` in one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from batchrun.config import Shard
+from batchrun.errors import UsageError
+from batchrun.state import StateDir
+
+
+@dataclass(frozen=True, slots=True)
+class ShardOutput:
+    """A finished shard run: its output file, its shard, its fingerprint."""
+
+    path: Path
+    shard: Shard
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MergeReport:
+    rows: int
+    failed: int
+    output: Path
+
+
+def merge(paths: list[Path], out: Path) -> MergeReport:
+    """Merge the shard outputs at ``paths`` into ``out``; ``UsageError`` when
+    the set is not the complete, finished shards of one job."""
+    shards = sorted((_finished_shard(path) for path in paths), key=lambda s: s.shard.index)
+    _check_complete(shards)
+    partial = out.with_name(out.name + ".merging")
+    try:
+        rows, failed = _interleave(shards, partial)
+        os.replace(partial, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return MergeReport(rows=rows, failed=failed, output=out)
+
+
+def _finished_shard(path: Path) -> ShardOutput:
+    state = StateDir(path)
+    meta = state.read_meta()
+    if meta is None:
+        raise UsageError(f"{path} is not a batchrun output (no state in {state.root})")
+    if not meta.get("shard"):
+        raise UsageError(f"{path} is not a shard's output (it was run without --shard)")
+    shard = Shard.parse(str(meta["shard"]))
+    if state.read_finished() is None or not path.exists():
+        raise UsageError(
+            f"shard {shard} ({path}) has not finished: run it to the end first"
+            f" (batchrun status {path})"
+        )
+    return ShardOutput(path, shard, meta)
+
+
+def _check_complete(shards: list[ShardOutput]) -> None:
+    if not shards:
+        raise UsageError("no shard outputs given")
+    counts = {s.shard.count for s in shards}
+    if len(counts) > 1:
+        raise UsageError(f"the shards come from different splits: N = {sorted(counts)}")
+    inputs = {(s.meta.get("input_size"), s.meta.get("input_hash")) for s in shards}
+    if len(inputs) > 1:
+        raise UsageError("the shards were run on different input files")
+    count = counts.pop()
+    present = [s.shard.index for s in shards]
+    if len(set(present)) != len(present):
+        raise UsageError(f"a shard is given twice: {sorted(present)}")
+    missing = sorted(set(range(count)) - set(present))
+    if missing:
+        names = ", ".join(f"{index}/{count}" for index in missing)
+        raise UsageError(f"shard {names} missing: every shard of {count} is needed")
+
+
+def _interleave(shards: list[ShardOutput], partial: Path) -> tuple[int, int]:
+    rows = failed = 0
+    with contextlib.ExitStack() as stack:
+        readers = [_lines(stack.enter_context(s.path.open("rb"))) for s in shards]
+        sink = stack.enter_context(partial.open("wb"))
+        while True:
+            turn = rows % len(readers)
+            line = next(readers[turn], None)
+            if line is None:
+                _check_exhausted(readers, shards, turn)
+                break
+            rows += 1
+            failed += _checked(line, rows, shards[turn].path)
+            sink.write(line)
+        sink.flush()
+        os.fsync(sink.fileno())
+    return rows, failed
+
+
+def _lines(handle: BinaryIO) -> Iterator[bytes]:
+    for line in handle:
+        yield line if line.endswith(b"\n") else line + b"\n"
+
+
+def _checked(line: bytes, expected: int, path: Path) -> int:
+    """1 when the record failed, 0 when ok; ``UsageError`` when out of place."""
+    try:
+        record = orjson.loads(line)
+        number, error = record.get("line"), record.get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        number, error = None, None
+    if number != expected:
+        raise UsageError(f"{path} holds line {number!r} where line {expected} belongs")
+    return 0 if error is None else 1
+
+
+def _check_exhausted(readers: list[Iterator[bytes]], shards: list[ShardOutput], turn: int) -> None:
+    """When one shard runs out, every other must be out too: row counts of
+    shards of one input differ by at most one, in shard order."""
+    for other, reader in enumerate(readers):
+        if other != turn and next(reader, None) is not None:
+            raise UsageError(f"{shards[turn].path} ends too early for its shard")
