@@ -64,9 +64,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def make_config(
     tmp_path: Path, rows: Iterable[dict[str, Any] | bytes], server: MockServer, **settings: Any
 ) -> RunConfig:
-    """A run of ``rows`` against ``server`` (OpenAI dialect), progress off."""
+    """A run of ``rows`` against ``server`` (OpenAI dialect), progress off.
+
+    ``rows`` is written to ``in.jsonl`` unless ``settings`` names an input.
+    """
     base: dict[str, Any] = {
-        "input": write_jsonl(tmp_path / "in.jsonl", rows),
+        "input": settings.get("input") or write_jsonl(tmp_path / "in.jsonl", rows),
         "out": tmp_path / "out.jsonl",
         "provider": "mock",
         "base_url": server.base_url,

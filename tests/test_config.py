@@ -480,3 +480,47 @@ def test_build_config_string_limit_from_job_file(tmp_path: Path) -> None:
     path = write_job(tmp_path, 'input = "i"\nout = "o"\n[limits]\nmax_async_requests = "64"\n')
     with pytest.raises(UsageError, match="--max-async-requests"):
         build_config(load_job_file(path))
+
+
+def test_job_file_operations_keys(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'input = "in.jsonl"\nout = "out.jsonl"\nshard = "2/4"\nmetrics_file = "m.prom"\n'
+        'base_urls = ["http://a:8000/v1", "http://b:8000/v1/"]\n'
+        "[costs]\nprice_input_per_million = 0.8\nprice_output_per_million = 2.0\n"
+        "context_limit = 32768\n"
+        "[limits]\nrpm = 600\ntpm = 100000\nadaptive_concurrency = false\n"
+    )
+
+    config = build_config(load_job_file(job))
+
+    assert config.base_urls == ("http://a:8000/v1", "http://b:8000/v1")
+    assert config.shard is not None
+    assert str(config.shard) == "2/4"
+    assert config.costs.price_output_per_million == 2.0
+    assert config.costs.context_limit == 32768
+    assert (config.limits.rpm, config.limits.tpm, config.limits.adaptive) == (600, 100000, False)
+    assert config.metrics_file == Path("m.prom")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"shard": "4/4"}, "--shard must be I/N with 0 <= I < N"),
+        ({"shard": "two"}, "--shard must be I/N"),
+        ({"base_url": "localhost:8000"}, "--base-url must be a URL"),
+        ({"context_limit": 0}, "context_limit must be a whole number"),
+        ({"price_input_per_million": -1}, "price_input_per_million must be a number >= 0"),
+        ({"rpm": 0}, "--rpm must be a number > 0"),
+    ],
+)
+def test_operations_settings_are_validated(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        build_config({"input": "in.jsonl", "out": "out.jsonl", **settings})
+
+
+def test_costs_key_in_the_wrong_table_is_named(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("[limits]\ncontext_limit = 5\n")
+    with pytest.raises(UsageError, match=r"'context_limit' belongs in \[costs\]"):
+        load_job_file(job)
