@@ -155,7 +155,8 @@ def _settings(flags: dict[str, Any]) -> dict[str, Any]:
     params.update(_parse_params(flags.pop("param") or []))
     flags["input"] = flags.pop("input_path")
     for switch in ("restart", "retry_failed"):
-        flags[switch] = flags[switch] or None  # an unset switch leaves the job file's value
+        if switch in flags:
+            flags[switch] = flags[switch] or None  # unset: the job file's value stands
     if flags.get("base_url"):  # given on the command line: replaces the job file's hosts
         settings.pop("base_urls", None)
     else:
@@ -195,6 +196,42 @@ def status_command(
         typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(status.render(report))
+
+
+@app.command("validate")
+def validate_command(
+    input_path: Annotated[
+        Path | None, typer.Argument(metavar="INPUT", help="JSONL (or .jsonl.gz) requests.")
+    ] = None,
+    job: Annotated[
+        Path | None, _opt("TOML job file (defaults, prices, context).", None, "--job")
+    ] = None,
+    model: Annotated[str | None, _opt("Model for lines that name none.")] = None,
+    param: Annotated[
+        list[str] | None, _opt("Default request parameter KEY=JSON (repeatable).", None, "--param")
+    ] = None,
+    shard: Annotated[str | None, _opt("Only shard I/N's rows.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check INPUT without sending anything: bad lines, duplicate ids, models, tokens, cost.
+
+    Exits 1 when some rows would fail (bad lines, rows over the context limit).
+    """
+    from batchrun.validate import validate
+
+    flags = {"input_path": input_path, "job": job, "model": model, "param": param, "shard": shard}
+    try:
+        settings = _settings(flags)
+        settings.setdefault("out", "-")  # validate writes nothing
+        report = validate(build_config(settings))
+    except UsageError as exc:
+        typer.echo(f"batchrun: error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if as_json:
+        typer.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(report.render())
+    raise typer.Exit(EXIT_FAILED_ROWS if report.would_fail else 0)
 
 
 @app.command("merge")

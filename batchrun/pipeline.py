@@ -34,6 +34,7 @@ from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.inputs import count_lines, open_input
 from batchrun.journal import CorruptStateError, Journal
+from batchrun.metrics import MetricsWriter
 from batchrun.progress import ProgressReporter, RunStats
 from batchrun.providers import Provider
 from batchrun.records import (
@@ -111,6 +112,7 @@ class Pipeline:
         self.stop_reason: str | None = None
         self.aborted: FatalError | None = None
         self._producers = anyio.CancelScope()
+        self.metrics = _metrics_writer(config, self.stats, throttle, clock)
         self._last_checkpoint = start.checkpoint.rows
 
     @property
@@ -129,8 +131,12 @@ class Pipeline:
             self._close()  # synchronous: nothing here can be cancelled
 
     def _close(self) -> None:
-        if not self.complete:
+        if self.complete:
+            self.stats.total = self.stats.done  # known now, even if the count was slower
+        else:
             self.checkpoint()
+        if self.metrics is not None:
+            self.metrics.write()
         self.output.close()
         self.journal.close()
         self.reporter.close()
@@ -162,6 +168,9 @@ class Pipeline:
                 tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
             if self.handle_signals:
                 tasks.start_soon(self._watch_signals)
+            if self.metrics is not None:
+                self.metrics.write()
+                tasks.start_soon(self._keep_metrics_fresh, self.metrics)
             tasks.start_soon(self._produce, work_tx, work_rx, done_tx)
             await self._write(done_rx)
             # Every row that will be written is written; the helpers are left.
@@ -178,6 +187,12 @@ class Pipeline:
                 producers.start_soon(self._read, work_tx.clone(), done_tx.clone())
                 for _ in range(self.config.limits.max_async):
                     producers.start_soon(self._work, work_rx.clone(), done_tx.clone())
+
+    async def _keep_metrics_fresh(self, metrics: MetricsWriter) -> None:
+        """Rewrite the metrics file on a timer, so a stalled run shows as one."""
+        while True:
+            await self.clock.sleep(metrics.interval)
+            metrics.write()
 
     async def _count_total(self) -> None:
         lines = await anyio.to_thread.run_sync(
@@ -417,6 +432,29 @@ def _kept_record(old: bytes, line: int, out: object) -> bytes | None:
     if isinstance(error, dict) and error.get("retryable"):
         return None
     return old if old.endswith(b"\n") else old + b"\n"
+
+
+def _metrics_writer(
+    config: RunConfig, stats: RunStats, throttle: Throttle, clock: Clock
+) -> MetricsWriter | None:
+    if config.metrics_file is None:
+        return None
+
+    def extra() -> dict[str, float]:
+        return {
+            "concurrency_limit": throttle.controller.limit,
+            "paused_seconds": throttle.gate.paused_seconds,
+            "rate_limited": throttle.rate_limited,
+        }
+
+    return MetricsWriter(
+        config.metrics_file,
+        stats,
+        job=config.out.name,
+        shard=str(config.shard) if config.shard else None,
+        extra=extra,
+        clock=clock.monotonic,
+    )
 
 
 def _failed(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:

@@ -17,6 +17,8 @@ DEFAULT_MAX_OUTPUT = 256
 
 def text_tokens(text: str) -> int:
     """Estimated tokens in ``text``: ~4 characters each, CJK one each."""
+    if text.isascii():
+        return (len(text) + 3) // 4
     wide = sum(1 for ch in text if ch >= "\u2e80")
     return wide + (len(text) - wide + 3) // 4
 
@@ -28,14 +30,14 @@ def estimate_input_tokens(body: Mapping[str, Any]) -> int:
 
 def estimate_output_tokens(body: Mapping[str, Any]) -> int:
     """The most output the request allows (``max_tokens`` and its spellings)."""
+    if "input" in body and "messages" not in body and not isinstance(body.get("input"), Mapping):
+        return 0  # embeddings produce no tokens, whatever max_tokens a job default adds
     parameters = body.get("parameters")
     for source in (body, parameters if isinstance(parameters, Mapping) else {}):
         for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = source.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 return value
-    if "input" in body and "messages" not in body and not isinstance(body.get("input"), Mapping):
-        return 0  # embeddings produce no tokens
     return DEFAULT_MAX_OUTPUT
 
 

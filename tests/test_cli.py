@@ -220,3 +220,49 @@ def test_shipped_job_files_are_valid(job: Path) -> None:
     settings = {"input": "in.jsonl", "out": "out.jsonl", **load_job_file(job)}
     config = build_config(settings)
     assert config.limits.per_host <= config.limits.max_async <= config.limits.pool_size
+
+
+def test_validate_reports_bad_lines_and_exits_1(tmp_path: Path) -> None:
+    source = write_jsonl(
+        tmp_path / "in.jsonl",
+        [chat("fine", custom_id="a"), b"", b"{oops", chat("again", custom_id="a")],
+    )
+
+    done = batchrun("validate", source, "--json")
+
+    assert done.returncode == 1, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["rows"] == 4
+    assert report["malformed"] == 2
+    assert report["duplicate_ids"] == 1
+    assert [line for line, _ in report["malformed_examples"]] == [2, 3]
+
+
+def test_validate_a_clean_file_exits_0_and_sends_nothing() -> None:
+    done = batchrun("validate", "sample_inputs/prompts.jsonl", "--job", "jobs/reference.toml")
+
+    assert done.returncode == 0, done.stderr
+    assert "100 rows" in done.stdout
+    assert "estimated cost" in done.stdout
+
+
+def test_metrics_file_is_a_valid_prometheus_textfile(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = tmp_path / "batchrun.prom"
+    done = batchrun(
+        "run",
+        "sample_inputs/prompts.jsonl",
+        "--out",
+        tmp_path / "o.jsonl",
+        "--no-progress",
+        "--metrics-file",
+        metrics,
+    )
+
+    assert done.returncode == 0, done.stderr
+    families = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
+    (done_sample,) = families["batchrun_rows_done"].samples
+    assert done_sample.value == 100
+    assert done_sample.labels["batch_job"] == "o.jsonl"
+    assert "batchrun_concurrency_limit" in families
