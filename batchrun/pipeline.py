@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from batchrun import crashpoint
 from batchrun.client import Client
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import FatalError, RequestError, TransientError
+from batchrun.errors import FatalError
 from batchrun.inputs import count_lines, open_input
 from batchrun.journal import CorruptStateError, Journal
 from batchrun.metrics import MetricsWriter
@@ -42,17 +42,15 @@ from batchrun.records import (
     LineError,
     Outcome,
     Request,
-    Response,
     line_error_outcome,
     output_line,
     parse_line,
 )
 from batchrun.resume import ResumePoint, Tally, tally
-from batchrun.retry import retrying
+from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
-from batchrun.tokens import estimate_tokens
 from batchrun.writer import OutputFile, ReorderBuffer
 
 # Rows between journal compactions: bounds the journal and the resume scan.
@@ -113,6 +111,9 @@ class Pipeline:
         self.aborted: FatalError | None = None
         self._producers = anyio.CancelScope()
         self.metrics = _metrics_writer(config, self.stats, throttle, clock)
+        self.sender = RowSender(
+            client, provider, throttle, config.retry, clock=clock, stats=self.stats
+        )
         self._last_checkpoint = start.checkpoint.rows
 
     @property
@@ -280,7 +281,7 @@ class Pipeline:
         self.journal.begin(line)
         self.in_flight.add(line)  # stays there if cancelled: that row is in doubt
         try:
-            outcome = await self.process(request)
+            outcome = await self.sender.send(request)
         except FatalError as exc:
             self.journal.abandon(line)
             self.in_flight.discard(line)
@@ -297,47 +298,6 @@ class Pipeline:
         if self.aborted is None:
             self.aborted = exc
         self._producers.cancel()
-
-    async def process(self, request: Request) -> Outcome:
-        """One row to its outcome, retrying transient failures.
-
-        ``FatalError`` propagates: it aborts the run.
-        """
-        attempts = 0
-        started = self.clock.monotonic()
-        throttle = self.throttle
-        estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
-
-        async def attempt() -> Response:
-            nonlocal attempts
-            async with throttle.slot(estimate):
-                attempts += 1
-                self.stats.in_flight += 1
-                try:
-                    return await self.client.send(request)
-                except RequestError as exc:
-                    throttle.failed(exc)
-                    raise
-                finally:
-                    self.stats.in_flight -= 1
-
-        try:
-            response: Response = await retrying(self.config.retry, sleep=self.clock.sleep)(attempt)
-        except FatalError:
-            raise
-        except RequestError as exc:
-            return _failed(request, exc, attempts, self.clock.monotonic() - started)
-        tokens_in, tokens_out = self.provider.usage(response.body)
-        throttle.succeeded(estimate, tokens_in + tokens_out)
-        return Outcome(
-            line=request.line,
-            custom_id=request.custom_id,
-            response=response,
-            attempts=attempts,
-            latency_s=self.clock.monotonic() - started,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-        )
 
     # -- writer ---------------------------------------------------------------
 
@@ -439,37 +399,14 @@ def _metrics_writer(
 ) -> MetricsWriter | None:
     if config.metrics_file is None:
         return None
-
-    def extra() -> dict[str, float]:
-        return {
-            "concurrency_limit": throttle.controller.limit,
-            "paused_seconds": throttle.gate.paused_seconds,
-            "rate_limited": throttle.rate_limited,
-        }
-
+    shard = str(config.shard) if config.shard else None
     return MetricsWriter(
         config.metrics_file,
         stats,
         job=config.out.name,
-        shard=str(config.shard) if config.shard else None,
-        extra=extra,
+        shard=shard,
+        extra=throttle.gauges,
         clock=clock.monotonic,
-    )
-
-
-def _failed(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:
-    response = None
-    if exc.status is not None:
-        response = Response(status_code=exc.status, request_id=exc.request_id, body=exc.body)
-    return Outcome(
-        line=request.line,
-        custom_id=request.custom_id,
-        response=response,
-        error_code=exc.code,
-        error_message=exc.message,
-        retryable=isinstance(exc, TransientError),
-        attempts=attempts,
-        latency_s=latency,
     )
 
 

@@ -143,6 +143,14 @@ class Throttle:
         """The current in-flight limit, for the progress line."""
         return f"concurrency {self.controller.limit}"
 
+    def gauges(self) -> dict[str, float]:
+        """Live figures for the metrics file."""
+        return {
+            "concurrency_limit": self.controller.limit,
+            "paused_seconds": self.gate.paused_seconds,
+            "rate_limited": self.rate_limited,
+        }
+
     def report(self) -> dict[str, object]:
         """Figures for the summary."""
         return {

@@ -1,0 +1,93 @@
+"""One row to its outcome: throttled attempts, retried while transient."""
+
+from __future__ import annotations
+
+from batchrun.client import Client
+from batchrun.config import RetryPolicy
+from batchrun.errors import FatalError, RequestError, TransientError
+from batchrun.progress import RunStats
+from batchrun.providers import Provider
+from batchrun.records import Outcome, Request, Response
+from batchrun.retry import retrying
+from batchrun.throttle import Throttle
+from batchrun.timing import Clock
+from batchrun.tokens import estimate_tokens
+
+
+class RowSender:
+    """Sends rows through the throttle and the client, with the retry policy."""
+
+    def __init__(
+        self,
+        client: Client,
+        provider: Provider,
+        throttle: Throttle,
+        retry: RetryPolicy,
+        *,
+        clock: Clock,
+        stats: RunStats,
+    ) -> None:
+        self.client = client
+        self.provider = provider
+        self.throttle = throttle
+        self.retry = retry
+        self.clock = clock
+        self.stats = stats
+
+    async def send(self, request: Request) -> Outcome:
+        """The row's outcome: its answer, or its last error once retries are
+        spent or the error is not transient. ``FatalError`` propagates: it
+        aborts the run."""
+        attempts = 0
+        started = self.clock.monotonic()
+        throttle = self.throttle
+        estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
+
+        async def attempt() -> Response:
+            nonlocal attempts
+            async with throttle.slot(estimate):
+                attempts += 1
+                self.stats.in_flight += 1
+                try:
+                    return await self.client.send(request)
+                except RequestError as exc:
+                    throttle.failed(exc)
+                    raise
+                finally:
+                    self.stats.in_flight -= 1
+
+        try:
+            response: Response = await retrying(self.retry, sleep=self.clock.sleep)(attempt)
+        except FatalError:
+            raise
+        except RequestError as exc:
+            return failed_outcome(request, exc, attempts, self.clock.monotonic() - started)
+        tokens_in, tokens_out = self.provider.usage(response.body)
+        throttle.succeeded(estimate, tokens_in + tokens_out)
+        return Outcome(
+            line=request.line,
+            custom_id=request.custom_id,
+            response=response,
+            attempts=attempts,
+            latency_s=self.clock.monotonic() - started,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+        )
+
+
+def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:
+    """The outcome of a row whose last attempt failed with ``exc``; an HTTP
+    answer's status and body are kept."""
+    response = None
+    if exc.status is not None:
+        response = Response(status_code=exc.status, request_id=exc.request_id, body=exc.body)
+    return Outcome(
+        line=request.line,
+        custom_id=request.custom_id,
+        response=response,
+        error_code=exc.code,
+        error_message=exc.message,
+        retryable=isinstance(exc, TransientError),
+        attempts=attempts,
+        latency_s=latency,
+    )
