@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of batchrun against a bare aiohttp loop and SDK recipes."""
