@@ -52,6 +52,11 @@ async def open_session(limits: Limits, timeouts: Timeouts) -> AsyncIterator[aioh
                 await session.close()
 
 
+# aiohttp's body writer waits for the transport to drain only past this many
+# buffered bytes; smaller bodies are handed to the kernel without waiting.
+_WRITE_CAN_BLOCK = 1 << 16
+
+
 class _WriteStalled(Exception):
     """Raised inside aiohttp's body writer when the peer stops reading."""
 
@@ -79,6 +84,9 @@ class _TimedBody(Payload):
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
         data = self._body if content_length is None else self._body[:content_length]
+        if len(data) < _WRITE_CAN_BLOCK:
+            await writer.write(data)  # below aiohttp's flow-control limit: never waits
+            return
         try:
             async with asyncio.timeout(self._write_timeout):
                 await writer.write(data)

@@ -17,7 +17,7 @@ from types import TracebackType
 import anyio
 import anyio.lowlevel
 
-__all__ = ["AIMDController", "AdaptiveLimiter"]
+__all__ = ["AIMDController", "AdaptiveLimiter", "FifoSlots"]
 
 
 class AIMDController:
@@ -180,6 +180,13 @@ class AdaptiveLimiter:
         """The controller's current limit."""
         return self._controller.limit
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody queues for it; never waits."""
+        if not self._waiters and self._in_flight < self._controller.limit:
+            self._in_flight += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Wait for a slot and take it.
 
@@ -232,3 +239,40 @@ class AdaptiveLimiter:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+class FifoSlots:
+    """A fixed number of slots, handed out first come, first served.
+
+    Taking a free slot does not yield to the event loop: cheap enough to
+    pay once per row. A released slot goes straight to the longest waiter.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting for one if none is free. Cancellation-safe."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                self.release()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back, to the longest waiter if there is one."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            waiter.event.set()
+        else:
+            self._free += 1

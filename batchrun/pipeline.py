@@ -1,15 +1,17 @@
 """One run's reader, workers and ordered writer, in one task group.
 
-    reader --(window slot, request)--> workers x max_async --(result)--> writer
+    rows (one generator) --> workers x max_async --> ordered writer
 
-* The reader takes a slot of the reorder window before each row and the
-  writer gives it back once the row is written, so at most ``reorder_window``
-  rows are between reading and writing whatever the completion order.
 * Workers are exactly ``max_async`` tasks: that is the in-flight cap. Each
-  marks a row begun in the journal before sending it and journals its result
-  as soon as it has one, before anything else happens to it.
-* The writer emits rows in input order into ``output.partial`` and compacts
-  the journal at checkpoints.
+  takes a slot of the reorder window, then the next row from the shared
+  input generator (synchronous, so rows come out in order), marks it begun in
+  the journal, sends it, journals its result as soon as it has one, and hands
+  it to the writer. Nothing passes through queues: a row costs no task
+  switches beyond its own request.
+* The writer (synchronous) emits rows in input order into ``output.partial``,
+  gives back their window slots, and compacts the journal at checkpoints. At
+  most ``reorder_window`` rows are between reading and writing, whatever the
+  completion order.
 
 Stopping (a signal, a fatal answer) stops the reader and lets no worker start
 a new row; in-flight rows get a grace period, then are cancelled. Whatever
@@ -18,18 +20,18 @@ finished is journaled, so the run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import anyio
 import orjson
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchrun import crashpoint
 from batchrun.client import Client
+from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import FatalError
 from batchrun.inputs import count_lines, open_input
@@ -56,12 +58,17 @@ from batchrun.writer import OutputFile, ReorderBuffer
 # Rows between journal compactions: bounds the journal and the resume scan.
 CHECKPOINT_EVERY = 50_000
 
+# Seconds between flushes of the ordered output to the operating system.
+FLUSH_INTERVAL = 0.05
 
-@dataclass(frozen=True, slots=True)
-class Finished:
+# Known results a worker writes before it lets other tasks run.
+_YIELD_EVERY = 256
+
+
+class Finished(NamedTuple):
     """A row ready for the writer: its output record and where its input ended."""
 
-    index: int  # 0-based input row
+    row: int  # 0-based input row
     input_end: int  # byte offset in the input just after this row
     data: bytes  # the output record, newline included
     outcome: Outcome | None  # None: finished by an earlier run
@@ -98,7 +105,8 @@ class Pipeline:
         self.handle_signals = handle_signals
         self.journal = Journal(state.journal_path, fsync=config.fsync)
         self.output = OutputFile(config.out)
-        self.window = anyio.Semaphore(config.reorder_window)
+        self.window = FifoSlots(config.reorder_window)
+        self.reorder: ReorderBuffer[Finished] = ReorderBuffer(start.checkpoint.rows)
         self.progress = start.checkpoint  # mutated as rows are written
         self.pending: dict[int, bytes] = dict(start.journal.results)  # journaled, unwritten
         self.in_flight: set[int] = set()  # begun, not finished: in doubt if we stop now
@@ -159,10 +167,7 @@ class Pipeline:
         return self.stop_reason is not None or self.aborted is not None
 
     async def _run_tasks(self) -> None:
-        limits = self.config.limits
-        work_tx, work_rx = anyio.create_memory_object_stream[Work](limits.max_async)
-        done_tx, done_rx = anyio.create_memory_object_stream[Finished](limits.max_async)
-        async with done_rx, anyio.create_task_group() as tasks:
+        async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             tasks.start_soon(self._count_total)
             if self.reporter.mode != "off":
@@ -172,22 +177,16 @@ class Pipeline:
             if self.metrics is not None:
                 self.metrics.write()
                 tasks.start_soon(self._keep_metrics_fresh, self.metrics)
-            tasks.start_soon(self._produce, work_tx, work_rx, done_tx)
-            await self._write(done_rx)
+            tasks.start_soon(self._flush_often)
+            await self._produce()
             # Every row that will be written is written; the helpers are left.
             tasks.cancel_scope.cancel()
 
-    async def _produce(
-        self,
-        work_tx: MemoryObjectSendStream[Work],
-        work_rx: MemoryObjectReceiveStream[Work],
-        done_tx: MemoryObjectSendStream[Finished],
-    ) -> None:
-        with self._producers:
-            async with anyio.create_task_group() as producers, work_tx, work_rx, done_tx:
-                producers.start_soon(self._read, work_tx.clone(), done_tx.clone())
+    async def _produce(self) -> None:
+        with self._producers, contextlib.closing(self._rows()) as rows:
+            async with anyio.create_task_group() as workers:
                 for _ in range(self.config.limits.max_async):
-                    producers.start_soon(self._work, work_rx.clone(), done_tx.clone())
+                    workers.start_soon(self._work, rows)
 
     async def _keep_metrics_fresh(self, metrics: MetricsWriter) -> None:
         """Rewrite the metrics file on a timer, so a stalled run shows as one."""
@@ -208,32 +207,26 @@ class Pipeline:
 
     # -- reader ---------------------------------------------------------------
 
-    async def _read(self, work: ObjectSendStream[Work], done: ObjectSendStream[Finished]) -> None:
+    def _rows(self) -> Generator[Work | Finished, None, None]:
+        """The rows still to do, in input order: each a request to send, or a
+        result already known (journaled, kept by --retry-failed, or a bad
+        line's error record). Sets ``eof`` at the end of the input."""
         defaults = Defaults(model=self.config.model, params=self.config.params)
         first, offset = self.start.checkpoint.input_line, self.start.checkpoint.input_offset
-        async with work, done:
-            with open_input(self.config.input) as handle, self._previous(first) as previous:
-                handle.seek(offset)
-                shard = self.shard
-                for index, raw in enumerate(handle, start=first):
-                    offset += len(raw)
-                    if not shard.owns(index):
-                        continue
-                    old = next(previous, None) if previous is not None else None
-                    if shard.seq(index) < self.progress.rows:
-                        continue  # written by an earlier run
-                    await self.window.acquire()
-                    if self.stopping:
-                        return
-                    self.rows_read = shard.seq(index) + 1
-                    item = self._known(index, offset, old) or self._parse(
-                        index, offset, raw, defaults
-                    )
-                    if isinstance(item, Finished):
-                        await done.send(item)
-                    elif not await _send_unless_stopped(work, item, self):
-                        return
-            self.eof = True
+        written, shard = self.progress.rows, self.shard
+        with open_input(self.config.input) as handle, self._previous(first) as previous:
+            handle.seek(offset)
+            for index, raw in enumerate(handle, start=first):
+                offset += len(raw)
+                if not shard.owns(index):
+                    continue
+                old = next(previous, None) if previous is not None else None
+                place = shard.seq(index)
+                if place < written:
+                    continue  # written by an earlier run
+                self.rows_read = place + 1
+                yield self._known(index, offset, old) or self._parse(index, offset, raw, defaults)
+        self.eof = True
 
     def _known(self, index: int, offset: int, old: bytes | None) -> Finished | None:
         """The row's result if an earlier run has it (journal, or kept output)."""
@@ -263,17 +256,24 @@ class Pipeline:
 
     # -- workers --------------------------------------------------------------
 
-    async def _work(
-        self, work: ObjectReceiveStream[Work], done: ObjectSendStream[Finished]
-    ) -> None:
-        async with work, done:
-            async for index, offset, request in work:
-                if self.stopping:
-                    return
-                finished = await self._journaled(index, offset, request)
-                if finished is None:
-                    return
-                await done.send(finished)
+    async def _work(self, rows: Iterator[Work | Finished]) -> None:
+        known_in_a_row = 0
+        while not self.stopping:
+            await self.window.acquire()
+            item = next(rows, None) if not self.stopping else None
+            if item is None:
+                self.window.release()
+                return
+            if isinstance(item, Finished):
+                self._deliver(item)
+                known_in_a_row += 1
+                if known_in_a_row % _YIELD_EVERY == 0:
+                    await anyio.lowlevel.checkpoint()  # let others run through a long resume
+                continue
+            finished = await self._journaled(*item)
+            if finished is None:
+                return
+            self._deliver(finished)
 
     async def _journaled(self, index: int, offset: int, request: Request) -> Finished | None:
         """Send one row with its journal marks; None when the answer was fatal."""
@@ -301,25 +301,26 @@ class Pipeline:
 
     # -- writer ---------------------------------------------------------------
 
-    async def _write(self, done: MemoryObjectReceiveStream[Finished]) -> None:
-        # The stream stays open if this task is cancelled, so that a worker
-        # finishing at that instant blocks (and is cancelled) instead of
-        # failing on a closed stream.
-        reorder: ReorderBuffer[Finished] = ReorderBuffer(self.progress.rows)
-        async for item in done:
-            for ready in reorder.push(self.shard.seq(item.index), item):
-                self._emit(ready)
-            if done.statistics().current_buffer_used == 0:
-                self._flush()
+    def _deliver(self, item: Finished) -> None:
+        for ready in self.reorder.push(self.shard.seq(item.row), item):
+            self._emit(ready)
+
+    async def _flush_often(self) -> None:
+        """Hand written lines to the OS every FLUSH_INTERVAL seconds of wall
+        time, so readers of output.partial see progress without a write per
+        row. Durability does not rest on this: the journal has every result."""
+        while True:
+            await anyio.sleep(FLUSH_INTERVAL)
+            self._flush()
 
     def _emit(self, item: Finished) -> None:
         self.output.write(item.data)
-        self.pending.pop(item.index + 1, None)
+        self.pending.pop(item.row + 1, None)
         self.window.release()
         progress = self.progress
         progress.rows += 1
         progress.output_bytes += len(item.data)
-        progress.input_line, progress.input_offset = item.index + 1, item.input_end
+        progress.input_line, progress.input_offset = item.row + 1, item.input_end
         self._count(item)
         if progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY:
             self.checkpoint()
@@ -367,17 +368,6 @@ class Pipeline:
         progress.failed_by_code = dict(stats.failed_by_code)
         progress.tokens_in, progress.tokens_out = stats.tokens_in, stats.tokens_out
         return progress
-
-
-async def _send_unless_stopped(work: ObjectSendStream[Work], item: Work, run: Pipeline) -> bool:
-    """Hand a row to the workers; False when they have all stopped."""
-    try:
-        await work.send(item)
-    except anyio.BrokenResourceError:
-        if not run.stopping:
-            raise
-        return False
-    return True
 
 
 def _kept_record(old: bytes, line: int, out: object) -> bytes | None:

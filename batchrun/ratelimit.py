@@ -246,6 +246,11 @@ class PauseGate:
             self._pauses += 1
         self._until = end
 
+    @property
+    def paused(self) -> bool:
+        """Whether a pause is on now."""
+        return self._until - self._clock() > _SLACK_S
+
     async def wait(self) -> None:
         """Return at once when not paused; else sleep until the deadline,
         following any extension made meanwhile. Cancellation propagates."""

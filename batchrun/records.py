@@ -38,7 +38,7 @@ class Defaults:
     params: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True)  # not frozen: built per row, frozen init is slower
 class Request:
     """One parsed input line. ``line`` is 1-based; ``body`` has defaults applied."""
 
@@ -59,7 +59,7 @@ class LineError:
     code: str = "invalid_line"
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True)  # not frozen: built per row, frozen init is slower
 class Response:
     """A provider's successful answer: HTTP status, request id, parsed body."""
 
@@ -68,7 +68,7 @@ class Response:
     body: Any
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True)  # not frozen: built per row, frozen init is slower
 class Outcome:
     """The final result of one row, in output-record terms.
 

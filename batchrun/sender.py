@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from batchrun.client import Client
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, TransientError
@@ -45,19 +47,23 @@ class RowSender:
 
         async def attempt() -> Response:
             nonlocal attempts
-            async with throttle.slot(estimate):
-                attempts += 1
-                self.stats.in_flight += 1
-                try:
-                    return await self.client.send(request)
-                except RequestError as exc:
-                    throttle.failed(exc)
-                    raise
-                finally:
-                    self.stats.in_flight -= 1
+            begun = await throttle.acquire(estimate)
+            attempts += 1
+            self.stats.in_flight += 1
+            answered = False
+            try:
+                response = await self.client.send(request)
+                answered = True
+                return response
+            except RequestError as exc:
+                throttle.failed(exc)
+                raise
+            finally:
+                self.stats.in_flight -= 1
+                throttle.release(begun, answered=answered)
 
         try:
-            response: Response = await retrying(self.retry, sleep=self.clock.sleep)(attempt)
+            response = await self._with_retries(attempt)
         except FatalError:
             raise
         except RequestError as exc:
@@ -73,6 +79,24 @@ class RowSender:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
         )
+
+    async def _with_retries(self, attempt: Callable[[], Awaitable[Response]]) -> Response:
+        """The first attempt goes straight; only a transient failure builds the
+        tenacity loop, which sees that failure as its own first attempt (so its
+        wait, Retry-After and bounds apply as if it had made it)."""
+        try:
+            return await attempt()
+        except TransientError as exc:
+            first: TransientError | None = exc
+
+        async def replay_then_attempt() -> Response:
+            nonlocal first
+            if first is not None:
+                failure, first = first, None
+                raise failure
+            return await attempt()
+
+        return await retrying(self.retry, sleep=self.clock.sleep)(replay_then_attempt)
 
 
 def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:

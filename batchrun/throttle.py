@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from batchrun.concurrency import AdaptiveLimiter, AIMDController
 from batchrun.config import RunConfig
@@ -103,16 +102,29 @@ class Throttle:
         """Whether requests need a token estimate (a tokens-per-minute budget is set)."""
         return self.budget.enabled
 
-    @asynccontextmanager
-    async def slot(self, estimate: int) -> AsyncIterator[None]:
-        """Hold a place for one request costing about ``estimate`` tokens."""
-        await self.gate.wait()
-        await self.budget.acquire(estimate)
-        async with self.limiter:
-            await self.gate.wait()  # a pause may have begun while this waited
+    async def acquire(self, estimate: int) -> float:
+        """Wait for a place for one request costing about ``estimate`` tokens;
+        return its start time, for ``release``. Cheap when nothing limits."""
+        gate = self.gate
+        if gate.paused:
+            await gate.wait()
+        if self.budget.enabled:
+            await self.budget.acquire(estimate)
+        if not self.limiter.try_acquire():
+            await self.limiter.acquire()
+        try:
+            if gate.paused:  # a pause may have begun while this waited
+                await gate.wait()
             self._raise_if_tripped()
-            started = self._throughput.start()
-            yield
+        except BaseException:
+            self.limiter.release()
+            raise
+        return self._throughput.start()
+
+    def release(self, started: float, *, answered: bool) -> None:
+        """Give the place back; ``answered``: a good answer came."""
+        self.limiter.release()
+        if answered:
             self._throughput.finish(started)
 
     def _raise_if_tripped(self) -> None:

@@ -72,7 +72,7 @@ class OutputFile:
         """Open the partial output for appending after its first ``keep_bytes``
         bytes (a resume keeps the complete lines; a fresh run keeps none)."""
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.partial.open("ab")
+        handle = self.partial.open("ab", buffering=1 << 16)
         handle.truncate(keep_bytes)
         self._handle = handle
 

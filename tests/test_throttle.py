@@ -98,8 +98,9 @@ async def test_one_retry_after_pauses_every_worker(tmp_path: Path) -> None:
     started: list[float] = []
 
     async def worker() -> None:
-        async with throttle.slot(0):
-            started.append(time.now)
+        begun = await throttle.acquire(0)
+        started.append(time.now)
+        throttle.release(begun, answered=True)
 
     async with anyio.create_task_group() as tasks:
         for _ in range(3):
@@ -117,8 +118,7 @@ async def test_a_huge_retry_after_pauses_the_run_no_longer_than_backoff_max(
     throttle = throttle_for(tmp_path, time, backoff_max=30.0)
     throttle.failed(TransientError("rate_limit_exceeded", "daily", status=429, retry_after=86400))
 
-    async with throttle.slot(0):
-        pass
+    throttle.release(await throttle.acquire(0), answered=False)
 
     assert time.now == 30.0
 
@@ -163,9 +163,7 @@ async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) ->
     time = FakeTime()
     throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 100 of burst
     assert throttle.counts_tokens
-    async with throttle.slot(100):
-        pass
+    throttle.release(await throttle.acquire(100), answered=True)
     throttle.succeeded(100, 400)  # the answer used 300 more than estimated
-    async with throttle.slot(100):
-        pass
+    throttle.release(await throttle.acquire(100), answered=True)
     assert time.now == pytest.approx(4.0)  # 300 of debt and 100 more, at 100/s
