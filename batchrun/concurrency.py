@@ -147,6 +147,26 @@ class _Waiter:
         self.granted = False
 
 
+async def _wait_for_grant(
+    waiters: collections.deque[_Waiter], give_back: Callable[[], None]
+) -> None:
+    """Queue up and wait until a releaser grants this waiter a slot.
+
+    A waiter cancelled in the queue leaves it; one cancelled just as it was
+    granted gives the slot back (``give_back``), so no slot ever leaks.
+    """
+    waiter = _Waiter()
+    waiters.append(waiter)
+    try:
+        await waiter.event.wait()
+    except BaseException:
+        if waiter.granted:
+            give_back()
+        else:
+            waiters.remove(waiter)
+        raise
+
+
 class AdaptiveLimiter:
     """An async slot limiter whose capacity follows a controller's limit.
 
@@ -199,16 +219,7 @@ class AdaptiveLimiter:
             # Yield to other tasks without letting a cancellation strand the slot.
             await anyio.lowlevel.cancel_shielded_checkpoint()
             return
-        waiter = _Waiter()
-        self._waiters.append(waiter)
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            if waiter.granted:
-                self.release()
-            else:
-                self._waiters.remove(waiter)
-            raise
+        await _wait_for_grant(self._waiters, self.release)
 
     def release(self) -> None:
         """Give a slot back and grant slots to the next waiters the limit allows.
@@ -257,16 +268,7 @@ class FifoSlots:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
-        waiter = _Waiter()
-        self._waiters.append(waiter)
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            if waiter.granted:
-                self.release()
-            else:
-                self._waiters.remove(waiter)
-            raise
+        await _wait_for_grant(self._waiters, self.release)
 
     def release(self) -> None:
         """Give a slot back, to the longest waiter if there is one."""

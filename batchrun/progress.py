@@ -16,9 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
-from typing import Literal, TextIO
-
-from tqdm import tqdm
+from typing import Any, Literal, TextIO
 
 __all__ = ["LatencyHistogram", "ProgressReporter", "RunStats", "Summary"]
 
@@ -289,10 +287,12 @@ class ProgressReporter:
         self._last_postfix = -math.inf
         self._closed = False
         self._shown = stats.done
-        self._bar: tqdm | None = None
+        self._bar: Any = None  # a tqdm bar in "bar" mode
         if mode == "bar":
             # Rows done before the bar existed (resume) start it, so they don't
             # count towards tqdm's rate.
+            from tqdm import tqdm  # only a terminal needs it: saves start-up time elsewhere
+
             self._bar = tqdm(
                 total=stats.total,
                 initial=stats.done,

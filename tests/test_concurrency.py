@@ -389,3 +389,30 @@ def test_slow_start_grows_per_success_until_the_first_congestion() -> None:
     assert controller.limit == 6  # additive now: one more per limit's worth of successes
     controller.on_success()
     assert controller.limit == 7
+
+
+@pytest.mark.asyncio
+async def test_fifo_slots_serve_waiters_in_order_and_never_leak_on_cancel() -> None:
+    from batchrun.concurrency import FifoSlots
+
+    slots = FifoSlots(1)
+    await slots.acquire()  # a free slot: taken at once
+    served: list[int] = []
+
+    async def waiter(n: int) -> None:
+        await slots.acquire()
+        served.append(n)
+
+    async with anyio.create_task_group() as tasks:
+        for n in range(3):
+            tasks.start_soon(waiter, n)
+            await anyio.lowlevel.checkpoint()
+        with anyio.CancelScope() as doomed:
+            doomed.cancel()
+            await slots.acquire()  # cancelled in the queue: leaves it, takes nothing
+        for _ in range(3):
+            slots.release()
+            await anyio.lowlevel.checkpoint()
+    assert served == [0, 1, 2]
+    slots.release()
+    await slots.acquire()  # exactly one slot is free again: nothing leaked
