@@ -105,7 +105,10 @@ async def test_reset_truncation_and_bad_json_are_transient(server: MockServer) -
 async def test_one_reset_is_resent_at_once_as_a_stale_connection(server: MockServer) -> None:
     async with open_session(Limits(), Timeouts()) as session:
         client = Client(
-            session, get_provider("openai"), base_url=server.base_url, api_key="k",
+            session,
+            get_provider("openai"),
+            base_url=server.base_url,
+            api_key="k",
             write_timeout=5,
         )
         response = await client.send(request("x mock:reset=1"))

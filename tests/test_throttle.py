@@ -8,8 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from batchrun.jobfile import build_config
 from batchrun.errors import TransientError
+from batchrun.jobfile import build_config
 from batchrun.mock_server import MockServer
 from batchrun.runner import run_async
 from batchrun.throttle import INITIAL_CONCURRENCY, Throttle
