@@ -403,6 +403,9 @@ class ProgressReporter:
         if not force and now - self._last_postfix < _POSTFIX_INTERVAL_S:
             return
         self._last_postfix = now
+        if self._bar.total is None and self.stats.total is not None:
+            # The input is counted while the run goes: done/total and ETA from then on.
+            self._bar.total = self.stats.total
         s = self.stats
         text = f"errors {s.failed}, retries {s.retries}, in flight {s.in_flight}"
         more = self._extra() if self._extra is not None else ""

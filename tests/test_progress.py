@@ -369,3 +369,19 @@ async def test_heartbeat_stops_on_cancellation() -> None:
             await parked.wait()
             tg.cancel_scope.cancel()
     assert tg.cancel_scope.cancelled_caught
+
+
+def test_bar_takes_the_total_once_the_count_is_known() -> None:
+    stream = io.StringIO()
+    now = [0.0]
+    stats = RunStats()
+    reporter = ProgressReporter(stats, mode="bar", stream=stream, clock=lambda: now[0])
+    stats.done = 5
+    reporter.update()
+    stats.total = 50  # the background count finished
+    now[0] += 1.0
+    reporter.tick()
+    assert reporter._bar is not None
+    assert reporter._bar.total == 50
+    reporter.close()
+    assert "/50" in stream.getvalue()
