@@ -266,3 +266,35 @@ def test_metrics_file_is_a_valid_prometheus_textfile(tmp_path: Path) -> None:
     assert done_sample.value == 100
     assert done_sample.labels["batch_job"] == "o.jsonl"
     assert "batchrun_concurrency_limit" in families
+
+
+def test_python_api_runs_a_job_and_returns_the_summary(tmp_path: Path) -> None:
+    from batchrun import build_config, run
+
+    summary = run(
+        build_config(
+            {
+                "input": ROOT / "sample_inputs/prompts.jsonl",
+                "out": tmp_path / "out.jsonl",
+                "provider": "mock",
+                "progress": False,
+            }
+        )
+    )
+
+    assert summary.exit_code == 0
+    assert summary.ok == 100
+    assert summary.to_dict()["failed_by_code"] == {}
+
+
+def test_a_key_over_plain_http_to_a_remote_host_warns(caplog: pytest.LogCaptureFixture) -> None:
+    from batchrun.runner import _warn_plain_http
+
+    with caplog.at_level("WARNING", logger="batchrun"):
+        _warn_plain_http("http://127.0.0.1:8000/v1", "sk-1")
+        _warn_plain_http("http://localhost:8000/v1", "sk-1")
+        _warn_plain_http("https://api.example.com/v1", "sk-1")
+        assert not caplog.records
+        _warn_plain_http("http://api.example.com/v1", "sk-1")
+    assert "plain http to api.example.com" in caplog.text
+    assert "sk-1" not in caplog.text
