@@ -39,13 +39,20 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-Kind = Literal["chat", "completion", "embedding", "dashscope"]
+from batchrun.mock_script import (
+    NO_DIRECTIVES,
+    Call,
+    Directives,
+    Kind,
+    parse_directives,
+    prompt_parts,
+    success_body,
+)
 
 DASHSCOPE_PATH: Final = "/api/v1/services/aigc/text-generation/generation"
 _OPENAI_ROUTES: Final[dict[str, Kind]] = {
@@ -53,7 +60,6 @@ _OPENAI_ROUTES: Final[dict[str, Kind]] = {
     "completions": "completion",
     "embeddings": "embedding",
 }
-_ECHO_CHARS: Final = 200
 _BAD_KEY: Final = "bad-key"
 _BAD_JSON: Final = b'{"choices": ['
 _JSON: Final = "application/json"
@@ -102,145 +108,6 @@ class MockStats:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Directives:
-    """A row's parsed ``mock:`` tokens (see the module docstring); 0 = off."""
-
-    delay: float = 0.0
-    fail: int | None = None
-    fail_times: int | None = None  # None: every attempt
-    retry_after: str | None = None
-    quota: bool = False
-    reset: int = 0
-    truncate: int = 0
-    badjson: int = 0
-
-
-_NO_DIRECTIVES: Final = Directives()
-
-
-def _seconds(value: str | None) -> float:
-    try:
-        seconds = float(value or 0)
-    except ValueError:
-        return 0.0
-    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
-
-
-def _count(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 0
-
-
-def _fail(value: str | None) -> tuple[int | None, int | None]:
-    code, sep, times = (value or "").partition("x")
-    if not code.isdigit() or not 400 <= int(code) <= 599 or (sep and not times.isdigit()):
-        return None, None
-    return int(code), int(times) if sep else None
-
-
-def parse_directives(text: str) -> Directives:
-    """Collect the ``mock:NAME[=VALUE]`` tokens of a prompt text."""
-    if "mock:" not in text:
-        return _NO_DIRECTIVES
-    found: dict[str, str] = {}
-    for token in text.split():
-        if token.startswith("mock:"):
-            name, _, value = token[5:].partition("=")
-            found[name] = value
-    fail, fail_times = _fail(found.get("fail"))
-    return Directives(
-        delay=_seconds(found.get("delay")),
-        fail=fail,
-        fail_times=fail_times,
-        retry_after=found.get("retry_after") or None,
-        quota="quota" in found,
-        reset=_count(found.get("reset")),
-        truncate=_count(found.get("truncate")),
-        badjson=_count(found.get("badjson")),
-    )
-
-
-def _strings(value: Any) -> list[str]:
-    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    return [item for item in items if isinstance(item, str)]
-
-
-def _message_texts(messages: Any) -> list[str]:
-    """One text per message: a string content, or its list's ``text`` parts."""
-    texts = []
-    for message in messages if isinstance(messages, list) else ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            parts = (part.get("text") for part in content if isinstance(part, dict))
-            content = "\n".join(part for part in parts if isinstance(part, str))
-        texts.append(content if isinstance(content, str) else "")
-    return texts
-
-
-def prompt_parts(kind: Kind, body: dict[str, Any]) -> list[str]:
-    """The texts of a request: message contents, prompts or embedding inputs."""
-    if kind == "chat":
-        return _message_texts(body.get("messages"))
-    if kind != "dashscope":
-        return _strings(body.get("prompt" if kind == "completion" else "input"))
-    given = body.get("input")
-    if not isinstance(given, dict):
-        return []
-    return _message_texts(given.get("messages")) or _strings(given.get("prompt"))
-
-
-@dataclass(slots=True)
-class _Call:
-    """One authorised request with a JSON object body."""
-
-    kind: Kind
-    digest: str
-    attempt: int
-    body: dict[str, Any]
-    parts: list[str]
-
-    @property
-    def request_id(self) -> str:
-        return "req-" + self.digest[:16]
-
-
-def _embedding(text: str) -> list[float]:
-    # 32 digest bytes are 8 signed int32s; dividing by 2**31 lands in [-1, 1).
-    words = struct.unpack("<8i", hashlib.sha256(text.encode()).digest())
-    return [word / 2147483648 for word in words]
-
-
-def _success(call: _Call) -> dict[str, Any]:
-    """The normal answer; token counts are whitespace-separated words."""
-    model = call.body.get("model")
-    model = model if isinstance(model, str) else "mock"
-    n_in = sum(len(part.split()) for part in call.parts)
-    if call.kind == "embedding":
-        data = [
-            {"object": "embedding", "index": i, "embedding": _embedding(text)}
-            for i, text in enumerate(call.parts)
-        ]
-        usage = {"prompt_tokens": n_in, "total_tokens": n_in}
-        return {"object": "list", "data": data, "model": model, "usage": usage}
-    content = "echo: " + (call.parts[-1][:_ECHO_CHARS] if call.parts else "")
-    message = {"role": "assistant", "content": content}
-    n_out = len(content.split())
-    if call.kind == "dashscope":
-        output = {"choices": [{"finish_reason": "stop", "message": message}]}
-        usage = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
-        return {"output": output, "usage": usage, "request_id": call.request_id}
-    chat = call.kind == "chat"
-    choice = {"index": 0, **({"message": message} if chat else {"text": content})}
-    return {
-        "id": ("chatcmpl-" if chat else "cmpl-") + call.digest[:12],
-        "object": "chat.completion" if chat else "text_completion",
-        "created": 0,
-        "model": model,
-        "choices": [{**choice, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
-    }
-
-
 def _json(status: int, body: Any, headers: dict[str, str]) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers)
 
@@ -276,7 +143,7 @@ def _auth_error(kind: Kind, headers: dict[str, str], key: str) -> web.Response:
     return _error(kind, headers, 401, message, "invalid_api_key")
 
 
-def _fault(call: _Call, rules: Directives, overloaded: bool) -> web.Response | None:
+def _fault(call: Call, rules: Directives, overloaded: bool) -> web.Response | None:
     """The error answer a row's directives or the fail rate force, if any."""
     headers = {"x-request-id": call.request_id}
     if rules.retry_after:
@@ -304,8 +171,8 @@ def _reset_connection(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
-async def _truncated(request: web.Request, call: _Call) -> web.StreamResponse:
-    full = orjson.dumps(_success(call))
+async def _truncated(request: web.Request, call: Call) -> web.StreamResponse:
+    full = orjson.dumps(success_body(call))
     response = web.StreamResponse(headers={"x-request-id": call.request_id})
     response.content_type = _JSON
     response.content_length = len(full)
@@ -319,7 +186,7 @@ async def _truncated(request: web.Request, call: _Call) -> web.StreamResponse:
 
 
 async def _scripted(
-    request: web.Request, call: _Call, rules: Directives, overloaded: bool
+    request: web.Request, call: Call, rules: Directives, overloaded: bool
 ) -> web.StreamResponse:
     """Answer an authorised request whose body is a JSON object."""
     if call.attempt <= rules.reset:
@@ -332,7 +199,7 @@ async def _scripted(
     headers = {"x-request-id": call.request_id}
     if call.attempt <= rules.badjson:
         return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
-    return _json(200, _success(call), headers)
+    return _json(200, success_body(call), headers)
 
 
 class MockServer:
@@ -481,10 +348,10 @@ class MockServer:
         digest = hashlib.sha256(raw).hexdigest()
         self.stats.by_digest[digest] += 1
         overloaded = self.fail_rate > 0 and self._rng.random() < self.fail_rate
-        call = _Call(kind, digest, self.stats.by_digest[digest], {}, [])
+        call = Call(kind, digest, self.stats.by_digest[digest], {}, [])
         key = _bearer_key(request)
         body = _json_object(raw)
-        rules = _NO_DIRECTIVES
+        rules = NO_DIRECTIVES
         valid = bool(key) and key != _BAD_KEY and body is not None
         if valid and body is not None:
             call.body, call.parts = body, prompt_parts(kind, body)

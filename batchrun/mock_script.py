@@ -1,0 +1,157 @@
+"""What a request asks of the mock provider and what it answers: pure logic.
+
+A row scripts its own faults with ``mock:NAME[=VALUE]`` tokens in its prompt
+(see ``batchrun.mock_server``); ``parse_directives`` reads them, and
+``success_body`` makes the deterministic answer of each dialect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+Kind = Literal["chat", "completion", "embedding", "dashscope"]
+
+ECHO_CHARS: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Directives:
+    """A row's parsed ``mock:`` tokens (see the module docstring); 0 = off."""
+
+    delay: float = 0.0
+    fail: int | None = None
+    fail_times: int | None = None  # None: every attempt
+    retry_after: str | None = None
+    quota: bool = False
+    reset: int = 0
+    truncate: int = 0
+    badjson: int = 0
+
+
+NO_DIRECTIVES: Final = Directives()
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def _count(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
+
+
+def _fail(value: str | None) -> tuple[int | None, int | None]:
+    code, sep, times = (value or "").partition("x")
+    if not code.isdigit() or not 400 <= int(code) <= 599 or (sep and not times.isdigit()):
+        return None, None
+    return int(code), int(times) if sep else None
+
+
+def parse_directives(text: str) -> Directives:
+    """Collect the ``mock:NAME[=VALUE]`` tokens of a prompt text."""
+    if "mock:" not in text:
+        return NO_DIRECTIVES
+    found: dict[str, str] = {}
+    for token in text.split():
+        if token.startswith("mock:"):
+            name, _, value = token[5:].partition("=")
+            found[name] = value
+    fail, fail_times = _fail(found.get("fail"))
+    return Directives(
+        delay=_seconds(found.get("delay")),
+        fail=fail,
+        fail_times=fail_times,
+        retry_after=found.get("retry_after") or None,
+        quota="quota" in found,
+        reset=_count(found.get("reset")),
+        truncate=_count(found.get("truncate")),
+        badjson=_count(found.get("badjson")),
+    )
+
+
+def _strings(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [item for item in items if isinstance(item, str)]
+
+
+def _message_texts(messages: Any) -> list[str]:
+    """One text per message: a string content, or its list's ``text`` parts."""
+    texts = []
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts = (part.get("text") for part in content if isinstance(part, dict))
+            content = "\n".join(part for part in parts if isinstance(part, str))
+        texts.append(content if isinstance(content, str) else "")
+    return texts
+
+
+def prompt_parts(kind: Kind, body: dict[str, Any]) -> list[str]:
+    """The texts of a request: message contents, prompts or embedding inputs."""
+    if kind == "chat":
+        return _message_texts(body.get("messages"))
+    if kind != "dashscope":
+        return _strings(body.get("prompt" if kind == "completion" else "input"))
+    given = body.get("input")
+    if not isinstance(given, dict):
+        return []
+    return _message_texts(given.get("messages")) or _strings(given.get("prompt"))
+
+
+@dataclass(slots=True)
+class Call:
+    """One authorised request with a JSON object body."""
+
+    kind: Kind
+    digest: str
+    attempt: int
+    body: dict[str, Any]
+    parts: list[str]
+
+    @property
+    def request_id(self) -> str:
+        return "req-" + self.digest[:16]
+
+
+def _embedding(text: str) -> list[float]:
+    # 32 digest bytes are 8 signed int32s; dividing by 2**31 lands in [-1, 1).
+    words = struct.unpack("<8i", hashlib.sha256(text.encode()).digest())
+    return [word / 2147483648 for word in words]
+
+
+def success_body(call: Call) -> dict[str, Any]:
+    """The normal answer; token counts are whitespace-separated words."""
+    model = call.body.get("model")
+    model = model if isinstance(model, str) else "mock"
+    n_in = sum(len(part.split()) for part in call.parts)
+    if call.kind == "embedding":
+        data = [
+            {"object": "embedding", "index": i, "embedding": _embedding(text)}
+            for i, text in enumerate(call.parts)
+        ]
+        usage = {"prompt_tokens": n_in, "total_tokens": n_in}
+        return {"object": "list", "data": data, "model": model, "usage": usage}
+    content = "echo: " + (call.parts[-1][:ECHO_CHARS] if call.parts else "")
+    message = {"role": "assistant", "content": content}
+    n_out = len(content.split())
+    if call.kind == "dashscope":
+        output = {"choices": [{"finish_reason": "stop", "message": message}]}
+        usage = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
+        return {"output": output, "usage": usage, "request_id": call.request_id}
+    chat = call.kind == "chat"
+    choice = {"index": 0, **({"message": message} if chat else {"text": content})}
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + call.digest[:12],
+        "object": "chat.completion" if chat else "text_completion",
+        "created": 0,
+        "model": model,
+        "choices": [{**choice, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+    }
