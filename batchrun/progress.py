@@ -14,9 +14,11 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TextIO
+
+from batchrun.timing import Sleep
 
 __all__ = ["LatencyHistogram", "ProgressReporter", "RunStats", "Summary"]
 
@@ -347,7 +349,7 @@ class ProgressReporter:
             parts.append(more)
         return " | ".join(parts)
 
-    async def heartbeat(self, sleep: Callable[[float], Awaitable[None]]) -> None:
+    async def heartbeat(self, sleep: Sleep) -> None:
         """Tick forever, every ``log_interval`` s in log mode, else every 0.5 s.
 
         Meant to run in a task group and be cancelled when the run ends; any

@@ -15,17 +15,16 @@ from __future__ import annotations
 import collections
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 
 import anyio
 
 from batchrun.retry import parse_retry_after
+from batchrun.timing import Monotonic, Sleep
 
 __all__ = ["PauseGate", "RateBudget", "parse_duration", "pause_hint"]
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
 
 # Shortfalls under a microsecond count as none: after sleeping exactly the
 # computed delay, float rounding can leave a sliver that would otherwise ask
@@ -79,7 +78,7 @@ class RateBudget:
         *,
         rpm: float | None,
         tpm: float | None,
-        clock: Clock,
+        clock: Monotonic,
         sleep: Sleep,
         burst_seconds: float = 1.0,
     ) -> None:
@@ -220,7 +219,7 @@ class PauseGate:
     calls ``pause_for``. ``paused_seconds`` and ``pauses`` feed the summary.
     """
 
-    def __init__(self, *, clock: Clock, sleep: Sleep) -> None:
+    def __init__(self, *, clock: Monotonic, sleep: Sleep) -> None:
         self._clock = clock
         self._sleep = sleep
         # The current (or last) pause episode is [_start, _until]; earlier

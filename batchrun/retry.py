@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from tenacity import (
@@ -23,8 +23,7 @@ from tenacity import (
 
 from batchrun.config import RetryPolicy
 from batchrun.errors import TransientError
-
-Sleep = Callable[[float], Awaitable[None]]
+from batchrun.timing import Sleep
 
 
 def parse_retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:

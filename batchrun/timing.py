@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import anyio
 
-Sleep = Callable[[float], Awaitable[None]]
+Sleep = Callable[[float], Awaitable[None]]  # waits that many seconds
+Monotonic = Callable[[], float]  # reads a monotonic clock, in seconds
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -16,4 +17,4 @@ class Clock:
     """``sleep`` waits (seconds); ``monotonic`` reads a monotonic clock (seconds)."""
 
     sleep: Sleep = anyio.sleep
-    monotonic: Callable[[], float] = time.monotonic
+    monotonic: Monotonic = time.monotonic
