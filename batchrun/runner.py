@@ -62,6 +62,8 @@ async def run_async(
     api_key = resolve_api_key(provider, config)
     if not config.input.is_file():
         raise UsageError(f"input file {config.input} does not exist or is not a file")
+    if config.out.resolve() == config.input.resolve():
+        raise UsageError(f"--out {config.out} is the input file: choose another output")
     state = StateDir(config.out)
     state.lock()
     try:

@@ -273,3 +273,11 @@ async def test_reorder_window_bounds_how_far_reading_runs_ahead(
     assert seen_while_blocked[0] <= 20
     assert summary.ok == 301
     assert [r["line"] for r in read_jsonl(config.out)] == list(range(1, 302))
+
+
+async def test_the_output_may_not_be_the_input(tmp_path: Path, server: MockServer) -> None:
+    config = make_config(tmp_path, [chat("x")], server, out=tmp_path / "in.jsonl")
+
+    with pytest.raises(UsageError, match="is the input file"):
+        await run_async(config)
+    assert server.stats.requests == 0
