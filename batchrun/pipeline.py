@@ -13,9 +13,9 @@
   most ``reorder_window`` rows are between reading and writing, whatever the
   completion order.
 
-Stopping (a signal, a fatal answer) stops the reader and lets no worker start
-a new row; in-flight rows get a grace period, then are cancelled. Whatever
-finished is journaled, so the run resumes where it stopped.
+Stopping (a signal, a fatal answer) lets no worker take a new row; in-flight
+rows get a grace period, then are cancelled. Whatever finished is journaled,
+so the run resumes where it stopped.
 """
 
 from __future__ import annotations
