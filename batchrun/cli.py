@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -130,12 +132,9 @@ def run_command(
     flags = dict(locals())
     _setup_logging()
     try:
-        settings = _settings(flags)
-        config = build_config(settings)
-        result = run(config, handle_signals=True)
-    except UsageError as exc:
-        typer.echo(f"batchrun: error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        with _usage_errors():
+            config = build_config(_settings(flags))
+            result = run(config, handle_signals=True)
     except LockedError as exc:
         typer.echo(f"batchrun: {exc}", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
@@ -187,11 +186,8 @@ def status_command(
     """Tell how far the run on OUT has come, without touching anything."""
     from batchrun import status
 
-    try:
+    with _usage_errors():
         report = status.describe(out)
-    except UsageError as exc:
-        typer.echo(f"batchrun: error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
     if as_json:
         typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -220,13 +216,10 @@ def validate_command(
     from batchrun.validate import validate
 
     flags = {"input_path": input_path, "job": job, "model": model, "param": param, "shard": shard}
-    try:
+    with _usage_errors():
         settings = _settings(flags)
         settings.setdefault("out", "-")  # validate writes nothing
         report = validate(build_config(settings))
-    except UsageError as exc:
-        typer.echo(f"batchrun: error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
     if as_json:
         typer.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -242,11 +235,8 @@ def merge_command(
     """Join the outputs of --shard I/N runs into one output, in input order."""
     from batchrun.merge import merge
 
-    try:
+    with _usage_errors():
         report = merge(shards, out)
-    except UsageError as exc:
-        typer.echo(f"batchrun: error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
     typer.echo(
         f"batchrun: merged {len(shards)} shards, {report.rows:,} rows"
         f" ({report.failed:,} failed) into {report.output}",
@@ -272,6 +262,16 @@ def mock_server_command(
     serve(
         host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed, rate_limit=rate_limit
     )
+
+
+@contextmanager
+def _usage_errors() -> Iterator[None]:
+    """A ``UsageError`` becomes its message on stderr and exit code 2."""
+    try:
+        yield
+    except UsageError as exc:
+        typer.echo(f"batchrun: error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 def _setup_logging() -> None:

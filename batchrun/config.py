@@ -16,6 +16,8 @@ from typing import Any, Literal
 from batchrun.errors import UsageError
 
 ProviderName = Literal["openai", "dashscope", "mock"]
+# off: results reach the OS at once; batch: fsync per written batch; always: per result.
+FsyncPolicy = Literal["off", "batch", "always"]
 PROVIDERS: tuple[ProviderName, ...] = ("openai", "dashscope", "mock")
 
 # DashScope's own SDK defaults: the knobs batchrun is modelled on.
@@ -252,7 +254,7 @@ class RunConfig:
     reorder_window: int = 10_000
     progress: bool = True
     summary_path: Path | None = None
-    fsync: Literal["off", "batch", "always"] = "off"
+    fsync: FsyncPolicy = "off"
     grace: float = 3.0
     restart: bool = False
     retry_failed: bool = False

@@ -25,14 +25,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import orjson
 
 from batchrun import crashpoint
+from batchrun.config import FsyncPolicy
 from batchrun.errors import UsageError
-
-FsyncPolicy = Literal["off", "batch", "always"]
 
 
 class CorruptStateError(UsageError):

@@ -48,7 +48,7 @@ from batchrun.records import (
     output_line,
     parse_line,
 )
-from batchrun.resume import ResumePoint, Tally, tally
+from batchrun.resume import ResumePoint, tally
 from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
 from batchrun.throttle import Throttle
@@ -400,4 +400,4 @@ def _metrics_writer(
     )
 
 
-__all__ = ["CHECKPOINT_EVERY", "Finished", "Pipeline", "Tally"]
+__all__ = ["CHECKPOINT_EVERY", "Finished", "Pipeline"]
