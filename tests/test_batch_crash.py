@@ -89,7 +89,8 @@ async def test_sigterm_leaves_the_batches_running_and_the_rerun_attaches(tmp_pat
         status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out)])
         listed = status.stdout.decode()
         assert status.returncode == 0
-        assert "batch_" in listed and "part 3" in listed
+        assert "batch_" in listed
+        assert "part 3" in listed
         server.batches.faults.seconds = 0.2  # let them finish now
         done = await run_cli(command(source, out, server))
         assert done.returncode == 0, done.stderr.decode()

@@ -46,7 +46,9 @@ def paid_twice(server: MockServer) -> int:
     return sum(count - 1 for count in server.stats.by_digest.values())
 
 
-async def test_rows_are_split_by_count_and_by_model(tmp_path: Path, batch_server: MockServer) -> None:
+async def test_rows_are_split_by_count_and_by_model(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
     source = [chat(f"row {i}", model="m-a" if i % 3 else "m-b") for i in range(20)]
     config = make_config(tmp_path, source, batch_server, batch_rows=4, keep_files=True, **FAST)
     summary = await run_async(config)
@@ -100,20 +102,20 @@ async def test_expiry_resubmits_only_the_unfinished_rows(tmp_path: Path) -> None
         statuses = [b.info["status"] for b in server.batches.batches.values()]
         assert statuses == ["expired", "completed"]
         assert [len(b.rows) for b in server.batches.batches.values()] == [10, 5]
-        assert server.stats.batch_rows == 10 and paid_twice(server) == 0
+        assert server.stats.batch_rows == 10
+        assert paid_twice(server) == 0
     assert all(row["error"] is None for row in read_jsonl(config.out))
 
 
 async def test_expiry_with_fallback_online_sends_the_rest_online(tmp_path: Path) -> None:
     faults = BatchFaults(seconds=0.2, expire_first=1, expire_share=0.3)
     async with MockServer(batch_faults=faults) as server:
-        config = make_config(
-            tmp_path, rows(10, model="m"), server, fallback="online", **FAST
-        )
+        config = make_config(tmp_path, rows(10, model="m"), server, fallback="online", **FAST)
         summary = await run_async(config)
         assert summary.exit_code == 0
         assert server.batches.created == 1
-        assert server.stats.batch_rows == 7 and server.stats.requests == 3
+        assert server.stats.batch_rows == 7
+        assert server.stats.requests == 3
         assert paid_twice(server) == 0
     assert len(read_jsonl(config.out)) == 10
 
@@ -124,7 +126,8 @@ async def test_enqueued_token_limit_then_success(tmp_path: Path) -> None:
         assert (await run_async(config)).exit_code == 0
         statuses = sorted(b.info["status"] for b in server.batches.batches.values())
         assert statuses == ["completed", "completed", "failed"]
-        assert paid_twice(server) == 0 and server.stats.batch_rows == 6
+        assert paid_twice(server) == 0
+        assert server.stats.batch_rows == 6
         # The refused part's file was uploaded once and reused.
         inputs = [b.info["input_file_id"] for b in server.batches.batches.values()]
         assert len(set(inputs)) == 2
@@ -152,7 +155,8 @@ async def test_a_refused_file_aborts_quoting_the_provider(
     config = make_config(tmp_path, source, batch_server, **FAST)
     summary = await run_async(config)
     assert summary.exit_code == 3
-    assert summary.aborted is not None and "refused it as a whole" in summary.aborted
+    assert summary.aborted is not None
+    assert "refused it as a whole" in summary.aborted
     assert not config.out.exists()
 
 

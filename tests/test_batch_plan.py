@@ -61,17 +61,25 @@ def test_results_map_back_by_our_key_and_missing_rows_are_unfinished() -> None:
     ids = {3: "a", 5: "a", 9: "b"}
     body = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
     output = orjson.dumps(
-        {"custom_id": batch_key(5), "response": {"status_code": 200, "request_id": "q", "body": body}}
+        {
+            "custom_id": batch_key(5),
+            "response": {"status_code": 200, "request_id": "q", "body": body},
+        }
     )
     bad = {"error": {"message": "no", "type": "invalid_request_error", "code": "bad"}}
     errors = b"\n".join(
         [
-            orjson.dumps({"custom_id": batch_key(3), "response": {"status_code": 400, "body": bad}}),
+            orjson.dumps(
+                {"custom_id": batch_key(3), "response": {"status_code": 400, "body": bad}}
+            ),
             orjson.dumps({"custom_id": batch_key(9), "error": {"code": "batch_expired"}}),
         ]
     )
     found = collect([output, errors], ids, provider)
     assert found.unfinished == {9}
     ok, failed = orjson.loads(found.records[5]), orjson.loads(found.records[3])
-    assert ok["custom_id"] == "a" and ok["error"] is None and ok["line"] == 5
-    assert failed["error"]["code"] == "bad" and failed["response"]["status_code"] == 400
+    assert ok["custom_id"] == "a"
+    assert ok["error"] is None
+    assert ok["line"] == 5
+    assert failed["error"]["code"] == "bad"
+    assert failed["response"]["status_code"] == 400
