@@ -93,6 +93,7 @@ class Throttle:
             increase_interval=INCREASE_INTERVAL,
         )
         self.limiter = AdaptiveLimiter(self.controller)
+        self._adaptive = limits.adaptive
         self._pause_cap = config.retry.backoff_max
         self._throughput = Throughput(clock.monotonic)
         self.rate_limited = 0
@@ -147,7 +148,8 @@ class Throttle:
             self._tripped = error
         if error.status == 429:
             self.rate_limited += 1
-        if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
+        congested = error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES
+        if congested and self._adaptive:  # --no-adaptive pins the limit at the cap
             self.controller.on_congestion(self._throughput.sustained_concurrency())
         if error.retry_after:
             self.gate.pause_for(min(error.retry_after, self._pause_cap))

@@ -159,6 +159,17 @@ async def test_no_adaptive_starts_at_the_cap(tmp_path: Path) -> None:
     assert throttle.controller.limit == 48
 
 
+async def test_no_adaptive_keeps_the_limit_pinned_through_congestion(tmp_path: Path) -> None:
+    throttle = throttle_for(
+        tmp_path, FakeClock(), max_async_requests=48, adaptive_concurrency=False
+    )
+    for _ in range(5):
+        throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429))
+        throttle.failed(TransientError("server_error", "busy", status=503))
+    assert throttle.controller.limit == 48
+    assert throttle.report()["concurrency"] == "48-48"
+
+
 async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) -> None:
     time = FakeClock()
     throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 10 of burst
