@@ -15,8 +15,8 @@ import pytest
 from batchrun.merge import merge
 from batchrun.mock_server import MockServer
 from batchrun.runner import run_async
-from batchrun.timing import Clock
-from tests.conftest import FakeSleep, chat, make_config, read_jsonl, write_jsonl
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.fakes import FakeClock
 from tests.test_cli import abatchrun
 
 # name -> (extra arguments, with {in}, {out} and {dir} filled in; the message's start)
@@ -188,7 +188,7 @@ async def test_merge_refuses_to_write_over_a_shard_and_shards_of_another_job(
             model=model,
             shard=shard,
         )
-        await run_async(config, clock=Clock(sleep=FakeSleep()))
+        await run_async(config, clock=FakeClock().as_clock())
         parts.append(config.out)
     before = parts[0].read_bytes()
     server.stats.reset()
@@ -228,7 +228,8 @@ async def test_a_failed_metrics_write_warns_once_and_the_run_goes_on(
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(run)
         with anyio.fail_after(30):
-            while not (metrics_dir / "b.prom").exists() or server.stats.requests == 0:
+            metrics = metrics_dir / "b.prom"
+            while not (metrics.exists() and server.stats.requests):  # noqa: ASYNC110 - another process
                 await anyio.sleep(0.02)
         shutil.rmtree(metrics_dir)  # every later write fails
 
