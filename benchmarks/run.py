@@ -15,7 +15,9 @@ c. memory: batchrun alone at zero latency on 10,000 and 1,000,000 rows;
 d. resume start-up: a 1,000,000-row batchrun run is stopped (SIGTERM) once 60 %
    of the rows reached the server; the same command is run again and the time
    from its start to the server's first received request is measured (by
-   polling ``GET /_mock/stats`` every 10 ms).
+   polling ``GET /_mock/stats`` every 10 ms);
+e. export: ``batchrun export`` of 30,000, 100,000 and 300,000 output rows to Parquet,
+   rows/s and peak RSS (see ``benchmarks/export_bench.py``).
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -43,6 +45,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.export_bench import render as render_export
+from benchmarks.export_bench import run_export
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
@@ -496,6 +501,8 @@ def render(report: dict[str, Any]) -> str:
             first = d.get("first_request_s")
             seen = f" (the rerun's first request came after {first:.3f} s)" if first else ""
             lines.append(f"n/a (resume not available): {d['why_not']}{seen}.")
+    if report.get("export") is not None:
+        lines += render_export(report["export"])
     return "\n".join(lines) + "\n"
 
 
@@ -505,7 +512,7 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcd", help="which of a, b, c, d to run (abcd)")
+    p.add_argument("--scenarios", default="abcde", help="which of a-e to run (abcde)")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
@@ -554,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"scenario d: resume start-up on {args.rows_big:,} rows", flush=True)
                 resume = run_resume(args.rows_big, 64, 0.6, work)
+        exported = None
+        if "e" in args.scenarios:
+            print("scenario e: export to Parquet", flush=True)
+            exported = run_export([30_000, 100_000, 300_000], work)
     tables = []
     for sc in scenarios:
         table = summarize(sc)
@@ -575,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "scenarios": tables,
         "resume": resume,
+        "export": exported,
     }
     markdown = render(report)
     print("\n" + markdown)
