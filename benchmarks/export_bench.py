@@ -1,4 +1,4 @@
-"""Scenario e of ``make bench``: ``batchrun export`` to Parquet, speed and memory.
+"""Scenario g of ``make bench``: ``batchrun export`` to Parquet, speed and memory.
 
 An output of chat answers in batchrun's record shape (one row in 50 failed)
 is written for each size; ``python -m benchmarks.export_bench OUT TO`` then
@@ -89,7 +89,7 @@ def run_export(sizes: list[int], work: Path) -> dict[str, Any]:
         result = {"rows": rows, **measure(out, work / f"export-{rows}.parquet")}
         results.append(result)
         out.unlink()
-        print(f"  [e] {rows:,} rows: {result}", flush=True)
+        print(f"  [g] {rows:,} rows: {result}", flush=True)
     ok = [r for r in results if "error" not in r]
     report: dict[str, Any] = {"sizes": results}
     if len(ok) >= 2:
@@ -101,7 +101,7 @@ def render(report: dict[str, Any]) -> list[str]:
     """Markdown lines for the benchmark report."""
     lines = [
         "",
-        "## Export to Parquet (scenario e)",
+        "## Export to Parquet (scenario g)",
         "",
         f"Targets: >= {TARGET_ROWS_PER_S:,} rows/s; 100,000 rows within {TARGET_RSS_MB} MB"
         " peak RSS, flat in rows.",
