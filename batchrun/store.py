@@ -183,7 +183,7 @@ def open_store(path: Path) -> ResultStore:
     try:
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the result store {path}: {exc}") from None
+        raise StoreError(f"cannot write the result store {path}: {exc}") from None
     try:
         _prepare(db, path)
     except BaseException:
