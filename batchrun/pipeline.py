@@ -22,22 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import anyio
 import orjson
 
 from batchrun import crashpoint
-from batchrun.answers import Answers, relabel
+from batchrun.answers import Answers, relabel, stored_from_record
 from batchrun.budget import Budget, worst_case_cost
 from batchrun.client import Client
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
-from batchrun.errors import FatalError
-from batchrun.inputs import count_lines, open_input
+from batchrun.errors import FatalError, sole_usage_error
+from batchrun.inputs import READ_ERRORS, count_lines, open_input, read_lines
 from batchrun.journal import CorruptStateError, Journal
 from batchrun.metrics import MetricsWriter
 from batchrun.progress import ProgressReporter, RunStats
@@ -81,6 +82,15 @@ class Finished(NamedTuple):
 Work = tuple[int, int, Request, bytes]  # row, input end, request, content key
 
 
+class KnownLookup(Protocol):
+    """Results found elsewhere (batch mode's collected answers), asked for by
+    input line in increasing order; ``found`` counts the hits."""
+
+    found: int
+
+    def get(self, line: int) -> bytes | None: ...
+
+
 class Pipeline:
     """Runs the rows of one job from a resume point; see the module docstring."""
 
@@ -97,8 +107,10 @@ class Pipeline:
         throttle: Throttle,
         answers: Answers,
         handle_signals: bool = False,
+        known: KnownLookup | None = None,
     ) -> None:
         self.config = config
+        self.known = known
         self.throttle = throttle
         self.client = client
         self.provider = provider
@@ -144,6 +156,11 @@ class Pipeline:
         try:
             self.checkpoint()  # drops torn tails and settled records before anything new
             await self._run_tasks()
+        except BaseExceptionGroup as group:
+            usage = sole_usage_error(group)
+            if usage is None:
+                raise
+            raise usage from None
         finally:
             self._close()  # synchronous: nothing here can be cancelled
 
@@ -203,9 +220,12 @@ class Pipeline:
             metrics.write()
 
     async def _count_total(self) -> None:
-        lines = await anyio.to_thread.run_sync(
-            count_lines, self.config.input, abandon_on_cancel=True
-        )
+        try:
+            lines = await anyio.to_thread.run_sync(
+                count_lines, self.config.input, abandon_on_cancel=True
+            )
+        except READ_ERRORS:
+            return  # the total stays unknown; the reader reports the damage
         self.stats.total = self.shard.rows_before(lines)
 
     async def _watch_signals(self) -> None:
@@ -224,7 +244,7 @@ class Pipeline:
         written, shard = self.progress.rows, self.shard
         with open_input(self.config.input) as handle, self._previous(first) as previous:
             handle.seek(offset)
-            for index, raw in enumerate(handle, start=first):
+            for index, raw in enumerate(read_lines(handle, self.config.input), start=first):
                 offset += len(raw)
                 if not shard.owns(index):
                     continue
@@ -233,13 +253,21 @@ class Pipeline:
                 if place < written:
                     continue  # written by an earlier run
                 self.rows_read = place + 1
-                yield self._known(index, offset, old) or self._parse(index, offset, raw, defaults)
+                yield self._known(index, offset, old, raw, defaults) or self._parse(
+                    index, offset, raw, defaults
+                )
         self.eof = True
 
-    def _known(self, index: int, offset: int, old: bytes | None) -> Finished | None:
-        """The row's result if an earlier run has it (journal, or kept output)."""
+    def _known(
+        self, index: int, offset: int, old: bytes | None, raw: bytes, defaults: Defaults
+    ) -> Finished | None:
+        """The row's result if an earlier run has it (journal, batches, or kept output)."""
         line = index + 1
         data = self.pending.get(line)
+        if data is None and self.known is not None:
+            data = self.known.get(line)
+            if data is not None:
+                self._file_batched(raw, line, defaults, data)
         if data is None and old is not None:
             data = _kept_record(old, line, self.config.out)
         return None if data is None else Finished(index, offset, data, None)
@@ -257,6 +285,14 @@ class Pipeline:
             data = relabel(found.record, parsed.line, parsed.custom_id)
             return Finished(index, offset, data, None, reused=True)
         return (index, offset, parsed, key)
+
+    def _file_batched(self, raw: bytes, line: int, defaults: Defaults, data: bytes) -> None:
+        """File a batch's answer under its request's key: no later run, online
+        or batch, pays for that request again."""
+        parsed = parse_line(raw.rstrip(b"\r\n"), line, defaults)
+        result = stored_from_record(data, time.time())
+        if isinstance(parsed, Request) and result is not None:
+            self.answers.add(request_key(self.provider, parsed), result)
 
     @contextmanager
     def _previous(self, skip: int) -> Iterator[Iterator[bytes] | None]:

@@ -17,11 +17,15 @@ from urllib.parse import urlsplit
 import anyio
 
 from batchrun.answers import Answers, open_answers
+from batchrun.batchmode.job import PhaseResult
+from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
+from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
+from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
@@ -29,7 +33,7 @@ from batchrun.resume import ResumePoint, recover
 from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
-from batchrun.writer import OutputFile
+from batchrun.writer import OutputFile, state_dir
 
 log = logging.getLogger("batchrun")
 
@@ -65,11 +69,12 @@ async def run_async(
     api_key = resolve_api_key(provider, config)
     if not config.input.is_file():
         raise UsageError(f"input file {config.input} does not exist or is not a file")
-    if config.out.resolve() == config.input.resolve():
-        raise UsageError(f"--out {config.out} is the input file: choose another output")
+    check_readable(config.input)
+    check_run_paths(config)
     state = StateDir(config.out)
     state.lock()
     try:
+        guard(state.root, mode=config.mode, restart=config.restart)
         if config.restart:
             state.clear()
             state.drop_results()
@@ -94,6 +99,24 @@ async def run_async(
             answers.close()
     finally:
         state.unlock()
+
+
+def check_run_paths(config: RunConfig) -> None:
+    """Every path the run writes differs from the input and from each other,
+    and can be written: checked before the lock, the metrics or any request."""
+    files = [
+        (name, path)
+        for name, path in (
+            ("--out", config.out),
+            ("--summary", config.summary_path),
+            ("--metrics-file", config.metrics_file),
+        )
+        if path is not None
+    ]
+    directories = [("the state directory", state_dir(config.out))]
+    if config.cache is not None:
+        directories.append(("--cache", config.cache))
+    check_written([("the input", config.input)], files, directories)
 
 
 def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
@@ -125,6 +148,12 @@ def prepare(
     # Whatever happens next, the journal's results go to the store first.
     answers.salvage(read_journal(state.journal_path, after_line=0).keyed)
     changed = changed_settings(meta, current)
+    if changed and state.batch_path.exists():
+        # Batch answers are filed by line until the run that began them ends.
+        raise UsageError(
+            f"{changed} changed while batches of {config.out} are not written yet: run the"
+            " same command with the earlier input to collect them first, or --restart"
+        )
     if changed:
         log.info(
             "%s changed since the run on %s: sending only requests without a stored answer",
@@ -201,9 +230,11 @@ async def _execute(
     handle_signals: bool,
 ) -> Summary:
     async with AsyncExitStack() as stack:
-        base_urls = config.base_urls or (provider.default_base_url,)
-        if base_urls == ("",):
-            base_urls = (await _start_mock_server(stack),)
+        base_urls = config.base_urls
+        if not base_urls:
+            embedded = provider.embedded_server
+            default = await _start_mock_server(stack) if embedded else provider.default_base_url
+            base_urls = (default,)
         for base_url in base_urls:
             _warn_plain_http(base_url, api_key)
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts))
@@ -214,6 +245,25 @@ async def _execute(
             api_key=api_key,
             write_timeout=config.timeouts.write,
         )
+        started = clock.monotonic()
+        if config.mode == "batch":
+            phase = await run_phase(
+                config,
+                session=session,
+                provider=provider,
+                api_key=api_key,
+                base_url=base_urls[0],
+                state_root=state.root,
+                start=start,
+                clock=clock,
+                stream=stream or sys.stderr,
+                handle_signals=handle_signals,
+            )
+            if not phase.complete:
+                return _batch_stopped(config, start, phase, clock.monotonic() - started)
+        known = known_results(state.root)
+        if known is not None:
+            stack.callback(known.close)
         throttle = Throttle(config, clock)
         pipeline = Pipeline(
             config,
@@ -226,11 +276,40 @@ async def _execute(
             throttle=throttle,
             answers=answers,
             handle_signals=handle_signals,
+            known=known,
         )
-        started = clock.monotonic()
         await pipeline.run()
         return _conclude(pipeline, state, clock.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+def _batch_stopped(
+    config: RunConfig, start: ResumePoint, phase: PhaseResult, duration: float
+) -> Summary:
+    """The summary of a batch phase that stopped before every part was collected."""
+    done = start.checkpoint
+    stats = RunStats(
+        done=done.rows,
+        ok=done.ok,
+        skipped=done.rows,
+        failed_by_code=collections.Counter(done.failed_by_code),
+    )
+    if phase.aborted is not None:
+        exit_code, aborted = EXIT_FATAL, f"{phase.aborted}. Fix the input, then run with --restart"
+    else:
+        exit_code = EXIT_INTERRUPTED
+        aborted = (
+            f"stopped; {phase.running} batches keep running on the provider."
+            " Run the same command again to attach to them and collect the answers"
+        )
+    return Summary.from_stats(
+        stats,
+        duration_s=duration,
+        exit_code=exit_code,
+        aborted=aborted,
+        output=str(config.out),
+        extra={"batches running": phase.running},
+    )
 
 
 def _reporter(
@@ -260,6 +339,8 @@ def _reporter(
 
 def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
     stats, config = pipeline.stats, pipeline.config
+    batched = pipeline.known.found if pipeline.known is not None else 0
+    stats.skipped -= batched  # answered in batches: this run's work, not an earlier run's
     aborted: str | None = None
     if pipeline.complete:
         exit_code = EXIT_FAILED_ROWS if stats.failed else EXIT_OK
@@ -282,6 +363,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),
         },
     )

@@ -211,3 +211,17 @@ async def test_a_damaged_store_is_refused_by_name_before_any_request(
     with pytest.raises(StoreError, match=str(cache / STORE_FILE)):
         await run(tmp_path, prompts(3), server, cache=cache)
     assert server.stats.requests == 0
+
+
+async def test_rows_answered_in_batches_are_not_paid_again_online(
+    tmp_path: Path, server: MockServer
+) -> None:
+    rows = prompts(8)
+    batch = await run(tmp_path, rows, server, mode="batch", poll_interval=0.05)
+    assert batch.exit_code == 0
+    assert server.stats.requests == 0  # all answered in a batch
+
+    online = await run(tmp_path, [*rows, *prompts(2, "new")], server)
+
+    assert (online.sent, online.reused) == (2, 8)
+    assert server.stats.requests == 2
