@@ -31,7 +31,6 @@ import anyio
 import orjson
 
 from batchrun import crashpoint
-from batchrun.answers import Answers, relabel, stored_from_record
 from batchrun.budget import Budget, worst_case_cost
 from batchrun.client import Client
 from batchrun.concurrency import FifoSlots
@@ -53,6 +52,7 @@ from batchrun.records import (
     parse_line,
 )
 from batchrun.resume import ResumePoint, tally
+from batchrun.reuse import Answers, relabel, stored_from_record
 from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
 from batchrun.throttle import Throttle

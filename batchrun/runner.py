@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from batchrun.answers import Answers, open_answers
 from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
@@ -30,6 +29,7 @@ from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
 from batchrun.resume import ResumePoint, recover
+from batchrun.reuse import Answers, open_answers
 from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock

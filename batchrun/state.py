@@ -196,7 +196,7 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> str | N
     """What changed since the run began (None: nothing), in words: ``the
     input``, or the first request-shaping setting that differs. The state
     of such a run cannot be resumed by position; its answers are reused by
-    content instead (``batchrun.answers``)."""
+    content instead (``batchrun.reuse``)."""
     changed = [key for key in _FINGERPRINT_KEYS if stored.get(key) != current.get(key)]
     if not changed:
         return None

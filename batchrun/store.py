@@ -19,7 +19,7 @@ Contract:
   place the store cannot be written, raises ``StoreError`` (a usage error,
   exit code 2) naming the file, at ``open``, before any request is sent.
 
-Used by the run pipeline (through ``batchrun.answers``) and open to other
+Used by the run pipeline (through ``batchrun.reuse``) and open to other
 modes (batch mode): ``open_store``, ``get``, ``put_many``.
 """
 
