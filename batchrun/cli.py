@@ -12,10 +12,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.errors import UsageError
+from batchrun.errors import LockedError, UsageError
 from batchrun.jobfile import build_config, load_job_file
 from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
-from batchrun.state import LockedError
 
 cache_app = typer.Typer(
     no_args_is_help=True, help="Inspect and prune a result store shared with --cache."
@@ -348,6 +347,36 @@ def cache_prune_command(
     with _usage_errors():
         deleted = cachecmd.prune(directory, cachecmd.parse_age(older_than))
     typer.echo(f"batchrun: deleted {deleted:,} results older than {older_than} from {directory}")
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output a run wrote.")],
+    to: Annotated[Path, typer.Option("--to", help="The table: .parquet, .csv or .jsonl.")],
+    format: Annotated[
+        str | None, _opt("parquet | csv | jsonl (default: from --to's extension).")
+    ] = None,
+    input_path: Annotated[
+        Path | None, _opt("The run's input, to copy --columns from.", None, "--input")
+    ] = None,
+    columns: Annotated[
+        str | None, _opt("Top-level input fields to add, comma-separated (a,b).")
+    ] = None,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="Export an unfinished run's rows done so far.")
+    ] = False,
+) -> None:
+    """Write OUT's rows as a table: text, tokens, cost, errors, parsed answers."""
+    from batchrun.export import export
+
+    names = [name.strip() for name in (columns or "").split(",") if name.strip()]
+    with _usage_errors():
+        report = export(out, to, format=format, input=input_path, columns=names, partial=partial)
+    typer.echo(
+        f"batchrun: exported {report.rows:,} rows ({report.failed:,} failed) to"
+        f" {report.path} ({report.format})",
+        err=True,
+    )
 
 
 @app.command("mock-server")

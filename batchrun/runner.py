@@ -24,6 +24,7 @@ from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
+from batchrun.layout import state_dir
 from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary, money
@@ -33,7 +34,7 @@ from batchrun.reuse import Answers, open_answers
 from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
-from batchrun.writer import OutputFile, state_dir
+from batchrun.writer import OutputFile
 
 log = logging.getLogger("batchrun")
 

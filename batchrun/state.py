@@ -33,14 +33,9 @@ from typing import Any
 import orjson
 
 from batchrun.config import RunConfig
-from batchrun.errors import BatchrunError
-from batchrun.journal import CorruptStateError
+from batchrun.errors import CorruptStateError, LockedError
+from batchrun.layout import partial_output, state_dir
 from batchrun.store import STORE_FILE
-from batchrun.writer import state_dir
-
-
-class LockedError(BatchrunError):
-    """Another live process runs on this output (exit code 4)."""
 
 
 @dataclass(slots=True)
@@ -74,7 +69,7 @@ class StateDir:
         self.checkpoint_path = self.root / "checkpoint.json"
         self.finished_path = self.root / "finished.json"
         self.journal_path = self.root / "journal"
-        self.partial_path = self.root / "output.partial"
+        self.partial_path = partial_output(out)
         self.batch_path = self.root / "batch"
         self._lock_fd: int | None = None
 
