@@ -21,22 +21,9 @@ from batchrun.retry import retrying, stop_past_budget
 from batchrun.runner import Clock, run_async
 from batchrun.sender import RowBudget
 from tests.conftest import chat, make_config, read_jsonl
+from tests.fakes import FakeClock
 
 TRICKLE = "mock:trickle=0.2"  # ~270 body bytes, one each 0.2 s: nearly a minute
-
-
-class FakeTime:
-    """A clock whose sleep advances its monotonic reading."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await anyio.lowlevel.checkpoint()
 
 
 async def _timed_run(config: object) -> tuple[list[dict[str, object]], float]:
@@ -50,7 +37,7 @@ async def _timed_run(config: object) -> tuple[list[dict[str, object]], float]:
 
 
 def test_row_budget_starts_at_the_first_attempt() -> None:
-    fake = FakeTime()
+    fake = FakeClock(100.0)
     budget = RowBudget(10.0, Clock(monotonic=fake.monotonic, sleep=fake.sleep))
     assert budget.remaining() == math.inf
     fake.now += 50  # waiting in the throttle's queue does not count
@@ -80,7 +67,7 @@ def test_stop_past_budget_refuses_a_wait_that_ends_past_it() -> None:
 
 @pytest.mark.asyncio
 async def test_retry_loop_on_fake_time_never_sleeps_past_the_budget() -> None:
-    fake = FakeTime()
+    fake = FakeClock(100.0)
     policy = RetryPolicy(max_attempts=100, budget=30.0, backoff_initial=4.0, backoff_max=8.0)
     budget = RowBudget(policy.budget, Clock(monotonic=fake.monotonic, sleep=fake.sleep))
     budget.start()
