@@ -27,6 +27,7 @@ _LIMITS = "Limits (DashScope SDK knobs)"
 _TIMEOUTS = "Timeouts (seconds)"
 _RETRY = "Retries"
 _RESUME = "Resume and durability"
+_BATCH = "Batch mode (the provider's Batch API, half price)"
 
 
 def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
@@ -132,6 +133,28 @@ def run_command(
     grace: Annotated[
         float | None, _opt("Seconds in-flight requests get after SIGINT/SIGTERM (3).", _RESUME)
     ] = None,
+    mode: Annotated[
+        str | None, _opt("online (default), or batch: the provider's Batch API.", _BATCH)
+    ] = None,
+    batch_rows: Annotated[int | None, _opt("Requests per batch file (50000).", _BATCH)] = None,
+    batch_bytes: Annotated[
+        int | None, _opt("Bytes per batch file (default: the provider's cap).", _BATCH)
+    ] = None,
+    poll_interval: Annotated[
+        float | None, _opt("Seconds between polls of running batches (30).", _BATCH)
+    ] = None,
+    keep_files: Annotated[
+        bool,
+        typer.Option(
+            "--keep-files",
+            help="Keep the uploaded and result files on the provider.",
+            rich_help_panel=_BATCH,
+        ),
+    ] = False,
+    fallback: Annotated[
+        str | None,
+        _opt("none (default): resubmit an expired batch's rows; online: send them online.", _BATCH),
+    ] = None,
 ) -> None:
     """Send every request of INPUT and write one result line per input line to OUT."""
     flags = dict(locals())
@@ -158,7 +181,7 @@ def _settings(flags: dict[str, Any]) -> dict[str, Any]:
     params = dict(settings.get("params") or {})
     params.update(_parse_params(flags.pop("param") or []))
     flags["input"] = flags.pop("input_path")
-    for switch in ("restart", "retry_failed"):
+    for switch in ("restart", "retry_failed", "keep_files"):
         if switch in flags:
             flags[switch] = flags[switch] or None  # unset: the job file's value stands
     if flags.get("base_url"):  # given on the command line: replaces the job file's hosts
@@ -197,6 +220,29 @@ def status_command(
         typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(status.render(report))
+
+
+@app.command("cancel")
+def cancel_command(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output of a --mode batch run.")],
+) -> None:
+    """Cancel the provider batches of the run on OUT (a signal leaves them running).
+
+    Their finished rows are kept: run the same command again to collect them.
+    """
+    import anyio
+
+    from batchrun.batchmode.cancel import cancel_batches
+
+    with _usage_errors():
+        cancelled = anyio.run(cancel_batches, out)
+    for batch_id, status in cancelled:
+        typer.echo(f"{batch_id}: {status}")
+    typer.echo(
+        f"batchrun: asked the provider to cancel {len(cancelled)} batches; run the same"
+        " command again to collect their finished rows",
+        err=True,
+    )
 
 
 @app.command("validate")
@@ -260,12 +306,25 @@ def mock_server_command(
     rate_limit: Annotated[
         int | None, typer.Option(help="Requests per second; beyond it, 429 + Retry-After.")
     ] = None,
+    sliding_window: Annotated[
+        bool,
+        typer.Option(
+            "--sliding-window/--fixed-window",
+            help="Count --rate-limit over the last second, or per whole second.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the simulated provider (OpenAI and DashScope dialects) until stopped."""
     from batchrun.mock_server import serve
 
     serve(
-        host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed, rate_limit=rate_limit
+        host=host,
+        port=port,
+        latency=latency,
+        fail_rate=fail_rate,
+        seed=seed,
+        rate_limit=rate_limit,
+        sliding_window=sliding_window,
     )
 
 

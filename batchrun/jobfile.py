@@ -3,7 +3,7 @@
 Settings come in three layers, later ones winning: built-in defaults, a TOML
 job file (``--job``), and command-line flags. Keys are flat and named like
 the flags with underscores; in a job file they may also stand in the tables
-``[limits]``, ``[timeouts]``, ``[retry]`` and ``[costs]``, and ``[params]``
+``[limits]``, ``[timeouts]``, ``[retry]``, ``[costs]`` and ``[batch]``, and ``[params]``
 holds default request parameters.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.config import (
+    BatchSettings,
     Costs,
     RetryPolicy,
     RunConfig,
@@ -42,6 +43,12 @@ _JOB_KEYS: dict[str, str] = {
     "params": "run",
     "fsync": "run",
     "grace": "run",
+    "mode": "run",
+    "batch_rows": "batch",
+    "batch_bytes": "batch",
+    "poll_interval": "batch",
+    "keep_files": "batch",
+    "fallback": "batch",
     "connection_pool_size": "limits",
     "max_async_requests": "limits",
     "max_async_requests_per_host": "limits",
@@ -61,14 +68,14 @@ _JOB_KEYS: dict[str, str] = {
     "price_output_per_million": "costs",
     "context_limit": "costs",
 }
-_TABLES = ("limits", "timeouts", "retry", "costs")
+_TABLES = ("limits", "timeouts", "retry", "costs", "batch")
 
 
 def load_job_file(path: Path) -> dict[str, Any]:
     """Read a TOML job file into flat settings keyed like ``_JOB_KEYS``.
 
     Top-level keys and the optional tables ``[limits]``, ``[timeouts]``,
-    ``[retry]`` and ``[costs]`` are accepted; ``[params]`` holds default
+    ``[retry]``, ``[costs]`` and ``[batch]`` are accepted; ``[params]`` holds default
     request parameters. Unknown keys are an error, naming the allowed ones, so
     a typo never silently does nothing.
     """
@@ -151,6 +158,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         restart="restart",
         retry_failed="retry_failed",
         metrics_file="metrics_file",
+        mode="mode",
     )
     for key in ("input", "out", "summary_path", "metrics_file"):
         if key in run_keys:
@@ -163,7 +171,17 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         price_output_per_million="price_output_per_million",
         context_limit="context_limit",
     )
+    batch = _build(
+        BatchSettings,
+        s,
+        rows="batch_rows",
+        bytes="batch_bytes",
+        poll_interval="poll_interval",
+        keep_files="keep_files",
+        fallback="fallback",
+    )
     return RunConfig(
+        batch=batch,
         limits=limits,
         timeouts=timeouts,
         retry=retry,

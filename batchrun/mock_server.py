@@ -2,7 +2,9 @@
 
 ``MockServer`` is a real ``aiohttp.web`` server. OpenAI dialect: ``POST``
 ``/v1/{chat/completions,completions,embeddings}``, also under
-``/compatible-mode/v1``. DashScope native dialect: ``POST
+``/compatible-mode/v1``, with the files and batches API there too (see
+``batchrun.mock_batches``: a fast clock and batch faults, ``batch_faults``).
+DashScope native dialect: ``POST
 /api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
 returns ``MockServer.stats`` as JSON.
 
@@ -51,11 +53,13 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from batchrun.mock_batches import BatchFaults, MockBatches
 from batchrun.mock_script import (
     NO_DIRECTIVES,
     Call,
     Directives,
     Kind,
+    openai_error,
     parse_directives,
     prompt_parts,
     success_body,
@@ -77,6 +81,7 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # How long a hang102 answer stays silent: longer than any test's timeout.
 _SILENCE: Final = 3600.0
 _HUGE_PIECE: Final = 1 << 16
+_MAX_UPLOAD: Final = 512 << 20
 _DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
 
 
@@ -99,6 +104,7 @@ class MockStats:
         # Per whole second of the server's monotonic clock, with a rate limit set.
         self.received_per_second: collections.Counter[int] = collections.Counter()
         self.accepted_per_second: collections.Counter[int] = collections.Counter()
+        self.batch_rows = 0  # rows answered in batches (see mock_batches)
 
     def reset(self) -> None:
         """Zero the counters; ``in_flight`` keeps tracking the live handlers."""
@@ -131,12 +137,7 @@ def _error(
         code = code or _DASHSCOPE_CODES.get(status, default)
         body = {"code": code, "message": message, "request_id": headers["x-request-id"]}
         return _json(status, body, headers)
-    if status == 429:
-        kind_type, default = "requests", "rate_limit_exceeded"
-    else:
-        kind_type = default = "server_error" if status >= 500 else "invalid_request_error"
-    error = {"message": message, "type": kind_type, "code": code or default}
-    return _json(status, {"error": error}, headers)
+    return _json(status, openai_error(status, message, code), headers)
 
 
 def _auth_error(kind: Kind, headers: dict[str, str], key: str) -> web.Response:
@@ -276,7 +277,8 @@ class MockServer:
 
     ``rate_limit`` (requests per second, fixed one-second windows) answers
     429 with ``Retry-After`` to requests beyond it, as a provider's quota
-    would. ``stale_after`` (seconds) resets a request that arrives on a
+    would; with ``sliding_window`` it counts over the last second instead,
+    the stricter way many providers do. ``stale_after`` (seconds) resets a request that arrives on a
     connection idle at least that long, without answering: the race a server
     with a short keep-alive timeout loses against a client reusing the
     connection (0: every reused connection).
@@ -292,7 +294,9 @@ class MockServer:
         seed: int = 0,
         keepalive_timeout: float = 75.0,
         rate_limit: int | None = None,
+        sliding_window: bool = False,
         stale_after: float | None = None,
+        batch_faults: BatchFaults | None = None,
     ) -> None:
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
@@ -305,8 +309,12 @@ class MockServer:
         self._rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
         self.rate_limit = rate_limit
+        self.sliding_window = sliding_window
+        # Arrival times of the requests accepted in the last second (sliding window).
+        self._accepted: collections.deque[float] = collections.deque()
         self.stale_after = stale_after
         self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
+        self.batches = MockBatches(self.stats, batch_faults)
 
     @property
     def base_url(self) -> str:
@@ -322,8 +330,10 @@ class MockServer:
         """Bind and serve; ``RuntimeError`` if already started."""
         if self._runner is not None:
             raise RuntimeError("MockServer already started")
-        app = web.Application()
+        # Batch input files are uploaded whole: up to a provider's 500 MB cap.
+        app = web.Application(client_max_size=_MAX_UPLOAD)
         for prefix in ("/v1/", "/compatible-mode/v1/"):
+            self.batches.add_routes(app, prefix)
             for path, kind in _OPENAI_ROUTES.items():
                 app.router.add_post(prefix + path, self._handler(kind))
         app.router.add_post(DASHSCOPE_PATH, self._handler("dashscope"))
@@ -401,9 +411,22 @@ class MockServer:
         now = time.monotonic()
         second = int(now)
         self.stats.received_per_second[second] += 1
+        if self.sliding_window:
+            return self._over_sliding_rate(now, self.rate_limit)
         if self.stats.accepted_per_second[second] >= self.rate_limit:
             return second + 1 - now
         self.stats.accepted_per_second[second] += 1
+        return None
+
+    def _over_sliding_rate(self, now: float, limit: int) -> float | None:
+        """Seconds until a place frees when ``limit`` were accepted in the last second."""
+        accepted = self._accepted
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.popleft()
+        if len(accepted) >= limit:
+            return accepted[0] + 1.0 - now
+        accepted.append(now)
+        self.stats.accepted_per_second[int(now)] += 1
         return None
 
     async def _answer_fresh(self, request: web.Request, kind: Kind) -> web.StreamResponse:
@@ -476,6 +499,7 @@ def serve(
     fail_rate: float,
     seed: int = 0,
     rate_limit: int | None = None,
+    sliding_window: bool = False,
 ) -> None:
     """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly.
 
@@ -484,6 +508,12 @@ def serve(
     dashscope: http://HOST:PORT/api/v1)``.
     """
     server = MockServer(
-        host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed, rate_limit=rate_limit
+        host=host,
+        port=port,
+        latency=latency,
+        fail_rate=fail_rate,
+        seed=seed,
+        rate_limit=rate_limit,
+        sliding_window=sliding_window,
     )
     asyncio.run(_serve_until_signal(server))

@@ -24,7 +24,7 @@ import contextlib
 import signal
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import anyio
 import orjson
@@ -77,6 +77,15 @@ class Finished(NamedTuple):
 Work = tuple[int, int, Request]
 
 
+class KnownLookup(Protocol):
+    """Results found elsewhere (batch mode's collected answers), asked for by
+    input line in increasing order; ``found`` counts the hits."""
+
+    found: int
+
+    def get(self, line: int) -> bytes | None: ...
+
+
 class Pipeline:
     """Runs the rows of one job from a resume point; see the module docstring."""
 
@@ -92,8 +101,10 @@ class Pipeline:
         start: ResumePoint,
         throttle: Throttle,
         handle_signals: bool = False,
+        known: KnownLookup | None = None,
     ) -> None:
         self.config = config
+        self.known = known
         self.throttle = throttle
         self.client = client
         self.provider = provider
@@ -232,6 +243,8 @@ class Pipeline:
         """The row's result if an earlier run has it (journal, or kept output)."""
         line = index + 1
         data = self.pending.get(line)
+        if data is None and self.known is not None:
+            data = self.known.get(line)
         if data is None and old is not None:
             data = _kept_record(old, line, self.config.out)
         return None if data is None else Finished(index, offset, data, None)

@@ -96,7 +96,6 @@ def retrying(
     policy: RetryPolicy,
     *,
     sleep: Sleep,
-    before_sleep: Callable[[RetryCallState], None] | None = None,
     remaining: Remaining | None = None,
 ) -> AsyncRetrying:
     """A tenacity loop for one row: transient errors only, bounded in attempts
@@ -108,6 +107,5 @@ def retrying(
         wait=BackoffWithRetryAfter(policy),
         retry=retry_if_exception_type(TransientError),
         sleep=sleep,
-        before_sleep=before_sleep,
         reraise=True,
     )

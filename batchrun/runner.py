@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from batchrun.batchmode.job import PhaseResult
+from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
@@ -67,6 +69,7 @@ async def run_async(
     state = StateDir(config.out)
     state.lock()
     try:
+        guard(state.root, mode=config.mode, restart=config.restart)
         prepared = prepare(state, config, provider)
         if isinstance(prepared, Summary):
             return prepared
@@ -173,9 +176,11 @@ async def _execute(
     handle_signals: bool,
 ) -> Summary:
     async with AsyncExitStack() as stack:
-        base_urls = config.base_urls or (provider.default_base_url,)
-        if base_urls == ("",):
-            base_urls = (await _start_mock_server(stack),)
+        base_urls = config.base_urls
+        if not base_urls:
+            embedded = provider.embedded_server
+            default = await _start_mock_server(stack) if embedded else provider.default_base_url
+            base_urls = (default,)
         for base_url in base_urls:
             _warn_plain_http(base_url, api_key)
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts))
@@ -187,6 +192,25 @@ async def _execute(
             write_timeout=config.timeouts.write,
             request_timeout=config.timeouts.request,
         )
+        started = clock.monotonic()
+        if config.mode == "batch":
+            phase = await run_phase(
+                config,
+                session=session,
+                provider=provider,
+                api_key=api_key,
+                base_url=base_urls[0],
+                state_root=state.root,
+                start=start,
+                clock=clock,
+                stream=stream or sys.stderr,
+                handle_signals=handle_signals,
+            )
+            if not phase.complete:
+                return _batch_stopped(config, start, phase, clock.monotonic() - started)
+        known = known_results(state.root)
+        if known is not None:
+            stack.callback(known.close)
         throttle = Throttle(config, clock)
         pipeline = Pipeline(
             config,
@@ -198,11 +222,40 @@ async def _execute(
             start=start,
             throttle=throttle,
             handle_signals=handle_signals,
+            known=known,
         )
-        started = clock.monotonic()
         await pipeline.run()
         return _conclude(pipeline, state, clock.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+def _batch_stopped(
+    config: RunConfig, start: ResumePoint, phase: PhaseResult, duration: float
+) -> Summary:
+    """The summary of a batch phase that stopped before every part was collected."""
+    done = start.checkpoint
+    stats = RunStats(
+        done=done.rows,
+        ok=done.ok,
+        skipped=done.rows,
+        failed_by_code=collections.Counter(done.failed_by_code),
+    )
+    if phase.aborted is not None:
+        exit_code, aborted = EXIT_FATAL, f"{phase.aborted}. Fix the input, then run with --restart"
+    else:
+        exit_code = EXIT_INTERRUPTED
+        aborted = (
+            f"stopped; {phase.running} batches keep running on the provider."
+            " Run the same command again to attach to them and collect the answers"
+        )
+    return Summary.from_stats(
+        stats,
+        duration_s=duration,
+        exit_code=exit_code,
+        aborted=aborted,
+        output=str(config.out),
+        extra={"batches running": phase.running},
+    )
 
 
 def _reporter(
@@ -226,6 +279,8 @@ def _reporter(
 
 def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
     stats, config = pipeline.stats, pipeline.config
+    batched = pipeline.known.found if pipeline.known is not None else 0
+    stats.skipped -= batched  # answered in batches: this run's work, not an earlier run's
     aborted: str | None = None
     if pipeline.complete:
         exit_code = EXIT_FAILED_ROWS if stats.failed else EXIT_OK
@@ -245,6 +300,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),
         },
     )

@@ -4,7 +4,8 @@ Three gates in this order, then the request:
 
 1. the pause gate: one server's ``Retry-After`` pauses every worker, so the
    whole run backs off instead of a thundering herd;
-2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute;
+2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute,
+   banking nothing during a pause;
 3. the adaptive in-flight limit: starts low, grows while answers are good,
    halves on 429, 503 and timeouts (AIMD), never above
    ``--max-async-requests``; slots go first come, first served.
@@ -92,6 +93,7 @@ class Throttle:
             increase_interval=INCREASE_INTERVAL,
         )
         self.limiter = AdaptiveLimiter(self.controller)
+        self._adaptive = limits.adaptive
         self._pause_cap = config.retry.backoff_max
         self._throughput = Throughput(clock.monotonic)
         self.rate_limited = 0
@@ -146,10 +148,13 @@ class Throttle:
             self._tripped = error
         if error.status == 429:
             self.rate_limited += 1
-        if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
+        congested = error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES
+        if congested and self._adaptive:  # --no-adaptive pins the limit at the cap
             self.controller.on_congestion(self._throughput.sustained_concurrency())
         if error.retry_after:
             self.gate.pause_for(min(error.retry_after, self._pause_cap))
+            if self.budget.enabled:  # nothing banked while paused: no burst after it
+                self.budget.hold(self.gate.until)
 
     def level(self) -> str:
         """The current in-flight limit, for the progress line."""

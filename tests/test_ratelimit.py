@@ -210,6 +210,66 @@ async def test_oversize_request_waits_for_a_full_bucket_not_forever() -> None:
 
 
 @pytest.mark.asyncio
+async def test_default_burst_is_a_tenth_of_a_second() -> None:
+    time = FakeClock()
+    limit = RateBudget(rpm=2160, tpm=None, clock=time, sleep=time.sleep)  # 36/s
+    stamps = []
+    for _ in range(200):
+        await limit.acquire(0)
+        stamps.append(time.now)
+    assert stamps[:3] == [0.0] * 3
+    assert stamps[3] > 0.0
+    # Any sliding second holds at most 36 + 3.6: under a provider's 40/s.
+    assert max(sum(1 for t in stamps if s <= t < s + 1.0) for s in stamps) <= 39
+    assert_rate(stamps, [1.0] * 200, burst=3.6, rate=36)
+
+
+@pytest.mark.asyncio
+async def test_hold_banks_nothing_during_a_pause() -> None:
+    time = FakeClock()
+    limit = budget(time, rpm=600)  # 10/s, burst 10
+    for _ in range(10):
+        await limit.acquire(0)
+    limit.hold(5.0)  # paused until t=5: no refill before, and the bucket restarts empty
+    stamps = []
+    for _ in range(10):
+        await limit.acquire(0)
+        stamps.append(time.now)
+    assert stamps == pytest.approx([5.0 + 0.1 * (i + 1) for i in range(10)])
+
+
+@pytest.mark.asyncio
+async def test_hold_drops_an_unspent_burst_and_keeps_debt() -> None:
+    time = FakeClock()
+    limit = budget(time, tpm=60_000)  # 1000 tokens/s, burst 1000
+    limit.settle(0, 3000)  # 2000 tokens of debt
+    limit.hold(1.0)
+    await limit.acquire(1)
+    assert time.now == pytest.approx(1.0 + 2.001)  # no refill before 1.0, then the debt
+
+
+@pytest.mark.asyncio
+async def test_hold_wakes_a_sleeping_head_no_earlier() -> None:
+    time = FakeClock(auto=False)
+    limit = budget(time, rpm=60)  # 1/s, burst 1
+    await limit.acquire(0)
+    got: list[float] = []
+
+    async def waiter() -> None:
+        await limit.acquire(0)
+        got.append(time.now)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(waiter)
+        await settle()
+        limit.hold(3.0)  # a pause begins while the head sleeps towards t=1
+        for _ in range(5):
+            time.advance(1.0)
+            await settle()
+    assert got == [4.0]
+
+
+@pytest.mark.asyncio
 async def test_disabled_budget_never_sleeps() -> None:
     time = FakeClock()
     limit = budget(time)

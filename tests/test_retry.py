@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from multidict import CIMultiDict
@@ -294,21 +293,6 @@ async def test_retrying_cancellation_after_transients() -> None:
         await retrying(RetryPolicy(backoff_max=1), sleep=clock.sleep)(fn)
     assert fn.calls == 3
     assert len(clock.sleeps) == 2
-
-
-@pytest.mark.asyncio
-async def test_retrying_before_sleep_hook() -> None:
-    seen: list[tuple[int, str]] = []
-
-    def before_sleep(state: RetryCallState) -> None:
-        assert state.outcome is not None
-        error: Any = state.outcome.exception()
-        seen.append((state.attempt_number, error.code))
-
-    fn = Flaky(transients(2))
-    loop = retrying(RetryPolicy(backoff_max=1), sleep=FakeClock().sleep, before_sleep=before_sleep)
-    assert await loop(fn) == "ok"
-    assert seen == [(1, "fail_0"), (2, "fail_1")]
 
 
 @pytest.mark.asyncio

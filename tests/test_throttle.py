@@ -98,6 +98,17 @@ async def test_one_retry_after_pauses_every_worker(tmp_path: Path) -> None:
     assert throttle.report()["paused s"] == 5.0
 
 
+async def test_a_pause_ends_at_the_steady_rate_not_in_a_burst(tmp_path: Path) -> None:
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, rpm=600, adaptive_concurrency=False)  # 10/s
+    throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429, retry_after=5))
+    started: list[float] = []
+    for _ in range(5):
+        throttle.release(await throttle.acquire(0), answered=True)
+        started.append(time.now)
+    assert started == pytest.approx([5.1, 5.2, 5.3, 5.4, 5.5])
+
+
 async def test_a_huge_retry_after_pauses_the_run_no_longer_than_backoff_max(
     tmp_path: Path,
 ) -> None:
@@ -148,9 +159,20 @@ async def test_no_adaptive_starts_at_the_cap(tmp_path: Path) -> None:
     assert throttle.controller.limit == 48
 
 
+async def test_no_adaptive_keeps_the_limit_pinned_through_congestion(tmp_path: Path) -> None:
+    throttle = throttle_for(
+        tmp_path, FakeClock(), max_async_requests=48, adaptive_concurrency=False
+    )
+    for _ in range(5):
+        throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429))
+        throttle.failed(TransientError("server_error", "busy", status=503))
+    assert throttle.controller.limit == 48
+    assert throttle.report()["concurrency"] == "48-48"
+
+
 async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) -> None:
     time = FakeClock()
-    throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 100 of burst
+    throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 10 of burst
     assert throttle.counts_tokens
     throttle.release(await throttle.acquire(100), answered=True)
     throttle.succeeded(100, 400)  # the answer used 300 more than estimated
