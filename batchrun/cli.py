@@ -168,10 +168,20 @@ def run_command(
         raise typer.Exit(EXIT_LOCKED) from None
     typer.echo(result.render(), err=True)
     if config.summary_path is not None:
-        config.summary_path.write_bytes(
-            orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-        )
+        _write_summary(config.summary_path, result.to_dict())
     raise typer.Exit(result.exit_code)
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """The summary JSON; a failure to write it (checked writable at the start,
+    but a directory can vanish) is said in one line and changes no exit code:
+    the rows are done and kept."""
+    try:
+        path.write_bytes(
+            orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        )
+    except OSError as exc:
+        typer.echo(f"batchrun: warning: could not write the summary {path}: {exc}", err=True)
 
 
 def _settings(flags: dict[str, Any]) -> dict[str, Any]:

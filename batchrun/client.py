@@ -27,7 +27,7 @@ from batchrun.config import Limits, Timeouts
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.hosts import HostPool
 from batchrun.providers import Provider
-from batchrun.ratelimit import pause_hint
+from batchrun.rateheaders import pause_hint
 from batchrun.records import Request, Response
 
 

@@ -1,4 +1,4 @@
-"""Retry policy pieces: Retry-After parsing, backoff, and the tenacity loop.
+"""Retry policy pieces: backoff honouring Retry-After, and the tenacity loop.
 
 Only ``TransientError`` is retried; ``RowError``, ``FatalError`` and
 cancellation pass straight through. Time is injected (``sleep``) so tests
@@ -7,10 +7,8 @@ never wait for real.
 
 from __future__ import annotations
 
-import email.utils
 import random
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable
 
 from tenacity import (
     AsyncRetrying,
@@ -27,32 +25,6 @@ from batchrun.errors import TransientError
 from batchrun.timing import Sleep
 
 Remaining = Callable[[], float]  # seconds left of a row's budget
-
-
-def parse_retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
-    """Seconds a server asks us to wait, from ``Retry-After`` (delta seconds or an
-    HTTP date) or ``retry-after-ms``; None when absent or unreadable."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        try:
-            return max(0.0, float(millis) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("Retry-After") or headers.get("retry-after")
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class BackoffWithRetryAfter:

@@ -22,6 +22,8 @@ from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
+from batchrun.inputs import check_readable
+from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary
 from batchrun.providers import Provider, get_provider
@@ -29,7 +31,7 @@ from batchrun.resume import ResumePoint, recover
 from batchrun.state import StateDir, check_fingerprint, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
-from batchrun.writer import OutputFile
+from batchrun.writer import OutputFile, state_dir
 
 log = logging.getLogger("batchrun")
 
@@ -64,8 +66,8 @@ async def run_async(
     api_key = resolve_api_key(provider, config)
     if not config.input.is_file():
         raise UsageError(f"input file {config.input} does not exist or is not a file")
-    if config.out.resolve() == config.input.resolve():
-        raise UsageError(f"--out {config.out} is the input file: choose another output")
+    check_readable(config.input)
+    check_run_paths(config)
     state = StateDir(config.out)
     state.lock()
     try:
@@ -79,6 +81,22 @@ async def run_async(
         )
     finally:
         state.unlock()
+
+
+def check_run_paths(config: RunConfig) -> None:
+    """Every path the run writes differs from the input and from each other,
+    and can be written: checked before the lock, the metrics or any request."""
+    files = [
+        (name, path)
+        for name, path in (
+            ("--out", config.out),
+            ("--summary", config.summary_path),
+            ("--metrics-file", config.metrics_file),
+        )
+        if path is not None
+    ]
+    directories = [("the state directory", state_dir(config.out))]
+    check_written([("the input", config.input)], files, directories)
 
 
 def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
