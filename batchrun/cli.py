@@ -306,6 +306,36 @@ def merge_command(
     raise typer.Exit(EXIT_FAILED_ROWS if report.failed else 0)
 
 
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output a run wrote.")],
+    to: Annotated[Path, typer.Option("--to", help="The table: .parquet, .csv or .jsonl.")],
+    format: Annotated[
+        str | None, _opt("parquet | csv | jsonl (default: from --to's extension).")
+    ] = None,
+    input_path: Annotated[
+        Path | None, _opt("The run's input, to copy --columns from.", None, "--input")
+    ] = None,
+    columns: Annotated[
+        str | None, _opt("Top-level input fields to add, comma-separated (a,b).")
+    ] = None,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="Export an unfinished run's rows done so far.")
+    ] = False,
+) -> None:
+    """Write OUT's rows as a table: text, tokens, cost, errors, parsed answers."""
+    from batchrun.export import export
+
+    names = [name.strip() for name in (columns or "").split(",") if name.strip()]
+    with _usage_errors():
+        report = export(out, to, format=format, input=input_path, columns=names, partial=partial)
+    typer.echo(
+        f"batchrun: exported {report.rows:,} rows ({report.failed:,} failed) to"
+        f" {report.path} ({report.format})",
+        err=True,
+    )
+
+
 @app.command("mock-server")
 def mock_server_command(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000,
