@@ -35,6 +35,9 @@ class Directives:
     hang102: int = 0
     huge: int = 0  # body bytes
     chunked: bool = False
+    oddbody: int = 0
+    redirect: int | None = None  # a 3xx status
+    size: int = 0  # characters of answer content, at least
 
 
 NO_DIRECTIVES: Final = Directives()
@@ -67,6 +70,10 @@ def _paced(value: str | None) -> tuple[float, int | None]:
     return _seconds(seconds), int(times) if sep else None
 
 
+def _redirect(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() and 300 <= int(value) <= 399 else None
+
+
 def parse_directives(text: str) -> Directives:
     """Collect the ``mock:NAME[=VALUE]`` tokens of a prompt text."""
     if "mock:" not in text:
@@ -92,6 +99,9 @@ def parse_directives(text: str) -> Directives:
         hang102=_count(found.get("hang102")),
         huge=_count(found.get("huge")),
         chunked="chunked" in found,
+        oddbody=_count(found.get("oddbody")),
+        redirect=_redirect(found.get("redirect")),
+        size=_count(found.get("size")),
     )
 
 
@@ -154,8 +164,9 @@ def _embedding(text: str) -> list[float]:
     return [word / 2147483648 for word in words]
 
 
-def success_body(call: Call) -> dict[str, Any]:
-    """The normal answer; token counts are whitespace-separated words."""
+def success_body(call: Call, *, size: int = 0) -> dict[str, Any]:
+    """The normal answer; token counts are whitespace-separated words. A
+    chat or completion answer's content is padded to ``size`` characters."""
     model = call.body.get("model")
     model = model if isinstance(model, str) else "mock"
     n_in = sum(len(part.split()) for part in call.parts)
@@ -167,6 +178,8 @@ def success_body(call: Call) -> dict[str, Any]:
         usage = {"prompt_tokens": n_in, "total_tokens": n_in}
         return {"object": "list", "data": data, "model": model, "usage": usage}
     content = "echo: " + (call.parts[-1][:ECHO_CHARS] if call.parts else "")
+    if size > len(content):
+        content += (" pad" * (size // 4 + 1))[: size - len(content)]
     message = {"role": "assistant", "content": content}
     n_out = len(content.split())
     if call.kind == "dashscope":

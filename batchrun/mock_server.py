@@ -2,7 +2,8 @@
 
 ``MockServer`` is a real ``aiohttp.web`` server. OpenAI dialect: ``POST``
 ``/v1/{chat/completions,completions,embeddings}``, also under
-``/compatible-mode/v1``, with the files and batches API there too (see
+``/compatible-mode/v1`` and ``/v1beta/openai`` (a base path without ``/v1``
+at its end, as Gemini's), with the files and batches API there too (see
 ``batchrun.mock_batches``: a fast clock and batch faults, ``batch_faults``).
 DashScope native dialect: ``POST
 /api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
@@ -21,7 +22,11 @@ digest, this one included. The first of these that fires decides the answer:
 * the server-wide ``fail_rate``: 503 "overloaded";
 * ``mock:truncate=N``: attempts ``n <= N`` get a 200 whose body stops short of
   its ``Content-Length``, then the connection closes;
+* ``mock:redirect=CODE``: every attempt gets HTTP ``CODE`` (300-399) with a
+  ``Location`` elsewhere on this server, which serves nothing there;
 * ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse;
+* ``mock:oddbody=N``: attempts ``n <= N`` get a 200 whose JSON body is not an
+  object: ``null``, ``[]`` and a string in turn;
 * ``mock:hang102=N``: attempts ``n <= N`` get ``HTTP/1.1 102 Processing``,
   then nothing until the client gives up;
 * ``mock:trickle=S`` (always) / ``mock:trickle=SxN`` (attempts ``n <= N``):
@@ -29,6 +34,9 @@ digest, this one included. The first of these that fires decides the answer:
 * ``mock:huge=BYTES``: a 200 whose JSON body is padded to ``BYTES`` bytes,
   sent in 64 KiB pieces with its ``Content-Length`` (chunked, without one, when
   ``mock:chunked`` is given too).
+
+``mock:size=N`` pads a chat or completion answer's content to ``N``
+characters (large answers).
 
 ``mock:delay=S`` sleeps ``S`` seconds before every answer to the row, and
 ``mock:retry_after=S`` adds ``Retry-After: S`` (verbatim) to its quota, fail
@@ -73,6 +81,9 @@ _OPENAI_ROUTES: Final[dict[str, Kind]] = {
 }
 _BAD_KEY: Final = "bad-key"
 _BAD_JSON: Final = b'{"choices": ['
+_ODD_BODIES: Final[tuple[Any, ...]] = (None, [], "fine, thanks")
+# Gemini's OpenAI-compatible base path: a base URL that does not end in /v1.
+GATEWAY_PREFIX: Final = "/v1beta/openai"
 _JSON: Final = "application/json"
 # Seconds stop() waits for a running handler, twice (aiohttp waits, cancels, waits).
 _SHUTDOWN_GRACE: Final = 0.25
@@ -235,7 +246,7 @@ async def _slow_or_big(
 ) -> web.StreamResponse | None:
     """A trickled or huge success answer, when the row asks for one."""
     if rules.trickle and (rules.trickle_times is None or call.attempt <= rules.trickle_times):
-        body = orjson.dumps(success_body(call))
+        body = orjson.dumps(success_body(call, size=rules.size))
         return await _streamed(request, call, body, pace=rules.trickle, piece=1, length=True)
     if rules.huge:
         body = _padded(call, rules.huge)
@@ -258,12 +269,17 @@ async def _scripted(
     if call.attempt <= rules.truncate:
         return await _truncated(request, call)
     headers = {"x-request-id": call.request_id}
+    if rules.redirect is not None:
+        headers["Location"] = "/moved" + request.path
+        return web.Response(status=rules.redirect, headers=headers)
     if call.attempt <= rules.badjson:
         return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
+    if call.attempt <= rules.oddbody:
+        return _json(200, _ODD_BODIES[(call.attempt - 1) % len(_ODD_BODIES)], headers)
     special = await _slow_or_big(request, call, rules)
     if special is not None:
         return special
-    return _json(200, success_body(call), headers)
+    return _json(200, success_body(call, size=rules.size), headers)
 
 
 class MockServer:
@@ -336,6 +352,8 @@ class MockServer:
             self.batches.add_routes(app, prefix)
             for path, kind in _OPENAI_ROUTES.items():
                 app.router.add_post(prefix + path, self._handler(kind))
+        for path, kind in _OPENAI_ROUTES.items():
+            app.router.add_post(f"{GATEWAY_PREFIX}/{path}", self._handler(kind))
         app.router.add_post(DASHSCOPE_PATH, self._handler("dashscope"))
         app.router.add_get("/_mock/stats", self._get_stats)
         # handler_cancellation: a client that gives up must not leave a sleeper behind.

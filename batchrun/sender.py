@@ -13,7 +13,7 @@ from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.progress import RunStats
 from batchrun.providers import Provider
 from batchrun.records import Outcome, Request, Response
-from batchrun.retry import retrying
+from batchrun.retry import budget_note, retrying
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tokens import estimate_tokens
@@ -56,7 +56,11 @@ class RowSender:
         except FatalError:
             raise
         except RequestError as exc:
-            return failed_outcome(request, exc, row.count, self.clock.monotonic() - started)
+            elapsed = self.clock.monotonic() - started
+            note = budget_note(exc, self.retry, row.count, elapsed)
+            if note is not None:
+                exc.message = f"{exc.message}; {note}"
+            return failed_outcome(request, exc, row.count, elapsed)
         tokens_in, tokens_out = self.provider.usage(response.body)
         self.throttle.succeeded(row.estimate, tokens_in + tokens_out)
         return Outcome(

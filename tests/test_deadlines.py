@@ -199,7 +199,9 @@ def test_request_timeout_is_a_flag_and_a_timeouts_job_key(tmp_path: Path) -> Non
     settings = {**load_job_file(job), "input": "in.jsonl", "out": "out.jsonl"}
     assert build_config(settings).timeouts.request == 45
     assert build_config({"input": "i", "out": "o"}).timeouts.request == 600
-    with pytest.raises(UsageError, match="--request-timeout must be a number of seconds > 0"):
+    with pytest.raises(
+        UsageError, match="--request-timeout must be a finite number of seconds > 0"
+    ):
         build_config({"input": "i", "out": "o", "request_timeout": 0})
 
 
