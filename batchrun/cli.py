@@ -12,10 +12,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.errors import UsageError
+from batchrun.errors import LockedError, UsageError
 from batchrun.jobfile import build_config, load_job_file
 from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
-from batchrun.state import LockedError
 
 app = typer.Typer(
     add_completion=False,
