@@ -85,12 +85,17 @@ def run_command(
     write_timeout: Annotated[
         float | None, _opt("Sending the request body (60).", _TIMEOUTS)
     ] = None,
+    request_timeout: Annotated[
+        float | None,
+        _opt("One whole attempt: connect, send, wait and read (600).", _TIMEOUTS),
+    ] = None,
     connection_idle_timeout: Annotated[
         float | None, _opt("Keeping an idle connection (300).", _TIMEOUTS)
     ] = None,
     max_attempts: Annotated[int | None, _opt("Attempts per row (6).", _RETRY)] = None,
     retry_budget: Annotated[
-        float | None, _opt("Seconds per row for all attempts (900).", _RETRY)
+        float | None,
+        _opt("Seconds per row from its first attempt, in-flight attempt included (900).", _RETRY),
     ] = None,
     reorder_window: Annotated[
         int | None, _opt("Rows held at most while an earlier one is unfinished (10000).")

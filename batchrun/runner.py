@@ -245,6 +245,7 @@ async def _execute(
             hosts=HostPool(base_urls, clock=clock.monotonic),
             api_key=api_key,
             write_timeout=config.timeouts.write,
+            request_timeout=config.timeouts.request,
         )
         started = clock.monotonic()
         if config.mode == "batch":
