@@ -35,6 +35,8 @@ class RowSender:
         self.retry = retry
         self.clock = clock
         self.stats = stats
+        # Told +1 when a row starts waiting for a retry and -1 when it is done.
+        self.on_backoff: Callable[[int], None] = _ignore
 
     async def send(self, request: Request) -> Outcome:
         """The row's outcome: its answer, or its last error once retries are
@@ -96,7 +98,19 @@ class RowSender:
                 raise failure
             return await attempt()
 
-        return await retrying(self.retry, sleep=self.clock.sleep)(replay_then_attempt)
+        return await retrying(self.retry, sleep=self._backoff)(replay_then_attempt)
+
+    async def _backoff(self, seconds: float) -> None:
+        """Wait before a retry, telling ``on_backoff`` while the row waits."""
+        self.on_backoff(1)
+        try:
+            await self.clock.sleep(seconds)
+        finally:
+            self.on_backoff(-1)
+
+
+def _ignore(_change: int) -> None:
+    """The default ``on_backoff``: nobody listens."""
 
 
 def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:

@@ -2,12 +2,15 @@
 
 Three gates in this order, then the request:
 
-1. the pause gate: one server's ``Retry-After`` pauses every worker, so the
-   whole run backs off instead of a thundering herd;
+1. the pause gate: when answers show congestion, the server's
+   ``Retry-After`` pauses every worker, so the whole run backs off instead of
+   a thundering herd (a lone 429 only delays its own row's retry);
 2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute;
-3. the adaptive in-flight limit: starts low, grows while answers are good,
-   halves on 429, 503 and timeouts (AIMD), never above
-   ``--max-async-requests``; slots go first come, first served.
+3. the adaptive in-flight limit: starts at ``INITIAL_CONCURRENCY``, grows
+   eightfold per round trip while answers are good, halves when 429s, 503s
+   and timeouts are a share of the recent answers (AIMD; see
+   ``congestion``), never above ``--max-async-requests``; slots go first
+   come, first served.
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ from collections.abc import Callable
 
 from batchrun.concurrency import AdaptiveLimiter, AIMDController
 from batchrun.config import RunConfig
+from batchrun.congestion import RecentAnswers
 from batchrun.errors import FatalError, RequestError
 from batchrun.ratelimit import PauseGate, RateBudget
 from batchrun.timing import Clock
 
-# In-flight requests allowed before the provider has answered anything: a
-# bad key or an overloaded server hears from few requests, and slow start
-# doubles the limit every round trip after that.
-INITIAL_CONCURRENCY = 4
+# In-flight requests allowed before the provider has answered anything (the
+# DashScope SDK's own default): a bad key or an overloaded server hears from
+# few requests.
+INITIAL_CONCURRENCY = 32
+
+# Slots each good answer adds until the first congestion: the limit grows
+# eightfold per round trip, 32 -> 256 -> 2,048, so a healthy provider sees
+# the configured limit within about two round trips.
+RAMP = 7
 
 # Weight of each new answer in the moving average of latency.
 _LATENCY_WEIGHT = 0.1
@@ -89,11 +98,13 @@ class Throttle:
             maximum=limits.max_async,
             clock=clock.monotonic,
             slow_start=True,
+            ramp=RAMP,
             increase_interval=INCREASE_INTERVAL,
         )
         self.limiter = AdaptiveLimiter(self.controller)
         self._pause_cap = config.retry.backoff_max
         self._throughput = Throughput(clock.monotonic)
+        self._recent = RecentAnswers()
         self.rate_limited = 0
         self._tripped: FatalError | None = None
 
@@ -137,18 +148,27 @@ class Throttle:
         """A good answer that used ``used`` tokens in all."""
         if self.budget.enabled:
             self.budget.settle(estimate, used)
+        self._recent.good()
         self.controller.on_success()
 
     def failed(self, error: RequestError) -> None:
-        """A failed attempt: back off if the provider asked for it, or stop
-        every request if the answer was fatal."""
+        """A failed attempt: stop every request if the answer was fatal; cut
+        the limit and pause everyone if the recent answers show congestion.
+
+        Until the provider has answered well once, a ``Retry-After`` is all
+        that is known of it, so it pauses everyone; after that a lone
+        push-back only delays its own row (its retry waits).
+        """
         if isinstance(error, FatalError) and self._tripped is None:
             self._tripped = error
         if error.status == 429:
             self.rate_limited += 1
+        congested = False
         if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
+            congested = self._recent.pushed_back()
+        if congested:
             self.controller.on_congestion(self._throughput.sustained_concurrency())
-        if error.retry_after:
+        if error.retry_after and (congested or not self._recent.good_seen):
             self.gate.pause_for(min(error.retry_after, self._pause_cap))
 
     def level(self) -> str:
