@@ -242,3 +242,27 @@ async def test_a_healthy_provider_sees_the_whole_limit_within_two_round_trips(
             throttle.succeeded(0, 0)
         limit = throttle.controller.limit
     assert limit == 2000
+
+
+async def test_rows_waiting_for_a_retry_do_not_hold_up_the_others(tmp_path: Path) -> None:
+    seen_at_retry: list[int] = []
+
+    async def sleep(seconds: float) -> None:
+        if seconds >= 1.0:  # a retry told Retry-After: 1; shortened, but really waiting
+            await anyio.sleep(0.3)
+            seen_at_retry.append(server.stats.requests)
+        else:
+            await anyio.sleep(seconds)
+
+    async with MockServer() as server:
+        healthy_rows = [chat(f"row {i}") for i in range(36)]
+        failing = [chat(f"late {i} mock:fail=429x1 mock:retry_after=1") for i in range(3)]
+        rows = healthy_rows[:3] + failing + healthy_rows[3:]
+        config = make_config(tmp_path, rows, server, max_async_requests=3)
+
+        summary = await run_async(config, clock=Clock(sleep=sleep))
+
+    assert summary.exit_code == 0
+    assert summary.extra["pauses"] == 0  # three lone 429s among good answers
+    # While the three rows waited, spare workers sent every other row.
+    assert seen_at_retry == [39, 39, 39]
