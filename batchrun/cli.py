@@ -255,12 +255,25 @@ def mock_server_command(
     rate_limit: Annotated[
         int | None, typer.Option(help="Requests per second; beyond it, 429 + Retry-After.")
     ] = None,
+    sliding_window: Annotated[
+        bool,
+        typer.Option(
+            "--sliding-window/--fixed-window",
+            help="Count --rate-limit over the last second, or per whole second.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the simulated provider (OpenAI and DashScope dialects) until stopped."""
     from batchrun.mock_server import serve
 
     serve(
-        host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed, rate_limit=rate_limit
+        host=host,
+        port=port,
+        latency=latency,
+        fail_rate=fail_rate,
+        seed=seed,
+        rate_limit=rate_limit,
+        sliding_window=sliding_window,
     )
 
 

@@ -213,7 +213,8 @@ class MockServer:
 
     ``rate_limit`` (requests per second, fixed one-second windows) answers
     429 with ``Retry-After`` to requests beyond it, as a provider's quota
-    would. ``stale_after`` (seconds) resets a request that arrives on a
+    would; with ``sliding_window`` it counts over the last second instead,
+    the stricter way many providers do. ``stale_after`` (seconds) resets a request that arrives on a
     connection idle at least that long, without answering: the race a server
     with a short keep-alive timeout loses against a client reusing the
     connection (0: every reused connection).
@@ -229,6 +230,7 @@ class MockServer:
         seed: int = 0,
         keepalive_timeout: float = 75.0,
         rate_limit: int | None = None,
+        sliding_window: bool = False,
         stale_after: float | None = None,
     ) -> None:
         if not 0.0 <= fail_rate <= 1.0:
@@ -242,6 +244,9 @@ class MockServer:
         self._rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
         self.rate_limit = rate_limit
+        self.sliding_window = sliding_window
+        # Arrival times of the requests accepted in the last second (sliding window).
+        self._accepted: collections.deque[float] = collections.deque()
         self.stale_after = stale_after
         self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
 
@@ -338,9 +343,22 @@ class MockServer:
         now = time.monotonic()
         second = int(now)
         self.stats.received_per_second[second] += 1
+        if self.sliding_window:
+            return self._over_sliding_rate(now, self.rate_limit)
         if self.stats.accepted_per_second[second] >= self.rate_limit:
             return second + 1 - now
         self.stats.accepted_per_second[second] += 1
+        return None
+
+    def _over_sliding_rate(self, now: float, limit: int) -> float | None:
+        """Seconds until a place frees when ``limit`` were accepted in the last second."""
+        accepted = self._accepted
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.popleft()
+        if len(accepted) >= limit:
+            return accepted[0] + 1.0 - now
+        accepted.append(now)
+        self.stats.accepted_per_second[int(now)] += 1
         return None
 
     async def _answer_fresh(self, request: web.Request, kind: Kind) -> web.StreamResponse:
@@ -413,6 +431,7 @@ def serve(
     fail_rate: float,
     seed: int = 0,
     rate_limit: int | None = None,
+    sliding_window: bool = False,
 ) -> None:
     """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly.
 
@@ -421,6 +440,12 @@ def serve(
     dashscope: http://HOST:PORT/api/v1)``.
     """
     server = MockServer(
-        host=host, port=port, latency=latency, fail_rate=fail_rate, seed=seed, rate_limit=rate_limit
+        host=host,
+        port=port,
+        latency=latency,
+        fail_rate=fail_rate,
+        seed=seed,
+        rate_limit=rate_limit,
+        sliding_window=sliding_window,
     )
     asyncio.run(_serve_until_signal(server))

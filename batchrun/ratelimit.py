@@ -1,7 +1,8 @@
 """Client-side rate budgets and server-requested pauses.
 
 ``RateBudget`` keeps a run under its requests-per-minute and tokens-per-minute
-limits, spread smoothly instead of in per-minute bursts. ``pause_hint`` reads
+limits, spread smoothly instead of in per-minute bursts, with a burst
+tolerance of a tenth of a second and nothing banked while paused. ``pause_hint`` reads
 how long a server asks us to back off, and ``PauseGate`` makes every worker
 honour that pause, not only the one that was told.
 
@@ -31,12 +32,18 @@ __all__ = ["PauseGate", "RateBudget", "parse_duration", "pause_hint"]
 # for a sleep too short to move a (fake) clock at all.
 _SLACK_S = 1e-6
 
+# Burst tolerance of a limit, in seconds of its rate. Providers count over a
+# sliding second and refuse anything above the rate: a bucket holding a whole
+# second would send up to twice the rate in some second, so it holds a tenth.
+BURST_SECONDS = 0.1
+
 
 class _Bucket:
     """A continuously refilling bucket: ``rate`` units per second up to ``capacity``.
 
     The level may go negative: that is debt (an oversize take, or usage above
-    its estimate) which later takes wait out before they fit.
+    its estimate) which later takes wait out before they fit. ``stamp`` may
+    lie in the future (see ``hold``): nothing refills before it.
     """
 
     __slots__ = ("capacity", "level", "rate", "stamp")
@@ -49,14 +56,24 @@ class _Bucket:
         self.stamp = now
 
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + max(0.0, now - self.stamp) * self.rate)
+        if now <= self.stamp:
+            return  # held: nothing is banked before the stamp
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    def delay(self, amount: float) -> float:
-        """Seconds until ``amount`` fits (after ``refill``). More than the
-        capacity fits once the bucket is full, so nothing waits forever."""
+    def delay(self, amount: float, now: float) -> float:
+        """Seconds from ``now`` until ``amount`` fits (after ``refill``). More
+        than the capacity fits once the bucket is full, so nothing waits forever."""
         shortfall = min(amount, self.capacity) - self.level
-        return max(0.0, shortfall / self.rate)
+        if shortfall <= 0:
+            return 0.0
+        return max(0.0, self.stamp - now) + shortfall / self.rate
+
+    def hold(self, now: float, until: float) -> None:
+        """Bank nothing before ``until``: from then on the bucket refills from empty."""
+        self.refill(now)
+        self.level = min(self.level, 0.0)
+        self.stamp = max(self.stamp, until)
 
     def adjust(self, used: float) -> None:
         """Take ``used`` units (negative gives them back, never above capacity)."""
@@ -68,7 +85,8 @@ class RateBudget:
 
     Each limit is a continuously refilling bucket holding ``burst_seconds``
     worth of its rate (at least one unit), so the budget is spread smoothly
-    over the minute: never a whole minute's worth at once. Waiters are served
+    over the minute: in any window of ``w`` seconds at most ``rate * (w +
+    burst_seconds)`` (plus one oversize request) goes out. Waiters are served
     strictly in arrival order; only the head of the queue sleeps on the clock.
     A disabled budget (``rpm`` and ``tpm`` both None) never waits.
     """
@@ -80,7 +98,7 @@ class RateBudget:
         tpm: float | None,
         clock: Monotonic,
         sleep: Sleep,
-        burst_seconds: float = 1.0,
+        burst_seconds: float = BURST_SECONDS,
     ) -> None:
         for name, value in (("rpm", rpm), ("tpm", tpm)):
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -141,15 +159,25 @@ class RateBudget:
         self._tokens.refill(self._clock())
         self._tokens.adjust(actual - estimated)
 
+    def hold(self, until: float) -> None:
+        """Bank nothing before ``until`` (monotonic seconds), as during a
+        server-requested pause: the buckets then refill from empty, so the
+        pause ends at the steady rate, not in a burst that earns the next 429.
+        Debt is kept. A sleeping head re-checks on waking and sleeps on."""
+        now = self._clock()
+        for bucket in (self._requests, self._tokens):
+            if bucket is not None:
+                bucket.hold(now, until)
+
     def _delay(self, tokens: int) -> float:
         now = self._clock()
         delay = 0.0
         if self._requests is not None:
             self._requests.refill(now)
-            delay = self._requests.delay(1)
+            delay = self._requests.delay(1, now)
         if self._tokens is not None:
             self._tokens.refill(now)
-            delay = max(delay, self._tokens.delay(tokens))
+            delay = max(delay, self._tokens.delay(tokens, now))
         return delay
 
     def _take(self, tokens: int) -> None:
@@ -244,6 +272,12 @@ class PauseGate:
             self._start = now
             self._pauses += 1
         self._until = end
+
+    @property
+    def until(self) -> float:
+        """When the current (or last) pause ends, in monotonic seconds;
+        ``-inf`` before any pause."""
+        return self._until
 
     @property
     def paused(self) -> bool:

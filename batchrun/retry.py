@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from tenacity import (
@@ -82,7 +82,6 @@ def retrying(
     policy: RetryPolicy,
     *,
     sleep: Sleep,
-    before_sleep: Callable[[RetryCallState], None] | None = None,
 ) -> AsyncRetrying:
     """A tenacity loop for one row: transient errors only, bounded in attempts
     and in time (no attempt starts after ``policy.budget`` seconds)."""
@@ -91,6 +90,5 @@ def retrying(
         wait=BackoffWithRetryAfter(policy),
         retry=retry_if_exception_type(TransientError),
         sleep=sleep,
-        before_sleep=before_sleep,
         reraise=True,
     )

@@ -173,9 +173,11 @@ async def _execute(
     handle_signals: bool,
 ) -> Summary:
     async with AsyncExitStack() as stack:
-        base_urls = config.base_urls or (provider.default_base_url,)
-        if base_urls == ("",):
-            base_urls = (await _start_mock_server(stack),)
+        base_urls = config.base_urls
+        if not base_urls:
+            embedded = provider.embedded_server
+            default = await _start_mock_server(stack) if embedded else provider.default_base_url
+            base_urls = (default,)
         for base_url in base_urls:
             _warn_plain_http(base_url, api_key)
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts))

@@ -5,7 +5,8 @@ Three gates in this order, then the request:
 1. the pause gate: when answers show congestion, the server's
    ``Retry-After`` pauses every worker, so the whole run backs off instead of
    a thundering herd (a lone 429 only delays its own row's retry);
-2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute;
+2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute,
+   banking nothing during a pause;
 3. the adaptive in-flight limit: starts at ``INITIAL_CONCURRENCY``, grows
    eightfold per round trip while answers are good, halves when 429s, 503s
    and timeouts are a share of the recent answers (AIMD; see
@@ -102,6 +103,7 @@ class Throttle:
             increase_interval=INCREASE_INTERVAL,
         )
         self.limiter = AdaptiveLimiter(self.controller)
+        self._adaptive = limits.adaptive
         self._pause_cap = config.retry.backoff_max
         self._throughput = Throughput(clock.monotonic)
         self._recent = RecentAnswers()
@@ -166,10 +168,12 @@ class Throttle:
         congested = False
         if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
             congested = self._recent.pushed_back()
-        if congested:
+        if congested and self._adaptive:  # --no-adaptive pins the limit at the cap
             self.controller.on_congestion(self._throughput.sustained_concurrency())
         if error.retry_after and (congested or not self._recent.good_seen):
             self.gate.pause_for(min(error.retry_after, self._pause_cap))
+            if self.budget.enabled:  # nothing banked while paused: no burst after it
+                self.budget.hold(self.gate.until)
 
     def level(self) -> str:
         """The current in-flight limit, for the progress line."""

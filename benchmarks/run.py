@@ -15,7 +15,10 @@ c. memory: batchrun alone at zero latency on 10,000 and 1,000,000 rows;
 d. resume start-up: a 1,000,000-row batchrun run is stopped (SIGTERM) once 60 %
    of the rows reached the server; the same command is run again and the time
    from its start to the server's first received request is measured (by
-   polling ``GET /_mock/stats`` every 10 ms).
+   polling ``GET /_mock/stats`` every 10 ms);
+e, f. rate limits against a provider refusing past 40 requests per sliding
+   second: one process, then three shards sharing the rate through Redis
+   (see ``benchmarks/limits.py``).
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -63,10 +66,11 @@ RUN_DEADLINE_S = 1800.0  # no single client run may take longer than this
 class MockProcess:
     """``python -m batchrun mock-server --port 0 --latency L``; ``with`` stops it."""
 
-    def __init__(self, latency: float, log_path: Path) -> None:
+    def __init__(self, latency: float, log_path: Path, extra: tuple[str, ...] = ()) -> None:
         self.latency = latency
         self._log = log_path.open("wb")
         cmd = [PY, "-m", "batchrun", "mock-server", "--port", "0", "--latency", str(latency)]
+        cmd += extra  # e.g. a rate limit
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT)
         line = _read_line(self.proc, deadline_s=30.0)
         if not line.startswith("mock server listening on http://127.0.0.1:"):
@@ -78,8 +82,12 @@ class MockProcess:
 
     def requests(self) -> int:
         """The server's count of model requests received so far."""
+        return int(self.stats()["requests"])
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters (``GET /_mock/stats``)."""
         with urllib.request.urlopen(self.origin + "/_mock/stats", timeout=5) as resp:
-            return int(json.load(resp)["requests"])
+            return dict(json.load(resp))
 
     def cpu_seconds(self) -> float:
         """The server's user + sys CPU time so far, from /proc."""
@@ -496,6 +504,9 @@ def render(report: dict[str, Any]) -> str:
             first = d.get("first_request_s")
             seen = f" (the rerun's first request came after {first:.3f} s)" if first else ""
             lines.append(f"n/a (resume not available): {d['why_not']}{seen}.")
+    from benchmarks.limits import render_limits
+
+    lines += render_limits(report.get("limits") or {})
     return "\n".join(lines) + "\n"
 
 
@@ -505,7 +516,7 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcd", help="which of a, b, c, d to run (abcd)")
+    p.add_argument("--scenarios", default="abcdef", help="which of a-f to run (abcdef)")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
@@ -554,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"scenario d: resume start-up on {args.rows_big:,} rows", flush=True)
                 resume = run_resume(args.rows_big, 64, 0.6, work)
+        from benchmarks.limits import run_limits
+
+        limits = run_limits(args.scenarios, work)
     tables = []
     for sc in scenarios:
         table = summarize(sc)
@@ -575,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "scenarios": tables,
         "resume": resume,
+        "limits": limits,
     }
     markdown = render(report)
     print("\n" + markdown)
@@ -585,7 +600,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out_dir / stem}.md and .json")
     # A failed peer shows in the table; a failed batchrun or bare run fails the harness.
     failed = [r for sc in scenarios for r in sc.runs if not r.ok and r.client in CLIENTS[:2]]
-    return 1 if failed else 0
+    missed = [key for key, r in limits.items() if not r.get("ok", True)]
+    if missed:
+        print(f"rate-limit scenarios missed their targets: {', '.join(missed)}")
+    return 1 if failed or missed else 0
 
 
 if __name__ == "__main__":

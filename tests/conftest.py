@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import orjson
 import pytest
 import pytest_asyncio
@@ -14,7 +13,8 @@ import pytest_asyncio
 from batchrun.config import RunConfig
 from batchrun.jobfile import build_config
 from batchrun.mock_server import MockServer
-from batchrun.runner import Clock
+from batchrun.timing import Clock
+from tests.fakes import FakeClock
 
 
 @pytest_asyncio.fixture
@@ -23,25 +23,14 @@ async def server() -> AsyncIterator[MockServer]:
         yield mock
 
 
-class FakeSleep:
-    """Records requested waits and returns at once (one checkpoint)."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await anyio.lowlevel.checkpoint()
+@pytest.fixture
+def fake_time() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def fake_sleep() -> FakeSleep:
-    return FakeSleep()
-
-
-@pytest.fixture
-def fake_clock(fake_sleep: FakeSleep) -> Clock:
-    return Clock(sleep=fake_sleep)
+def fake_clock(fake_time: FakeClock) -> Clock:
+    return fake_time.as_clock()
 
 
 def chat(text: str, **extra: Any) -> dict[str, Any]:

@@ -10,16 +10,7 @@ import anyio.lowlevel
 import pytest
 
 from batchrun.concurrency import AdaptiveLimiter, AIMDController
-
-
-class FakeTime:
-    """Fake monotonic time that moves only when a test sets ``now``."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 async def settle() -> None:
@@ -29,7 +20,7 @@ async def settle() -> None:
 
 
 def controller(
-    time: FakeTime | None = None,
+    time: FakeClock | None = None,
     *,
     initial: int,
     minimum: int = 1,
@@ -44,7 +35,7 @@ def controller(
         maximum=maximum,
         increase_every=increase_every,
         decrease_factor=decrease_factor,
-        clock=(time or FakeTime()).clock,
+        clock=(time or FakeClock()).monotonic,
         cooldown=cooldown,
     )
 
@@ -72,7 +63,7 @@ def test_additive_increase_every_n() -> None:
 
 
 def test_multiplicative_decrease_floors_at_minimum() -> None:
-    time = FakeTime()
+    time = FakeClock()
     aimd = controller(time, initial=16, minimum=2, maximum=32)
     limits = []
     for _ in range(5):
@@ -91,7 +82,7 @@ def test_decrease_factor_rounds_down() -> None:
 
 
 def test_burst_of_congestion_within_cooldown_is_one_decrease() -> None:
-    time = FakeTime()
+    time = FakeClock()
     aimd = controller(time, initial=32, maximum=64, cooldown=2.0)
     for _ in range(10):
         aimd.on_congestion()
@@ -115,7 +106,7 @@ def test_zero_cooldown_decreases_every_time() -> None:
 
 
 def test_congestion_restarts_the_increase_count() -> None:
-    time = FakeTime()
+    time = FakeClock()
     aimd = controller(time, initial=4, maximum=10)
     for _ in range(3):
         aimd.on_success()
@@ -149,13 +140,18 @@ def test_initial_is_clamped(initial: int, minimum: int, maximum: int, expected: 
     ],
 )
 def test_controller_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
-    settings: dict[str, Any] = {"initial": 4, "maximum": 8, "clock": FakeTime().clock, **kwargs}
+    settings: dict[str, Any] = {
+        "initial": 4,
+        "maximum": 8,
+        "clock": FakeClock().monotonic,
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=r"must be|need"):
         AIMDController(**settings)
 
 
 def test_listeners_hear_each_change() -> None:
-    time = FakeTime()
+    time = FakeClock()
     aimd = controller(time, initial=2, maximum=3, increase_every=1)
     heard: list[int] = []
     aimd.add_listener(heard.append)

@@ -10,16 +10,7 @@ from prometheus_client.samples import Sample
 
 from batchrun.metrics import MetricsWriter, render_metrics, write_metrics
 from batchrun.progress import RunStats
-
-
-class FakeClock:
-    """A settable monotonic clock, in seconds."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def busy_stats() -> RunStats:
@@ -152,7 +143,7 @@ def test_failed_write_cleans_up_its_temporary_file(tmp_path: Path) -> None:
 
 def test_writer_writes_only_after_the_interval(tmp_path: Path) -> None:
     path = tmp_path / "batchrun.prom"
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     stats = RunStats(total=5)
     calls: list[int] = []
 

@@ -417,3 +417,17 @@ def test_serve_prints_its_address_and_stops_on_sigterm() -> None:
         line
         == f"mock server listening on {origin} (openai: {origin}/v1, dashscope: {origin}/api/v1)"
     )
+
+
+@pytest.mark.asyncio
+async def test_sliding_window_rate_limit_counts_the_last_second(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with MockServer(rate_limit=3, sliding_window=True) as limited:
+        url = limited.base_url + CHAT
+        first = [await post(session, url, chat_body(f"row {i}")) for i in range(5)]
+        assert [status for status, _, _ in first] == [200, 200, 200, 429, 429]
+        assert first[3][2]["Retry-After"] == "1"
+        await asyncio.sleep(1.05)  # the first three leave the window together
+        again = [await post(session, url, chat_body(f"again {i}")) for i in range(4)]
+        assert [status for status, _, _ in again] == [200, 200, 200, 429]

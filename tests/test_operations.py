@@ -15,15 +15,15 @@ from batchrun.hosts import FAILURES_TO_REST, HostPool
 from batchrun.merge import merge
 from batchrun.mock_server import MockServer
 from batchrun.runner import run_async
-from batchrun.timing import Clock
-from tests.conftest import FakeSleep, chat, make_config, read_jsonl, write_jsonl
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.fakes import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.asyncio
 async def test_two_hosts_share_the_load_and_a_failing_one_rests(
-    tmp_path: Path, fake_sleep: FakeSleep
+    tmp_path: Path, fake_time: FakeClock
 ) -> None:
     async with MockServer() as steady, MockServer(fail_rate=1.0) as flaky:
         rows = [chat(f"row {i} mock:delay=0.01") for i in range(300)]
@@ -42,7 +42,7 @@ async def test_two_hosts_share_the_load_and_a_failing_one_rests(
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(recover_later)
-            summary = await run_async(config, clock=Clock(sleep=fake_sleep))
+            summary = await run_async(config, clock=fake_time.as_clock())
 
     assert summary.exit_code == 0
     assert all(r["error"] is None for r in read_jsonl(config.out))
@@ -116,11 +116,11 @@ async def test_merge_refuses_missing_unfinished_and_foreign_shards(
         config = make_config(
             tmp_path, [], server, input=source, out=tmp_path / f"p{i}.jsonl", shard=f"{i}/2"
         )
-        await run_async(config, clock=Clock(sleep=FakeSleep()))
+        await run_async(config, clock=FakeClock().as_clock())
         parts.append(config.out)
     other = write_jsonl(tmp_path / "other.jsonl", [chat(f"x{i}") for i in range(10)])
     foreign = make_config(tmp_path, [], server, input=other, out=tmp_path / "f1.jsonl", shard="1/2")
-    await run_async(foreign, clock=Clock(sleep=FakeSleep()))
+    await run_async(foreign, clock=FakeClock().as_clock())
     monkeypatch.setenv("OPENAI_API_KEY", "bad-key")
     unfinished = make_config(
         tmp_path,
@@ -131,7 +131,7 @@ async def test_merge_refuses_missing_unfinished_and_foreign_shards(
         out=tmp_path / "u1.jsonl",
         shard="1/2",
     )
-    await run_async(unfinished, clock=Clock(sleep=FakeSleep()))  # aborts: not finished
+    await run_async(unfinished, clock=FakeClock().as_clock())  # aborts: not finished
 
     with pytest.raises(UsageError, match="shard 1/2 missing"):
         merge([parts[0]], tmp_path / "m.jsonl")
@@ -143,7 +143,7 @@ async def test_merge_refuses_missing_unfinished_and_foreign_shards(
         merge([source], tmp_path / "m.jsonl")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     whole = make_config(tmp_path, [], server, input=source, out=tmp_path / "whole.jsonl")
-    await run_async(whole, clock=Clock(sleep=FakeSleep()))
+    await run_async(whole, clock=FakeClock().as_clock())
     with pytest.raises(UsageError, match="not a shard"):
         merge([parts[0], whole.out], tmp_path / "m.jsonl")
     assert not (tmp_path / "m.jsonl").exists()
@@ -163,11 +163,11 @@ async def test_a_shard_resumes_on_its_own(
     config = make_config(
         tmp_path, [], server, input=source, provider="openai", shard="1/2", max_async_requests=1
     )
-    first = await run_async(config, clock=Clock(sleep=FakeSleep()))
+    first = await run_async(config, clock=FakeClock().as_clock())
     assert first.exit_code == 3
     sent = server.stats.requests
     server.stats.reset()
-    second = await run_async(config, clock=Clock(sleep=FakeSleep()))
+    second = await run_async(config, clock=FakeClock().as_clock())
 
     assert second.exit_code == 3  # the same row still answers 401
     assert server.stats.requests == 1  # it resumed at that row, not from the start

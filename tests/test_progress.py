@@ -12,16 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchrun.progress import LatencyHistogram, ProgressReporter, RunStats, Summary
-
-
-class FakeClock:
-    """A settable monotonic clock, in seconds."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 class TtyStringIO(io.StringIO):
@@ -214,7 +205,7 @@ def test_choose_mode() -> None:
 
 
 def test_line_with_total() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     reporter = ProgressReporter(
         make_stats(), mode="off", clock=clock, stream=io.StringIO(), extra=lambda: "conc 64"
     )
@@ -229,7 +220,7 @@ def test_line_without_total_and_with_skipped() -> None:
     stats = make_stats()
     stats.total = None
     stats.done, stats.skipped = 1400, 200
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     reporter = ProgressReporter(stats, mode="off", clock=clock, stream=io.StringIO())
     clock.now += 10.0
     assert reporter.line() == (
@@ -239,12 +230,12 @@ def test_line_without_total_and_with_skipped() -> None:
 
 
 def test_line_before_any_row_has_unknown_eta() -> None:
-    reporter = ProgressReporter(RunStats(total=10), mode="off", clock=FakeClock())
+    reporter = ProgressReporter(RunStats(total=10), mode="off", clock=FakeClock(100.0))
     assert reporter.line().startswith("progress 0/10 (0.0%) 0.0 rows/s eta ? |")
 
 
 def test_log_mode_writes_only_when_interval_elapsed() -> None:
-    stats, clock, out = RunStats(total=100), FakeClock(), io.StringIO()
+    stats, clock, out = RunStats(total=100), FakeClock(100.0), io.StringIO()
     reporter = ProgressReporter(stats, mode="log", stream=out, clock=clock, log_interval=5.0)
     for step in range(20):  # one row every 0.5 s, for 10 s
         clock.now += 0.5
@@ -257,7 +248,7 @@ def test_log_mode_writes_only_when_interval_elapsed() -> None:
 
 
 def test_log_mode_tick_logs_a_stalled_run() -> None:
-    stats, clock, out = RunStats(), FakeClock(), io.StringIO()
+    stats, clock, out = RunStats(), FakeClock(100.0), io.StringIO()
     reporter = ProgressReporter(stats, mode="log", stream=out, clock=clock, log_interval=5.0)
     clock.now += 4.9
     reporter.tick()
@@ -271,7 +262,7 @@ def test_log_mode_tick_logs_a_stalled_run() -> None:
 
 def test_log_mode_close_writes_final_line_once() -> None:
     stats, out = RunStats(total=1), io.StringIO()
-    reporter = ProgressReporter(stats, mode="log", stream=out, clock=FakeClock())
+    reporter = ProgressReporter(stats, mode="log", stream=out, clock=FakeClock(100.0))
     stats.record_outcome(ok=True, error_code=None, attempts=1, latency_s=0.1)
     reporter.update()
     assert out.getvalue() == ""
@@ -283,7 +274,7 @@ def test_log_mode_close_writes_final_line_once() -> None:
 
 
 def test_off_mode_writes_nothing() -> None:
-    stats, clock, out = RunStats(), FakeClock(), io.StringIO()
+    stats, clock, out = RunStats(), FakeClock(100.0), io.StringIO()
     reporter = ProgressReporter(stats, mode="off", stream=out, clock=clock)
     clock.now += 60
     reporter.update()
@@ -298,7 +289,7 @@ def test_rejects_non_positive_interval() -> None:
 
 
 def test_bar_mode_on_a_string_stream() -> None:
-    stats, clock, out = RunStats(total=50), FakeClock(), io.StringIO()
+    stats, clock, out = RunStats(total=50), FakeClock(100.0), io.StringIO()
     reporter = ProgressReporter(stats, mode="bar", stream=out, clock=clock, extra=lambda: "x")
     for _ in range(49):
         clock.now += 0.1
@@ -315,14 +306,14 @@ def test_bar_mode_on_a_string_stream() -> None:
 
 def test_bar_mode_starts_at_rows_done_earlier() -> None:
     stats, out = RunStats(total=10, done=4, skipped=4), io.StringIO()
-    reporter = ProgressReporter(stats, mode="bar", stream=out, clock=FakeClock())
+    reporter = ProgressReporter(stats, mode="bar", stream=out, clock=FakeClock(100.0))
     reporter.close()
     assert "4/10" in out.getvalue()
 
 
 @pytest.mark.asyncio
 async def test_heartbeat_ticks_at_log_interval_and_propagates() -> None:
-    stats, clock, out = RunStats(), FakeClock(), io.StringIO()
+    stats, clock, out = RunStats(), FakeClock(100.0), io.StringIO()
     reporter = ProgressReporter(stats, mode="log", stream=out, clock=clock, log_interval=2.0)
     waits: list[float] = []
 
@@ -340,7 +331,9 @@ async def test_heartbeat_ticks_at_log_interval_and_propagates() -> None:
 
 @pytest.mark.asyncio
 async def test_heartbeat_in_bar_mode_every_half_second() -> None:
-    reporter = ProgressReporter(RunStats(), mode="bar", stream=io.StringIO(), clock=FakeClock())
+    reporter = ProgressReporter(
+        RunStats(), mode="bar", stream=io.StringIO(), clock=FakeClock(100.0)
+    )
     waits: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:
@@ -356,7 +349,9 @@ async def test_heartbeat_in_bar_mode_every_half_second() -> None:
 
 @pytest.mark.asyncio
 async def test_heartbeat_stops_on_cancellation() -> None:
-    reporter = ProgressReporter(RunStats(), mode="log", stream=io.StringIO(), clock=FakeClock())
+    reporter = ProgressReporter(
+        RunStats(), mode="log", stream=io.StringIO(), clock=FakeClock(100.0)
+    )
     parked = anyio.Event()
 
     async def fake_sleep(seconds: float) -> None:

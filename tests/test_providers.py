@@ -51,11 +51,11 @@ def test_get_provider_unknown() -> None:
 def test_provider_attributes() -> None:
     assert openai.default_base_url == "https://api.openai.com/v1"
     assert openai.default_key_env == "OPENAI_API_KEY"
-    assert openai.key_required is True
     assert dashscope.default_base_url == "https://dashscope.aliyuncs.com/api/v1"
     assert dashscope.default_key_env == "DASHSCOPE_API_KEY"
     mock = MockProvider()
-    assert mock.key_required is False
+    assert mock.embedded_server
+    assert not openai.embedded_server
     assert mock.fallback_key == "mock-key"
     assert mock.default_key_env == "BATCHRUN_MOCK_KEY"
 

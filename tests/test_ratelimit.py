@@ -10,45 +10,9 @@ import pytest
 from multidict import CIMultiDict
 
 from batchrun.ratelimit import PauseGate, RateBudget, parse_duration, pause_hint
+from tests.fakes import FakeClock
 
 NOW = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC)
-
-
-class FakeTime:
-    """Fake monotonic time.
-
-    ``auto`` (default): ``sleep(s)`` jumps time to the sleeper's deadline at
-    once (never backwards, so concurrent sleepers end at the latest deadline
-    asked). Manual: sleepers block until ``advance`` moves time past their
-    deadline, so tests can act while someone is asleep.
-    """
-
-    def __init__(self, *, auto: bool = True) -> None:
-        self.now = 0.0
-        self.auto = auto
-        self.sleeps: list[float] = []
-        self._sleepers: list[tuple[float, anyio.Event]] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        deadline = self.now + max(0.0, seconds)
-        if self.auto:
-            self.now = max(self.now, deadline)
-            await anyio.lowlevel.checkpoint()
-            return
-        event = anyio.Event()
-        self._sleepers.append((deadline, event))
-        await event.wait()
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        due = [entry for entry in self._sleepers if entry[0] <= self.now]
-        self._sleepers = [entry for entry in self._sleepers if entry[0] > self.now]
-        for _, event in due:
-            event.set()
 
 
 async def settle() -> None:
@@ -58,14 +22,14 @@ async def settle() -> None:
 
 
 def budget(
-    time: FakeTime,
+    time: FakeClock,
     *,
     rpm: float | None = None,
     tpm: float | None = None,
     burst_seconds: float = 1.0,
 ) -> RateBudget:
     return RateBudget(
-        rpm=rpm, tpm=tpm, clock=time.clock, sleep=time.sleep, burst_seconds=burst_seconds
+        rpm=rpm, tpm=tpm, clock=time.monotonic, sleep=time.sleep, burst_seconds=burst_seconds
     )
 
 
@@ -92,7 +56,7 @@ def assert_rate(stamps: list[float], amounts: list[float], burst: float, rate: f
 
 @pytest.mark.asyncio
 async def test_rpm_spreads_requests_smoothly() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, rpm=600)  # 10/s, burst of 10
     stamps = []
     for _ in range(100):
@@ -105,7 +69,7 @@ async def test_rpm_spreads_requests_smoothly() -> None:
 
 @pytest.mark.asyncio
 async def test_burst_seconds_sets_the_burst() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, rpm=600, burst_seconds=2.0)
     for _ in range(20):
         await limit.acquire(0)
@@ -116,7 +80,7 @@ async def test_burst_seconds_sets_the_burst() -> None:
 
 @pytest.mark.asyncio
 async def test_low_rpm_still_lets_one_request_through() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, rpm=6)  # one per 10 s, burst below one request
     stamps = []
     for _ in range(3):
@@ -127,7 +91,7 @@ async def test_low_rpm_still_lets_one_request_through() -> None:
 
 @pytest.mark.asyncio
 async def test_concurrent_waiters_are_fifo_and_within_rate() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, rpm=600)
     order: list[int] = []
     stamps: list[float] = []
@@ -148,7 +112,7 @@ async def test_concurrent_waiters_are_fifo_and_within_rate() -> None:
 
 @pytest.mark.asyncio
 async def test_small_request_does_not_overtake_a_big_one_waiting() -> None:
-    time = FakeTime(auto=False)
+    time = FakeClock(auto=False)
     limit = budget(time, tpm=60_000)  # 1000 tokens/s, burst 1000
     await limit.acquire(1000)  # bucket now empty
     got: list[tuple[str, float]] = []
@@ -174,7 +138,7 @@ async def test_small_request_does_not_overtake_a_big_one_waiting() -> None:
 
 @pytest.mark.asyncio
 async def test_tpm_limits_tokens() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, tpm=60_000)  # 1000 tokens/s, burst 1000
     amounts = [300, 500, 200, 400, 700, 100, 1000, 50]
     stamps = []
@@ -189,7 +153,7 @@ async def test_tpm_limits_tokens() -> None:
 
 @pytest.mark.asyncio
 async def test_both_limits_the_stricter_wins() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, rpm=60, tpm=60_000)  # 1 request/s, 1000 tokens/s
     for _ in range(4):
         await limit.acquire(10)
@@ -202,7 +166,7 @@ async def test_both_limits_the_stricter_wins() -> None:
 
 @pytest.mark.asyncio
 async def test_settle_debt_delays_next_acquire() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, tpm=60_000)
     await limit.acquire(100)
     limit.settle(100, 2100)  # 2000 more than reserved: bucket at -1100
@@ -212,7 +176,7 @@ async def test_settle_debt_delays_next_acquire() -> None:
 
 @pytest.mark.asyncio
 async def test_settle_refund_is_capped_at_capacity() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, tpm=60_000)
     await limit.acquire(1000)  # bucket empty
     limit.settle(1000, 200)  # refund 800
@@ -227,7 +191,7 @@ async def test_settle_refund_is_capped_at_capacity() -> None:
 
 @pytest.mark.asyncio
 async def test_settle_without_tpm_is_a_no_op() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, rpm=60)
     limit.settle(10, 10_000)
     await limit.acquire(10_000)
@@ -236,7 +200,7 @@ async def test_settle_without_tpm_is_a_no_op() -> None:
 
 @pytest.mark.asyncio
 async def test_oversize_request_waits_for_a_full_bucket_not_forever() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time, tpm=60_000)  # capacity 1000
     await limit.acquire(500)
     await limit.acquire(5000)  # waits until full again, then goes into debt
@@ -246,8 +210,68 @@ async def test_oversize_request_waits_for_a_full_bucket_not_forever() -> None:
 
 
 @pytest.mark.asyncio
+async def test_default_burst_is_a_tenth_of_a_second() -> None:
+    time = FakeClock()
+    limit = RateBudget(rpm=2160, tpm=None, clock=time, sleep=time.sleep)  # 36/s
+    stamps = []
+    for _ in range(200):
+        await limit.acquire(0)
+        stamps.append(time.now)
+    assert stamps[:3] == [0.0] * 3
+    assert stamps[3] > 0.0
+    # Any sliding second holds at most 36 + 3.6: under a provider's 40/s.
+    assert max(sum(1 for t in stamps if s <= t < s + 1.0) for s in stamps) <= 39
+    assert_rate(stamps, [1.0] * 200, burst=3.6, rate=36)
+
+
+@pytest.mark.asyncio
+async def test_hold_banks_nothing_during_a_pause() -> None:
+    time = FakeClock()
+    limit = budget(time, rpm=600)  # 10/s, burst 10
+    for _ in range(10):
+        await limit.acquire(0)
+    limit.hold(5.0)  # paused until t=5: no refill before, and the bucket restarts empty
+    stamps = []
+    for _ in range(10):
+        await limit.acquire(0)
+        stamps.append(time.now)
+    assert stamps == pytest.approx([5.0 + 0.1 * (i + 1) for i in range(10)])
+
+
+@pytest.mark.asyncio
+async def test_hold_drops_an_unspent_burst_and_keeps_debt() -> None:
+    time = FakeClock()
+    limit = budget(time, tpm=60_000)  # 1000 tokens/s, burst 1000
+    limit.settle(0, 3000)  # 2000 tokens of debt
+    limit.hold(1.0)
+    await limit.acquire(1)
+    assert time.now == pytest.approx(1.0 + 2.001)  # no refill before 1.0, then the debt
+
+
+@pytest.mark.asyncio
+async def test_hold_wakes_a_sleeping_head_no_earlier() -> None:
+    time = FakeClock(auto=False)
+    limit = budget(time, rpm=60)  # 1/s, burst 1
+    await limit.acquire(0)
+    got: list[float] = []
+
+    async def waiter() -> None:
+        await limit.acquire(0)
+        got.append(time.now)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(waiter)
+        await settle()
+        limit.hold(3.0)  # a pause begins while the head sleeps towards t=1
+        for _ in range(5):
+            time.advance(1.0)
+            await settle()
+    assert got == [4.0]
+
+
+@pytest.mark.asyncio
 async def test_disabled_budget_never_sleeps() -> None:
-    time = FakeTime()
+    time = FakeClock()
     limit = budget(time)
     assert not limit.enabled
     for _ in range(1000):
@@ -261,7 +285,7 @@ async def test_disabled_budget_never_sleeps() -> None:
 
 @pytest.mark.asyncio
 async def test_cancelled_head_takes_nothing_and_wakes_the_next() -> None:
-    time = FakeTime(auto=False)
+    time = FakeClock(auto=False)
     limit = budget(time, rpm=60)  # 1/s, burst 1
     await limit.acquire(0)  # bucket now empty
     got: list[str] = []
@@ -282,7 +306,7 @@ async def test_cancelled_head_takes_nothing_and_wakes_the_next() -> None:
 
 @pytest.mark.asyncio
 async def test_cancelled_queued_waiter_leaves_the_queue() -> None:
-    time = FakeTime(auto=False)
+    time = FakeClock(auto=False)
     limit = budget(time, rpm=60)
     await limit.acquire(0)
     got: list[str] = []
@@ -319,12 +343,12 @@ def test_rate_budget_rejects_bad_settings(
     rpm: float | None, tpm: float | None, burst_seconds: float
 ) -> None:
     with pytest.raises(ValueError, match="must be"):
-        budget(FakeTime(), rpm=rpm, tpm=tpm, burst_seconds=burst_seconds)
+        budget(FakeClock(), rpm=rpm, tpm=tpm, burst_seconds=burst_seconds)
 
 
 @pytest.mark.asyncio
 async def test_negative_tokens_rejected() -> None:
-    time = FakeTime()
+    time = FakeClock()
     with pytest.raises(ValueError, match="tokens"):
         await budget(time, tpm=60).acquire(-1)
 
@@ -423,8 +447,8 @@ def test_pause_hint_reads_case_insensitive_multidicts() -> None:
 
 @pytest.mark.asyncio
 async def test_gate_not_paused_returns_at_once() -> None:
-    time = FakeTime()
-    gate = PauseGate(clock=time.clock, sleep=time.sleep)
+    time = FakeClock()
+    gate = PauseGate(clock=time.monotonic, sleep=time.sleep)
     await gate.wait()
     gate.pause_for(0)
     gate.pause_for(-3)
@@ -437,8 +461,8 @@ async def test_gate_not_paused_returns_at_once() -> None:
 
 @pytest.mark.asyncio
 async def test_gate_pause_extends_never_shortens() -> None:
-    time = FakeTime()
-    gate = PauseGate(clock=time.clock, sleep=time.sleep)
+    time = FakeClock()
+    gate = PauseGate(clock=time.monotonic, sleep=time.sleep)
     gate.pause_for(10)
     time.now = 2.0
     gate.pause_for(3)  # ends at 5: shorter, ignored
@@ -449,8 +473,8 @@ async def test_gate_pause_extends_never_shortens() -> None:
 
 @pytest.mark.asyncio
 async def test_gate_all_waiters_wait_until_the_deadline() -> None:
-    time = FakeTime()
-    gate = PauseGate(clock=time.clock, sleep=time.sleep)
+    time = FakeClock()
+    gate = PauseGate(clock=time.monotonic, sleep=time.sleep)
     gate.pause_for(5)
     done: list[float] = []
 
@@ -466,8 +490,8 @@ async def test_gate_all_waiters_wait_until_the_deadline() -> None:
 
 @pytest.mark.asyncio
 async def test_gate_waiters_follow_an_extension_made_while_asleep() -> None:
-    time = FakeTime(auto=False)
-    gate = PauseGate(clock=time.clock, sleep=time.sleep)
+    time = FakeClock(auto=False)
+    gate = PauseGate(clock=time.monotonic, sleep=time.sleep)
     gate.pause_for(5)
     done: list[float] = []
 
@@ -491,8 +515,8 @@ async def test_gate_waiters_follow_an_extension_made_while_asleep() -> None:
 
 
 def test_gate_paused_seconds_counts_overlap_once() -> None:
-    time = FakeTime()
-    gate = PauseGate(clock=time.clock, sleep=time.sleep)
+    time = FakeClock()
+    gate = PauseGate(clock=time.monotonic, sleep=time.sleep)
     gate.pause_for(10)  # [0, 10]
     time.now = 4.0
     assert gate.paused_seconds == pytest.approx(4.0)  # so far
@@ -511,8 +535,8 @@ def test_gate_paused_seconds_counts_overlap_once() -> None:
 
 @pytest.mark.asyncio
 async def test_gate_cancelled_waiter_propagates() -> None:
-    time = FakeTime(auto=False)
-    gate = PauseGate(clock=time.clock, sleep=time.sleep)
+    time = FakeClock(auto=False)
+    gate = PauseGate(clock=time.monotonic, sleep=time.sleep)
     gate.pause_for(5)
     with anyio.move_on_after(0.01) as scope:
         await gate.wait()

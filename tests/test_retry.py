@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from multidict import CIMultiDict
@@ -13,6 +12,7 @@ from tenacity import AsyncRetrying, Future, RetryCallState
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.retry import BackoffWithRetryAfter, parse_retry_after, retrying
+from tests.fakes import FakeClock
 
 NOW = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC)
 
@@ -153,16 +153,6 @@ def test_backoff_ignores_retry_after_of_other_errors() -> None:
 # --- the retry loop --------------------------------------------------------------
 
 
-class FakeSleep:
-    """Records waits instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-
-
 class Flaky:
     """Raises ``errors[i]`` on call i while there are errors left, then returns "ok"."""
 
@@ -188,26 +178,26 @@ def transients(count: int, retry_after: float | None = None) -> list[BaseExcepti
 @pytest.mark.parametrize("failures", [0, 1, 3, 5])
 async def test_retrying_until_success(failures: int) -> None:
     policy = RetryPolicy(max_attempts=6, budget=900, backoff_initial=0.5, backoff_max=4)
-    sleep = FakeSleep()
+    clock = FakeClock()
     fn = Flaky(transients(failures))
-    loop = retrying(policy, sleep=sleep)
+    loop = retrying(policy, sleep=clock.sleep)
     assert await loop(fn) == "ok"
     assert fn.calls == failures + 1
     assert loop.statistics["attempt_number"] == failures + 1
-    assert len(sleep.waits) == failures
-    for attempt, wait in enumerate(sleep.waits, start=1):
+    assert len(clock.sleeps) == failures
+    for attempt, wait in enumerate(clock.sleeps, start=1):
         assert 0 <= wait <= min(4, 0.5 * 2 ** (attempt - 1))
 
 
 @pytest.mark.asyncio
 async def test_retrying_waits_at_least_retry_after() -> None:
     policy = RetryPolicy(max_attempts=6, budget=900, backoff_initial=0.1, backoff_max=1)
-    sleep = FakeSleep()
+    clock = FakeClock()
     fn = Flaky(transients(3, retry_after=7.5))
-    assert await retrying(policy, sleep=sleep)(fn) == "ok"
+    assert await retrying(policy, sleep=clock.sleep)(fn) == "ok"
     assert fn.calls == 4
-    assert len(sleep.waits) == 3
-    assert all(7.5 <= wait <= 7.6 for wait in sleep.waits)  # plus a spread of at most 0.1
+    assert len(clock.sleeps) == 3
+    assert all(7.5 <= wait <= 7.6 for wait in clock.sleeps)  # plus a spread of at most 0.1
 
 
 @pytest.mark.asyncio
@@ -215,38 +205,38 @@ async def test_retrying_retry_after_beyond_budget_gives_up_without_sleeping() ->
     # The wait is capped at the budget, and no attempt may start once the budget
     # has passed, so the loop stops at once instead of parking the row.
     policy = RetryPolicy(max_attempts=6, budget=30, backoff_initial=0.1, backoff_max=1)
-    sleep = FakeSleep()
+    clock = FakeClock()
     fn = Flaky(transients(2, retry_after=10_000))
     with pytest.raises(TransientError) as info:
-        await retrying(policy, sleep=sleep)(fn)
+        await retrying(policy, sleep=clock.sleep)(fn)
     assert info.value is fn.raised[0]
     assert fn.calls == 1
-    assert sleep.waits == []
+    assert clock.sleeps == []
 
 
 @pytest.mark.asyncio
 async def test_retrying_within_budget_retry_after() -> None:
     policy = RetryPolicy(max_attempts=6, budget=30, backoff_initial=0.1, backoff_max=1)
-    sleep = FakeSleep()
+    clock = FakeClock()
     fn = Flaky(transients(1, retry_after=20))
-    assert await retrying(policy, sleep=sleep)(fn) == "ok"
-    assert len(sleep.waits) == 1
-    assert 20 <= sleep.waits[0] <= 20.1
+    assert await retrying(policy, sleep=clock.sleep)(fn) == "ok"
+    assert len(clock.sleeps) == 1
+    assert 20 <= clock.sleeps[0] <= 20.1
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("max_attempts", [1, 2, 4])
 async def test_retrying_reraises_last_transient_after_max_attempts(max_attempts: int) -> None:
     policy = RetryPolicy(max_attempts=max_attempts, backoff_initial=0.1, backoff_max=0.2)
-    sleep = FakeSleep()
+    clock = FakeClock()
     fn = Flaky(transients(10))
     with pytest.raises(TransientError) as info:
-        await retrying(policy, sleep=sleep)(fn)
+        await retrying(policy, sleep=clock.sleep)(fn)
     assert fn.calls == max_attempts
     assert info.value is fn.raised[-1]
     assert info.value.code == f"fail_{max_attempts - 1}"
-    assert len(sleep.waits) == max_attempts - 1
-    assert all(0 <= wait <= 0.2 for wait in sleep.waits)
+    assert len(clock.sleeps) == max_attempts - 1
+    assert all(0 <= wait <= 0.2 for wait in clock.sleeps)
 
 
 @pytest.mark.asyncio
@@ -263,61 +253,46 @@ async def test_retrying_reraises_last_transient_after_max_attempts(max_attempts:
     ids=["row", "fatal", "fatal-with-retry-after", "request-error", "value-error", "key-error"],
 )
 async def test_retrying_does_not_retry_other_errors(error: BaseException) -> None:
-    sleep = FakeSleep()
+    clock = FakeClock()
     fn = Flaky([error])
     with pytest.raises(type(error)) as info:
-        await retrying(RetryPolicy(), sleep=sleep)(fn)
+        await retrying(RetryPolicy(), sleep=clock.sleep)(fn)
     assert info.value is error
     assert type(info.value) is type(error)
     assert fn.calls == 1
-    assert sleep.waits == []
+    assert clock.sleeps == []
 
 
 @pytest.mark.asyncio
 async def test_retrying_transient_then_row_error_stops() -> None:
     row = RowError("content_filter", "blocked", status=400)
     fn = Flaky([*transients(2), row])
-    sleep = FakeSleep()
+    clock = FakeClock()
     with pytest.raises(RowError) as info:
-        await retrying(RetryPolicy(backoff_max=1), sleep=sleep)(fn)
+        await retrying(RetryPolicy(backoff_max=1), sleep=clock.sleep)(fn)
     assert info.value is row
     assert fn.calls == 3
-    assert len(sleep.waits) == 2
+    assert len(clock.sleeps) == 2
 
 
 @pytest.mark.asyncio
 async def test_retrying_cancellation_propagates() -> None:
     fn = Flaky([asyncio.CancelledError()])
-    sleep = FakeSleep()
+    clock = FakeClock()
     with pytest.raises(asyncio.CancelledError):
-        await retrying(RetryPolicy(), sleep=sleep)(fn)
+        await retrying(RetryPolicy(), sleep=clock.sleep)(fn)
     assert fn.calls == 1
-    assert sleep.waits == []
+    assert clock.sleeps == []
 
 
 @pytest.mark.asyncio
 async def test_retrying_cancellation_after_transients() -> None:
     fn = Flaky([*transients(2), asyncio.CancelledError()])
-    sleep = FakeSleep()
+    clock = FakeClock()
     with pytest.raises(asyncio.CancelledError):
-        await retrying(RetryPolicy(backoff_max=1), sleep=sleep)(fn)
+        await retrying(RetryPolicy(backoff_max=1), sleep=clock.sleep)(fn)
     assert fn.calls == 3
-    assert len(sleep.waits) == 2
-
-
-@pytest.mark.asyncio
-async def test_retrying_before_sleep_hook() -> None:
-    seen: list[tuple[int, str]] = []
-
-    def before_sleep(state: RetryCallState) -> None:
-        assert state.outcome is not None
-        error: Any = state.outcome.exception()
-        seen.append((state.attempt_number, error.code))
-
-    fn = Flaky(transients(2))
-    loop = retrying(RetryPolicy(backoff_max=1), sleep=FakeSleep(), before_sleep=before_sleep)
-    assert await loop(fn) == "ok"
-    assert seen == [(1, "fail_0"), (2, "fail_1")]
+    assert len(clock.sleeps) == 2
 
 
 @pytest.mark.asyncio
@@ -325,6 +300,6 @@ async def test_retrying_for_each_row_is_independent() -> None:
     policy = RetryPolicy(max_attempts=3, backoff_max=1)
     first = Flaky(transients(2))
     second = Flaky(transients(2))
-    assert await retrying(policy, sleep=FakeSleep())(first) == "ok"
-    assert await retrying(policy, sleep=FakeSleep())(second) == "ok"
+    assert await retrying(policy, sleep=FakeClock().sleep)(first) == "ok"
+    assert await retrying(policy, sleep=FakeClock().sleep)(second) == "ok"
     assert (first.calls, second.calls) == (3, 3)

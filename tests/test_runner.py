@@ -12,7 +12,8 @@ import pytest
 from batchrun.errors import UsageError
 from batchrun.mock_server import MockServer
 from batchrun.runner import Clock, run_async
-from tests.conftest import FakeSleep, chat, make_config, read_jsonl, write_jsonl
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.asyncio
 
@@ -63,7 +64,7 @@ async def test_per_host_cap_holds_below_the_global_cap(
 
 
 async def test_transient_faults_are_retried_until_success(
-    tmp_path: Path, server: MockServer, fake_clock: Clock, fake_sleep: FakeSleep
+    tmp_path: Path, server: MockServer, fake_clock: Clock, fake_time: FakeClock
 ) -> None:
     rows = [
         chat("a mock:fail=429x2 mock:retry_after=7"),
@@ -84,7 +85,7 @@ async def test_transient_faults_are_retried_until_success(
     assert summary.retries == 7
     assert summary.exit_code == 0
     # The two waits of row a honour its Retry-After of 7 s.
-    assert sum(1 for wait in fake_sleep.waits if wait >= 7) >= 2
+    assert sum(1 for wait in fake_time.sleeps if wait >= 7) >= 2
 
 
 async def test_permanent_error_is_recorded_and_not_retried(

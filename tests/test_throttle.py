@@ -15,7 +15,8 @@ from batchrun.mock_server import MockServer
 from batchrun.runner import run_async
 from batchrun.throttle import INITIAL_CONCURRENCY, Throttle
 from batchrun.timing import Clock
-from tests.conftest import FakeSleep, chat, make_config, read_jsonl
+from tests.conftest import chat, make_config, read_jsonl
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.asyncio
 
@@ -57,13 +58,13 @@ async def test_a_wrong_key_aborts_after_a_handful_of_requests(
 
 
 async def test_a_server_dropping_idle_connections_fails_no_row(
-    tmp_path: Path, fake_sleep: FakeSleep
+    tmp_path: Path, fake_clock: Clock
 ) -> None:
     async with MockServer(stale_after=0.0) as server:  # every reused connection loses the race
         rows = [chat(f"row {i}") for i in range(60)]
         config = make_config(tmp_path, rows, server, max_async_requests=4)
 
-        summary = await run_async(config, clock=Clock(sleep=fake_sleep))
+        summary = await run_async(config, clock=fake_clock)
 
     out = read_jsonl(config.out)
     assert all(r["error"] is None for r in out)
@@ -73,27 +74,13 @@ async def test_a_server_dropping_idle_connections_fails_no_row(
     assert stale > 0
 
 
-class FakeTime:
-    """A clock whose sleep advances it: nothing really waits."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-        await anyio.lowlevel.checkpoint()
-
-
-def throttle_for(tmp_path: Path, time: FakeTime, **settings: object) -> Throttle:
+def throttle_for(tmp_path: Path, time: FakeClock, **settings: object) -> Throttle:
     base = {"input": tmp_path / "in.jsonl", "out": tmp_path / "out.jsonl", **settings}
     return Throttle(build_config(base), Clock(sleep=time.sleep, monotonic=time.monotonic))
 
 
 async def test_one_retry_after_pauses_every_worker(tmp_path: Path) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, backoff_max=60.0)
     throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429, retry_after=5))
     started: list[float] = []
@@ -112,10 +99,21 @@ async def test_one_retry_after_pauses_every_worker(tmp_path: Path) -> None:
     assert throttle.report()["paused s"] == 5.0
 
 
+async def test_a_pause_ends_at_the_steady_rate_not_in_a_burst(tmp_path: Path) -> None:
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, rpm=600, adaptive_concurrency=False)  # 10/s
+    throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429, retry_after=5))
+    started: list[float] = []
+    for _ in range(5):
+        throttle.release(await throttle.acquire(0), answered=True)
+        started.append(time.now)
+    assert started == pytest.approx([5.1, 5.2, 5.3, 5.4, 5.5])
+
+
 async def test_a_huge_retry_after_pauses_the_run_no_longer_than_backoff_max(
     tmp_path: Path,
 ) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, backoff_max=30.0)
     throttle.failed(TransientError("rate_limit_exceeded", "daily", status=429, retry_after=86400))
 
@@ -125,7 +123,7 @@ async def test_a_huge_retry_after_pauses_the_run_no_longer_than_backoff_max(
 
 
 async def test_congestion_halves_the_limit_once_per_burst(tmp_path: Path) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
     for _ in range(100):
         throttle.succeeded(0, 0)
@@ -141,7 +139,7 @@ async def test_congestion_halves_the_limit_once_per_burst(tmp_path: Path) -> Non
 async def test_after_a_burst_of_429s_the_limit_drops_to_what_the_provider_sustained(
     tmp_path: Path,
 ) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
     for _ in range(60):  # slow start: 60 answers, each 50 ms after its request
         throttle._throughput.finish(started=time.now - 0.05)
@@ -157,13 +155,26 @@ async def test_after_a_burst_of_429s_the_limit_drops_to_what_the_provider_sustai
 
 
 async def test_no_adaptive_starts_at_the_cap(tmp_path: Path) -> None:
-    throttle = throttle_for(tmp_path, FakeTime(), max_async_requests=48, adaptive_concurrency=False)
+    throttle = throttle_for(
+        tmp_path, FakeClock(), max_async_requests=48, adaptive_concurrency=False
+    )
     assert throttle.controller.limit == 48
 
 
+async def test_no_adaptive_keeps_the_limit_pinned_through_congestion(tmp_path: Path) -> None:
+    throttle = throttle_for(
+        tmp_path, FakeClock(), max_async_requests=48, adaptive_concurrency=False
+    )
+    for _ in range(5):
+        throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429))
+        throttle.failed(TransientError("server_error", "busy", status=503))
+    assert throttle.controller.limit == 48
+    assert throttle.report()["concurrency"] == "48-48"
+
+
 async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) -> None:
-    time = FakeTime()
-    throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 100 of burst
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 10 of burst
     assert throttle.counts_tokens
     throttle.release(await throttle.acquire(100), answered=True)
     throttle.succeeded(100, 400)  # the answer used 300 more than estimated

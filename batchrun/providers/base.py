@@ -29,8 +29,8 @@ class Provider:
 
     name: str = "base"
     default_base_url: str = ""
+    embedded_server: bool = False  # no default URL: the run starts the mock server
     default_key_env: str = ""
-    key_required: bool = True
     fallback_key: str | None = None  # used when the key variable is unset
 
     def url(self, request: Request, base_url: str) -> str:

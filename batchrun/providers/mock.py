@@ -11,7 +11,6 @@ from batchrun.providers.openai import OpenAIProvider
 
 class MockProvider(OpenAIProvider):
     name = "mock"
-    default_base_url = ""  # filled in with the embedded server's address
+    embedded_server = True
     default_key_env = "BATCHRUN_MOCK_KEY"
-    key_required = False
     fallback_key = "mock-key"

@@ -1,0 +1,235 @@
+"""A result store: output records findable by their request's content key.
+
+One SQLite database (WAL mode) holds one row per content key
+(``batchrun.contentkey``): the output record of the answer that key got, with
+its verdict, cost and when it was stored. Every output keeps one in its state
+directory (``OUT.batchrun/results.sqlite``); ``--cache DIR`` adds one shared by
+many jobs and outputs (``DIR/results.sqlite``).
+
+Contract:
+
+* Lookups go through the primary-key index: nothing is loaded into memory,
+  whatever the store's size.
+* Several processes may read and write one store at once (WAL, a busy
+  timeout; each ``put_many`` is one short transaction).
+* A result replaces a stored one unless it is a retryable error and the
+  stored one is not: a transient failure never hides a good answer.
+* A process killed mid-write leaves the store as of its last commit (SQLite
+  drops a torn WAL tail itself). A file that is not a readable database, or a
+  place the store cannot be written, raises ``StoreError`` (a usage error,
+  exit code 2) naming the file, at ``open``, before any request is sent.
+
+Used by the run pipeline (through ``batchrun.answers``) and open to other
+modes (batch mode): ``open_store``, ``get``, ``put_many``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchrun.errors import UsageError
+
+__all__ = ["STORE_FILE", "ResultStore", "StoreError", "StoreStats", "Stored", "open_store"]
+
+STORE_FILE = "results.sqlite"
+SCHEMA_VERSION = 1
+
+# Milliseconds a writer waits for another process's transaction to end.
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key BLOB PRIMARY KEY,
+    record BLOB NOT NULL,
+    ok INTEGER NOT NULL,
+    retryable INTEGER NOT NULL,
+    cost REAL,
+    created REAL NOT NULL
+) WITHOUT ROWID
+"""
+
+_PUT = """
+INSERT INTO results (key, record, ok, retryable, cost, created) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    record = excluded.record, ok = excluded.ok, retryable = excluded.retryable,
+    cost = excluded.cost, created = excluded.created
+WHERE results.retryable = 1 OR excluded.retryable = 0
+"""
+
+
+class StoreError(UsageError):
+    """A store that cannot be read or written; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored result.
+
+    ``record`` is the output record (JSON, no newline) as first written, with
+    the line and custom_id of the row that paid for it; ``ok`` says it is an
+    answer, else a row error, ``retryable`` whether that error was transient;
+    ``cost`` is what it cost (None when no prices were set); ``created`` is
+    when it was stored (Unix seconds).
+    """
+
+    record: bytes
+    ok: bool
+    retryable: bool
+    cost: float | None
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What a store holds: counts, recorded cost, age range (Unix seconds), bytes on disk."""
+
+    path: str
+    results: int
+    ok: int
+    errors: int
+    retryable: int
+    cost: float
+    oldest: float | None
+    newest: float | None
+    bytes: int
+
+
+class ResultStore:
+    """An open store; see the module docstring. Not thread-safe: one event loop."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = connection
+
+    def get(self, key: bytes) -> Stored | None:
+        """The result stored under ``key``, or None."""
+        try:
+            row = self._db.execute(
+                "SELECT record, ok, retryable, cost, created FROM results WHERE key = ?", (key,)
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, exc) from None
+        if row is None:
+            return None
+        return Stored(bytes(row[0]), bool(row[1]), bool(row[2]), row[3], row[4])
+
+    def put_many(self, items: Iterable[tuple[bytes, Stored]]) -> None:
+        """Store ``(key, result)`` pairs in one transaction (see the replace rule)."""
+        rows = [(key, s.record, int(s.ok), int(s.retryable), s.cost, s.created) for key, s in items]
+        if not rows:
+            return
+        try:
+            with self._db:
+                self._db.executemany(_PUT, rows)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, exc) from None
+
+    def is_empty(self) -> bool:
+        """Whether the store holds no result at all."""
+        return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is None
+
+    def stats(self) -> StoreStats:
+        """Counts and sums over the whole store (one scan; constant memory)."""
+        row = self._db.execute(
+            "SELECT count(*), sum(ok), sum(retryable), total(cost), min(created), max(created)"
+            " FROM results"
+        ).fetchone()
+        count, ok, retryable = row[0], row[1] or 0, row[2] or 0
+        size = sum(
+            p.stat().st_size
+            for p in (self.path, _sidecar(self.path, "-wal"), _sidecar(self.path, "-shm"))
+            if p.exists()
+        )
+        return StoreStats(
+            path=str(self.path),
+            results=count,
+            ok=ok,
+            errors=count - ok,
+            retryable=retryable,
+            cost=float(row[3]),
+            oldest=row[4],
+            newest=row[5],
+            bytes=size,
+        )
+
+    def prune(self, older_than_s: float, *, now: float | None = None) -> int:
+        """Delete results stored more than ``older_than_s`` seconds ago; how many went."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        with self._db:
+            deleted = self._db.execute("DELETE FROM results WHERE created < ?", (cutoff,)).rowcount
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return int(deleted)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_store(path: Path) -> ResultStore:
+    """Open (creating it and its directory if needed) the store at ``path``.
+
+    Raises ``StoreError`` when the directory or file cannot be created or
+    written, or the file is not a batchrun result store.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the result store's directory {path.parent}: {exc}"
+        ) from None
+    try:
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the result store {path}: {exc}") from None
+    try:
+        _prepare(db, path)
+    except BaseException:
+        db.close()
+        raise
+    db.isolation_level = "DEFERRED"  # ``with db`` makes one transaction per put_many
+    return ResultStore(path, db)
+
+
+def _prepare(db: sqlite3.Connection, path: Path) -> None:
+    """WAL mode, the schema, and proof that this process can write here."""
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the result store {path} was written by a newer batchrun"
+                f" (schema {version}); upgrade batchrun or use another store"
+            )
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails here if read-only
+        db.execute(_SCHEMA)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+        _check_columns(db, path)
+    except sqlite3.OperationalError as exc:
+        if "readonly" in str(exc) or "unable to open" in str(exc):
+            raise StoreError(f"cannot write the result store {path}: {exc}") from None
+        raise _damaged(path, exc) from None
+    except sqlite3.DatabaseError as exc:
+        raise _damaged(path, exc) from None
+
+
+def _check_columns(db: sqlite3.Connection, path: Path) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+    if not {"key", "record", "ok", "retryable", "cost", "created"} <= columns:
+        raise StoreError(f"{path} is not a batchrun result store (its results table differs)")
+
+
+def _damaged(path: Path, exc: sqlite3.Error) -> StoreError:
+    return StoreError(
+        f"the result store {path} is damaged ({exc}); move it away (a new one is made)"
+        " or, for an output's own store, run again with --restart"
+    )
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)

@@ -1,0 +1,137 @@
+"""The content key (pure) and the SQLite result store (real files)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchrun.contentkey import canonical_json, content_key, request_key
+from batchrun.providers import get_provider
+from batchrun.records import Defaults, Request, parse_line
+from batchrun.store import STORE_FILE, Stored, StoreError, open_store
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=6))
+def test_the_key_ignores_key_order(body: dict[str, Any]) -> None:
+    reversed_body = dict(reversed(list(body.items())))
+    assert content_key("openai", "/v1/x", body) == content_key("openai", "/v1/x", reversed_body)
+
+
+def test_canonical_json_sorts_keys_without_whitespace() -> None:
+    assert canonical_json({"b": 1, "a": {"d": 2, "c": [1, 2]}}) == b'{"a":{"c":[1,2],"d":2},"b":1}'
+
+
+def _request(raw: bytes, line: int, defaults: Defaults | None = None) -> Request:
+    parsed = parse_line(raw, line, defaults or Defaults())
+    assert isinstance(parsed, Request)
+    return parsed
+
+
+def test_the_key_ignores_line_and_custom_id_but_not_what_is_sent() -> None:
+    openai = get_provider("openai")
+    body = b'{"messages":[{"role":"user","content":"hi"}]'
+    first = _request(body + b',"custom_id":"a"}', 1)
+    moved = _request(body + b',"custom_id":"b"}', 9)
+    edited = _request(b'{"messages":[{"role":"user","content":"hi!"}]}', 1)
+    assert request_key(openai, first) == request_key(openai, moved)
+    assert request_key(openai, first) != request_key(openai, edited)
+
+
+def test_the_key_covers_defaults_dialect_and_endpoint() -> None:
+    openai, dashscope = get_provider("openai"), get_provider("dashscope")
+    raw = b'{"messages":[{"role":"user","content":"hi"}]}'
+    plain = _request(raw, 1)
+    with_model = _request(raw, 1, Defaults(model="m"))
+    with_param = _request(raw, 1, Defaults(model="m", params={"temperature": 0}))
+    keys = {
+        request_key(openai, plain),
+        request_key(openai, with_model),
+        request_key(openai, with_param),
+        request_key(dashscope, with_param),
+    }
+    assert len(keys) == 4
+    embedding = _request(b'{"input":"hi"}', 1)
+    assert request_key(openai, embedding) != content_key(
+        "openai", "/v1/chat/completions", {"input": "hi"}
+    )
+
+
+def _stored(text: str, *, ok: bool = True, retryable: bool = False, created: float = 1.0) -> Stored:
+    return Stored(record=text.encode(), ok=ok, retryable=retryable, cost=0.5, created=created)
+
+
+def test_put_get_and_the_replace_rule(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "c" / STORE_FILE)
+    assert store.is_empty()
+    store.put_many([(b"k1", _stored("transient", ok=False, retryable=True))])
+    store.put_many([(b"k1", _stored("answer"))])
+    store.put_many([(b"k1", _stored("later transient", ok=False, retryable=True))])
+    found = store.get(b"k1")
+    assert found is not None
+    assert found.record == b"answer"
+    assert found.cost == 0.5
+    assert store.get(b"k2") is None
+    assert not store.is_empty()
+    store.close()
+
+
+def test_stats_and_prune(tmp_path: Path) -> None:
+    store = open_store(tmp_path / STORE_FILE)
+    store.put_many([(b"old", _stored("a", created=100.0)), (b"new", _stored("b", created=1000.0))])
+    store.put_many([(b"bad", _stored("c", ok=False, created=1000.0))])
+    stats = store.stats()
+    assert (stats.results, stats.ok, stats.errors, stats.cost) == (3, 2, 1, 1.5)
+    assert (stats.oldest, stats.newest) == (100.0, 1000.0)
+    assert store.prune(500.0, now=1100.0) == 1
+    assert store.get(b"old") is None
+    assert store.get(b"new") is not None
+    store.close()
+
+
+def test_a_file_that_is_not_a_database_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILE
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match=str(path)):
+        open_store(path)
+
+
+def test_a_place_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create"):
+        open_store(blocker / "cache" / STORE_FILE)
+
+
+def _writer(path: str, start: int) -> None:
+    store = open_store(Path(path))
+    for batch in range(20):
+        store.put_many([(f"{start}-{batch}-{i}".encode(), _stored(f"r{i}")) for i in range(50)])
+    store.close()
+
+
+def test_two_processes_write_one_store_at_once(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILE
+    open_store(path).close()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_writer, args=(str(path), n)) for n in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    store = open_store(path)
+    assert store.stats().results == 2 * 20 * 50
+    store.close()
