@@ -182,7 +182,7 @@ async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) ->
     assert time.now == pytest.approx(4.0)  # 300 of debt and 100 more, at 100/s
 
 
-def healthy(throttle: Throttle, time: FakeTime, answers: int) -> None:
+def healthy(throttle: Throttle, time: FakeClock, answers: int) -> None:
     """``answers`` good answers, 10 ms apart, each 50 ms after its request."""
     for _ in range(answers):
         throttle._throughput.finish(started=time.now - 0.05)
@@ -191,7 +191,7 @@ def healthy(throttle: Throttle, time: FakeTime, answers: int) -> None:
 
 
 async def test_a_lone_429_delays_only_its_own_row(tmp_path: Path) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64, backoff_max=60.0)
     healthy(throttle, time, 100)
 
@@ -212,7 +212,7 @@ async def test_a_lone_429_delays_only_its_own_row(tmp_path: Path) -> None:
     ],
 )
 async def test_500s_and_resets_are_never_congestion(tmp_path: Path, error: TransientError) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
     healthy(throttle, time, 10)
     for _ in range(100):
@@ -222,7 +222,7 @@ async def test_500s_and_resets_are_never_congestion(tmp_path: Path, error: Trans
 
 
 async def test_stray_503s_among_good_answers_keep_the_limit(tmp_path: Path) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
     for _ in range(50):  # one answer in ten is a 503: 10 %, far from congestion
         healthy(throttle, time, 9)
@@ -232,7 +232,7 @@ async def test_stray_503s_among_good_answers_keep_the_limit(tmp_path: Path) -> N
 
 
 async def test_503s_that_are_a_share_of_the_answers_cut_the_limit(tmp_path: Path) -> None:
-    time = FakeTime()
+    time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
     healthy(throttle, time, 64)
     for _ in range(20):  # every third answer a 503: the provider is overloaded
@@ -245,7 +245,7 @@ async def test_503s_that_are_a_share_of_the_answers_cut_the_limit(tmp_path: Path
 async def test_a_healthy_provider_sees_the_whole_limit_within_two_round_trips(
     tmp_path: Path,
 ) -> None:
-    throttle = throttle_for(tmp_path, FakeTime(), max_async_requests=2000)
+    throttle = throttle_for(tmp_path, FakeClock(), max_async_requests=2000)
     assert throttle.controller.limit == INITIAL_CONCURRENCY
     limit = throttle.controller.limit
     for _ in range(2):  # each round trip answers everything that was in flight
