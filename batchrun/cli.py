@@ -27,6 +27,7 @@ _LIMITS = "Limits (DashScope SDK knobs)"
 _TIMEOUTS = "Timeouts (seconds)"
 _RETRY = "Retries"
 _RESUME = "Resume and durability"
+_BATCH = "Batch mode (the provider's Batch API, half price)"
 
 
 def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
@@ -127,6 +128,28 @@ def run_command(
     grace: Annotated[
         float | None, _opt("Seconds in-flight requests get after SIGINT/SIGTERM (3).", _RESUME)
     ] = None,
+    mode: Annotated[
+        str | None, _opt("online (default), or batch: the provider's Batch API.", _BATCH)
+    ] = None,
+    batch_rows: Annotated[int | None, _opt("Requests per batch file (50000).", _BATCH)] = None,
+    batch_bytes: Annotated[
+        int | None, _opt("Bytes per batch file (default: the provider's cap).", _BATCH)
+    ] = None,
+    poll_interval: Annotated[
+        float | None, _opt("Seconds between polls of running batches (30).", _BATCH)
+    ] = None,
+    keep_files: Annotated[
+        bool,
+        typer.Option(
+            "--keep-files",
+            help="Keep the uploaded and result files on the provider.",
+            rich_help_panel=_BATCH,
+        ),
+    ] = False,
+    fallback: Annotated[
+        str | None,
+        _opt("none (default): resubmit an expired batch's rows; online: send them online.", _BATCH),
+    ] = None,
 ) -> None:
     """Send every request of INPUT and write one result line per input line to OUT."""
     flags = dict(locals())
@@ -140,10 +163,20 @@ def run_command(
         raise typer.Exit(EXIT_LOCKED) from None
     typer.echo(result.render(), err=True)
     if config.summary_path is not None:
-        config.summary_path.write_bytes(
-            orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-        )
+        _write_summary(config.summary_path, result.to_dict())
     raise typer.Exit(result.exit_code)
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """The summary JSON; a failure to write it (checked writable at the start,
+    but a directory can vanish) is said in one line and changes no exit code:
+    the rows are done and kept."""
+    try:
+        path.write_bytes(
+            orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        )
+    except OSError as exc:
+        typer.echo(f"batchrun: warning: could not write the summary {path}: {exc}", err=True)
 
 
 def _settings(flags: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +186,7 @@ def _settings(flags: dict[str, Any]) -> dict[str, Any]:
     params = dict(settings.get("params") or {})
     params.update(_parse_params(flags.pop("param") or []))
     flags["input"] = flags.pop("input_path")
-    for switch in ("restart", "retry_failed"):
+    for switch in ("restart", "retry_failed", "keep_files"):
         if switch in flags:
             flags[switch] = flags[switch] or None  # unset: the job file's value stands
     if flags.get("base_url"):  # given on the command line: replaces the job file's hosts
@@ -192,6 +225,29 @@ def status_command(
         typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(status.render(report))
+
+
+@app.command("cancel")
+def cancel_command(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output of a --mode batch run.")],
+) -> None:
+    """Cancel the provider batches of the run on OUT (a signal leaves them running).
+
+    Their finished rows are kept: run the same command again to collect them.
+    """
+    import anyio
+
+    from batchrun.batchmode.cancel import cancel_batches
+
+    with _usage_errors():
+        cancelled = anyio.run(cancel_batches, out)
+    for batch_id, status in cancelled:
+        typer.echo(f"{batch_id}: {status}")
+    typer.echo(
+        f"batchrun: asked the provider to cancel {len(cancelled)} batches; run the same"
+        " command again to collect their finished rows",
+        err=True,
+    )
 
 
 @app.command("validate")

@@ -8,16 +8,22 @@ raises ``UsageError`` with a message that names the setting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from batchrun.errors import UsageError
 
 ProviderName = Literal["openai", "dashscope", "mock"]
 # off: results reach the OS at once; batch: fsync per written batch; always: per result.
 FsyncPolicy = Literal["off", "batch", "always"]
+# online: one request per row; batch: the provider's Batch API (half price, up to 24 h).
+Mode = Literal["online", "batch"]
+# What batch mode does with rows of an expired or cancelled batch: resubmit them, or send online.
+Fallback = Literal["none", "online"]
 PROVIDERS: tuple[ProviderName, ...] = ("openai", "dashscope", "mock")
 
 # DashScope's own SDK defaults: the knobs batchrun is modelled on.
@@ -35,8 +41,20 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _is_http_url(url: object) -> bool:
+    """An absolute http or https URL with a host: nothing else can be sent to."""
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed port or IPv6 address
+        return False
+
+
 def _is_seconds(value: object, *, minimum_exclusive: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A finite number > 0 (or >= 0): ``inf`` and ``nan`` bound nothing."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return False
     return value > 0 if minimum_exclusive else value >= 0
 
@@ -65,7 +83,7 @@ class Limits:
             value = getattr(self, name)
             require(
                 value is None or _is_seconds(value, minimum_exclusive=True),
-                f"--{name} must be a number > 0, got {value!r}",
+                f"--{name} must be a finite number > 0, got {value!r}",
             )
         require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
         require(
@@ -132,7 +150,7 @@ class Timeouts:
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=True),
-                f"{_flag(name)} must be a number of seconds > 0, got {value!r}",
+                f"{_flag(name)} must be a finite number of seconds > 0, got {value!r}",
             )
 
 
@@ -160,7 +178,7 @@ class RetryPolicy:
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=False),
-                f"{_flag(name)} must be a number of seconds >= 0, got {value!r}",
+                f"{_flag(name)} must be a finite number of seconds >= 0, got {value!r}",
             )
 
 
@@ -238,6 +256,43 @@ class Costs:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BatchSettings:
+    """Settings of ``--mode batch``.
+
+    A file holds at most ``rows`` requests and ``bytes`` bytes (None: the
+    provider's own cap); running batches are polled every ``poll_interval``
+    seconds (jittered); ``keep_files`` keeps the uploaded and result files on
+    the provider; ``fallback`` "online" sends the rows of an expired or
+    cancelled batch online instead of in a new batch.
+    """
+
+    rows: int = 50_000
+    bytes: int | None = None
+    poll_interval: float = 30.0
+    keep_files: bool = False
+    fallback: Fallback = "none"
+
+    def __post_init__(self) -> None:
+        require(
+            _is_count(self.rows) and self.rows <= 50_000,
+            f"--batch-rows must be a whole number from 1 to 50000, got {self.rows!r}",
+        )
+        require(
+            self.bytes is None or (_is_count(self.bytes) and self.bytes >= 1024),
+            f"--batch-bytes must be a whole number >= 1024, got {self.bytes!r}",
+        )
+        require(
+            _is_seconds(self.poll_interval, minimum_exclusive=True),
+            f"--poll-interval must be a number of seconds > 0, got {self.poll_interval!r}",
+        )
+        require(isinstance(self.keep_files, bool), "keep_files must be true or false")
+        require(
+            self.fallback in ("none", "online"),
+            f"--fallback must be none or online, got {self.fallback!r}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     """Everything one run needs. Paths are as given (relative to the cwd)."""
 
@@ -261,8 +316,14 @@ class RunConfig:
     shard: Shard | None = None
     metrics_file: Path | None = None
     costs: Costs = field(default_factory=lambda: Costs())
+    mode: Mode = "online"
+    batch: BatchSettings = field(default_factory=lambda: BatchSettings())
 
     def __post_init__(self) -> None:
+        require(
+            self.mode in ("online", "batch"),
+            f"--mode must be online or batch, got {self.mode!r}",
+        )
         require(
             self.provider in PROVIDERS,
             f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}",
@@ -283,11 +344,17 @@ class RunConfig:
         )
         require(
             _is_seconds(self.grace, minimum_exclusive=False),
-            f"--grace must be a number of seconds >= 0, got {self.grace!r}",
+            f"--grace must be a finite number of seconds >= 0, got {self.grace!r}",
         )
+        for url in self.base_urls:
+            require(
+                _is_http_url(url),
+                f"--base-url must be an http:// or https:// URL such as https://host/v1,"
+                f" got {url!r}",
+            )
         require(
-            all(isinstance(url, str) and "://" in url for url in self.base_urls),
-            f"--base-url must be a URL such as https://host/v1, got {list(self.base_urls)!r}",
+            not (self.mode == "batch" and self.retry_failed),
+            "--retry-failed sends rows online: run it without --mode batch",
         )
         require(
             not (self.restart and self.retry_failed),

@@ -63,3 +63,15 @@ class RowError(RequestError):
 
 class FatalError(RequestError):
     """A failure that dooms every row: the run aborts (exit code 3)."""
+
+
+def sole_usage_error(group: BaseExceptionGroup) -> UsageError | None:
+    """The ``UsageError`` a task group failed with, when it holds nothing else:
+    then the user sees its one-line message, not a group's traceback."""
+    found, rest = group.split(UsageError)
+    if found is None or rest is not None:
+        return None
+    leaf: BaseException = found
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, UsageError) else None

@@ -3,7 +3,7 @@
 Settings come in three layers, later ones winning: built-in defaults, a TOML
 job file (``--job``), and command-line flags. Keys are flat and named like
 the flags with underscores; in a job file they may also stand in the tables
-``[limits]``, ``[timeouts]``, ``[retry]`` and ``[costs]``, and ``[params]``
+``[limits]``, ``[timeouts]``, ``[retry]``, ``[costs]`` and ``[batch]``, and ``[params]``
 holds default request parameters.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.config import (
+    BatchSettings,
     Costs,
     RetryPolicy,
     RunConfig,
@@ -42,6 +43,12 @@ _JOB_KEYS: dict[str, str] = {
     "params": "run",
     "fsync": "run",
     "grace": "run",
+    "mode": "run",
+    "batch_rows": "batch",
+    "batch_bytes": "batch",
+    "poll_interval": "batch",
+    "keep_files": "batch",
+    "fallback": "batch",
     "connection_pool_size": "limits",
     "max_async_requests": "limits",
     "max_async_requests_per_host": "limits",
@@ -60,14 +67,14 @@ _JOB_KEYS: dict[str, str] = {
     "price_output_per_million": "costs",
     "context_limit": "costs",
 }
-_TABLES = ("limits", "timeouts", "retry", "costs")
+_TABLES = ("limits", "timeouts", "retry", "costs", "batch")
 
 
 def load_job_file(path: Path) -> dict[str, Any]:
     """Read a TOML job file into flat settings keyed like ``_JOB_KEYS``.
 
     Top-level keys and the optional tables ``[limits]``, ``[timeouts]``,
-    ``[retry]`` and ``[costs]`` are accepted; ``[params]`` holds default
+    ``[retry]``, ``[costs]`` and ``[batch]`` are accepted; ``[params]`` holds default
     request parameters. Unknown keys are an error, naming the allowed ones, so
     a typo never silently does nothing.
     """
@@ -79,6 +86,12 @@ def load_job_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
+    params = data.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise UsageError(
+            f"job file {path}: params must be a table ([params]) of request parameters,"
+            f" got {params!r}"
+        )
     for key, value in data.items():
         if key in _TABLES and isinstance(value, dict):
             for sub_key, sub_value in value.items():
@@ -105,6 +118,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
     Keys are those of ``_JOB_KEYS``; a ``None`` value means "not set".
     """
     s = {key: value for key, value in settings.items() if value is not None}
+    _check_types(s)
     for required in ("input", "out"):
         require(
             required in s, f"no {required} given: pass it on the command line or in the job file"
@@ -149,6 +163,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         restart="restart",
         retry_failed="retry_failed",
         metrics_file="metrics_file",
+        mode="mode",
     )
     for key in ("input", "out", "summary_path", "metrics_file"):
         if key in run_keys:
@@ -161,7 +176,17 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         price_output_per_million="price_output_per_million",
         context_limit="context_limit",
     )
+    batch = _build(
+        BatchSettings,
+        s,
+        rows="batch_rows",
+        bytes="batch_bytes",
+        poll_interval="poll_interval",
+        keep_files="keep_files",
+        fallback="fallback",
+    )
     return RunConfig(
+        batch=batch,
         limits=limits,
         timeouts=timeouts,
         retry=retry,
@@ -170,6 +195,36 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         shard=_shard(s.get("shard")),
         **run_keys,
     )
+
+
+# Settings that must be non-empty text (a path or a name), and switches.
+_TEXT_KEYS = (
+    "input",
+    "out",
+    "summary",
+    "metrics_file",
+    "provider",
+    "model",
+    "api_key_env",
+    "fsync",
+)
+_SWITCH_KEYS = ("progress", "restart", "retry_failed", "adaptive_concurrency")
+
+
+def _check_types(settings: Mapping[str, Any]) -> None:
+    """A wrong type is named here, before it can reach a ``Path`` or a request."""
+    for key in _TEXT_KEYS:
+        value = settings.get(key)
+        if value is not None and not isinstance(value, Path):
+            require(
+                isinstance(value, str) and value.strip() != "",
+                f"{key} must be non-empty text, got {value!r}",
+            )
+    for key in _SWITCH_KEYS:
+        value = settings.get(key)
+        require(
+            value is None or isinstance(value, bool), f"{key} must be true or false, got {value!r}"
+        )
 
 
 def _base_urls(settings: Mapping[str, Any]) -> tuple[str, ...]:

@@ -105,6 +105,15 @@ def prompt_parts(kind: Kind, body: dict[str, Any]) -> list[str]:
     return _message_texts(given.get("messages")) or _strings(given.get("prompt"))
 
 
+def openai_error(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    """An OpenAI-dialect error body for HTTP ``status``; ``code`` overrides the default."""
+    if status == 429:
+        kind_type, default = "requests", "rate_limit_exceeded"
+    else:
+        kind_type = default = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind_type, "code": code or default}}
+
+
 @dataclass(slots=True)
 class Call:
     """One authorised request with a JSON object body."""

@@ -2,7 +2,9 @@
 
 ``MockServer`` is a real ``aiohttp.web`` server. OpenAI dialect: ``POST``
 ``/v1/{chat/completions,completions,embeddings}``, also under
-``/compatible-mode/v1``. DashScope native dialect: ``POST
+``/compatible-mode/v1``, with the files and batches API there too (see
+``batchrun.mock_batches``: a fast clock and batch faults, ``batch_faults``).
+DashScope native dialect: ``POST
 /api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
 returns ``MockServer.stats`` as JSON.
 
@@ -44,11 +46,13 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from batchrun.mock_batches import BatchFaults, MockBatches
 from batchrun.mock_script import (
     NO_DIRECTIVES,
     Call,
     Directives,
     Kind,
+    openai_error,
     parse_directives,
     prompt_parts,
     success_body,
@@ -67,6 +71,7 @@ _JSON: Final = "application/json"
 _SHUTDOWN_GRACE: Final = 0.25
 # SO_LINGER on with a zero timeout makes close() send an RST instead of a FIN.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_MAX_UPLOAD: Final = 512 << 20
 _DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
 
 
@@ -89,6 +94,7 @@ class MockStats:
         # Per whole second of the server's monotonic clock, with a rate limit set.
         self.received_per_second: collections.Counter[int] = collections.Counter()
         self.accepted_per_second: collections.Counter[int] = collections.Counter()
+        self.batch_rows = 0  # rows answered in batches (see mock_batches)
 
     def reset(self) -> None:
         """Zero the counters; ``in_flight`` keeps tracking the live handlers."""
@@ -121,12 +127,7 @@ def _error(
         code = code or _DASHSCOPE_CODES.get(status, default)
         body = {"code": code, "message": message, "request_id": headers["x-request-id"]}
         return _json(status, body, headers)
-    if status == 429:
-        kind_type, default = "requests", "rate_limit_exceeded"
-    else:
-        kind_type = default = "server_error" if status >= 500 else "invalid_request_error"
-    error = {"message": message, "type": kind_type, "code": code or default}
-    return _json(status, {"error": error}, headers)
+    return _json(status, openai_error(status, message, code), headers)
 
 
 def _auth_error(kind: Kind, headers: dict[str, str], key: str) -> web.Response:
@@ -232,6 +233,7 @@ class MockServer:
         rate_limit: int | None = None,
         sliding_window: bool = False,
         stale_after: float | None = None,
+        batch_faults: BatchFaults | None = None,
     ) -> None:
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
@@ -249,6 +251,7 @@ class MockServer:
         self._accepted: collections.deque[float] = collections.deque()
         self.stale_after = stale_after
         self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
+        self.batches = MockBatches(self.stats, batch_faults)
 
     @property
     def base_url(self) -> str:
@@ -264,8 +267,10 @@ class MockServer:
         """Bind and serve; ``RuntimeError`` if already started."""
         if self._runner is not None:
             raise RuntimeError("MockServer already started")
-        app = web.Application()
+        # Batch input files are uploaded whole: up to a provider's 500 MB cap.
+        app = web.Application(client_max_size=_MAX_UPLOAD)
         for prefix in ("/v1/", "/compatible-mode/v1/"):
+            self.batches.add_routes(app, prefix)
             for path, kind in _OPENAI_ROUTES.items():
                 app.router.add_post(prefix + path, self._handler(kind))
         app.router.add_post(DASHSCOPE_PATH, self._handler("dashscope"))

@@ -27,7 +27,7 @@ import contextlib
 import signal
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import anyio
 import orjson
@@ -36,8 +36,8 @@ from batchrun import crashpoint
 from batchrun.client import Client
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import FatalError
-from batchrun.inputs import count_lines, open_input
+from batchrun.errors import FatalError, sole_usage_error
+from batchrun.inputs import READ_ERRORS, count_lines, open_input, read_lines
 from batchrun.journal import CorruptStateError, Journal
 from batchrun.metrics import MetricsWriter
 from batchrun.progress import ProgressReporter, RunStats
@@ -80,6 +80,15 @@ class Finished(NamedTuple):
 Work = tuple[int, int, Request]
 
 
+class KnownLookup(Protocol):
+    """Results found elsewhere (batch mode's collected answers), asked for by
+    input line in increasing order; ``found`` counts the hits."""
+
+    found: int
+
+    def get(self, line: int) -> bytes | None: ...
+
+
 class Pipeline:
     """Runs the rows of one job from a resume point; see the module docstring."""
 
@@ -95,8 +104,10 @@ class Pipeline:
         start: ResumePoint,
         throttle: Throttle,
         handle_signals: bool = False,
+        known: KnownLookup | None = None,
     ) -> None:
         self.config = config
+        self.known = known
         self.throttle = throttle
         self.client = client
         self.provider = provider
@@ -142,6 +153,11 @@ class Pipeline:
         try:
             self.checkpoint()  # drops torn tails and settled records before anything new
             await self._run_tasks()
+        except BaseExceptionGroup as group:
+            usage = sole_usage_error(group)
+            if usage is None:
+                raise
+            raise usage from None
         finally:
             self._close()  # synchronous: nothing here can be cancelled
 
@@ -217,9 +233,12 @@ class Pipeline:
             metrics.write()
 
     async def _count_total(self) -> None:
-        lines = await anyio.to_thread.run_sync(
-            count_lines, self.config.input, abandon_on_cancel=True
-        )
+        try:
+            lines = await anyio.to_thread.run_sync(
+                count_lines, self.config.input, abandon_on_cancel=True
+            )
+        except READ_ERRORS:
+            return  # the total stays unknown; the reader reports the damage
         self.stats.total = self.shard.rows_before(lines)
 
     async def _watch_signals(self) -> None:
@@ -238,7 +257,7 @@ class Pipeline:
         written, shard = self.progress.rows, self.shard
         with open_input(self.config.input) as handle, self._previous(first) as previous:
             handle.seek(offset)
-            for index, raw in enumerate(handle, start=first):
+            for index, raw in enumerate(read_lines(handle, self.config.input), start=first):
                 offset += len(raw)
                 if not shard.owns(index):
                     continue
@@ -254,6 +273,8 @@ class Pipeline:
         """The row's result if an earlier run has it (journal, or kept output)."""
         line = index + 1
         data = self.pending.get(line)
+        if data is None and self.known is not None:
+            data = self.known.get(line)
         if data is None and old is not None:
             data = _kept_record(old, line, self.config.out)
         return None if data is None else Finished(index, offset, data, None)

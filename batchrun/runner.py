@@ -16,10 +16,14 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from batchrun.batchmode.job import PhaseResult
+from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
+from batchrun.inputs import check_readable
+from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary
 from batchrun.providers import Provider, get_provider
@@ -27,7 +31,7 @@ from batchrun.resume import ResumePoint, recover
 from batchrun.state import StateDir, check_fingerprint, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
-from batchrun.writer import OutputFile
+from batchrun.writer import OutputFile, state_dir
 
 log = logging.getLogger("batchrun")
 
@@ -62,11 +66,12 @@ async def run_async(
     api_key = resolve_api_key(provider, config)
     if not config.input.is_file():
         raise UsageError(f"input file {config.input} does not exist or is not a file")
-    if config.out.resolve() == config.input.resolve():
-        raise UsageError(f"--out {config.out} is the input file: choose another output")
+    check_readable(config.input)
+    check_run_paths(config)
     state = StateDir(config.out)
     state.lock()
     try:
+        guard(state.root, mode=config.mode, restart=config.restart)
         prepared = prepare(state, config, provider)
         if isinstance(prepared, Summary):
             return prepared
@@ -76,6 +81,22 @@ async def run_async(
         )
     finally:
         state.unlock()
+
+
+def check_run_paths(config: RunConfig) -> None:
+    """Every path the run writes differs from the input and from each other,
+    and can be written: checked before the lock, the metrics or any request."""
+    files = [
+        (name, path)
+        for name, path in (
+            ("--out", config.out),
+            ("--summary", config.summary_path),
+            ("--metrics-file", config.metrics_file),
+        )
+        if path is not None
+    ]
+    directories = [("the state directory", state_dir(config.out))]
+    check_written([("the input", config.input)], files, directories)
 
 
 def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
@@ -188,6 +209,25 @@ async def _execute(
             api_key=api_key,
             write_timeout=config.timeouts.write,
         )
+        started = clock.monotonic()
+        if config.mode == "batch":
+            phase = await run_phase(
+                config,
+                session=session,
+                provider=provider,
+                api_key=api_key,
+                base_url=base_urls[0],
+                state_root=state.root,
+                start=start,
+                clock=clock,
+                stream=stream or sys.stderr,
+                handle_signals=handle_signals,
+            )
+            if not phase.complete:
+                return _batch_stopped(config, start, phase, clock.monotonic() - started)
+        known = known_results(state.root)
+        if known is not None:
+            stack.callback(known.close)
         throttle = Throttle(config, clock)
         pipeline = Pipeline(
             config,
@@ -199,11 +239,40 @@ async def _execute(
             start=start,
             throttle=throttle,
             handle_signals=handle_signals,
+            known=known,
         )
-        started = clock.monotonic()
         await pipeline.run()
         return _conclude(pipeline, state, clock.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+def _batch_stopped(
+    config: RunConfig, start: ResumePoint, phase: PhaseResult, duration: float
+) -> Summary:
+    """The summary of a batch phase that stopped before every part was collected."""
+    done = start.checkpoint
+    stats = RunStats(
+        done=done.rows,
+        ok=done.ok,
+        skipped=done.rows,
+        failed_by_code=collections.Counter(done.failed_by_code),
+    )
+    if phase.aborted is not None:
+        exit_code, aborted = EXIT_FATAL, f"{phase.aborted}. Fix the input, then run with --restart"
+    else:
+        exit_code = EXIT_INTERRUPTED
+        aborted = (
+            f"stopped; {phase.running} batches keep running on the provider."
+            " Run the same command again to attach to them and collect the answers"
+        )
+    return Summary.from_stats(
+        stats,
+        duration_s=duration,
+        exit_code=exit_code,
+        aborted=aborted,
+        output=str(config.out),
+        extra={"batches running": phase.running},
+    )
 
 
 def _reporter(
@@ -227,6 +296,8 @@ def _reporter(
 
 def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
     stats, config = pipeline.stats, pipeline.config
+    batched = pipeline.known.found if pipeline.known is not None else 0
+    stats.skipped -= batched  # answered in batches: this run's work, not an earlier run's
     aborted: str | None = None
     if pipeline.complete:
         exit_code = EXIT_FAILED_ROWS if stats.failed else EXIT_OK
@@ -246,6 +317,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),
         },
     )

@@ -11,6 +11,7 @@
 * ``checkpoint.json``: how far the ordered output had come at the last
   compaction, and where in the input that was, so a resume seeks there.
 * ``finished.json``: the run is done; its exit code, for no-op re-runs.
+* ``batch/``: batch mode's parts and batches (see ``batchmode.record``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,6 +72,7 @@ class StateDir:
         self.finished_path = self.root / "finished.json"
         self.journal_path = self.root / "journal"
         self.partial_path = self.root / "output.partial"
+        self.batch_path = self.root / "batch"
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
@@ -150,12 +153,14 @@ class StateDir:
         ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        shutil.rmtree(self.batch_path, ignore_errors=True)
 
     def drop_progress_files(self) -> None:
-        """After publishing: the journal and checkpoint are no longer needed."""
+        """After publishing: the journal, checkpoint and batch record are no longer needed."""
         for path in (self.journal_path, self.checkpoint_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        shutil.rmtree(self.batch_path, ignore_errors=True)
 
 
 def fingerprint(config: RunConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from batchrun.batchmode.phase import describe as describe_batches
 from batchrun.config import WHOLE, Shard
 from batchrun.errors import UsageError
 from batchrun.inputs import count_lines
@@ -22,7 +23,8 @@ def describe(out: Path) -> dict[str, Any]:
     Keys: ``output``, ``state`` (finished, unfinished), ``running`` (a live
     process holds the lock), ``holder``, ``input``, ``rows``, ``done``,
     ``ok``, ``failed_by_code``, ``in_doubt``, ``remaining`` (None when the input
-    is gone), ``exit_code`` (finished runs).
+    is gone), ``exit_code`` (finished runs), ``batches`` (``--mode batch``: each
+    part's batch id and status).
     """
     state = StateDir(out)
     meta = state.read_meta()
@@ -39,6 +41,9 @@ def describe(out: Path) -> dict[str, Any]:
         report.update(_finished(finished))
     else:
         report.update(_unfinished(state, meta))
+    batches = describe_batches(state.root)
+    if batches is not None:
+        report["batches"] = batches
     return report
 
 
@@ -107,4 +112,17 @@ def render(report: dict[str, Any]) -> str:
     ]
     if report.get("exit_code") is not None:
         lines.append(f"  exit code  {report['exit_code']}")
+    lines.extend(_batch_lines(report.get("batches") or []))
     return "\n".join(lines)
+
+
+def _batch_lines(batches: list[dict[str, Any]]) -> list[str]:
+    lines = [f"  batches    {len(batches)}"] if batches else []
+    for batch in batches:
+        counts = batch["counts"]
+        done = counts.get("settled", counts.get("completed", 0) + counts.get("failed", 0))
+        lines.append(
+            f"    part {batch['part']}: {batch['batch_id'] or '(not created)'}"
+            f" {batch['status']}, {done:,}/{batch['rows']:,} rows"
+        )
+    return lines

@@ -1,0 +1,169 @@
+"""The provider's files and batches API over the run's pooled session.
+
+Every call goes through ``_call``: the one place where transport failures and
+HTTP answers become batchrun errors (``client.transport_error`` and the
+provider's own ``classify``). Idempotent calls are retried while the error is
+transient; ``create`` is not (a batch has no idempotency key): its caller
+looks the batch up by metadata before trying again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from batchrun.client import transport_error
+from batchrun.config import RetryPolicy
+from batchrun.errors import FatalError, RowError, TransientError
+from batchrun.providers import Provider
+from batchrun.providers.base import join_url
+from batchrun.ratelimit import pause_hint
+from batchrun.retry import retrying
+from batchrun.timing import Sleep
+
+# Batches listed per page, and pages read at most when looking one up.
+LIST_PAGE = 100
+LIST_PAGES = 50
+# Bytes a metadata-less answer (a batch, a list page) may have.
+_MAX_ANSWER = 64 << 20
+
+
+def batch_base_url(provider: str, base_url: str) -> str:
+    """The OpenAI-compatible base URL that serves batches for ``base_url``:
+    DashScope's native ``.../api/v1`` becomes ``.../compatible-mode/v1``."""
+    trimmed = base_url.rstrip("/")
+    if provider == "dashscope" and trimmed.endswith("/api/v1"):
+        return trimmed[: -len("/api/v1")] + "/compatible-mode/v1"
+    return trimmed
+
+
+class BatchApi:
+    """Files and batches at ``base_url`` (an OpenAI-compatible ``.../v1``)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        provider: Provider,
+        base_url: str,
+        *,
+        api_key: str | None,
+        retry: RetryPolicy,
+        sleep: Sleep,
+    ) -> None:
+        self._session = session
+        self._provider = provider
+        self.base_url = base_url
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._retry = retry
+        self._sleep = sleep
+
+    async def upload(self, path: Path) -> str:
+        """Upload a batch input file; its provider file id."""
+
+        async def once() -> Any:
+            with path.open("rb") as handle:
+                form = aiohttp.FormData()
+                form.add_field("purpose", "batch")
+                form.add_field("file", handle, filename=path.name)
+                return await self._call("POST", "files", data=form)
+
+        answer: dict[str, Any] = await retrying(self._retry, sleep=self._sleep)(once)
+        return str(answer["id"])
+
+    async def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """Create a batch (one attempt: not idempotent)."""
+        body = {
+            "input_file_id": file_id,
+            "endpoint": endpoint,
+            "completion_window": "24h",
+            "metadata": metadata,
+        }
+        answer: dict[str, Any] = await self._call("POST", "batches", json=body)
+        return answer
+
+    async def get(self, batch_id: str) -> dict[str, Any]:
+        return await self._retried("GET", f"batches/{batch_id}")  # type: ignore[no-any-return]
+
+    async def cancel(self, batch_id: str) -> dict[str, Any]:
+        return await self._retried("POST", f"batches/{batch_id}/cancel")  # type: ignore[no-any-return]
+
+    async def content(self, file_id: str) -> bytes:
+        """A result file's bytes."""
+        return await self._retried("GET", f"files/{file_id}/content", raw=True)  # type: ignore[no-any-return]
+
+    async def delete(self, file_id: str) -> None:
+        """Delete a file; one already gone is fine."""
+        try:
+            await self._retried("DELETE", f"files/{file_id}")
+        except RowError as exc:
+            if exc.status != 404:
+                raise
+
+    async def batches(self) -> AsyncIterator[dict[str, Any]]:
+        """Every batch, newest first, at most ``LIST_PAGES`` pages."""
+        after: str | None = None
+        for _ in range(LIST_PAGES):
+            query = {"limit": str(LIST_PAGE), **({"after": after} if after else {})}
+            page = await self._retried("GET", "batches", params=query)
+            data = page.get("data") or []
+            for batch in data:
+                yield batch
+            if not page.get("has_more") or not data:
+                return
+            after = str(data[-1]["id"])
+
+    async def find(self, metadata: dict[str, str]) -> dict[str, Any] | None:
+        """The newest batch whose metadata holds every pair of ``metadata``."""
+        async for batch in self.batches():
+            given = batch.get("metadata") or {}
+            if all(given.get(key) == value for key, value in metadata.items()):
+                return batch
+        return None
+
+    async def _retried(self, method: str, path: str, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            return await self._call(method, path, **kwargs)
+
+        return await retrying(self._retry, sleep=self._sleep)(once)
+
+    async def _call(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
+        """One HTTP call; its parsed JSON (or bytes) or a classified error."""
+        url = join_url(self.base_url, path)
+        try:
+            async with self._session.request(method, url, headers=self._auth, **kwargs) as answer:
+                data = await answer.read()
+                status, headers = answer.status, answer.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise transport_error(exc) from exc
+        if 200 <= status < 300:
+            return data if raw else _parse(data, status)
+        body = _try_parse(data)
+        verdict = self._provider.classify(status, body)
+        error_type = {"transient": TransientError, "row": RowError, "fatal": FatalError}
+        raise error_type[verdict.verdict](
+            verdict.code,
+            f"{method} {path}: {verdict.message}",
+            status=status,
+            body=body,
+            retry_after=pause_hint(headers, status=status),
+        )
+
+
+def _try_parse(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _parse(data: bytes, status: int) -> Any:
+    if len(data) > _MAX_ANSWER:
+        raise TransientError("answer_too_large", f"HTTP {status} with {len(data)} bytes")
+    parsed = _try_parse(data)
+    if not isinstance(parsed, dict):
+        raise TransientError("invalid_json", f"HTTP {status} with a body that is not a JSON object")
+    return parsed

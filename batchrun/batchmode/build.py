@@ -1,0 +1,101 @@
+"""Writing the batch input files: the I/O shell around ``plan``.
+
+The input is read once. Rows already answered (in the ordered output or the
+journal, by an online run or an earlier batch run) and lines that are not
+requests (online mode's error records cover them) are left out; the rest go
+into part files. Parts are recorded only when every file is written, so a
+crash while planning leaves nothing half-known: the next run plans again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from batchrun.batchmode.plan import Group, Splitter, batch_line
+from batchrun.batchmode.record import BatchRecord, Part
+from batchrun.config import WHOLE, RunConfig
+from batchrun.inputs import open_input
+from batchrun.records import Defaults, LineError, Request, parse_line
+from batchrun.resume import ResumePoint
+
+Body = Callable[[Request], dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _Writing:
+    part: Part
+    handle: BinaryIO
+    ids: list[tuple[int, str]] = field(default_factory=list)
+
+
+class PartWriter:
+    """Part files being written; each closed when the splitter says it is full."""
+
+    def __init__(self, record: BatchRecord, splitter: Splitter) -> None:
+        self.record = record
+        self.splitter = splitter
+        self.parts: list[Part] = []
+        self._open: dict[int, _Writing] = {}
+
+    def add(self, group: Group, line: int, custom_id: str, data: bytes) -> None:
+        number, closed = self.splitter.place(group, len(data))
+        if closed is not None:
+            self._close(closed)
+        writing = self._open.get(number)
+        if writing is None:
+            part = Part(id=number, endpoint=group.endpoint, model=group.model, rows=0, bytes=0)
+            handle = self.record.file(number, "jsonl").open("wb")
+            writing = self._open[number] = _Writing(part, handle)
+        writing.handle.write(data)
+        writing.ids.append((line, custom_id))
+        writing.part.rows += 1
+        writing.part.bytes += len(data)
+
+    def finish(self) -> list[Part]:
+        """Close every part; all parts, in number order."""
+        for number in list(self._open):
+            self._close(number)
+        return sorted(self.parts, key=lambda part: part.id)
+
+    def abandon(self) -> None:
+        for writing in self._open.values():
+            writing.handle.close()
+
+    def _close(self, number: int) -> None:
+        writing = self._open.pop(number)
+        writing.handle.close()
+        self.record.write_ids(number, writing.ids)
+        self.parts.append(writing.part)
+
+
+def plan_parts(
+    config: RunConfig, record: BatchRecord, start: ResumePoint, body: Body, max_bytes: int
+) -> list[Part]:
+    """Write the part files of every row still to answer; the parts."""
+    writer = PartWriter(record, Splitter(config.batch.rows, max_bytes))
+    try:
+        for request in unanswered(config, start):
+            group, data = batch_line(request, body(request))
+            writer.add(group, request.line, request.custom_id, data)
+    except BaseException:
+        writer.abandon()
+        raise
+    return writer.finish()
+
+
+def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
+    """The input's requests that have no result yet, in input order."""
+    shard = config.shard or WHOLE
+    defaults = Defaults(model=config.model, params=config.params)
+    written, known = start.checkpoint.rows, start.journal.results
+    first, offset = start.checkpoint.input_line, start.checkpoint.input_offset
+    with open_input(config.input) as handle:
+        handle.seek(offset)
+        for index, raw in enumerate(handle, start=first):
+            if not shard.owns(index) or shard.seq(index) < written or index + 1 in known:
+                continue
+            parsed = parse_line(raw.rstrip(b"\r\n"), index + 1, defaults)
+            if not isinstance(parsed, LineError):
+                yield parsed

@@ -1,0 +1,179 @@
+"""The batch phase of a ``--mode batch`` run: plan, submit, poll, collect.
+
+    plan parts --> submit the due ones together --> poll the live ones
+        ^                                              |
+        +-------- follow-up parts, token-limit retries <+
+
+The loop ends when every part is collected (the ordinary pipeline then
+writes the output in input order from the results), on a signal (the batches
+keep running: they are paid work; exit 75, and the next run attaches to
+them) or when the provider refuses a file as a whole (exit 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+
+from batchrun.batchmode.build import Body, plan_parts
+from batchrun.batchmode.progress import BatchProgress
+from batchrun.batchmode.record import TERMINAL, BatchRecord, BatchState, Part
+from batchrun.batchmode.settle import BatchRefused, Settler
+from batchrun.batchmode.submit import Submitter
+from batchrun.config import RunConfig
+from batchrun.errors import FatalError, RequestError
+from batchrun.resume import ResumePoint
+from batchrun.timing import Clock
+
+log = logging.getLogger("batchrun")
+
+# Enqueued-token-limit refusals of one part before the run gives up.
+MAX_TOKEN_LIMIT_TRIES = 8
+# The longest pause between two tries of a refused part, in seconds.
+MAX_TOKEN_LIMIT_PAUSE = 1800.0
+# Part steps (upload, create, poll) that may fail in a row, each after its own
+# retries, before the run stops (exit 3; the batches keep running).
+MAX_FAILED_STEPS = 20
+# Share of the poll interval added or taken at random, so runs do not poll in step.
+JITTER = 0.2
+
+
+@dataclass(slots=True)
+class PhaseResult:
+    """How the batch phase ended: ``complete``, or why not."""
+
+    complete: bool = False
+    aborted: str | None = None  # the provider refused: exit 3
+    running: int = 0  # batches left running when stopped
+
+
+class BatchJob:
+    """Runs the parts of one batch-mode run to the end; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        record: BatchRecord,
+        state: BatchState,
+        submitter: Submitter,
+        settler: Settler,
+        progress: BatchProgress,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.record = record
+        self.state = state
+        self.submitter = submitter
+        self.settler = settler
+        self.progress = progress
+        self.clock = clock
+        self._due: dict[int, float] = {}  # part -> earliest retry after a token-limit refusal
+        self._aborted: str | None = None
+        self._failures = 0  # part steps failed in a row, each after its own retries
+
+    async def plan(self, start: ResumePoint, body: Body, max_bytes: int) -> None:
+        """Write and record the parts, once per run (a crash while planning plans again)."""
+        if self.state.planned:
+            return
+
+        def write() -> list[Part]:
+            return plan_parts(self.config, self.record, start, body, max_bytes)
+
+        self.state.parts = await anyio.to_thread.run_sync(write)
+        self.state.planned = True
+        self.record.save(self.state)
+        log.info(
+            "batch mode: %d rows in %d parts",
+            sum(part.rows for part in self.state.parts),
+            len(self.state.parts),
+        )
+
+    async def run(self) -> PhaseResult:
+        """Submit, poll and collect until every part is collected."""
+        await self.submitter.reattach()
+        while self._aborted is None:
+            await self._submit_due()
+            await self._poll()
+            self.progress.show(self.state.parts)
+            if all(part.status == "collected" for part in self.state.parts):
+                return PhaseResult(complete=True)
+            if self._aborted is None:
+                await self.clock.sleep(self._interval())
+        return PhaseResult(aborted=self._aborted)
+
+    async def _guarded(self, step: Callable[[Part], Awaitable[None]], part: Part) -> None:
+        """Run one part's step; a refusal or fatal answer stops the phase, a
+        transient failure is tried again next round (a bounded number of times)."""
+        try:
+            await step(part)
+            self._failures = 0
+        except BatchRefused as exc:
+            self._aborted = str(exc)
+        except FatalError as exc:
+            self._aborted = f"the provider answered {exc.status or ''} {exc.code}: {exc.message}"
+        except RequestError as exc:
+            self._failures += 1
+            log.warning("part %d: %s (%s); trying again at the next poll", part.id, exc, exc.code)
+            if self._failures > MAX_FAILED_STEPS:
+                self._aborted = f"the provider keeps failing: {exc.code}: {exc.message}"
+
+    def running(self) -> int:
+        return sum(part.live for part in self.state.parts)
+
+    def _interval(self) -> float:
+        base = self.config.batch.poll_interval
+        return base * random.uniform(1 - JITTER, 1 + JITTER)
+
+    async def _submit_due(self) -> None:
+        """Submit every part ready to go, together."""
+        due = [part for part in self.state.parts if self._ready(part)]
+        async with anyio.create_task_group() as tasks:
+            for part in due:
+                tasks.start_soon(self._guarded, self.submitter.submit, part)
+
+    def _ready(self, part: Part) -> bool:
+        if part.status == "planned" or (part.status == "uploaded" and not part.tries):
+            return True
+        if part.status != "uploaded":
+            return False
+        # Refused for the enqueued-token limit: wait for our running batches, then a pause.
+        return self.running() == 0 and self.clock.monotonic() >= self._due.get(part.id, 0.0)
+
+    async def _poll(self) -> None:
+        async with anyio.create_task_group() as tasks:
+            for part in self.state.parts:
+                if part.live:
+                    tasks.start_soon(self._guarded, self._poll_one, part)
+        self.record.save(self.state)
+
+    async def _poll_one(self, part: Part) -> None:
+        assert part.batch_id is not None
+        batch = await self.submitter.api.get(part.batch_id)
+        part.batch_status = str(batch.get("status"))
+        given = batch.get("request_counts")
+        if isinstance(given, dict):
+            part.counts = {
+                key: int(value) for key, value in given.items() if isinstance(value, int)
+            }
+        if part.batch_status in TERMINAL and not await self.settler.ended(part, batch):
+            self._refused_for_tokens(part)
+
+    def _refused_for_tokens(self, part: Part) -> None:
+        if part.tries >= MAX_TOKEN_LIMIT_TRIES:
+            raise BatchRefused(
+                f"part {part.id}: the provider's enqueued-token limit refused it"
+                f" {part.tries} times; run the same command again later"
+            )
+        pause = min(self.config.batch.poll_interval * 2 ** (part.tries - 1), MAX_TOKEN_LIMIT_PAUSE)
+        self._due[part.id] = self.clock.monotonic() + pause
+        log.info(
+            "part %d: enqueued-token limit reached; resubmitting after running batches end"
+            " (try %d)",
+            part.id,
+            part.tries + 1,
+        )

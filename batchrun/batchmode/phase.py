@@ -1,0 +1,156 @@
+"""Batch mode's entry points for the runner and the CLI.
+
+``run_phase`` runs the batch phase of a run inside the runner's session;
+``guard`` keeps online mode and ``--restart`` away from live batches;
+``known_results`` hands the collected answers to the ordered writer;
+``cancel`` cancels a run's batches on purpose (``batchrun cancel OUT``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+import anyio
+
+from batchrun.batchmode.api import BatchApi, batch_base_url
+from batchrun.batchmode.job import BatchJob, PhaseResult
+from batchrun.batchmode.known import KnownResults
+from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
+from batchrun.batchmode.progress import BatchProgress
+from batchrun.batchmode.record import BatchRecord
+from batchrun.batchmode.settle import Settler
+from batchrun.batchmode.submit import Submitter
+from batchrun.config import RunConfig
+from batchrun.errors import UsageError
+from batchrun.providers import Provider
+from batchrun.providers.openai import OpenAIProvider
+from batchrun.resume import ResumePoint
+from batchrun.timing import Clock
+
+log = logging.getLogger("batchrun")
+
+
+def dialect(provider: Provider) -> Provider:
+    """The dialect batches speak: OpenAI's, also on DashScope's compatible mode."""
+    return OpenAIProvider() if provider.name == "dashscope" else provider
+
+
+async def run_phase(
+    config: RunConfig,
+    *,
+    session: aiohttp.ClientSession,
+    provider: Provider,
+    api_key: str | None,
+    base_url: str,
+    state_root: Path,
+    start: ResumePoint,
+    clock: Clock,
+    stream: TextIO,
+    handle_signals: bool,
+) -> PhaseResult:
+    """Plan, submit, poll and collect the run's batches (see ``job``)."""
+    record = BatchRecord(state_root)
+    state = record.load() or record.new(
+        provider=provider.name,
+        base_url=batch_base_url(provider.name, base_url),
+        api_key_env=config.api_key_env or provider.default_key_env,
+    )
+    talk = dialect(provider)
+    api = BatchApi(
+        session, talk, state.base_url, api_key=api_key, retry=config.retry, sleep=clock.sleep
+    )
+    job = BatchJob(
+        config,
+        record=record,
+        state=state,
+        submitter=Submitter(api, record, state, retry=config.retry, sleep=clock.sleep),
+        settler=Settler(
+            api,
+            record,
+            state,
+            talk,
+            keep_files=config.batch.keep_files,
+            fallback_online=config.batch.fallback == "online",
+        ),
+        progress=BatchProgress(enabled=config.progress, stream=stream, clock=clock.monotonic),
+        clock=clock,
+    )
+    max_bytes = config.batch.bytes or DEFAULT_MAX_BYTES[provider.name]
+    try:
+        return await _until_stopped(job, start, talk, max_bytes, handle_signals)
+    finally:
+        job.progress.close()
+
+
+async def _until_stopped(
+    job: BatchJob, start: ResumePoint, talk: Provider, max_bytes: int, handle_signals: bool
+) -> PhaseResult:
+    result = PhaseResult()
+    async with anyio.create_task_group() as tasks:
+        if handle_signals:
+            tasks.start_soon(_watch_signals, tasks.cancel_scope)
+        await job.plan(start, talk.body, max_bytes)
+        result = await job.run()
+        tasks.cancel_scope.cancel()
+    if not result.complete and result.aborted is None:
+        result.running = job.running()  # stopped by a signal: they keep running
+    return result
+
+
+async def _watch_signals(scope: anyio.CancelScope) -> None:
+    """A signal stops the phase at once: every step is recorded, batches keep running."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: stopping; the batches keep running", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def guard(state_root: Path, *, mode: str, restart: bool) -> None:
+    """Refuse what would pay twice: online mode or ``--restart`` over live batches."""
+    state = BatchRecord(state_root).load()
+    if state is None:
+        return
+    live = [part for part in state.parts if part.live]
+    if restart and live:
+        raise UsageError(
+            f"{len(live)} batches of this output are still running on the provider and are"
+            " paid: cancel them first with `batchrun cancel OUT`, or run without --restart"
+        )
+    pending = [part for part in state.parts if part.status != "collected"]
+    if mode == "online" and pending and not restart:
+        raise UsageError(
+            f"this output has {len(pending)} batch parts not yet collected: run it with --mode"
+            " batch (add --fallback online to send unfinished rows online)"
+        )
+
+
+def known_results(state_root: Path) -> KnownResults | None:
+    """The collected batch answers of the run in ``state_root``, if any."""
+    record = BatchRecord(state_root)
+    state = record.load()
+    if state is None:
+        return None
+    return KnownResults(record.results(state))
+
+
+def describe(state_root: Path) -> list[dict[str, object]] | None:
+    """Each part's batch id and status, for ``batchrun status``."""
+    state = BatchRecord(state_root).load()
+    if state is None:
+        return None
+    return [
+        {
+            "part": part.id,
+            "batch_id": part.batch_id,
+            "status": part.batch_status or part.status,
+            "state": part.status,
+            "rows": part.rows,
+            "counts": part.counts,
+        }
+        for part in state.parts
+    ]

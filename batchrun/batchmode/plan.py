@@ -1,0 +1,115 @@
+"""Which batch file each row goes into, and what its line says. Pure: no I/O.
+
+A batch input file holds one endpoint and one model, at most ``max_rows``
+lines and ``max_bytes`` bytes. Rows are grouped by (endpoint, model) and each
+group is cut into parts as the rows come, so the input is read once and only
+one open part per group is held. Within a file a row is named by its input
+line (``custom_id`` ``r<line>``): unique even when the input repeats its own
+ids, and the key that maps results back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+from batchrun.records import Request
+
+# Provider caps on one batch input file, in bytes.
+DEFAULT_MAX_BYTES: Final[dict[str, int]] = {
+    "openai": 200 * 1000 * 1000,
+    "mock": 200 * 1000 * 1000,
+    "dashscope": 500 * 1000 * 1000,
+}
+# A file holds at most this many requests at either provider.
+MAX_ROWS: Final = 50_000
+
+_ENDPOINTS: Final = {
+    "chat": "/v1/chat/completions",
+    "dashscope": "/v1/chat/completions",  # native lines go as chat bodies
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+class Group(NamedTuple):
+    """Rows that may share a file."""
+
+    endpoint: str
+    model: str | None
+
+
+def batch_key(line: int) -> str:
+    """The ``custom_id`` of input line ``line`` inside a batch file."""
+    return f"r{line}"
+
+
+def line_of_key(key: object) -> int | None:
+    """The input line a batch ``custom_id`` names; None if it is not one of ours."""
+    if isinstance(key, str) and key.startswith("r") and key[1:].isdigit():
+        return int(key[1:])
+    return None
+
+
+def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes]:
+    """The row's group and its line of the batch file (newline included).
+
+    ``body`` is the request body in the OpenAI dialect (what the online client
+    would send), so a batch answer is the answer to the same request.
+    """
+    endpoint = request.url or _ENDPOINTS[request.kind]
+    model = body.get("model")
+    line = {"custom_id": batch_key(request.line), "method": "POST", "url": endpoint, "body": body}
+    group = Group(endpoint, model if isinstance(model, str) else None)
+    return group, orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+
+
+@dataclass(slots=True)
+class _Open:
+    part: int
+    rows: int = 0
+    bytes: int = 0
+
+
+class Splitter:
+    """Assigns rows to parts, numbered from ``first_part``.
+
+    Invariant: a part holds rows of one group only, at most ``max_rows`` of
+    them and at most ``max_bytes`` bytes (a single row larger than that gets
+    a part of its own: the provider will name it as a bad line).
+    """
+
+    def __init__(self, max_rows: int, max_bytes: int, first_part: int = 1) -> None:
+        if max_rows < 1 or max_bytes < 1:
+            raise ValueError("max_rows and max_bytes must be >= 1")
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._open: dict[Group, _Open] = {}
+        self._next = first_part
+
+    def place(self, group: Group, size: int) -> tuple[int, int | None]:
+        """The part for a row of ``size`` bytes of ``group``, and the part this
+        row closed (it was full), if any."""
+        current = self._open.get(group)
+        closed = None
+        if current is not None and (
+            current.rows + 1 > self.max_rows or current.bytes + size > self.max_bytes
+        ):
+            closed, current = current.part, None
+        if current is None:
+            current = self._open[group] = _Open(self._next)
+            self._next += 1
+        current.rows += 1
+        current.bytes += size
+        return current.part, closed
+
+    def open_parts(self) -> list[int]:
+        """Parts still open (the end of the input closes them)."""
+        return sorted(part.part for part in self._open.values())
+
+    @property
+    def next_part(self) -> int:
+        """The number the next new part would get."""
+        return self._next

@@ -1,0 +1,152 @@
+"""The record of a batch-mode run's parts and batches, in ``OUT.batchrun/batch/``.
+
+* ``state.json``: the run id, where the batches live, and every part with its
+  provider file and batch ids; rewritten atomically at every change, so the
+  file always tells what exists on the provider (up to one step behind: a
+  file uploaded or a batch created but not yet recorded, which the next run
+  finds by listing batches and matching their metadata).
+* ``part-N.jsonl``: part N's batch input file, exactly as uploaded.
+* ``part-N.ids``: its rows' input lines and the input's own ``custom_id``s.
+* ``part-N.results``: its rows' output records, ordered by line, written
+  (atomically) when the batch ended; a part with this file is settled.
+
+A part goes ``planned`` (file written) → ``uploaded`` (input file id) →
+``submitted`` (batch id) → ``collected`` (results written). A batch that
+failed on the enqueued-token limit sends its part back to ``uploaded`` with
+``tries`` + 1; an expired one becomes ``collected`` and its unfinished rows
+go into a new part whose ``parent`` it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import orjson
+
+from batchrun.journal import CorruptStateError
+
+# Provider statuses after which a batch changes no more.
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+@dataclass(slots=True)
+class Part:
+    """One batch input file and what became of it."""
+
+    id: int
+    endpoint: str
+    model: str | None
+    rows: int
+    bytes: int
+    status: str = "planned"  # planned, uploaded, submitted, collected
+    input_file_id: str | None = None
+    batch_id: str | None = None
+    batch_status: str | None = None
+    tries: int = 0  # batches refused for the enqueued-token limit
+    parent: int | None = None  # the expired part whose unfinished rows this resubmits
+    counts: dict[str, int] = field(default_factory=dict)  # the provider's request_counts
+    result_files: list[str] = field(default_factory=list)  # to delete on the provider
+    online: int = 0  # unfinished rows left to online mode (--fallback online)
+
+    @property
+    def live(self) -> bool:
+        """Submitted and not yet collected: paid work on the provider."""
+        return self.status == "submitted"
+
+
+@dataclass(slots=True)
+class BatchState:
+    """The whole record; ``planned`` is true once every part is written."""
+
+    run_id: str
+    provider: str
+    base_url: str
+    api_key_env: str | None
+    planned: bool = False
+    parts: list[Part] = field(default_factory=list)
+
+
+class BatchRecord:
+    """Reads and rewrites ``OUT.batchrun/batch/``."""
+
+    def __init__(self, state_root: Path) -> None:
+        self.root = state_root / "batch"
+        self.path = self.root / "state.json"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def new(self, *, provider: str, base_url: str, api_key_env: str | None) -> BatchState:
+        """A fresh record with a new run id (leftover part files are discarded)."""
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+        return BatchState(secrets.token_hex(8), provider, base_url, api_key_env)
+
+    def load(self) -> BatchState | None:
+        try:
+            data = orjson.loads(self.path.read_bytes())
+            parts = [Part(**part) for part in data.pop("parts")]
+            return BatchState(**data, parts=parts)
+        except FileNotFoundError:
+            return None
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+            raise CorruptStateError(f"{self.path} is damaged") from None
+
+    def save(self, state: BatchState) -> None:
+        """Replace the record in one atomic, durable step."""
+        fresh = self.path.with_name("state.json.new")
+        with fresh.open("wb") as handle:
+            handle.write(orjson.dumps(asdict(state), option=orjson.OPT_INDENT_2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(fresh, self.path)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.root)
+
+    def file(self, part: int, suffix: str) -> Path:
+        return self.root / f"part-{part:06d}.{suffix}"
+
+    def read_ids(self, part: int) -> dict[int, str]:
+        """Part ``part``'s input lines and their own ``custom_id``s."""
+        pairs = orjson.loads(self.file(part, "ids").read_bytes())
+        return {int(line): str(custom_id) for line, custom_id in pairs}
+
+    def write_ids(self, part: int, ids: Iterable[tuple[int, str]]) -> None:
+        _write_atomic(self.file(part, "ids"), orjson.dumps(list(ids)))
+
+    def write_results(self, part: int, records: dict[int, bytes]) -> None:
+        """Part ``part``'s output records, in line order, in one atomic step."""
+        _write_atomic(self.file(part, "results"), b"".join(records[k] for k in sorted(records)))
+
+    def results(self, state: BatchState) -> Iterator[Path]:
+        """The results files of collected parts."""
+        for part in state.parts:
+            path = self.file(part.id, "results")
+            if part.status == "collected" and path.exists():
+                yield path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fresh = path.with_name(path.name + ".new")
+    with fresh.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(fresh, path)
+
+
+def load_any(state_root: Path) -> BatchState | None:
+    """The batch record beside an output, if there is one (for status and guards)."""
+    return BatchRecord(state_root).load()
+
+
+__all__ = ["TERMINAL", "BatchRecord", "BatchState", "Part", "load_any"]

@@ -1,0 +1,161 @@
+"""What to do with a batch that ended: its results, its unfinished rows, its files.
+
+* ``completed``, ``expired``, ``cancelled``: the output and error files are
+  downloaded and mapped back to input lines; the part's results file is
+  written (durably) before the part is marked ``collected``. Rows without a
+  result (expired, cancelled, missing from a completed batch) go into a new
+  part, or to online mode with ``--fallback online``; no row is ever in two
+  live batches, and never in a live batch and online.
+* ``failed`` on the enqueued-token limit: the part goes back to ``uploaded``
+  (its input file kept) and is tried again later.
+* ``failed`` at validation: each line the provider names becomes a row error
+  and the other rows go into a new part; with no line named, the run aborts
+  quoting the provider.
+
+Provider files are deleted once their part is collected, unless ``keep_files``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from batchrun.batchmode.api import BatchApi
+from batchrun.batchmode.plan import line_of_key
+from batchrun.batchmode.record import BatchRecord, BatchState, Part
+from batchrun.batchmode.results import collect, invalid_line_record
+from batchrun.errors import RequestError
+from batchrun.providers import Provider
+
+log = logging.getLogger("batchrun")
+
+TOKEN_LIMIT = "token_limit_exceeded"
+
+
+class BatchRefused(Exception):
+    """The provider refused a whole batch file without naming a line."""
+
+
+class Settler:
+    """Collects ended batches into results files and follow-up parts."""
+
+    def __init__(
+        self,
+        api: BatchApi,
+        record: BatchRecord,
+        state: BatchState,
+        dialect: Provider,
+        *,
+        keep_files: bool,
+        fallback_online: bool,
+    ) -> None:
+        self.api = api
+        self.record = record
+        self.state = state
+        self.dialect = dialect
+        self.keep_files = keep_files
+        self.fallback_online = fallback_online
+
+    async def ended(self, part: Part, batch: dict[str, Any]) -> bool:
+        """Handle ``part``'s ended batch; False when it must be tried again
+        later (the enqueued-token limit). Raises ``BatchRefused``."""
+        errors = _errors(batch)
+        if batch.get("status") == "failed":
+            if any(error.get("code") == TOKEN_LIMIT for error in errors):
+                part.status, part.batch_id = "uploaded", None
+                part.tries += 1
+                self.record.save(self.state)
+                return False
+            await self._refused(part, errors)
+            return True
+        ids = self.record.read_ids(part.id)
+        files = [batch.get("output_file_id"), batch.get("error_file_id")]
+        part.result_files = [str(file_id) for file_id in files if file_id]
+        contents = [await self.api.content(file_id) for file_id in part.result_files]
+        found = collect(contents, ids, self.dialect)
+        self._settle(part, found.records, found.unfinished, ids)
+        await self.cleanup(part)
+        return True
+
+    async def _refused(self, part: Part, errors: list[dict[str, Any]]) -> None:
+        """A validation failure: named lines become row errors, the rest is resubmitted."""
+        ids = self.record.read_ids(part.id)
+        order = list(ids)
+        named: dict[int, bytes] = {}
+        for error in errors:
+            number = error.get("line")
+            if isinstance(number, int) and 1 <= number <= len(order):
+                line = order[number - 1]
+                code, message = str(error.get("code") or "invalid_request"), error.get("message")
+                named[line] = invalid_line_record(line, ids[line], code, str(message or code))
+        if not named:
+            part.status = "refused"
+            self.record.save(self.state)
+            text = "; ".join(str(error.get("message") or error.get("code")) for error in errors)
+            raise BatchRefused(
+                f"the provider refused batch {part.batch_id} (part {part.id}):"
+                f" {text or 'no reason given'}"
+            )
+        self._settle(part, named, set(ids) - named.keys(), ids)
+        await self.cleanup(part)
+
+    def _settle(
+        self, part: Part, records: dict[int, bytes], unfinished: set[int], ids: dict[int, str]
+    ) -> None:
+        """Write the results, plan the unfinished rows, then mark the part collected."""
+        self.record.write_results(part.id, records)
+        if unfinished and self.fallback_online:
+            part.online = len(unfinished)
+        elif unfinished:
+            child = self._child(part, unfinished, ids)
+            self.state.parts.append(child)
+            log.info(
+                "batch %s ended %s with %d rows unfinished: resubmitting them as part %d",
+                part.batch_id,
+                part.batch_status,
+                len(unfinished),
+                child.id,
+            )
+        part.counts = {**part.counts, "settled": len(records)}
+        part.status = "collected"
+        self.record.save(self.state)
+
+    def _child(self, part: Part, unfinished: set[int], ids: dict[int, str]) -> Part:
+        """A new part holding ``part``'s ``unfinished`` rows."""
+        number = max(p.id for p in self.state.parts) + 1
+        child = Part(number, part.endpoint, part.model, rows=0, bytes=0, parent=part.id)
+        lines = _lines_of(self.record.file(part.id, "jsonl").read_bytes().splitlines(True))
+        with self.record.file(number, "jsonl").open("wb") as handle:
+            for line, raw in lines:
+                if line in unfinished:
+                    handle.write(raw)
+                    child.rows += 1
+                    child.bytes += len(raw)
+        self.record.write_ids(number, ((line, ids[line]) for line in ids if line in unfinished))
+        return child
+
+    async def cleanup(self, part: Part) -> None:
+        """Delete the part's files on the provider (unless ``keep_files``)."""
+        if self.keep_files:
+            return
+        for file_id in [part.input_file_id, *part.result_files]:
+            if file_id:
+                with contextlib.suppress(RequestError):  # a leftover file costs no money
+                    await self.api.delete(file_id)
+
+
+def _errors(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    errors = batch.get("errors")
+    data = errors.get("data") if isinstance(errors, dict) else None
+    return [error for error in data or [] if isinstance(error, dict)]
+
+
+def _lines_of(raws: Iterable[bytes]) -> Iterable[tuple[int, bytes]]:
+    for raw in raws:
+        line = line_of_key(orjson.loads(raw).get("custom_id"))
+        if line is not None:
+            yield line, raw

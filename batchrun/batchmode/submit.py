@@ -1,0 +1,113 @@
+"""Getting parts onto the provider without ever giving one two live batches.
+
+Order, each step recorded before the next: the part file is written (``planned``),
+uploaded (``uploaded`` with its file id), then a batch is created with
+metadata naming the run, the part and the try, and its id recorded at once
+(``submitted``). A crash between creating a batch and recording it leaves a
+part ``uploaded``: ``reattach`` finds the batch by listing batches and
+matching the metadata, so the next run attaches to it instead of creating a
+second one. A create that fails in transit is looked up the same way before
+it is tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from batchrun import crashpoint
+from batchrun.batchmode.api import BatchApi
+from batchrun.batchmode.record import BatchRecord, BatchState, Part
+from batchrun.config import RetryPolicy
+from batchrun.retry import retrying
+from batchrun.timing import Sleep
+
+log = logging.getLogger("batchrun")
+
+
+def metadata(state: BatchState, part: Part) -> dict[str, str]:
+    """What names a part's batch on the provider (at most 16 pairs)."""
+    return {
+        "batchrun_run": state.run_id,
+        "batchrun_part": str(part.id),
+        "batchrun_try": str(part.tries),
+    }
+
+
+class Submitter:
+    """Uploads parts and creates their batches, recording every step."""
+
+    def __init__(
+        self,
+        api: BatchApi,
+        record: BatchRecord,
+        state: BatchState,
+        *,
+        retry: RetryPolicy,
+        sleep: Sleep,
+    ) -> None:
+        self.api = api
+        self.record = record
+        self.state = state
+        self.retry = retry
+        self.sleep = sleep
+
+    async def submit(self, part: Part) -> None:
+        """Upload ``part`` if needed, then create and record its batch."""
+        if part.status == "planned":
+            part.input_file_id = await self.api.upload(self.record.file(part.id, "jsonl"))
+            part.status = "uploaded"
+            self.record.save(self.state)
+        assert part.input_file_id is not None
+        batch = await self._create(part)
+        crashpoint.hit("after_batch_create")
+        attach(part, batch)
+        self.record.save(self.state)
+        log.info("part %d (%d rows): batch %s", part.id, part.rows, part.batch_id)
+
+    async def _create(self, part: Part) -> dict[str, Any]:
+        wanted = metadata(self.state, part)
+        first = True
+
+        async def once() -> dict[str, Any]:
+            nonlocal first
+            if not first:  # the failed create may have made the batch after all
+                found = await self.api.find(wanted)
+                if found is not None:
+                    return found
+            first = False
+            assert part.input_file_id is not None
+            return await self.api.create(part.input_file_id, part.endpoint, wanted)
+
+        batch: dict[str, Any] = await retrying(self.retry, sleep=self.sleep)(once)
+        return batch
+
+    async def reattach(self) -> int:
+        """Record the batches that exist for ``uploaded`` parts (a crash came
+        between their creation and their record); how many were found."""
+        waiting = {str(part.id): part for part in self.state.parts if part.status == "uploaded"}
+        if not waiting:
+            return 0
+        found = 0
+        async for batch in self.api.batches():
+            given = batch.get("metadata") or {}
+            part = waiting.get(str(given.get("batchrun_part")))
+            if part is None or given.get("batchrun_run") != self.state.run_id:
+                continue
+            if given.get("batchrun_try") == str(part.tries):
+                attach(part, batch)
+                del waiting[str(part.id)]
+                found += 1
+            if not waiting:
+                break
+        if found:
+            self.record.save(self.state)
+            log.info("attached to %d batches created before a crash", found)
+        return found
+
+
+def attach(part: Part, batch: dict[str, Any]) -> None:
+    """Record ``batch`` as ``part``'s live batch."""
+    part.batch_id = str(batch["id"])
+    part.batch_status = str(batch.get("status"))
+    part.status = "submitted"

@@ -1,0 +1,117 @@
+"""Batch mode for real: subprocess runs killed right after creating a batch,
+stopped by SIGTERM while batches run, cancelled on purpose; the mock server
+runs in this test's event loop and keeps every batch."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from batchrun.mock_batches import BatchFaults
+from batchrun.mock_server import MockServer
+from tests.conftest import chat, read_jsonl, write_jsonl
+from tests.test_resume import finish, run_cli, start_cli, wait_for
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+
+def command(source: Path, out: Path, server: MockServer, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "batchrun",
+        "run",
+        str(source),
+        "--out",
+        str(out),
+        "--provider",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--mode",
+        "batch",
+        "--poll-interval",
+        "0.05",
+        "--batch-rows",
+        "4",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def source_rows(tmp_path: Path, count: int = 10) -> Path:
+    return write_jsonl(tmp_path / "in.jsonl", [chat(f"row {i}", model="m") for i in range(count)])
+
+
+def submitted(out: Path) -> int:
+    path = out.with_name(out.name + ".batchrun") / "batch" / "state.json"
+    try:
+        parts = orjson.loads(path.read_bytes())["parts"]
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return 0
+    return sum(part["status"] == "submitted" for part in parts)
+
+
+async def test_a_crash_after_create_makes_no_second_batch(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=0.3)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        crashed = await run_cli(
+            command(source, out, server), BATCHRUN_CRASH_AT="after_batch_create:2"
+        )
+        assert crashed.returncode == -signal.SIGKILL
+        made = server.batches.created
+        assert made >= 2  # the second one exists on the provider, unrecorded
+        done = await run_cli(command(source, out, server))
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"attached to" in done.stderr
+        assert server.batches.created == 3  # one per part: 10 rows in files of 4
+        assert sum(count - 1 for count in server.stats.by_digest.values()) == 0
+        assert server.stats.batch_rows == 10
+    assert [row["line"] for row in read_jsonl(out)] == list(range(1, 11))
+
+
+async def test_sigterm_leaves_the_batches_running_and_the_rerun_attaches(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        process = await start_cli(command(source, out, server))
+        await wait_for(lambda: submitted(out) == 3)
+        process.send_signal(signal.SIGTERM)
+        code, stderr = await finish(process)
+        assert code == 75, stderr
+        assert "3 batches keep running" in stderr
+        statuses = {b.info["status"] for b in server.batches.batches.values()}
+        assert statuses <= {"validating", "in_progress"}
+        assert all(b.cancelled is None for b in server.batches.batches.values())
+        status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out)])
+        listed = status.stdout.decode()
+        assert status.returncode == 0
+        assert "batch_" in listed
+        assert "part 3" in listed
+        server.batches.faults.seconds = 0.2  # let them finish now
+        done = await run_cli(command(source, out, server))
+        assert done.returncode == 0, done.stderr.decode()
+        assert server.batches.created == 3
+        assert server.stats.batch_rows == 10
+    assert len(read_jsonl(out)) == 10
+
+
+async def test_cancel_cancels_and_the_rerun_keeps_finished_rows(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        process = await start_cli(command(source, out, server))
+        await wait_for(lambda: submitted(out) == 3)
+        process.send_signal(signal.SIGTERM)
+        assert (await finish(process))[0] == 75
+        cancelled = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
+        assert cancelled.returncode == 0, cancelled.stderr.decode()
+        assert all(b.cancelled is not None for b in server.batches.batches.values())
+        server.batches.faults.seconds = 0.2
+        done = await run_cli(command(source, out, server, "--fallback", "online"))
+        assert done.returncode == 0, done.stderr.decode()
+        assert server.batches.created == 3  # nothing resubmitted as a batch
+        assert server.stats.batch_rows + server.stats.requests == 10
+    assert len(read_jsonl(out)) == 10

@@ -1,0 +1,191 @@
+"""--mode batch against the mock provider's files and batches API: splitting,
+faults, cleanup, and the same output as online mode."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+
+from batchrun.errors import UsageError
+from batchrun.mock_batches import BatchFaults
+from batchrun.mock_server import MockServer
+from batchrun.runner import run_async
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+FAST = {"mode": "batch", "poll_interval": 0.05}
+
+
+@pytest_asyncio.fixture
+async def batch_server() -> AsyncIterator[MockServer]:
+    async with MockServer(batch_faults=BatchFaults(seconds=0.2)) as mock:
+        yield mock
+
+
+def rows(count: int, **extra: Any) -> list[dict[str, Any]]:
+    return [chat(f"row {i}", **extra) for i in range(count)]
+
+
+def batch_models(server: MockServer) -> list[set[str]]:
+    """The models of each batch's input file."""
+    found = []
+    for batch in server.batches.batches.values():
+        data = server.batches.contents.get(batch.info["input_file_id"])
+        lines = [orjson.loads(raw) for raw in (data or b"").splitlines()]
+        found.append({line["body"]["model"] for line in lines})
+    return found
+
+
+def paid_twice(server: MockServer) -> int:
+    return sum(count - 1 for count in server.stats.by_digest.values())
+
+
+async def test_rows_are_split_by_count_and_by_model(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    source = [chat(f"row {i}", model="m-a" if i % 3 else "m-b") for i in range(20)]
+    config = make_config(tmp_path, source, batch_server, batch_rows=4, keep_files=True, **FAST)
+    summary = await run_async(config)
+    assert summary.exit_code == 0
+    # m-a: 13 rows -> 4 files of <= 4; m-b: 7 rows -> 2 files.
+    assert batch_server.batches.created == 6
+    assert all(len(models) == 1 for models in batch_models(batch_server))
+    sizes = sorted(len(b.rows) for b in batch_server.batches.batches.values())
+    assert sizes == [1, 3, 4, 4, 4, 4]
+    assert batch_server.stats.requests == 0  # nothing went online
+    assert [row["line"] for row in read_jsonl(config.out)] == list(range(1, 21))
+
+
+async def test_output_equals_online_modes(tmp_path: Path, batch_server: MockServer) -> None:
+    source: list[Any] = [
+        *rows(5, model="m"),
+        chat("refused mock:fail=400", model="m"),
+        {"custom_id": "e1", "input": "embed this", "model": "emb"},
+        b"not json",
+        {"input": {"messages": [{"role": "user", "content": "native"}]}, "model": "m"},
+    ]
+    batch = make_config(tmp_path, source, batch_server, **FAST)
+    assert (await run_async(batch)).exit_code == 1
+    async with MockServer() as online_server:
+        online = make_config(tmp_path, source, online_server, out=tmp_path / "online.jsonl")
+        assert (await run_async(online)).exit_code == 1
+    assert batch.out.read_bytes() == online.out.read_bytes()
+    assert batch_server.stats.requests == 0
+
+
+async def test_provider_files_are_cleaned_up(tmp_path: Path, batch_server: MockServer) -> None:
+    config = make_config(tmp_path, rows(10, model="m"), batch_server, batch_rows=3, **FAST)
+    assert (await run_async(config)).exit_code == 0
+    assert batch_server.batches.created == 4
+    assert batch_server.batches.files == {}
+    assert not (tmp_path / "out.jsonl.batchrun" / "batch").exists()
+
+
+async def test_keep_files_keeps_them(tmp_path: Path, batch_server: MockServer) -> None:
+    config = make_config(tmp_path, rows(4, model="m"), batch_server, keep_files=True, **FAST)
+    assert (await run_async(config)).exit_code == 0
+    purposes = sorted(info["purpose"] for info in batch_server.batches.files.values())
+    assert purposes == ["batch", "batch_output"]
+
+
+async def test_expiry_resubmits_only_the_unfinished_rows(tmp_path: Path) -> None:
+    faults = BatchFaults(seconds=0.2, expire_first=1, expire_share=0.5)
+    async with MockServer(batch_faults=faults) as server:
+        config = make_config(tmp_path, rows(10, model="m"), server, **FAST)
+        assert (await run_async(config)).exit_code == 0
+        statuses = [b.info["status"] for b in server.batches.batches.values()]
+        assert statuses == ["expired", "completed"]
+        assert [len(b.rows) for b in server.batches.batches.values()] == [10, 5]
+        assert server.stats.batch_rows == 10
+        assert paid_twice(server) == 0
+    assert all(row["error"] is None for row in read_jsonl(config.out))
+
+
+async def test_expiry_with_fallback_online_sends_the_rest_online(tmp_path: Path) -> None:
+    faults = BatchFaults(seconds=0.2, expire_first=1, expire_share=0.3)
+    async with MockServer(batch_faults=faults) as server:
+        config = make_config(tmp_path, rows(10, model="m"), server, fallback="online", **FAST)
+        summary = await run_async(config)
+        assert summary.exit_code == 0
+        assert server.batches.created == 1
+        assert server.stats.batch_rows == 7
+        assert server.stats.requests == 3
+        assert paid_twice(server) == 0
+    assert len(read_jsonl(config.out)) == 10
+
+
+async def test_enqueued_token_limit_then_success(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=0.2, token_limit_first=1)) as server:
+        config = make_config(tmp_path, rows(6, model="m"), server, batch_rows=3, **FAST)
+        assert (await run_async(config)).exit_code == 0
+        statuses = sorted(b.info["status"] for b in server.batches.batches.values())
+        assert statuses == ["completed", "completed", "failed"]
+        assert paid_twice(server) == 0
+        assert server.stats.batch_rows == 6
+        # The refused part's file was uploaded once and reused.
+        inputs = [b.info["input_file_id"] for b in server.batches.batches.values()]
+        assert len(set(inputs)) == 2
+
+
+async def test_a_refused_line_becomes_a_row_error(tmp_path: Path, batch_server: MockServer) -> None:
+    source = [*rows(3, model="m"), chat("bad mock:invalid", model="m")]
+    config = make_config(tmp_path, source, batch_server, **FAST)
+    summary = await run_async(config)
+    assert summary.exit_code == 1
+    records = read_jsonl(config.out)
+    assert [r["error"]["code"] if r["error"] else None for r in records] == [
+        None,
+        None,
+        None,
+        "invalid_request",
+    ]
+    assert batch_server.stats.batch_rows == 3
+
+
+async def test_a_refused_file_aborts_quoting_the_provider(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    source = [*rows(2, model="m"), chat("mock:invalid_file", model="m")]
+    config = make_config(tmp_path, source, batch_server, **FAST)
+    summary = await run_async(config)
+    assert summary.exit_code == 3
+    assert summary.aborted is not None
+    assert "refused it as a whole" in summary.aborted
+    assert not config.out.exists()
+
+
+async def test_rows_answered_online_are_not_put_in_a_batch(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    # An online run stops at a fatal answer on row 6, with rows 1-5 answered.
+    source = [*rows(5, model="m"), chat("mock:quota", model="m"), *rows(3, model="n")]
+    online = make_config(tmp_path, source, batch_server, max_async_requests=1)
+    assert (await run_async(online)).exit_code == 3
+    answered = batch_server.stats.requests
+    batch = make_config(tmp_path, source, batch_server, **FAST)
+    assert (await run_async(batch)).exit_code == 0
+    assert batch_server.stats.batch_rows == len(source) - (answered - 1)
+    assert len(read_jsonl(batch.out)) == len(source)
+
+
+async def test_online_mode_refuses_an_output_with_batches_not_collected(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    from batchrun.batchmode.record import BatchRecord, Part
+
+    config = make_config(tmp_path, rows(2, model="m"), batch_server)
+    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    state = record.new(provider="mock", base_url=batch_server.base_url, api_key_env=None)
+    state.parts.append(Part(1, "/v1/chat/completions", "m", rows=2, bytes=10, status="submitted"))
+    record.save(state)
+    with pytest.raises(UsageError, match="--mode batch"):
+        await run_async(config)
+    with pytest.raises(UsageError, match="batchrun cancel"):
+        await run_async(make_config(tmp_path, rows(2), batch_server, restart=True))
+    assert write_jsonl  # the helper stays imported for the file-based cases above
