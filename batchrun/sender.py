@@ -52,17 +52,17 @@ class RowSender:
             begun = await throttle.acquire(estimate)
             attempts += 1
             self.stats.in_flight += 1
-            answered = False
+            answered, hold = False, 0.0
             try:
                 response = await self.client.send(request)
                 answered = True
                 return response
             except RequestError as exc:
-                throttle.failed(exc)
+                hold = throttle.failed(exc, sent_at=begun)
                 raise
             finally:
                 self.stats.in_flight -= 1
-                throttle.release(begun, answered=answered)
+                await self._release(begun, answered=answered, hold=hold)
 
         try:
             response = await self._with_retries(attempt)
@@ -81,6 +81,16 @@ class RowSender:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
         )
+
+    async def _release(self, begun: float, *, answered: bool, hold: float) -> None:
+        """Give the throttle's place back, ``hold`` seconds from now (a
+        push-back answered at once keeps its place as long as an answer
+        would have: rejected requests never go out faster than good ones)."""
+        try:
+            if hold > 0:
+                await self.clock.sleep(hold)
+        finally:
+            self.throttle.release(begun, answered=answered)
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[Response]]) -> Response:
         """The first attempt goes straight; only a transient failure builds the

@@ -8,7 +8,7 @@ Three gates in this order, then the request:
 2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute,
    banking nothing during a pause;
 3. the adaptive in-flight limit: starts at ``INITIAL_CONCURRENCY``, grows
-   eightfold per round trip while answers are good, halves when 429s, 503s
+   sixteenfold per round trip while answers are good, halves when 429s, 503s
    and timeouts are a share of the recent answers (AIMD; see
    ``congestion``), never above ``--max-async-requests``; slots go first
    come, first served.
@@ -27,15 +27,16 @@ from batchrun.errors import FatalError, RequestError
 from batchrun.ratelimit import PauseGate, RateBudget
 from batchrun.timing import Clock
 
-# In-flight requests allowed before the provider has answered anything (the
-# DashScope SDK's own default): a bad key or an overloaded server hears from
-# few requests.
-INITIAL_CONCURRENCY = 32
+# In-flight requests allowed before the provider has answered anything: a
+# bad key or an overloaded server hears from few requests.
+INITIAL_CONCURRENCY = 16
 
 # Slots each good answer adds until the first congestion: the limit grows
-# eightfold per round trip, 32 -> 256 -> 2,048, so a healthy provider sees
-# the configured limit within about two round trips.
-RAMP = 7
+# sixteenfold per round trip, 16 -> 256 -> 4,096, so a healthy provider
+# sees any limit up to 4,096 within two round trips. The start stays low
+# because whatever is in flight when a rate limiter's quota runs out is
+# rejected at once: 32 would double that first burst against a small quota.
+RAMP = 15
 
 # Weight of each new answer in the moving average of latency.
 _LATENCY_WEIGHT = 0.1
@@ -72,6 +73,11 @@ class Throughput:
         answers.append(now)
         while answers[0] < now - 1.0:
             answers.popleft()
+
+    @property
+    def latency(self) -> float:
+        """Mean latency of good answers, seconds (0 before any)."""
+        return self._latency
 
     def sustained_concurrency(self) -> int | None:
         """Requests in flight that the last second's answers sustained; None
@@ -139,6 +145,7 @@ class Throttle:
         self.limiter.release()
         if answered:
             self._throughput.finish(started)
+            self._recent.good(sent_at=started)
 
     def _raise_if_tripped(self) -> None:
         """The circuit breaker: after one fatal answer, no request goes out."""
@@ -150,30 +157,40 @@ class Throttle:
         """A good answer that used ``used`` tokens in all."""
         if self.budget.enabled:
             self.budget.settle(estimate, used)
-        self._recent.good()
         self.controller.on_success()
 
-    def failed(self, error: RequestError) -> None:
+    def failed(self, error: RequestError, *, sent_at: float | None = None) -> float:
         """A failed attempt: stop every request if the answer was fatal; cut
         the limit and pause everyone if the recent answers show congestion.
 
         Until the provider has answered well once, a ``Retry-After`` is all
         that is known of it, so it pauses everyone; after that a lone
-        push-back only delays its own row (its retry waits).
+        push-back only delays its own row (its retry waits). ``sent_at`` is
+        the attempt's start from ``acquire`` (None: unknown, taken as now): a
+        push-back in under half the mean latency is a limiter's rejection on
+        arrival. Returns the
+        seconds the attempt's place stays taken: for a push-back, the mean
+        latency of good answers, so an overrun limiter's instant 429s do not
+        free places for yet more requests faster than answers would.
         """
         if isinstance(error, FatalError) and self._tripped is None:
             self._tripped = error
         if error.status == 429:
             self.rate_limited += 1
-        congested = False
+        congested, hold = False, 0.0
         if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
-            congested = self._recent.pushed_back()
+            now = self._throughput.start()
+            sent = now if sent_at is None else sent_at  # unknown: the cautious reading
+            instant = now - sent < self._throughput.latency
+            congested = self._recent.pushed_back(sent if instant else None)
+            hold = self._throughput.latency
         if congested and self._adaptive:  # --no-adaptive pins the limit at the cap
             self.controller.on_congestion(self._throughput.sustained_concurrency())
         if error.retry_after and (congested or not self._recent.good_seen):
             self.gate.pause_for(min(error.retry_after, self._pause_cap))
             if self.budget.enabled:  # nothing banked while paused: no burst after it
                 self.budget.hold(self.gate.until)
+        return hold
 
     def level(self) -> str:
         """The current in-flight limit, for the progress line."""

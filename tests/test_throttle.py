@@ -185,7 +185,8 @@ async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) ->
 def healthy(throttle: Throttle, time: FakeClock, answers: int) -> None:
     """``answers`` good answers, 10 ms apart, each 50 ms after its request."""
     for _ in range(answers):
-        throttle._throughput.finish(started=time.now - 0.05)
+        assert throttle.limiter.try_acquire()
+        throttle.release(time.now - 0.05, answered=True)
         throttle.succeeded(0, 0)
         time.now += 0.01
 
