@@ -18,7 +18,9 @@ d. resume start-up: a 1,000,000-row batchrun run is stopped (SIGTERM) once 60 %
    polling ``GET /_mock/stats`` every 10 ms);
 e, f. rate limits against a provider refusing past 40 requests per sliding
    second: one process, then three shards sharing the rate through Redis
-   (see ``benchmarks/limits.py``).
+   (see ``benchmarks/limits.py``);
+g. export: ``batchrun export`` of 30,000, 100,000 and 300,000 output rows to Parquet,
+   rows/s and peak RSS (see ``benchmarks/export_bench.py``).
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -46,6 +48,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.export_bench import render as render_export
+from benchmarks.export_bench import run_export
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
@@ -507,6 +512,8 @@ def render(report: dict[str, Any]) -> str:
     from benchmarks.limits import render_limits
 
     lines += render_limits(report.get("limits") or {})
+    if report.get("export") is not None:
+        lines += render_export(report["export"])
     return "\n".join(lines) + "\n"
 
 
@@ -516,7 +523,7 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcdef", help="which of a-f to run (abcdef)")
+    p.add_argument("--scenarios", default="abcdefg", help="which of a-g to run (abcdefg)")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
@@ -568,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.limits import run_limits
 
         limits = run_limits(args.scenarios, work)
+        exported = None
+        if "g" in args.scenarios:
+            print("scenario g: export to Parquet", flush=True)
+            exported = run_export([30_000, 100_000, 300_000], work)
     tables = []
     for sc in scenarios:
         table = summarize(sc)
@@ -589,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "scenarios": tables,
         "resume": resume,
+        "export": exported,
         "limits": limits,
     }
     markdown = render(report)
