@@ -311,11 +311,12 @@ async def test_one_429_pauses_every_process(
     # 60 rows at 10/s: the others still had rows when shard 0 was told to pause.
     for out in outs[1:]:
         assert summary(out)["extra"]["shared pauses seen"] >= 1
-    # Nobody sent anything for a whole second or more: the pause held for all
-    # (a process learns of it at its next lease, at most half a second later).
-    seconds = sorted(limited.stats.received_per_second)
-    silent = [s for s in range(seconds[0], seconds[-1]) if s not in seconds]
-    assert silent, dict(limited.stats.received_per_second)
+    # The three together send 10/s, but for a whole second of the pause at most
+    # the leases already granted went out (a process learns of the pause at its
+    # next lease call, within half a second).
+    per_second = limited.stats.received_per_second
+    interior = [per_second.get(s, 0) for s in range(min(per_second) + 1, max(per_second))]
+    assert min(interior) <= 2, (dict(per_second), done[0].stderr.decode()[-600:])
 
 
 @pytest.mark.slow
