@@ -23,6 +23,14 @@ digest, this one included. The first of these that fires decides the answer:
   its ``Content-Length``, then the connection closes;
 * ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse.
 
+A request that asks for JSON (``response_format`` of type ``json_object`` or
+``json_schema``; DashScope: in ``parameters``) is answered with the text
+``{"echo": ..., "words": N}`` (N: the prompt's words), unless
+``mock:notjson[=N]`` (prose instead) or ``mock:wrongshape[=N]``
+(``{"unexpected": true}``) fire: attempts ``n <= N``, every attempt without a
+value. ``mock:length`` cuts any answer's text in half with finish_reason
+``length``.
+
 ``mock:delay=S`` sleeps ``S`` seconds before every answer to the row, and
 ``mock:retry_after=S`` adds ``Retry-After: S`` (verbatim) to its quota, fail
 and overloaded answers. Malformed and unknown tokens are ignored; for a
@@ -200,7 +208,7 @@ async def _scripted(
     headers = {"x-request-id": call.request_id}
     if call.attempt <= rules.badjson:
         return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
-    return _json(200, success_body(call), headers)
+    return _json(200, success_body(call, rules), headers)
 
 
 class MockServer:

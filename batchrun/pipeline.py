@@ -49,6 +49,7 @@ from batchrun.records import (
     parse_line,
 )
 from batchrun.resume import ResumePoint, tally
+from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
 from batchrun.throttle import Throttle
@@ -130,8 +131,15 @@ class Pipeline:
         self.aborted: FatalError | None = None
         self._producers = anyio.CancelScope()
         self.metrics = _metrics_writer(config, self.stats, throttle, clock)
+        schema = config.response_schema
         self.sender = RowSender(
-            client, provider, throttle, config.retry, clock=clock, stats=self.stats
+            client,
+            provider,
+            throttle,
+            config.retry,
+            clock=clock,
+            stats=self.stats,
+            answers=AnswerCheck(schema) if schema is not None else None,
         )
         self._last_checkpoint = start.checkpoint.rows
 
@@ -230,7 +238,7 @@ class Pipeline:
         """The rows still to do, in input order: each a request to send, or a
         result already known (journaled, kept by --retry-failed, or a bad
         line's error record). Sets ``eof`` at the end of the input."""
-        defaults = Defaults(model=self.config.model, params=self.config.params)
+        defaults = self.config.request_defaults()
         first, offset = self.start.checkpoint.input_line, self.start.checkpoint.input_offset
         written, shard = self.progress.rows, self.shard
         with open_input(self.config.input) as handle, self._previous(first) as previous:

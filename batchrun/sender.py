@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from batchrun.client import Client
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.progress import RunStats
 from batchrun.providers import Provider
-from batchrun.records import Outcome, Request, Response
+from batchrun.records import NOT_PARSED, Outcome, Request, Response
 from batchrun.retry import retrying
+from batchrun.schema import AnswerCheck
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tokens import estimate_tokens
@@ -28,8 +30,11 @@ class RowSender:
         *,
         clock: Clock,
         stats: RunStats,
+        answers: AnswerCheck | None = None,
     ) -> None:
+        """``answers``: the response-schema check each good answer must pass."""
         self.client = client
+        self.answers = answers
         self.provider = provider
         self.throttle = throttle
         self.retry = retry
@@ -44,9 +49,10 @@ class RowSender:
         started = self.clock.monotonic()
         throttle = self.throttle
         estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
+        parsed: Any = NOT_PARSED
 
         async def attempt() -> Response:
-            nonlocal attempts
+            nonlocal attempts, parsed
             begun = await throttle.acquire(estimate)
             attempts += 1
             self.stats.in_flight += 1
@@ -54,13 +60,15 @@ class RowSender:
             try:
                 response = await self.client.send(request)
                 answered = True
-                return response
             except RequestError as exc:
                 throttle.failed(exc)
                 raise
             finally:
                 self.stats.in_flight -= 1
                 throttle.release(begun, answered=answered)
+            if self.answers is not None:  # raises for an answer that fails the schema
+                parsed = self.answers.classify(response)
+            return response
 
         try:
             response = await self._with_retries(attempt)
@@ -78,6 +86,7 @@ class RowSender:
             latency_s=self.clock.monotonic() - started,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
+            parsed=parsed,
         )
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[Response]]) -> Response:

@@ -186,6 +186,7 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
         "provider": config.provider,
         "model": config.model,
         "params": orjson.loads(orjson.dumps(dict(config.params), option=orjson.OPT_SORT_KEYS)),
+        "response_schema": config.response_schema.digest if config.response_schema else None,
     }
 
 
@@ -208,7 +209,15 @@ def check_fingerprint(stored: dict[str, Any], current: dict[str, Any]) -> None:
     )
 
 
-_FINGERPRINT_KEYS = ("input_size", "input_hash", "shard", "provider", "model", "params")
+_FINGERPRINT_KEYS = (
+    "input_size",
+    "input_hash",
+    "shard",
+    "provider",
+    "model",
+    "params",
+    "response_schema",
+)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
