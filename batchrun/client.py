@@ -153,7 +153,9 @@ class Client:
     async def _post(self, url: str, data: bytes) -> Response:
         body = _TimedBody(data, self._write_timeout)
         try:
-            async with self._session.post(url, data=body, headers=self._headers) as answer:
+            async with self._session.post(
+                url, data=body, headers=self._headers, allow_redirects=False
+            ) as answer:
                 raw = await answer.read()
                 return self._response(answer.status, answer.headers, raw)
         except RequestError:
@@ -176,7 +178,19 @@ class Client:
                     status=status,
                     request_id=request_id,
                 )
+            if not isinstance(body, dict):  # null, [], "text": not an answer
+                raise self._redacted(
+                    TransientError(
+                        "invalid_body",
+                        f"HTTP {status} with a JSON {_json_type(body)} body, not an object",
+                        status=status,
+                        body=body,
+                        request_id=request_id,
+                    )
+                )
             return Response(status_code=status, request_id=request_id, body=body)
+        if 300 <= status < 400:
+            raise self._redacted(_redirect_error(status, headers, request_id))
         shown = None if body is _UNPARSABLE else body
         verdict = self._provider.classify(status, shown)
         error_type = {"transient": TransientError, "row": RowError, "fatal": FatalError}[
@@ -204,6 +218,20 @@ class Client:
                     error.body = orjson.loads(text.replace(key, redact(key)))
             error.args = (error.message,)
         return error
+
+
+def _redirect_error(status: int, headers: Any, request_id: str | None) -> RowError:
+    """Redirects are not followed for a POST: HTTP clients turn a 301/302 into
+    a GET, and a 307/308 would resend a paid request to an address the user
+    never chose."""
+    where = headers.get("Location") or "no Location given"
+    return RowError(
+        "redirect",
+        f"HTTP {status} redirect to {where}: batchrun does not follow redirects of a POST;"
+        " set --base-url to the address the API answers at",
+        status=status,
+        request_id=request_id,
+    )
 
 
 class _StaleConnection(Exception):
@@ -236,6 +264,16 @@ def _parse_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _UNPARSABLE
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for the type of a parsed value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {list: "array", str: "string", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _request_id(headers: Any, body: Any) -> str | None:

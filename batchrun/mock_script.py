@@ -36,6 +36,9 @@ class Directives:
     notjson: int = 0  # asked for JSON: attempts n <= N answer prose instead
     wrongshape: int = 0  # asked for JSON: attempts n <= N answer JSON of another shape
     length: bool = False  # the answer stops at the token limit (finish_reason length)
+    oddbody: int = 0
+    redirect: int | None = None  # a 3xx status
+    size: int = 0  # characters of answer content, at least
 
 
 NO_DIRECTIVES: Final = Directives()
@@ -67,6 +70,10 @@ def _fail(value: str | None) -> tuple[int | None, int | None]:
     return int(code), int(times) if sep else None
 
 
+def _redirect(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() and 300 <= int(value) <= 399 else None
+
+
 def parse_directives(text: str) -> Directives:
     """Collect the ``mock:NAME[=VALUE]`` tokens of a prompt text."""
     if "mock:" not in text:
@@ -89,6 +96,9 @@ def parse_directives(text: str) -> Directives:
         notjson=_times(found, "notjson"),
         wrongshape=_times(found, "wrongshape"),
         length="length" in found,
+        oddbody=_count(found.get("oddbody")),
+        redirect=_redirect(found.get("redirect")),
+        size=_count(found.get("size")),
     )
 
 
@@ -177,7 +187,8 @@ def _answer_text(call: Call, rules: Directives, n_in: int) -> str:
 
 
 def success_body(call: Call, rules: Directives = NO_DIRECTIVES) -> dict[str, Any]:
-    """The normal answer; token counts are whitespace-separated words."""
+    """The normal answer; token counts are whitespace-separated words. A
+    chat or completion answer's content is padded to ``rules.size`` characters."""
     model = call.body.get("model")
     model = model if isinstance(model, str) else "mock"
     n_in = sum(len(part.split()) for part in call.parts)
@@ -189,6 +200,9 @@ def success_body(call: Call, rules: Directives = NO_DIRECTIVES) -> dict[str, Any
         usage = {"prompt_tokens": n_in, "total_tokens": n_in}
         return {"object": "list", "data": data, "model": model, "usage": usage}
     content = _answer_text(call, rules, n_in)
+    size = rules.size
+    if size > len(content):
+        content += (" pad" * (size // 4 + 1))[: size - len(content)]
     message = {"role": "assistant", "content": content}
     n_out = len(content.split())
     finish = "length" if rules.length else "stop"

@@ -2,7 +2,8 @@
 
 ``MockServer`` is a real ``aiohttp.web`` server. OpenAI dialect: ``POST``
 ``/v1/{chat/completions,completions,embeddings}``, also under
-``/compatible-mode/v1``, with the files and batches API there too (see
+``/compatible-mode/v1`` and ``/v1beta/openai`` (a base path without ``/v1``
+at its end, as Gemini's), with the files and batches API there too (see
 ``batchrun.mock_batches``: a fast clock and batch faults, ``batch_faults``).
 DashScope native dialect: ``POST
 /api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
@@ -21,7 +22,14 @@ digest, this one included. The first of these that fires decides the answer:
 * the server-wide ``fail_rate``: 503 "overloaded";
 * ``mock:truncate=N``: attempts ``n <= N`` get a 200 whose body stops short of
   its ``Content-Length``, then the connection closes;
-* ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse.
+* ``mock:redirect=CODE``: every attempt gets HTTP ``CODE`` (300-399) with a
+  ``Location`` elsewhere on this server, which serves nothing there;
+* ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse;
+* ``mock:oddbody=N``: attempts ``n <= N`` get a 200 whose JSON body is not an
+  object: ``null``, ``[]`` and a string in turn.
+
+``mock:size=N`` pads a chat or completion answer's content to ``N``
+characters (large answers).
 
 A request that asks for JSON (``response_format`` of type ``json_object`` or
 ``json_schema``; DashScope: in ``parameters``) is answered with the text
@@ -74,6 +82,9 @@ _OPENAI_ROUTES: Final[dict[str, Kind]] = {
 }
 _BAD_KEY: Final = "bad-key"
 _BAD_JSON: Final = b'{"choices": ['
+_ODD_BODIES: Final[tuple[Any, ...]] = (None, [], "fine, thanks")
+# Gemini's OpenAI-compatible base path: a base URL that does not end in /v1.
+GATEWAY_PREFIX: Final = "/v1beta/openai"
 _JSON: Final = "application/json"
 # Seconds stop() waits for a running handler, twice (aiohttp waits, cancels, waits).
 _SHUTDOWN_GRACE: Final = 0.25
@@ -206,8 +217,13 @@ async def _scripted(
     if call.attempt <= rules.truncate:
         return await _truncated(request, call)
     headers = {"x-request-id": call.request_id}
+    if rules.redirect is not None:
+        headers["Location"] = "/moved" + request.path
+        return web.Response(status=rules.redirect, headers=headers)
     if call.attempt <= rules.badjson:
         return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
+    if call.attempt <= rules.oddbody:
+        return _json(200, _ODD_BODIES[(call.attempt - 1) % len(_ODD_BODIES)], headers)
     return _json(200, success_body(call, rules), headers)
 
 
@@ -281,6 +297,8 @@ class MockServer:
             self.batches.add_routes(app, prefix)
             for path, kind in _OPENAI_ROUTES.items():
                 app.router.add_post(prefix + path, self._handler(kind))
+        for path, kind in _OPENAI_ROUTES.items():
+            app.router.add_post(f"{GATEWAY_PREFIX}/{path}", self._handler(kind))
         app.router.add_post(DASHSCOPE_PATH, self._handler("dashscope"))
         app.router.add_get("/_mock/stats", self._get_stats)
         # handler_cancellation: a client that gives up must not leave a sleeper behind.

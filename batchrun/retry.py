@@ -63,3 +63,18 @@ def retrying(
         sleep=sleep,
         reraise=True,
     )
+
+
+def budget_note(error: Exception, policy: RetryPolicy, attempts: int, elapsed: float) -> str | None:
+    """Why a row stopped with attempts left: the server asked for a longer
+    pause (``Retry-After``) than ``--retry-budget`` leaves after ``elapsed``
+    seconds. None when that is not why it stopped."""
+    if not isinstance(error, TransientError) or error.retry_after is None:
+        return None
+    left = policy.budget - elapsed
+    if attempts >= policy.max_attempts or error.retry_after < left:
+        return None
+    return (
+        f"the provider asked to wait {error.retry_after:,.0f} s (Retry-After) and"
+        f" --retry-budget allows {policy.budget:,.0f} s per row ({max(0.0, left):,.0f} s left)"
+    )

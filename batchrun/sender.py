@@ -11,7 +11,7 @@ from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.progress import RunStats
 from batchrun.providers import Provider
 from batchrun.records import NOT_PARSED, Outcome, Request, Response
-from batchrun.retry import retrying
+from batchrun.retry import budget_note, retrying
 from batchrun.schema import AnswerCheck
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
@@ -75,7 +75,11 @@ class RowSender:
         except FatalError:
             raise
         except RequestError as exc:
-            return failed_outcome(request, exc, attempts, self.clock.monotonic() - started)
+            elapsed = self.clock.monotonic() - started
+            note = budget_note(exc, self.retry, attempts, elapsed)
+            if note is not None:
+                exc.message = f"{exc.message}; {note}"
+            return failed_outcome(request, exc, attempts, elapsed)
         tokens_in, tokens_out = self.provider.usage(response.body)
         throttle.succeeded(estimate, tokens_in + tokens_out)
         return Outcome(
