@@ -12,10 +12,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.errors import UsageError
+from batchrun.errors import LockedError, UsageError
 from batchrun.jobfile import build_config, load_job_file
 from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
-from batchrun.state import LockedError
 
 app = typer.Typer(
     add_completion=False,
@@ -81,12 +80,17 @@ def run_command(
     write_timeout: Annotated[
         float | None, _opt("Sending the request body (60).", _TIMEOUTS)
     ] = None,
+    request_timeout: Annotated[
+        float | None,
+        _opt("One whole attempt: connect, send, wait and read (600).", _TIMEOUTS),
+    ] = None,
     connection_idle_timeout: Annotated[
         float | None, _opt("Keeping an idle connection (300).", _TIMEOUTS)
     ] = None,
     max_attempts: Annotated[int | None, _opt("Attempts per row (6).", _RETRY)] = None,
     retry_budget: Annotated[
-        float | None, _opt("Seconds per row for all attempts (900).", _RETRY)
+        float | None,
+        _opt("Seconds per row from its first attempt, in-flight attempt included (900).", _RETRY),
     ] = None,
     reorder_window: Annotated[
         int | None, _opt("Rows held at most while an earlier one is unfinished (10000).")

@@ -138,17 +138,20 @@ def resolve_limits(
 class Timeouts:
     """Timeouts in seconds (DashScope SDK defaults).
 
-    ``read`` bounds each wait for response bytes, ``write`` the sending of the
-    request body, ``idle`` how long an unused pooled connection is kept.
+    ``read`` bounds each wait for response bytes (not the whole answer: a
+    server trickling one byte at a time never trips it), ``write`` the sending
+    of the request body, ``request`` one whole attempt (connect, send, wait,
+    read), ``idle`` how long an unused pooled connection is kept.
     """
 
     connect: float = 120.0
     read: float = 300.0
     write: float = 60.0
+    request: float = 600.0
     idle: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("connect", "read", "write", "idle"):
+        for name in ("connect", "read", "write", "request", "idle"):
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=True),
@@ -160,8 +163,9 @@ class Timeouts:
 class RetryPolicy:
     """Bounds on retrying one row.
 
-    At most ``max_attempts`` attempts, and no new attempt starts once
-    ``budget`` seconds have passed since the first. Backoff is exponential
+    At most ``max_attempts`` attempts, and at most ``budget`` seconds from the
+    first attempt's start to the row's outcome: an attempt still in flight
+    then is cancelled, and a wait that would end past it is not begun. Backoff is exponential
     with full jitter from ``backoff_initial`` up to ``backoff_max`` seconds; a
     server's Retry-After wins when longer, up to ``budget``.
     """
@@ -385,6 +389,7 @@ _FLAGS = {
     "connect": "--connect-timeout",
     "read": "--read-timeout",
     "write": "--write-timeout",
+    "request": "--request-timeout",
     "idle": "--connection-idle-timeout",
     "budget": "--retry-budget",
     "backoff_initial": "--backoff-initial",

@@ -60,6 +60,7 @@ _JOB_KEYS: dict[str, str] = {
     "connect_timeout": "timeouts",
     "read_timeout": "timeouts",
     "write_timeout": "timeouts",
+    "request_timeout": "timeouts",
     "connection_idle_timeout": "timeouts",
     "max_attempts": "retry",
     "retry_budget": "retry",
@@ -139,6 +140,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         connect="connect_timeout",
         read="read_timeout",
         write="write_timeout",
+        request="request_timeout",
         idle="connection_idle_timeout",
     )
     retry = _build(

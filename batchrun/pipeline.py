@@ -33,9 +33,9 @@ from batchrun import crashpoint
 from batchrun.client import Client
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import FatalError, sole_usage_error
+from batchrun.errors import CorruptStateError, FatalError, sole_usage_error
 from batchrun.inputs import READ_ERRORS, count_lines, open_input, read_lines
-from batchrun.journal import CorruptStateError, Journal
+from batchrun.journal import Journal
 from batchrun.metrics import MetricsWriter
 from batchrun.progress import ProgressReporter, RunStats
 from batchrun.providers import Provider

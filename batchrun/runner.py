@@ -23,6 +23,7 @@ from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
+from batchrun.layout import state_dir
 from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary
@@ -31,7 +32,7 @@ from batchrun.resume import ResumePoint, recover
 from batchrun.state import StateDir, check_fingerprint, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
-from batchrun.writer import OutputFile, state_dir
+from batchrun.writer import OutputFile
 
 log = logging.getLogger("batchrun")
 
@@ -208,6 +209,7 @@ async def _execute(
             hosts=HostPool(base_urls, clock=clock.monotonic),
             api_key=api_key,
             write_timeout=config.timeouts.write,
+            request_timeout=config.timeouts.request,
         )
         started = clock.monotonic()
         if config.mode == "batch":
