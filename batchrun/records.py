@@ -93,6 +93,7 @@ class Outcome:
     latency_s: float | None = None
     tokens_in: int = 0
     tokens_out: int = 0
+    cost: float | None = None  # from the answer's usage, when the job has prices
     parsed: Any = NOT_PARSED  # the answer's JSON, when a response schema checked it
 
     @property
@@ -240,6 +241,8 @@ def output_record(outcome: Outcome) -> dict[str, Any]:
         },
         "attempts": outcome.attempts,
     }
+    if outcome.cost is not None:
+        record["cost"] = outcome.cost
     if outcome.parsed is not NOT_PARSED:
         record["parsed"] = outcome.parsed
     return record
