@@ -20,6 +20,7 @@ from batchrun.errors import (
 )
 from batchrun.jobfile import build_config, load_job_file
 from batchrun.progress import Summary
+from batchrun.results import read_results, to_pandas
 from batchrun.runner import run, run_async
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "UsageError",
     "build_config",
     "load_job_file",
+    "read_results",
     "run",
     "run_async",
+    "to_pandas",
 ]

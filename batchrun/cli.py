@@ -12,10 +12,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.errors import UsageError
+from batchrun.errors import LockedError, UsageError
 from batchrun.jobfile import build_config, load_job_file
 from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
-from batchrun.state import LockedError
 
 app = typer.Typer(
     add_completion=False,
@@ -81,12 +80,17 @@ def run_command(
     write_timeout: Annotated[
         float | None, _opt("Sending the request body (60).", _TIMEOUTS)
     ] = None,
+    request_timeout: Annotated[
+        float | None,
+        _opt("One whole attempt: connect, send, wait and read (600).", _TIMEOUTS),
+    ] = None,
     connection_idle_timeout: Annotated[
         float | None, _opt("Keeping an idle connection (300).", _TIMEOUTS)
     ] = None,
     max_attempts: Annotated[int | None, _opt("Attempts per row (6).", _RETRY)] = None,
     retry_budget: Annotated[
-        float | None, _opt("Seconds per row for all attempts (900).", _RETRY)
+        float | None,
+        _opt("Seconds per row from its first attempt, in-flight attempt included (900).", _RETRY),
     ] = None,
     reorder_window: Annotated[
         int | None, _opt("Rows held at most while an earlier one is unfinished (10000).")
@@ -163,10 +167,20 @@ def run_command(
         raise typer.Exit(EXIT_LOCKED) from None
     typer.echo(result.render(), err=True)
     if config.summary_path is not None:
-        config.summary_path.write_bytes(
-            orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-        )
+        _write_summary(config.summary_path, result.to_dict())
     raise typer.Exit(result.exit_code)
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """The summary JSON; a failure to write it (checked writable at the start,
+    but a directory can vanish) is said in one line and changes no exit code:
+    the rows are done and kept."""
+    try:
+        path.write_bytes(
+            orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        )
+    except OSError as exc:
+        typer.echo(f"batchrun: warning: could not write the summary {path}: {exc}", err=True)
 
 
 def _settings(flags: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +303,36 @@ def merge_command(
         err=True,
     )
     raise typer.Exit(EXIT_FAILED_ROWS if report.failed else 0)
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output a run wrote.")],
+    to: Annotated[Path, typer.Option("--to", help="The table: .parquet, .csv or .jsonl.")],
+    format: Annotated[
+        str | None, _opt("parquet | csv | jsonl (default: from --to's extension).")
+    ] = None,
+    input_path: Annotated[
+        Path | None, _opt("The run's input, to copy --columns from.", None, "--input")
+    ] = None,
+    columns: Annotated[
+        str | None, _opt("Top-level input fields to add, comma-separated (a,b).")
+    ] = None,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="Export an unfinished run's rows done so far.")
+    ] = False,
+) -> None:
+    """Write OUT's rows as a table: text, tokens, cost, errors, parsed answers."""
+    from batchrun.export import export
+
+    names = [name.strip() for name in (columns or "").split(",") if name.strip()]
+    with _usage_errors():
+        report = export(out, to, format=format, input=input_path, columns=names, partial=partial)
+    typer.echo(
+        f"batchrun: exported {report.rows:,} rows ({report.failed:,} failed) to"
+        f" {report.path} ({report.format})",
+        err=True,
+    )
 
 
 @app.command("mock-server")

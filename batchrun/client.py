@@ -27,7 +27,7 @@ from batchrun.config import Limits, Timeouts
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.hosts import HostPool
 from batchrun.providers import Provider
-from batchrun.ratelimit import pause_hint
+from batchrun.rateheaders import pause_hint
 from batchrun.records import Request, Response
 
 
@@ -108,9 +108,11 @@ class Client:
         hosts: HostPool | None = None,
         api_key: str | None,
         write_timeout: float,
+        request_timeout: float = 600.0,
     ) -> None:
         """``hosts`` spreads requests over several base URLs; ``base_url``
-        alone is a pool of one."""
+        alone is a pool of one. ``request_timeout`` (seconds) bounds one whole
+        attempt, the stale-connection resend included."""
         if hosts is None:
             if base_url is None:
                 raise ValueError("a base_url or hosts")
@@ -121,6 +123,7 @@ class Client:
         self._headers = provider.headers(api_key)
         self._api_key = api_key
         self._write_timeout = write_timeout
+        self._request_timeout = request_timeout
         self.stale_retries = 0
 
     async def send(self, request: Request) -> Response:
@@ -128,12 +131,24 @@ class Client:
         host = self.hosts.pick()
         host_failed = False
         try:
-            return await self._send_to(host.base_url, request)
+            return await self._within_request_timeout(host.base_url, request)
         except RequestError as exc:
             host_failed = exc.status is None or exc.status >= 500
             raise
         finally:
             self.hosts.finished(host, host_failed=host_failed)
+
+    async def _within_request_timeout(self, base_url: str, request: Request) -> Response:
+        """Connect, send, wait and read under one deadline: the per-read timeout
+        alone lets a server that trickles bytes (or sends a 1xx, then nothing)
+        hold the attempt forever."""
+        with anyio.move_on_after(self._request_timeout):
+            return await self._send_to(base_url, request)
+        # Only the deadline's cancellation leaves the block without a return.
+        raise TransientError(
+            "request_timeout",
+            f"the attempt took longer than --request-timeout ({self._request_timeout:g} s)",
+        )
 
     async def _send_to(self, base_url: str, request: Request) -> Response:
         """A pooled connection the server had already closed (its keep-alive
@@ -153,7 +168,9 @@ class Client:
     async def _post(self, url: str, data: bytes) -> Response:
         body = _TimedBody(data, self._write_timeout)
         try:
-            async with self._session.post(url, data=body, headers=self._headers) as answer:
+            async with self._session.post(
+                url, data=body, headers=self._headers, allow_redirects=False
+            ) as answer:
                 raw = await answer.read()
                 return self._response(answer.status, answer.headers, raw)
         except RequestError:
@@ -176,7 +193,19 @@ class Client:
                     status=status,
                     request_id=request_id,
                 )
+            if not isinstance(body, dict):  # null, [], "text": not an answer
+                raise self._redacted(
+                    TransientError(
+                        "invalid_body",
+                        f"HTTP {status} with a JSON {_json_type(body)} body, not an object",
+                        status=status,
+                        body=body,
+                        request_id=request_id,
+                    )
+                )
             return Response(status_code=status, request_id=request_id, body=body)
+        if 300 <= status < 400:
+            raise self._redacted(_redirect_error(status, headers, request_id))
         shown = None if body is _UNPARSABLE else body
         verdict = self._provider.classify(status, shown)
         error_type = {"transient": TransientError, "row": RowError, "fatal": FatalError}[
@@ -204,6 +233,20 @@ class Client:
                     error.body = orjson.loads(text.replace(key, redact(key)))
             error.args = (error.message,)
         return error
+
+
+def _redirect_error(status: int, headers: Any, request_id: str | None) -> RowError:
+    """Redirects are not followed for a POST: HTTP clients turn a 301/302 into
+    a GET, and a 307/308 would resend a paid request to an address the user
+    never chose."""
+    where = headers.get("Location") or "no Location given"
+    return RowError(
+        "redirect",
+        f"HTTP {status} redirect to {where}: batchrun does not follow redirects of a POST;"
+        " set --base-url to the address the API answers at",
+        status=status,
+        request_id=request_id,
+    )
 
 
 class _StaleConnection(Exception):
@@ -236,6 +279,16 @@ def _parse_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _UNPARSABLE
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for the type of a parsed value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {list: "array", str: "string", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _request_id(headers: Any, body: Any) -> str | None:

@@ -8,10 +8,12 @@ raises ``UsageError`` with a message that names the setting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from batchrun.errors import UsageError
 
@@ -39,8 +41,20 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _is_http_url(url: object) -> bool:
+    """An absolute http or https URL with a host: nothing else can be sent to."""
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed port or IPv6 address
+        return False
+
+
 def _is_seconds(value: object, *, minimum_exclusive: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A finite number > 0 (or >= 0): ``inf`` and ``nan`` bound nothing."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return False
     return value > 0 if minimum_exclusive else value >= 0
 
@@ -69,7 +83,7 @@ class Limits:
             value = getattr(self, name)
             require(
                 value is None or _is_seconds(value, minimum_exclusive=True),
-                f"--{name} must be a number > 0, got {value!r}",
+                f"--{name} must be a finite number > 0, got {value!r}",
             )
         require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
         require(
@@ -122,21 +136,24 @@ def resolve_limits(
 class Timeouts:
     """Timeouts in seconds (DashScope SDK defaults).
 
-    ``read`` bounds each wait for response bytes, ``write`` the sending of the
-    request body, ``idle`` how long an unused pooled connection is kept.
+    ``read`` bounds each wait for response bytes (not the whole answer: a
+    server trickling one byte at a time never trips it), ``write`` the sending
+    of the request body, ``request`` one whole attempt (connect, send, wait,
+    read), ``idle`` how long an unused pooled connection is kept.
     """
 
     connect: float = 120.0
     read: float = 300.0
     write: float = 60.0
+    request: float = 600.0
     idle: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("connect", "read", "write", "idle"):
+        for name in ("connect", "read", "write", "request", "idle"):
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=True),
-                f"{_flag(name)} must be a number of seconds > 0, got {value!r}",
+                f"{_flag(name)} must be a finite number of seconds > 0, got {value!r}",
             )
 
 
@@ -144,8 +161,9 @@ class Timeouts:
 class RetryPolicy:
     """Bounds on retrying one row.
 
-    At most ``max_attempts`` attempts, and no new attempt starts once
-    ``budget`` seconds have passed since the first. Backoff is exponential
+    At most ``max_attempts`` attempts, and at most ``budget`` seconds from the
+    first attempt's start to the row's outcome: an attempt still in flight
+    then is cancelled, and a wait that would end past it is not begun. Backoff is exponential
     with full jitter from ``backoff_initial`` up to ``backoff_max`` seconds; a
     server's Retry-After wins when longer, up to ``budget``.
     """
@@ -164,7 +182,7 @@ class RetryPolicy:
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=False),
-                f"{_flag(name)} must be a number of seconds >= 0, got {value!r}",
+                f"{_flag(name)} must be a finite number of seconds >= 0, got {value!r}",
             )
 
 
@@ -330,12 +348,14 @@ class RunConfig:
         )
         require(
             _is_seconds(self.grace, minimum_exclusive=False),
-            f"--grace must be a number of seconds >= 0, got {self.grace!r}",
+            f"--grace must be a finite number of seconds >= 0, got {self.grace!r}",
         )
-        require(
-            all(isinstance(url, str) and "://" in url for url in self.base_urls),
-            f"--base-url must be a URL such as https://host/v1, got {list(self.base_urls)!r}",
-        )
+        for url in self.base_urls:
+            require(
+                _is_http_url(url),
+                f"--base-url must be an http:// or https:// URL such as https://host/v1,"
+                f" got {url!r}",
+            )
         require(
             not (self.mode == "batch" and self.retry_failed),
             "--retry-failed sends rows online: run it without --mode batch",
@@ -353,6 +373,7 @@ _FLAGS = {
     "connect": "--connect-timeout",
     "read": "--read-timeout",
     "write": "--write-timeout",
+    "request": "--request-timeout",
     "idle": "--connection-idle-timeout",
     "budget": "--retry-budget",
     "backoff_initial": "--backoff-initial",

@@ -23,6 +23,14 @@ class UsageError(BatchrunError):
     """Bad configuration, flags, job file or input file (exit code 2)."""
 
 
+class CorruptStateError(UsageError):
+    """A state file is damaged other than by a torn final write (exit code 2)."""
+
+
+class LockedError(BatchrunError):
+    """Another live process runs on this output (exit code 4)."""
+
+
 class RequestError(BatchrunError):
     """A request's failure, with what the output record needs.
 
@@ -63,3 +71,15 @@ class RowError(RequestError):
 
 class FatalError(RequestError):
     """A failure that dooms every row: the run aborts (exit code 3)."""
+
+
+def sole_usage_error(group: BaseExceptionGroup) -> UsageError | None:
+    """The ``UsageError`` a task group failed with, when it holds nothing else:
+    then the user sees its one-line message, not a group's traceback."""
+    found, rest = group.split(UsageError)
+    if found is None or rest is not None:
+        return None
+    leaf: BaseException = found
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, UsageError) else None

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
+
+from batchrun.errors import UsageError
+
+# What a damaged input raises as it is read: gzip's BadGzipFile is an OSError,
+# a truncated stream an EOFError.
+READ_ERRORS = (OSError, EOFError)
+
+
+class InputReadError(UsageError):
+    """The input cannot be read (not gzip, truncated, an I/O error)."""
 
 
 def open_input(path: Path) -> BinaryIO:
@@ -22,3 +33,22 @@ def count_lines(path: Path) -> int:
             count += chunk.count(b"\n")
             last = chunk[-1:]
     return count + (last != b"\n")
+
+
+def check_readable(path: Path) -> None:
+    """Read the input's first bytes: a ``.gz`` that is not gzip fails here,
+    before anything is sent. Raises ``InputReadError``."""
+    try:
+        with open_input(path) as handle:
+            handle.read(1)
+    except READ_ERRORS as exc:
+        raise InputReadError(f"input file {path} could not be read: {exc}") from None
+
+
+def read_lines(handle: Iterable[bytes], path: Path) -> Iterator[bytes]:
+    """The lines of an open input; a read failure (a truncated ``.gz``) becomes
+    ``InputReadError`` naming the file."""
+    try:
+        yield from handle
+    except READ_ERRORS as exc:
+        raise InputReadError(f"input file {path} could not be read to its end: {exc}") from None

@@ -58,6 +58,7 @@ _JOB_KEYS: dict[str, str] = {
     "connect_timeout": "timeouts",
     "read_timeout": "timeouts",
     "write_timeout": "timeouts",
+    "request_timeout": "timeouts",
     "connection_idle_timeout": "timeouts",
     "max_attempts": "retry",
     "retry_budget": "retry",
@@ -86,6 +87,12 @@ def load_job_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
+    params = data.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise UsageError(
+            f"job file {path}: params must be a table ([params]) of request parameters,"
+            f" got {params!r}"
+        )
     for key, value in data.items():
         if key in _TABLES and isinstance(value, dict):
             for sub_key, sub_value in value.items():
@@ -112,6 +119,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
     Keys are those of ``_JOB_KEYS``; a ``None`` value means "not set".
     """
     s = {key: value for key, value in settings.items() if value is not None}
+    _check_types(s)
     for required in ("input", "out"):
         require(
             required in s, f"no {required} given: pass it on the command line or in the job file"
@@ -130,6 +138,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         connect="connect_timeout",
         read="read_timeout",
         write="write_timeout",
+        request="request_timeout",
         idle="connection_idle_timeout",
     )
     retry = _build(
@@ -188,6 +197,36 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         shard=_shard(s.get("shard")),
         **run_keys,
     )
+
+
+# Settings that must be non-empty text (a path or a name), and switches.
+_TEXT_KEYS = (
+    "input",
+    "out",
+    "summary",
+    "metrics_file",
+    "provider",
+    "model",
+    "api_key_env",
+    "fsync",
+)
+_SWITCH_KEYS = ("progress", "restart", "retry_failed", "adaptive_concurrency")
+
+
+def _check_types(settings: Mapping[str, Any]) -> None:
+    """A wrong type is named here, before it can reach a ``Path`` or a request."""
+    for key in _TEXT_KEYS:
+        value = settings.get(key)
+        if value is not None and not isinstance(value, Path):
+            require(
+                isinstance(value, str) and value.strip() != "",
+                f"{key} must be non-empty text, got {value!r}",
+            )
+    for key in _SWITCH_KEYS:
+        value = settings.get(key)
+        require(
+            value is None or isinstance(value, bool), f"{key} must be true or false, got {value!r}"
+        )
 
 
 def _base_urls(settings: Mapping[str, Any]) -> tuple[str, ...]:

@@ -30,11 +30,7 @@ import orjson
 
 from batchrun import crashpoint
 from batchrun.config import FsyncPolicy
-from batchrun.errors import UsageError
-
-
-class CorruptStateError(UsageError):
-    """A state file is damaged other than by a torn final write."""
+from batchrun.errors import CorruptStateError
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ import orjson
 
 from batchrun.config import Shard
 from batchrun.errors import UsageError
+from batchrun.paths import check_written
 from batchrun.state import StateDir
 
 
@@ -41,6 +42,7 @@ class MergeReport:
 def merge(paths: list[Path], out: Path) -> MergeReport:
     """Merge the shard outputs at ``paths`` into ``out``; ``UsageError`` when
     the set is not the complete, finished shards of one job."""
+    check_written([(f"shard output {path}", path) for path in paths], [("--out", out)])
     shards = sorted((_finished_shard(path) for path in paths), key=lambda s: s.shard.index)
     _check_complete(shards)
     partial = out.with_name(out.name + ".merging")
@@ -78,6 +80,7 @@ def _check_complete(shards: list[ShardOutput]) -> None:
     inputs = {(s.meta.get("input_size"), s.meta.get("input_hash")) for s in shards}
     if len(inputs) > 1:
         raise UsageError("the shards were run on different input files")
+    _check_same_settings(shards)
     count = counts.pop()
     present = [s.shard.index for s in shards]
     if len(set(present)) != len(present):
@@ -86,6 +89,19 @@ def _check_complete(shards: list[ShardOutput]) -> None:
     if missing:
         names = ", ".join(f"{index}/{count}" for index in missing)
         raise UsageError(f"shard {names} missing: every shard of {count} is needed")
+
+
+# The settings that shape requests (as the fingerprint records them): shards
+# of one job share them, or the merged file would mix two jobs.
+_SHAPING = ("provider", "model", "params")
+
+
+def _check_same_settings(shards: list[ShardOutput]) -> None:
+    for key in _SHAPING:
+        values = [(str(s.shard), s.meta.get(key)) for s in shards]
+        if len({orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for _, v in values}) > 1:
+            shown = ", ".join(f"shard {name}: {value!r}" for name, value in values)
+            raise UsageError(f"the shards were run with different {key} ({shown}): not one job")
 
 
 def _interleave(shards: list[ShardOutput], partial: Path) -> tuple[int, int]:

@@ -10,6 +10,7 @@ never read half-written.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from batchrun.progress import RunStats
+
+log = logging.getLogger("batchrun")
 
 __all__ = ["MetricsWriter", "render_metrics", "write_metrics"]
 
@@ -82,7 +85,9 @@ class MetricsWriter:
     each finished row: it writes only when ``interval`` seconds of ``clock``
     have passed since the last write (or nothing was written yet), so it is
     cheap per row. ``extra`` is called at each write for the extra gauges.
-    Write failures (OSError) propagate.
+    Metrics are best effort: a failed write (OSError: the directory removed,
+    the disk full) is logged once as a warning and never stops the run, which
+    tries again at the next write.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class MetricsWriter:
         self._extra = extra
         self._clock = clock
         self._last: float | None = None
+        self._warned = False  # one warning per run, however many writes fail
 
     def maybe_write(self) -> None:
         """Write if ``interval`` seconds passed since the last write."""
@@ -117,7 +123,16 @@ class MetricsWriter:
         self._last = self._clock()
         extra = self._extra() if self._extra is not None else {}
         text = render_metrics(self.stats, job=self.job, shard=self.shard, extra=extra)
-        write_metrics(self.path, text)
+        try:
+            write_metrics(self.path, text)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "could not write the metrics file %s (%s); the run goes on without it",
+                    self.path,
+                    exc.strerror or exc,
+                )
 
 
 # Built-in metrics, name without the prefix -> (type, help). The rows_* values

@@ -2,7 +2,8 @@
 
 ``MockServer`` is a real ``aiohttp.web`` server. OpenAI dialect: ``POST``
 ``/v1/{chat/completions,completions,embeddings}``, also under
-``/compatible-mode/v1``, with the files and batches API there too (see
+``/compatible-mode/v1`` and ``/v1beta/openai`` (a base path without ``/v1``
+at its end, as Gemini's), with the files and batches API there too (see
 ``batchrun.mock_batches``: a fast clock and batch faults, ``batch_faults``).
 DashScope native dialect: ``POST
 /api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
@@ -21,7 +22,21 @@ digest, this one included. The first of these that fires decides the answer:
 * the server-wide ``fail_rate``: 503 "overloaded";
 * ``mock:truncate=N``: attempts ``n <= N`` get a 200 whose body stops short of
   its ``Content-Length``, then the connection closes;
-* ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse.
+* ``mock:redirect=CODE``: every attempt gets HTTP ``CODE`` (300-399) with a
+  ``Location`` elsewhere on this server, which serves nothing there;
+* ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse;
+* ``mock:oddbody=N``: attempts ``n <= N`` get a 200 whose JSON body is not an
+  object: ``null``, ``[]`` and a string in turn;
+* ``mock:hang102=N``: attempts ``n <= N`` get ``HTTP/1.1 102 Processing``,
+  then nothing until the client gives up;
+* ``mock:trickle=S`` (always) / ``mock:trickle=SxN`` (attempts ``n <= N``):
+  the 200's headers at once, then its body one byte every ``S`` seconds;
+* ``mock:huge=BYTES``: a 200 whose JSON body is padded to ``BYTES`` bytes,
+  sent in 64 KiB pieces with its ``Content-Length`` (chunked, without one, when
+  ``mock:chunked`` is given too).
+
+``mock:size=N`` pads a chat or completion answer's content to ``N``
+characters (large answers).
 
 ``mock:delay=S`` sleeps ``S`` seconds before every answer to the row, and
 ``mock:retry_after=S`` adds ``Retry-After: S`` (verbatim) to its quota, fail
@@ -66,11 +81,17 @@ _OPENAI_ROUTES: Final[dict[str, Kind]] = {
 }
 _BAD_KEY: Final = "bad-key"
 _BAD_JSON: Final = b'{"choices": ['
+_ODD_BODIES: Final[tuple[Any, ...]] = (None, [], "fine, thanks")
+# Gemini's OpenAI-compatible base path: a base URL that does not end in /v1.
+GATEWAY_PREFIX: Final = "/v1beta/openai"
 _JSON: Final = "application/json"
 # Seconds stop() waits for a running handler, twice (aiohttp waits, cancels, waits).
 _SHUTDOWN_GRACE: Final = 0.25
 # SO_LINGER on with a zero timeout makes close() send an RST instead of a FIN.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+# How long a hang102 answer stays silent: longer than any test's timeout.
+_SILENCE: Final = 3600.0
+_HUGE_PIECE: Final = 1 << 16
 _MAX_UPLOAD: Final = 512 << 20
 _DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
 
@@ -186,21 +207,79 @@ async def _truncated(request: web.Request, call: Call) -> web.StreamResponse:
     return response
 
 
+async def _hang_after_102(request: web.Request) -> web.StreamResponse:
+    """An informational answer, then silence until the client gives up."""
+    if request.transport is not None:
+        request.transport.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+    await asyncio.sleep(_SILENCE)
+    return _reset_connection(request)
+
+
+async def _streamed(
+    request: web.Request, call: Call, body: bytes, *, pace: float, piece: int, length: bool
+) -> web.StreamResponse:
+    """A 200 sent ``piece`` bytes at a time, ``pace`` seconds apart."""
+    response = web.StreamResponse(headers={"x-request-id": call.request_id})
+    response.content_type = _JSON
+    if length:
+        response.content_length = len(body)
+    else:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    for start in range(0, len(body), piece):
+        if pace:
+            await asyncio.sleep(pace)
+        await response.write(body[start : start + piece])
+    await response.write_eof()
+    return response
+
+
+def _padded(call: Call, size: int) -> bytes:
+    """The success body grown to ``size`` bytes with a padding field."""
+    answer = success_body(call)
+    bare = len(orjson.dumps({**answer, "padding": ""}))
+    return orjson.dumps({**answer, "padding": "x" * max(0, size - bare)})
+
+
+async def _slow_or_big(
+    request: web.Request, call: Call, rules: Directives
+) -> web.StreamResponse | None:
+    """A trickled or huge success answer, when the row asks for one."""
+    if rules.trickle and (rules.trickle_times is None or call.attempt <= rules.trickle_times):
+        body = orjson.dumps(success_body(call, size=rules.size))
+        return await _streamed(request, call, body, pace=rules.trickle, piece=1, length=True)
+    if rules.huge:
+        body = _padded(call, rules.huge)
+        length = not rules.chunked
+        return await _streamed(request, call, body, pace=0, piece=_HUGE_PIECE, length=length)
+    return None
+
+
 async def _scripted(
     request: web.Request, call: Call, rules: Directives, overloaded: bool
 ) -> web.StreamResponse:
     """Answer an authorised request whose body is a JSON object."""
     if call.attempt <= rules.reset:
         return _reset_connection(request)
+    if call.attempt <= rules.hang102:
+        return await _hang_after_102(request)
     fault = _fault(call, rules, overloaded)
     if fault is not None:
         return fault
     if call.attempt <= rules.truncate:
         return await _truncated(request, call)
     headers = {"x-request-id": call.request_id}
+    if rules.redirect is not None:
+        headers["Location"] = "/moved" + request.path
+        return web.Response(status=rules.redirect, headers=headers)
     if call.attempt <= rules.badjson:
         return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
-    return _json(200, success_body(call), headers)
+    if call.attempt <= rules.oddbody:
+        return _json(200, _ODD_BODIES[(call.attempt - 1) % len(_ODD_BODIES)], headers)
+    special = await _slow_or_big(request, call, rules)
+    if special is not None:
+        return special
+    return _json(200, success_body(call, size=rules.size), headers)
 
 
 class MockServer:
@@ -273,6 +352,8 @@ class MockServer:
             self.batches.add_routes(app, prefix)
             for path, kind in _OPENAI_ROUTES.items():
                 app.router.add_post(prefix + path, self._handler(kind))
+        for path, kind in _OPENAI_ROUTES.items():
+            app.router.add_post(f"{GATEWAY_PREFIX}/{path}", self._handler(kind))
         app.router.add_post(DASHSCOPE_PATH, self._handler("dashscope"))
         app.router.add_get("/_mock/stats", self._get_stats)
         # handler_cancellation: a client that gives up must not leave a sleeper behind.

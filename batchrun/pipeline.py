@@ -33,9 +33,9 @@ from batchrun import crashpoint
 from batchrun.client import Client
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import FatalError
-from batchrun.inputs import count_lines, open_input
-from batchrun.journal import CorruptStateError, Journal
+from batchrun.errors import CorruptStateError, FatalError, sole_usage_error
+from batchrun.inputs import READ_ERRORS, count_lines, open_input, read_lines
+from batchrun.journal import Journal
 from batchrun.metrics import MetricsWriter
 from batchrun.progress import ProgressReporter, RunStats
 from batchrun.providers import Provider
@@ -147,6 +147,11 @@ class Pipeline:
         try:
             self.checkpoint()  # drops torn tails and settled records before anything new
             await self._run_tasks()
+        except BaseExceptionGroup as group:
+            usage = sole_usage_error(group)
+            if usage is None:
+                raise
+            raise usage from None
         finally:
             self._close()  # synchronous: nothing here can be cancelled
 
@@ -206,9 +211,12 @@ class Pipeline:
             metrics.write()
 
     async def _count_total(self) -> None:
-        lines = await anyio.to_thread.run_sync(
-            count_lines, self.config.input, abandon_on_cancel=True
-        )
+        try:
+            lines = await anyio.to_thread.run_sync(
+                count_lines, self.config.input, abandon_on_cancel=True
+            )
+        except READ_ERRORS:
+            return  # the total stays unknown; the reader reports the damage
         self.stats.total = self.shard.rows_before(lines)
 
     async def _watch_signals(self) -> None:
@@ -227,7 +235,7 @@ class Pipeline:
         written, shard = self.progress.rows, self.shard
         with open_input(self.config.input) as handle, self._previous(first) as previous:
             handle.seek(offset)
-            for index, raw in enumerate(handle, start=first):
+            for index, raw in enumerate(read_lines(handle, self.config.input), start=first):
                 offset += len(raw)
                 if not shard.owns(index):
                     continue

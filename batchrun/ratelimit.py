@@ -2,9 +2,9 @@
 
 ``RateBudget`` keeps a run under its requests-per-minute and tokens-per-minute
 limits, spread smoothly instead of in per-minute bursts, with a burst
-tolerance of a tenth of a second and nothing banked while paused. ``pause_hint`` reads
-how long a server asks us to back off, and ``PauseGate`` makes every worker
-honour that pause, not only the one that was told.
+tolerance of a tenth of a second and nothing banked while paused.
+``PauseGate`` makes every worker honour a server's pause (read by
+``rateheaders.pause_hint``), not only the one that was told.
 
 Time is injected: ``clock`` returns monotonic seconds and ``sleep`` waits a
 number of seconds, so tests run on fake time and never really wait. Everything
@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import collections
 import math
-import re
-from collections.abc import Mapping
-from datetime import datetime
 
 import anyio
 
-from batchrun.retry import parse_retry_after
 from batchrun.timing import Monotonic, Sleep
 
-__all__ = ["PauseGate", "RateBudget", "parse_duration", "pause_hint"]
+__all__ = ["PauseGate", "RateBudget"]
 
 
 # Shortfalls under a microsecond count as none: after sleeping exactly the
@@ -193,51 +189,6 @@ class RateBudget:
                 self._queue[0].set()  # the next in line becomes head
         else:
             self._queue.remove(turn)
-
-
-# One Go-style duration component, e.g. "6m", "0.5s", "20ms"; "ms" before "m".
-_COMPONENT = r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)"
-_DURATION = re.compile(f"(?:{_COMPONENT})+")
-_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in an OpenAI ``x-ratelimit-reset-*`` value: a Go duration such
-    as ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"2h3m4.5s"``, or a bare number of
-    seconds (``"0.5"``). None for anything else, negatives included."""
-    value = text.strip().lower()
-    if _DURATION.fullmatch(value):
-        return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in re.findall(_COMPONENT, value))
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def pause_hint(
-    headers: Mapping[str, str], *, status: int, now: datetime | None = None
-) -> float | None:
-    """The longest pause, in seconds, the server asks for; None when it asks none.
-
-    Reads ``Retry-After`` (delta seconds or an HTTP date, relative to ``now``,
-    default the current time) and ``retry-after-ms``; and, only when ``status``
-    is 429, ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens``. On
-    other answers those say when a bucket refills, not that we must stop.
-    Header names match case-insensitively. Unreadable values are ignored.
-    """
-    lower = {name.lower(): value for name, value in headers.items()}
-    hints: list[float | None] = [
-        # One header at a time: parse_retry_after prefers retry-after-ms, we want the longer.
-        parse_retry_after({name: lower[name]}, now=now)
-        for name in ("retry-after", "retry-after-ms")
-        if name in lower
-    ]
-    if status == 429:
-        reset = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-        hints.extend(parse_duration(lower[name]) for name in reset if name in lower)
-    found = [hint for hint in hints if hint is not None]
-    return max(found) if found else None
 
 
 class PauseGate:

@@ -93,9 +93,14 @@ class Outcome:
         return self.error_code is None
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def parse_line(raw: bytes, line: int, defaults: Defaults) -> Request | LineError:
     """Parse one input line (without its newline) numbered ``line`` (1-based)."""
     fallback_id = f"line-{line}"
+    if line == 1 and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM) :]  # files saved by Windows tools start with one
     if not raw.strip():
         return LineError(line=line, custom_id=fallback_id, message=f"line {line}: blank line")
     try:

@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 
 from batchrun.config import WHOLE, Shard
-from batchrun.journal import CorruptStateError, JournalContents, read_journal
+from batchrun.errors import CorruptStateError
+from batchrun.journal import JournalContents, read_journal
 from batchrun.state import Checkpoint, StateDir
 
 Usage = Callable[[Any], tuple[int, int]]

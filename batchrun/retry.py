@@ -1,4 +1,4 @@
-"""Retry policy pieces: Retry-After parsing, backoff, and the tenacity loop.
+"""Retry policy pieces: backoff honouring Retry-After, and the tenacity loop.
 
 Only ``TransientError`` is retried; ``RowError``, ``FatalError`` and
 cancellation pass straight through. Time is injected (``sleep``) so tests
@@ -7,10 +7,8 @@ never wait for real.
 
 from __future__ import annotations
 
-import email.utils
 import random
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable
 
 from tenacity import (
     AsyncRetrying,
@@ -20,36 +18,13 @@ from tenacity import (
     stop_before_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from batchrun.config import RetryPolicy
 from batchrun.errors import TransientError
 from batchrun.timing import Sleep
 
-
-def parse_retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
-    """Seconds a server asks us to wait, from ``Retry-After`` (delta seconds or an
-    HTTP date) or ``retry-after-ms``; None when absent or unreadable."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        try:
-            return max(0.0, float(millis) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("Retry-After") or headers.get("retry-after")
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+Remaining = Callable[[], float]  # seconds left of a row's budget
 
 
 class BackoffWithRetryAfter:
@@ -78,17 +53,46 @@ class BackoffWithRetryAfter:
         return min(wait, self._cap)
 
 
+class stop_past_budget(stop_base):
+    """Stop when the next wait would end past the row's budget: the row then
+    keeps its last error instead of sleeping into a cut-off."""
+
+    def __init__(self, remaining: Remaining) -> None:
+        self._remaining = remaining
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._remaining() <= retry_state.upcoming_sleep
+
+
 def retrying(
     policy: RetryPolicy,
     *,
     sleep: Sleep,
+    remaining: Remaining | None = None,
 ) -> AsyncRetrying:
     """A tenacity loop for one row: transient errors only, bounded in attempts
-    and in time (no attempt starts after ``policy.budget`` seconds)."""
+    and in time. ``remaining`` gives the seconds left of the row's budget; by
+    default the budget runs from the loop's start."""
+    in_time = stop_before_delay(policy.budget) if remaining is None else stop_past_budget(remaining)
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.budget),
+        stop=stop_after_attempt(policy.max_attempts) | in_time,
         wait=BackoffWithRetryAfter(policy),
         retry=retry_if_exception_type(TransientError),
         sleep=sleep,
         reraise=True,
+    )
+
+
+def budget_note(error: Exception, policy: RetryPolicy, attempts: int, elapsed: float) -> str | None:
+    """Why a row stopped with attempts left: the server asked for a longer
+    pause (``Retry-After``) than ``--retry-budget`` leaves after ``elapsed``
+    seconds. None when that is not why it stopped."""
+    if not isinstance(error, TransientError) or error.retry_after is None:
+        return None
+    left = policy.budget - elapsed
+    if attempts >= policy.max_attempts or error.retry_after < left:
+        return None
+    return (
+        f"the provider asked to wait {error.retry_after:,.0f} s (Retry-After) and"
+        f" --retry-budget allows {policy.budget:,.0f} s per row ({max(0.0, left):,.0f} s left)"
     )

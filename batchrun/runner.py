@@ -22,6 +22,9 @@ from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
+from batchrun.inputs import check_readable
+from batchrun.layout import state_dir
+from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary
 from batchrun.providers import Provider, get_provider
@@ -64,8 +67,8 @@ async def run_async(
     api_key = resolve_api_key(provider, config)
     if not config.input.is_file():
         raise UsageError(f"input file {config.input} does not exist or is not a file")
-    if config.out.resolve() == config.input.resolve():
-        raise UsageError(f"--out {config.out} is the input file: choose another output")
+    check_readable(config.input)
+    check_run_paths(config)
     state = StateDir(config.out)
     state.lock()
     try:
@@ -79,6 +82,22 @@ async def run_async(
         )
     finally:
         state.unlock()
+
+
+def check_run_paths(config: RunConfig) -> None:
+    """Every path the run writes differs from the input and from each other,
+    and can be written: checked before the lock, the metrics or any request."""
+    files = [
+        (name, path)
+        for name, path in (
+            ("--out", config.out),
+            ("--summary", config.summary_path),
+            ("--metrics-file", config.metrics_file),
+        )
+        if path is not None
+    ]
+    directories = [("the state directory", state_dir(config.out))]
+    check_written([("the input", config.input)], files, directories)
 
 
 def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
@@ -190,6 +209,7 @@ async def _execute(
             hosts=HostPool(base_urls, clock=clock.monotonic),
             api_key=api_key,
             write_timeout=config.timeouts.write,
+            request_timeout=config.timeouts.request,
         )
         started = clock.monotonic()
         if config.mode == "batch":

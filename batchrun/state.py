@@ -30,15 +30,10 @@ from typing import Any
 import orjson
 
 from batchrun.config import RunConfig
-from batchrun.errors import BatchrunError, UsageError
-from batchrun.journal import CorruptStateError
-from batchrun.writer import state_dir
+from batchrun.errors import CorruptStateError, LockedError, UsageError
+from batchrun.layout import partial_output, state_dir
 
 _SAMPLE = 1 << 20  # bytes hashed at each end of the input
-
-
-class LockedError(BatchrunError):
-    """Another live process runs on this output (exit code 4)."""
 
 
 @dataclass(slots=True)
@@ -71,7 +66,7 @@ class StateDir:
         self.checkpoint_path = self.root / "checkpoint.json"
         self.finished_path = self.root / "finished.json"
         self.journal_path = self.root / "journal"
-        self.partial_path = self.root / "output.partial"
+        self.partial_path = partial_output(out)
         self.batch_path = self.root / "batch"
         self._lock_fd: int | None = None
 

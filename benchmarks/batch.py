@@ -1,4 +1,4 @@
-"""Scenario g of ``make bench``: ``--mode batch`` overhead and memory.
+"""Scenario h of ``make bench``: ``--mode batch`` overhead and memory.
 
 batchrun sends 1,000,000 rows (``--rows-big``) through the mock provider's
 batches API (``mock-server --batch-seconds 0.5``), polling every 0.5 s. The
@@ -22,15 +22,15 @@ BATCH_SECONDS = "0.5"
 
 
 def run_batch(keys: str, work: Path, rows: int) -> dict[str, Any]:
-    """Scenario ``g`` when chosen: the measured batch-mode run and its verdict."""
-    if "g" not in keys:
+    """Scenario ``h`` when chosen: the measured batch-mode run and its verdict."""
+    if "h" not in keys:
         return {}
-    print(f"scenario g: --mode batch, {rows:,} rows", flush=True)
+    print(f"scenario h: --mode batch, {rows:,} rows", flush=True)
     source = make_input(work / f"batch-{rows}.jsonl", rows)
-    with MockProcess(0.0, work / "mock-g.log", ("--batch-seconds", BATCH_SECONDS)) as server:
-        cmd = batchrun_cmd(server, source, work / "out-g.jsonl", 64)
+    with MockProcess(0.0, work / "mock-h.log", ("--batch-seconds", BATCH_SECONDS)) as server:
+        cmd = batchrun_cmd(server, source, work / "out-h.jsonl", 64)
         cmd += ["--mode", "batch", "--poll-interval", "0.5"]
-        run = measure("batchrun", cmd, rows, server, work / "out-g.jsonl", work / "g.log")
+        run = measure("batchrun", cmd, rows, server, work / "out-h.jsonl", work / "h.log")
     rate = rows / run.cpu_s if run.cpu_s else 0.0
     return {
         "rows": rows,
@@ -50,7 +50,7 @@ def render_batch(result: dict[str, Any]) -> list[str]:
     verdict = "ok" if result["ok"] else f"MISSED{': ' + result['error'] if result['error'] else ''}"
     return [
         "",
-        "## Batch mode (scenario g): overhead per row and memory",
+        "## Batch mode (scenario h): overhead per row and memory",
         "",
         "| rows | wall s | batchrun CPU s | rows per CPU s (>= 50,000) | peak RSS MB (<= 150) "
         "| verdict |",

@@ -19,7 +19,9 @@ d. resume start-up: a 1,000,000-row batchrun run is stopped (SIGTERM) once 60 %
 e, f. rate limits against a provider refusing past 40 requests per sliding
    second: one process, then three shards sharing the rate through Redis
    (see ``benchmarks/limits.py``);
-g. ``--mode batch`` on 1,000,000 rows: overhead per row and peak RSS (see
+g. export: ``batchrun export`` of 30,000, 100,000 and 300,000 output rows to Parquet,
+   rows/s and peak RSS (see ``benchmarks/export_bench.py``);
+h. ``--mode batch`` on 1,000,000 rows: overhead per row and peak RSS (see
    ``benchmarks/batch.py``).
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
@@ -48,6 +50,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.export_bench import render as render_export
+from benchmarks.export_bench import run_export
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
@@ -509,6 +514,8 @@ def render(report: dict[str, Any]) -> str:
     from benchmarks.limits import render_limits
 
     lines += render_limits(report.get("limits") or {})
+    if report.get("export") is not None:
+        lines += render_export(report["export"])
     from benchmarks.batch import render_batch
 
     lines += render_batch(report.get("batch") or {})
@@ -521,13 +528,13 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcdefg", help="which of a-g to run (abcdefg)")
+    p.add_argument("--scenarios", default="abcdefgh", help="which of a-h to run (abcdefgh)")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
     p.add_argument("--rows-small", type=int, default=10_000, help="scenario c, small input")
     p.add_argument("--rows-big", type=int, default=1_000_000, help="scenarios c and d")
-    p.add_argument("--skip-big", action="store_true", help="skip the 1M-row runs (c big, d, g)")
+    p.add_argument("--skip-big", action="store_true", help="skip the 1M-row runs (c big, d, h)")
     p.add_argument("--smoke", action="store_true", help="tiny: 300 rows, 1 rep, a and b")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -573,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.limits import run_limits
 
         limits = run_limits(args.scenarios, work)
+        exported = None
+        if "g" in args.scenarios:
+            print("scenario g: export to Parquet", flush=True)
+            exported = run_export([30_000, 100_000, 300_000], work)
         from benchmarks.batch import run_batch
 
         batch = {} if args.skip_big else run_batch(args.scenarios, work, args.rows_big)
@@ -597,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "scenarios": tables,
         "resume": resume,
+        "export": exported,
         "limits": limits,
         "batch": batch,
     }
@@ -611,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for sc in scenarios for r in sc.runs if not r.ok and r.client in CLIENTS[:2]]
     missed = [key for key, r in limits.items() if not r.get("ok", True)]
     if batch and not batch["ok"]:
-        missed.append("g")
+        missed.append("h")
     if missed:
         print(f"scenarios missed their targets: {', '.join(missed)}")
     return 1 if failed or missed else 0

@@ -148,7 +148,7 @@ def test_limits_invariant_checked_by_dataclass() -> None:
 def test_timeouts_reject_bad_values(field: str, flag: str, bad: Any) -> None:
     with pytest.raises(UsageError) as info:
         Timeouts(**{field: bad})
-    assert str(info.value) == f"{flag} must be a number of seconds > 0, got {bad!r}"
+    assert str(info.value) == f"{flag} must be a finite number of seconds > 0, got {bad!r}"
 
 
 def test_timeouts_accept_ints_and_fractions() -> None:
@@ -175,7 +175,7 @@ def test_retry_policy_rejects_bad_max_attempts(bad: Any) -> None:
 def test_retry_policy_rejects_bad_seconds(field: str, flag: str, bad: Any) -> None:
     with pytest.raises(UsageError) as info:
         RetryPolicy(**{field: bad})
-    assert str(info.value) == f"{flag} must be a number of seconds >= 0, got {bad!r}"
+    assert str(info.value) == f"{flag} must be a finite number of seconds >= 0, got {bad!r}"
 
 
 def test_retry_policy_accepts_zero_seconds() -> None:
@@ -508,10 +508,10 @@ def test_job_file_operations_keys(tmp_path: Path) -> None:
     [
         ({"shard": "4/4"}, "--shard must be I/N with 0 <= I < N"),
         ({"shard": "two"}, "--shard must be I/N"),
-        ({"base_url": "localhost:8000"}, "--base-url must be a URL"),
+        ({"base_url": "localhost:8000"}, "--base-url must be an http:// or https:// URL"),
         ({"context_limit": 0}, "context_limit must be a whole number"),
         ({"price_input_per_million": -1}, "price_input_per_million must be a number >= 0"),
-        ({"rpm": 0}, "--rpm must be a number > 0"),
+        ({"rpm": 0}, "--rpm must be a finite number > 0"),
     ],
 )
 def test_operations_settings_are_validated(settings: dict[str, Any], message: str) -> None:

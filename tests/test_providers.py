@@ -107,9 +107,12 @@ def test_openai_batch_url_resolution(url: str, base: str, expected: str) -> None
         ("chat", "https://api.openai.com/v1", "https://api.openai.com/v1/chat/completions"),
         ("completions", "https://api.openai.com/v1", "https://api.openai.com/v1/completions"),
         ("embeddings", "https://api.openai.com/v1/", "https://api.openai.com/v1/embeddings"),
-        ("chat", "http://localhost:8000", "http://localhost:8000/v1/chat/completions"),
-        ("embeddings", "http://localhost:8000", "http://localhost:8000/v1/embeddings"),
+        ("chat", "http://localhost:8000", "http://localhost:8000/chat/completions"),
+        ("embeddings", "http://localhost:8000", "http://localhost:8000/embeddings"),
         ("dashscope", "https://host/v1", "https://host/v1/chat/completions"),
+        # Another base path (Gemini's OpenAI-compatible endpoint, a gateway): kept as given.
+        ("chat", "http://h/ok/v1beta/openai", "http://h/ok/v1beta/openai/chat/completions"),
+        ("embeddings", "https://gw/llm/", "https://gw/llm/embeddings"),
     ],
 )
 def test_openai_bare_kind_urls(kind: Kind, base: str, expected: str) -> None:
@@ -125,7 +128,7 @@ def test_openai_url_from_parsed_lines() -> None:
 
 def test_mock_provider_speaks_openai() -> None:
     mock = MockProvider()
-    assert mock.url(request("chat", {}), "http://127.0.0.1:5555") == (
+    assert mock.url(request("chat", {}), "http://127.0.0.1:5555/v1") == (
         "http://127.0.0.1:5555/v1/chat/completions"
     )
 

@@ -7,9 +7,8 @@ from datetime import UTC, datetime
 import anyio
 import anyio.lowlevel
 import pytest
-from multidict import CIMultiDict
 
-from batchrun.ratelimit import PauseGate, RateBudget, parse_duration, pause_hint
+from batchrun.ratelimit import PauseGate, RateBudget
 from tests.fakes import FakeClock
 
 NOW = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC)
@@ -351,95 +350,6 @@ async def test_negative_tokens_rejected() -> None:
     time = FakeClock()
     with pytest.raises(ValueError, match="tokens"):
         await budget(time, tpm=60).acquire(-1)
-
-
-# --- parse_duration -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("1s", 1.0),
-        ("6m0s", 360.0),
-        ("20ms", 0.02),
-        ("1.5s", 1.5),
-        ("2h3m4.5s", 7384.5),
-        ("0.5", 0.5),
-        ("0", 0.0),
-        ("17", 17.0),
-        ("  3s ", 3.0),
-        ("1m", 60.0),
-        ("1h", 3600.0),
-        ("250us", 0.00025),
-        ("100ns", 1e-7),
-        (".5s", 0.5),
-        ("1m30s", 90.0),
-        ("", None),
-        ("s", None),
-        ("soon", None),
-        ("1x", None),
-        ("-1s", None),
-        ("-0.5", None),
-        ("nan", None),
-        ("inf", None),
-        ("1s 2s", None),
-        ("5 s", None),
-    ],
-)
-def test_parse_duration(text: str, expected: float | None) -> None:
-    result = parse_duration(text)
-    if expected is None:
-        assert result is None
-    else:
-        assert result == pytest.approx(expected)
-
-
-# --- pause_hint -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("headers", "status", "expected"),
-    [
-        ({}, 429, None),
-        ({"Content-Type": "application/json"}, 429, None),
-        ({"Retry-After": "30"}, 429, 30.0),
-        ({"Retry-After": "30"}, 503, 30.0),
-        ({"retry-after": "7"}, 200, 7.0),
-        ({"RETRY-AFTER": "7"}, 429, 7.0),
-        ({"retry-after-ms": "1500"}, 429, 1.5),
-        ({"retry-after-ms": "1500", "Retry-After": "30"}, 429, 30.0),  # the longer
-        ({"retry-after-ms": "45000", "Retry-After": "30"}, 429, 45.0),
-        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 429, 30.0),
-        ({"Retry-After": "soon"}, 429, None),
-        ({"Retry-After": "soon", "retry-after-ms": "250"}, 429, 0.25),
-        ({"x-ratelimit-reset-requests": "6m0s"}, 429, 360.0),
-        ({"x-ratelimit-reset-requests": "6m0s"}, 200, None),
-        ({"x-ratelimit-reset-tokens": "20ms"}, 429, 0.02),
-        ({"x-ratelimit-reset-tokens": "20ms"}, 503, None),
-        ({"X-RateLimit-Reset-Tokens": "1.5s"}, 429, 1.5),
-        (
-            {"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "2m3s"},
-            429,
-            123.0,
-        ),
-        ({"x-ratelimit-reset-tokens": "garbage", "Retry-After": "2"}, 429, 2.0),
-        ({"x-ratelimit-reset-tokens": "garbage"}, 429, None),
-        ({"Retry-After": "1", "x-ratelimit-reset-tokens": "10s"}, 429, 10.0),
-        ({"Retry-After": "1", "x-ratelimit-reset-tokens": "10s"}, 200, 1.0),
-        ({"Retry-After": "0"}, 429, 0.0),
-    ],
-)
-def test_pause_hint(headers: dict[str, str], status: int, expected: float | None) -> None:
-    result = pause_hint(headers, status=status, now=NOW)
-    if expected is None:
-        assert result is None
-    else:
-        assert result == pytest.approx(expected)
-
-
-def test_pause_hint_reads_case_insensitive_multidicts() -> None:
-    headers = CIMultiDict({"Retry-After": "3", "X-Ratelimit-Reset-Requests": "4s"})
-    assert pause_hint(headers, status=429) == pytest.approx(4.0)
 
 
 # --- PauseGate ------------------------------------------------------------------

@@ -3,101 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
-from multidict import CIMultiDict
 from tenacity import AsyncRetrying, Future, RetryCallState
 
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
-from batchrun.retry import BackoffWithRetryAfter, parse_retry_after, retrying
+from batchrun.retry import BackoffWithRetryAfter, retrying
 from tests.fakes import FakeClock
 
 NOW = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC)
-
-
-# --- parse_retry_after -----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        ({"Retry-After": "30"}, 30.0),
-        ({"retry-after": "7"}, 7.0),
-        ({"Retry-After": " 12 "}, 12.0),
-        ({"Retry-After": "0"}, 0.0),
-        ({"Retry-After": "1.5"}, 1.5),
-        ({"Retry-After": "0.25"}, 0.25),
-        ({"Retry-After": "-5"}, 0.0),
-        ({"retry-after-ms": "1500"}, 1.5),
-        ({"retry-after-ms": "20.5"}, 0.0205),
-        ({"retry-after-ms": "-100"}, 0.0),
-        ({"retry-after-ms": "1500", "Retry-After": "30"}, 1.5),
-        ({"retry-after-ms": "soon", "Retry-After": "7"}, 7.0),
-        ({"Retry-After": "soon"}, None),
-        ({"Retry-After": ""}, None),
-        ({"Retry-After": "   "}, None),
-        ({"Retry-After": "Mon, 31 Feb 2020 00:00:00 GMT"}, None),
-        ({"retry-after-ms": "soon"}, None),
-        ({}, None),
-        ({"Content-Type": "application/json"}, None),
-    ],
-)
-def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
-    result = parse_retry_after(headers, now=NOW)
-    if expected is None:
-        assert result is None
-    else:
-        assert result == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("Wed, 21 Oct 2015 07:28:00 GMT", 30.0),
-        ("Wed, 21 Oct 2015 07:28:00 +0000", 30.0),
-        ("Wed, 21 Oct 2015 07:28:00", 30.0),  # no zone: taken as UTC
-        ("Wed, 21 Oct 2015 09:28:00 +0200", 30.0),
-        ("Wed, 21 Oct 2015 08:27:30 GMT", 3600.0),
-        ("Wed, 21 Oct 2015 07:27:30 GMT", 0.0),
-        ("Wed, 21 Oct 2015 07:00:00 GMT", 0.0),  # in the past
-        ("Tue, 20 Oct 2015 07:28:00 GMT", 0.0),
-    ],
-)
-def test_parse_retry_after_http_date(value: str, expected: float) -> None:
-    assert parse_retry_after({"Retry-After": value}, now=NOW) == pytest.approx(expected)
-
-
-def test_parse_retry_after_http_date_defaults_to_current_time() -> None:
-    future = datetime.now(UTC) + timedelta(hours=1)
-    value = future.strftime("%a, %d %b %Y %H:%M:%S GMT")
-    result = parse_retry_after({"Retry-After": value})
-    assert result is not None
-    assert 3500 < result <= 3600
-
-
-@pytest.mark.parametrize(
-    ("pairs", "expected"),
-    [
-        ([("RETRY-AFTER", "9")], 9.0),
-        ([("Retry-After", "9")], 9.0),
-        ([("retry-after", "9")], 9.0),
-        ([("Retry-After-Ms", "250")], 0.25),
-        ([("RETRY-AFTER-MS", "250"), ("retry-AFTER", "60")], 0.25),
-        ([("rEtRy-AfTeR", "Wed, 21 Oct 2015 07:28:00 GMT")], 30.0),
-        ([("X-Other", "1")], None),
-    ],
-)
-def test_parse_retry_after_case_insensitive(
-    pairs: list[tuple[str, str]], expected: float | None
-) -> None:
-    headers: CIMultiDict[str] = CIMultiDict(pairs)
-    result = parse_retry_after(headers, now=NOW)
-    if expected is None:
-        assert result is None
-    else:
-        assert result == pytest.approx(expected)
 
 
 # --- BackoffWithRetryAfter -------------------------------------------------------

@@ -279,6 +279,6 @@ async def test_reorder_window_bounds_how_far_reading_runs_ahead(
 async def test_the_output_may_not_be_the_input(tmp_path: Path, server: MockServer) -> None:
     config = make_config(tmp_path, [chat("x")], server, out=tmp_path / "in.jsonl")
 
-    with pytest.raises(UsageError, match="is the input file"):
+    with pytest.raises(UsageError, match="is also the input"):
         await run_async(config)
     assert server.stats.requests == 0

@@ -21,7 +21,7 @@ from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RowError, TransientError
 from batchrun.providers import Provider
 from batchrun.providers.base import join_url
-from batchrun.ratelimit import pause_hint
+from batchrun.rateheaders import pause_hint
 from batchrun.retry import retrying
 from batchrun.timing import Sleep
 

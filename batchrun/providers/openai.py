@@ -28,9 +28,13 @@ class OpenAIProvider(Provider):
     default_key_env = "OPENAI_API_KEY"
 
     def url(self, request: Request, base_url: str) -> str:
-        """Batch urls resolve as OpenAI's batch API does: ``/v1/x`` against a
-        base URL ending in ``/v1`` gives ``{base}/x``."""
-        path = request.url or "/v1" + _PATHS.get(request.kind, _PATHS["chat"])
+        """A bare line goes to ``{base_url}/chat/completions`` (``/completions``,
+        ``/embeddings``) whatever the base path (``/v1``, ``/v1beta/openai``,
+        a gateway's prefix). Only a batch line's url resolves as OpenAI's batch
+        API does: ``/v1/x`` against a base URL ending in ``/v1`` gives ``{base}/x``."""
+        if request.url is None:
+            return join_url(base_url, _PATHS.get(request.kind, _PATHS["chat"]))
+        path = request.url
         if base_url.rstrip("/").endswith("/v1") and path.startswith("/v1/"):
             path = path[len("/v1") :]
         return join_url(base_url, path)

@@ -1,0 +1,237 @@
+"""batchrun export and read_results: real runs on the mock, tables read back."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun import read_results, to_pandas
+from batchrun.answers import read_answer
+from batchrun.errors import UsageError
+from batchrun.export import export
+from batchrun.mock_server import MockServer
+from batchrun.results import COLUMNS, table_row
+from batchrun.runner import Clock, run_async
+from batchrun.state import StateDir
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.test_cli import batchrun
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def _mixed_run(tmp_path: Path, server: MockServer, clock: Clock) -> Path:
+    rows = [
+        chat("hello there", custom_id="a", topic="greeting", n=1),
+        chat("always broken mock:fail=400", custom_id="b", topic="broken", n=2),
+        {"custom_id": "c", "prompt": "complete me", "topic": "completion", "n": 3},
+        chat("bye now", custom_id="d", topic="farewell", n=4),
+    ]
+    config = make_config(tmp_path, rows, server)
+    summary = await run_async(config, clock=clock)
+    assert summary.exit_code == 1
+    return config.out
+
+
+@pytest.mark.asyncio
+async def test_chat_rows_and_a_failed_row_to_parquet_csv_and_jsonl(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    out = await _mixed_run(tmp_path, server, fake_clock)
+    source = tmp_path / "in.jsonl"
+
+    reports = [
+        export(out, tmp_path / f"t.{ext}", input=source, columns=["topic", "n"])
+        for ext in ("parquet", "csv", "jsonl")
+    ]
+
+    assert [(r.rows, r.failed) for r in reports] == [(4, 1)] * 3
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert table.column_names == [*COLUMNS, "topic", "n"]
+    rows = table.to_pylist()
+    assert [r["custom_id"] for r in rows] == ["a", "b", "c", "d"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok", "ok"]
+    assert rows[0]["text"] == "echo: hello there"
+    assert rows[2]["text"] == "echo: complete me"
+    assert rows[0]["finish_reason"] == "stop"
+    assert (rows[0]["tokens_in"], rows[0]["tokens_out"]) == (2, 3)
+    assert rows[1]["error_code"] == "invalid_request_error"
+    assert rows[1]["text"] is None
+    assert rows[0]["error_code"] is None
+    assert [r["topic"] for r in rows] == ["greeting", "broken", "completion", "farewell"]
+    assert [r["n"] for r in rows] == [1, 2, 3, 4]
+    assert str(table.schema.field("n").type) == "int64"
+    with (tmp_path / "t.csv").open(newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [r["text"] for r in csv_rows] == [
+        "echo: hello there",
+        "",
+        "echo: complete me",
+        "echo: bye now",
+    ]
+    assert csv_rows[1]["status"] == "failed"
+    assert csv_rows[1]["error_message"] == "mock fault: HTTP 400"
+    assert csv_rows[3]["topic"] == "farewell"
+    assert read_jsonl(tmp_path / "t.jsonl") == rows
+
+
+@pytest.mark.asyncio
+async def test_embeddings_export_their_vectors(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [{"custom_id": f"e{i}", "input": f"text {i}", "model": "emb"} for i in range(3)]
+    config = make_config(tmp_path, rows, server)
+    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+    vectors = [r["response"]["body"]["data"][0]["embedding"] for r in read_jsonl(config.out)]
+
+    export(config.out, tmp_path / "e.parquet")
+    export(config.out, tmp_path / "e.csv")
+
+    table = pq.read_table(tmp_path / "e.parquet")
+    import pyarrow as pa
+
+    assert table.schema.field("text").type.equals(pa.list_(pa.float64()))
+    assert table.column("text").to_pylist() == vectors
+    assert len(vectors[0]) == 8
+    with (tmp_path / "e.csv").open(newline="") as handle:
+        assert [orjson.loads(r["text"]) for r in csv.DictReader(handle)] == vectors
+
+
+@pytest.mark.asyncio
+async def test_dashscope_native_answers(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    rows = [
+        chat("hello qwen", custom_id="q"),
+        {"custom_id": "n", "input": {"messages": [{"role": "user", "content": "native one"}]}},
+    ]
+    config = make_config(
+        tmp_path, rows, server, provider="dashscope", base_url=server.dashscope_base_url
+    )
+    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+
+    export(config.out, tmp_path / "d.parquet")
+
+    rows_back = pq.read_table(tmp_path / "d.parquet").to_pylist()
+    assert [r["text"] for r in rows_back] == ["echo: hello qwen", "echo: native one"]
+    assert [r["finish_reason"] for r in rows_back] == ["stop", "stop"]
+    assert (rows_back[1]["tokens_in"], rows_back[1]["tokens_out"]) == (2, 3)
+
+
+def test_dashscope_native_embeddings_and_text_answers_are_read() -> None:
+    embeddings = {
+        "output": {
+            "embeddings": [
+                {"text_index": 1, "embedding": [2.0]},
+                {"text_index": 0, "embedding": [1.0]},
+            ]
+        }
+    }
+    text = {"output": {"text": "plain", "finish_reason": "length"}}
+
+    assert read_answer(embeddings).vectors == [[1.0], [2.0]]
+    assert read_answer(text).text == "plain"
+    assert read_answer(text).finish_reason == "length"
+
+
+def test_cost_and_parsed_columns_come_from_the_record() -> None:
+    record: dict[str, Any] = {
+        "line": 1,
+        "custom_id": "x",
+        "response": {"status_code": 200, "body": {"choices": []}},
+        "error": None,
+        "attempts": 1,
+        "cost": 0.25,
+        "parsed": {"name": "x", "n": 1},
+    }
+
+    row = table_row(record)
+
+    assert row["cost"] == 0.25
+    assert orjson.loads(row["parsed"]) == {"name": "x", "n": 1}
+    assert table_row({**record, "cost": None, "parsed": None})["cost"] is None
+
+
+def test_an_unfinished_output_is_refused_unless_partial(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    state = StateDir(out)
+    state.root.mkdir()
+    state.write_meta({"input": str(tmp_path / "in.jsonl")})
+    done = orjson.dumps({"line": 1, "custom_id": "a", "error": None, "attempts": 1})
+    state.partial_path.write_bytes(done + b"\n" + done[:5])  # a torn last line
+
+    with pytest.raises(UsageError, match=r"has not finished.*--partial"):
+        export(out, tmp_path / "t.csv")
+    report = export(out, tmp_path / "t.csv", partial=True)
+
+    assert report.rows == 1
+    assert not list(tmp_path.glob(".t.csv*"))  # no temporary file left behind
+
+
+@pytest.mark.asyncio
+async def test_parquet_without_pyarrow_names_the_extra(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = await _mixed_run(tmp_path, server, fake_clock)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+
+    with pytest.raises(UsageError, match=r"batchrun\[parquet\]"):
+        export(out, tmp_path / "t.parquet")
+    assert not (tmp_path / "t.parquet").exists()
+
+
+@pytest.mark.asyncio
+async def test_read_results_and_pandas(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    import pandas
+
+    out = await _mixed_run(tmp_path, server, fake_clock)
+    export(out, tmp_path / "t.parquet")
+
+    streamed = read_results(out, input=tmp_path / "in.jsonl", columns=["topic"])
+    frame = to_pandas(out)
+
+    first = next(streamed)
+    assert first["text"] == "echo: hello there"
+    assert first["topic"] == "greeting"
+    assert list(frame["status"]) == ["ok", "failed", "ok", "ok"]
+    assert list(pandas.read_parquet(tmp_path / "t.parquet")["custom_id"]) == ["a", "b", "c", "d"]
+    with pytest.raises(UsageError, match="--columns needs --input"):
+        read_results(out, columns=["topic"])
+
+
+def test_the_export_command(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}", tag=f"t{i}") for i in range(5)])
+    out = tmp_path / "out.jsonl"
+    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+
+    done = batchrun(
+        "export",
+        out,
+        "--to",
+        tmp_path / "t.dat",
+        "--format",
+        "csv",
+        "--input",
+        source,
+        "--columns",
+        "tag",
+    )
+    unknown = batchrun("export", out, "--to", tmp_path / "t.xls")
+    missing = batchrun("export", tmp_path / "nope.jsonl", "--to", tmp_path / "t.csv")
+
+    assert done.returncode == 0, done.stderr
+    assert "exported 5 rows (0 failed)" in done.stderr
+    with (tmp_path / "t.dat").open(newline="") as handle:
+        assert [r["tag"] for r in csv.DictReader(handle)] == [f"t{i}" for i in range(5)]
+    assert unknown.returncode == 2
+    assert "--format" in unknown.stderr
+    assert missing.returncode == 2
+    assert "does not exist" in missing.stderr

@@ -1,0 +1,240 @@
+"""Bad paths and values: one line, exit 2, no traceback, nothing sent, nothing
+overwritten. Each case runs the real command line against a real mock server."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+
+from batchrun.merge import merge
+from batchrun.mock_server import MockServer
+from batchrun.runner import run_async
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.fakes import FakeClock
+from tests.test_cli import abatchrun
+
+# name -> (extra arguments, with {in}, {out} and {dir} filled in; the message's start)
+_BAD_RUNS: dict[str, tuple[list[str], str]] = {
+    "summary is out": (["--summary", "{out}"], "--summary {out} is also --out"),
+    "summary is the input": (["--summary", "{in}"], "--summary {in} is also the input"),
+    "metrics is the input": (["--metrics-file", "{in}"], "--metrics-file {in} is also the input"),
+    "metrics is the summary": (
+        ["--summary", "{dir}/s.json", "--metrics-file", "{dir}/s.json"],
+        "--metrics-file {dir}/s.json is also --summary",
+    ),
+    "summary is the state dir": (
+        ["--summary", "{out}.batchrun"],
+        "the state directory {out}.batchrun is also --summary",
+    ),
+    "out is a directory": (["--out", "{dir}"], "--out {dir} is a directory"),
+    "out in a missing directory": (
+        ["--out", "{dir}/missing/o.jsonl"],
+        "--out {dir}/missing/o.jsonl: the directory {dir}/missing does not exist",
+    ),
+    "summary under a file": (
+        ["--summary", "{in}/s.json"],
+        "--summary {in}/s.json: the directory {in} is not a directory",
+    ),
+    "metrics in /proc": (["--metrics-file", "/proc/b.prom"], "--metrics-file /proc/b.prom: cannot"),
+    "rpm inf": (["--rpm", "inf"], "--rpm must be a finite number > 0, got inf"),
+    "tpm 1e400": (["--tpm", "1e400"], "--tpm must be a finite number > 0, got inf"),
+    "ftp base url": (["--base-url", "ftp://x"], "--base-url must be an http:// or https:// URL"),
+    "misspelt scheme": (["--base-url", "htps://h/v1"], "--base-url must be an http:// or https"),
+}
+
+
+def _fill(text: str, tmp_path: Path) -> str:
+    return text.format(
+        **{"in": tmp_path / "in.jsonl", "out": tmp_path / "o.jsonl", "dir": tmp_path}
+    )
+
+
+async def _refused(server: MockServer, tmp_path: Path, *args: str | Path) -> str:
+    """Run the command; assert exit 2, one line, no traceback, nothing sent.
+    Returns the error line."""
+    done = await abatchrun(*args, OPENAI_API_KEY="sk-test")
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert stderr.startswith("batchrun: error: ")
+    assert stderr.count("\n") == 1, stderr
+    assert server.stats.requests == 0
+    return stderr.removeprefix("batchrun: error: ").strip()
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", sorted(_BAD_RUNS))
+async def test_a_bad_path_or_value_exits_2_before_sending(
+    case: str, tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b")])
+    before = source.read_bytes()
+    extra, message = _BAD_RUNS[case]
+    args = ["run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai", "--no-progress"]
+    if not any(arg == "--base-url" for arg in extra):
+        args += ["--base-url", server.base_url]
+
+    line = await _refused(server, tmp_path, *args, *(_fill(a, tmp_path) for a in extra))
+
+    assert line.startswith(_fill(message, tmp_path))
+    assert source.read_bytes() == before
+    assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        ('params = "x"', "params must be a table ([params]) of request parameters, got 'x'"),
+        ("out = 5", "out must be non-empty text, got 5"),
+        ("summary = true", "summary must be non-empty text, got True"),
+        ('metrics_file = ""', "metrics_file must be non-empty text, got ''"),
+        ('model = ["a"]', "model must be non-empty text, got ['a']"),
+        ('adaptive_concurrency = "yes"', "adaptive_concurrency must be true or false, got 'yes'"),
+    ],
+)
+async def test_a_job_file_value_of_the_wrong_type_is_named(
+    job: str, message: str, tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a")])
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(f'{job}\nprovider = "openai"\nbase_url = "{server.base_url}"\n')
+    out_args = [] if job.startswith("out") else ["--out", str(tmp_path / "o.jsonl")]
+
+    line = await _refused(
+        server, tmp_path, "run", source, *out_args, "--job", job_file, "--no-progress"
+    )
+
+    assert message in line
+
+
+@pytest.mark.asyncio
+async def test_a_hard_link_to_the_input_is_the_input(tmp_path: Path, server: MockServer) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a")])
+    os.link(source, tmp_path / "alias.json")
+
+    line = await _refused(
+        server,
+        tmp_path,
+        *("run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai"),
+        *("--base-url", server.base_url, "--summary", tmp_path / "alias.json", "--no-progress"),
+    )
+
+    assert "is also the input" in line
+
+
+@pytest.mark.asyncio
+async def test_a_gzip_input_that_is_not_gzip_is_refused(tmp_path: Path, server: MockServer) -> None:
+    source = tmp_path / "in.jsonl.gz"
+    source.write_bytes(b'{"messages": []}\n')
+
+    line = await _refused(
+        server,
+        tmp_path,
+        *("run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai"),
+        *("--base-url", server.base_url, "--no-progress"),
+    )
+
+    assert line.startswith(f"input file {source} could not be read: Not a gzipped file")
+
+
+@pytest.mark.asyncio
+async def test_a_truncated_gzip_input_stops_with_one_line_and_exit_2(
+    tmp_path: Path, server: MockServer
+) -> None:
+    whole = b"".join(
+        b'{"messages": [{"role": "user", "content": "row %d"}]}\n' % i for i in range(2000)
+    )
+    packed = gzip.compress(whole)
+    source = tmp_path / "in.jsonl.gz"
+    source.write_bytes(packed[: len(packed) * 3 // 4])
+
+    done = await abatchrun(
+        *("run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai"),
+        *("--base-url", server.base_url, "--no-progress"),
+        OPENAI_API_KEY="sk-test",
+    )
+
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert f"batchrun: error: input file {source} could not be read to its end" in stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.asyncio
+async def test_merge_refuses_to_write_over_a_shard_and_shards_of_another_job(
+    tmp_path: Path, server: MockServer
+) -> None:
+    from batchrun.errors import UsageError
+
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(6)])
+    parts = []
+    for i, (model, shard) in enumerate((("m-a", "0/2"), ("m-a", "1/2"), ("m-b", "1/2"))):
+        config = make_config(
+            tmp_path,
+            [],
+            server,
+            input=source,
+            out=tmp_path / f"p{i}.jsonl",
+            model=model,
+            shard=shard,
+        )
+        await run_async(config, clock=FakeClock().as_clock())
+        parts.append(config.out)
+    before = parts[0].read_bytes()
+    server.stats.reset()
+
+    line = await _refused(server, tmp_path, "merge", parts[0], parts[1], "--out", parts[0])
+
+    assert line.startswith(f"--out {parts[0]} is also shard output {parts[0]}")
+    assert parts[0].read_bytes() == before
+    with pytest.raises(
+        UsageError,
+        match=r"the shards were run with different model \(shard 0/2: 'm-a', shard 1/2: 'm-b'\)",
+    ):
+        merge([parts[0], parts[2]], tmp_path / "m.jsonl")
+    assert not (tmp_path / "m.jsonl").exists()
+    assert len(read_jsonl(merge(parts[:2], tmp_path / "m.jsonl").output)) == 6
+
+
+@pytest.mark.asyncio
+async def test_a_failed_metrics_write_warns_once_and_the_run_goes_on(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i} mock:delay=0.6") for i in range(20)])
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    done: list[subprocess.CompletedProcess[bytes]] = []
+
+    async def run() -> None:
+        done.append(
+            await abatchrun(
+                *("run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai"),
+                *("--base-url", server.base_url, "--no-progress"),
+                *("--metrics-file", metrics_dir / "b.prom"),
+                OPENAI_API_KEY="sk-test",
+            )
+        )
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run)
+        with anyio.fail_after(30):
+            metrics = metrics_dir / "b.prom"
+            while not (metrics.exists() and server.stats.requests):  # noqa: ASYNC110 - another process
+                await anyio.sleep(0.02)
+        shutil.rmtree(metrics_dir)  # every later write fails
+
+    stderr = done[0].stderr.decode()
+    assert done[0].returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert stderr.count("could not write the metrics file") == 1
+    assert len(read_jsonl(tmp_path / "o.jsonl")) == 20
