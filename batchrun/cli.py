@@ -16,6 +16,10 @@ from batchrun.errors import LockedError, UsageError
 from batchrun.jobfile import build_config, load_job_file
 from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
 
+cache_app = typer.Typer(
+    no_args_is_help=True, help="Inspect and prune a result store shared with --cache."
+)
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -26,6 +30,7 @@ _LIMITS = "Limits (DashScope SDK knobs)"
 _TIMEOUTS = "Timeouts (seconds)"
 _RETRY = "Retries"
 _RESUME = "Resume and durability"
+_PAYING = "Paying once"
 _BATCH = "Batch mode (the provider's Batch API, half price)"
 
 
@@ -104,6 +109,16 @@ def run_command(
     ] = None,
     metrics_file: Annotated[
         Path | None, _opt("Prometheus textfile, rewritten during the run (node_exporter).")
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        _opt("Result store shared by jobs: rows answered there are not sent again.", _PAYING),
+    ] = None,
+    max_cost: Annotated[
+        float | None,
+        _opt(
+            "Stop sending once the spend would pass this (exit 5); needs [costs] prices.", _PAYING
+        ),
     ] = None,
     restart: Annotated[
         bool,
@@ -303,6 +318,40 @@ def merge_command(
         err=True,
     )
     raise typer.Exit(EXIT_FAILED_ROWS if report.failed else 0)
+
+
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("stats")
+def cache_stats_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The --cache directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Count what a result store holds: results, errors, recorded cost, age, size."""
+    from batchrun import cachecmd
+
+    with _usage_errors():
+        stats = cachecmd.stats(directory)
+    if as_json:
+        typer.echo(orjson.dumps(cachecmd.as_dict(stats), option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(cachecmd.render(stats))
+
+
+@cache_app.command("prune")
+def cache_prune_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The --cache directory.")],
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age such as 30d, 12h, 90m or 3600s.")
+    ],
+) -> None:
+    """Delete the results stored longer ago than --older-than."""
+    from batchrun import cachecmd
+
+    with _usage_errors():
+        deleted = cachecmd.prune(directory, cachecmd.parse_age(older_than))
+    typer.echo(f"batchrun: deleted {deleted:,} results older than {older_than} from {directory}")
 
 
 @app.command("export")

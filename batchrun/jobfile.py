@@ -67,6 +67,8 @@ _JOB_KEYS: dict[str, str] = {
     "price_input_per_million": "costs",
     "price_output_per_million": "costs",
     "context_limit": "costs",
+    "max_cost": "costs",
+    "cache": "run",
 }
 _TABLES = ("limits", "timeouts", "retry", "costs", "batch")
 
@@ -165,9 +167,10 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         restart="restart",
         retry_failed="retry_failed",
         metrics_file="metrics_file",
+        cache="cache",
         mode="mode",
     )
-    for key in ("input", "out", "summary_path", "metrics_file"):
+    for key in ("input", "out", "summary_path", "metrics_file", "cache"):
         if key in run_keys:
             run_keys[key] = Path(run_keys[key])
     run_keys.setdefault("reorder_window", max(10_000, 4 * limits.max_async))
@@ -177,6 +180,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         price_input_per_million="price_input_per_million",
         price_output_per_million="price_output_per_million",
         context_limit="context_limit",
+        max_cost="max_cost",
     )
     batch = _build(
         BatchSettings,
