@@ -427,8 +427,19 @@ def mock_server_command(
             help="Count --rate-limit over the last second, or per whole second.",
         ),
     ] = False,
+    batch_seconds: Annotated[
+        float, typer.Option(help="Seconds a batch takes from creation to its end.")
+    ] = 1.0,
+    batch_expire_first: Annotated[
+        int, typer.Option(help="The first N batches expire with half their rows unfinished.")
+    ] = 0,
+    batch_token_limit_first: Annotated[
+        int, typer.Option(help="The first N batches fail on the enqueued-token limit.")
+    ] = 0,
 ) -> None:
-    """Serve the simulated provider (OpenAI and DashScope dialects) until stopped."""
+    """Serve the simulated provider (OpenAI and DashScope dialects, files and
+    batches) until stopped."""
+    from batchrun.mock_batches import BatchFaults
     from batchrun.mock_server import serve
 
     serve(
@@ -439,6 +450,11 @@ def mock_server_command(
         seed=seed,
         rate_limit=rate_limit,
         sliding_window=sliding_window,
+        batch_faults=BatchFaults(
+            seconds=batch_seconds,
+            expire_first=batch_expire_first,
+            token_limit_first=batch_token_limit_first,
+        ),
     )
 
 

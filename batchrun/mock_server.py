@@ -526,6 +526,7 @@ def serve(
     seed: int = 0,
     rate_limit: int | None = None,
     sliding_window: bool = False,
+    batch_faults: BatchFaults | None = None,
 ) -> None:
     """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly.
 
@@ -541,5 +542,6 @@ def serve(
         seed=seed,
         rate_limit=rate_limit,
         sliding_window=sliding_window,
+        batch_faults=batch_faults,
     )
     asyncio.run(_serve_until_signal(server))

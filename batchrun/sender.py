@@ -43,6 +43,8 @@ class RowSender:
         self.retry = retry
         self.clock = clock
         self.stats = stats
+        # Told +1 when a row starts waiting for a retry and -1 when it is done.
+        self.on_backoff: Callable[[int], None] = _ignore
 
     async def send(self, request: Request) -> Outcome:
         """The row's outcome: its answer, or its last error once retries are
@@ -79,6 +81,16 @@ class RowSender:
             parsed=row.parsed,
         )
 
+    async def release(self, begun: float, *, answered: bool, hold: float) -> None:
+        """Give the throttle's place back, ``hold`` seconds from now (a
+        push-back answered at once keeps its place as long as an answer
+        would have: rejected requests never go out faster than good ones)."""
+        try:
+            if hold > 0:
+                await self.clock.sleep(hold)
+        finally:
+            self.throttle.release(begun, answered=answered)
+
     async def _with_retries(
         self, attempt: Callable[[], Awaitable[Response]], remaining: Callable[[], float]
     ) -> Response:
@@ -97,8 +109,16 @@ class RowSender:
                 raise failure
             return await attempt()
 
-        loop = retrying(self.retry, sleep=self.clock.sleep, remaining=remaining)
+        loop = retrying(self.retry, sleep=self._backoff, remaining=remaining)
         return await loop(replay_then_attempt)
+
+    async def _backoff(self, seconds: float) -> None:
+        """Wait before a retry, telling ``on_backoff`` while the row waits."""
+        self.on_backoff(1)
+        try:
+            await self.clock.sleep(seconds)
+        finally:
+            self.on_backoff(-1)
 
 
 class RowBudget:
@@ -165,17 +185,21 @@ class _RowAttempts:
         scope.deadline = min(scope.deadline, anyio.current_time() + self.budget.remaining())
         self.count += 1
         sender.stats.in_flight += 1
-        answered = False
+        answered, hold = False, 0.0
         try:
             response = await sender.client.send(self.request)
             answered = True
             return response
         except RequestError as exc:
-            throttle.failed(exc)
+            hold = throttle.failed(exc, sent_at=begun)
             raise
         finally:
             sender.stats.in_flight -= 1
-            throttle.release(begun, answered=answered)
+            await sender.release(begun, answered=answered, hold=hold)
+
+
+def _ignore(_change: int) -> None:
+    """The default ``on_backoff``: nobody listens."""
 
 
 def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:
