@@ -21,7 +21,15 @@ demo: $(BIN)/batchrun
 	$(BIN)/batchrun run sample_inputs/prompts.jsonl --out out.jsonl --provider mock --no-progress
 	@echo "wrote out.jsonl ($$(wc -l < out.jsonl) lines)"
 
-test: $(VENV)/.test-extras
+# Airflow 3 in a venv of its own (about 130 packages), for tests/test_airflow_dag.py.
+AIRFLOW_VENV := .venv-airflow
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install --quiet 'apache-airflow>=3.0,<4' apache-airflow-providers-standard
+	touch $@
+
+test: $(VENV)/.test-extras $(AIRFLOW_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 # The SDK peers are optional: if they can't be installed, the table says "unavailable".
@@ -42,4 +50,4 @@ lint: $(VENV)/.test-extras
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) out.jsonl out.jsonl.batchrun .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) out.jsonl out.jsonl.batchrun .pytest_cache .mypy_cache .ruff_cache
