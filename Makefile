@@ -21,8 +21,11 @@ demo: $(BIN)/batchrun
 	$(BIN)/batchrun run sample_inputs/prompts.jsonl --out out.jsonl --provider mock --no-progress
 	@echo "wrote out.jsonl ($$(wc -l < out.jsonl) lines)"
 
+# The whole suite on the standard loop, then the in-process tests again on
+# uvloop (the slow tests run the CLI, whose default loop is already uvloop).
 test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --loop uvloop -m "not slow"
 
 # The SDK peers are optional: if they can't be installed, the table says "unavailable".
 $(VENV)/.bench-extras: $(BIN)/batchrun

@@ -147,6 +147,10 @@ def run_command(
     grace: Annotated[
         float | None, _opt("Seconds in-flight requests get after SIGINT/SIGTERM (3).", _RESUME)
     ] = None,
+    loop: Annotated[
+        str | None,
+        _opt("Event loop: auto (default: uvloop where installed), asyncio or uvloop."),
+    ] = None,
     response_schema: Annotated[
         Path | None,
         _opt("JSON Schema file: ask for JSON answers and retry those that do not match it."),
