@@ -228,3 +228,25 @@ async def test_batch_answers_are_stored_for_an_online_rerun(
     reused = read_jsonl(online.out)
     assert all(record.pop("reused") for record in reused)
     assert reused == read_jsonl(batch.out)
+
+
+async def test_dashscope_batches_go_through_compatible_mode(
+    tmp_path: Path, batch_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    native = {"input": {"messages": [{"role": "user", "content": "native"}]}, "model": "qwen"}
+    config = make_config(
+        tmp_path,
+        [native, chat("plain", model="qwen")],
+        batch_server,
+        provider="dashscope",
+        base_url=batch_server.dashscope_base_url,
+        **FAST,
+    )
+    assert (await run_async(config)).exit_code == 0
+    assert batch_server.stats.batch_rows == 2
+    assert batch_server.stats.requests == 0
+    answers = [
+        r["response"]["body"]["choices"][0]["message"]["content"] for r in read_jsonl(config.out)
+    ]
+    assert answers == ["echo: native", "echo: plain"]
