@@ -103,9 +103,10 @@ class BatchJob:
             len(self.state.parts),
         )
 
-    async def run(self) -> PhaseResult:
-        """Submit, poll and collect until every part is collected."""
-        await self.submitter.reattach()
+    async def run(self, *, resumed: bool) -> PhaseResult:
+        """Submit, poll and collect until every part is collected; ``resumed``:
+        an earlier process worked on these parts (see ``Submitter.reattach``)."""
+        await self.submitter.reattach(resumed=resumed)
         while self._aborted is None:
             await self._submit_due()
             await self._poll()
