@@ -56,6 +56,7 @@ from batchrun.records import (
 )
 from batchrun.resume import ResumePoint, tally
 from batchrun.reuse import Answers, relabel, stored_from_record
+from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
 from batchrun.throttle import Throttle
@@ -139,8 +140,15 @@ class Pipeline:
         self.aborted: FatalError | None = None
         self._producers = anyio.CancelScope()
         self.metrics = _metrics_writer(config, self.stats, throttle, clock)
+        schema = config.response_schema
         self.sender = RowSender(
-            client, provider, throttle, config.retry, clock=clock, stats=self.stats
+            client,
+            provider,
+            throttle,
+            config.retry,
+            clock=clock,
+            stats=self.stats,
+            answers=AnswerCheck(schema) if schema is not None else None,
         )
         self.sender.on_backoff = self._backing_off
         self._workers = 0  # worker tasks alive
@@ -261,7 +269,7 @@ class Pipeline:
         """The rows still to do, in input order: each a request to send, or a
         result already known (journaled, kept by --retry-failed, or a bad
         line's error record). Sets ``eof`` at the end of the input."""
-        defaults = Defaults(model=self.config.model, params=self.config.params)
+        defaults = self.config.request_defaults()
         first, offset = self.start.checkpoint.input_line, self.start.checkpoint.input_offset
         written, shard = self.progress.rows, self.shard
         with open_input(self.config.input) as handle, self._previous(first) as previous:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -12,8 +13,9 @@ from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.progress import RunStats
 from batchrun.providers import Provider
-from batchrun.records import Outcome, Request, Response
+from batchrun.records import NOT_PARSED, Outcome, Request, Response
 from batchrun.retry import budget_note, retrying
+from batchrun.schema import AnswerCheck
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tokens import estimate_tokens
@@ -31,8 +33,11 @@ class RowSender:
         *,
         clock: Clock,
         stats: RunStats,
+        answers: AnswerCheck | None = None,
     ) -> None:
+        """``answers``: the response-schema check each good answer must pass."""
         self.client = client
+        self.answers = answers
         self.provider = provider
         self.throttle = throttle
         self.retry = retry
@@ -73,6 +78,7 @@ class RowSender:
             latency_s=self.clock.monotonic() - started,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
+            parsed=row.parsed,
         )
 
     async def release(self, begun: float, *, answered: bool, hold: float) -> None:
@@ -153,6 +159,7 @@ class _RowAttempts:
         self.request = request
         self.budget = budget
         self.count = 0
+        self.parsed: Any = NOT_PARSED  # the last answer's JSON, once it passed the schema
         throttle = sender.throttle
         self.estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
 
@@ -160,8 +167,16 @@ class _RowAttempts:
         """One attempt; ``retry_budget_exhausted`` if the budget runs out first
         (in the throttle's queue or in flight)."""
         with anyio.move_on_after(self.budget.remaining()) as scope:
-            return await self._throttled(scope)
+            return await self._checked(scope)
         raise self.budget.exhausted()
+
+    async def _checked(self, scope: anyio.CancelScope) -> Response:
+        """A throttled attempt whose answer passed the response schema, if any."""
+        response = await self._throttled(scope)
+        answers = self.sender.answers
+        if answers is not None:  # raises for an answer that fails the schema
+            self.parsed = answers.classify(response)
+        return response
 
     async def _throttled(self, scope: anyio.CancelScope) -> Response:
         sender, throttle = self.sender, self.sender.throttle
