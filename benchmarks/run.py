@@ -514,6 +514,10 @@ def render(report: dict[str, Any]) -> str:
     lines += render_limits(report.get("limits") or {})
     if report.get("export") is not None:
         lines += render_export(report["export"])
+    from benchmarks.reuse_bench import render_reuse
+
+    reuse = report.get("reuse") or {}
+    lines += render_reuse(reuse.get("edits"), reuse.get("cache"))
     return "\n".join(lines) + "\n"
 
 
@@ -523,13 +527,19 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcdefg", help="which of a-g to run (abcdefg)")
+    p.add_argument("--scenarios", default="abcdefghi", help="which of a-i to run (abcdefghi)")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
     p.add_argument("--rows-small", type=int, default=10_000, help="scenario c, small input")
     p.add_argument("--rows-big", type=int, default=1_000_000, help="scenarios c and d")
     p.add_argument("--skip-big", action="store_true", help="skip the 1M-row runs (c big, d)")
+    p.add_argument(
+        "--store-rows",
+        type=int,
+        default=10_000_000,
+        help="scenario i: results in the grown cache (1,000,000 with --skip-big)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny: 300 rows, 1 rep, a and b")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -579,6 +589,18 @@ def main(argv: list[str] | None = None) -> int:
         if "g" in args.scenarios:
             print("scenario g: export to Parquet", flush=True)
             exported = run_export([30_000, 100_000, 300_000], work)
+        from benchmarks.reuse_bench import run_cache, run_edits
+
+        edits = cache = None
+        if "h" in args.scenarios:
+            print("scenario h: an edited input sends only the changed rows", flush=True)
+            edits = run_edits(work)
+        if "i" in args.scenarios:
+            store_rows = min(args.store_rows, 1_000_000) if args.skip_big else args.store_rows
+            print(
+                f"scenario i: 200,000 rows from --cache ({store_rows:,}-result store)", flush=True
+            )
+            cache = run_cache(work, store_rows)
     tables = []
     for sc in scenarios:
         table = summarize(sc)
@@ -602,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         "resume": resume,
         "export": exported,
         "limits": limits,
+        "reuse": {"edits": edits, "cache": cache},
     }
     markdown = render(report)
     print("\n" + markdown)
@@ -613,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     # A failed peer shows in the table; a failed batchrun or bare run fails the harness.
     failed = [r for sc in scenarios for r in sc.runs if not r.ok and r.client in CLIENTS[:2]]
     missed = [key for key, r in limits.items() if not r.get("ok", True)]
+    missed += [key for key, r in (("h", edits), ("i", cache)) if r is not None and not r["ok"]]
     if missed:
-        print(f"rate-limit scenarios missed their targets: {', '.join(missed)}")
+        print(f"scenarios that missed their targets: {', '.join(missed)}")
     return 1 if failed or missed else 0
 
 
