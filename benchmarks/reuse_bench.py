@@ -55,10 +55,8 @@ def _edit(source: Path, target: Path) -> None:
     for i in range(100, 100 + 10 * EDITED, 10):
         lines[i] = lines[i].replace(b'"row ', b'"ROW ')  # same byte size
     del lines[1000 : 1000 + DELETED]
-    lines += [
-        f'{{"custom_id": "new{i}", "messages": [{{"role": "user", "content": "new {i}"}}]}}\n'.encode()
-        for i in range(APPENDED)
-    ]
+    row = '{{"custom_id": "new{0}", "messages": [{{"role": "user", "content": "new {0}"}}]}}\n'
+    lines += [row.format(i).encode() for i in range(APPENDED)]
     target.write_bytes(b"".join(lines))
 
 

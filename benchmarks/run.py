@@ -21,6 +21,12 @@ e, f. rate limits against a provider refusing past 40 requests per sliding
    (see ``benchmarks/limits.py``);
 g. export: ``batchrun export`` of 30,000, 100,000 and 300,000 output rows to Parquet,
    rows/s and peak RSS (see ``benchmarks/export_bench.py``).
+h. paying once, an edited input: 2,000 rows, then 10 edited (same size),
+   5 deleted, 50 appended; the rerun must send exactly 60 requests;
+i. paying once, a cache: 200,000 rows sent into a ``--cache``, then served
+   from it to another output (target: <= 0.3 x the sending time, RSS <= 150
+   MB), and served again once the store holds ``--store-rows`` results
+   (10,000,000; RSS must stay flat) (see ``benchmarks/reuse_bench.py``).
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
