@@ -370,6 +370,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            **_answers_report(pipeline),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),
         },
@@ -378,6 +379,11 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
         state.write_finished(summary.to_dict())
         _publish(state, config.out)
     return summary
+
+
+def _answers_report(pipeline: Pipeline) -> dict[str, object]:
+    answers = pipeline.sender.answers
+    return dict(answers.report()) if answers is not None else {}
 
 
 def _hosts_report(pipeline: Pipeline) -> dict[str, object]:

@@ -182,8 +182,9 @@ def open_store(path: Path, *, durable: bool = True) -> ResultStore:
     """Open (creating it and its directory if needed) the store at ``path``.
 
     ``durable``: commits survive a power loss (else only a process crash,
-    which is enough where a journal holds the same results). Raises ``StoreError`` when the directory or file cannot be
-    created or written, or the file is not a batchrun result store.
+    which is enough where a journal holds the same results). Raises
+    ``StoreError`` when the directory or file cannot be created or written,
+    or the file is not a batchrun result store.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

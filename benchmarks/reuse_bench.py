@@ -1,9 +1,9 @@
-"""Paying once, measured (scenarios h and i of ``make bench``).
+"""Paying once, measured (scenarios i and j of ``make bench``).
 
-h. edits: a 2,000-row file is answered, then 10 rows are edited (same byte
+i. edits: a 2,000-row file is answered, then 10 rows are edited (same byte
    size), 5 deleted and 50 appended; the same command runs again. Target: it
    sends exactly 60 requests.
-i. cache: 200,000 rows are answered at zero latency into a ``--cache`` (the
+j. cache: 200,000 rows are answered at zero latency into a ``--cache`` (the
    sending run), then the same rows are answered again for another output
    from that cache (the serving run). Targets: serving takes at most 0.3 x
    the sending run's time, peak RSS <= 150 MB. Then the cache is grown with
@@ -61,11 +61,11 @@ def _edit(source: Path, target: Path) -> None:
 
 
 def run_edits(work: Path) -> dict[str, Any]:
-    """Scenario h."""
+    """Scenario i."""
     source = make_input(work / f"rows-{EDIT_ROWS}.jsonl", EDIT_ROWS)
     inp, out = work / "edit-in.jsonl", work / "edit-out.jsonl"
     shutil.copyfile(source, inp)
-    with MockProcess(0.0, work / "mock-h.log") as server:
+    with MockProcess(0.0, work / "mock-i.log") as server:
         first = _run(batchrun_cmd(server, inp, out, CONCURRENCY), server)
         _edit(source, inp)
         again = _run(batchrun_cmd(server, inp, out, CONCURRENCY), server)
@@ -100,11 +100,11 @@ def grow_store(cache: Path, rows: int) -> float:
 
 
 def run_cache(work: Path, store_rows: int) -> dict[str, Any]:
-    """Scenario i."""
+    """Scenario j."""
     inp = make_input(work / f"rows-{CACHE_ROWS}.jsonl", CACHE_ROWS)
     cache = work / "cache"
     result: dict[str, Any] = {"rows": CACHE_ROWS, "store_rows": store_rows}
-    with MockProcess(0.0, work / "mock-i.log") as server:
+    with MockProcess(0.0, work / "mock-j.log") as server:
 
         def serve(name: str) -> dict[str, Any]:
             out = work / f"{name}.jsonl"
@@ -137,7 +137,7 @@ def render_reuse(edits: dict[str, Any] | None, cache: dict[str, Any] | None) -> 
     if edits is not None:
         rerun = edits["rerun"]
         lines += [
-            "", "## Paying once: an edited input (scenario h)", "",
+            "", "## Paying once: an edited input (scenario i)", "",
             f"{EDIT_ROWS:,} rows answered ({edits['first']['requests']:,} requests,"
             f" {edits['first']['wall_s']:.2f} s); then {EDITED} rows edited (same size),"
             f" {DELETED} deleted, {APPENDED} appended: the rerun sent **{rerun['requests']}**"
@@ -148,7 +148,7 @@ def render_reuse(edits: dict[str, Any] | None, cache: dict[str, Any] | None) -> 
     if cache is not None:
         send, serve = cache["send"], cache["serve"]
         lines += [
-            "", "## Paying once: answers from --cache (scenario i)", "",
+            "", "## Paying once: answers from --cache (scenario j)", "",
             "| run | wall s | rows/s | peak RSS MB | requests |", "|---|---:|---:|---:|---:|",
         ]  # fmt: skip
         runs = [("send 200,000 rows into an empty cache", send),
