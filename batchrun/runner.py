@@ -86,7 +86,12 @@ async def run_async(
         if config.restart:
             state.clear()
             state.drop_results()
-        answers = open_answers(state.root, config.cache, resend_retryable=config.retry_failed)
+        answers = open_answers(
+            state.root,
+            config.cache,
+            resend_retryable=config.retry_failed,
+            durable=config.fsync != "off",
+        )
         try:
             prepared = prepare(state, config, provider, answers)
             if isinstance(prepared, Summary):
