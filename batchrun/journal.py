@@ -95,19 +95,26 @@ def _take(contents: JournalContents, raw: bytes, number: int, path: Path, after:
 
 
 class Journal:
-    """Appends records to the journal file; one ``write`` per record."""
+    """Appends records to the journal file; one ``write`` per record.
+
+    Invariant: ``size`` is the file's length, so the offset ``record``
+    returns is where that record starts; a record can be read back with
+    ``read_at`` as soon as ``record`` returns (it is with the OS by then).
+    """
 
     def __init__(self, path: Path, *, fsync: FsyncPolicy = "off") -> None:
         self.path = path
         self._fsync = fsync
         self._fd: int | None = None
+        self.size = 0
 
     def open(self, *, valid_bytes: int | None = None) -> None:
         """Open for appending, first cutting a torn tail at ``valid_bytes``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         if valid_bytes is not None:
             os.truncate(self._fd, valid_bytes)
+        self.size = os.fstat(self._fd).st_size
 
     def begin(self, line: int) -> None:
         """Row ``line`` is about to be sent."""
@@ -117,28 +124,46 @@ class Journal:
         """Row ``line`` got a fatal answer: not billed, to be sent again."""
         self._write(b'{"x":%d}\n' % line)
 
-    def record(self, output_line: bytes) -> None:
-        """Row finished: its output record, newline included."""
+    def record(self, output_line: bytes) -> int:
+        """Row finished: its output record, newline included. Returns the
+        record's offset in the journal (see ``read_at``)."""
+        offset = self.size
         self._write(output_line)
         if self._fsync == "always":
             self.sync()
+        return offset
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """The ``length`` bytes at ``offset``: a record read back."""
+        assert self._fd is not None, "open() first"
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise CorruptStateError(f"journal {self.path} is shorter than its records")
+        return data
 
     def sync(self) -> None:
         """Make every record written so far survive a power loss."""
         if self._fd is not None:
             os.fsync(self._fd)
 
-    def rewrite(self, records: Iterable[bytes]) -> None:
-        """Replace the journal with ``records`` in one atomic step (compaction)."""
+    def rewrite(self, records: Iterable[bytes]) -> list[int]:
+        """Replace the journal with ``records`` in one atomic step (compaction);
+        returns each record's offset in the new journal. ``records`` may read
+        the old journal (``read_at``) as it is consumed."""
         fresh = self.path.with_name(self.path.name + ".new")
+        offsets: list[int] = []
         with fresh.open("wb") as handle:
+            written = 0
             for record in records:
+                offsets.append(written)
                 handle.write(record)
+                written += len(record)
             handle.flush()
             os.fsync(handle.fileno())
         self.close()
         os.replace(fresh, self.path)
         self.open()
+        return offsets
 
     def close(self) -> None:
         if self._fd is not None:
@@ -154,3 +179,4 @@ class Journal:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+        self.size += len(data)
