@@ -12,11 +12,14 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.errors import UsageError
+from batchrun.errors import LockedError, UsageError
 from batchrun.heap import pin_mmap_threshold
 from batchrun.jobfile import build_config, load_job_file
 from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
-from batchrun.state import LockedError
+
+cache_app = typer.Typer(
+    no_args_is_help=True, help="Inspect and prune a result store shared with --cache."
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -28,6 +31,7 @@ _LIMITS = "Limits (DashScope SDK knobs)"
 _TIMEOUTS = "Timeouts (seconds)"
 _RETRY = "Retries"
 _RESUME = "Resume and durability"
+_PAYING = "Paying once"
 _BATCH = "Batch mode (the provider's Batch API, half price)"
 
 
@@ -82,12 +86,17 @@ def run_command(
     write_timeout: Annotated[
         float | None, _opt("Sending the request body (60).", _TIMEOUTS)
     ] = None,
+    request_timeout: Annotated[
+        float | None,
+        _opt("One whole attempt: connect, send, wait and read (600).", _TIMEOUTS),
+    ] = None,
     connection_idle_timeout: Annotated[
         float | None, _opt("Keeping an idle connection (300).", _TIMEOUTS)
     ] = None,
     max_attempts: Annotated[int | None, _opt("Attempts per row (6).", _RETRY)] = None,
     retry_budget: Annotated[
-        float | None, _opt("Seconds per row for all attempts (900).", _RETRY)
+        float | None,
+        _opt("Seconds per row from its first attempt, in-flight attempt included (900).", _RETRY),
     ] = None,
     reorder_window: Annotated[
         int | None, _opt("Rows held at most while an earlier one is unfinished (10000).")
@@ -108,6 +117,16 @@ def run_command(
     ] = None,
     metrics_file: Annotated[
         Path | None, _opt("Prometheus textfile, rewritten during the run (node_exporter).")
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        _opt("Result store shared by jobs: rows answered there are not sent again.", _PAYING),
+    ] = None,
+    max_cost: Annotated[
+        float | None,
+        _opt(
+            "Stop sending once the spend would pass this (exit 5); needs [costs] prices.", _PAYING
+        ),
     ] = None,
     restart: Annotated[
         bool,
@@ -308,6 +327,40 @@ def merge_command(
         err=True,
     )
     raise typer.Exit(EXIT_FAILED_ROWS if report.failed else 0)
+
+
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("stats")
+def cache_stats_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The --cache directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Count what a result store holds: results, errors, recorded cost, age, size."""
+    from batchrun import cachecmd
+
+    with _usage_errors():
+        stats = cachecmd.stats(directory)
+    if as_json:
+        typer.echo(orjson.dumps(cachecmd.as_dict(stats), option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(cachecmd.render(stats))
+
+
+@cache_app.command("prune")
+def cache_prune_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The --cache directory.")],
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age such as 30d, 12h, 90m or 3600s.")
+    ],
+) -> None:
+    """Delete the results stored longer ago than --older-than."""
+    from batchrun import cachecmd
+
+    with _usage_errors():
+        deleted = cachecmd.prune(directory, cachecmd.parse_age(older_than))
+    typer.echo(f"batchrun: deleted {deleted:,} results older than {older_than} from {directory}")
 
 
 @app.command("export")

@@ -108,9 +108,11 @@ class Client:
         hosts: HostPool | None = None,
         api_key: str | None,
         write_timeout: float,
+        request_timeout: float = 600.0,
     ) -> None:
         """``hosts`` spreads requests over several base URLs; ``base_url``
-        alone is a pool of one."""
+        alone is a pool of one. ``request_timeout`` (seconds) bounds one whole
+        attempt, the stale-connection resend included."""
         if hosts is None:
             if base_url is None:
                 raise ValueError("a base_url or hosts")
@@ -121,6 +123,7 @@ class Client:
         self._headers = provider.headers(api_key)
         self._api_key = api_key
         self._write_timeout = write_timeout
+        self._request_timeout = request_timeout
         self.stale_retries = 0
 
     async def send(self, request: Request) -> Response:
@@ -128,12 +131,24 @@ class Client:
         host = self.hosts.pick()
         host_failed = False
         try:
-            return await self._send_to(host.base_url, request)
+            return await self._within_request_timeout(host.base_url, request)
         except RequestError as exc:
             host_failed = exc.status is None or exc.status >= 500
             raise
         finally:
             self.hosts.finished(host, host_failed=host_failed)
+
+    async def _within_request_timeout(self, base_url: str, request: Request) -> Response:
+        """Connect, send, wait and read under one deadline: the per-read timeout
+        alone lets a server that trickles bytes (or sends a 1xx, then nothing)
+        hold the attempt forever."""
+        with anyio.move_on_after(self._request_timeout):
+            return await self._send_to(base_url, request)
+        # Only the deadline's cancellation leaves the block without a return.
+        raise TransientError(
+            "request_timeout",
+            f"the attempt took longer than --request-timeout ({self._request_timeout:g} s)",
+        )
 
     async def _send_to(self, base_url: str, request: Request) -> Response:
         """A pooled connection the server had already closed (its keep-alive

@@ -138,17 +138,20 @@ def resolve_limits(
 class Timeouts:
     """Timeouts in seconds (DashScope SDK defaults).
 
-    ``read`` bounds each wait for response bytes, ``write`` the sending of the
-    request body, ``idle`` how long an unused pooled connection is kept.
+    ``read`` bounds each wait for response bytes (not the whole answer: a
+    server trickling one byte at a time never trips it), ``write`` the sending
+    of the request body, ``request`` one whole attempt (connect, send, wait,
+    read), ``idle`` how long an unused pooled connection is kept.
     """
 
     connect: float = 120.0
     read: float = 300.0
     write: float = 60.0
+    request: float = 600.0
     idle: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("connect", "read", "write", "idle"):
+        for name in ("connect", "read", "write", "request", "idle"):
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=True),
@@ -160,8 +163,9 @@ class Timeouts:
 class RetryPolicy:
     """Bounds on retrying one row.
 
-    At most ``max_attempts`` attempts, and no new attempt starts once
-    ``budget`` seconds have passed since the first. Backoff is exponential
+    At most ``max_attempts`` attempts, and at most ``budget`` seconds from the
+    first attempt's start to the row's outcome: an attempt still in flight
+    then is cancelled, and a wait that would end past it is not begun. Backoff is exponential
     with full jitter from ``backoff_initial`` up to ``backoff_max`` seconds; a
     server's Retry-After wins when longer, up to ``budget``.
     """
@@ -234,15 +238,29 @@ WHOLE = Shard(0, 1)
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Costs:
-    """What the job's model costs and holds, for ``validate``'s estimates.
+    """What the job's model costs and holds, and what the job may spend.
 
     Prices are per million tokens in the provider's currency; ``context_limit``
-    is the model's context window in tokens.
+    is the model's context window in tokens; ``max_cost`` caps the spend of
+    all runs on one output (in the same currency; needs both prices).
     """
 
     price_input_per_million: float | None = None
     price_output_per_million: float | None = None
     context_limit: int | None = None
+    max_cost: float | None = None
+
+    @property
+    def priced(self) -> bool:
+        """Whether both prices are known, so rows can be costed."""
+        prices = (self.price_input_per_million, self.price_output_per_million)
+        return None not in prices
+
+    def price(self, tokens_in: int, tokens_out: int) -> float:
+        """The cost of ``tokens_in`` prompt and ``tokens_out`` output tokens (0 unpriced)."""
+        per_in = self.price_input_per_million or 0.0
+        per_out = self.price_output_per_million or 0.0
+        return (tokens_in * per_in + tokens_out * per_out) / 1_000_000
 
     def __post_init__(self) -> None:
         for name in ("price_input_per_million", "price_output_per_million"):
@@ -254,6 +272,15 @@ class Costs:
         require(
             self.context_limit is None or _is_count(self.context_limit),
             f"context_limit must be a whole number of tokens >= 1, got {self.context_limit!r}",
+        )
+        require(
+            self.max_cost is None or _is_seconds(self.max_cost, minimum_exclusive=False),
+            f"--max-cost must be an amount >= 0, got {self.max_cost!r}",
+        )
+        require(
+            self.max_cost is None or self.priced,
+            "--max-cost needs the prices: set price_input_per_million and"
+            " price_output_per_million in the job file's [costs]",
         )
 
 
@@ -319,6 +346,7 @@ class RunConfig:
     shard: Shard | None = None
     metrics_file: Path | None = None
     costs: Costs = field(default_factory=lambda: Costs())
+    cache: Path | None = None  # a result store shared by jobs (--cache DIR)
     mode: Mode = "online"
     batch: BatchSettings = field(default_factory=lambda: BatchSettings())
 
@@ -376,6 +404,7 @@ _FLAGS = {
     "connect": "--connect-timeout",
     "read": "--read-timeout",
     "write": "--write-timeout",
+    "request": "--request-timeout",
     "idle": "--connection-idle-timeout",
     "budget": "--retry-budget",
     "backoff_initial": "--backoff-initial",

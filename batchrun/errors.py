@@ -23,6 +23,14 @@ class UsageError(BatchrunError):
     """Bad configuration, flags, job file or input file (exit code 2)."""
 
 
+class CorruptStateError(UsageError):
+    """A state file is damaged other than by a torn final write (exit code 2)."""
+
+
+class LockedError(BatchrunError):
+    """Another live process runs on this output (exit code 4)."""
+
+
 class RequestError(BatchrunError):
     """A request's failure, with what the output record needs.
 

@@ -59,6 +59,7 @@ _JOB_KEYS: dict[str, str] = {
     "connect_timeout": "timeouts",
     "read_timeout": "timeouts",
     "write_timeout": "timeouts",
+    "request_timeout": "timeouts",
     "connection_idle_timeout": "timeouts",
     "max_attempts": "retry",
     "retry_budget": "retry",
@@ -67,6 +68,8 @@ _JOB_KEYS: dict[str, str] = {
     "price_input_per_million": "costs",
     "price_output_per_million": "costs",
     "context_limit": "costs",
+    "max_cost": "costs",
+    "cache": "run",
 }
 _TABLES = ("limits", "timeouts", "retry", "costs", "batch")
 
@@ -138,6 +141,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         connect="connect_timeout",
         read="read_timeout",
         write="write_timeout",
+        request="request_timeout",
         idle="connection_idle_timeout",
     )
     retry = _build(
@@ -165,9 +169,10 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         restart="restart",
         retry_failed="retry_failed",
         metrics_file="metrics_file",
+        cache="cache",
         mode="mode",
     )
-    for key in ("input", "out", "summary_path", "metrics_file"):
+    for key in ("input", "out", "summary_path", "metrics_file", "cache"):
         if key in run_keys:
             run_keys[key] = Path(run_keys[key])
     run_keys.setdefault("reorder_window", max(10_000, 4 * limits.max_async))
@@ -177,6 +182,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         price_input_per_million="price_input_per_million",
         price_output_per_million="price_output_per_million",
         context_limit="context_limit",
+        max_cost="max_cost",
     )
     batch = _build(
         BatchSettings,

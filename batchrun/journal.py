@@ -8,7 +8,10 @@ An append-only file of JSON lines in the state directory, of two kinds:
 * ``{"x": N}``: row ``N`` was answered with a fatal error (a bad key): it was
   not billed and is sent again on resume, but not in doubt.
 * an output record (``{"id": ..., "line": N, ...}``): row ``N`` finished; the
-  same bytes later go into the ordered output.
+  same bytes later go into the ordered output. It is preceded, in the same
+  ``write``, by ``{"k": HEX, "l": N}``: the content key of row ``N``'s
+  request (``batchrun.contentkey``), so a resume can file the result in the
+  result store even when the input changed meanwhile.
 
 Each record goes to the operating system in one ``write`` as soon as it is
 known, so a killed process loses none; ``fsync`` adds power-loss safety. A
@@ -30,11 +33,7 @@ import orjson
 
 from batchrun import crashpoint
 from batchrun.config import FsyncPolicy
-from batchrun.errors import UsageError
-
-
-class CorruptStateError(UsageError):
-    """A state file is damaged other than by a torn final write."""
+from batchrun.errors import CorruptStateError
 
 
 @dataclass(slots=True)
@@ -43,12 +42,15 @@ class JournalContents:
 
     ``results`` maps line to its output record (newline included); ``begun``
     holds lines sent without a result; ``valid_bytes`` is the length of the
-    readable part (a torn tail starts there).
+    readable part (a torn tail starts there). ``keyed`` holds every result
+    with its content key, of any line (for the result store).
     """
 
     results: dict[int, bytes] = field(default_factory=dict)
     begun: set[int] = field(default_factory=set)
     valid_bytes: int = 0
+    keyed: list[tuple[bytes, bytes]] = field(default_factory=list)
+    last_key: tuple[int, bytes] | None = None  # the key record just read
 
     @property
     def in_doubt(self) -> set[int]:
@@ -77,14 +79,16 @@ def read_journal(path: Path, *, after_line: int) -> JournalContents:
 def _take(contents: JournalContents, raw: bytes, number: int, path: Path, after: int) -> None:
     try:
         record = orjson.loads(raw)
-        kind = "b" if "b" in record else "x" if "x" in record else "line"
-        line = record[kind]
-    except (orjson.JSONDecodeError, TypeError, KeyError):
+        kind = "b" if "b" in record else "x" if "x" in record else "k" if "k" in record else "line"
+        line = record["l" if kind == "k" else kind]
+        key = bytes.fromhex(record["k"]) if kind == "k" else None
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
         raise CorruptStateError(
             f"journal {path} is damaged at record {number}; it cannot be resumed safely."
             " Run again with --restart to start over"
         ) from None
-    if not isinstance(line, int) or line <= after:
+    _take_key(contents, kind, line, key, raw)
+    if not isinstance(line, int) or line <= after or kind == "k":
         return
     if kind == "b":
         contents.begun.add(line)
@@ -92,6 +96,19 @@ def _take(contents: JournalContents, raw: bytes, number: int, path: Path, after:
         contents.begun.discard(line)
     else:
         contents.results[line] = raw
+
+
+def _take_key(
+    contents: JournalContents, kind: str, line: object, key: bytes | None, raw: bytes
+) -> None:
+    """Pair a result with the key record written just before it."""
+    if kind == "k":
+        contents.last_key = (line, key) if isinstance(line, int) and key else None
+        return
+    last = contents.last_key
+    if kind == "line" and last is not None and last[0] == line:
+        contents.keyed.append((last[1], raw))
+    contents.last_key = None
 
 
 class Journal:
@@ -124,10 +141,15 @@ class Journal:
         """Row ``line`` got a fatal answer: not billed, to be sent again."""
         self._write(b'{"x":%d}\n' % line)
 
-    def record(self, output_line: bytes) -> int:
-        """Row finished: its output record, newline included. Returns the
-        record's offset in the journal (see ``read_at``)."""
+    def record(self, output_line: bytes, *, line: int = 0, key: bytes | None = None) -> int:
+        """Row ``line`` finished: its output record, newline included, after
+        its request's content ``key`` when it has one (one ``write``). Returns
+        the output record's offset in the journal (see ``read_at``)."""
         offset = self.size
+        if key is not None:
+            prefix = b'{"k":"%s","l":%d}\n' % (key.hex().encode(), line)
+            offset += len(prefix)
+            output_line = prefix + output_line
         self._write(output_line)
         if self._fsync == "always":
             self.sync()

@@ -30,6 +30,11 @@ class Directives:
     reset: int = 0
     truncate: int = 0
     badjson: int = 0
+    trickle: float = 0.0  # seconds between body bytes
+    trickle_times: int | None = None  # None: every attempt
+    hang102: int = 0
+    huge: int = 0  # body bytes
+    chunked: bool = False
     oddbody: int = 0
     redirect: int | None = None  # a 3xx status
     size: int = 0  # characters of answer content, at least
@@ -57,6 +62,14 @@ def _fail(value: str | None) -> tuple[int | None, int | None]:
     return int(code), int(times) if sep else None
 
 
+def _paced(value: str | None) -> tuple[float, int | None]:
+    """``S`` or ``SxN``: seconds, and the attempts it applies to (None: all)."""
+    seconds, sep, times = (value or "").partition("x")
+    if sep and not times.isdigit():
+        return 0.0, None
+    return _seconds(seconds), int(times) if sep else None
+
+
 def _redirect(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() and 300 <= int(value) <= 399 else None
 
@@ -71,6 +84,7 @@ def parse_directives(text: str) -> Directives:
             name, _, value = token[5:].partition("=")
             found[name] = value
     fail, fail_times = _fail(found.get("fail"))
+    trickle, trickle_times = _paced(found.get("trickle"))
     return Directives(
         delay=_seconds(found.get("delay")),
         fail=fail,
@@ -80,6 +94,11 @@ def parse_directives(text: str) -> Directives:
         reset=_count(found.get("reset")),
         truncate=_count(found.get("truncate")),
         badjson=_count(found.get("badjson")),
+        trickle=trickle,
+        trickle_times=trickle_times,
+        hang102=_count(found.get("hang102")),
+        huge=_count(found.get("huge")),
+        chunked="chunked" in found,
         oddbody=_count(found.get("oddbody")),
         redirect=_redirect(found.get("redirect")),
         size=_count(found.get("size")),

@@ -26,7 +26,14 @@ digest, this one included. The first of these that fires decides the answer:
   ``Location`` elsewhere on this server, which serves nothing there;
 * ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse;
 * ``mock:oddbody=N``: attempts ``n <= N`` get a 200 whose JSON body is not an
-  object: ``null``, ``[]`` and a string in turn.
+  object: ``null``, ``[]`` and a string in turn;
+* ``mock:hang102=N``: attempts ``n <= N`` get ``HTTP/1.1 102 Processing``,
+  then nothing until the client gives up;
+* ``mock:trickle=S`` (always) / ``mock:trickle=SxN`` (attempts ``n <= N``):
+  the 200's headers at once, then its body one byte every ``S`` seconds;
+* ``mock:huge=BYTES``: a 200 whose JSON body is padded to ``BYTES`` bytes,
+  sent in 64 KiB pieces with its ``Content-Length`` (chunked, without one, when
+  ``mock:chunked`` is given too).
 
 ``mock:size=N`` pads a chat or completion answer's content to ``N``
 characters (large answers).
@@ -82,6 +89,9 @@ _JSON: Final = "application/json"
 _SHUTDOWN_GRACE: Final = 0.25
 # SO_LINGER on with a zero timeout makes close() send an RST instead of a FIN.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+# How long a hang102 answer stays silent: longer than any test's timeout.
+_SILENCE: Final = 3600.0
+_HUGE_PIECE: Final = 1 << 16
 _MAX_UPLOAD: Final = 512 << 20
 _DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
 
@@ -197,12 +207,62 @@ async def _truncated(request: web.Request, call: Call) -> web.StreamResponse:
     return response
 
 
+async def _hang_after_102(request: web.Request) -> web.StreamResponse:
+    """An informational answer, then silence until the client gives up."""
+    if request.transport is not None:
+        request.transport.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+    await asyncio.sleep(_SILENCE)
+    return _reset_connection(request)
+
+
+async def _streamed(
+    request: web.Request, call: Call, body: bytes, *, pace: float, piece: int, length: bool
+) -> web.StreamResponse:
+    """A 200 sent ``piece`` bytes at a time, ``pace`` seconds apart."""
+    response = web.StreamResponse(headers={"x-request-id": call.request_id})
+    response.content_type = _JSON
+    if length:
+        response.content_length = len(body)
+    else:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    for start in range(0, len(body), piece):
+        if pace:
+            await asyncio.sleep(pace)
+        await response.write(body[start : start + piece])
+    await response.write_eof()
+    return response
+
+
+def _padded(call: Call, size: int) -> bytes:
+    """The success body grown to ``size`` bytes with a padding field."""
+    answer = success_body(call)
+    bare = len(orjson.dumps({**answer, "padding": ""}))
+    return orjson.dumps({**answer, "padding": "x" * max(0, size - bare)})
+
+
+async def _slow_or_big(
+    request: web.Request, call: Call, rules: Directives
+) -> web.StreamResponse | None:
+    """A trickled or huge success answer, when the row asks for one."""
+    if rules.trickle and (rules.trickle_times is None or call.attempt <= rules.trickle_times):
+        body = orjson.dumps(success_body(call, size=rules.size))
+        return await _streamed(request, call, body, pace=rules.trickle, piece=1, length=True)
+    if rules.huge:
+        body = _padded(call, rules.huge)
+        length = not rules.chunked
+        return await _streamed(request, call, body, pace=0, piece=_HUGE_PIECE, length=length)
+    return None
+
+
 async def _scripted(
     request: web.Request, call: Call, rules: Directives, overloaded: bool
 ) -> web.StreamResponse:
     """Answer an authorised request whose body is a JSON object."""
     if call.attempt <= rules.reset:
         return _reset_connection(request)
+    if call.attempt <= rules.hang102:
+        return await _hang_after_102(request)
     fault = _fault(call, rules, overloaded)
     if fault is not None:
         return fault
@@ -216,6 +276,9 @@ async def _scripted(
         return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
     if call.attempt <= rules.oddbody:
         return _json(200, _ODD_BODIES[(call.attempt - 1) % len(_ODD_BODIES)], headers)
+    special = await _slow_or_big(request, call, rules)
+    if special is not None:
+        return special
     return _json(200, success_body(call, size=rules.size), headers)
 
 

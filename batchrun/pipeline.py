@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple, Protocol
@@ -31,13 +32,15 @@ import anyio
 import orjson
 
 from batchrun import crashpoint
+from batchrun.budget import Budget, worst_case_cost
 from batchrun.client import Client
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import FatalError, sole_usage_error
+from batchrun.contentkey import request_key
+from batchrun.errors import CorruptStateError, FatalError, sole_usage_error
 from batchrun.holding import Held
 from batchrun.inputs import READ_ERRORS, count_lines, open_input, read_lines
-from batchrun.journal import CorruptStateError, Journal
+from batchrun.journal import Journal
 from batchrun.metrics import MetricsWriter
 from batchrun.progress import ProgressReporter, RunStats
 from batchrun.providers import Provider
@@ -51,6 +54,7 @@ from batchrun.records import (
     parse_line,
 )
 from batchrun.resume import ResumePoint, tally
+from batchrun.reuse import Answers, relabel, stored_from_record
 from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
 from batchrun.throttle import Throttle
@@ -73,12 +77,13 @@ class Finished(NamedTuple):
     row: int  # 0-based input row
     input_end: int  # byte offset in the input just after this row
     data: bytes | None  # the output record, newline included; None: in the journal only
-    outcome: Outcome | None  # None: finished by an earlier run
+    outcome: Outcome | None  # None: finished by an earlier run, or reused
+    reused: bool = False  # answered from a result store
     journal_at: int | None = None  # where the journal holds the record, if it does
     kept: int = 0  # bytes the record holds in memory while an earlier row is unfinished
 
 
-Work = tuple[int, int, Request]
+Work = tuple[int, int, Request, bytes]  # row, input end, request, content key
 
 
 class KnownLookup(Protocol):
@@ -104,6 +109,7 @@ class Pipeline:
         state: StateDir,
         start: ResumePoint,
         throttle: Throttle,
+        answers: Answers,
         handle_signals: bool = False,
         known: KnownLookup | None = None,
     ) -> None:
@@ -139,6 +145,9 @@ class Pipeline:
             client, provider, throttle, config.retry, clock=clock, stats=self.stats
         )
         self._last_checkpoint = start.checkpoint.rows
+        self.answers = answers
+        self.budget = Budget(config.costs.max_cost, spent=_spent_before(start, provider))
+        self.stats.cost_before = start.checkpoint.cost
 
     @property
     def complete(self) -> bool:
@@ -249,25 +258,46 @@ class Pipeline:
                 if place < written:
                     continue  # written by an earlier run
                 self.rows_read = place + 1
-                yield self._known(index, offset, old) or self._parse(index, offset, raw, defaults)
+                yield self._known(index, offset, old, raw, defaults) or self._parse(
+                    index, offset, raw, defaults
+                )
         self.eof = True
 
-    def _known(self, index: int, offset: int, old: bytes | None) -> Finished | None:
-        """The row's result if an earlier run has it (journal, or kept output)."""
+    def _known(
+        self, index: int, offset: int, old: bytes | None, raw: bytes, defaults: Defaults
+    ) -> Finished | None:
+        """The row's result if an earlier run has it (journal, batches, or kept output)."""
         line = index + 1
         data = self.held.get(line)
         if data is None and self.known is not None:
             data = self.known.get(line)
+            if data is not None:
+                self._file_batched(raw, line, defaults, data)
         if data is None and old is not None:
             data = _kept_record(old, line, self.config.out)
         return None if data is None else Finished(index, offset, data, None)
 
     def _parse(self, index: int, offset: int, raw: bytes, defaults: Defaults) -> Work | Finished:
+        """The row to send, or its known result: a bad line's error record,
+        or a result stored under the request's content key."""
         parsed = parse_line(raw.rstrip(b"\r\n"), index + 1, defaults)
         if isinstance(parsed, LineError):
             outcome = line_error_outcome(parsed)
             return Finished(index, offset, output_line(outcome), outcome)
-        return (index, offset, parsed)
+        key = request_key(self.provider, parsed)
+        found = self.answers.find(key)
+        if found is not None:
+            data = relabel(found.record, parsed.line, parsed.custom_id)
+            return Finished(index, offset, data, None, reused=True)
+        return (index, offset, parsed, key)
+
+    def _file_batched(self, raw: bytes, line: int, defaults: Defaults, data: bytes) -> None:
+        """File a batch's answer under its request's key: no later run, online
+        or batch, pays for that request again."""
+        parsed = parse_line(raw.rstrip(b"\r\n"), line, defaults)
+        result = stored_from_record(data, time.time())
+        if isinstance(parsed, Request) and result is not None:
+            self.answers.add(request_key(self.provider, parsed), result)
 
     @contextmanager
     def _previous(self, skip: int) -> Iterator[Iterator[bytes] | None]:
@@ -301,9 +331,16 @@ class Pipeline:
                 return
             self._deliver(finished)
 
-    async def _journaled(self, index: int, offset: int, request: Request) -> Finished | None:
-        """Send one row with its journal marks; None when the answer was fatal."""
-        line = request.line
+    async def _journaled(
+        self, index: int, offset: int, request: Request, key: bytes
+    ) -> Finished | None:
+        """Send one row with its journal marks; None when the answer was
+        fatal or the budget refused the row (then it stays unsent)."""
+        line, costs = request.line, self.config.costs
+        reserved = worst_case_cost(costs, request) if costs.max_cost is not None else 0.0
+        if not self.budget.reserve(reserved):
+            self._stop_for_budget()
+            return None
         self.journal.begin(line)
         self.in_flight.add(line)  # stays there if cancelled: that row is in doubt
         try:
@@ -311,14 +348,28 @@ class Pipeline:
         except FatalError as exc:
             self.journal.abandon(line)
             self.in_flight.discard(line)
+            self.budget.release(reserved)
             self._abort(exc)
             return None
         crashpoint.hit("after_response")
+        if costs.priced:
+            outcome.cost = costs.price(outcome.tokens_in, outcome.tokens_out)
+        self.budget.settle(reserved, outcome.cost or 0.0)
         data = output_line(outcome)
-        journal_at = self.journal.record(data)
+        journal_at = self.journal.record(data, line=line, key=key)
+        self.answers.add_outcome(key, data, outcome)
         self.held.add(line, data)
         self.in_flight.discard(line)
-        return Finished(index, offset, data, outcome, journal_at)
+        if self.budget.refused and not self.in_flight:
+            self._producers.cancel()  # the last row in flight at a budget stop
+        return Finished(index, offset, data, outcome, journal_at=journal_at)
+
+    def _stop_for_budget(self) -> None:
+        """Take no more rows; end once the rows in flight are answered."""
+        if self.stop_reason is None:
+            self.stop_reason = "budget reached"
+        if not self.in_flight:
+            self._producers.cancel()
 
     def _abort(self, exc: FatalError) -> None:
         if self.aborted is None:
@@ -376,11 +427,17 @@ class Pipeline:
         outcome = item.outcome
         if outcome is None:
             verdict = tally(orjson.loads(data), self.provider.usage)
+            if item.reused:
+                self.stats.record_reused(
+                    ok=verdict.ok, error_code=verdict.error_code, cost=verdict.cost
+                )
+                return
             self.stats.record_earlier(
                 ok=verdict.ok,
                 error_code=verdict.error_code,
                 tokens_in=verdict.tokens_in,
                 tokens_out=verdict.tokens_out,
+                cost=verdict.cost,
             )
             return
         self.stats.record_outcome(
@@ -390,6 +447,7 @@ class Pipeline:
             latency_s=outcome.latency_s,
             tokens_in=outcome.tokens_in,
             tokens_out=outcome.tokens_out,
+            cost=outcome.cost or 0.0,
         )
 
     def _flush(self) -> None:
@@ -397,12 +455,14 @@ class Pipeline:
         self.output.flush(fsync=batch)
         if batch:
             self.journal.sync()
+        self.answers.flush()
 
     def checkpoint(self) -> None:
         """Make the ordered output durable, compact the journal to what it does
         not hold yet, and record how far it has come. Crash-safe in any order
         of interruption: each step leaves a state the next resume reads right."""
         self.output.flush(fsync=True)
+        self.answers.flush()  # before the journal forgets: every result is in one of them
         begun = [b'{"b":%d}\n' % line for line in sorted(self.in_flight)]
         self.held.compact(begun)
         self.state.write_checkpoint(self._checkpoint_record())
@@ -413,6 +473,7 @@ class Pipeline:
         progress.ok = stats.ok
         progress.failed_by_code = dict(stats.failed_by_code)
         progress.tokens_in, progress.tokens_out = stats.tokens_in, stats.tokens_out
+        progress.cost = stats.cost_before + stats.cost
         return progress
 
 
@@ -428,6 +489,13 @@ def _kept_record(old: bytes, line: int, out: object) -> bytes | None:
     if isinstance(error, dict) and error.get("retryable"):
         return None
     return old if old.endswith(b"\n") else old + b"\n"
+
+
+def _spent_before(start: ResumePoint, provider: Provider) -> float:
+    """What earlier runs on this output spent: the ordered output's rows and
+    the journaled ones after them."""
+    journaled = (tally(orjson.loads(raw), provider.usage) for raw in start.journal.results.values())
+    return start.checkpoint.cost + sum(verdict.cost for verdict in journaled)
 
 
 def _metrics_writer(

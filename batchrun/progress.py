@@ -92,8 +92,12 @@ class RunStats:
     """Live counters of one run; the runner mutates them, the reporter reads them.
 
     ``done`` counts rows with a final outcome, ``done == ok + failed``;
-    ``skipped`` counts those of them an earlier run finished (on resume), so
-    that rates and ETAs measure this run's own work.
+    ``skipped`` counts those of them an earlier run finished (on resume), and
+    ``reused`` those answered from a result store, so that rates and ETAs
+    measure this run's own work. ``sent`` counts rows this run sent.
+    Money, in the currency of the job's prices: ``cost`` is this run's
+    spend, ``cost_saved`` the recorded cost of the reused rows, and
+    ``cost_before`` what earlier runs on this output spent.
     """
 
     total: int | None = None
@@ -105,6 +109,11 @@ class RunStats:
     tokens_in: int = 0
     tokens_out: int = 0
     skipped: int = 0
+    reused: int = 0
+    sent: int = 0
+    cost: float = 0.0
+    cost_saved: float = 0.0
+    cost_before: float = 0.0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     @property
@@ -121,36 +130,50 @@ class RunStats:
         latency_s: float | None,
         tokens_in: int = 0,
         tokens_out: int = 0,
+        cost: float = 0.0,
     ) -> None:
         """Count one row's final outcome.
 
-        ``attempts`` includes the first; ``latency_s`` (seconds) is recorded
-        when known. A failure without a code counts under ``"unknown"``.
+        ``attempts`` includes the first (0: never sent, a bad line);
+        ``latency_s`` (seconds) is recorded when known. A failure without a
+        code counts under ``"unknown"``.
         """
+        self._verdict(ok, error_code, tokens_in, tokens_out)
+        self.retries += max(0, attempts - 1)
+        if attempts:
+            self.sent += 1
+        if latency_s is not None:
+            self.latency.record(latency_s)
+        self.cost += cost
+
+    def record_earlier(
+        self,
+        *,
+        ok: bool,
+        error_code: str | None,
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+        cost: float = 0.0,
+    ) -> None:
+        """Count a row an earlier run finished: in the totals, not in the rate."""
+        self._verdict(ok, error_code, tokens_in, tokens_out)
+        self.skipped += 1
+        self.cost_before += cost
+
+    def record_reused(self, *, ok: bool, error_code: str | None, cost: float = 0.0) -> None:
+        """Count a row answered from a result store (its recorded ``cost`` saved)."""
+        self._verdict(ok, error_code, 0, 0)
+        self.reused += 1
+        self.cost_saved += cost
+
+    def _verdict(self, ok: bool, error_code: str | None, tokens_in: int, tokens_out: int) -> None:
         self.done += 1
         if ok:
             self.ok += 1
         else:
             self.failed_by_code[error_code or "unknown"] += 1
-        self.retries += max(0, attempts - 1)
-        if latency_s is not None:
-            self.latency.record(latency_s)
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
-
-    def record_earlier(
-        self, *, ok: bool, error_code: str | None, tokens_in: int = 0, tokens_out: int = 0
-    ) -> None:
-        """Count a row an earlier run finished: in the totals, not in the rate."""
-        self.record_outcome(
-            ok=ok,
-            error_code=error_code,
-            attempts=1,
-            latency_s=None,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-        )
-        self.skipped += 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -158,9 +181,12 @@ class Summary:
     """End-of-run report: printed for humans (``render``), saved as JSON (``to_dict``).
 
     ``rows`` counts rows with a final outcome, skipped ones included;
-    ``rows_per_s`` counts only rows processed in this run. ``aborted`` is the
-    reason the run was stopped early (fatal provider answer, interrupt), else None.
-    ``extra`` must hold JSON-ready values.
+    ``rows_per_s`` counts only rows processed in this run. ``reused`` counts
+    rows answered from a result store, ``sent`` rows this run sent. ``cost``
+    (this run's spend) and ``cost_saved`` (the recorded cost of the reused
+    rows) are None when the job has no prices. ``aborted`` is the reason the
+    run was stopped early (fatal provider answer, interrupt, budget), else
+    None. ``extra`` must hold JSON-ready values.
     """
 
     rows: int
@@ -179,6 +205,10 @@ class Summary:
     exit_code: int
     aborted: str | None
     output: str
+    reused: int = 0
+    sent: int = 0
+    cost: float | None = None
+    cost_saved: float | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -191,9 +221,11 @@ class Summary:
         aborted: str | None,
         output: str,
         extra: dict[str, object] | None = None,
+        priced: bool = False,
     ) -> Summary:
-        """Freeze ``stats`` after a run of ``duration_s`` seconds."""
-        processed = stats.done - stats.skipped
+        """Freeze ``stats`` after a run of ``duration_s`` seconds; ``priced``:
+        the job has prices, so the costs are known."""
+        processed = stats.done - stats.skipped - stats.reused
         return cls(
             rows=stats.done,
             ok=stats.ok,
@@ -214,6 +246,10 @@ class Summary:
             exit_code=exit_code,
             aborted=aborted,
             output=output,
+            reused=stats.reused,
+            sent=stats.sent,
+            cost=round(stats.cost, 9) if priced else None,
+            cost_saved=round(stats.cost_saved, 9) if priced else None,
             extra=dict(extra or {}),
         )
 
@@ -234,6 +270,8 @@ class Summary:
             head += " (" + ", ".join(f"{c}: {n:,}" for c, n in self.failed_by_code.items()) + ")"
         if self.skipped:
             head += f"; {self.skipped:,} of them done by an earlier run"
+        if self.reused:
+            head += f"; {self.reused:,} reused from a store"
         lines = [head, "  " + " | ".join(self._detail_parts()), f"  output {self.output}"]
         if self.extra:
             lines.append("  " + " | ".join(f"{k} {v}" for k, v in self.extra.items()))
@@ -243,9 +281,12 @@ class Summary:
 
     def _detail_parts(self) -> list[str]:
         parts = [
+            f"sent {self.sent:,}",
             f"retries {self.retries:,}",
             f"tokens in {self.tokens_in:,} out {self.tokens_out:,}",
         ]
+        if self.cost is not None:
+            parts.append(f"cost {money(self.cost)} (saved {money(self.cost_saved or 0.0)})")
         marks = (
             ("p50", self.latency_p50_ms),
             ("p95", self.latency_p95_ms),
@@ -371,7 +412,7 @@ class ProgressReporter:
 
     def _rate(self) -> float:
         elapsed = self._clock() - self._started
-        processed = self.stats.done - self.stats.skipped
+        processed = self.stats.done - self.stats.skipped - self.stats.reused
         return processed / elapsed if elapsed > 0 else 0.0
 
     def _eta(self) -> str:
@@ -412,6 +453,11 @@ class ProgressReporter:
         text = f"errors {s.failed}, retries {s.retries}, in flight {s.in_flight}"
         more = self._extra() if self._extra is not None else ""
         self._bar.set_postfix_str(f"{text}, {more}" if more else text)
+
+
+def money(amount: float) -> str:
+    """An amount in the job's currency, to about 4 significant digits."""
+    return f"{amount:,.2f}" if amount >= 100 else f"{amount:.4g}"
 
 
 def _ms(seconds: float | None) -> float | None:

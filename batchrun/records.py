@@ -87,6 +87,7 @@ class Outcome:
     latency_s: float | None = None
     tokens_in: int = 0
     tokens_out: int = 0
+    cost: float | None = None  # from the answer's usage, when the job has prices
 
     @property
     def ok(self) -> bool:
@@ -206,7 +207,7 @@ def _native_defaults(body: dict[str, Any], defaults: Defaults) -> dict[str, Any]
 def output_record(outcome: Outcome) -> dict[str, Any]:
     """The OpenAI batch-output shape of an outcome, plus batchrun's own fields."""
     response = outcome.response
-    return {
+    record = {
         "id": f"batch_req_{outcome.line}",
         "custom_id": outcome.custom_id,
         "line": outcome.line,
@@ -226,6 +227,9 @@ def output_record(outcome: Outcome) -> dict[str, Any]:
         },
         "attempts": outcome.attempts,
     }
+    if outcome.cost is not None:
+        record["cost"] = outcome.cost
+    return record
 
 
 def output_line(outcome: Outcome) -> bytes:

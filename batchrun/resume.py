@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 
 from batchrun.config import WHOLE, Shard
-from batchrun.journal import CorruptStateError, JournalContents, read_journal
+from batchrun.errors import CorruptStateError
+from batchrun.journal import JournalContents, read_journal
 from batchrun.state import Checkpoint, StateDir
 
 Usage = Callable[[Any], tuple[int, int]]
@@ -30,17 +31,22 @@ class Tally:
     retryable: bool
     tokens_in: int
     tokens_out: int
+    cost: float = 0.0  # the record's recorded cost (0 when none)
+    reused: bool = False  # answered from a result store, not paid by this output
 
 
 def tally(data: dict[str, Any], usage: Usage) -> Tally:
-    """An output record's verdict and tokens (``usage`` reads a body)."""
+    """An output record's verdict, tokens and cost (``usage`` reads a body)."""
     error = data.get("error")
     response = data.get("response")
     tokens = usage(response.get("body")) if isinstance(response, dict) else (0, 0)
+    cost = data.get("cost")
+    paid = float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else 0.0
+    reused = bool(data.get("reused"))
     if isinstance(error, dict):
         code = str(error.get("code") or "unknown")
-        return Tally(False, code, bool(error.get("retryable")), *tokens)
-    return Tally(True, None, False, *tokens)
+        return Tally(False, code, bool(error.get("retryable")), *tokens, paid, reused)
+    return Tally(True, None, False, *tokens, paid, reused)
 
 
 @dataclass(slots=True)
@@ -108,5 +114,7 @@ def add_tally(counted: Checkpoint, verdict: Tally) -> None:
     else:
         code = verdict.error_code or "unknown"
         counted.failed_by_code[code] = counted.failed_by_code.get(code, 0) + 1
-    counted.tokens_in += verdict.tokens_in
-    counted.tokens_out += verdict.tokens_out
+    if not verdict.reused:  # a reused row's tokens and cost were paid elsewhere
+        counted.tokens_in += verdict.tokens_in
+        counted.tokens_out += verdict.tokens_out
+        counted.cost += verdict.cost

@@ -8,6 +8,7 @@ never wait for real.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from tenacity import (
     AsyncRetrying,
@@ -17,10 +18,13 @@ from tenacity import (
     stop_before_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from batchrun.config import RetryPolicy
 from batchrun.errors import TransientError
 from batchrun.timing import Sleep
+
+Remaining = Callable[[], float]  # seconds left of a row's budget
 
 
 class BackoffWithRetryAfter:
@@ -49,15 +53,29 @@ class BackoffWithRetryAfter:
         return min(wait, self._cap)
 
 
+class stop_past_budget(stop_base):
+    """Stop when the next wait would end past the row's budget: the row then
+    keeps its last error instead of sleeping into a cut-off."""
+
+    def __init__(self, remaining: Remaining) -> None:
+        self._remaining = remaining
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._remaining() <= retry_state.upcoming_sleep
+
+
 def retrying(
     policy: RetryPolicy,
     *,
     sleep: Sleep,
+    remaining: Remaining | None = None,
 ) -> AsyncRetrying:
     """A tenacity loop for one row: transient errors only, bounded in attempts
-    and in time (no attempt starts after ``policy.budget`` seconds)."""
+    and in time. ``remaining`` gives the seconds left of the row's budget; by
+    default the budget runs from the loop's start."""
+    in_time = stop_before_delay(policy.budget) if remaining is None else stop_past_budget(remaining)
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.budget),
+        stop=stop_after_attempt(policy.max_attempts) | in_time,
         wait=BackoffWithRetryAfter(policy),
         retry=retry_if_exception_type(TransientError),
         sleep=sleep,

@@ -23,19 +23,23 @@ from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
+from batchrun.journal import read_journal
+from batchrun.layout import state_dir
 from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
-from batchrun.progress import ProgressReporter, RunStats, Summary
+from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
 from batchrun.resume import ResumePoint, recover
-from batchrun.state import StateDir, check_fingerprint, fingerprint
+from batchrun.reuse import Answers, open_answers
+from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
-from batchrun.writer import OutputFile, state_dir
+from batchrun.writer import OutputFile
 
 log = logging.getLogger("batchrun")
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_BUDGET = 5  # --max-cost reached: raise it and run the same command again
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: run the same command again to resume
 
 __all__ = ["Clock", "run", "run_async"]
@@ -72,13 +76,28 @@ async def run_async(
     state.lock()
     try:
         guard(state.root, mode=config.mode, restart=config.restart)
-        prepared = prepare(state, config, provider)
-        if isinstance(prepared, Summary):
-            return prepared
-        config, start = prepared
-        return await _execute(
-            config, provider, api_key, state, start, clock or Clock(), stream, handle_signals
-        )
+        if config.restart:
+            state.clear()
+            state.drop_results()
+        answers = open_answers(state.root, config.cache, resend_retryable=config.retry_failed)
+        try:
+            prepared = prepare(state, config, provider, answers)
+            if isinstance(prepared, Summary):
+                return prepared
+            config, start = prepared
+            return await _execute(
+                config,
+                provider,
+                api_key,
+                state,
+                start,
+                answers,
+                clock or Clock(),
+                stream,
+                handle_signals,
+            )
+        finally:
+            answers.close()
     finally:
         state.unlock()
 
@@ -96,6 +115,8 @@ def check_run_paths(config: RunConfig) -> None:
         if path is not None
     ]
     directories = [("the state directory", state_dir(config.out))]
+    if config.cache is not None:
+        directories.append(("--cache", config.cache))
     check_written([("the input", config.input)], files, directories)
 
 
@@ -113,19 +134,34 @@ def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
 
 
 def prepare(
-    state: StateDir, config: RunConfig, provider: Provider
+    state: StateDir, config: RunConfig, provider: Provider, answers: Answers
 ) -> tuple[RunConfig, ResumePoint] | Summary:
-    """Decide how this run starts: fresh, resumed, a retry pass, or a no-op
-    (a ``Summary``) because the output is already complete."""
-    if config.restart:
-        state.clear()
+    """Decide how this run starts: fresh, resumed, a retry pass, a new pass
+    over a changed input that reuses stored answers, or a no-op (a
+    ``Summary``) because the output is already complete. ``--restart`` has
+    cleared the state before this."""
     current = fingerprint(config)
     meta = state.read_meta()
     if meta is None:
         if config.retry_failed:
             raise UsageError(f"--retry-failed needs a finished run's output; {config.out} has none")
         return config, _begin(state, current, "full")
-    check_fingerprint(meta, current)
+    # Whatever happens next, the journal's results go to the store first.
+    answers.salvage(read_journal(state.journal_path, after_line=0).keyed)
+    changed = changed_settings(meta, current)
+    if changed and state.batch_path.exists():
+        # Batch answers are filed by line until the run that began them ends.
+        raise UsageError(
+            f"{changed} changed while batches of {config.out} are not written yet: run the"
+            " same command with the earlier input to collect them first, or --restart"
+        )
+    if changed:
+        log.info(
+            "%s changed since the run on %s: sending only requests without a stored answer",
+            changed,
+            config.out,
+        )
+        return dataclasses.replace(config, retry_failed=False), _begin(state, current, "full")
     finished = state.read_finished()
     if finished is not None:
         return _after_finish(state, config, current, finished)
@@ -189,6 +225,7 @@ async def _execute(
     api_key: str | None,
     state: StateDir,
     start: ResumePoint,
+    answers: Answers,
     clock: Clock,
     stream: TextIO | None,
     handle_signals: bool,
@@ -208,6 +245,7 @@ async def _execute(
             hosts=HostPool(base_urls, clock=clock.monotonic),
             api_key=api_key,
             write_timeout=config.timeouts.write,
+            request_timeout=config.timeouts.request,
         )
         started = clock.monotonic()
         if config.mode == "batch":
@@ -238,6 +276,7 @@ async def _execute(
             state=state,
             start=start,
             throttle=throttle,
+            answers=answers,
             handle_signals=handle_signals,
             known=known,
         )
@@ -289,9 +328,15 @@ def _reporter(
     )
     out_stream = stream or sys.stderr
     mode = ProgressReporter.choose_mode(config.progress, out_stream)
-    return ProgressReporter(
-        stats, mode=mode, stream=out_stream, clock=clock.monotonic, extra=throttle.level
-    )
+
+    def extra() -> str:
+        level = throttle.level()
+        if not config.costs.priced:
+            return level
+        spend = f"cost {money(stats.cost)}"
+        return f"{level}, {spend}" if level else spend
+
+    return ProgressReporter(stats, mode=mode, stream=out_stream, clock=clock.monotonic, extra=extra)
 
 
 def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
@@ -303,6 +348,8 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
         exit_code = EXIT_FAILED_ROWS if stats.failed else EXIT_OK
     elif pipeline.aborted is not None:
         exit_code, aborted = EXIT_FATAL, _fatal_advice(pipeline)
+    elif pipeline.budget.refused:
+        exit_code, aborted = EXIT_BUDGET, _budget_advice(pipeline)
     else:
         exit_code = EXIT_INTERRUPTED
         aborted = f"{pipeline.stop_reason or 'stopped'}; run the same command again to resume"
@@ -312,6 +359,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
         exit_code=exit_code,
         aborted=aborted,
         output=str(config.out),
+        priced=config.costs.priced,
         extra={
             "in doubt": pipeline.in_doubt,
             "in doubt (all runs)": pipeline.progress.in_doubt,
@@ -342,6 +390,14 @@ def _held_report(pipeline: Pipeline) -> dict[str, object]:
 def _hosts_report(pipeline: Pipeline) -> dict[str, object]:
     pool = pipeline.client.hosts
     return {"hosts": pool.report()} if len(pool.hosts) > 1 else {}
+
+
+def _budget_advice(pipeline: Pipeline) -> str:
+    budget = pipeline.budget
+    return (
+        f"budget reached: {money(budget.spent)} spent of --max-cost {money(budget.cap or 0.0)}"
+        " (all runs on this output); raise --max-cost and run the same command again"
+    )
 
 
 def _fatal_advice(pipeline: Pipeline) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
+
+import anyio
 
 from batchrun.client import Client
 from batchrun.config import RetryPolicy
@@ -39,52 +42,40 @@ class RowSender:
     async def send(self, request: Request) -> Outcome:
         """The row's outcome: its answer, or its last error once retries are
         spent or the error is not transient. ``FatalError`` propagates: it
-        aborts the run."""
-        attempts = 0
+        aborts the run.
+
+        The retry budget runs from the first attempt's start (after its
+        throttle wait) and bounds everything after it: a wait that would end
+        past it is not begun, and an attempt still in flight when it runs out
+        is cancelled; the row then fails with ``retry_budget_exhausted``.
+        """
         started = self.clock.monotonic()
-        throttle = self.throttle
-        estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
-
-        async def attempt() -> Response:
-            nonlocal attempts
-            begun = await throttle.acquire(estimate)
-            attempts += 1
-            self.stats.in_flight += 1
-            answered = False
-            try:
-                response = await self.client.send(request)
-                answered = True
-                return response
-            except RequestError as exc:
-                throttle.failed(exc)
-                raise
-            finally:
-                self.stats.in_flight -= 1
-                throttle.release(begun, answered=answered)
-
+        row = _RowAttempts(self, request, RowBudget(self.retry.budget, self.clock))
         try:
-            response = await self._with_retries(attempt)
+            response = await self._with_retries(row.attempt, row.budget.remaining)
         except FatalError:
             raise
         except RequestError as exc:
             elapsed = self.clock.monotonic() - started
-            note = budget_note(exc, self.retry, attempts, elapsed)
+            note = budget_note(exc, self.retry, row.count, elapsed)
             if note is not None:
                 exc.message = f"{exc.message}; {note}"
-            return failed_outcome(request, exc, attempts, elapsed)
+            return failed_outcome(request, exc, row.count, elapsed)
         tokens_in, tokens_out = self.provider.usage(response.body)
-        throttle.succeeded(estimate, tokens_in + tokens_out)
+        self.throttle.succeeded(row.estimate, tokens_in + tokens_out)
         return Outcome(
             line=request.line,
             custom_id=request.custom_id,
             response=response,
-            attempts=attempts,
+            attempts=row.count,
             latency_s=self.clock.monotonic() - started,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
         )
 
-    async def _with_retries(self, attempt: Callable[[], Awaitable[Response]]) -> Response:
+    async def _with_retries(
+        self, attempt: Callable[[], Awaitable[Response]], remaining: Callable[[], float]
+    ) -> Response:
         """The first attempt goes straight; only a transient failure builds the
         tenacity loop, which sees that failure as its own first attempt (so its
         wait, Retry-After and bounds apply as if it had made it)."""
@@ -100,7 +91,76 @@ class RowSender:
                 raise failure
             return await attempt()
 
-        return await retrying(self.retry, sleep=self.clock.sleep)(replay_then_attempt)
+        loop = retrying(self.retry, sleep=self.clock.sleep, remaining=remaining)
+        return await loop(replay_then_attempt)
+
+
+class RowBudget:
+    """A row's retry budget (seconds), started by its first attempt.
+
+    Time is read from the injected clock; an attempt in flight is cut on the
+    event loop's clock (a cancel scope deadline), the one real I/O runs on.
+    """
+
+    def __init__(self, seconds: float, clock: Clock) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._deadline: float | None = None
+
+    def start(self) -> None:
+        """Start the budget now, unless an earlier attempt did."""
+        if self._deadline is None:
+            self._deadline = self._clock.monotonic() + self.seconds
+
+    def remaining(self) -> float:
+        """Seconds left; infinite before the first attempt starts."""
+        if self._deadline is None:
+            return math.inf
+        return self._deadline - self._clock.monotonic()
+
+    def exhausted(self) -> TransientError:
+        return TransientError(
+            "retry_budget_exhausted",
+            f"the row used up --retry-budget ({self.seconds:g} s) with an attempt in flight",
+        )
+
+
+class _RowAttempts:
+    """One row's attempts: each throttled, counted and cut at the budget."""
+
+    def __init__(self, sender: RowSender, request: Request, budget: RowBudget) -> None:
+        self.sender = sender
+        self.request = request
+        self.budget = budget
+        self.count = 0
+        throttle = sender.throttle
+        self.estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
+
+    async def attempt(self) -> Response:
+        """One attempt; ``retry_budget_exhausted`` if the budget runs out first
+        (in the throttle's queue or in flight)."""
+        with anyio.move_on_after(self.budget.remaining()) as scope:
+            return await self._throttled(scope)
+        raise self.budget.exhausted()
+
+    async def _throttled(self, scope: anyio.CancelScope) -> Response:
+        sender, throttle = self.sender, self.sender.throttle
+        begun = await throttle.acquire(self.estimate)
+        self.budget.start()
+        scope.deadline = min(scope.deadline, anyio.current_time() + self.budget.remaining())
+        self.count += 1
+        sender.stats.in_flight += 1
+        answered = False
+        try:
+            response = await sender.client.send(self.request)
+            answered = True
+            return response
+        except RequestError as exc:
+            throttle.failed(exc)
+            raise
+        finally:
+            sender.stats.in_flight -= 1
+            throttle.release(begun, answered=answered)
 
 
 def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:

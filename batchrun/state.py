@@ -5,7 +5,10 @@
 * ``lock``: held (``flock``) by the running process; it dies with the process,
   SIGKILL included. Its text names the holder.
 * ``meta.json``: the fingerprint of the input and of the request-shaping
-  settings; a resume with other ones is refused.
+  settings; with other ones, a run starts a new pass that reuses answers by
+  content instead of resuming by position.
+* ``results.sqlite``: every result by its request's content key (see
+  ``batchrun.store``); kept after the run, dropped by ``--restart``.
 * ``output.partial``: the ordered output so far (see ``writer.OutputFile``).
 * ``journal``: results not yet in the ordered output (see ``journal``).
 * ``checkpoint.json``: how far the ordered output had come at the last
@@ -30,15 +33,9 @@ from typing import Any
 import orjson
 
 from batchrun.config import RunConfig
-from batchrun.errors import BatchrunError, UsageError
-from batchrun.journal import CorruptStateError
-from batchrun.writer import state_dir
-
-_SAMPLE = 1 << 20  # bytes hashed at each end of the input
-
-
-class LockedError(BatchrunError):
-    """Another live process runs on this output (exit code 4)."""
+from batchrun.errors import CorruptStateError, LockedError
+from batchrun.layout import partial_output, state_dir
+from batchrun.store import STORE_FILE
 
 
 @dataclass(slots=True)
@@ -59,6 +56,7 @@ class Checkpoint:
     tokens_in: int = 0
     tokens_out: int = 0
     in_doubt: int = 0  # rows resent after a crash, over all resumes
+    cost: float = 0.0  # spent on the rows counted here (reused rows cost nothing)
 
 
 class StateDir:
@@ -71,7 +69,7 @@ class StateDir:
         self.checkpoint_path = self.root / "checkpoint.json"
         self.finished_path = self.root / "finished.json"
         self.journal_path = self.root / "journal"
-        self.partial_path = self.root / "output.partial"
+        self.partial_path = partial_output(out)
         self.batch_path = self.root / "batch"
         self._lock_fd: int | None = None
 
@@ -143,7 +141,7 @@ class StateDir:
         _write_json_atomic(self.finished_path, {"finished_at": _now(), **summary})
 
     def clear(self) -> None:
-        """Remove the run's state except the lock (``--restart``)."""
+        """Remove the run's progress: everything but the lock and the result store."""
         for path in (
             self.meta_path,
             self.checkpoint_path,
@@ -155,6 +153,12 @@ class StateDir:
                 path.unlink()
         shutil.rmtree(self.batch_path, ignore_errors=True)
 
+    def drop_results(self) -> None:
+        """Remove the output's result store (``--restart``: start from nothing)."""
+        for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / name).unlink()
+
     def drop_progress_files(self) -> None:
         """After publishing: the journal, checkpoint and batch record are no longer needed."""
         for path in (self.journal_path, self.checkpoint_path):
@@ -164,23 +168,17 @@ class StateDir:
 
 
 def fingerprint(config: RunConfig) -> dict[str, Any]:
-    """What must not change between a run and its resume.
+    """What a resume compares with the run it continues.
 
-    The input is identified by its size and a hash of its first and last MiB
-    (cheap for any size; an edit that keeps the size and touches neither end
-    goes unseen). Settings that shape requests are included; limits, timeouts
-    and retry settings may change between resumes.
+    The input is identified by its size and the SHA-256 of all its bytes, so
+    any edit is seen. Settings that shape requests are included; limits,
+    timeouts and retry settings may change between resumes.
     """
-    size = config.input.stat().st_size
-    digest = hashlib.sha256()
     with config.input.open("rb") as handle:
-        digest.update(handle.read(_SAMPLE))
-        if size > _SAMPLE:
-            handle.seek(max(_SAMPLE, size - _SAMPLE))
-            digest.update(handle.read(_SAMPLE))
+        digest = hashlib.file_digest(handle, "sha256")
     return {
         "input": str(config.input.resolve()),
-        "input_size": size,
+        "input_size": config.input.stat().st_size,
         "input_hash": digest.hexdigest(),
         "shard": str(config.shard) if config.shard else None,
         "provider": config.provider,
@@ -189,23 +187,18 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def check_fingerprint(stored: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise ``UsageError`` naming what changed since the run began."""
+def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What changed since the run began (None: nothing), in words: ``the
+    input``, or the first request-shaping setting that differs. The state
+    of such a run cannot be resumed by position; its answers are reused by
+    content instead (``batchrun.reuse``)."""
     changed = [key for key in _FINGERPRINT_KEYS if stored.get(key) != current.get(key)]
     if not changed:
-        return
+        return None
     key = changed[0]
     if key.startswith("input"):
-        what = f"the input file changed since this output's run began ({stored.get('input')})"
-    else:
-        what = (
-            f"the setting {key!r} changed since this output's run began"
-            f" ({stored.get(key)!r} → {current.get(key)!r})"
-        )
-    raise UsageError(
-        f"{what}; resuming would mix two jobs. Run again with --restart to start over,"
-        " or choose another --out"
-    )
+        return "the input"
+    return f"the setting {key!r} ({stored.get(key)!r} → {current.get(key)!r})"
 
 
 _FINGERPRINT_KEYS = ("input_size", "input_hash", "shard", "provider", "model", "params")

@@ -19,7 +19,7 @@ Contract:
   place the store cannot be written, raises ``StoreError`` (a usage error,
   exit code 2) naming the file, at ``open``, before any request is sent.
 
-Used by the run pipeline (through ``batchrun.answers``) and open to other
+Used by the run pipeline (through ``batchrun.reuse``) and open to other
 modes (batch mode): ``open_store``, ``get``, ``put_many``.
 """
 
@@ -183,7 +183,7 @@ def open_store(path: Path) -> ResultStore:
     try:
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the result store {path}: {exc}") from None
+        raise StoreError(f"cannot write the result store {path}: {exc}") from None
     try:
         _prepare(db, path)
     except BaseException:

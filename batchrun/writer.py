@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 from batchrun import crashpoint
+from batchrun.layout import partial_output
 
 T = TypeVar("T")
 
@@ -54,18 +55,13 @@ class ReorderBuffer(Generic[T]):
         return ready
 
 
-def state_dir(out: Path) -> Path:
-    """The directory beside ``out`` that holds a run's work in progress."""
-    return out.with_name(out.name + ".batchrun")
-
-
 class OutputFile:
     """The ordered output, written in the state directory and published to
     ``out`` by an atomic rename, so readers never see a partial ``out``."""
 
     def __init__(self, out: Path) -> None:
         self.final = out
-        self.partial = state_dir(out) / "output.partial"
+        self.partial = partial_output(out)
         self._handle: BinaryIO | None = None
 
     def open(self, *, keep_bytes: int = 0) -> None:

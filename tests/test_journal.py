@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchrun.journal import CorruptStateError, Journal, read_journal
+from batchrun.errors import CorruptStateError
+from batchrun.journal import Journal, read_journal
 from batchrun.resume import recover
 from batchrun.state import Checkpoint, StateDir
 

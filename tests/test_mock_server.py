@@ -419,6 +419,67 @@ def test_serve_prints_its_address_and_stops_on_sigterm() -> None:
     )
 
 
+def test_parse_slow_and_big_directives() -> None:
+    rules = parse_directives("mock:trickle=0.5x2 mock:hang102=1 mock:huge=1000 mock:chunked")
+    assert (rules.trickle, rules.trickle_times, rules.hang102) == (0.5, 2, 1)
+    assert (rules.huge, rules.chunked) == (1000, True)
+    always = parse_directives("mock:trickle=1")
+    assert (always.trickle, always.trickle_times) == (1.0, None)
+    assert parse_directives("mock:trickle=1xq").trickle == 0.0
+
+
+@pytest.mark.asyncio
+async def test_trickle_sends_headers_at_once_then_a_byte_at_a_time(
+    server: MockServer, session: aiohttp.ClientSession
+) -> None:
+    body, auth = chat_body("mock:trickle=0.05x1"), {"Authorization": f"Bearer {KEY}"}
+    started = time.monotonic()
+    async with session.post(server.base_url + CHAT, json=body, headers=auth) as resp:
+        headers_after = time.monotonic() - started
+        first = await resp.content.read(1)
+        rest = await resp.content.read(5)
+    assert resp.status == 200
+    assert headers_after < 0.5
+    assert len(first) == 1
+    assert 1 <= len(rest) <= 2  # the next bytes are not there yet
+    status, answer, _ = await post(session, server.base_url + CHAT, body)  # attempt 2: at once
+    assert status == 200
+    assert answer["choices"][0]["message"]["content"] == "echo: mock:trickle=0.05x1"
+
+
+@pytest.mark.asyncio
+async def test_hang102_answers_processing_then_nothing(server: MockServer) -> None:
+    request = orjson.dumps(chat_body("mock:hang102=1"))
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    head = (
+        f"POST /v1{CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(request)}\r\n\r\n"
+    )
+    writer.write(head.encode() + request)
+    line = await asyncio.wait_for(reader.readline(), 2)
+    assert line == b"HTTP/1.1 102 Processing\r\n"
+    assert await asyncio.wait_for(reader.readline(), 2) == b"\r\n"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.read(1), 0.5)
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_huge_pads_the_answer_to_the_size_asked(
+    server: MockServer, session: aiohttp.ClientSession, chunked: bool
+) -> None:
+    text = "mock:huge=300000" + (" mock:chunked" if chunked else "")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    async with session.post(server.base_url + CHAT, json=chat_body(text), headers=auth) as resp:
+        raw = await resp.read()
+        length = resp.content_length
+    assert len(raw) == 300_000
+    assert length == (None if chunked else 300_000)
+    assert orjson.loads(raw)["choices"][0]["message"]["content"].startswith("echo: mock:huge")
+
+
 @pytest.mark.asyncio
 async def test_sliding_window_rate_limit_counts_the_last_second(
     session: aiohttp.ClientSession,

@@ -178,7 +178,9 @@ def test_summary_render() -> None:
         "batchrun: 1,000 rows in 10.0 s (80.0 rows/s): 798 ok, 2 failed "
         "(rate_limited: 1, read_timeout: 1); 200 of them done by an earlier run"
     )
-    assert lines[1].startswith("  retries 6 | tokens in 12,345 out 6,789 | latency p50 124 ms")
+    assert lines[1].startswith(
+        "  sent 800 | retries 6 | tokens in 12,345 out 6,789 | latency p50 124 ms"
+    )
     assert lines[2] == "  output out.jsonl"
     assert len(lines) == 3
 

@@ -243,32 +243,40 @@ async def test_a_finished_run_is_a_no_op_with_its_exit_code(
     assert b"already finished" in again.stderr
 
 
-async def test_changed_input_is_refused_until_restart(tmp_path: Path, server: MockServer) -> None:
+async def test_a_changed_input_resumes_by_content_not_position(
+    tmp_path: Path, server: MockServer
+) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b unknown mock:fail=401")])
     out = tmp_path / "out.jsonl"
     aborted = await run_cli(command(source, out, server))
     assert aborted.returncode == 3  # leaves a resumable state behind
+    sent = server.stats.requests
     write_jsonl(source, [chat("a"), chat("b fixed")])
 
-    refused = await run_cli(command(source, out, server))
+    resumed = await run_cli(command(source, out, server))
+
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert server.stats.requests - sent == 1  # row a's answer is reused
+    records = read_jsonl(out)
+    assert records[0]["reused"] is True
+    assert records[1]["response"]["body"]["choices"][0]["message"]["content"] == "echo: b fixed"
     restarted = await run_cli(command(source, out, server, "--restart"))
-
-    assert refused.returncode == 2
-    assert b"the input file changed" in refused.stderr
-    assert b"--restart" in refused.stderr
-    assert restarted.returncode == 0, restarted.stderr.decode()
-    assert len(read_jsonl(out)) == 2
+    assert restarted.returncode == 0
+    assert server.stats.requests - sent == 3  # --restart pays for both again
 
 
-async def test_changed_request_settings_are_refused(tmp_path: Path, server: MockServer) -> None:
-    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b mock:fail=401")])
+async def test_changed_request_settings_are_new_requests(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b")])
     out = tmp_path / "out.jsonl"
-    assert (await run_cli(command(source, out, server))).returncode == 3
+    assert (await run_cli(command(source, out, server))).returncode == 0
 
-    refused = await run_cli(command(source, out, server, "--model", "other"))
+    other = await run_cli(command(source, out, server, "--model", "other"))
 
-    assert refused.returncode == 2
-    assert b"'model'" in refused.stderr
+    assert other.returncode == 0
+    assert server.stats.requests == 4
+    assert {r["response"]["body"]["model"] for r in read_jsonl(out)} == {"other"}
 
 
 async def test_retry_failed_resends_only_retryable_rows_in_place(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +140,33 @@ def test_two_processes_write_one_store_at_once(tmp_path: Path) -> None:
     store = open_store(path)
     assert store.stats().results == 2 * 20 * 50
     store.close()
+
+
+@contextlib.contextmanager
+def _as_another_user() -> Iterator[None]:
+    """Permissions bind root only through another user: act as nobody for a moment."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_read_only_directory_is_refused(existing: bool) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="batchrun-ro-"))  # traversable by nobody
+    try:
+        directory.chmod(0o755)
+        path = directory / STORE_FILE
+        if existing:
+            open_store(path).close()
+            path.chmod(0o444)
+        directory.chmod(0o555)
+        with _as_another_user(), pytest.raises(StoreError, match=f"cannot write .*{path}"):
+            open_store(path)
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory)

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchrun import writer
-from batchrun.writer import OutputFile, ReorderBuffer, state_dir
+from batchrun.layout import state_dir
+from batchrun.writer import OutputFile, ReorderBuffer
 
 # --- ReorderBuffer ---------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from batchrun.batchmode.phase import dialect
 from batchrun.batchmode.record import BatchRecord, BatchState
 from batchrun.client import open_session
 from batchrun.config import Limits, RetryPolicy, Timeouts
-from batchrun.errors import UsageError
+from batchrun.errors import LockedError, UsageError
 from batchrun.providers import get_provider
-from batchrun.state import LockedError, StateDir
+from batchrun.state import StateDir
 
 # Attempts per cancel call: a person is waiting.
 _ATTEMPTS = 3

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import orjson
 
-from batchrun.journal import CorruptStateError
+from batchrun.errors import CorruptStateError
 
 # Provider statuses after which a batch changes no more.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})

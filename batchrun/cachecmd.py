@@ -1,0 +1,69 @@
+"""``batchrun cache stats|prune DIR``: look after a shared result store."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from batchrun.errors import UsageError
+from batchrun.progress import money
+from batchrun.store import STORE_FILE, StoreStats, open_store
+
+__all__ = ["as_dict", "parse_age", "prune", "render", "stats"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+def parse_age(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``3600s``, ``2w`` to seconds."""
+    match = _AGE.match(text)
+    if match is None:
+        raise UsageError(f"--older-than takes an age such as 30d, 12h, 90m or 3600s, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _existing(directory: Path) -> Path:
+    path = directory / STORE_FILE
+    if not path.is_file():
+        raise UsageError(f"no result store in {directory} (looked for {path})")
+    return path
+
+
+def stats(directory: Path) -> StoreStats:
+    """What the store in ``directory`` holds; it must exist."""
+    store = open_store(_existing(directory))
+    try:
+        return store.stats()
+    finally:
+        store.close()
+
+
+def prune(directory: Path, older_than_s: float) -> int:
+    """Delete results older than ``older_than_s`` seconds; how many went."""
+    store = open_store(_existing(directory))
+    try:
+        return store.prune(older_than_s)
+    finally:
+        store.close()
+
+
+def as_dict(report: StoreStats) -> dict[str, object]:
+    return {name: getattr(report, name) for name in report.__slots__}
+
+
+def render(report: StoreStats) -> str:
+    """A few lines for a person."""
+    lines = [
+        f"result store {report.path}: {report.results:,} results"
+        f" ({report.ok:,} answers, {report.errors:,} row errors), {report.bytes / 1e6:,.1f} MB",
+        f"  recorded cost {money(report.cost)}",
+    ]
+    if report.oldest is not None and report.newest is not None:
+        lines.append(f"  stored from {_when(report.oldest)} to {_when(report.newest)}")
+    return "\n".join(lines)
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))

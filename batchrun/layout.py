@@ -1,0 +1,21 @@
+"""Where an output's work in progress lives: ``OUT.batchrun/`` beside ``OUT``.
+
+The one definition of the state directory's name and of the partial output's
+place in it; ``state.StateDir`` names the other files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["partial_output", "state_dir"]
+
+
+def state_dir(out: Path) -> Path:
+    """The directory beside ``out`` that holds a run's work in progress."""
+    return out.with_name(out.name + ".batchrun")
+
+
+def partial_output(out: Path) -> Path:
+    """The ordered output written so far, published to ``out`` when complete."""
+    return state_dir(out) / "output.partial"

@@ -1,0 +1,159 @@
+"""The answers a run can reuse: its output's own store and the shared cache.
+
+``Answers`` is what the pipeline talks to. It finds a row's stored result by
+content key (the output's store first, then ``--cache``), and takes every new
+result into both, buffered and committed in batches.
+
+What is reused: answers and permanent row errors; a retryable error only when
+the run does not resend them (``--retry-failed``). The shared cache never
+takes retryable errors: a transient failure is no answer to share.
+
+Crash safety rests on the journal, not on the buffer: every result is
+journaled with its key the moment it arrives, ``flush`` runs before each
+journal compaction, and a resume feeds the journal's keyed results back in
+(``salvage``). So a result is always in the journal or in the store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+
+from batchrun.records import Outcome
+from batchrun.store import STORE_FILE, ResultStore, Stored, open_store
+
+__all__ = ["FLUSH_EVERY", "Answers", "open_answers", "relabel", "stored_from_record"]
+
+# Results buffered before a commit; the pipeline also flushes on a timer.
+FLUSH_EVERY = 2_000
+
+
+class Answers:
+    """The stores of one run; see the module docstring."""
+
+    def __init__(
+        self, local: ResultStore, cache: ResultStore | None, *, resend_retryable: bool = False
+    ) -> None:
+        self.local = local
+        self.cache = cache
+        self.resend_retryable = resend_retryable
+        # Off while both stores are empty: a first run pays no lookups.
+        self.lookup = cache is not None or not local.is_empty()
+        self._local_batch: list[tuple[bytes, Stored]] = []
+        self._cache_batch: list[tuple[bytes, Stored]] = []
+
+    def find(self, key: bytes) -> Stored | None:
+        """The reusable result stored under ``key``, or None (then: send it)."""
+        if not self.lookup:
+            return None
+        found = self._usable(self.local.get(key))
+        if found is None and self.cache is not None:
+            found = self._usable(self.cache.get(key))
+            if found is not None:  # the output's store keeps everything its output used
+                self._add_local(key, found)
+        return found
+
+    def _usable(self, found: Stored | None) -> Stored | None:
+        if found is None or (found.retryable and self.resend_retryable):
+            return None
+        return found
+
+    def add(self, key: bytes, result: Stored) -> None:
+        """Take a new result (committed by the next ``flush``)."""
+        self._add_local(key, result)
+        if self.cache is not None and not result.retryable:
+            self._cache_batch.append((key, result))
+
+    def add_outcome(self, key: bytes, line: bytes, outcome: Outcome) -> None:
+        """Take a row's new result: its output ``line`` and ``outcome``."""
+        result = Stored(
+            record=line.rstrip(b"\n"),
+            ok=outcome.ok,
+            retryable=outcome.retryable,
+            cost=outcome.cost,
+            created=time.time(),  # wall time: what ``cache prune --older-than`` compares
+        )
+        self.add(key, result)
+
+    def _add_local(self, key: bytes, result: Stored) -> None:
+        self._local_batch.append((key, result))
+        if len(self._local_batch) >= FLUSH_EVERY:
+            self.flush()
+
+    def salvage(self, keyed: Iterable[tuple[bytes, bytes]]) -> None:
+        """Take journaled ``(key, output line)`` pairs of an earlier run, and commit."""
+        now = time.time()
+        for key, line in keyed:
+            result = stored_from_record(line, now)
+            if result is not None:
+                self.add(key, result)
+        self.flush()
+        self.lookup = self.lookup or not self.local.is_empty()
+
+    def flush(self) -> None:
+        """Commit the buffered results (one transaction per store)."""
+        batch, self._local_batch = self._local_batch, []
+        self.local.put_many(batch)
+        if self.cache is not None:
+            batch, self._cache_batch = self._cache_batch, []
+            self.cache.put_many(batch)
+
+    def close(self) -> None:
+        """Flush, then close both stores."""
+        try:
+            self.flush()
+        finally:
+            self.local.close()
+            if self.cache is not None:
+                self.cache.close()
+
+
+def open_answers(state_root: Path, cache_dir: Path | None, *, resend_retryable: bool) -> Answers:
+    """Open the output's store in ``state_root`` and the cache in ``cache_dir``.
+
+    Raises ``StoreError`` (exit code 2) when either can't be written or read.
+    """
+    cache = open_store(cache_dir / STORE_FILE) if cache_dir is not None else None
+    try:
+        local = open_store(state_root / STORE_FILE)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
+    return Answers(local, cache, resend_retryable=resend_retryable)
+
+
+def stored_from_record(line: bytes, created: float) -> Stored | None:
+    """A result to store from an output line; None for one not worth storing
+    (unreadable, or an error without a request behind it, such as a bad line)."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("reused"):
+        return None
+    error = data.get("error")
+    if isinstance(error, dict) and not data.get("attempts"):
+        return None  # never sent: nothing was paid, nothing to reuse
+    cost = data.get("cost")
+    return Stored(
+        record=line.rstrip(b"\n"),
+        ok=not isinstance(error, dict),
+        retryable=isinstance(error, dict) and bool(error.get("retryable")),
+        cost=float(cost) if isinstance(cost, int | float) else None,
+        created=created,
+    )
+
+
+def relabel(record: bytes, line: int, custom_id: str) -> bytes:
+    """A stored record as this run's output line for row ``line``: this row's
+    ``id``, ``line`` and ``custom_id``, and ``"reused": true``."""
+    data = orjson.loads(record)
+    data["id"] = f"batch_req_{line}"
+    data["custom_id"] = custom_id
+    data["line"] = line
+    data["reused"] = True
+    return orjson.dumps(data, option=orjson.OPT_APPEND_NEWLINE)

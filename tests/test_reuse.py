@@ -1,0 +1,227 @@
+"""Paying once: answers reused by their request's content across input edits,
+a shared --cache, the spend and --max-cost. Every count is what the real mock
+server received."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchrun.mock_server import MockServer
+from batchrun.progress import Summary
+from batchrun.runner import EXIT_BUDGET, run_async
+from tests.conftest import chat, make_config, read_jsonl
+
+pytestmark = pytest.mark.asyncio
+
+
+def prompts(count: int, tag: str = "row") -> list[dict[str, Any]]:
+    return [chat(f"{tag} {i:04d}", custom_id=f"{tag}-{i}") for i in range(count)]
+
+
+async def run(tmp_path: Path, rows: list[Any], server: MockServer, **settings: Any) -> Summary:
+    return await run_async(make_config(tmp_path, rows, server, **settings))
+
+
+def assert_answers_match(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every output line answers its own row's current prompt, in order."""
+    records = read_jsonl(out)
+    assert len(records) == len(rows)
+    for number, (record, row) in enumerate(zip(records, rows, strict=True), start=1):
+        assert record["line"] == number
+        assert record["custom_id"] == row["custom_id"]
+        answer = record["response"]["body"]["choices"][0]["message"]["content"]
+        assert answer == "echo: " + row["messages"][0]["content"]
+    return records
+
+
+async def test_an_unchanged_rerun_sends_nothing(tmp_path: Path, server: MockServer) -> None:
+    rows = prompts(30)
+    first = await run(tmp_path, rows, server)
+    assert (first.sent, first.reused, server.stats.requests) == (30, 0, 30)
+
+    again = await run(tmp_path, rows, server)
+
+    assert again.exit_code == 0
+    assert server.stats.requests == 30
+
+
+@pytest.mark.parametrize(
+    ("change", "expected_sent"),
+    [
+        ("edit", 3),
+        ("insert", 2),
+        ("delete", 0),
+        ("append", 5),
+        ("reorder", 0),
+        ("all", 3 + 2 + 5),
+    ],
+)
+async def test_an_edited_input_sends_only_rows_without_a_stored_answer(
+    tmp_path: Path, server: MockServer, change: str, expected_sent: int
+) -> None:
+    rows = prompts(40)
+    assert (await run(tmp_path, rows, server)).exit_code == 0
+    sent_before = server.stats.requests
+    edited = list(rows)
+    if change in ("edit", "all"):
+        for i in (3, 17, 30):
+            edited[i] = chat(f"ROW {i:04d}", custom_id=f"row-{i}")  # same byte size
+    if change in ("delete", "all"):
+        del edited[5:9]
+    if change in ("insert", "all"):
+        edited[10:10] = prompts(2, "inserted")
+    if change in ("append", "all"):
+        edited += prompts(5, "appended")
+    if change == "reorder":
+        random.Random(3).shuffle(edited)
+
+    summary = await run(tmp_path, edited, server)
+
+    assert summary.exit_code == 0, summary.aborted
+    assert server.stats.requests - sent_before == expected_sent
+    assert summary.sent == expected_sent
+    assert summary.reused == len(edited) - expected_sent
+    records = assert_answers_match(tmp_path / "out.jsonl", edited)
+    assert sum(1 for r in records if r.get("reused")) == summary.reused
+
+
+async def test_restart_pays_for_everything_again(tmp_path: Path, server: MockServer) -> None:
+    rows = prompts(10)
+    await run(tmp_path, rows, server)
+    summary = await run(tmp_path, rows, server, restart=True)
+    assert (summary.sent, summary.reused, server.stats.requests) == (10, 0, 20)
+
+
+async def test_row_errors_are_reused_and_retryable_ones_resent_only_on_request(
+    tmp_path: Path, server: MockServer
+) -> None:
+    rows = [chat("a"), chat("bad mock:fail=400"), chat("flaky mock:fail=500x1")]
+    first = await run(tmp_path, rows, server, max_attempts=1)
+    assert first.exit_code == 1
+    assert server.stats.requests == 3
+    edited = [*rows, chat("new")]
+
+    kept = await run(tmp_path, edited, server, max_attempts=1)
+    assert server.stats.requests == 4  # only the new row
+    assert kept.failed_by_code == {"invalid_request_error": 1, "server_error": 1}
+
+    retried = await run(tmp_path, [*edited, chat("newer")], server, retry_failed=True)
+    assert server.stats.requests == 6  # the retryable row and the newer one
+    assert retried.failed_by_code == {"invalid_request_error": 1}
+
+
+async def test_a_changed_model_is_a_different_request(tmp_path: Path, server: MockServer) -> None:
+    rows = prompts(5)
+    await run(tmp_path, rows, server, model="m1")
+    summary = await run(tmp_path, rows, server, model="m2")
+    assert (summary.sent, server.stats.requests) == (5, 10)
+    back = await run(tmp_path, rows, server, model="m1")
+    assert (back.sent, back.reused, server.stats.requests) == (0, 5, 10)
+
+
+async def test_a_shared_cache_serves_other_outputs_and_jobs(
+    tmp_path: Path, server: MockServer
+) -> None:
+    cache = tmp_path / "cache"
+    rows = prompts(20)
+    await run(tmp_path, rows, server, cache=cache)
+    other_out = tmp_path / "other.jsonl"
+
+    summary = await run(
+        tmp_path, [*rows[5:], *prompts(3, "more")], server, cache=cache, out=other_out
+    )
+
+    assert (summary.sent, summary.reused) == (3, 15)
+    assert server.stats.requests == 23
+    assert all(r.get("reused") for r in read_jsonl(other_out)[:15])
+
+
+async def test_costs_per_record_in_the_summary_and_saved_on_reuse(
+    tmp_path: Path, server: MockServer
+) -> None:
+    prices = {"price_input_per_million": 1_000_000.0, "price_output_per_million": 2_000_000.0}
+    rows = [chat("one two three")]  # 3 words in; the answer "echo: one two three" is 4 out
+    first = await run(tmp_path, rows, server, **prices)
+    record = read_jsonl(tmp_path / "out.jsonl")[0]
+    assert record["cost"] == pytest.approx(3 * 1.0 + 4 * 2.0)
+    assert first.cost == pytest.approx(11.0)
+    assert first.cost_saved == 0.0
+
+    again = await run(tmp_path, [chat("new"), *rows], server, **prices)
+
+    assert again.cost == pytest.approx(1.0 + 2 * 2.0)
+    assert again.cost_saved == pytest.approx(11.0)
+    assert orjson.loads(orjson.dumps(again.to_dict()))["reused"] == 1
+
+
+async def test_max_cost_stops_with_exit_5_and_a_higher_cap_finishes_without_paying_twice(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Each row: 2 words in (price 1 each), "echo: r N" = 3 words out (price 1 each),
+    # worst case estimated from ~2 prompt tokens plus max_tokens 3.
+    costs = {
+        "price_input_per_million": 1_000_000.0,
+        "price_output_per_million": 1_000_000.0,
+        "params": {"max_tokens": 3},
+        "max_async_requests": 2,
+    }
+    rows = [chat(f"r {i}", custom_id=f"r{i}") for i in range(20)]
+
+    stopped = await run(tmp_path, rows, server, max_cost=30.0, **costs)
+
+    assert stopped.exit_code == EXIT_BUDGET
+    assert "raise --max-cost" in (stopped.aborted or "")
+    assert stopped.cost is not None
+    assert stopped.cost <= 30.0
+    paid = server.stats.requests
+    assert 0 < paid < 20
+    assert not (tmp_path / "out.jsonl").exists()
+
+    finished = await run(tmp_path, rows, server, max_cost=1000.0, **costs)
+
+    assert finished.exit_code == 0, finished.aborted
+    assert server.stats.requests == 20  # every row paid exactly once over both runs
+    assert max(server.stats.by_digest.values()) == 1
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["custom_id"] for r in records] == [f"r{i}" for i in range(20)]
+    assert sum(r["cost"] for r in records) == pytest.approx(20 * 5.0)
+    assert stopped.cost + (finished.cost or 0) == pytest.approx(100.0)
+
+
+async def test_max_cost_needs_prices(tmp_path: Path, server: MockServer) -> None:
+    from batchrun.errors import UsageError
+
+    with pytest.raises(UsageError, match="--max-cost needs the prices"):
+        make_config(tmp_path, prompts(1), server, max_cost=1.0)
+
+
+async def test_a_damaged_store_is_refused_by_name_before_any_request(
+    tmp_path: Path, server: MockServer
+) -> None:
+    from batchrun.store import STORE_FILE, StoreError
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / STORE_FILE).write_bytes(b"garbage, not a database" * 50)
+    with pytest.raises(StoreError, match=str(cache / STORE_FILE)):
+        await run(tmp_path, prompts(3), server, cache=cache)
+    assert server.stats.requests == 0
+
+
+async def test_rows_answered_in_batches_are_not_paid_again_online(
+    tmp_path: Path, server: MockServer
+) -> None:
+    rows = prompts(8)
+    batch = await run(tmp_path, rows, server, mode="batch", poll_interval=0.05)
+    assert batch.exit_code == 0
+    assert server.stats.requests == 0  # all answered in a batch
+
+    online = await run(tmp_path, [*rows, *prompts(2, "new")], server)
+
+    assert (online.sent, online.reused) == (2, 8)
+    assert server.stats.requests == 2
