@@ -155,6 +155,10 @@ def run_command(
     grace: Annotated[
         float | None, _opt("Seconds in-flight requests get after SIGINT/SIGTERM (3).", _RESUME)
     ] = None,
+    response_schema: Annotated[
+        Path | None,
+        _opt("JSON Schema file: ask for JSON answers and retry those that do not match it."),
+    ] = None,
     mode: Annotated[
         str | None, _opt("online (default), or batch: the provider's Batch API.", _BATCH)
     ] = None,
@@ -291,15 +295,29 @@ def validate_command(
         list[str] | None, _opt("Default request parameter KEY=JSON (repeatable).", None, "--param")
     ] = None,
     shard: Annotated[str | None, _opt("Only shard I/N's rows.")] = None,
+    response_schema: Annotated[
+        Path | None, _opt("Check this JSON Schema file too (alone: only it).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check INPUT without sending anything: bad lines, duplicate ids, models, tokens, cost.
 
-    Exits 1 when some rows would fail (bad lines, rows over the context limit).
+    Exits 1 when some rows would fail (bad lines, rows over the context limit),
+    2 when the input, the job file or the response schema is unusable.
     """
     from batchrun.validate import validate
 
-    flags = {"input_path": input_path, "job": job, "model": model, "param": param, "shard": shard}
+    if input_path is None and job is None and response_schema is not None:
+        _check_schema_alone(response_schema)
+        return
+    flags = {
+        "input_path": input_path,
+        "job": job,
+        "model": model,
+        "param": param,
+        "shard": shard,
+        "response_schema": response_schema,
+    }
     with _usage_errors():
         settings = _settings(flags)
         settings.setdefault("out", "-")  # validate writes nothing
@@ -309,6 +327,14 @@ def validate_command(
     else:
         typer.echo(report.render())
     raise typer.Exit(EXIT_FAILED_ROWS if report.would_fail else 0)
+
+
+def _check_schema_alone(path: Path) -> None:
+    from batchrun.schema import load_response_schema
+
+    with _usage_errors():
+        load_response_schema(path)
+    typer.echo(f"batchrun: {path} is a valid JSON Schema")
 
 
 @app.command("merge")
@@ -410,8 +436,19 @@ def mock_server_command(
             help="Count --rate-limit over the last second, or per whole second.",
         ),
     ] = False,
+    batch_seconds: Annotated[
+        float, typer.Option(help="Seconds a batch takes from creation to its end.")
+    ] = 1.0,
+    batch_expire_first: Annotated[
+        int, typer.Option(help="The first N batches expire with half their rows unfinished.")
+    ] = 0,
+    batch_token_limit_first: Annotated[
+        int, typer.Option(help="The first N batches fail on the enqueued-token limit.")
+    ] = 0,
 ) -> None:
-    """Serve the simulated provider (OpenAI and DashScope dialects) until stopped."""
+    """Serve the simulated provider (OpenAI and DashScope dialects, files and
+    batches) until stopped."""
+    from batchrun.mock_batches import BatchFaults
     from batchrun.mock_server import serve
 
     serve(
@@ -422,6 +459,11 @@ def mock_server_command(
         seed=seed,
         rate_limit=rate_limit,
         sliding_window=sliding_window,
+        batch_faults=BatchFaults(
+            seconds=batch_seconds,
+            expire_first=batch_expire_first,
+            token_limit_first=batch_token_limit_first,
+        ),
     )
 
 

@@ -31,8 +31,9 @@ class AIMDController:
     that decrease are the same congestion event and change nothing, because
     the requests already in flight when the server pushed back report it too.
 
-    With ``slow_start`` the limit first grows by one per success (doubling
-    each round trip, as TCP's slow start does) until the first congestion.
+    With ``slow_start`` the limit first grows by ``ramp`` per success (so it
+    multiplies by ``ramp + 1`` each round trip; ``ramp=1`` doubles it, as
+    TCP's slow start does) until the first congestion.
     ``increase_interval`` (seconds) spaces additive increases out in time:
     providers count quotas per second or minute, not per round trip, so with
     fast answers one increase per round trip would overrun a quota again
@@ -54,6 +55,7 @@ class AIMDController:
         clock: Callable[[], float],
         cooldown: float = 1.0,
         slow_start: bool = False,
+        ramp: int = 1,
         increase_interval: float = 0.0,
     ) -> None:
         if minimum < 1 or maximum < minimum:
@@ -62,6 +64,8 @@ class AIMDController:
             raise ValueError(f"increase_every must be >= 1 or None, got {increase_every!r}")
         if not 0 < decrease_factor < 1:
             raise ValueError(f"decrease_factor must be in (0, 1), got {decrease_factor!r}")
+        if ramp < 1:
+            raise ValueError(f"ramp must be >= 1, got {ramp!r}")
         if not cooldown >= 0:
             raise ValueError(f"cooldown must be >= 0 seconds, got {cooldown!r}")
         self.minimum = minimum
@@ -76,6 +80,7 @@ class AIMDController:
         self.decreases = 0
         self._successes = 0
         self._slow_start = slow_start
+        self.ramp = ramp
         self.increase_interval = increase_interval
         self._last_increase = -math.inf
         self._last_decrease = -math.inf
@@ -93,12 +98,12 @@ class AIMDController:
     def on_success(self) -> None:
         """Count one success; grow the limit by one when enough have come.
 
-        In slow start (until the first congestion) every success adds one, so
-        the limit doubles per round trip instead of growing by one.
+        In slow start (until the first congestion) every success adds
+        ``ramp``, so the limit multiplies per round trip instead of growing by one.
         """
         if self._slow_start:
             if self._limit < self.maximum:
-                self._set(self._limit + 1)
+                self._set(min(self.maximum, self._limit + self.ramp))
             return
         self._successes += 1
         if self._successes < (self.increase_every or self._limit):

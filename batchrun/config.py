@@ -16,6 +16,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from batchrun.errors import UsageError
+from batchrun.records import Defaults
+from batchrun.schema import ResponseSchema, response_format
 
 ProviderName = Literal["openai", "dashscope", "mock"]
 # off: results reach the OS at once; batch: fsync per written batch; always: per result.
@@ -349,11 +351,17 @@ class RunConfig:
     cache: Path | None = None  # a result store shared by jobs (--cache DIR)
     mode: Mode = "online"
     batch: BatchSettings = field(default_factory=lambda: BatchSettings())
+    response_schema: ResponseSchema | None = None  # loaded and checked by build_config
 
     def __post_init__(self) -> None:
         require(
             self.mode in ("online", "batch"),
             f"--mode must be online or batch, got {self.mode!r}",
+        )
+        require(
+            not (self.mode == "batch" and self.response_schema is not None),
+            "--response-schema checks each answer as it arrives, in online mode:"
+            " it does not combine with --mode batch",
         )
         require(
             self.provider in PROVIDERS,
@@ -395,6 +403,14 @@ class RunConfig:
             not (self.restart and self.retry_failed),
             "--restart and --retry-failed do not go together: --restart discards the output",
         )
+
+    def request_defaults(self) -> Defaults:
+        """What every line gets unless it says otherwise: ``model``, ``params``
+        and, with a response schema, the request for JSON answers."""
+        chat = {}
+        if self.response_schema is not None:
+            chat["response_format"] = response_format(self.provider, self.response_schema)
+        return Defaults(model=self.model, params=self.params, chat_params=chat)
 
 
 _FLAGS = {

@@ -25,6 +25,7 @@ from batchrun.config import (
     resolve_limits,
 )
 from batchrun.errors import UsageError
+from batchrun.schema import ResponseSchema, load_response_schema
 
 # Job-file keys (flat, named like the flags) and the section they belong to.
 _JOB_KEYS: dict[str, str] = {
@@ -45,6 +46,7 @@ _JOB_KEYS: dict[str, str] = {
     "fsync": "run",
     "grace": "run",
     "mode": "run",
+    "response_schema": "run",
     "batch_rows": "batch",
     "batch_bytes": "batch",
     "poll_interval": "batch",
@@ -194,6 +196,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         fallback="fallback",
     )
     return RunConfig(
+        response_schema=_response_schema(s.get("response_schema")),
         batch=batch,
         limits=limits,
         timeouts=timeouts,
@@ -244,6 +247,13 @@ def _base_urls(settings: Mapping[str, Any]) -> tuple[str, ...]:
             urls.extend(given if isinstance(given, list | tuple) else [given])
     require(all(isinstance(url, str) for url in urls), f"base_url must be text, got {urls!r}")
     return tuple(dict.fromkeys(url.rstrip("/") for url in urls))
+
+
+def _response_schema(given: Any) -> ResponseSchema | None:
+    if given is None or isinstance(given, ResponseSchema):
+        return given
+    require(isinstance(given, str | Path), f"response_schema must be a path, got {given!r}")
+    return load_response_schema(Path(given))
 
 
 def _shard(given: Any) -> Shard | None:

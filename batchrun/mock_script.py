@@ -13,9 +13,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import orjson
+
 Kind = Literal["chat", "completion", "embedding", "dashscope"]
 
 ECHO_CHARS: Final = 200
+ALWAYS: Final = 1 << 30  # attempts: more than any run makes
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,9 @@ class Directives:
     reset: int = 0
     truncate: int = 0
     badjson: int = 0
+    notjson: int = 0  # asked for JSON: attempts n <= N answer prose instead
+    wrongshape: int = 0  # asked for JSON: attempts n <= N answer JSON of another shape
+    length: bool = False  # the answer stops at the token limit (finish_reason length)
     trickle: float = 0.0  # seconds between body bytes
     trickle_times: int | None = None  # None: every attempt
     hang102: int = 0
@@ -53,6 +59,13 @@ def _seconds(value: str | None) -> float:
 
 def _count(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
+
+
+def _times(found: dict[str, str], name: str) -> int:
+    """``NAME=N``: the first N attempts; a bare ``NAME``: every attempt."""
+    if name not in found:
+        return 0
+    return _count(found[name]) if found[name] else ALWAYS
 
 
 def _fail(value: str | None) -> tuple[int | None, int | None]:
@@ -94,6 +107,9 @@ def parse_directives(text: str) -> Directives:
         reset=_count(found.get("reset")),
         truncate=_count(found.get("truncate")),
         badjson=_count(found.get("badjson")),
+        notjson=_times(found, "notjson"),
+        wrongshape=_times(found, "wrongshape"),
+        length="length" in found,
         trickle=trickle,
         trickle_times=trickle_times,
         hang102=_count(found.get("hang102")),
@@ -164,9 +180,34 @@ def _embedding(text: str) -> list[float]:
     return [word / 2147483648 for word in words]
 
 
-def success_body(call: Call, *, size: int = 0) -> dict[str, Any]:
+def _asks_json(call: Call) -> bool:
+    """Whether the request set ``response_format`` (DashScope: in ``parameters``)."""
+    body = call.body
+    if call.kind == "dashscope":
+        parameters = body.get("parameters")
+        body = parameters if isinstance(parameters, dict) else {}
+    given = body.get("response_format")
+    return isinstance(given, dict) and given.get("type") in ("json_object", "json_schema")
+
+
+def _answer_text(call: Call, rules: Directives, n_in: int) -> str:
+    """The echo; asked for JSON, ``{"echo": ..., "words": n_in}`` unless the
+    directives script prose or another shape; cut in half with ``length``."""
+    echo = call.parts[-1][:ECHO_CHARS] if call.parts else ""
+    if not _asks_json(call):
+        text = "echo: " + echo
+    elif call.attempt <= rules.notjson:
+        text = "Sure! Here is the JSON you asked for."
+    elif call.attempt <= rules.wrongshape:
+        text = orjson.dumps({"unexpected": True}).decode()
+    else:
+        text = orjson.dumps({"echo": echo, "words": n_in}).decode()
+    return text[: len(text) // 2] if rules.length else text
+
+
+def success_body(call: Call, rules: Directives = NO_DIRECTIVES) -> dict[str, Any]:
     """The normal answer; token counts are whitespace-separated words. A
-    chat or completion answer's content is padded to ``size`` characters."""
+    chat or completion answer's content is padded to ``rules.size`` characters."""
     model = call.body.get("model")
     model = model if isinstance(model, str) else "mock"
     n_in = sum(len(part.split()) for part in call.parts)
@@ -177,13 +218,15 @@ def success_body(call: Call, *, size: int = 0) -> dict[str, Any]:
         ]
         usage = {"prompt_tokens": n_in, "total_tokens": n_in}
         return {"object": "list", "data": data, "model": model, "usage": usage}
-    content = "echo: " + (call.parts[-1][:ECHO_CHARS] if call.parts else "")
+    content = _answer_text(call, rules, n_in)
+    size = rules.size
     if size > len(content):
         content += (" pad" * (size // 4 + 1))[: size - len(content)]
     message = {"role": "assistant", "content": content}
     n_out = len(content.split())
+    finish = "length" if rules.length else "stop"
     if call.kind == "dashscope":
-        output = {"choices": [{"finish_reason": "stop", "message": message}]}
+        output = {"choices": [{"finish_reason": finish, "message": message}]}
         usage = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
         return {"output": output, "usage": usage, "request_id": call.request_id}
     chat = call.kind == "chat"
@@ -193,6 +236,6 @@ def success_body(call: Call, *, size: int = 0) -> dict[str, Any]:
         "object": "chat.completion" if chat else "text_completion",
         "created": 0,
         "model": model,
-        "choices": [{**choice, "finish_reason": "stop"}],
+        "choices": [{**choice, "finish_reason": finish}],
         "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
     }

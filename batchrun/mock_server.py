@@ -38,6 +38,14 @@ digest, this one included. The first of these that fires decides the answer:
 ``mock:size=N`` pads a chat or completion answer's content to ``N``
 characters (large answers).
 
+A request that asks for JSON (``response_format`` of type ``json_object`` or
+``json_schema``; DashScope: in ``parameters``) is answered with the text
+``{"echo": ..., "words": N}`` (N: the prompt's words), unless
+``mock:notjson[=N]`` (prose instead) or ``mock:wrongshape[=N]``
+(``{"unexpected": true}``) fire: attempts ``n <= N``, every attempt without a
+value. ``mock:length`` cuts any answer's text in half with finish_reason
+``length``.
+
 ``mock:delay=S`` sleeps ``S`` seconds before every answer to the row, and
 ``mock:retry_after=S`` adds ``Retry-After: S`` (verbatim) to its quota, fail
 and overloaded answers. Malformed and unknown tokens are ignored; for a
@@ -246,7 +254,7 @@ async def _slow_or_big(
 ) -> web.StreamResponse | None:
     """A trickled or huge success answer, when the row asks for one."""
     if rules.trickle and (rules.trickle_times is None or call.attempt <= rules.trickle_times):
-        body = orjson.dumps(success_body(call, size=rules.size))
+        body = orjson.dumps(success_body(call, rules))
         return await _streamed(request, call, body, pace=rules.trickle, piece=1, length=True)
     if rules.huge:
         body = _padded(call, rules.huge)
@@ -279,7 +287,7 @@ async def _scripted(
     special = await _slow_or_big(request, call, rules)
     if special is not None:
         return special
-    return _json(200, success_body(call, size=rules.size), headers)
+    return _json(200, success_body(call, rules), headers)
 
 
 class MockServer:
@@ -518,6 +526,7 @@ def serve(
     seed: int = 0,
     rate_limit: int | None = None,
     sliding_window: bool = False,
+    batch_faults: BatchFaults | None = None,
 ) -> None:
     """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly.
 
@@ -533,5 +542,6 @@ def serve(
         seed=seed,
         rate_limit=rate_limit,
         sliding_window=sliding_window,
+        batch_faults=batch_faults,
     )
     asyncio.run(_serve_until_signal(server))

@@ -1,8 +1,11 @@
 """One run's reader, workers and ordered writer, in one task group.
 
-    rows (one generator) --> workers x max_async --> ordered writer
+    rows (one generator) --> workers x max_async (+ spares) --> ordered writer
 
-* Workers are exactly ``max_async`` tasks: that is the in-flight cap. Each
+* Workers are ``max_async`` tasks, plus one spare for each row waiting out a
+  retry's backoff: a lone failure waits only for its own row and takes no
+  worker from the healthy ones. The in-flight cap is the throttle's limiter,
+  never above ``max_async``; a spare leaves once its row's worker is back. Each
   takes a slot of the reorder window, then the next row from the shared
   input generator (synchronous, so rows come out in order), marks it begun in
   the journal, sends it, journals its result as soon as it has one, and hands
@@ -55,6 +58,7 @@ from batchrun.records import (
 )
 from batchrun.resume import ResumePoint, tally
 from batchrun.reuse import Answers, relabel, stored_from_record
+from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
 from batchrun.throttle import Throttle
@@ -141,9 +145,19 @@ class Pipeline:
         self.aborted: FatalError | None = None
         self._producers = anyio.CancelScope()
         self.metrics = _metrics_writer(config, self.stats, throttle, clock)
+        schema = config.response_schema
         self.sender = RowSender(
-            client, provider, throttle, config.retry, clock=clock, stats=self.stats
+            client,
+            provider,
+            throttle,
+            config.retry,
+            clock=clock,
+            stats=self.stats,
+            answers=AnswerCheck(schema) if schema is not None else None,
         )
+        self.sender.on_backoff = self._backing_off
+        self._workers = 0  # worker tasks alive
+        self._backing_off_rows = 0  # rows waiting for a retry, each holding a worker
         self._last_checkpoint = start.checkpoint.rows
         self.answers = answers
         self.budget = Budget(config.costs.max_cost, spent=_spent_before(start, provider))
@@ -215,8 +229,24 @@ class Pipeline:
     async def _produce(self) -> None:
         with self._producers, contextlib.closing(self._rows()) as rows:
             async with anyio.create_task_group() as workers:
+                self._worker_group, self._rows_iter = workers, rows
                 for _ in range(self.config.limits.max_async):
-                    workers.start_soon(self._work, rows)
+                    self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._workers += 1
+        self._worker_group.start_soon(self._work, self._rows_iter)
+
+    def _backing_off(self, rows: int) -> None:
+        """``rows`` (+1 or -1) more rows wait for a retry: keep max_async
+        workers free for new rows by starting a spare when one is short."""
+        self._backing_off_rows += rows
+        if rows > 0 and not self.stopping and self._surplus() < 0:
+            self._start_worker()
+
+    def _surplus(self) -> int:
+        """Workers beyond max_async and one per row waiting for a retry."""
+        return self._workers - self.config.limits.max_async - self._backing_off_rows
 
     async def _keep_metrics_fresh(self, metrics: MetricsWriter) -> None:
         """Rewrite the metrics file on a timer, so a stalled run shows as one."""
@@ -244,7 +274,7 @@ class Pipeline:
         """The rows still to do, in input order: each a request to send, or a
         result already known (journaled, kept by --retry-failed, or a bad
         line's error record). Sets ``eof`` at the end of the input."""
-        defaults = Defaults(model=self.config.model, params=self.config.params)
+        defaults = self.config.request_defaults()
         first, offset = self.start.checkpoint.input_line, self.start.checkpoint.input_offset
         written, shard = self.progress.rows, self.shard
         with open_input(self.config.input) as handle, self._previous(first) as previous:
@@ -313,8 +343,14 @@ class Pipeline:
     # -- workers --------------------------------------------------------------
 
     async def _work(self, rows: Iterator[Work | Finished]) -> None:
+        try:
+            await self._work_rows(rows)
+        finally:
+            self._workers -= 1
+
+    async def _work_rows(self, rows: Iterator[Work | Finished]) -> None:
         known_in_a_row = 0
-        while not self.stopping:
+        while not self.stopping and self._surplus() <= 0:
             await self.window.acquire()
             item = next(rows, None) if not self.stopping else None
             if item is None:

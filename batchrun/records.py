@@ -22,6 +22,9 @@ import orjson
 
 Kind = Literal["chat", "completions", "embeddings", "dashscope"]
 
+# ``Outcome.parsed`` of a row no response schema checked (None is valid JSON).
+NOT_PARSED: Any = object()
+
 # OpenAI batch urls and the kind of request each carries.
 BATCH_URLS: dict[str, Kind] = {
     "/v1/chat/completions": "chat",
@@ -36,6 +39,9 @@ class Defaults:
 
     model: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Only for chat rows (OpenAI or DashScope native), after ``params``: what
+    # asks for JSON answers (``schema.response_format``).
+    chat_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True, slots=True)  # not frozen: built per row, frozen init is slower
@@ -88,6 +94,7 @@ class Outcome:
     tokens_in: int = 0
     tokens_out: int = 0
     cost: float | None = None  # from the answer's usage, when the job has prices
+    parsed: Any = NOT_PARSED  # the answer's JSON, when a response schema checked it
 
     @property
     def ok(self) -> bool:
@@ -147,9 +154,8 @@ def _batch_request(
         return _error(line, custom_id, f"url must be one of {known}, got {url!r}")
     if not isinstance(body, dict):
         return _error(line, custom_id, "body must be a JSON object")
-    return Request(
-        line=line, custom_id=custom_id, kind=kind, body=_with_defaults(body, defaults), url=url
-    )
+    body = _with_defaults(body, defaults, chat=kind == "chat")
+    return Request(line=line, custom_id=custom_id, kind=kind, body=body, url=url)
 
 
 def _bare_request(
@@ -168,7 +174,8 @@ def _bare_request(
         return Request(
             line=line, custom_id=custom_id, kind=kind, body=_native_defaults(body, defaults)
         )
-    return Request(line=line, custom_id=custom_id, kind=kind, body=_with_defaults(body, defaults))
+    body = _with_defaults(body, defaults, chat=kind == "chat")
+    return Request(line=line, custom_id=custom_id, kind=kind, body=body)
 
 
 def _bare_kind(body: Mapping[str, Any]) -> Kind | None:
@@ -185,10 +192,13 @@ def _bare_kind(body: Mapping[str, Any]) -> Kind | None:
     return None
 
 
-def _with_defaults(body: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
-    if defaults.model is None and not defaults.params:
+def _with_defaults(body: dict[str, Any], defaults: Defaults, *, chat: bool) -> dict[str, Any]:
+    extra = defaults.chat_params if chat else None
+    if defaults.model is None and not defaults.params and not extra:
         return body
     merged: dict[str, Any] = dict(defaults.params)
+    if extra:
+        merged.update(extra)
     if defaults.model is not None:
         merged["model"] = defaults.model
     merged.update(body)
@@ -200,7 +210,11 @@ def _native_defaults(body: dict[str, Any], defaults: Defaults) -> dict[str, Any]
     if defaults.model is not None:
         merged.setdefault("model", defaults.model)
     given = body.get("parameters")
-    merged["parameters"] = {**defaults.params, **(given if isinstance(given, dict) else {})}
+    merged["parameters"] = {
+        **defaults.params,
+        **defaults.chat_params,
+        **(given if isinstance(given, dict) else {}),
+    }
     return merged
 
 
@@ -229,6 +243,8 @@ def output_record(outcome: Outcome) -> dict[str, Any]:
     }
     if outcome.cost is not None:
         record["cost"] = outcome.cost
+    if outcome.parsed is not NOT_PARSED:
+        record["parsed"] = outcome.parsed
     return record
 
 

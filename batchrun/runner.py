@@ -365,6 +365,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            **_answers_report(pipeline),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),
             **_held_report(pipeline),
@@ -385,6 +386,11 @@ def _held_report(pipeline: Pipeline) -> dict[str, object]:
         "results waited in the journal (--reorder-bytes)": held.spilled,
         "most result bytes waiting in memory": held.peak_bytes,
     }
+
+
+def _answers_report(pipeline: Pipeline) -> dict[str, object]:
+    answers = pipeline.sender.answers
+    return dict(answers.report()) if answers is not None else {}
 
 
 def _hosts_report(pipeline: Pipeline) -> dict[str, object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -12,8 +13,9 @@ from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.progress import RunStats
 from batchrun.providers import Provider
-from batchrun.records import Outcome, Request, Response
+from batchrun.records import NOT_PARSED, Outcome, Request, Response
 from batchrun.retry import budget_note, retrying
+from batchrun.schema import AnswerCheck
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tokens import estimate_tokens
@@ -31,13 +33,18 @@ class RowSender:
         *,
         clock: Clock,
         stats: RunStats,
+        answers: AnswerCheck | None = None,
     ) -> None:
+        """``answers``: the response-schema check each good answer must pass."""
         self.client = client
+        self.answers = answers
         self.provider = provider
         self.throttle = throttle
         self.retry = retry
         self.clock = clock
         self.stats = stats
+        # Told +1 when a row starts waiting for a retry and -1 when it is done.
+        self.on_backoff: Callable[[int], None] = _ignore
 
     async def send(self, request: Request) -> Outcome:
         """The row's outcome: its answer, or its last error once retries are
@@ -71,7 +78,18 @@ class RowSender:
             latency_s=self.clock.monotonic() - started,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
+            parsed=row.parsed,
         )
+
+    async def release(self, begun: float, *, answered: bool, hold: float) -> None:
+        """Give the throttle's place back, ``hold`` seconds from now (a
+        push-back answered at once keeps its place as long as an answer
+        would have: rejected requests never go out faster than good ones)."""
+        try:
+            if hold > 0:
+                await self.clock.sleep(hold)
+        finally:
+            self.throttle.release(begun, answered=answered)
 
     async def _with_retries(
         self, attempt: Callable[[], Awaitable[Response]], remaining: Callable[[], float]
@@ -91,8 +109,16 @@ class RowSender:
                 raise failure
             return await attempt()
 
-        loop = retrying(self.retry, sleep=self.clock.sleep, remaining=remaining)
+        loop = retrying(self.retry, sleep=self._backoff, remaining=remaining)
         return await loop(replay_then_attempt)
+
+    async def _backoff(self, seconds: float) -> None:
+        """Wait before a retry, telling ``on_backoff`` while the row waits."""
+        self.on_backoff(1)
+        try:
+            await self.clock.sleep(seconds)
+        finally:
+            self.on_backoff(-1)
 
 
 class RowBudget:
@@ -133,6 +159,7 @@ class _RowAttempts:
         self.request = request
         self.budget = budget
         self.count = 0
+        self.parsed: Any = NOT_PARSED  # the last answer's JSON, once it passed the schema
         throttle = sender.throttle
         self.estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
 
@@ -140,8 +167,16 @@ class _RowAttempts:
         """One attempt; ``retry_budget_exhausted`` if the budget runs out first
         (in the throttle's queue or in flight)."""
         with anyio.move_on_after(self.budget.remaining()) as scope:
-            return await self._throttled(scope)
+            return await self._checked(scope)
         raise self.budget.exhausted()
+
+    async def _checked(self, scope: anyio.CancelScope) -> Response:
+        """A throttled attempt whose answer passed the response schema, if any."""
+        response = await self._throttled(scope)
+        answers = self.sender.answers
+        if answers is not None:  # raises for an answer that fails the schema
+            self.parsed = answers.classify(response)
+        return response
 
     async def _throttled(self, scope: anyio.CancelScope) -> Response:
         sender, throttle = self.sender, self.sender.throttle
@@ -150,17 +185,21 @@ class _RowAttempts:
         scope.deadline = min(scope.deadline, anyio.current_time() + self.budget.remaining())
         self.count += 1
         sender.stats.in_flight += 1
-        answered = False
+        answered, hold = False, 0.0
         try:
             response = await sender.client.send(self.request)
             answered = True
             return response
         except RequestError as exc:
-            throttle.failed(exc)
+            hold = throttle.failed(exc, sent_at=begun)
             raise
         finally:
             sender.stats.in_flight -= 1
-            throttle.release(begun, answered=answered)
+            await sender.release(begun, answered=answered, hold=hold)
+
+
+def _ignore(_change: int) -> None:
+    """The default ``on_backoff``: nobody listens."""
 
 
 def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:

@@ -184,6 +184,7 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
         "provider": config.provider,
         "model": config.model,
         "params": orjson.loads(orjson.dumps(dict(config.params), option=orjson.OPT_SORT_KEYS)),
+        "response_schema": config.response_schema.digest if config.response_schema else None,
     }
 
 
@@ -201,7 +202,15 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> str | N
     return f"the setting {key!r} ({stored.get(key)!r} → {current.get(key)!r})"
 
 
-_FINGERPRINT_KEYS = ("input_size", "input_hash", "shard", "provider", "model", "params")
+_FINGERPRINT_KEYS = (
+    "input_size",
+    "input_hash",
+    "shard",
+    "provider",
+    "model",
+    "params",
+    "response_schema",
+)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

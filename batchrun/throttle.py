@@ -2,13 +2,16 @@
 
 Three gates in this order, then the request:
 
-1. the pause gate: one server's ``Retry-After`` pauses every worker, so the
-   whole run backs off instead of a thundering herd;
+1. the pause gate: when answers show congestion, the server's
+   ``Retry-After`` pauses every worker, so the whole run backs off instead of
+   a thundering herd (a lone 429 only delays its own row's retry);
 2. the rate budget: ``--rpm`` / ``--tpm``, spread smoothly over the minute,
    banking nothing during a pause;
-3. the adaptive in-flight limit: starts low, grows while answers are good,
-   halves on 429, 503 and timeouts (AIMD), never above
-   ``--max-async-requests``; slots go first come, first served.
+3. the adaptive in-flight limit: starts at ``INITIAL_CONCURRENCY``, grows
+   sixteenfold per round trip while answers are good, halves when 429s, 503s
+   and timeouts are a share of the recent answers (AIMD; see
+   ``congestion``), never above ``--max-async-requests``; slots go first
+   come, first served.
 """
 
 from __future__ import annotations
@@ -19,14 +22,21 @@ from collections.abc import Callable
 
 from batchrun.concurrency import AdaptiveLimiter, AIMDController
 from batchrun.config import RunConfig
+from batchrun.congestion import RecentAnswers
 from batchrun.errors import FatalError, RequestError
 from batchrun.ratelimit import PauseGate, RateBudget
 from batchrun.timing import Clock
 
 # In-flight requests allowed before the provider has answered anything: a
-# bad key or an overloaded server hears from few requests, and slow start
-# doubles the limit every round trip after that.
-INITIAL_CONCURRENCY = 4
+# bad key or an overloaded server hears from few requests.
+INITIAL_CONCURRENCY = 16
+
+# Slots each good answer adds until the first congestion: the limit grows
+# sixteenfold per round trip, 16 -> 256 -> 4,096, so a healthy provider
+# sees any limit up to 4,096 within two round trips. The start stays low
+# because whatever is in flight when a rate limiter's quota runs out is
+# rejected at once: 32 would double that first burst against a small quota.
+RAMP = 15
 
 # Weight of each new answer in the moving average of latency.
 _LATENCY_WEIGHT = 0.1
@@ -64,6 +74,11 @@ class Throughput:
         while answers[0] < now - 1.0:
             answers.popleft()
 
+    @property
+    def latency(self) -> float:
+        """Mean latency of good answers, seconds (0 before any)."""
+        return self._latency
+
     def sustained_concurrency(self) -> int | None:
         """Requests in flight that the last second's answers sustained; None
         before any answer."""
@@ -90,12 +105,14 @@ class Throttle:
             maximum=limits.max_async,
             clock=clock.monotonic,
             slow_start=True,
+            ramp=RAMP,
             increase_interval=INCREASE_INTERVAL,
         )
         self.limiter = AdaptiveLimiter(self.controller)
         self._adaptive = limits.adaptive
         self._pause_cap = config.retry.backoff_max
         self._throughput = Throughput(clock.monotonic)
+        self._recent = RecentAnswers()
         self.rate_limited = 0
         self._tripped: FatalError | None = None
 
@@ -128,6 +145,7 @@ class Throttle:
         self.limiter.release()
         if answered:
             self._throughput.finish(started)
+            self._recent.good(sent_at=started)
 
     def _raise_if_tripped(self) -> None:
         """The circuit breaker: after one fatal answer, no request goes out."""
@@ -141,20 +159,38 @@ class Throttle:
             self.budget.settle(estimate, used)
         self.controller.on_success()
 
-    def failed(self, error: RequestError) -> None:
-        """A failed attempt: back off if the provider asked for it, or stop
-        every request if the answer was fatal."""
+    def failed(self, error: RequestError, *, sent_at: float | None = None) -> float:
+        """A failed attempt: stop every request if the answer was fatal; cut
+        the limit and pause everyone if the recent answers show congestion.
+
+        Until the provider has answered well once, a ``Retry-After`` is all
+        that is known of it, so it pauses everyone; after that a lone
+        push-back only delays its own row (its retry waits). ``sent_at`` is
+        the attempt's start from ``acquire`` (None: unknown, taken as now): a
+        push-back in under half the mean latency is a limiter's rejection on
+        arrival. Returns the
+        seconds the attempt's place stays taken: for a push-back, the mean
+        latency of good answers, so an overrun limiter's instant 429s do not
+        free places for yet more requests faster than answers would.
+        """
         if isinstance(error, FatalError) and self._tripped is None:
             self._tripped = error
         if error.status == 429:
             self.rate_limited += 1
-        congested = error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES
+        congested, hold = False, 0.0
+        if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
+            now = self._throughput.start()
+            sent = now if sent_at is None else sent_at  # unknown: the cautious reading
+            instant = now - sent < self._throughput.latency
+            congested = self._recent.pushed_back(sent if instant else None)
+            hold = self._throughput.latency
         if congested and self._adaptive:  # --no-adaptive pins the limit at the cap
             self.controller.on_congestion(self._throughput.sustained_concurrency())
-        if error.retry_after:
+        if error.retry_after and (congested or not self._recent.good_seen):
             self.gate.pause_for(min(error.retry_after, self._pause_cap))
             if self.budget.enabled:  # nothing banked while paused: no burst after it
                 self.budget.hold(self.gate.until)
+        return hold
 
     def level(self) -> str:
         """The current in-flight limit, for the progress line."""

@@ -20,7 +20,7 @@ from typing import Any
 from batchrun.config import WHOLE, Costs, RunConfig, Shard
 from batchrun.errors import UsageError
 from batchrun.inputs import open_input
-from batchrun.records import Defaults, LineError, Request, parse_line
+from batchrun.records import LineError, Request, parse_line
 from batchrun.tokens import estimate_input_tokens, estimate_output_tokens
 
 __all__ = ["EXAMPLES", "ValidationReport", "validate"]
@@ -118,7 +118,7 @@ def validate(config: RunConfig) -> ValidationReport:
     """
     if not config.input.is_file():
         raise UsageError(f"input file {config.input} does not exist or is not a file")
-    defaults = Defaults(model=config.model, params=config.params)
+    defaults = config.request_defaults()
     tally = _Tally(config.costs.context_limit)
     try:
         with open_input(config.input) as handle:

@@ -3,6 +3,8 @@ mapped back to output records."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -56,7 +58,7 @@ def test_ids_in_a_file_are_unique_even_when_the_input_repeats_its_own() -> None:
     assert line_of_key("someone-else") is None
 
 
-def test_results_map_back_by_our_key_and_missing_rows_are_unfinished() -> None:
+def test_results_map_back_by_our_key_and_missing_rows_are_unfinished(tmp_path: Path) -> None:
     provider = OpenAIProvider()
     ids = {3: "a", 5: "a", 9: "b"}
     body = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
@@ -75,9 +77,14 @@ def test_results_map_back_by_our_key_and_missing_rows_are_unfinished() -> None:
             orjson.dumps({"custom_id": batch_key(9), "error": {"code": "batch_expired"}}),
         ]
     )
-    found = collect([output, errors], ids, provider)
+    files = [tmp_path / "out", tmp_path / "err"]
+    files[0].write_bytes(output + b"\n")
+    files[1].write_bytes(errors + b"\n")
+    found = collect(files, ids, provider, tmp_path / "spill")
     assert found.unfinished == {9}
-    ok, failed = orjson.loads(found.records[5]), orjson.loads(found.records[3])
+    records = [orjson.loads(chunk) for chunk in found.records.sorted_chunks()]
+    found.records.close()
+    failed, ok = records
     assert ok["custom_id"] == "a"
     assert ok["error"] is None
     assert ok["line"] == 5

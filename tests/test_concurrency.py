@@ -412,3 +412,20 @@ async def test_fifo_slots_serve_waiters_in_order_and_never_leak_on_cancel() -> N
     assert served == [0, 1, 2]
     slots.release()
     await slots.acquire()  # exactly one slot is free again: nothing leaked
+
+
+def test_slow_start_with_a_ramp_multiplies_per_round_trip() -> None:
+    controller = AIMDController(
+        initial=32, maximum=2000, clock=lambda: 0.0, slow_start=True, ramp=7
+    )
+    for _ in range(32):
+        controller.on_success()
+    assert controller.limit == 256  # eightfold in one round trip
+    for _ in range(256):
+        controller.on_success()
+    assert controller.limit == 2000  # never above the maximum
+
+
+def test_ramp_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="ramp"):
+        AIMDController(initial=1, maximum=2, clock=lambda: 0.0, ramp=0)

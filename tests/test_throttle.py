@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from batchrun.congestion import STREAK
 from batchrun.errors import TransientError
 from batchrun.jobfile import build_config
 from batchrun.mock_server import MockServer
@@ -135,7 +136,7 @@ async def test_congestion_halves_the_limit_once_per_burst(tmp_path: Path) -> Non
     assert throttle.report()["concurrency"] == f"{INITIAL_CONCURRENCY}-64"
 
 
-async def test_after_a_429_the_limit_drops_to_what_the_provider_sustained(
+async def test_after_a_burst_of_429s_the_limit_drops_to_what_the_provider_sustained(
     tmp_path: Path,
 ) -> None:
     time = FakeClock()
@@ -146,7 +147,8 @@ async def test_after_a_429_the_limit_drops_to_what_the_provider_sustained(
         time.now += 0.01
     assert throttle.controller.limit == 64
 
-    throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429))
+    for _ in range(STREAK):  # 429s in a row: a limiter, not a stray one (see below)
+        throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429))
 
     # ~60 answers/s at ~0.05 s each sustain about 3 in flight (Little's law), not 32.
     assert throttle.controller.limit == 3
@@ -178,3 +180,101 @@ async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) ->
     throttle.succeeded(100, 400)  # the answer used 300 more than estimated
     throttle.release(await throttle.acquire(100), answered=True)
     assert time.now == pytest.approx(4.0)  # 300 of debt and 100 more, at 100/s
+
+
+def healthy(throttle: Throttle, time: FakeClock, answers: int) -> None:
+    """``answers`` good answers, 10 ms apart, each 50 ms after its request."""
+    for _ in range(answers):
+        assert throttle.limiter.try_acquire()
+        throttle.release(time.now - 0.05, answered=True)
+        throttle.succeeded(0, 0)
+        time.now += 0.01
+
+
+async def test_a_lone_429_delays_only_its_own_row(tmp_path: Path) -> None:
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, max_async_requests=64, backoff_max=60.0)
+    healthy(throttle, time, 100)
+
+    throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429, retry_after=5))
+
+    assert not throttle.gate.paused
+    assert throttle.controller.limit == 64
+    throttle.release(await throttle.acquire(0), answered=True)
+    assert time.now == pytest.approx(1.0)  # nobody waited for the 429's Retry-After
+    assert throttle.report()["pauses"] == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TransientError("http_500", "oops", status=500),
+        TransientError("connection_reset", "reset"),
+    ],
+)
+async def test_500s_and_resets_are_never_congestion(tmp_path: Path, error: TransientError) -> None:
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, max_async_requests=64)
+    healthy(throttle, time, 10)
+    for _ in range(100):
+        throttle.failed(error)
+    assert throttle.controller.limit == 64
+    assert throttle.controller.decreases == 0
+
+
+async def test_stray_503s_among_good_answers_keep_the_limit(tmp_path: Path) -> None:
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, max_async_requests=64)
+    for _ in range(50):  # one answer in ten is a 503: 10 %, far from congestion
+        healthy(throttle, time, 9)
+        throttle.failed(TransientError("overloaded", "busy", status=503))
+    assert throttle.controller.limit == 64
+    assert throttle.controller.decreases == 0
+
+
+async def test_503s_that_are_a_share_of_the_answers_cut_the_limit(tmp_path: Path) -> None:
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, max_async_requests=64)
+    healthy(throttle, time, 64)
+    for _ in range(20):  # every third answer a 503: the provider is overloaded
+        healthy(throttle, time, 2)
+        throttle.failed(TransientError("overloaded", "busy", status=503))
+    assert throttle.controller.limit < 64
+    assert throttle.controller.decreases == 1
+
+
+async def test_a_healthy_provider_sees_the_whole_limit_within_two_round_trips(
+    tmp_path: Path,
+) -> None:
+    throttle = throttle_for(tmp_path, FakeClock(), max_async_requests=2000)
+    assert throttle.controller.limit == INITIAL_CONCURRENCY
+    limit = throttle.controller.limit
+    for _ in range(2):  # each round trip answers everything that was in flight
+        for _ in range(limit):
+            throttle.succeeded(0, 0)
+        limit = throttle.controller.limit
+    assert limit == 2000
+
+
+async def test_rows_waiting_for_a_retry_do_not_hold_up_the_others(tmp_path: Path) -> None:
+    seen_at_retry: list[int] = []
+
+    async def sleep(seconds: float) -> None:
+        if seconds >= 1.0:  # a retry told Retry-After: 1; shortened, but really waiting
+            await anyio.sleep(0.3)
+            seen_at_retry.append(server.stats.requests)
+        else:
+            await anyio.sleep(seconds)
+
+    async with MockServer() as server:
+        healthy_rows = [chat(f"row {i}") for i in range(36)]
+        failing = [chat(f"late {i} mock:fail=429x1 mock:retry_after=1") for i in range(3)]
+        rows = healthy_rows[:3] + failing + healthy_rows[3:]
+        config = make_config(tmp_path, rows, server, max_async_requests=3)
+
+        summary = await run_async(config, clock=Clock(sleep=sleep))
+
+    assert summary.exit_code == 0
+    assert summary.extra["pauses"] == 0  # three lone 429s among good answers
+    # While the three rows waited, spare workers sent every other row.
+    assert seen_at_retry == [39, 39, 39]

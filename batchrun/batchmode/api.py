@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
@@ -28,7 +28,9 @@ from batchrun.timing import Sleep
 # Batches listed per page, and pages read at most when looking one up.
 LIST_PAGE = 100
 LIST_PAGES = 50
-# Bytes a metadata-less answer (a batch, a list page) may have.
+# Bytes read at a time from a result file.
+_CHUNK = 1 << 16
+# Bytes a JSON answer (a batch, a page of the list) may have.
 _MAX_ANSWER = 64 << 20
 
 
@@ -91,9 +93,22 @@ class BatchApi:
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         return await self._retried("POST", f"batches/{batch_id}/cancel")  # type: ignore[no-any-return]
 
-    async def content(self, file_id: str) -> bytes:
-        """A result file's bytes."""
-        return await self._retried("GET", f"files/{file_id}/content", raw=True)  # type: ignore[no-any-return]
+    async def download(self, file_id: str, path: Path) -> None:
+        """A result file's content into ``path``, streamed (each try starts it afresh)."""
+
+        async def once() -> None:
+            url = join_url(self.base_url, f"files/{file_id}/content")
+            try:
+                async with self._session.get(url, headers=self._auth) as answer:
+                    if answer.status != 200:
+                        self._raise(answer.status, answer.headers, await answer.read(), url)
+                    with path.open("wb") as handle:
+                        async for chunk in answer.content.iter_chunked(_CHUNK):
+                            handle.write(chunk)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise transport_error(exc) from exc
+
+        await retrying(self._retry, sleep=self._sleep)(once)
 
     async def delete(self, file_id: str) -> None:
         """Delete a file; one already gone is fine."""
@@ -130,8 +145,8 @@ class BatchApi:
 
         return await retrying(self._retry, sleep=self._sleep)(once)
 
-    async def _call(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
-        """One HTTP call; its parsed JSON (or bytes) or a classified error."""
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One HTTP call; its parsed JSON object or a classified error."""
         url = join_url(self.base_url, path)
         try:
             async with self._session.request(method, url, headers=self._auth, **kwargs) as answer:
@@ -139,14 +154,18 @@ class BatchApi:
                 status, headers = answer.status, answer.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise transport_error(exc) from exc
-        if 200 <= status < 300:
-            return data if raw else _parse(data, status)
+        if not 200 <= status < 300:
+            self._raise(status, headers, data, f"{method} {path}")
+        return _parse(data, status)
+
+    def _raise(self, status: int, headers: Any, data: bytes, what: str) -> NoReturn:
+        """The classified error of a non-2xx answer (the one place statuses are mapped)."""
         body = _try_parse(data)
         verdict = self._provider.classify(status, body)
         error_type = {"transient": TransientError, "row": RowError, "fatal": FatalError}
         raise error_type[verdict.verdict](
             verdict.code,
-            f"{method} {path}: {verdict.message}",
+            f"{what}: {verdict.message}",
             status=status,
             body=body,
             retry_after=pause_hint(headers, status=status),

@@ -123,9 +123,9 @@ class BatchRecord:
     def write_ids(self, part: int, ids: Iterable[tuple[int, str]]) -> None:
         _write_atomic(self.file(part, "ids"), orjson.dumps(list(ids)))
 
-    def write_results(self, part: int, records: dict[int, bytes]) -> None:
-        """Part ``part``'s output records, in line order, in one atomic step."""
-        _write_atomic(self.file(part, "results"), b"".join(records[k] for k in sorted(records)))
+    def write_results(self, part: int, chunks: Iterable[bytes | memoryview]) -> None:
+        """Part ``part``'s output records, given in line order, in one atomic step."""
+        _write_atomic(self.file(part, "results"), chunks)
 
     def results(self, state: BatchState) -> Iterator[Path]:
         """The results files of collected parts."""
@@ -135,10 +135,13 @@ class BatchRecord:
                 yield path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
     fresh = path.with_name(path.name + ".new")
     with fresh.open("wb") as handle:
-        handle.write(data)
+        if isinstance(data, bytes):
+            handle.write(data)
+        else:
+            handle.writelines(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(fresh, path)

@@ -10,9 +10,12 @@ with no line at all: a ``completed`` batch with missing rows is no success.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import array
+import mmap
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, BinaryIO, Final
 
 import orjson
 
@@ -24,22 +27,75 @@ from batchrun.records import Outcome, Response, output_line
 NOT_RUN: Final = frozenset({"batch_expired", "batch_cancelled", "batch_failed"})
 
 
+class Records:
+    """Output records by input line, spilled to ``spill`` as they come.
+
+    A part has up to 50,000 records to put in line order; only their lines
+    and offsets stay in memory (16 bytes a record), so collecting a part
+    costs the same few MiB whatever its answers weigh.
+    """
+
+    def __init__(self, spill: Path) -> None:
+        self._path = spill
+        self._handle: BinaryIO = spill.open("wb+")
+        self._size = 0
+        self._lines = array.array("q")
+        self._starts = array.array("q")
+        self._seen: set[int] = set()
+
+    def add(self, line: int, data: bytes) -> None:
+        """Keep ``data`` as ``line``'s record; a line's first record wins."""
+        if line in self._seen:
+            return
+        self._seen.add(line)
+        self._lines.append(line)
+        self._starts.append(self._size)
+        self._handle.write(data)
+        self._size += len(data)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def lines(self) -> set[int]:
+        return set(self._seen)
+
+    def sorted_chunks(self) -> Iterator[bytes]:
+        """The records in line order."""
+        self._handle.flush()
+        if not self._size:
+            return
+        starts, size = self._starts, self._size
+        with mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            for index in sorted(range(len(self._lines)), key=self._lines.__getitem__):
+                end = starts[index + 1] if index + 1 < len(starts) else size
+                yield view[starts[index] : end]
+
+    def close(self) -> None:
+        """Drop the spill file."""
+        self._handle.close()
+        self._path.unlink(missing_ok=True)
+
+
 @dataclass(slots=True)
 class Collected:
-    """Output records by input line, and the part's rows left without one."""
+    """A part's output records, and its rows left without one."""
 
-    records: dict[int, bytes] = field(default_factory=dict)
+    records: Records
     unfinished: set[int] = field(default_factory=set)
 
 
-def collect(contents: Iterable[bytes], ids: Mapping[int, str], provider: Provider) -> Collected:
-    """The records of the result files ``contents`` for a part whose rows
-    (input line → the input's ``custom_id``) are ``ids``."""
-    found = Collected()
-    for content in contents:
-        for raw in content.splitlines():
-            _take(found, raw, ids, provider)
-    found.unfinished = set(ids) - found.records.keys()
+def collect(
+    files: Iterable[Path], ids: Mapping[int, str], provider: Provider, spill: Path
+) -> Collected:
+    """The records of the downloaded result ``files`` for a part whose rows
+    (input line → the input's ``custom_id``) are ``ids``; the caller closes
+    ``records``."""
+    found = Collected(Records(spill))
+    for path in files:
+        with path.open("rb") as handle:
+            for raw in handle:
+                _take(found, raw, ids, provider)
+    found.unfinished = set(ids) - found.records.lines()
     return found
 
 
@@ -51,11 +107,11 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], provider: Provid
     if not isinstance(data, dict):
         return
     line = line_of_key(data.get("custom_id"))
-    if line is None or line not in ids or line in found.records:
+    if line is None or line not in ids:
         return
     outcome = outcome_of(data, line, ids[line], provider)
     if outcome is not None:
-        found.records[line] = output_line(outcome)
+        found.records.add(line, output_line(outcome))
 
 
 def outcome_of(
@@ -87,15 +143,8 @@ def _answered(response: dict[str, Any], line: int, custom_id: str, provider: Pro
         body=body,
     )
     if 200 <= status < 300:
-        tokens_in, tokens_out = provider.usage(body)
-        return Outcome(
-            line=line,
-            custom_id=custom_id,
-            response=answer,
-            attempts=1,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-        )
+        # Tokens are not part of the record: the ordered writer counts them from it.
+        return Outcome(line=line, custom_id=custom_id, response=answer, attempts=1)
     verdict = provider.classify(status, body)
     return Outcome(
         line=line,

@@ -20,20 +20,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 
 from batchrun.batchmode.api import BatchApi
 from batchrun.batchmode.plan import line_of_key
 from batchrun.batchmode.record import BatchRecord, BatchState, Part
-from batchrun.batchmode.results import collect, invalid_line_record
+from batchrun.batchmode.results import Records, collect, invalid_line_record
 from batchrun.errors import RequestError
 from batchrun.providers import Provider
 
 log = logging.getLogger("batchrun")
 
 TOKEN_LIMIT = "token_limit_exceeded"
+# Batches whose result files are downloaded and mapped at the same time.
+COLLECT_AT_ONCE = 1
 
 
 class BatchRefused(Exception):
@@ -59,6 +63,7 @@ class Settler:
         self.dialect = dialect
         self.keep_files = keep_files
         self.fallback_online = fallback_online
+        self._collecting = anyio.CapacityLimiter(COLLECT_AT_ONCE)
 
     async def ended(self, part: Part, batch: dict[str, Any]) -> bool:
         """Handle ``part``'s ended batch; False when it must be tried again
@@ -72,12 +77,22 @@ class Settler:
                 return False
             await self._refused(part, errors)
             return True
-        ids = self.record.read_ids(part.id)
-        files = [batch.get("output_file_id"), batch.get("error_file_id")]
-        part.result_files = [str(file_id) for file_id in files if file_id]
-        contents = [await self.api.content(file_id) for file_id in part.result_files]
-        found = collect(contents, ids, self.dialect)
-        self._settle(part, found.records, found.unfinished, ids)
+        async with self._collecting:
+            ids = self.record.read_ids(part.id)
+            files = [batch.get("output_file_id"), batch.get("error_file_id")]
+            part.result_files = [str(file_id) for file_id in files if file_id]
+            downloads = [self.record.file(part.id, f"got{n}") for n in range(len(files))]
+            for file_id, path in zip(part.result_files, downloads, strict=False):
+                await self.api.download(file_id, path)
+            found = collect(
+                downloads[: len(part.result_files)], ids, self.dialect, self._spill(part)
+            )
+            try:
+                self._settle(part, found.records, found.unfinished, ids)
+            finally:
+                found.records.close()
+                for path in downloads:
+                    path.unlink(missing_ok=True)
         await self.cleanup(part)
         return True
 
@@ -85,14 +100,15 @@ class Settler:
         """A validation failure: named lines become row errors, the rest is resubmitted."""
         ids = self.record.read_ids(part.id)
         order = list(ids)
-        named: dict[int, bytes] = {}
+        named = Records(self._spill(part))
         for error in errors:
             number = error.get("line")
             if isinstance(number, int) and 1 <= number <= len(order):
                 line = order[number - 1]
                 code, message = str(error.get("code") or "invalid_request"), error.get("message")
-                named[line] = invalid_line_record(line, ids[line], code, str(message or code))
-        if not named:
+                named.add(line, invalid_line_record(line, ids[line], code, str(message or code)))
+        if not len(named):
+            named.close()
             part.status = "refused"
             self.record.save(self.state)
             text = "; ".join(str(error.get("message") or error.get("code")) for error in errors)
@@ -100,14 +116,20 @@ class Settler:
                 f"the provider refused batch {part.batch_id} (part {part.id}):"
                 f" {text or 'no reason given'}"
             )
-        self._settle(part, named, set(ids) - named.keys(), ids)
+        try:
+            self._settle(part, named, set(ids) - named.lines(), ids)
+        finally:
+            named.close()
         await self.cleanup(part)
 
+    def _spill(self, part: Part) -> Path:
+        return self.record.file(part.id, "spill")
+
     def _settle(
-        self, part: Part, records: dict[int, bytes], unfinished: set[int], ids: dict[int, str]
+        self, part: Part, records: Records, unfinished: set[int], ids: dict[int, str]
     ) -> None:
         """Write the results, plan the unfinished rows, then mark the part collected."""
-        self.record.write_results(part.id, records)
+        self.record.write_results(part.id, records.sorted_chunks())
         if unfinished and self.fallback_online:
             part.online = len(unfinished)
         elif unfinished:

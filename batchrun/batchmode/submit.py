@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
+
 from batchrun import crashpoint
 from batchrun.batchmode.api import BatchApi
 from batchrun.batchmode.record import BatchRecord, BatchState, Part
@@ -23,6 +25,9 @@ from batchrun.retry import retrying
 from batchrun.timing import Sleep
 
 log = logging.getLogger("batchrun")
+
+# Files uploaded at the same time: enough to fill the link, few enough to bound buffers.
+UPLOAD_AT_ONCE = 4
 
 
 def metadata(state: BatchState, part: Part) -> dict[str, str]:
@@ -51,11 +56,13 @@ class Submitter:
         self.state = state
         self.retry = retry
         self.sleep = sleep
+        self._uploading = anyio.CapacityLimiter(UPLOAD_AT_ONCE)
 
     async def submit(self, part: Part) -> None:
         """Upload ``part`` if needed, then create and record its batch."""
         if part.status == "planned":
-            part.input_file_id = await self.api.upload(self.record.file(part.id, "jsonl"))
+            async with self._uploading:
+                part.input_file_id = await self.api.upload(self.record.file(part.id, "jsonl"))
             part.status = "uploaded"
             self.record.save(self.state)
         assert part.input_file_id is not None

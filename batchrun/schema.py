@@ -1,0 +1,136 @@
+"""``--response-schema``: ask for JSON answers and check each one against a
+JSON Schema (the ``jsonschema`` library).
+
+Three parts, one per step of a row: ``load_response_schema`` reads and checks
+the schema (a bad one is a usage error, before any request);
+``response_format`` is what a request adds to ask for JSON in its dialect;
+``AnswerCheck.classify`` is the one place a successful HTTP answer becomes a
+parsed object or a classified error.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.protocols import Validator
+
+from batchrun.answers import read_answer
+from batchrun.errors import RowError, TransientError, UsageError
+from batchrun.records import Response
+
+# The codes of answers that failed the check. The first two are paid answers
+# that another attempt may cure; a truncated one would be cut the same way.
+INVALID_JSON, SCHEMA_MISMATCH, TRUNCATED = "invalid_json", "schema_mismatch", "truncated"
+_SHOWN = 200  # characters of a bad answer quoted in its error message
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseSchema:
+    """A checked JSON Schema, its file, and a digest for the run's fingerprint."""
+
+    path: Path
+    schema: dict[str, Any]
+    digest: str
+
+
+def load_response_schema(path: Path) -> ResponseSchema:
+    """Read ``path`` as a JSON Schema; ``UsageError`` naming what is wrong when
+    it is missing, not JSON, not an object, or not a valid schema for its
+    draft (``$schema``, default the latest)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--response-schema {path}: cannot read it ({exc.strerror})") from None
+    try:
+        schema = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"--response-schema {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--response-schema {path} must hold a JSON object (a JSON Schema)")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(map(str, exc.path)) or "the top level"
+        raise UsageError(
+            f"--response-schema {path} is not a valid JSON Schema: {exc.message} (at {where})"
+        ) from None
+    digest = hashlib.sha256(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return ResponseSchema(path=path, schema=schema, digest=digest)
+
+
+def response_format(dialect: str, schema: ResponseSchema) -> dict[str, Any]:
+    """The ``response_format`` request parameter that asks for JSON answers:
+    DashScope's native API knows only ``json_object``; OpenAI-compatible
+    endpoints take the schema itself."""
+    if dialect == "dashscope":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema.schema}}
+
+
+class AnswerCheck:
+    """Parses and validates the text of each successful answer.
+
+    ``failures`` counts the answers that failed, by code, over the run: each
+    was paid for, retried or not.
+    """
+
+    def __init__(self, schema: ResponseSchema) -> None:
+        cls = jsonschema.validators.validator_for(schema.schema)
+        self._validator: Validator = cls(schema.schema)
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    def classify(self, response: Response) -> Any:
+        """The answer's parsed JSON, or raise: ``RowError`` ``truncated`` when
+        it was cut at the token limit (finish_reason ``length``), else
+        ``TransientError`` ``invalid_json`` or ``schema_mismatch``. An answer
+        without text (embeddings) passes as None."""
+        answer = read_answer(response.body)
+        if answer.text is None:
+            return None
+        if answer.finish_reason == "length":
+            raise self._failed(
+                RowError,
+                TRUNCATED,
+                "the answer was cut off at the token limit (finish_reason length); not"
+                " retried, since a retry pays for the same cut: raise max_tokens",
+                response,
+            )
+        try:
+            parsed = orjson.loads(answer.text)
+        except orjson.JSONDecodeError as exc:
+            shown = answer.text[:_SHOWN]
+            message = f"the answer is not JSON ({exc}): {shown!r}"
+            raise self._failed(TransientError, INVALID_JSON, message, response) from None
+        error = best_match(self._validator.iter_errors(parsed))
+        if error is not None:
+            where = "/".join(map(str, error.absolute_path)) or "the top level"
+            message = f"the answer does not match the response schema: {error.message} (at {where})"
+            raise self._failed(TransientError, SCHEMA_MISMATCH, message, response)
+        return parsed
+
+    def _failed(
+        self, kind: type[RowError | TransientError], code: str, message: str, response: Response
+    ) -> RowError | TransientError:
+        self.failures[code] += 1
+        return kind(
+            code,
+            message,
+            status=response.status_code,
+            body=response.body,
+            request_id=response.request_id,
+        )
+
+    def report(self) -> dict[str, int]:
+        """Summary lines: the paid answers that failed the check, by kind."""
+        return {
+            "answers not JSON (paid)": self.failures[INVALID_JSON],
+            "answers off the schema (paid)": self.failures[SCHEMA_MISMATCH],
+            "answers cut off (paid)": self.failures[TRUNCATED],
+        }

@@ -1,0 +1,226 @@
+"""--response-schema against the real mock: JSON asked for, answers checked,
+paid retries counted, truncated answers failed at once, bad schemas refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun.errors import UsageError
+from batchrun.export import export
+from batchrun.jobfile import build_config
+from batchrun.mock_server import MockServer
+from batchrun.records import Request, parse_line
+from batchrun.runner import Clock, run_async
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.test_cli import abatchrun, batchrun
+
+pytestmark = pytest.mark.timeout(30)
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"echo": {"type": "string"}, "words": {"type": "integer"}},
+    "required": ["echo", "words"],
+}
+
+
+def _schema_file(tmp_path: Path, schema: Any = SCHEMA) -> Path:
+    path = tmp_path / "schema.json"
+    path.write_bytes(orjson.dumps(schema))
+    return path
+
+
+async def _run(
+    tmp_path: Path, server: MockServer, clock: Clock, rows: list[dict[str, Any]], **settings: Any
+) -> tuple[Any, list[dict[str, Any]]]:
+    config = make_config(tmp_path, rows, server, response_schema=_schema_file(tmp_path), **settings)
+    summary = await run_async(config, clock=clock)
+    return summary, read_jsonl(config.out)
+
+
+@pytest.mark.asyncio
+async def test_good_answers_carry_the_parsed_object(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("first question", custom_id="a"), chat("the second one", custom_id="b")]
+
+    summary, records = await _run(tmp_path, server, fake_clock, rows)
+
+    assert summary.exit_code == 0
+    assert server.stats.requests == 2
+    assert [r["parsed"] for r in records] == [
+        {"echo": "first question", "words": 2},
+        {"echo": "the second one", "words": 3},
+    ]
+    assert summary.extra["answers not JSON (paid)"] == 0
+    export(tmp_path / "out.jsonl", tmp_path / "t.parquet")
+    parsed = pq.read_table(tmp_path / "t.parquet").column("parsed").to_pylist()
+    assert [orjson.loads(text) for text in parsed] == [r["parsed"] for r in records]
+
+
+@pytest.mark.asyncio
+async def test_not_json_then_good_is_retried_and_counted(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("prose twice mock:notjson=2"), chat("fine at once")]
+
+    summary, records = await _run(tmp_path, server, fake_clock, rows, max_attempts=4)
+
+    assert summary.exit_code == 0
+    assert server.stats.requests == 4  # 3 for the first row, 1 for the second
+    assert records[0]["attempts"] == 3
+    assert records[0]["parsed"]["echo"] == "prose twice mock:notjson=2"
+    assert summary.extra["answers not JSON (paid)"] == 2
+    assert summary.extra["answers off the schema (paid)"] == 0
+
+
+@pytest.mark.asyncio
+async def test_always_the_wrong_shape_fails_after_max_attempts(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("never right mock:wrongshape")]
+
+    summary, (record,) = await _run(tmp_path, server, fake_clock, rows, max_attempts=3)
+
+    assert summary.exit_code == 1
+    assert server.stats.requests == 3
+    assert record["attempts"] == 3
+    assert record["error"]["code"] == "schema_mismatch"
+    assert "'echo' is a required property" in record["error"]["message"]
+    raw = record["response"]["body"]["choices"][0]["message"]["content"]
+    assert orjson.loads(raw) == {"unexpected": True}  # the raw answer is kept
+    assert "parsed" not in record
+    assert summary.extra["answers off the schema (paid)"] == 3
+    assert summary.to_dict()["failed_by_code"] == {"schema_mismatch": 1}
+
+
+@pytest.mark.asyncio
+async def test_a_truncated_answer_fails_at_once(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("cut short mock:length")]
+
+    summary, (record,) = await _run(tmp_path, server, fake_clock, rows, max_attempts=5)
+
+    assert server.stats.requests == 1
+    assert record["error"]["code"] == "truncated"
+    assert record["error"]["retryable"] is False
+    assert record["response"]["body"]["choices"][0]["finish_reason"] == "length"
+    assert summary.extra["answers cut off (paid)"] == 1
+
+
+@pytest.mark.asyncio
+async def test_dashscope_native_asks_for_a_json_object(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    native = {"custom_id": "n", "input": {"messages": [{"role": "user", "content": "native q"}]}}
+    rows = [chat("translated q mock:notjson=1", custom_id="t"), native]
+
+    summary, records = await _run(
+        tmp_path,
+        server,
+        fake_clock,
+        rows,
+        provider="dashscope",
+        base_url=server.dashscope_base_url,
+    )
+
+    # The mock answers JSON only to a request whose parameters ask for it.
+    assert summary.exit_code == 0
+    assert [r["parsed"] for r in records] == [
+        {"echo": "translated q mock:notjson=1", "words": 3},
+        {"echo": "native q", "words": 2},
+    ]
+    assert server.stats.requests == 3
+
+
+def test_the_request_shape_per_dialect(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("q")])
+    schema = _schema_file(tmp_path)
+
+    def defaults(provider: str) -> Any:
+        return build_config(
+            {
+                "input": source,
+                "out": tmp_path / "o",
+                "provider": provider,
+                "response_schema": schema,
+            }
+        ).request_defaults()
+
+    openai_chat = parse_line(orjson.dumps(chat("q")), 1, defaults("openai"))
+    embedding = parse_line(b'{"input": "x"}', 2, defaults("openai"))
+    native = parse_line(
+        b'{"input": {"messages": [{"role": "user", "content": "q"}]}}', 3, defaults("dashscope")
+    )
+
+    assert isinstance(openai_chat, Request)
+    assert openai_chat.body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": SCHEMA},
+    }
+    assert isinstance(embedding, Request)
+    assert "response_format" not in embedding.body
+    assert isinstance(native, Request)
+    assert native.body["parameters"]["response_format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b'{"type": "nope"}', "not a valid JSON Schema"),
+        (b"{not json", "is not JSON"),
+        (b"[1, 2]", "must hold a JSON object"),
+    ],
+)
+def test_a_bad_schema_is_a_usage_error(tmp_path: Path, content: bytes, why: str) -> None:
+    path = tmp_path / "schema.json"
+    path.write_bytes(content)
+
+    with pytest.raises(UsageError, match=why):
+        build_config({"input": "in.jsonl", "out": "out.jsonl", "response_schema": path})
+    checked = batchrun("validate", "--response-schema", path)
+
+    assert checked.returncode == 2
+    assert why in checked.stderr
+
+
+def test_validate_accepts_a_good_schema(tmp_path: Path) -> None:
+    checked = batchrun("validate", "--response-schema", _schema_file(tmp_path))
+
+    assert checked.returncode == 0
+    assert "valid JSON Schema" in checked.stdout
+
+
+def test_batch_mode_refuses_a_schema(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not combine with --mode batch"):
+        build_config(
+            {
+                "input": "in.jsonl",
+                "out": "out.jsonl",
+                "mode": "batch",
+                "response_schema": _schema_file(tmp_path),
+            }
+        )
+
+
+@pytest.mark.asyncio
+async def test_an_invalid_schema_exits_2_before_any_request(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("q")])
+    bad = _schema_file(tmp_path, {"type": "object", "required": "echo"})
+
+    done = await abatchrun(
+        "run", source, "--out", tmp_path / "o.jsonl", "--provider", "mock",
+        "--base-url", server.base_url, "--response-schema", bad, "--no-progress",
+    )  # fmt: skip
+
+    assert done.returncode == 2
+    assert b"not a valid JSON Schema" in done.stderr
+    assert server.stats.requests == 0
