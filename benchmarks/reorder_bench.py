@@ -1,4 +1,4 @@
-"""Scenario i of ``make bench``: memory behind a slow head row, in bytes.
+"""Scenario k of ``make bench``: memory behind a slow head row, in bytes.
 
 The first row's answer takes 25 s; the next 2,000 rows get 512 KB answers at
 once. Every one of those waits for row 1 before it can be written, so the
@@ -50,7 +50,7 @@ def run_reorder(work: Path) -> dict[str, Any]:
                 "wall_s": run.wall_s,
                 "error": run.error,
             }
-            print(f"  [i] {name}: {results[name]}", flush=True)
+            print(f"  [k] {name}: {results[name]}", flush=True)
     source.unlink()
     default = results["default"]
     results["ok"] = default["error"] is None and default["peak_rss_mb"] < TARGET_RSS_MB
@@ -61,7 +61,7 @@ def render(report: dict[str, Any]) -> list[str]:
     """Markdown lines for the benchmark report."""
     lines = [
         "",
-        "## Memory behind a slow head row (scenario i)",
+        "## Memory behind a slow head row (scenario k)",
         "",
         f"Row 1 answers after {HEAD_DELAY_S} s; {ROWS:,} rows behind it get"
         f" {ANSWER_CHARS // 1024} KB answers at once. Target: peak RSS under"
