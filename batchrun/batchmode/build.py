@@ -21,6 +21,7 @@ from batchrun.records import Defaults, LineError, Request, parse_line
 from batchrun.resume import ResumePoint
 
 Body = Callable[[Request], dict[str, Any]]
+Stored = Callable[[Request], bool]
 
 
 @dataclass(slots=True)
@@ -71,12 +72,18 @@ class PartWriter:
 
 
 def plan_parts(
-    config: RunConfig, record: BatchRecord, start: ResumePoint, body: Body, max_bytes: int
+    config: RunConfig,
+    record: BatchRecord,
+    start: ResumePoint,
+    body: Body,
+    max_bytes: int,
+    stored: Stored | None = None,
 ) -> list[Part]:
-    """Write the part files of every row still to answer; the parts."""
+    """Write the part files of every row still to answer; the parts.
+    ``stored`` tells a request already answered in a result store."""
     writer = PartWriter(record, Splitter(config.batch.rows, max_bytes))
     try:
-        for request in unanswered(config, start):
+        for request in unanswered(config, start, stored):
             group, data = batch_line(request, body(request))
             writer.add(group, request.line, request.custom_id, data)
     except BaseException:
@@ -85,8 +92,11 @@ def plan_parts(
     return writer.finish()
 
 
-def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
-    """The input's requests that have no result yet, in input order."""
+def unanswered(
+    config: RunConfig, start: ResumePoint, stored: Stored | None = None
+) -> Iterator[Request]:
+    """The input's requests that have no result yet (in the state or, with
+    ``stored``, in a result store), in input order."""
     shard = config.shard or WHOLE
     defaults = Defaults(model=config.model, params=config.params)
     written, known = start.checkpoint.rows, start.journal.results
@@ -97,5 +107,5 @@ def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
             if not shard.owns(index) or shard.seq(index) < written or index + 1 in known:
                 continue
             parsed = parse_line(raw.rstrip(b"\r\n"), index + 1, defaults)
-            if not isinstance(parsed, LineError):
+            if not isinstance(parsed, LineError) and not (stored and stored(parsed)):
                 yield parsed

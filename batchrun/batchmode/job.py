@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import anyio
 
-from batchrun.batchmode.build import Body, plan_parts
+from batchrun.batchmode.build import Body, Stored, plan_parts
 from batchrun.batchmode.progress import BatchProgress
 from batchrun.batchmode.record import TERMINAL, BatchRecord, BatchState, Part
 from batchrun.batchmode.settle import BatchRefused, Settler
@@ -76,13 +77,24 @@ class BatchJob:
         self._aborted: str | None = None
         self._failures = 0  # part steps failed in a row, each after its own retries
 
-    async def plan(self, start: ResumePoint, body: Body, max_bytes: int) -> None:
-        """Write and record the parts, once per run (a crash while planning plans again)."""
+    async def plan(
+        self,
+        start: ResumePoint,
+        body: Body,
+        max_bytes: int,
+        stored: Callable[[], AbstractContextManager[Stored]] | None = None,
+    ) -> None:
+        """Write and record the parts, once per run (a crash while planning
+        plans again). ``stored`` opens, in the planning thread, the test of
+        a request already answered in a result store."""
         if self.state.planned:
             return
 
         def write() -> list[Part]:
-            return plan_parts(self.config, self.record, start, body, max_bytes)
+            if stored is None:
+                return plan_parts(self.config, self.record, start, body, max_bytes)
+            with stored() as answered:
+                return plan_parts(self.config, self.record, start, body, max_bytes, answered)
 
         self.state.parts = await anyio.to_thread.run_sync(write)
         self.state.planned = True

@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TextIO
 
@@ -17,6 +20,7 @@ import aiohttp
 import anyio
 
 from batchrun.batchmode.api import BatchApi, batch_base_url
+from batchrun.batchmode.build import Stored
 from batchrun.batchmode.job import BatchJob, PhaseResult
 from batchrun.batchmode.known import KnownResults
 from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
@@ -29,6 +33,7 @@ from batchrun.errors import UsageError
 from batchrun.providers import Provider
 from batchrun.providers.openai import OpenAIProvider
 from batchrun.resume import ResumePoint
+from batchrun.reuse import stored_requests
 from batchrun.timing import Clock
 
 log = logging.getLogger("batchrun")
@@ -81,19 +86,31 @@ async def run_phase(
     )
     max_bytes = config.batch.bytes or DEFAULT_MAX_BYTES[provider.name]
     try:
-        return await _until_stopped(job, start, talk, max_bytes, handle_signals)
+        stored = functools.partial(
+            stored_requests,
+            state_root,
+            config.cache,
+            provider,
+            resend_retryable=config.retry_failed,
+        )
+        return await _until_stopped(job, start, talk, max_bytes, handle_signals, stored)
     finally:
         job.progress.close()
 
 
 async def _until_stopped(
-    job: BatchJob, start: ResumePoint, talk: Provider, max_bytes: int, handle_signals: bool
+    job: BatchJob,
+    start: ResumePoint,
+    talk: Provider,
+    max_bytes: int,
+    handle_signals: bool,
+    stored: Callable[[], AbstractContextManager[Stored]],
 ) -> PhaseResult:
     result = PhaseResult()
     async with anyio.create_task_group() as tasks:
         if handle_signals:
             tasks.start_soon(_watch_signals, tasks.cancel_scope)
-        await job.plan(start, talk.body, max_bytes)
+        await job.plan(start, talk.body, max_bytes, stored)
         result = await job.run()
         tasks.cancel_scope.cancel()
     if not result.complete and result.aborted is None:
