@@ -19,16 +19,13 @@ journal compaction, and a resume feeds the journal's keyed results back in
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
 
-from batchrun.contentkey import request_key
-from batchrun.providers import Provider
-from batchrun.records import Outcome, Request
+from batchrun.records import Outcome
 from batchrun.store import STORE_FILE, ResultStore, Stored, open_store
 
 __all__ = ["FLUSH_EVERY", "Answers", "open_answers", "relabel", "stored_from_record"]
@@ -134,20 +131,6 @@ def open_answers(
             cache.close()
         raise
     return Answers(local, cache, resend_retryable=resend_retryable)
-
-
-@contextlib.contextmanager
-def stored_requests(
-    state_root: Path, cache_dir: Path | None, provider: Provider, *, resend_retryable: bool
-) -> Iterator[Callable[[Request], bool]]:
-    """Whether a request has a reusable stored result, asked from the calling
-    thread (with connections of its own): batch mode leaves such rows out of
-    its batches, so an answer paid online is not paid again in a batch."""
-    answers = open_answers(state_root, cache_dir, resend_retryable=resend_retryable)
-    try:
-        yield lambda request: answers.find(request_key(provider, request)) is not None
-    finally:
-        answers.close()
 
 
 def stored_from_record(line: bytes, created: float) -> Stored | None:

@@ -10,6 +10,7 @@ import logging
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,6 +22,7 @@ from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
+from batchrun.contentkey import request_key
 from batchrun.errors import UsageError
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
@@ -30,6 +32,7 @@ from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
+from batchrun.records import Request
 from batchrun.resume import ResumePoint, recover
 from batchrun.reuse import Answers, open_answers
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
@@ -272,6 +275,7 @@ async def _execute(
                 clock=clock,
                 stream=stream or sys.stderr,
                 handle_signals=handle_signals,
+                answered=_stored(answers, provider) if answers.lookup else None,
             )
             if not phase.complete:
                 return _batch_stopped(config, start, phase, clock.monotonic() - started)
@@ -296,6 +300,15 @@ async def _execute(
         await pipeline.run()
         return _conclude(pipeline, state, clock.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+def _stored(answers: Answers, provider: Provider) -> Callable[[Request], bool]:
+    """Whether a request has a stored answer: batch mode leaves it to the writer."""
+
+    def answered(request: Request) -> bool:
+        return answers.find(request_key(provider, request)) is not None
+
+    return answered
 
 
 def _batch_stopped(
