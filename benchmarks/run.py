@@ -28,7 +28,11 @@ i. paying once, an edited input: 2,000 rows, then 10 edited (same size),
 j. paying once, a cache: 200,000 rows sent into a ``--cache``, then served
    from it to another output (target: <= 0.3 x the sending time, RSS <= 150
    MB), and served again once the store holds ``--store-rows`` results
-   (10,000,000; RSS must stay flat) (see ``benchmarks/reuse_bench.py``).
+   (10,000,000; RSS must stay flat) (see ``benchmarks/reuse_bench.py``);
+k, l, m, n. the floor (``benchmarks/floor.py``): 1 s of latency with 1,000
+   and 2,000 in flight against the bare loop; 10 % of rows failing once
+   against no faults; ``batchrun --version`` start-up. The report ends with
+   every ratio against its target.
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -529,6 +533,9 @@ def render(report: dict[str, Any]) -> str:
 
     reuse = report.get("reuse") or {}
     lines += render_reuse(reuse.get("edits"), reuse.get("cache"))
+    from benchmarks.floor import render_targets
+
+    lines += render_targets(report["scenarios"], report.get("floor") or {})
     return "\n".join(lines) + "\n"
 
 
@@ -538,7 +545,9 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcdefghij", help="which of a-j to run (abcdefghij)")
+    p.add_argument(
+        "--scenarios", default="abcdefghijklmn", help="which of a-n to run (abcdefghijklmn)"
+    )
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
@@ -574,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.append(
             Scenario("b", "b: 50 ms, C=128", 0.05, 128, args.rows_b, clients, args.reps)
         )
+    wide = [c for c in clients if c in ("batchrun", "bare")]
+    for key, concurrency in (("k", 1_000), ("l", 2_000)):
+        if key in args.scenarios:
+            title = f"{key}: 1 s, C={concurrency:,}"
+            scenarios.append(Scenario(key, title, 1.0, concurrency, 20_000, wide, args.reps))
     if "c" in args.scenarios:
         small = args.rows_small
         scenarios.append(Scenario("c1", f"c: memory, {small:,} rows", 0.0, 64, small,
@@ -593,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"scenario d: resume start-up on {args.rows_big:,} rows", flush=True)
                 resume = run_resume(args.rows_big, 64, 0.6, work)
+        from benchmarks.floor import run_floor
+
+        floor = run_floor(args.scenarios, work, args.reps)
         from benchmarks.limits import run_limits
 
         limits = run_limits(args.scenarios, work)
@@ -640,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "limits": limits,
         "batch": batch,
         "reuse": {"edits": edits, "cache": cache},
+        "floor": floor,
     }
     markdown = render(report)
     print("\n" + markdown)
@@ -654,6 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     if batch and not batch["ok"]:
         missed.append("h")
     missed += [key for key, r in (("i", edits), ("j", cache)) if r is not None and not r["ok"]]
+    if "m" in floor and (floor["m"]["ratio"] > 2.5 or floor["m"]["errors"]):
+        missed.append("m")
+    if "n" in floor and floor["n"] >= 0.150:
+        missed.append("n")
     if missed:
         print(f"scenarios that missed their targets: {', '.join(missed)}")
     return 1 if failed or missed else 0
