@@ -256,3 +256,23 @@ async def test_rows_answered_online_are_left_out_of_batches(
     assert server.stats.batch_rows == 2  # only the new rows went into the batch
     assert batch.reused == 8
     assert_answers_match(tmp_path / "out.jsonl", [*rows, *prompts(2, "new")])
+
+
+async def test_a_damaged_output_store_is_refused_until_restart(
+    tmp_path: Path, server: MockServer
+) -> None:
+    from batchrun.store import STORE_FILE, StoreError
+
+    rows = prompts(3)
+    await run(tmp_path, rows, server)
+    own = tmp_path / "out.jsonl.batchrun" / STORE_FILE
+    for sidecar in (own.with_name(STORE_FILE + "-wal"), own.with_name(STORE_FILE + "-shm")):
+        sidecar.unlink(missing_ok=True)
+    own.write_bytes(b"\x13garbage" * 500)
+
+    with pytest.raises(StoreError, match=f"{own}.*--restart"):
+        await run(tmp_path, [*rows, chat("new")], server)
+    assert server.stats.requests == 3
+
+    restarted = await run(tmp_path, [*rows, chat("new")], server, restart=True)
+    assert (restarted.exit_code, restarted.sent) == (0, 4)
