@@ -276,3 +276,19 @@ async def test_a_damaged_output_store_is_refused_until_restart(
 
     restarted = await run(tmp_path, [*rows, chat("new")], server, restart=True)
     assert (restarted.exit_code, restarted.sent) == (0, 4)
+
+
+async def test_cache_and_max_cost_are_job_file_keys(tmp_path: Path) -> None:
+    from batchrun.jobfile import build_config, load_job_file
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'input = "in.jsonl"\nout = "out.jsonl"\ncache = "/var/cache/batchrun"\n'
+        "[costs]\nprice_input_per_million = 1.0\nprice_output_per_million = 2.0\n"
+        "max_cost = 12.5\n"
+    )
+
+    config = build_config(load_job_file(job))
+
+    assert config.cache == Path("/var/cache/batchrun")
+    assert config.costs.max_cost == 12.5
