@@ -32,6 +32,7 @@ from batchrun.providers import Provider, get_provider
 from batchrun.resume import ResumePoint, recover
 from batchrun.reuse import Answers, open_answers
 from batchrun.state import StateDir, changed_settings, fingerprint
+from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.writer import OutputFile
@@ -50,7 +51,14 @@ def run(
 ) -> Summary:
     """Run a job to the end from synchronous code (a notebook cell, an Airflow
     task) and return its summary. Raises ``UsageError`` for bad settings and
-    ``LockedError`` when another run holds the output."""
+    ``LockedError`` when another run holds the output.
+
+    Where an event loop already runs in this thread (a notebook), the job runs
+    on a worker thread with its own loop (see ``threaded.run_beside_loop``):
+    Ctrl-C then stops it resumably (exit code 75), a second Ctrl-C at once.
+    """
+    if loop_running():
+        return run_beside_loop(lambda stop: run_async(config, stream=stream, stop=stop))
     return anyio.run(lambda: run_async(config, stream=stream, handle_signals=handle_signals))
 
 
@@ -60,11 +68,13 @@ async def run_async(
     clock: Clock | None = None,
     stream: TextIO | None = None,
     handle_signals: bool = False,
+    stop: anyio.Event | None = None,
 ) -> Summary:
     """Run (or resume) a job inside a running event loop; return its summary.
 
     ``handle_signals``: SIGINT/SIGTERM stop the run resumably (exit code 75);
-    only from the main thread.
+    only from the main thread. ``stop``: setting it does the same, from
+    anywhere (online mode).
     """
     provider = get_provider(config.provider)
     api_key = resolve_api_key(provider, config)
@@ -95,6 +105,7 @@ async def run_async(
                 clock or Clock(),
                 stream,
                 handle_signals,
+                stop,
             )
         finally:
             answers.close()
@@ -229,6 +240,7 @@ async def _execute(
     clock: Clock,
     stream: TextIO | None,
     handle_signals: bool,
+    stop: anyio.Event | None = None,
 ) -> Summary:
     async with AsyncExitStack() as stack:
         base_urls = config.base_urls
@@ -279,6 +291,7 @@ async def _execute(
             answers=answers,
             handle_signals=handle_signals,
             known=known,
+            stop=stop,
         )
         await pipeline.run()
         return _conclude(pipeline, state, clock.monotonic() - started)
