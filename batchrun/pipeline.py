@@ -7,9 +7,10 @@
   worker from the healthy ones. The in-flight cap is the throttle's limiter,
   never above ``max_async``; a spare leaves once its row's worker is back. Each
   takes a slot of the reorder window, then the next row from the shared
-  input generator (synchronous, so rows come out in order), marks it begun in
-  the journal, sends it, journals its result as soon as it has one, and hands
-  it to the writer. Nothing passes through queues: a row costs no task
+  input generator (synchronous, so rows come out in order), sends it
+  (marking it begun in the journal once its throttle waits are over, just
+  before it goes to the socket), journals its result as soon as it has one,
+  and hands it to the writer. Nothing passes through queues: a row costs no task
   switches beyond its own request.
 * The writer (synchronous) emits rows in input order into ``output.partial``,
   gives back their window slots, and compacts the journal at checkpoints. At
@@ -155,6 +156,7 @@ class Pipeline:
             answers=AnswerCheck(schema) if schema is not None else None,
         )
         self.sender.on_backoff = self._backing_off
+        self.sender.on_send = self._begin
         self._workers = 0  # worker tasks alive
         self._backing_off_rows = 0  # rows waiting for a retry, each holding a worker
         self._last_checkpoint = start.checkpoint.rows
@@ -382,13 +384,12 @@ class Pipeline:
         if not self.budget.reserve(reserved):
             self._stop_for_budget()
             return None
-        self.journal.begin(line)
-        self.in_flight.add(line)  # stays there if cancelled: that row is in doubt
         try:
-            outcome = await self.sender.send(request)
+            outcome = await self.sender.send(request)  # marks it begun (_begin) when sent
         except FatalError as exc:
-            self.journal.abandon(line)
-            self.in_flight.discard(line)
+            if line in self.in_flight:
+                self.journal.abandon(line)
+                self.in_flight.discard(line)
             self.budget.release(reserved)
             self._abort(exc)
             return None
@@ -404,6 +405,14 @@ class Pipeline:
         if self.budget.refused and not self.in_flight:
             self._producers.cancel()  # the last row in flight at a budget stop
         return Finished(index, offset, data, outcome)
+
+    def _begin(self, line: int) -> None:
+        """Row ``line``'s request goes to the socket next: from now on it is
+        in doubt until its result is journaled (it stays in ``in_flight`` if
+        cancelled). A row cancelled while it waited at the throttle never
+        gets here: it reached nobody."""
+        self.journal.begin(line)
+        self.in_flight.add(line)
 
     def _stop_for_budget(self) -> None:
         """Take no more rows; end once the rows in flight are answered."""

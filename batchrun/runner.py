@@ -374,7 +374,8 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
         output=str(config.out),
         priced=config.costs.priced,
         extra={
-            "in doubt": pipeline.in_doubt,
+            # resent after an earlier stop, and cut off in flight by this one
+            "in doubt": pipeline.in_doubt + len(pipeline.in_flight),
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
