@@ -70,6 +70,18 @@ def run_command(
     tpm: Annotated[
         float | None, _opt("Tokens per minute (estimated, then corrected).", _LIMITS)
     ] = None,
+    shared_limits: Annotated[
+        str | None,
+        _opt(
+            "redis://HOST:PORT/DB (or rediss://): share --rpm, --tpm and Retry-After pauses"
+            " with every process using it (password in the URL or BATCHRUN_REDIS_PASSWORD).",
+            _LIMITS,
+        ),
+    ] = None,
+    limits_key: Annotated[
+        str | None,
+        _opt("Which shared budget (default: provider, host and model).", _LIMITS),
+    ] = None,
     adaptive_concurrency: Annotated[
         bool | None,
         _opt(

@@ -76,6 +76,9 @@ class Limits:
     rpm: float | None = None  # requests per minute, client-side
     tpm: float | None = None  # tokens per minute, client-side (estimated, then corrected)
     adaptive: bool = True  # AIMD on the in-flight limit, up to max_async
+    # redis:// or rediss:// URL: rpm, tpm and pauses shared by every process using it.
+    shared_limits: str | None = None
+    limits_key: str | None = None  # which shared budget; None: provider, host and model
 
     def __post_init__(self) -> None:
         for name in ("pool_size", "max_async", "per_host"):
@@ -88,11 +91,30 @@ class Limits:
                 f"--{name} must be a finite number > 0, got {value!r}",
             )
         require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
+        self._check_shared()
         require(
             self.per_host <= self.max_async <= self.pool_size,
             "limits must satisfy --max-async-requests-per-host <= --max-async-requests"
             f" <= --connection-pool-size, got {self.per_host} <= {self.max_async}"
             f" <= {self.pool_size}",
+        )
+
+    def _check_shared(self) -> None:
+        url = self.shared_limits
+        if url is None:
+            require(self.limits_key is None, "--limits-key needs --shared-limits")
+            return
+        require(
+            isinstance(url, str) and url.startswith(("redis://", "rediss://")),
+            f"--shared-limits must be a redis:// or rediss:// URL, got {url!r}",
+        )
+        require(
+            self.rpm is not None or self.tpm is not None,
+            "--shared-limits shares --rpm and --tpm: set at least one of them",
+        )
+        require(
+            self.limits_key is None or (isinstance(self.limits_key, str) and self.limits_key != ""),
+            f"--limits-key must be non-empty text, got {self.limits_key!r}",
         )
 
 
@@ -104,6 +126,8 @@ def resolve_limits(
     rpm: float | None = None,
     tpm: float | None = None,
     adaptive: bool = True,
+    shared_limits: str | None = None,
+    limits_key: str | None = None,
 ) -> Limits:
     """Fill unset knobs from the set ones, then validate.
 
@@ -131,6 +155,8 @@ def resolve_limits(
         rpm=rpm,
         tpm=tpm,
         adaptive=adaptive,
+        shared_limits=shared_limits,
+        limits_key=limits_key,
     )
 
 

@@ -57,6 +57,8 @@ _JOB_KEYS: dict[str, str] = {
     "rpm": "limits",
     "tpm": "limits",
     "adaptive_concurrency": "limits",
+    "shared_limits": "limits",
+    "limits_key": "limits",
     "connect_timeout": "timeouts",
     "read_timeout": "timeouts",
     "write_timeout": "timeouts",
@@ -135,6 +137,8 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         rpm=s.get("rpm"),
         tpm=s.get("tpm"),
         adaptive=s.get("adaptive_concurrency", True),
+        shared_limits=s.get("shared_limits"),
+        limits_key=s.get("limits_key"),
     )
     timeouts = _build(
         Timeouts,

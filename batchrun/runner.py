@@ -31,6 +31,7 @@ from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
 from batchrun.resume import ResumePoint, recover
 from batchrun.reuse import Answers, open_answers
+from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
@@ -278,7 +279,8 @@ async def _execute(
         known = known_results(state.root)
         if known is not None:
             stack.callback(known.close)
-        throttle = Throttle(config, clock)
+        budget = await _shared_budget(stack, config, base_urls[0], clock)
+        throttle = Throttle(config, clock, budget)
         pipeline = Pipeline(
             config,
             client=client,
@@ -325,6 +327,22 @@ def _batch_stopped(
         output=str(config.out),
         extra={"batches running": phase.running},
     )
+
+
+async def _shared_budget(
+    stack: AsyncExitStack, config: RunConfig, base_url: str, clock: Clock
+) -> SharedBudget | None:
+    """The budget shared through Redis with ``--shared-limits``, checked before
+    any request (``UsageError`` when Redis is unreachable or refuses); else None."""
+    limits = config.limits
+    if limits.shared_limits is None:
+        return None
+    key = limits.limits_key or default_limits_key(config.provider, base_url, config.model)
+    store = await stack.enter_async_context(open_lease_store(limits.shared_limits, key))
+    budget = SharedBudget(
+        store, rpm=limits.rpm, tpm=limits.tpm, clock=clock.monotonic, sleep=clock.sleep
+    )
+    return await stack.enter_async_context(budget.running())
 
 
 def _reporter(
