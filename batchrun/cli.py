@@ -90,6 +90,14 @@ def run_command(
             "--adaptive/--no-adaptive",
         ),
     ] = None,
+    max_response_bytes: Annotated[
+        int | None,
+        _opt("Largest response body read; a larger one fails its row (64 MiB).", _LIMITS),
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None,
+        _opt("PEM file of CA certificates to trust besides the system's (a private CA)."),
+    ] = None,
     connect_timeout: Annotated[float | None, _opt("Connecting (120).", _TIMEOUTS)] = None,
     read_timeout: Annotated[
         float | None, _opt("Each wait for response bytes (300).", _TIMEOUTS)

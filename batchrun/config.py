@@ -31,6 +31,8 @@ PROVIDERS: tuple[ProviderName, ...] = ("openai", "dashscope", "mock")
 # DashScope's own SDK defaults: the knobs batchrun is modelled on.
 DEFAULT_POOL_SIZE = 32
 DEFAULT_MAX_ASYNC = 32
+# A body past this fails its row (response_too_large) instead of exhausting memory.
+DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
 
 
 def require(ok: bool, message: str) -> None:
@@ -374,9 +376,15 @@ class RunConfig:
     cache: Path | None = None  # a result store shared by jobs (--cache DIR)
     mode: Mode = "online"
     batch: BatchSettings = field(default_factory=lambda: BatchSettings())
+    ca_bundle: Path | None = None  # PEM CA certificates trusted besides the system's
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     response_schema: ResponseSchema | None = None  # loaded and checked by build_config
 
     def __post_init__(self) -> None:
+        require(
+            _is_count(self.max_response_bytes),
+            f"--max-response-bytes must be a whole number >= 1, got {self.max_response_bytes!r}",
+        )
         require(
             self.mode in ("online", "batch"),
             f"--mode must be online or batch, got {self.mode!r}",

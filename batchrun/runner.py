@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import ssl
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -36,6 +37,7 @@ from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
+from batchrun.tls import client_context
 from batchrun.writer import OutputFile
 
 log = logging.getLogger("batchrun")
@@ -83,6 +85,7 @@ async def run_async(
         raise UsageError(f"input file {config.input} does not exist or is not a file")
     check_readable(config.input)
     check_run_paths(config)
+    tls = client_context(config.ca_bundle)  # a bad bundle stops the run before any request
     state = StateDir(config.out)
     state.lock()
     try:
@@ -106,6 +109,7 @@ async def run_async(
                 clock or Clock(),
                 stream,
                 handle_signals,
+                tls,
                 stop,
             )
         finally:
@@ -241,6 +245,7 @@ async def _execute(
     clock: Clock,
     stream: TextIO | None,
     handle_signals: bool,
+    tls: ssl.SSLContext,
     stop: anyio.Event | None = None,
 ) -> Summary:
     async with AsyncExitStack() as stack:
@@ -251,7 +256,7 @@ async def _execute(
             base_urls = (default,)
         for base_url in base_urls:
             _warn_plain_http(base_url, api_key)
-        session = await stack.enter_async_context(open_session(config.limits, config.timeouts))
+        session = await stack.enter_async_context(open_session(config.limits, config.timeouts, tls))
         client = Client(
             session,
             provider,
@@ -259,6 +264,7 @@ async def _execute(
             api_key=api_key,
             write_timeout=config.timeouts.write,
             request_timeout=config.timeouts.request,
+            max_response_bytes=config.max_response_bytes,
         )
         started = clock.monotonic()
         if config.mode == "batch":
@@ -429,8 +435,13 @@ def _budget_advice(pipeline: Pipeline) -> str:
 def _fatal_advice(pipeline: Pipeline) -> str:
     error = pipeline.aborted
     assert error is not None
+    if error.status is None:  # no answer at all: the connection (TLS, the URL) is at fault
+        return (
+            f"no request could reach the provider ({error.code}): {error.message}."
+            " Then run the same command again to resume"
+        )
     return (
-        f"the provider answered {error.status or ''} {error.code}: {error.message}. Fix the key"
+        f"the provider answered {error.status} {error.code}: {error.message}. Fix the key"
         " or the quota, then run the same command again to resume"
     )
 
