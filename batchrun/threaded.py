@@ -15,7 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from anyio.from_thread import start_blocking_portal
@@ -32,14 +32,18 @@ def loop_running() -> bool:
     return True
 
 
-def run_beside_loop(job: Callable[[anyio.Event], Awaitable[T]]) -> T:
-    """``job(stop)``'s result, run to its end on a worker thread's own loop.
+def run_beside_loop(
+    job: Callable[[anyio.Event], Awaitable[T]], *, backend_options: dict[str, Any] | None = None
+) -> T:
+    """``job(stop)``'s result, run to its end on a worker thread's own loop
+    (asyncio, with anyio's ``backend_options``).
 
     ``stop`` is set at the first Ctrl-C (``KeyboardInterrupt`` in this
     thread) and the wait goes on; a second Ctrl-C cancels the job, waits for
     the worker to finish, and re-raises ``KeyboardInterrupt``.
     """
-    with _ctrl_c_interrupts(), start_blocking_portal() as portal:
+    portal_cm = start_blocking_portal(backend_options=backend_options)
+    with _ctrl_c_interrupts(), portal_cm as portal:
         stop = portal.call(anyio.Event)
         future = portal.start_task_soon(job, stop)
         try:
