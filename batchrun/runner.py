@@ -434,12 +434,24 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             **_answers_report(pipeline),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),
+            **_held_report(pipeline),
         },
     )
     if pipeline.complete:
         state.write_finished(summary.to_dict())
         _publish(state, config.out)
     return summary
+
+
+def _held_report(pipeline: Pipeline) -> dict[str, object]:
+    """How many results waited in the journal, past --reorder-bytes (if any did)."""
+    held = pipeline.held
+    if not held.spilled:
+        return {}
+    return {
+        "results waited in the journal (--reorder-bytes)": held.spilled,
+        "most result bytes waiting in memory": held.peak_bytes,
+    }
 
 
 def _answers_report(pipeline: Pipeline) -> dict[str, object]:
