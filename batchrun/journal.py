@@ -2,9 +2,11 @@
 
 An append-only file of JSON lines in the state directory, of two kinds:
 
-* ``{"b": N}``: row ``N`` (1-based input line) is about to be sent. A row
-  begun but never finished was in flight at a crash: the provider may have
-  billed it, so a resume counts it "in doubt" before sending it again.
+* ``{"b": N}``: row ``N``'s (1-based input line) request is about to be
+  written to the socket, its waits at the throttle over. A row begun but
+  never finished was in flight at a crash: the provider may have billed it,
+  so a resume counts it "in doubt" before sending it again. A row still
+  waiting at the throttle has no mark: it reached nobody.
 * ``{"x": N}``: row ``N`` was answered with a fatal error (a bad key): it was
   not billed and is sent again on resume, but not in doubt.
 * an output record (``{"id": ..., "line": N, ...}``): row ``N`` finished; the
@@ -13,9 +15,11 @@ An append-only file of JSON lines in the state directory, of two kinds:
   request (``batchrun.contentkey``), so a resume can file the result in the
   result store even when the input changed meanwhile.
 
-Each record goes to the operating system in one ``write`` as soon as it is
-known, so a killed process loses none; ``fsync`` adds power-loss safety. A
-kill can tear only the last record: reading drops a final piece without its
+A begin mark goes to the operating system before its request is sent,
+with every record waiting; results follow by the end of the event loop's
+pass (``Journal``), so a killed process loses at most the results of one
+pass, whose rows then count in doubt. ``fsync`` adds power-loss safety. A
+kill can tear only the last write: reading drops a final piece without its
 newline. Anything unreadable before that is corruption and is refused.
 
 The journal is compacted at checkpoints: rows already in the ordered output
@@ -24,6 +28,7 @@ are dropped, so resuming reads a bounded file however long the run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -112,12 +117,26 @@ def _take_key(
 
 
 class Journal:
-    """Appends records to the journal file; one ``write`` per record."""
+    """Appends records to the journal file, in as few ``write`` calls as the
+    guarantees allow.
+
+    A begin mark is written at once, together with every record waiting: the
+    request goes to the socket right after, and a row sent must be in doubt
+    if the process dies. Results and fatal marks wait for the next begin
+    mark or the end of the event loop's current pass, whichever comes first,
+    so a steady run makes about one ``write`` per row. A kill before that
+    leaves the row begun without its result: counted in doubt and resent,
+    exactly as if it had come a moment later. With ``fsync="always"`` a
+    result is written and synced at once.
+    """
 
     def __init__(self, path: Path, *, fsync: FsyncPolicy = "off") -> None:
         self.path = path
         self._fsync = fsync
         self._fd: int | None = None
+        self._waiting: list[bytes] = []
+        self._flush_scheduled = False
+        self.writes = 0  # write calls made: the cost the batching saves
 
     def open(self, *, valid_bytes: int | None = None) -> None:
         """Open for appending, first cutting a torn tail at ``valid_bytes``."""
@@ -127,29 +146,40 @@ class Journal:
             os.truncate(self._fd, valid_bytes)
 
     def begin(self, line: int) -> None:
-        """Row ``line`` is about to be sent."""
-        self._write(b'{"b":%d}\n' % line)
+        """Row ``line``'s request goes to the socket next: on disk (in the
+        operating system) before this returns, with every record waiting."""
+        self._waiting.append(b'{"b":%d}\n' % line)
+        self.flush()
 
     def abandon(self, line: int) -> None:
         """Row ``line`` got a fatal answer: not billed, to be sent again."""
-        self._write(b'{"x":%d}\n' % line)
+        self._add(b'{"x":%d}\n' % line)
 
     def record(self, output_line: bytes, *, line: int = 0, key: bytes | None = None) -> None:
         """Row ``line`` finished: its output record, newline included, after
-        its request's content ``key`` when it has one (one ``write``)."""
+        its request's content ``key`` when it has one (in the same write)."""
         if key is not None:
             output_line = b'{"k":"%s","l":%d}\n' % (key.hex().encode(), line) + output_line
-        self._write(output_line)
+        self._add(output_line)
         if self._fsync == "always":
             self.sync()
 
+    def flush(self) -> None:
+        """Write every waiting record now, in one ``write``."""
+        if self._waiting:
+            data = b"".join(self._waiting)
+            self._waiting.clear()
+            self._write(data)
+
     def sync(self) -> None:
-        """Make every record written so far survive a power loss."""
+        """Make every record so far survive a power loss."""
+        self.flush()
         if self._fd is not None:
             os.fsync(self._fd)
 
     def rewrite(self, records: Iterable[bytes]) -> None:
         """Replace the journal with ``records`` in one atomic step (compaction)."""
+        self.flush()
         fresh = self.path.with_name(self.path.name + ".new")
         with fresh.open("wb") as handle:
             for record in records:
@@ -162,11 +192,32 @@ class Journal:
 
     def close(self) -> None:
         if self._fd is not None:
+            self.flush()
             os.close(self._fd)
             self._fd = None
 
+    def _add(self, record: bytes) -> None:
+        """Queue ``record`` for the next begin mark or the end of this pass
+        of the event loop (at once outside one)."""
+        self._waiting.append(record)
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._fd is not None:
+            self.flush()
+
     def _write(self, data: bytes) -> None:
         assert self._fd is not None, "open() first"
+        self.writes += 1
         if crashpoint.armed("journal_torn"):
             os.write(self._fd, data[: len(data) // 2])
             crashpoint.die()

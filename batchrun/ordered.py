@@ -70,14 +70,18 @@ class OrderedWriter:
         return self._pending.get(line)
 
     def begin(self, line: int) -> None:
-        """``line``'s request is about to go out: from now on it is in doubt."""
+        """``line``'s request goes to the socket next: from now on it is in
+        doubt until its result is journaled (it stays in ``in_flight`` if
+        cancelled). A row cancelled while it waited at the throttle never
+        gets here: it reached nobody."""
         self.journal.begin(line)
         self.in_flight.add(line)  # stays there if cancelled: that row is in doubt
 
     def abandon(self, line: int) -> None:
         """``line``'s request was not paid for (a fatal answer)."""
-        self.journal.abandon(line)
-        self.in_flight.discard(line)
+        if line in self.in_flight:  # else it never went out: nothing to undo
+            self.journal.abandon(line)
+            self.in_flight.discard(line)
 
     def record(self, line: int, data: bytes, key: bytes) -> None:
         """``line``'s result ``data`` (its request's content ``key``) arrived."""

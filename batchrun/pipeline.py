@@ -125,7 +125,8 @@ class Pipeline:
             aborted=workers.aborted,
             budget_reached=workers.budget.refused,
             stop_reason=workers.stop_reason,
-            in_doubt=self.in_doubt,
+            # resent after an earlier stop, and cut off in flight by this one
+            in_doubt=self.in_doubt + len(self.writer.in_flight),
             in_doubt_all=self.writer.progress.in_doubt,
         )
 

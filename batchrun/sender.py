@@ -45,6 +45,8 @@ class RowSender:
         self.stats = stats
         # Told +1 when a row starts waiting for a retry and -1 when it is done.
         self.on_backoff: Callable[[int], None] = _ignore
+        # Told a row's line just before its first attempt goes to the socket.
+        self.on_send: Callable[[int], None] = _ignore
 
     async def send(self, request: Request) -> Outcome:
         """The row's outcome: its answer, or its last error once retries are
@@ -183,6 +185,8 @@ class _RowAttempts:
         begun = await throttle.acquire(self.estimate)
         self.budget.start()
         scope.deadline = min(scope.deadline, anyio.current_time() + self.budget.remaining())
+        if not self.count:
+            sender.on_send(self.request.line)  # its waits are over: it may reach the provider
         self.count += 1
         sender.stats.in_flight += 1
         answered, hold = False, 0.0
@@ -198,8 +202,8 @@ class _RowAttempts:
             await sender.release(begun, answered=answered, hold=hold)
 
 
-def _ignore(_change: int) -> None:
-    """The default ``on_backoff``: nobody listens."""
+def _ignore(_value: int) -> None:
+    """The default ``on_backoff`` and ``on_send``: nobody listens."""
 
 
 def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:

@@ -7,8 +7,10 @@ backoff: a lone failure waits only for its own row and takes no worker from
 the healthy ones. The in-flight cap is the throttle's limiter, never above
 ``max_async``; a spare leaves once its row's worker is back. Each worker takes
 a slot of the reorder window, then the next row from the shared (synchronous)
-row generator, so rows come out in order; it marks the row begun, sends it,
-has its result journaled as soon as it has one, and hands it to the writer.
+row generator, so rows come out in order; it sends the row (marked begun in
+the journal once its throttle waits are over, just before it goes to the
+socket), has its result journaled as soon as it has one, and hands it to the
+writer.
 Nothing passes through queues: a row costs no task switches beyond its own
 request.
 
@@ -66,6 +68,7 @@ class Workers:
         self._alive = 0  # worker tasks alive
         self._backing_off_rows = 0  # rows waiting for a retry, each holding a worker
         sender.on_backoff = self._backing_off
+        sender.on_send = writer.begin  # the row's waits are over: it may reach the provider
 
     @property
     def stopping(self) -> bool:
@@ -137,9 +140,8 @@ class Workers:
         if not self.budget.reserve(reserved):
             self._stop_for_budget()
             return None
-        writer.begin(request.line)
         try:
-            outcome = await self.sender.send(request)
+            outcome = await self.sender.send(request)  # marks it begun when it goes out
         except FatalError as exc:
             writer.abandon(request.line)
             self.budget.release(reserved)

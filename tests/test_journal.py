@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -191,3 +193,35 @@ def test_recover_refuses_a_damaged_output(tmp_path: Path) -> None:
 
     with pytest.raises(CorruptStateError, match="damaged at the row of line 2"):
         recover(state, usage)
+
+
+@pytest.mark.asyncio
+async def test_a_steady_run_makes_one_write_per_row(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.open()
+    for line in range(1, 101):
+        journal.begin(line)  # carries the previous row's result with it
+        journal.record(b'{"line":%d}\n' % line, line=line)
+    await anyio.lowlevel.checkpoint()  # the end of the loop's pass writes the last
+    journal.close()
+
+    assert journal.writes == 101
+    contents = read_journal(tmp_path / "journal.jsonl", after_line=0)
+    assert sorted(contents.results) == list(range(1, 101))
+    assert contents.in_doubt == set()
+
+
+@pytest.mark.asyncio
+async def test_a_begin_mark_is_written_before_begin_returns_and_results_by_the_pass_end(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.open()
+    journal.begin(1)
+    assert path.read_bytes() == b'{"b":1}\n'  # the request may go to the socket now
+    journal.record(b'{"line":1}\n', line=1)
+    assert path.read_bytes() == b'{"b":1}\n'  # waiting for the end of this pass
+    await anyio.lowlevel.checkpoint()
+    assert path.read_bytes() == b'{"b":1}\n{"line":1}\n'
+    journal.close()

@@ -1,0 +1,61 @@
+"""In doubt counts only requests that may have reached the provider: a row is
+marked begun just before its request goes to the socket, after its waits at
+the rate budget, the adaptive limit and any pause (a real CLI process, killed
+for real, against the real mock provider)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from batchrun.mock_server import MockServer
+from tests.conftest import chat, write_jsonl
+from tests.test_resume import command, finish, run_cli, start_cli, wait_for
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+
+async def status_of(out: Path) -> dict[str, object]:
+    status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out), "--json"])
+    return dict(orjson.loads(status.stdout))
+
+
+async def test_rows_waiting_at_the_rate_budget_are_not_in_doubt(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Answers take 30 s, so every request the server received is in flight.
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i} mock:delay=30") for i in range(40)])
+    out = tmp_path / "out.jsonl"
+
+    process = await start_cli(command(source, out, server, "--rpm", "30"))
+    await wait_for(lambda: server.stats.requests >= 2)
+    await anyio.sleep(0.5)  # the other 38 rows wait at the budget (one every 2 s)
+    process.kill()
+    code, _ = await finish(process)
+
+    assert code == -signal.SIGKILL
+    received = server.stats.requests
+    in_doubt = (await status_of(out))["in_doubt"]
+    assert isinstance(in_doubt, int)
+    assert received <= in_doubt <= received + 1  # +1: begun, killed before the socket
+
+
+async def test_after_a_fatal_answer_the_rows_cut_off_in_flight_are_in_doubt(
+    tmp_path: Path, server: MockServer
+) -> None:
+    slow = [chat(f"slow {i} mock:delay=30") for i in range(4)]
+    source = write_jsonl(tmp_path / "in.jsonl", [*slow, chat("bad mock:fail=401")])
+    out, summary_path = tmp_path / "out.jsonl", tmp_path / "summary.json"
+
+    done = await run_cli(command(source, out, server, "--summary", str(summary_path)))
+
+    assert done.returncode == 3, done.stderr.decode()
+    summary = orjson.loads(summary_path.read_bytes())
+    assert summary["extra"]["in doubt"] == 4
+    assert (await status_of(out))["in_doubt"] == 4
+    assert b"in doubt 4" in done.stderr
