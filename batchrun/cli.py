@@ -70,6 +70,18 @@ def run_command(
     tpm: Annotated[
         float | None, _opt("Tokens per minute (estimated, then corrected).", _LIMITS)
     ] = None,
+    shared_limits: Annotated[
+        str | None,
+        _opt(
+            "redis://HOST:PORT/DB (or rediss://): share --rpm, --tpm and Retry-After pauses"
+            " with every process using it (password in the URL or BATCHRUN_REDIS_PASSWORD).",
+            _LIMITS,
+        ),
+    ] = None,
+    limits_key: Annotated[
+        str | None,
+        _opt("Which shared budget (default: provider, host and model).", _LIMITS),
+    ] = None,
     adaptive_concurrency: Annotated[
         bool | None,
         _opt(
@@ -77,6 +89,14 @@ def run_command(
             _LIMITS,
             "--adaptive/--no-adaptive",
         ),
+    ] = None,
+    max_response_bytes: Annotated[
+        int | None,
+        _opt("Largest response body read; a larger one fails its row (64 MiB).", _LIMITS),
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None,
+        _opt("PEM file of CA certificates to trust besides the system's (a private CA)."),
     ] = None,
     connect_timeout: Annotated[float | None, _opt("Connecting (120).", _TIMEOUTS)] = None,
     read_timeout: Annotated[

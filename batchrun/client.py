@@ -23,18 +23,23 @@ import orjson
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from batchrun.config import Limits, Timeouts
+from batchrun.config import DEFAULT_MAX_RESPONSE_BYTES, Limits, Timeouts
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.hosts import HostPool
 from batchrun.providers import Provider
 from batchrun.rateheaders import pause_hint
 from batchrun.records import Request, Response
+from batchrun.tls import tls_failure
 
 
 @asynccontextmanager
-async def open_session(limits: Limits, timeouts: Timeouts) -> AsyncIterator[aiohttp.ClientSession]:
-    """The run's single session; closed, shielded from cancellation, on exit."""
+async def open_session(
+    limits: Limits, timeouts: Timeouts, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """The run's single session; closed, shielded from cancellation, on exit.
+    ``tls`` verifies servers (default: the system's CAs)."""
     connector = aiohttp.TCPConnector(
+        ssl=tls if tls is not None else True,
         limit=limits.pool_size,
         limit_per_host=limits.per_host,
         keepalive_timeout=timeouts.idle,
@@ -109,10 +114,12 @@ class Client:
         api_key: str | None,
         write_timeout: float,
         request_timeout: float = 600.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         """``hosts`` spreads requests over several base URLs; ``base_url``
         alone is a pool of one. ``request_timeout`` (seconds) bounds one whole
-        attempt, the stale-connection resend included."""
+        attempt, the stale-connection resend included; a body larger than
+        ``max_response_bytes`` fails the row (``response_too_large``)."""
         if hosts is None:
             if base_url is None:
                 raise ValueError("a base_url or hosts")
@@ -124,6 +131,7 @@ class Client:
         self._api_key = api_key
         self._write_timeout = write_timeout
         self._request_timeout = request_timeout
+        self._max_response_bytes = max_response_bytes
         self.stale_retries = 0
 
     async def send(self, request: Request) -> Response:
@@ -171,7 +179,7 @@ class Client:
             async with self._session.post(
                 url, data=body, headers=self._headers, allow_redirects=False
             ) as answer:
-                raw = await answer.read()
+                raw = await read_bounded(answer, self._max_response_bytes)
                 return self._response(answer.status, answer.headers, raw)
         except RequestError:
             raise
@@ -249,6 +257,30 @@ def _redirect_error(status: int, headers: Any, request_id: str | None) -> RowErr
     )
 
 
+async def read_bounded(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ``RowError("response_too_large")`` as soon as it is
+    known to pass ``limit`` bytes: from its ``Content-Length`` before reading
+    anything, or while reading one without a length (chunked)."""
+    length = answer.content_length
+    if length is not None and length <= limit:
+        return await answer.read()  # the parser stops at the length: bounded
+    if length is None:
+        body = bytearray()
+        async for piece in answer.content.iter_any():
+            body += piece
+            if len(body) > limit:
+                break
+        else:
+            return bytes(body)
+    raise RowError(
+        "response_too_large",
+        f"the response body is larger than --max-response-bytes ({limit:,} bytes)"
+        + (f": Content-Length {length:,}" if length is not None else ""),
+        status=answer.status,
+        request_id=_request_id(answer.headers, None),
+    )
+
+
 class _StaleConnection(Exception):
     """The connection closed before any answer: maybe a stale pooled one."""
 
@@ -312,10 +344,9 @@ def transport_error(exc: BaseException) -> RequestError:
         return TransientError("connect_timeout", f"connecting timed out: {text}")
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return TransientError("read_timeout", f"waiting for the response timed out: {text}")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return FatalError("tls_error", f"TLS verification failed: {text}")
-    if isinstance(exc, ssl.SSLError):
-        return FatalError("tls_error", f"TLS failed: {text}")
+    tls = tls_failure(exc)
+    if tls is not None:
+        return tls
     if isinstance(exc, aiohttp.InvalidURL):
         return FatalError("invalid_url", f"invalid URL: {text}")
     if isinstance(exc, aiohttp.ClientPayloadError):

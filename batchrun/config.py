@@ -31,6 +31,8 @@ PROVIDERS: tuple[ProviderName, ...] = ("openai", "dashscope", "mock")
 # DashScope's own SDK defaults: the knobs batchrun is modelled on.
 DEFAULT_POOL_SIZE = 32
 DEFAULT_MAX_ASYNC = 32
+# A body past this fails its row (response_too_large) instead of exhausting memory.
+DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
 
 
 def require(ok: bool, message: str) -> None:
@@ -76,6 +78,9 @@ class Limits:
     rpm: float | None = None  # requests per minute, client-side
     tpm: float | None = None  # tokens per minute, client-side (estimated, then corrected)
     adaptive: bool = True  # AIMD on the in-flight limit, up to max_async
+    # redis:// or rediss:// URL: rpm, tpm and pauses shared by every process using it.
+    shared_limits: str | None = None
+    limits_key: str | None = None  # which shared budget; None: provider, host and model
 
     def __post_init__(self) -> None:
         for name in ("pool_size", "max_async", "per_host"):
@@ -88,11 +93,30 @@ class Limits:
                 f"--{name} must be a finite number > 0, got {value!r}",
             )
         require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
+        self._check_shared()
         require(
             self.per_host <= self.max_async <= self.pool_size,
             "limits must satisfy --max-async-requests-per-host <= --max-async-requests"
             f" <= --connection-pool-size, got {self.per_host} <= {self.max_async}"
             f" <= {self.pool_size}",
+        )
+
+    def _check_shared(self) -> None:
+        url = self.shared_limits
+        if url is None:
+            require(self.limits_key is None, "--limits-key needs --shared-limits")
+            return
+        require(
+            isinstance(url, str) and url.startswith(("redis://", "rediss://")),
+            f"--shared-limits must be a redis:// or rediss:// URL, got {url!r}",
+        )
+        require(
+            self.rpm is not None or self.tpm is not None,
+            "--shared-limits shares --rpm and --tpm: set at least one of them",
+        )
+        require(
+            self.limits_key is None or (isinstance(self.limits_key, str) and self.limits_key != ""),
+            f"--limits-key must be non-empty text, got {self.limits_key!r}",
         )
 
 
@@ -104,6 +128,8 @@ def resolve_limits(
     rpm: float | None = None,
     tpm: float | None = None,
     adaptive: bool = True,
+    shared_limits: str | None = None,
+    limits_key: str | None = None,
 ) -> Limits:
     """Fill unset knobs from the set ones, then validate.
 
@@ -131,6 +157,8 @@ def resolve_limits(
         rpm=rpm,
         tpm=tpm,
         adaptive=adaptive,
+        shared_limits=shared_limits,
+        limits_key=limits_key,
     )
 
 
@@ -348,9 +376,15 @@ class RunConfig:
     cache: Path | None = None  # a result store shared by jobs (--cache DIR)
     mode: Mode = "online"
     batch: BatchSettings = field(default_factory=lambda: BatchSettings())
+    ca_bundle: Path | None = None  # PEM CA certificates trusted besides the system's
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     response_schema: ResponseSchema | None = None  # loaded and checked by build_config
 
     def __post_init__(self) -> None:
+        require(
+            _is_count(self.max_response_bytes),
+            f"--max-response-bytes must be a whole number >= 1, got {self.max_response_bytes!r}",
+        )
         require(
             self.mode in ("online", "batch"),
             f"--mode must be online or batch, got {self.mode!r}",

@@ -51,12 +51,16 @@ _JOB_KEYS: dict[str, str] = {
     "poll_interval": "batch",
     "keep_files": "batch",
     "fallback": "batch",
+    "ca_bundle": "run",
+    "max_response_bytes": "limits",
     "connection_pool_size": "limits",
     "max_async_requests": "limits",
     "max_async_requests_per_host": "limits",
     "rpm": "limits",
     "tpm": "limits",
     "adaptive_concurrency": "limits",
+    "shared_limits": "limits",
+    "limits_key": "limits",
     "connect_timeout": "timeouts",
     "read_timeout": "timeouts",
     "write_timeout": "timeouts",
@@ -135,6 +139,8 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         rpm=s.get("rpm"),
         tpm=s.get("tpm"),
         adaptive=s.get("adaptive_concurrency", True),
+        shared_limits=s.get("shared_limits"),
+        limits_key=s.get("limits_key"),
     )
     timeouts = _build(
         Timeouts,
@@ -171,8 +177,14 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         metrics_file="metrics_file",
         cache="cache",
         mode="mode",
+        ca_bundle="ca_bundle",
+        max_response_bytes="max_response_bytes",
     )
-    for key in ("input", "out", "summary_path", "metrics_file", "cache"):
+    require(
+        isinstance(run_keys.get("ca_bundle", ""), str | Path),
+        f"ca_bundle must be a path to a PEM file, got {run_keys.get('ca_bundle')!r}",
+    )
+    for key in ("input", "out", "summary_path", "metrics_file", "cache", "ca_bundle"):
         if key in run_keys:
             run_keys[key] = Path(run_keys[key])
     run_keys.setdefault("reorder_window", max(10_000, 4 * limits.max_async))

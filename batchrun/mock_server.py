@@ -61,6 +61,7 @@ import math
 import random
 import signal
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -305,7 +306,8 @@ class MockServer:
     the stricter way many providers do. ``stale_after`` (seconds) resets a request that arrives on a
     connection idle at least that long, without answering: the race a server
     with a short keep-alive timeout loses against a client reusing the
-    connection (0: every reused connection).
+    connection (0: every reused connection). ``tls`` (a server context)
+    serves https instead of http.
     """
 
     def __init__(
@@ -321,6 +323,7 @@ class MockServer:
         sliding_window: bool = False,
         stale_after: float | None = None,
         batch_faults: BatchFaults | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
@@ -339,16 +342,22 @@ class MockServer:
         self.stale_after = stale_after
         self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
         self.batches = MockBatches(self.stats, batch_faults)
+        self.tls = tls
 
     @property
     def base_url(self) -> str:
-        """OpenAI-dialect base URL: ``http://HOST:PORT/v1``."""
-        return f"http://{self.host}:{self.port}/v1"
+        """OpenAI-dialect base URL: ``http://HOST:PORT/v1`` (https with ``tls``)."""
+        return f"{self.origin}/v1"
+
+    @property
+    def origin(self) -> str:
+        """``http://HOST:PORT``, or ``https://`` with ``tls``."""
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def dashscope_base_url(self) -> str:
         """DashScope-native base URL: ``http://HOST:PORT/api/v1``."""
-        return f"http://{self.host}:{self.port}/api/v1"
+        return f"{self.origin}/api/v1"
 
     async def start(self) -> None:
         """Bind and serve; ``RuntimeError`` if already started."""
@@ -374,7 +383,7 @@ class MockServer:
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            await web.TCPSite(runner, self.host, self.port, ssl_context=self.tls).start()
         except BaseException:
             await runner.cleanup()
             raise

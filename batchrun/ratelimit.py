@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import collections
 import math
+from typing import Protocol
 
 import anyio
 
 from batchrun.timing import Monotonic, Sleep
 
-__all__ = ["PauseGate", "RateBudget"]
+__all__ = ["Budget", "PauseGate", "RateBudget"]
 
 
 # Shortfalls under a microsecond count as none: after sleeping exactly the
@@ -32,6 +33,26 @@ _SLACK_S = 1e-6
 # sliding second and refuse anything above the rate: a bucket holding a whole
 # second would send up to twice the rate in some second, so it holds a tenth.
 BURST_SECONDS = 0.1
+
+
+class Budget(Protocol):
+    """What the throttle needs of a rate budget: this process's ``RateBudget``,
+    or one shared by many processes (``batchrun.sharedlimits``)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one request and ``tokens`` estimated tokens may go."""
+
+    def settle(self, estimated: int, actual: int) -> None:
+        """Correct an estimate once the real usage is known."""
+
+    def hold(self, until: float) -> None:
+        """A server asked for a pause until ``until`` (monotonic seconds)."""
+
+    def report(self) -> dict[str, object]:
+        """Figures for the summary."""
 
 
 class _Bucket:
@@ -164,6 +185,10 @@ class RateBudget:
         for bucket in (self._requests, self._tokens):
             if bucket is not None:
                 bucket.hold(now, until)
+
+    def report(self) -> dict[str, object]:
+        """Figures for the summary: none of its own."""
+        return {}
 
     def _delay(self, tokens: int) -> float:
         now = self._clock()

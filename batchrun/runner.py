@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import ssl
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -35,9 +36,11 @@ from batchrun.reuse import Answers, open_answers
 from batchrun.rowsource import KnownLookup
 from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
+from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
+from batchrun.tls import client_context
 from batchrun.writer import OutputFile
 
 log = logging.getLogger("batchrun")
@@ -76,6 +79,7 @@ async def run_async(
         raise UsageError(f"input file {config.input} does not exist or is not a file")
     check_readable(config.input)
     check_run_paths(config)
+    tls = client_context(config.ca_bundle)  # a bad bundle stops the run before any request
     state = StateDir(config.out)
     state.lock()
     try:
@@ -99,6 +103,7 @@ async def run_async(
                 clock or Clock(),
                 stream,
                 handle_signals,
+                tls,
             )
         finally:
             answers.close()
@@ -233,6 +238,7 @@ async def _execute(
     clock: Clock,
     stream: TextIO | None,
     handle_signals: bool,
+    tls: ssl.SSLContext,
 ) -> Summary:
     async with AsyncExitStack() as stack:
         base_urls = config.base_urls
@@ -242,7 +248,7 @@ async def _execute(
             base_urls = (default,)
         for base_url in base_urls:
             _warn_plain_http(base_url, api_key)
-        session = await stack.enter_async_context(open_session(config.limits, config.timeouts))
+        session = await stack.enter_async_context(open_session(config.limits, config.timeouts, tls))
         client = Client(
             session,
             provider,
@@ -250,6 +256,7 @@ async def _execute(
             api_key=api_key,
             write_timeout=config.timeouts.write,
             request_timeout=config.timeouts.request,
+            max_response_bytes=config.max_response_bytes,
         )
         started = clock.monotonic()
         if config.mode == "batch":
@@ -270,7 +277,8 @@ async def _execute(
         known = known_results(state.root)
         if known is not None:
             stack.callback(known.close)
-        throttle = Throttle(config, clock)
+        rate_budget = await _shared_budget(stack, config, base_urls[0], clock)
+        throttle = Throttle(config, clock, rate_budget)
         reporter = _reporter(config, start, clock, stream, throttle)
         sender = _sender(config, client, provider, throttle, clock, reporter.stats)
         budget = Budget(config.costs.max_cost, spent=spent_before(start, provider.usage))
@@ -320,6 +328,22 @@ def _batch_stopped(
         output=str(config.out),
         extra={"batches running": phase.running},
     )
+
+
+async def _shared_budget(
+    stack: AsyncExitStack, config: RunConfig, base_url: str, clock: Clock
+) -> SharedBudget | None:
+    """The budget shared through Redis with ``--shared-limits``, checked before
+    any request (``UsageError`` when Redis is unreachable or refuses); else None."""
+    limits = config.limits
+    if limits.shared_limits is None:
+        return None
+    key = limits.limits_key or default_limits_key(config.provider, base_url, config.model)
+    store = await stack.enter_async_context(open_lease_store(limits.shared_limits, key))
+    budget = SharedBudget(
+        store, rpm=limits.rpm, tpm=limits.tpm, clock=clock.monotonic, sleep=clock.sleep
+    )
+    return await stack.enter_async_context(budget.running())
 
 
 def _reporter(
@@ -436,8 +460,13 @@ def _budget_advice(budget: Budget) -> str:
 
 
 def _fatal_advice(error: FatalError) -> str:
+    if error.status is None:  # no answer at all: the connection (TLS, the URL) is at fault
+        return (
+            f"no request could reach the provider ({error.code}): {error.message}."
+            " Then run the same command again to resume"
+        )
     return (
-        f"the provider answered {error.status or ''} {error.code}: {error.message}. Fix the key"
+        f"the provider answered {error.status} {error.code}: {error.message}. Fix the key"
         " or the quota, then run the same command again to resume"
     )
 

@@ -24,7 +24,7 @@ from batchrun.concurrency import AdaptiveLimiter, AIMDController
 from batchrun.config import RunConfig
 from batchrun.congestion import RecentAnswers
 from batchrun.errors import FatalError, RequestError
-from batchrun.ratelimit import PauseGate, RateBudget
+from batchrun.ratelimit import Budget, PauseGate, RateBudget
 from batchrun.timing import Clock
 
 # In-flight requests allowed before the provider has answered anything: a
@@ -91,10 +91,11 @@ class Throughput:
 class Throttle:
     """The run's pause gate, rate budget and adaptive limit, with their counts."""
 
-    def __init__(self, config: RunConfig, clock: Clock) -> None:
+    def __init__(self, config: RunConfig, clock: Clock, budget: Budget | None = None) -> None:
+        """``budget``: one shared with other processes; default this process's own."""
         limits = config.limits
         self.gate = PauseGate(clock=clock.monotonic, sleep=clock.sleep)
-        self.budget = RateBudget(
+        self.budget: Budget = budget or RateBudget(
             rpm=limits.rpm, tpm=limits.tpm, clock=clock.monotonic, sleep=clock.sleep
         )
         initial = (
@@ -211,4 +212,5 @@ class Throttle:
             "paused s": round(self.gate.paused_seconds, 1),
             "pauses": self.gate.pauses,
             "concurrency": f"{self.controller.low}-{self.controller.high}",
+            **self.budget.report(),
         }

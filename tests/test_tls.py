@@ -1,0 +1,215 @@
+"""TLS against a real https mock server whose certificate a CA made here signs:
+what an untrusted certificate says, --ca-bundle, SSL_CERT_FILE, bad bundles."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from batchrun.errors import UsageError
+from batchrun.mock_server import MockServer
+from batchrun.runner import EXIT_FATAL, Clock, run_async
+from batchrun.state import StateDir
+from tests.conftest import chat, make_config, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [chat(f"row {i}") for i in range(5)]
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_pem: Path  # the CA's certificate: what --ca-bundle takes
+    server_context: ssl.SSLContext
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(
+    subject: str, issuer: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey
+) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+def make_pki(directory: Path, *, host_ip: str = "127.0.0.1") -> Pki:
+    """A private CA and a server certificate it signs for ``host_ip``."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        _certificate("batchrun test CA", "batchrun test CA", ca_key, ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        _certificate("mock provider", "batchrun test CA", key, ca_key)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host_ip))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_pem = directory / "ca.pem"
+    ca_pem.write_bytes(ca.public_bytes(pem))
+    chain = directory / "server.pem"
+    chain.write_bytes(leaf.public_bytes(pem))
+    key_pem = directory / "server.key"
+    key_pem.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(chain, key_pem)
+    return Pki(ca_pem=ca_pem, server_context=context)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    return make_pki(directory)
+
+
+@pytest_asyncio.fixture
+async def https_server(pki: Pki) -> AsyncIterator[MockServer]:
+    async with MockServer(tls=pki.server_context) as mock:
+        yield mock
+
+
+@pytest.mark.asyncio
+async def test_an_untrusted_certificate_says_it_is_the_certificate(
+    tmp_path: Path, https_server: MockServer
+) -> None:
+    config = make_config(tmp_path, ROWS, https_server)
+    assert config.base_urls[0].startswith("https://")
+
+    with anyio.fail_after(20):
+        summary = await run_async(config, clock=Clock())
+
+    assert summary.exit_code == EXIT_FATAL
+    advice = summary.aborted or ""
+    assert "certificate" in advice
+    assert "unable to get local issuer certificate" in advice  # OpenSSL's own reason
+    assert "--ca-bundle" in advice
+    assert "SSL_CERT_FILE" in advice
+    assert "key or the quota" not in advice
+    assert https_server.stats.requests == 0  # nothing got past the handshake
+    assert not config.out.exists()
+    assert StateDir(config.out).read_finished() is None  # resumable
+
+
+@pytest.mark.asyncio
+async def test_ca_bundle_trusts_a_private_ca_and_resumes_the_stopped_run(
+    tmp_path: Path, https_server: MockServer, pki: Pki
+) -> None:
+    with anyio.fail_after(20):
+        stopped = await run_async(make_config(tmp_path, ROWS, https_server), clock=Clock())
+        assert stopped.exit_code == EXIT_FATAL
+        config = make_config(tmp_path, ROWS, https_server, ca_bundle=str(pki.ca_pem))
+        summary = await run_async(config, clock=Clock())
+
+    assert summary.exit_code == 0
+    out = read_jsonl(config.out)
+    assert [row["response"]["status_code"] for row in out] == [200] * len(ROWS)
+    assert https_server.stats.requests == len(ROWS)
+
+
+@pytest.mark.asyncio
+async def test_ssl_cert_file_keeps_working(
+    tmp_path: Path, https_server: MockServer, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_pem))
+    config = make_config(tmp_path, ROWS, https_server)
+
+    with anyio.fail_after(20):
+        summary = await run_async(config, clock=Clock())
+
+    assert summary.exit_code == 0
+    assert https_server.stats.requests == len(ROWS)
+
+
+@pytest.mark.asyncio
+async def test_a_certificate_for_another_host_names_the_mismatch(tmp_path: Path) -> None:
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    other = make_pki(directory, host_ip="10.9.8.7")
+    async with MockServer(tls=other.server_context) as server:
+        config = make_config(tmp_path, ROWS, server, ca_bundle=str(other.ca_pem))
+        with anyio.fail_after(20):
+            summary = await run_async(config, clock=Clock())
+
+    assert summary.exit_code == EXIT_FATAL
+    assert "IP address mismatch" in (summary.aborted or "")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("content", [None, b"", b"not a certificate\n"])
+async def test_a_missing_or_invalid_bundle_is_a_usage_error_before_any_request(
+    tmp_path: Path, https_server: MockServer, content: bytes | None
+) -> None:
+    bundle = tmp_path / "bundle.pem"
+    if content is not None:
+        bundle.write_bytes(content)
+    config = make_config(tmp_path, ROWS, https_server, ca_bundle=str(bundle))
+
+    with pytest.raises(UsageError, match="--ca-bundle"):
+        await run_async(config, clock=Clock())
+    assert https_server.stats.requests == 0
+    assert not StateDir(config.out).root.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_cli_bad_bundle_exits_2_with_one_line(
+    tmp_path: Path, https_server: MockServer
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    argv = [
+        sys.executable, "-m", "batchrun", "run", str(source), "--out", str(tmp_path / "o.jsonl"),
+        "--provider", "openai", "--base-url", https_server.base_url,
+        "--ca-bundle", str(tmp_path / "nowhere.pem"), "--no-progress",
+    ]  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-test"}
+    with anyio.fail_after(30):
+        done = await anyio.run_process(argv, env=env, cwd=ROOT, check=False)
+
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert lines == [f"batchrun: error: --ca-bundle {tmp_path / 'nowhere.pem'} does not exist"
+                     " or is not a file"]  # fmt: skip
+    assert https_server.stats.requests == 0
