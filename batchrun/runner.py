@@ -10,6 +10,7 @@ import logging
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
@@ -17,12 +18,15 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from batchrun import eventloop
 from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.budget import Budget
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
+from batchrun.contentkey import request_key
 from batchrun.errors import FatalError, UsageError
+from batchrun.eventloop import backend_options
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
@@ -31,6 +35,7 @@ from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline, RunEnding
 from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
+from batchrun.records import Request
 from batchrun.resume import ResumePoint, recover, spent_before
 from batchrun.reuse import Answers, open_answers
 from batchrun.rowsource import KnownLookup
@@ -57,8 +62,12 @@ def run(
 ) -> Summary:
     """Run a job to the end from synchronous code (a notebook cell, an Airflow
     task) and return its summary. Raises ``UsageError`` for bad settings and
-    ``LockedError`` when another run holds the output."""
-    return anyio.run(lambda: run_async(config, stream=stream, handle_signals=handle_signals))
+    ``LockedError`` when another run holds the output. The event loop is
+    ``config.loop``'s (``batchrun.eventloop``)."""
+    return anyio.run(
+        lambda: run_async(config, stream=stream, handle_signals=handle_signals),
+        backend_options=backend_options(config.loop),
+    )
 
 
 async def run_async(
@@ -87,7 +96,12 @@ async def run_async(
         if config.restart:
             state.clear()
             state.drop_results()
-        answers = open_answers(state.root, config.cache, resend_retryable=config.retry_failed)
+        answers = open_answers(
+            state.root,
+            config.cache,
+            resend_retryable=config.retry_failed,
+            durable=config.fsync != "off",
+        )
         try:
             prepared = prepare(state, config, provider, answers)
             if isinstance(prepared, Summary):
@@ -271,6 +285,7 @@ async def _execute(
                 clock=clock,
                 stream=stream or sys.stderr,
                 handle_signals=handle_signals,
+                answered=_stored(answers, provider) if answers.lookup else None,
             )
             if not phase.complete:
                 return _batch_stopped(config, start, phase, clock.monotonic() - started)
@@ -299,6 +314,15 @@ async def _execute(
         parts = _Parts(reporter.stats, sender, budget, known)
         return _conclude(config, ending, parts, state, clock.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+def _stored(answers: Answers, provider: Provider) -> Callable[[Request], bool]:
+    """Whether a request has a stored answer: batch mode leaves it to the writer."""
+
+    def answered(request: Request) -> bool:
+        return answers.find(request_key(provider, request)) is not None
+
+    return answered
 
 
 def _batch_stopped(
@@ -431,6 +455,7 @@ def _conclude(
             "in doubt (all runs)": ending.in_doubt_all,
             **sender.throttle.report(),
             "stale connections retried": sender.client.stale_retries,
+            "event loop": eventloop.running(),
             **_answers_report(sender),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(sender.client),
