@@ -15,10 +15,13 @@ Invariant: every result is in exactly one of the ordered output, the journal
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
+from batchrun.holding import Held
 from batchrun.journal import Journal
 from batchrun.progress import ProgressReporter
 from batchrun.providers import Provider
@@ -59,7 +62,8 @@ class OrderedWriter:
         self.window = FifoSlots(config.reorder_window)
         self.reorder: ReorderBuffer[Finished] = ReorderBuffer(start.checkpoint.rows)
         self.progress = start.checkpoint  # mutated as rows are written
-        self._pending: dict[int, bytes] = dict(start.journal.results)  # by line, unwritten
+        # Journaled, unwritten, by line; in memory up to --reorder-bytes, then in the journal only.
+        self.held = Held(self.journal, config.reorder_bytes, start.journal.results)
         self.in_flight: set[int] = set()  # lines begun, not answered: in doubt if we stop now
         self._last_checkpoint = start.checkpoint.rows
 
@@ -67,7 +71,7 @@ class OrderedWriter:
 
     def journaled(self, line: int) -> bytes | None:
         """The result journaled for ``line`` and not written yet, if any."""
-        return self._pending.get(line)
+        return self.held.get(line)
 
     def begin(self, line: int) -> None:
         """``line``'s request goes to the socket next: from now on it is in
@@ -83,11 +87,13 @@ class OrderedWriter:
             self.journal.abandon(line)
             self.in_flight.discard(line)
 
-    def record(self, line: int, data: bytes, key: bytes) -> None:
-        """``line``'s result ``data`` (its request's content ``key``) arrived."""
-        self.journal.record(data, line=line, key=key)
-        self._pending[line] = data
+    def record(self, line: int, data: bytes, key: bytes) -> int | None:
+        """``line``'s result ``data`` (its request's content ``key``) arrived;
+        returns where the journal holds it, if it tells."""
+        journal_at = self.journal.record(data, line=line, key=key)
+        self.held.add(line, data)
         self.in_flight.discard(line)
+        return journal_at
 
     # -- the output -----------------------------------------------------------
 
@@ -105,23 +111,43 @@ class OrderedWriter:
 
     def deliver(self, item: Finished) -> None:
         """Take a finished row; write it and every row it unblocks, in order."""
-        for ready in self.reorder.push(self.shard.seq(item.row), item):
+        place = self.shard.seq(item.row)
+        if place != self.reorder.next_index:
+            item = self._wait(item)
+        for ready in self.reorder.push(place, item):
             self._emit(ready)
 
+    def _wait(self, item: Finished) -> Finished:
+        """A row that must wait for an earlier one keeps only what its turn
+        needs: the answer's parsed body goes (its record has it), and past
+        --reorder-bytes the record itself stays in the journal only."""
+        outcome = item.outcome
+        if outcome is not None and outcome.response is not None:
+            outcome = dataclasses.replace(outcome, response=None)
+        assert item.data is not None, "a row waits once"
+        if self.held.keep(line_of(item.row), item.data, item.journal_at):
+            return item._replace(outcome=outcome, kept=len(item.data))
+        return item._replace(data=None, outcome=outcome)
+
     def _emit(self, item: Finished) -> None:
-        self.output.write(item.data)
-        self._pending.pop(line_of(item.row), None)
+        line = line_of(item.row)
+        data = item.data
+        if data is None:
+            data = self.held.get(line)
+            assert data is not None, "a row waiting in the journal is held"
+        self.output.write(data)
+        self.held.done(line, item.kept)
         self.window.release()
         progress = self.progress
         progress.rows += 1
-        progress.output_bytes += len(item.data)
-        progress.input_line, progress.input_offset = line_of(item.row), item.input_end
-        self._count(item)
+        progress.output_bytes += len(data)
+        progress.input_line, progress.input_offset = line, item.input_end
+        self._count(item, data)
         if progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY:
             self.checkpoint()
         self.reporter.update()
 
-    def _count(self, item: Finished) -> None:
+    def _count(self, item: Finished, data: bytes) -> None:
         outcome = item.outcome
         if outcome is not None:
             self.stats.record_outcome(
@@ -134,7 +160,7 @@ class OrderedWriter:
                 cost=outcome.cost or 0.0,
             )
             return
-        verdict = tally(orjson.loads(item.data), self.provider.usage)
+        verdict = tally(orjson.loads(data), self.provider.usage)
         if item.reused:
             self.stats.record_reused(
                 ok=verdict.ok, error_code=verdict.error_code, cost=verdict.cost
@@ -147,6 +173,16 @@ class OrderedWriter:
             tokens_out=verdict.tokens_out,
             cost=verdict.cost,
         )
+
+    def held_report(self) -> dict[str, object]:
+        """How many results waited in the journal, past --reorder-bytes (if any did)."""
+        held = self.held
+        if not held.spilled:
+            return {}
+        return {
+            "results waited in the journal (--reorder-bytes)": held.spilled,
+            "most result bytes waiting in memory": held.peak_bytes,
+        }
 
     def flush(self) -> None:
         """Hand written lines to the operating system (and, with --fsync
@@ -164,7 +200,7 @@ class OrderedWriter:
         self.output.flush(fsync=True)
         self.answers.flush()  # before the journal forgets: every result is in one of them
         begun = [b'{"b":%d}\n' % line for line in sorted(self.in_flight)]
-        self.journal.rewrite([*begun, *self._pending.values()])
+        self.held.compact(begun)
         self._copy_counts()
         self.state.write_checkpoint(self.progress)
         self._last_checkpoint = self.progress.rows

@@ -59,6 +59,7 @@ class RunEnding(NamedTuple):
     stop_reason: str | None
     in_doubt: int
     in_doubt_all: int
+    held: dict[str, object]  # results that waited in the journal, for the summary
 
 
 class Pipeline:
@@ -128,6 +129,7 @@ class Pipeline:
             # resent after an earlier stop, and cut off in flight by this one
             in_doubt=self.in_doubt + len(self.writer.in_flight),
             in_doubt_all=self.writer.progress.in_doubt,
+            held=self.writer.held_report(),
         )
 
     def _close(self) -> None:

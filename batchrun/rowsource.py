@@ -52,9 +52,11 @@ class Finished(NamedTuple):
 
     row: int  # 0-based input row
     input_end: int  # byte offset in the input just after this row
-    data: bytes  # the output record, newline included
+    data: bytes | None  # the output record, newline included; None: in the journal only
     outcome: Outcome | None  # None: finished by an earlier run, or reused
     reused: bool = False  # answered from a result store
+    journal_at: int | None = None  # where the journal holds the record, if it does
+    kept: int = 0  # bytes the record holds in memory while an earlier row is unfinished
 
 
 class Work(NamedTuple):

@@ -459,6 +459,7 @@ def _conclude(
             **_answers_report(sender),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(sender.client),
+            **ending.held,
         },
     )
     if ending.complete:

@@ -152,11 +152,11 @@ class Workers:
             outcome.cost = costs.price(outcome.tokens_in, outcome.tokens_out)
         self.budget.settle(reserved, outcome.cost or 0.0)
         data = output_line(outcome)
-        writer.record(request.line, data, work.key)
+        journal_at = writer.record(request.line, data, work.key)
         self.answers.add_outcome(work.key, data, outcome)
         if self.budget.refused and not writer.in_flight:
             self.cancel()  # the last row in flight at a budget stop
-        return Finished(work.row, work.input_end, data, outcome)
+        return Finished(work.row, work.input_end, data, outcome, journal_at=journal_at)
 
     def _stop_for_budget(self) -> None:
         """Take no more rows; end once the rows in flight are answered."""
