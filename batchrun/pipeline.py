@@ -78,8 +78,12 @@ class Pipeline:
         budget: Budget,
         handle_signals: bool = False,
         known: KnownLookup | None = None,
+        stop: anyio.Event | None = None,
     ) -> None:
+        """``stop``, once set, stops the run as SIGINT would (from another
+        thread: set it through the loop, e.g. a blocking portal)."""
         self.config = config
+        self.stop = stop
         self.clock = clock
         self.reporter = reporter
         self.stats: RunStats = reporter.stats
@@ -161,6 +165,8 @@ class Pipeline:
                 tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
             if self.handle_signals:
                 tasks.start_soon(self._watch_signals)
+            if self.stop is not None:
+                tasks.start_soon(self._watch_stop, self.stop)
             if self.metrics is not None:
                 self.metrics.write()
                 tasks.start_soon(self._keep_metrics_fresh, self.metrics)
@@ -197,6 +203,10 @@ class Pipeline:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 self.request_stop(f"interrupted by {signal.Signals(signum).name}")
+
+    async def _watch_stop(self, stop: anyio.Event) -> None:
+        await stop.wait()
+        self.request_stop("interrupted")
 
 
 def _metrics_writer(

@@ -43,6 +43,7 @@ from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.state import StateDir, changed_settings, fingerprint
+from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tls import client_context
@@ -63,10 +64,20 @@ def run(
     """Run a job to the end from synchronous code (a notebook cell, an Airflow
     task) and return its summary. Raises ``UsageError`` for bad settings and
     ``LockedError`` when another run holds the output. The event loop is
-    ``config.loop``'s (``batchrun.eventloop``)."""
+    ``config.loop``'s (``batchrun.eventloop``).
+
+    Where an event loop already runs in this thread (a notebook), the job runs
+    on a worker thread with its own loop (see ``threaded.run_beside_loop``):
+    Ctrl-C then stops it resumably (exit code 75), a second Ctrl-C at once.
+    """
+    options = backend_options(config.loop)
+    if loop_running():
+        return run_beside_loop(
+            lambda stop: run_async(config, stream=stream, stop=stop), backend_options=options
+        )
     return anyio.run(
         lambda: run_async(config, stream=stream, handle_signals=handle_signals),
-        backend_options=backend_options(config.loop),
+        backend_options=options,
     )
 
 
@@ -76,11 +87,13 @@ async def run_async(
     clock: Clock | None = None,
     stream: TextIO | None = None,
     handle_signals: bool = False,
+    stop: anyio.Event | None = None,
 ) -> Summary:
     """Run (or resume) a job inside a running event loop; return its summary.
 
     ``handle_signals``: SIGINT/SIGTERM stop the run resumably (exit code 75);
-    only from the main thread.
+    only from the main thread. ``stop``: setting it does the same, from
+    anywhere (online mode).
     """
     provider = get_provider(config.provider)
     api_key = resolve_api_key(provider, config)
@@ -118,6 +131,7 @@ async def run_async(
                 stream,
                 handle_signals,
                 tls,
+                stop,
             )
         finally:
             answers.close()
@@ -253,6 +267,7 @@ async def _execute(
     stream: TextIO | None,
     handle_signals: bool,
     tls: ssl.SSLContext,
+    stop: anyio.Event | None = None,
 ) -> Summary:
     async with AsyncExitStack() as stack:
         base_urls = config.base_urls
@@ -309,6 +324,7 @@ async def _execute(
             budget=budget,
             handle_signals=handle_signals,
             known=known,
+            stop=stop,
         )
         ending = await pipeline.run()
         parts = _Parts(reporter.stats, sender, budget, known)
