@@ -12,9 +12,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.errors import LockedError, UsageError
+from batchrun.errors import DiskError, LockedError, UsageError
 from batchrun.jobfile import build_config, load_job_file
-from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
+from batchrun.runner import EXIT_DISK, EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, disk_advice, run
 
 cache_app = typer.Typer(
     no_args_is_help=True, help="Inspect and prune a result store shared with --cache."
@@ -204,6 +204,9 @@ def run_command(
     except LockedError as exc:
         typer.echo(f"batchrun: {exc}", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
+    except DiskError as exc:  # before the rows: the state files themselves
+        typer.echo(f"batchrun: error: {disk_advice(exc)}", err=True)
+        raise typer.Exit(EXIT_DISK) from None
     typer.echo(result.render(), err=True)
     if config.summary_path is not None:
         _write_summary(config.summary_path, result.to_dict())

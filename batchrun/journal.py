@@ -29,6 +29,7 @@ are dropped, so resuming reads a bounded file however long the run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import orjson
 
 from batchrun import crashpoint
 from batchrun.config import FsyncPolicy
-from batchrun.errors import CorruptStateError
+from batchrun.errors import CorruptStateError, DiskError, disk_writes
 
 
 @dataclass(slots=True)
@@ -137,6 +138,7 @@ class Journal:
         self._waiting: list[bytes] = []
         self._flush_scheduled = False
         self.writes = 0  # write calls made: the cost the batching saves
+        self.failed: DiskError | None = None  # the write that failed: the journal ends there
 
     def open(self, *, valid_bytes: int | None = None) -> None:
         """Open for appending, first cutting a torn tail at ``valid_bytes``."""
@@ -165,7 +167,10 @@ class Journal:
             self.sync()
 
     def flush(self) -> None:
-        """Write every waiting record now, in one ``write``."""
+        """Write every waiting record now, in one ``write``. Raises
+        ``DiskError`` once a write has failed."""
+        if self.failed is not None:
+            raise self.failed
         if self._waiting:
             data = b"".join(self._waiting)
             self._waiting.clear()
@@ -181,7 +186,7 @@ class Journal:
         """Replace the journal with ``records`` in one atomic step (compaction)."""
         self.flush()
         fresh = self.path.with_name(self.path.name + ".new")
-        with fresh.open("wb") as handle:
+        with disk_writes(fresh), fresh.open("wb") as handle:
             for record in records:
                 handle.write(record)
             handle.flush()
@@ -192,9 +197,11 @@ class Journal:
 
     def close(self) -> None:
         if self._fd is not None:
-            self.flush()
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def _add(self, record: bytes) -> None:
         """Queue ``record`` for the next begin mark or the end of this pass
@@ -213,15 +220,33 @@ class Journal:
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         if self._fd is not None:
-            self.flush()
+            # A failure here has no caller to reach: it is kept in ``failed``
+            # and raised by the next write, flush, rewrite or close.
+            with contextlib.suppress(DiskError):
+                self.flush()
 
     def _write(self, data: bytes) -> None:
         assert self._fd is not None, "open() first"
+        if self.failed is not None:
+            raise self.failed
         self.writes += 1
         if crashpoint.armed("journal_torn"):
             os.write(self._fd, data[: len(data) // 2])
             crashpoint.die()
+        try:
+            with disk_writes(self.path):
+                self._write_all(self._fd, data)
+        except DiskError as exc:
+            self.failed = exc  # nothing may follow a record the disk cut short
+            raise
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        fault = crashpoint.disk_fault("journal")
+        if fault is not None:
+            os.write(fd, data[: len(data) // 2])
+            raise fault
         view = memoryview(data)
         while view:
-            written = os.write(self._fd, view)
+            written = os.write(fd, view)
             view = view[written:]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple, Protocol
 
@@ -40,7 +40,13 @@ from batchrun.client import Client
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
-from batchrun.errors import CorruptStateError, FatalError, sole_usage_error
+from batchrun.errors import (
+    CorruptStateError,
+    DiskError,
+    FatalError,
+    find_disk_error,
+    sole_usage_error,
+)
 from batchrun.inputs import READ_ERRORS, count_lines, open_input, read_lines
 from batchrun.journal import Journal
 from batchrun.metrics import MetricsWriter
@@ -139,6 +145,7 @@ class Pipeline:
         self.eof = False
         self.stop_reason: str | None = None
         self.aborted: FatalError | None = None
+        self.disk_error: DiskError | None = None  # a write failed: the run stopped there
         self._producers = anyio.CancelScope()
         self.metrics = _metrics_writer(config, self.stats, throttle, clock)
         schema = config.response_schema
@@ -172,7 +179,12 @@ class Pipeline:
         try:
             self.checkpoint()  # drops torn tails and settled records before anything new
             await self._run_tasks()
+        except DiskError as exc:
+            self.disk_error = exc
         except BaseExceptionGroup as group:
+            self.disk_error = find_disk_error(group)
+            if self.disk_error is not None:
+                return  # the finally below closes; the runner reports it (exit 74)
             usage = sole_usage_error(group)
             if usage is None:
                 raise
@@ -181,15 +193,24 @@ class Pipeline:
             self._close()  # synchronous: nothing here can be cancelled
 
     def _close(self) -> None:
+        """Record how far the run came, unless the disk failed: then the state
+        is left as a kill at that moment would leave it, which resume reads."""
         if self.complete:
             self.stats.total = self.stats.done  # known now, even if the count was slower
-        else:
-            self.checkpoint()
+        elif self.disk_error is None:
+            self._on_disk(self.checkpoint)
         if self.metrics is not None:
             self.metrics.write()
-        self.output.close()
-        self.journal.close()
+        self._on_disk(self.output.close)
+        self._on_disk(self.journal.close)
         self.reporter.close()
+
+    def _on_disk(self, step: Callable[[], None]) -> None:
+        """Run a closing step; a full disk is kept as the run's stop reason."""
+        try:
+            step()
+        except DiskError as exc:
+            self.disk_error = self.disk_error or exc
 
     def request_stop(self, reason: str) -> None:
         """Stop taking rows; a second request cancels in-flight rows at once."""

@@ -21,7 +21,7 @@ from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import UsageError
+from batchrun.errors import DiskError, UsageError
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
@@ -43,6 +43,7 @@ log = logging.getLogger("batchrun")
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 EXIT_BUDGET = 5  # --max-cost reached: raise it and run the same command again
+EXIT_DISK = 74  # EX_IOERR: a write failed (full disk, I/O error); resumable
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: run the same command again to resume
 
 __all__ = ["Clock", "run", "run_async"]
@@ -368,7 +369,9 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
     batched = pipeline.known.found if pipeline.known is not None else 0
     stats.skipped -= batched  # answered in batches: this run's work, not an earlier run's
     aborted: str | None = None
-    if pipeline.complete:
+    if pipeline.disk_error is not None:
+        exit_code, aborted = EXIT_DISK, disk_advice(pipeline.disk_error)
+    elif pipeline.complete:
         exit_code = EXIT_FAILED_ROWS if stats.failed else EXIT_OK
     elif pipeline.aborted is not None:
         exit_code, aborted = EXIT_FATAL, _fatal_advice(pipeline)
@@ -395,7 +398,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             **_hosts_report(pipeline),
         },
     )
-    if pipeline.complete:
+    if pipeline.complete and pipeline.disk_error is None:
         state.write_finished(summary.to_dict())
         _publish(state, config.out)
     return summary
@@ -416,6 +419,14 @@ def _budget_advice(pipeline: Pipeline) -> str:
     return (
         f"budget reached: {money(budget.spent)} spent of --max-cost {money(budget.cap or 0.0)}"
         " (all runs on this output); raise --max-cost and run the same command again"
+    )
+
+
+def disk_advice(error: DiskError) -> str:
+    """What to do after a write failed for want of space or by an I/O error."""
+    return (
+        f"{error}. Free some space (or fix the disk), then run the same command again:"
+        " the run resumes where it stopped"
     )
 
 
