@@ -2,7 +2,8 @@
 
 Routes, under every OpenAI-dialect prefix of ``MockServer`` (``/v1/`` and
 ``/compatible-mode/v1/``): ``POST files`` (multipart ``purpose``, ``file``),
-``GET files/{id}/content``, ``DELETE files/{id}``, ``POST batches``, ``GET
+``GET files`` (``purpose``, ``limit``, ``after``), ``GET files/{id}/content``,
+``DELETE files/{id}``, ``POST batches``, ``GET
 batches`` (``limit``, ``after``; newest first), ``GET batches/{id}``, ``POST
 batches/{id}/cancel``.
 
@@ -31,7 +32,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -84,36 +85,22 @@ class _Batch:
     settled: bool = False
 
 
-class MockBatches:
-    """The files and batches of one mock server; ``add_routes`` serves them."""
+class MockFiles:
+    """The uploaded and result files of one mock server."""
 
-    def __init__(
-        self,
-        stats: Counters,
-        faults: BatchFaults | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.faults = faults or BatchFaults()
-        self.stats = stats
+    def __init__(self, ids: Iterator[int]) -> None:
         self.files: dict[str, dict[str, Any]] = {}
         self.contents: dict[str, bytes] = {}
-        self.batches: dict[str, _Batch] = {}
-        self.created = 0  # batches ever created
-        self._ids = itertools.count(1)
-        self._clock = clock
+        self.uploads = 0  # files ever uploaded
+        self._ids = ids
 
     def add_routes(self, app: web.Application, prefix: str) -> None:
         app.router.add_post(prefix + "files", self._upload)
+        app.router.add_get(prefix + "files", self._list)
         app.router.add_get(prefix + "files/{id}/content", self._content)
         app.router.add_delete(prefix + "files/{id}", self._delete)
-        app.router.add_post(prefix + "batches", self._create)
-        app.router.add_get(prefix + "batches", self._list)
-        app.router.add_get(prefix + "batches/{id}", self._get)
-        app.router.add_post(prefix + "batches/{id}/cancel", self._cancel)
 
-    # -- files ----------------------------------------------------------------
-
-    def _new_file(self, purpose: str, filename: str, data: bytes) -> dict[str, Any]:
+    def new_file(self, purpose: str, filename: str, data: bytes) -> dict[str, Any]:
         file_id = f"file-{next(self._ids):06d}"
         info = {
             "id": file_id,
@@ -133,7 +120,13 @@ class MockBatches:
         if not isinstance(upload, web.FileField) or purpose != "batch":
             return _fail(400, "send multipart fields purpose=batch and file")
         data = upload.file.read()
-        return _ok(self._new_file("batch", upload.filename, data))
+        self.uploads += 1
+        return _ok(self.new_file("batch", upload.filename, data))
+
+    async def _list(self, request: web.Request) -> web.Response:
+        purpose = request.query.get("purpose")
+        ids = [key for key, info in self.files.items() if purpose in (None, info["purpose"])]
+        return _ok(_page(sorted(ids, reverse=True), request, self.files.__getitem__))
 
     async def _content(self, request: web.Request) -> web.Response:
         data = self.contents.get(request.match_info["id"])
@@ -147,6 +140,45 @@ class MockBatches:
             return _fail(404, "no such file", "not_found")
         del self.contents[file_id]
         return _ok({"id": file_id, "object": "file", "deleted": True})
+
+
+class MockBatches:
+    """The files and batches of one mock server; ``add_routes`` serves them."""
+
+    def __init__(
+        self,
+        stats: Counters,
+        faults: BatchFaults | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.faults = faults or BatchFaults()
+        self.stats = stats
+        self.batches: dict[str, _Batch] = {}
+        self.created = 0  # batches ever created
+        self._ids = itertools.count(1)
+        self._files = MockFiles(self._ids)
+        self._clock = clock
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """The files on the mock now, by id."""
+        return self._files.files
+
+    @property
+    def contents(self) -> dict[str, bytes]:
+        return self._files.contents
+
+    @property
+    def uploads(self) -> int:
+        """Files ever uploaded."""
+        return self._files.uploads
+
+    def add_routes(self, app: web.Application, prefix: str) -> None:
+        self._files.add_routes(app, prefix)
+        app.router.add_post(prefix + "batches", self._create)
+        app.router.add_get(prefix + "batches", self._list)
+        app.router.add_get(prefix + "batches/{id}", self._get)
+        app.router.add_post(prefix + "batches/{id}/cancel", self._cancel)
 
     # -- batches --------------------------------------------------------------
 
@@ -196,21 +228,8 @@ class MockBatches:
         return _ok(self._advance(batch))
 
     async def _list(self, request: web.Request) -> web.Response:
-        limit = min(int(request.query.get("limit", "20")), 100)
         ids = sorted(self.batches, reverse=True)  # newest first: ids grow
-        after = request.query.get("after")
-        if after in self.batches:
-            ids = ids[ids.index(after) + 1 :]
-        page = [self._advance(self.batches[batch_id]) for batch_id in ids[:limit]]
-        return _ok(
-            {
-                "object": "list",
-                "data": page,
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": len(ids) > limit,
-            }
-        )
+        return _ok(_page(ids, request, lambda key: self._advance(self.batches[key])))
 
     async def _cancel(self, request: web.Request) -> web.Response:
         batch = self.batches.get(request.match_info["id"])
@@ -269,7 +288,7 @@ class MockBatches:
         output: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         for row in batch.rows[:done]:
-            line, ok = self._answer(row)
+            line, ok = _answer(row, self.stats)
             (output if ok else failures).append(line)
         code = "batch_expired" if status == "expired" else "batch_cancelled"
         for row in batch.rows[done:]:
@@ -293,30 +312,29 @@ class MockBatches:
 
     def _result_file(self, lines: list[dict[str, Any]], what: str) -> dict[str, Any]:
         data = b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE) for line in lines)
-        return self._new_file("batch_output", f"{what}.jsonl", data)
+        return self._files.new_file("batch_output", f"{what}.jsonl", data)
 
-    def _answer(self, row: _Row) -> tuple[dict[str, Any], bool]:
-        """The result line of one row, and whether it succeeded."""
-        digest = hashlib.sha256(row.raw).hexdigest()
-        self.stats.by_digest[digest] += 1
-        self.stats.batch_rows += 1
-        body = orjson.loads(row.raw)
-        call = Call(row.kind, digest, self.stats.by_digest[digest], body, [])
-        call.parts = prompt_parts(row.kind, body)
-        rules = parse_directives("\n".join(call.parts))
-        status, answer = 200, None
-        if rules.fail is not None and (
-            rules.fail_times is None or call.attempt <= rules.fail_times
-        ):
-            status = rules.fail
-            answer = openai_error(status, f"mock fault: HTTP {status}")
-        response = {
-            "status_code": status,
-            "request_id": call.request_id,
-            "body": answer if answer is not None else _success_body(call),
-        }
-        line = {"id": f"batch_req_{digest[:12]}", "custom_id": row.custom_id}
-        return {**line, "response": response, "error": None}, status < 400
+
+def _answer(row: _Row, stats: Counters) -> tuple[dict[str, Any], bool]:
+    """The result line of one row, and whether it succeeded."""
+    digest = hashlib.sha256(row.raw).hexdigest()
+    stats.by_digest[digest] += 1
+    stats.batch_rows += 1
+    body = orjson.loads(row.raw)
+    call = Call(row.kind, digest, stats.by_digest[digest], body, [])
+    call.parts = prompt_parts(row.kind, body)
+    rules = parse_directives("\n".join(call.parts))
+    status, answer = 200, None
+    if rules.fail is not None and (rules.fail_times is None or call.attempt <= rules.fail_times):
+        status = rules.fail
+        answer = openai_error(status, f"mock fault: HTTP {status}")
+    response = {
+        "status_code": status,
+        "request_id": call.request_id,
+        "body": answer if answer is not None else _success_body(call),
+    }
+    line = {"id": f"batch_req_{digest[:12]}", "custom_id": row.custom_id}
+    return {**line, "response": response, "error": None}, status < 400
 
 
 def _read_rows(data: bytes, endpoint: str) -> tuple[list[_Row], list[dict[str, Any]]]:
@@ -359,6 +377,24 @@ def _read_row(
         return "mock fault: the provider refuses this line", None
     # orjson's result keeps a spare buffer of about 4 KiB: keep an exact copy.
     return None, _Row(custom_id, kind, bytes(memoryview(orjson.dumps(body))))
+
+
+def _page(
+    ids: list[str], request: web.Request, show: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
+    """One page of a list answer: ``limit`` items after the id ``after``."""
+    limit = min(int(request.query.get("limit", "20")), 100)
+    after = request.query.get("after")
+    if after in ids:
+        ids = ids[ids.index(after) + 1 :]
+    page = [show(key) for key in ids[:limit]]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(ids) > limit,
+    }
 
 
 def _ok(body: Any) -> web.Response:

@@ -8,7 +8,10 @@ What is reused: answers and permanent row errors; a retryable error only when
 the run does not resend them (``--retry-failed``). The shared cache never
 takes retryable errors: a transient failure is no answer to share.
 
-Crash safety rests on the journal, not on the buffer: every result is
+Commits run on the event loop's thread: a batch of a few hundred rows
+takes a millisecond or two, and a writer thread would cost more in
+contention for the interpreter than it saves. Crash safety rests on the
+journal, not on the buffer: every result is
 journaled with its key the moment it arrives, ``flush`` runs before each
 journal compaction, and a resume feeds the journal's keyed results back in
 (``salvage``). So a result is always in the journal or in the store.
@@ -111,14 +114,18 @@ class Answers:
                 self.cache.close()
 
 
-def open_answers(state_root: Path, cache_dir: Path | None, *, resend_retryable: bool) -> Answers:
+def open_answers(
+    state_root: Path, cache_dir: Path | None, *, resend_retryable: bool, durable: bool = False
+) -> Answers:
     """Open the output's store in ``state_root`` and the cache in ``cache_dir``.
 
+    ``durable``: the output's own store survives a power loss too (the
+    shared cache always does; the output's has the journal behind it).
     Raises ``StoreError`` (exit code 2) when either can't be written or read.
     """
     cache = open_store(cache_dir / STORE_FILE) if cache_dir is not None else None
     try:
-        local = open_store(state_root / STORE_FILE)
+        local = open_store(state_root / STORE_FILE, durable=durable)
     except BaseException:
         if cache is not None:
             cache.close()

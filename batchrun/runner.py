@@ -10,6 +10,7 @@ import logging
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,11 +18,14 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from batchrun import eventloop
 from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
+from batchrun.contentkey import request_key
 from batchrun.errors import DiskError, UsageError
+from batchrun.eventloop import backend_options
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
@@ -30,6 +34,7 @@ from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline
 from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
+from batchrun.records import Request
 from batchrun.resume import ResumePoint, recover
 from batchrun.reuse import Answers, open_answers
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
@@ -54,8 +59,12 @@ def run(
 ) -> Summary:
     """Run a job to the end from synchronous code (a notebook cell, an Airflow
     task) and return its summary. Raises ``UsageError`` for bad settings and
-    ``LockedError`` when another run holds the output."""
-    return anyio.run(lambda: run_async(config, stream=stream, handle_signals=handle_signals))
+    ``LockedError`` when another run holds the output. The event loop is
+    ``config.loop``'s (``batchrun.eventloop``)."""
+    return anyio.run(
+        lambda: run_async(config, stream=stream, handle_signals=handle_signals),
+        backend_options=backend_options(config.loop),
+    )
 
 
 async def run_async(
@@ -84,7 +93,12 @@ async def run_async(
         if config.restart:
             state.clear()
             state.drop_results()
-        answers = open_answers(state.root, config.cache, resend_retryable=config.retry_failed)
+        answers = open_answers(
+            state.root,
+            config.cache,
+            resend_retryable=config.retry_failed,
+            durable=config.fsync != "off",
+        )
         try:
             prepared = prepare(state, config, provider, answers)
             if isinstance(prepared, Summary):
@@ -268,6 +282,7 @@ async def _execute(
                 clock=clock,
                 stream=stream or sys.stderr,
                 handle_signals=handle_signals,
+                answered=_stored(answers, provider) if answers.lookup else None,
             )
             if not phase.complete:
                 return _batch_stopped(config, start, phase, clock.monotonic() - started)
@@ -292,6 +307,15 @@ async def _execute(
         await pipeline.run()
         return _conclude(pipeline, state, clock.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+def _stored(answers: Answers, provider: Provider) -> Callable[[Request], bool]:
+    """Whether a request has a stored answer: batch mode leaves it to the writer."""
+
+    def answered(request: Request) -> bool:
+        return answers.find(request_key(provider, request)) is not None
+
+    return answered
 
 
 def _batch_stopped(
@@ -393,6 +417,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            "event loop": eventloop.running(),
             **_answers_report(pipeline),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),

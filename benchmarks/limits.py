@@ -37,7 +37,9 @@ MOCK_ARGS = ("--rate-limit", str(RATE_LIMIT), "--sliding-window")
 def make_rows(path: Path, rows: int) -> Path:
     with path.open("w") as out:
         for i in range(rows):
-            out.write(f'{{"custom_id": "r{i}", "messages": [{{"role": "user", "content": "{i}"}}]}}\n')
+            out.write(
+                f'{{"custom_id": "r{i}", "messages": [{{"role": "user", "content": "{i}"}}]}}\n'
+            )
     return path
 
 

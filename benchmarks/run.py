@@ -22,7 +22,13 @@ e, f. rate limits against a provider refusing past 40 requests per sliding
 g. export: ``batchrun export`` of 30,000, 100,000 and 300,000 output rows to Parquet,
    rows/s and peak RSS (see ``benchmarks/export_bench.py``);
 h. ``--mode batch`` on 1,000,000 rows: overhead per row and peak RSS (see
-   ``benchmarks/batch.py``).
+   ``benchmarks/batch.py``);
+i. paying once, an edited input: 2,000 rows, then 10 edited (same size),
+   5 deleted, 50 appended; the rerun must send exactly 60 requests;
+j. paying once, a cache: 200,000 rows sent into a ``--cache``, then served
+   from it to another output (target: <= 0.3 x the sending time, RSS <= 150
+   MB), and served again once the store holds ``--store-rows`` results
+   (10,000,000; RSS must stay flat) (see ``benchmarks/reuse_bench.py``).
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -519,6 +525,10 @@ def render(report: dict[str, Any]) -> str:
     from benchmarks.batch import render_batch
 
     lines += render_batch(report.get("batch") or {})
+    from benchmarks.reuse_bench import render_reuse
+
+    reuse = report.get("reuse") or {}
+    lines += render_reuse(reuse.get("edits"), reuse.get("cache"))
     return "\n".join(lines) + "\n"
 
 
@@ -528,13 +538,19 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcdefgh", help="which of a-h to run (abcdefgh)")
+    p.add_argument("--scenarios", default="abcdefghij", help="which of a-j to run (abcdefghij)")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
     p.add_argument("--rows-small", type=int, default=10_000, help="scenario c, small input")
     p.add_argument("--rows-big", type=int, default=1_000_000, help="scenarios c and d")
     p.add_argument("--skip-big", action="store_true", help="skip the 1M-row runs (c big, d, h)")
+    p.add_argument(
+        "--store-rows",
+        type=int,
+        default=10_000_000,
+        help="scenario j: results in the grown cache (1,000,000 with --skip-big)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny: 300 rows, 1 rep, a and b")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -587,6 +603,18 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.batch import run_batch
 
         batch = {} if args.skip_big else run_batch(args.scenarios, work, args.rows_big)
+        from benchmarks.reuse_bench import run_cache, run_edits
+
+        edits = cache = None
+        if "i" in args.scenarios:
+            print("scenario i: an edited input sends only the changed rows", flush=True)
+            edits = run_edits(work)
+        if "j" in args.scenarios:
+            store_rows = min(args.store_rows, 1_000_000) if args.skip_big else args.store_rows
+            print(
+                f"scenario j: 200,000 rows from --cache ({store_rows:,}-result store)", flush=True
+            )
+            cache = run_cache(work, store_rows)
     tables = []
     for sc in scenarios:
         table = summarize(sc)
@@ -611,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": exported,
         "limits": limits,
         "batch": batch,
+        "reuse": {"edits": edits, "cache": cache},
     }
     markdown = render(report)
     print("\n" + markdown)
@@ -624,8 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     missed = [key for key, r in limits.items() if not r.get("ok", True)]
     if batch and not batch["ok"]:
         missed.append("h")
+    missed += [key for key, r in (("i", edits), ("j", cache)) if r is not None and not r["ok"]]
     if missed:
-        print(f"scenarios missed their targets: {', '.join(missed)}")
+        print(f"scenarios that missed their targets: {', '.join(missed)}")
     return 1 if failed or missed else 0
 
 

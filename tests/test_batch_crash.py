@@ -74,6 +74,20 @@ async def test_a_crash_after_create_makes_no_second_batch(tmp_path: Path) -> Non
     assert [row["line"] for row in read_jsonl(out)] == list(range(1, 11))
 
 
+async def test_a_crash_after_upload_uploads_no_second_file(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=0.3)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        crashed = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT="after_upload:2")
+        assert crashed.returncode == -signal.SIGKILL
+        done = await run_cli(command(source, out, server))
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"found its file uploaded before a crash" in done.stderr
+        assert server.batches.uploads == 3  # one per part
+        assert server.batches.created == 3
+        assert server.batches.files == {}  # and every one cleaned up
+    assert len(read_jsonl(out)) == 10
+
+
 async def test_sigterm_leaves_the_batches_running_and_the_rerun_attaches(tmp_path: Path) -> None:
     async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
         source, out = source_rows(tmp_path), tmp_path / "out.jsonl"

@@ -192,4 +192,61 @@ async def test_online_mode_refuses_an_output_with_batches_not_collected(
         await run_async(config)
     with pytest.raises(UsageError, match="batchrun cancel"):
         await run_async(make_config(tmp_path, rows(2), batch_server, restart=True))
-    assert write_jsonl  # the helper stays imported for the file-based cases above
+
+
+async def test_rows_with_a_stored_answer_are_not_put_in_a_batch(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    cache = tmp_path / "cache"
+    first = make_config(
+        tmp_path, rows(3, model="m"), batch_server, cache=cache, out=tmp_path / "a.jsonl"
+    )
+    assert (await run_async(first)).exit_code == 0
+    assert batch_server.stats.requests == 3
+    source = write_jsonl(tmp_path / "more.jsonl", rows(5, model="m"))
+    batch = make_config(
+        tmp_path, [], batch_server, input=source, cache=cache, out=tmp_path / "b.jsonl", **FAST
+    )
+    assert (await run_async(batch)).exit_code == 0
+    assert batch_server.stats.batch_rows == 2  # rows 3 and 4 only
+    assert batch_server.stats.requests == 3
+    assert paid_twice(batch_server) == 0
+    assert [r["line"] for r in read_jsonl(batch.out)] == [1, 2, 3, 4, 5]
+
+
+async def test_batch_answers_are_stored_for_an_online_rerun(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    cache = tmp_path / "cache"
+    batch = make_config(
+        tmp_path, rows(4, model="m"), batch_server, cache=cache, out=tmp_path / "b.jsonl", **FAST
+    )
+    assert (await run_async(batch)).exit_code == 0
+    online = make_config(tmp_path, [], batch_server, input=batch.input, cache=cache)
+    assert (await run_async(online)).exit_code == 0
+    assert batch_server.stats.requests == 0
+    reused = read_jsonl(online.out)
+    assert all(record.pop("reused") for record in reused)
+    assert reused == read_jsonl(batch.out)
+
+
+async def test_dashscope_batches_go_through_compatible_mode(
+    tmp_path: Path, batch_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    native = {"input": {"messages": [{"role": "user", "content": "native"}]}, "model": "qwen"}
+    config = make_config(
+        tmp_path,
+        [native, chat("plain", model="qwen")],
+        batch_server,
+        provider="dashscope",
+        base_url=batch_server.dashscope_base_url,
+        **FAST,
+    )
+    assert (await run_async(config)).exit_code == 0
+    assert batch_server.stats.batch_rows == 2
+    assert batch_server.stats.requests == 0
+    answers = [
+        r["response"]["body"]["choices"][0]["message"]["content"] for r in read_jsonl(config.out)
+    ]
+    assert answers == ["echo: native", "echo: plain"]

@@ -225,3 +225,15 @@ async def test_rows_answered_in_batches_are_not_paid_again_online(
 
     assert (online.sent, online.reused) == (2, 8)
     assert server.stats.requests == 2
+
+
+async def test_the_progress_line_shows_the_spend(tmp_path: Path, server: MockServer) -> None:
+    import io
+
+    prices = {"price_input_per_million": 1_000_000.0, "price_output_per_million": 1_000_000.0}
+    stream = io.StringIO()
+    config = make_config(tmp_path, [chat("one two")], server, progress=True, **prices)
+
+    await run_async(config, stream=stream)
+
+    assert "cost 5" in stream.getvalue()  # 2 words in, "echo: one two" 3 out

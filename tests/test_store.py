@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrun.contentkey import canonical_json, content_key, request_key
@@ -170,3 +170,59 @@ def test_a_read_only_directory_is_refused(existing: bool) -> None:
     finally:
         directory.chmod(0o755)
         shutil.rmtree(directory)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"a", b"b"]), st.booleans()), max_size=12))
+def test_a_transient_error_never_replaces_a_lasting_result(puts: list[tuple[bytes, bool]]) -> None:
+    """Model: the last non-retryable result wins; a retryable one only fills a
+    gap or replaces another retryable one."""
+    directory = Path(tempfile.mkdtemp(prefix="batchrun-prop-"))
+    try:
+        store = open_store(directory / STORE_FILE, durable=False)
+        model: dict[bytes, tuple[str, bool]] = {}
+        for number, (key, retryable) in enumerate(puts):
+            text = f"r{number}"
+            store.put_many([(key, _stored(text, ok=not retryable, retryable=retryable))])
+            if key not in model or model[key][1] or not retryable:
+                model[key] = (text, retryable)
+        for key, (text, retryable) in model.items():
+            found = store.get(key)
+            assert found is not None
+            assert (found.record.decode(), found.retryable) == (text, retryable)
+        store.close()
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_the_budget_reserves_settles_and_refuses() -> None:
+    from batchrun.budget import Budget
+
+    budget = Budget(cap=10.0, spent=2.0)
+    assert budget.reserve(5.0)
+    assert not budget.reserve(4.0)  # 2 spent + 5 reserved + 4 > 10
+    assert budget.refused
+    budget.settle(5.0, 1.5)
+    assert (budget.spent, budget.reserved) == (3.5, 0.0)
+    assert budget.reserve(6.5)
+    budget.release(6.5)
+    assert budget.reserved == 0.0
+    assert Budget(cap=None).reserve(1e12)
+
+
+def test_the_journal_pairs_results_with_their_keys(tmp_path: Path) -> None:
+    from batchrun.journal import Journal, read_journal
+
+    journal = Journal(tmp_path / "journal")
+    journal.open()
+    journal.begin(1)
+    journal.record(b'{"id":"batch_req_1","line":1}\n', line=1, key=b"\x01" * 32)
+    journal.record(b'{"id":"batch_req_2","line":2}\n')  # a bad line's record: no key
+    journal.close()
+    with (tmp_path / "journal").open("ab") as handle:
+        handle.write(b'{"k":"' + b"02" * 32 + b'","l":3}\n{"id":"batch_req_3","li')  # torn
+
+    contents = read_journal(tmp_path / "journal", after_line=0)
+
+    assert contents.keyed == [(b"\x01" * 32, b'{"id":"batch_req_1","line":1}\n')]
+    assert sorted(contents.results) == [1, 2]

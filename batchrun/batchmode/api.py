@@ -63,14 +63,14 @@ class BatchApi:
         self._retry = retry
         self._sleep = sleep
 
-    async def upload(self, path: Path) -> str:
-        """Upload a batch input file; its provider file id."""
+    async def upload(self, path: Path, name: str) -> str:
+        """Upload a batch input file under the file name ``name``; its provider file id."""
 
         async def once() -> Any:
             with path.open("rb") as handle:
                 form = aiohttp.FormData()
                 form.add_field("purpose", "batch")
-                form.add_field("file", handle, filename=path.name)
+                form.add_field("file", handle, filename=name)
                 return await self._call("POST", "files", data=form)
 
         answer: dict[str, Any] = await retrying(self._retry, sleep=self._sleep)(once)
@@ -120,13 +120,22 @@ class BatchApi:
 
     async def batches(self) -> AsyncIterator[dict[str, Any]]:
         """Every batch, newest first, at most ``LIST_PAGES`` pages."""
+        async for batch in self._pages("batches", {}):
+            yield batch
+
+    async def files(self) -> AsyncIterator[dict[str, Any]]:
+        """Every batch input file, at most ``LIST_PAGES`` pages."""
+        async for file in self._pages("files", {"purpose": "batch"}):
+            yield file
+
+    async def _pages(self, path: str, query: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
         after: str | None = None
         for _ in range(LIST_PAGES):
-            query = {"limit": str(LIST_PAGE), **({"after": after} if after else {})}
-            page = await self._retried("GET", "batches", params=query)
+            params = {**query, "limit": str(LIST_PAGE), **({"after": after} if after else {})}
+            page = await self._retried("GET", path, params=params)
             data = page.get("data") or []
-            for batch in data:
-                yield batch
+            for item in data:
+                yield item
             if not page.get("has_more") or not data:
                 return
             after = str(data[-1]["id"])

@@ -1,7 +1,8 @@
 """Writing the batch input files: the I/O shell around ``plan``.
 
-The input is read once. Rows already answered (in the ordered output or the
-journal, by an online run or an earlier batch run) and lines that are not
+The input is read once. Rows already answered (in the ordered output, the
+journal or the result store, by an online run or an earlier batch run: the
+ordered writer takes them from there) and lines that are not
 requests (online mode's error records cover them) are left out; the rest go
 into part files. Parts are recorded only when every file is written, so a
 crash while planning leaves nothing half-known: the next run plans again.
@@ -21,6 +22,8 @@ from batchrun.records import Defaults, LineError, Request, parse_line
 from batchrun.resume import ResumePoint
 
 Body = Callable[[Request], dict[str, Any]]
+# Whether a request already has a stored answer (the result store, by content key).
+Answered = Callable[[Request], bool]
 
 
 @dataclass(slots=True)
@@ -71,12 +74,17 @@ class PartWriter:
 
 
 def plan_parts(
-    config: RunConfig, record: BatchRecord, start: ResumePoint, body: Body, max_bytes: int
+    config: RunConfig,
+    record: BatchRecord,
+    start: ResumePoint,
+    body: Body,
+    max_bytes: int,
+    answered: Answered | None = None,
 ) -> list[Part]:
     """Write the part files of every row still to answer; the parts."""
     writer = PartWriter(record, Splitter(config.batch.rows, max_bytes))
     try:
-        for request in unanswered(config, start):
+        for request in unanswered(config, start, answered):
             group, data = batch_line(request, body(request))
             writer.add(group, request.line, request.custom_id, data)
     except BaseException:
@@ -85,8 +93,11 @@ def plan_parts(
     return writer.finish()
 
 
-def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
-    """The input's requests that have no result yet, in input order."""
+def unanswered(
+    config: RunConfig, start: ResumePoint, answered: Answered | None = None
+) -> Iterator[Request]:
+    """The input's requests that have no result yet, in input order: none in
+    the output, the journal, or (``answered``) the result store."""
     shard = config.shard or WHOLE
     defaults = Defaults(model=config.model, params=config.params)
     written, known = start.checkpoint.rows, start.journal.results
@@ -97,5 +108,5 @@ def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
             if not shard.owns(index) or shard.seq(index) < written or index + 1 in known:
                 continue
             parsed = parse_line(raw.rstrip(b"\r\n"), index + 1, defaults)
-            if not isinstance(parsed, LineError):
+            if not isinstance(parsed, LineError) and not (answered and answered(parsed)):
                 yield parsed

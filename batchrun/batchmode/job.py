@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import anyio
 
-from batchrun.batchmode.build import Body, plan_parts
+from batchrun.batchmode.build import Answered, Body, plan_parts
 from batchrun.batchmode.progress import BatchProgress
 from batchrun.batchmode.record import TERMINAL, BatchRecord, BatchState, Part
 from batchrun.batchmode.settle import BatchRefused, Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
 from batchrun.errors import FatalError, RequestError
+from batchrun.records import Request
 from batchrun.resume import ResumePoint
 from batchrun.timing import Clock
 
@@ -76,13 +77,22 @@ class BatchJob:
         self._aborted: str | None = None
         self._failures = 0  # part steps failed in a row, each after its own retries
 
-    async def plan(self, start: ResumePoint, body: Body, max_bytes: int) -> None:
-        """Write and record the parts, once per run (a crash while planning plans again)."""
+    async def plan(
+        self, start: ResumePoint, body: Body, max_bytes: int, answered: Answered | None
+    ) -> None:
+        """Write and record the parts, once per run (a crash while planning plans again).
+
+        ``answered`` runs on the event loop's thread (the store is bound to it)."""
         if self.state.planned:
             return
 
+        def in_loop(request: Request) -> bool:
+            assert answered is not None
+            return anyio.from_thread.run_sync(answered, request)
+
         def write() -> list[Part]:
-            return plan_parts(self.config, self.record, start, body, max_bytes)
+            check = in_loop if answered is not None else None
+            return plan_parts(self.config, self.record, start, body, max_bytes, check)
 
         self.state.parts = await anyio.to_thread.run_sync(write)
         self.state.planned = True
@@ -93,9 +103,10 @@ class BatchJob:
             len(self.state.parts),
         )
 
-    async def run(self) -> PhaseResult:
-        """Submit, poll and collect until every part is collected."""
-        await self.submitter.reattach()
+    async def run(self, *, resumed: bool) -> PhaseResult:
+        """Submit, poll and collect until every part is collected; ``resumed``:
+        an earlier process worked on these parts (see ``Submitter.reattach``)."""
+        await self.submitter.reattach(resumed=resumed)
         while self._aborted is None:
             await self._submit_due()
             await self._poll()

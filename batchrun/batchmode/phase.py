@@ -17,6 +17,7 @@ import aiohttp
 import anyio
 
 from batchrun.batchmode.api import BatchApi, batch_base_url
+from batchrun.batchmode.build import Answered, Body
 from batchrun.batchmode.job import BatchJob, PhaseResult
 from batchrun.batchmode.known import KnownResults
 from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
@@ -51,10 +52,14 @@ async def run_phase(
     clock: Clock,
     stream: TextIO,
     handle_signals: bool,
+    answered: Answered | None = None,
 ) -> PhaseResult:
-    """Plan, submit, poll and collect the run's batches (see ``job``)."""
+    """Plan, submit, poll and collect the run's batches (see ``job``).
+
+    ``answered`` tells a request with a stored answer: it is not put in a batch."""
     record = BatchRecord(state_root)
-    state = record.load() or record.new(
+    earlier = record.load()
+    state = earlier or record.new(
         provider=provider.name,
         base_url=batch_base_url(provider.name, base_url),
         api_key_env=config.api_key_env or provider.default_key_env,
@@ -81,20 +86,25 @@ async def run_phase(
     )
     max_bytes = config.batch.bytes or DEFAULT_MAX_BYTES[provider.name]
     try:
-        return await _until_stopped(job, start, talk, max_bytes, handle_signals)
+        plan = (start, talk.body, max_bytes, answered)
+        return await _until_stopped(job, plan, handle_signals, resumed=earlier is not None)
     finally:
         job.progress.close()
 
 
 async def _until_stopped(
-    job: BatchJob, start: ResumePoint, talk: Provider, max_bytes: int, handle_signals: bool
+    job: BatchJob,
+    plan: tuple[ResumePoint, Body, int, Answered | None],
+    handle_signals: bool,
+    *,
+    resumed: bool,
 ) -> PhaseResult:
     result = PhaseResult()
     async with anyio.create_task_group() as tasks:
         if handle_signals:
             tasks.start_soon(_watch_signals, tasks.cancel_scope)
-        await job.plan(start, talk.body, max_bytes)
-        result = await job.run()
+        await job.plan(*plan)
+        result = await job.run(resumed=resumed)
         tasks.cancel_scope.cancel()
     if not result.complete and result.aborted is None:
         result.running = job.running()  # stopped by a signal: they keep running

@@ -1,13 +1,14 @@
 """Getting parts onto the provider without ever giving one two live batches.
 
 Order, each step recorded before the next: the part file is written (``planned``),
-uploaded (``uploaded`` with its file id), then a batch is created with
-metadata naming the run, the part and the try, and its id recorded at once
-(``submitted``). A crash between creating a batch and recording it leaves a
-part ``uploaded``: ``reattach`` finds the batch by listing batches and
-matching the metadata, so the next run attaches to it instead of creating a
-second one. A create that fails in transit is looked up the same way before
-it is tried again.
+uploaded under a name naming the run and the part (``uploaded`` with its
+file id), then a batch is created with metadata naming the run, the part and
+the try, and its id recorded at once (``submitted``). A crash between
+uploading and recording finds the file by listing files and matching the
+name; a crash between creating a batch and recording it finds the batch by
+listing batches and matching the metadata: the next run attaches to them
+instead of uploading or creating a second one. A create that fails in
+transit is looked up the same way before it is tried again.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class Submitter:
         """Upload ``part`` if needed, then create and record its batch."""
         if part.status == "planned":
             async with self._uploading:
-                part.input_file_id = await self.api.upload(self.record.file(part.id, "jsonl"))
+                path = self.record.file(part.id, "jsonl")
+                part.input_file_id = await self.api.upload(path, upload_name(self.state, part))
+            crashpoint.hit("after_upload")
             part.status = "uploaded"
             self.record.save(self.state)
         assert part.input_file_id is not None
@@ -89,13 +92,30 @@ class Submitter:
         batch: dict[str, Any] = await retrying(self.retry, sleep=self.sleep)(once)
         return batch
 
-    async def reattach(self) -> int:
-        """Record the batches that exist for ``uploaded`` parts (a crash came
-        between their creation and their record); how many were found."""
+    async def reattach(self, *, resumed: bool) -> None:
+        """After a crash (``resumed``): record the files uploaded and the
+        batches created that the record does not hold yet, so no part is
+        uploaded or submitted twice."""
+        if not resumed:
+            return
+        if any(part.status == "planned" for part in self.state.parts):
+            await self._find_uploads()
+        if any(part.status == "uploaded" for part in self.state.parts):
+            await self._find_batches()
+
+    async def _find_uploads(self) -> None:
+        planned = {upload_name(self.state, p): p for p in self.state.parts if p.status == "planned"}
+        async for file in self.api.files():
+            part = planned.pop(str(file.get("filename")), None)
+            if part is not None:
+                part.input_file_id, part.status = str(file["id"]), "uploaded"
+                log.info("part %d: found its file uploaded before a crash", part.id)
+            if not planned:
+                break
+        self.record.save(self.state)
+
+    async def _find_batches(self) -> None:
         waiting = {str(part.id): part for part in self.state.parts if part.status == "uploaded"}
-        if not waiting:
-            return 0
-        found = 0
         async for batch in self.api.batches():
             given = batch.get("metadata") or {}
             part = waiting.get(str(given.get("batchrun_part")))
@@ -104,13 +124,17 @@ class Submitter:
             if given.get("batchrun_try") == str(part.tries):
                 attach(part, batch)
                 del waiting[str(part.id)]
-                found += 1
+                log.info(
+                    "part %d: attached to batch %s created before a crash", part.id, part.batch_id
+                )
             if not waiting:
                 break
-        if found:
-            self.record.save(self.state)
-            log.info("attached to %d batches created before a crash", found)
-        return found
+        self.record.save(self.state)
+
+
+def upload_name(state: BatchState, part: Part) -> str:
+    """The file name a part is uploaded under: names the run and the part."""
+    return f"batchrun-{state.run_id}-part-{part.id}.jsonl"
 
 
 def attach(part: Part, batch: dict[str, Any]) -> None:
