@@ -102,6 +102,7 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _SILENCE: Final = 3600.0
 _HUGE_PIECE: Final = 1 << 16
 _MAX_UPLOAD: Final = 512 << 20
+_DIGEST: Final = "batchrun_mock_digest"  # where a request keeps its body's digest
 _DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
 
 
@@ -112,7 +113,8 @@ class MockStats:
     ``max_in_flight`` count those inside a handler, sleeps included;
     ``by_digest`` counts them per sha256 hex of the raw body; ``statuses``
     counts answers per HTTP status, 0 standing for no complete answer (reset,
-    truncated, or the client gave up first).
+    truncated, or the client gave up first); ``ok_by_digest`` counts the
+    complete 200 answers per digest: what a provider would bill.
     """
 
     def __init__(self) -> None:
@@ -121,6 +123,7 @@ class MockStats:
         self.max_in_flight = 0
         self.by_digest: collections.Counter[str] = collections.Counter()
         self.statuses: collections.Counter[int] = collections.Counter()
+        self.ok_by_digest: collections.Counter[str] = collections.Counter()
         # Per whole second of the server's monotonic clock, with a rate limit set.
         self.received_per_second: collections.Counter[int] = collections.Counter()
         self.accepted_per_second: collections.Counter[int] = collections.Counter()
@@ -132,6 +135,7 @@ class MockStats:
         self.max_in_flight = self.in_flight
         self.by_digest.clear()
         self.statuses.clear()
+        self.ok_by_digest.clear()
 
     def as_json(self) -> dict[str, Any]:
         """The counters but ``by_digest``, JSON-ready (status keys as strings)."""
@@ -416,6 +420,8 @@ class MockServer:
                 # A reset or truncated answer leaves the connection closing.
                 if transport is not None and not transport.is_closing():
                     status = response.status
+                if status == 200 and _DIGEST in request:
+                    stats.ok_by_digest[request[_DIGEST]] += 1
                 return response
             finally:
                 stats.in_flight -= 1
@@ -468,6 +474,7 @@ class MockServer:
         raw = await request.read()
         digest = hashlib.sha256(raw).hexdigest()
         self.stats.by_digest[digest] += 1
+        request[_DIGEST] = digest
         overloaded = self.fail_rate > 0 and self._rng.random() < self.fail_rate
         call = Call(kind, digest, self.stats.by_digest[digest], {}, [])
         key = _bearer_key(request)
