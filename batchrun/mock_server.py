@@ -102,7 +102,6 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _SILENCE: Final = 3600.0
 _HUGE_PIECE: Final = 1 << 16
 _MAX_UPLOAD: Final = 512 << 20
-_DIGEST: Final = "batchrun_mock_digest"  # where a request keeps its body's digest
 _DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
 
 
@@ -347,6 +346,7 @@ class MockServer:
         self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
         self.batches = MockBatches(self.stats, batch_faults)
         self.tls = tls
+        self._digests: dict[int, str] = {}  # live request -> its body's digest
 
     @property
     def base_url(self) -> str:
@@ -420,10 +420,12 @@ class MockServer:
                 # A reset or truncated answer leaves the connection closing.
                 if transport is not None and not transport.is_closing():
                     status = response.status
-                if status == 200 and _DIGEST in request:
-                    stats.ok_by_digest[request[_DIGEST]] += 1
+                digest = self._digests.get(id(request))
+                if status == 200 and digest is not None:
+                    stats.ok_by_digest[digest] += 1
                 return response
             finally:
+                self._digests.pop(id(request), None)
                 stats.in_flight -= 1
                 stats.statuses[status] += 1
 
@@ -474,7 +476,7 @@ class MockServer:
         raw = await request.read()
         digest = hashlib.sha256(raw).hexdigest()
         self.stats.by_digest[digest] += 1
-        request[_DIGEST] = digest
+        self._digests[id(request)] = digest
         overloaded = self.fail_rate > 0 and self._rng.random() < self.fail_rate
         call = Call(kind, digest, self.stats.by_digest[digest], {}, [])
         key = _bearer_key(request)
