@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple, Protocol
@@ -56,7 +55,7 @@ from batchrun.records import (
     parse_line,
 )
 from batchrun.resume import ResumePoint, tally
-from batchrun.reuse import Answers, relabel, stored_from_record
+from batchrun.reuse import Answers, relabel
 from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.state import Checkpoint, StateDir
@@ -285,21 +284,15 @@ class Pipeline:
                 if place < written:
                     continue  # written by an earlier run
                 self.rows_read = place + 1
-                yield self._known(index, offset, old, raw, defaults) or self._parse(
-                    index, offset, raw, defaults
-                )
+                yield self._known(index, offset, old) or self._parse(index, offset, raw, defaults)
         self.eof = True
 
-    def _known(
-        self, index: int, offset: int, old: bytes | None, raw: bytes, defaults: Defaults
-    ) -> Finished | None:
+    def _known(self, index: int, offset: int, old: bytes | None) -> Finished | None:
         """The row's result if an earlier run has it (journal, batches, or kept output)."""
         line = index + 1
         data = self.pending.get(line)
         if data is None and self.known is not None:
-            data = self.known.get(line)
-            if data is not None:
-                self._file_batched(raw, line, defaults, data)
+            data = self.known.get(line)  # batch mode filed it in the store when collected
         if data is None and old is not None:
             data = _kept_record(old, line, self.config.out)
         return None if data is None else Finished(index, offset, data, None)
@@ -317,14 +310,6 @@ class Pipeline:
             data = relabel(found.record, parsed.line, parsed.custom_id)
             return Finished(index, offset, data, None, reused=True)
         return (index, offset, parsed, key)
-
-    def _file_batched(self, raw: bytes, line: int, defaults: Defaults, data: bytes) -> None:
-        """File a batch's answer under its request's key: no later run, online
-        or batch, pays for that request again."""
-        parsed = parse_line(raw.rstrip(b"\r\n"), line, defaults)
-        result = stored_from_record(data, time.time())
-        if isinstance(parsed, Request) and result is not None:
-            self.answers.add(request_key(self.provider, parsed), result)
 
     @contextmanager
     def _previous(self, skip: int) -> Iterator[Iterator[bytes] | None]:
