@@ -9,19 +9,57 @@ The same run as ``batchrun run`` from Python (a notebook, an Airflow task)::
     print(summary.render(), summary.exit_code)
 """
 
-from batchrun.config import Limits, RetryPolicy, RunConfig, Timeouts
-from batchrun.errors import (
-    BatchrunError,
-    FatalError,
-    RequestError,
-    RowError,
-    TransientError,
-    UsageError,
-)
-from batchrun.jobfile import build_config, load_job_file
-from batchrun.progress import Summary
-from batchrun.results import read_results, to_pandas
-from batchrun.runner import run, run_async
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batchrun.config import Limits, RetryPolicy, RunConfig, Timeouts
+    from batchrun.errors import (
+        BatchrunError,
+        FatalError,
+        RequestError,
+        RowError,
+        TransientError,
+        UsageError,
+    )
+    from batchrun.jobfile import build_config, load_job_file
+    from batchrun.progress import Summary
+    from batchrun.results import read_results, to_pandas
+    from batchrun.runner import run, run_async
+
+# Each public name and the module it lives in, imported on first use: a bare
+# ``import batchrun`` (and ``batchrun --version``) loads no HTTP stack.
+_HOMES = {
+    "Limits": "config",
+    "RetryPolicy": "config",
+    "RunConfig": "config",
+    "Timeouts": "config",
+    "BatchrunError": "errors",
+    "FatalError": "errors",
+    "RequestError": "errors",
+    "RowError": "errors",
+    "TransientError": "errors",
+    "UsageError": "errors",
+    "build_config": "jobfile",
+    "load_job_file": "jobfile",
+    "Summary": "progress",
+    "read_results": "results",
+    "to_pandas": "results",
+    "run": "runner",
+    "run_async": "runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'batchrun' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"batchrun.{home}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BatchrunError",

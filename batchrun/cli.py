@@ -13,8 +13,9 @@ import orjson
 import typer
 
 from batchrun.errors import LockedError, UsageError
-from batchrun.jobfile import build_config, load_job_file
-from batchrun.runner import EXIT_FAILED_ROWS, EXIT_LOCKED, EXIT_USAGE, run
+
+# Modules a command needs are imported inside it: ``batchrun --version`` and
+# ``--help`` load no HTTP stack.
 
 cache_app = typer.Typer(
     no_args_is_help=True, help="Inspect and prune a result store shared with --cache."
@@ -36,6 +37,26 @@ _BATCH = "Batch mode (the provider's Batch API, half price)"
 
 def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
     return typer.Option(*names, help=help_text, rich_help_panel=panel, show_default=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"batchrun {version('batchrun')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Run a JSONL file of model requests through one pooled, rate-bounded session."""
 
 
 @app.command("run")
@@ -167,6 +188,10 @@ def run_command(
     grace: Annotated[
         float | None, _opt("Seconds in-flight requests get after SIGINT/SIGTERM (3).", _RESUME)
     ] = None,
+    loop: Annotated[
+        str | None,
+        _opt("Event loop: auto (default: uvloop where installed), asyncio or uvloop."),
+    ] = None,
     response_schema: Annotated[
         Path | None,
         _opt("JSON Schema file: ask for JSON answers and retry those that do not match it."),
@@ -196,6 +221,9 @@ def run_command(
 ) -> None:
     """Send every request of INPUT and write one result line per input line to OUT."""
     flags = dict(locals())
+    from batchrun.jobfile import build_config
+    from batchrun.runner import EXIT_LOCKED, run
+
     _setup_logging()
     try:
         with _usage_errors():
@@ -224,6 +252,8 @@ def _write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def _settings(flags: dict[str, Any]) -> dict[str, Any]:
     """Job-file settings overridden by the flags that were given."""
+    from batchrun.jobfile import load_job_file
+
     job_path = flags.pop("job")
     settings: dict[str, Any] = load_job_file(job_path) if job_path is not None else {}
     params = dict(settings.get("params") or {})
@@ -316,6 +346,8 @@ def validate_command(
     Exits 1 when some rows would fail (bad lines, rows over the context limit),
     2 when the input, the job file or the response schema is unusable.
     """
+    from batchrun.jobfile import build_config
+    from batchrun.runner import EXIT_FAILED_ROWS
     from batchrun.validate import validate
 
     if input_path is None and job is None and response_schema is not None:
@@ -355,6 +387,7 @@ def merge_command(
 ) -> None:
     """Join the outputs of --shard I/N runs into one output, in input order."""
     from batchrun.merge import merge
+    from batchrun.runner import EXIT_FAILED_ROWS
 
     with _usage_errors():
         report = merge(shards, out)
@@ -484,6 +517,8 @@ def _usage_errors() -> Iterator[None]:
     try:
         yield
     except UsageError as exc:
+        from batchrun.runner import EXIT_USAGE
+
         typer.echo(f"batchrun: error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
 

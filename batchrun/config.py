@@ -367,6 +367,7 @@ class RunConfig:
     progress: bool = True
     summary_path: Path | None = None
     fsync: FsyncPolicy = "off"
+    loop: str = "auto"  # the event loop: auto, asyncio or uvloop (batchrun.eventloop)
     grace: float = 3.0
     restart: bool = False
     retry_failed: bool = False
@@ -411,6 +412,10 @@ class RunConfig:
         require(
             self.fsync in ("off", "batch", "always"),
             f"--fsync must be one of off, batch, always, got {self.fsync!r}",
+        )
+        require(
+            self.loop in ("auto", "asyncio", "uvloop"),
+            f"--loop must be one of auto, asyncio, uvloop, got {self.loop!r}",
         )
         require(
             _is_seconds(self.grace, minimum_exclusive=False),

@@ -43,6 +43,7 @@ _JOB_KEYS: dict[str, str] = {
     "summary": "run",
     "params": "run",
     "fsync": "run",
+    "loop": "run",
     "grace": "run",
     "mode": "run",
     "response_schema": "run",
@@ -171,6 +172,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         progress="progress",
         summary_path="summary",
         fsync="fsync",
+        loop="loop",
         grace="grace",
         restart="restart",
         retry_failed="retry_failed",
@@ -228,6 +230,7 @@ _TEXT_KEYS = (
     "model",
     "api_key_env",
     "fsync",
+    "loop",
 )
 _SWITCH_KEYS = ("progress", "restart", "retry_failed", "adaptive_concurrency")
 

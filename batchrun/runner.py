@@ -18,12 +18,14 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from batchrun import eventloop
 from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
 from batchrun.errors import UsageError
+from batchrun.eventloop import backend_options
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
@@ -56,8 +58,12 @@ def run(
 ) -> Summary:
     """Run a job to the end from synchronous code (a notebook cell, an Airflow
     task) and return its summary. Raises ``UsageError`` for bad settings and
-    ``LockedError`` when another run holds the output."""
-    return anyio.run(lambda: run_async(config, stream=stream, handle_signals=handle_signals))
+    ``LockedError`` when another run holds the output. The event loop is
+    ``config.loop``'s (``batchrun.eventloop``)."""
+    return anyio.run(
+        lambda: run_async(config, stream=stream, handle_signals=handle_signals),
+        backend_options=backend_options(config.loop),
+    )
 
 
 async def run_async(
@@ -409,6 +415,7 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             "in doubt (all runs)": pipeline.progress.in_doubt,
             **pipeline.throttle.report(),
             "stale connections retried": pipeline.client.stale_retries,
+            "event loop": eventloop.running(),
             **_answers_report(pipeline),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),

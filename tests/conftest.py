@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,26 @@ from batchrun.jobfile import build_config
 from batchrun.mock_server import MockServer
 from batchrun.timing import Clock
 from tests.fakes import FakeClock
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default=os.environ.get("BATCHRUN_TEST_LOOP", "asyncio"),
+        help="Event loop for the async tests (env BATCHRUN_TEST_LOOP; default asyncio).",
+    )
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the loop ``--loop`` names."""
+    if config.getoption("--loop") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest_asyncio.fixture

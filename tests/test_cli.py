@@ -298,3 +298,19 @@ def test_a_key_over_plain_http_to_a_remote_host_warns(caplog: pytest.LogCaptureF
         _warn_plain_http("http://api.example.com/v1", "sk-1")
     assert "plain http to api.example.com" in caplog.text
     assert "sk-1" not in caplog.text
+
+
+def test_version_loads_no_http_stack() -> None:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "batchrun", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout.startswith("batchrun ")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "batchrun.cli" in imported
+    assert not {"aiohttp", "batchrun.runner", "batchrun.config"} & imported
