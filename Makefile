@@ -21,12 +21,20 @@ demo: $(BIN)/batchrun
 	$(BIN)/batchrun run sample_inputs/prompts.jsonl --out out.jsonl --provider mock --no-progress
 	@echo "wrote out.jsonl ($$(wc -l < out.jsonl) lines)"
 
+# Airflow 3 in a venv of its own (about 130 packages), for tests/test_airflow_dag.py.
+AIRFLOW_VENV := .venv-airflow
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install --quiet 'apache-airflow>=3.0,<4' apache-airflow-providers-standard
+	touch $@
+
 # The whole suite on the standard loop, then the in-process tests again on
 # uvloop (the slow tests run the CLI, whose default loop is already uvloop).
 # Deselected on uvloop: there a stale pooled connection's resend can draw a
 # second stale one, and that row then takes a second attempt (it still
 # succeeds); the test asserts exactly one attempt per row.
-test: $(VENV)/.test-extras
+test: $(VENV)/.test-extras $(AIRFLOW_VENV)/.installed
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q --loop uvloop -m "not slow" \
 		--deselect tests/test_throttle.py::test_a_server_dropping_idle_connections_fails_no_row
@@ -49,4 +57,4 @@ lint: $(VENV)/.test-extras
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) out.jsonl out.jsonl.batchrun .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) out.jsonl out.jsonl.batchrun .pytest_cache .mypy_cache .ruff_cache

@@ -141,6 +141,13 @@ def run_command(
     reorder_window: Annotated[
         int | None, _opt("Rows held at most while an earlier one is unfinished (10000).")
     ] = None,
+    reorder_bytes: Annotated[
+        int | None,
+        _opt(
+            "Bytes of results kept in memory while an earlier row is unfinished; past it"
+            " they wait in the journal (268435456: 256 MiB)."
+        ),
+    ] = None,
     progress: Annotated[
         bool | None, _opt("Progress bar or log lines.", None, "--progress/--no-progress")
     ] = None,
@@ -221,10 +228,12 @@ def run_command(
 ) -> None:
     """Send every request of INPUT and write one result line per input line to OUT."""
     flags = dict(locals())
+    from batchrun.heap import pin_mmap_threshold
     from batchrun.jobfile import build_config
     from batchrun.runner import EXIT_LOCKED, run
 
     _setup_logging()
+    pin_mmap_threshold()  # large answers go back to the system when written
     try:
         with _usage_errors():
             config = build_config(_settings(flags))

@@ -31,6 +31,8 @@ PROVIDERS: tuple[ProviderName, ...] = ("openai", "dashscope", "mock")
 # DashScope's own SDK defaults: the knobs batchrun is modelled on.
 DEFAULT_POOL_SIZE = 32
 DEFAULT_MAX_ASYNC = 32
+# Bytes of finished results kept in memory while an earlier row is unfinished.
+DEFAULT_REORDER_BYTES = 256 * 1024 * 1024
 # A body past this fails its row (response_too_large) instead of exhausting memory.
 DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
 
@@ -364,6 +366,7 @@ class RunConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     reorder_window: int = 10_000
+    reorder_bytes: int = DEFAULT_REORDER_BYTES  # results waiting in memory; past it, in the journal
     progress: bool = True
     summary_path: Path | None = None
     fsync: FsyncPolicy = "off"
@@ -402,6 +405,10 @@ class RunConfig:
         require(
             _is_count(self.reorder_window),
             f"--reorder-window must be a whole number >= 1, got {self.reorder_window!r}",
+        )
+        require(
+            _is_count(self.reorder_bytes),
+            f"--reorder-bytes must be a whole number of bytes >= 1, got {self.reorder_bytes!r}",
         )
         require(
             self.reorder_window >= self.limits.max_async,

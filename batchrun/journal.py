@@ -128,6 +128,11 @@ class Journal:
     leaves the row begun without its result: counted in doubt and resent,
     exactly as if it had come a moment later. With ``fsync="always"`` a
     result is written and synced at once.
+
+    Invariant: ``size`` is the journal's length, records still waiting
+    included, so the offset ``record`` returns is where that record starts;
+    ``read_at`` writes what waits first, so a record can be read back as soon
+    as ``record`` returns.
     """
 
     def __init__(self, path: Path, *, fsync: FsyncPolicy = "off") -> None:
@@ -137,32 +142,50 @@ class Journal:
         self._waiting: list[bytes] = []
         self._flush_scheduled = False
         self.writes = 0  # write calls made: the cost the batching saves
+        self.size = 0
 
     def open(self, *, valid_bytes: int | None = None) -> None:
         """Open for appending, first cutting a torn tail at ``valid_bytes``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         if valid_bytes is not None:
             os.truncate(self._fd, valid_bytes)
+        self.size = os.fstat(self._fd).st_size
 
     def begin(self, line: int) -> None:
         """Row ``line``'s request goes to the socket next: on disk (in the
         operating system) before this returns, with every record waiting."""
-        self._waiting.append(b'{"b":%d}\n' % line)
+        mark = b'{"b":%d}\n' % line
+        self._waiting.append(mark)
+        self.size += len(mark)
         self.flush()
 
     def abandon(self, line: int) -> None:
         """Row ``line`` got a fatal answer: not billed, to be sent again."""
         self._add(b'{"x":%d}\n' % line)
 
-    def record(self, output_line: bytes, *, line: int = 0, key: bytes | None = None) -> None:
+    def record(self, output_line: bytes, *, line: int = 0, key: bytes | None = None) -> int:
         """Row ``line`` finished: its output record, newline included, after
-        its request's content ``key`` when it has one (in the same write)."""
+        its request's content ``key`` when it has one (in the same write).
+        Returns the output record's offset in the journal (see ``read_at``)."""
+        offset = self.size
         if key is not None:
-            output_line = b'{"k":"%s","l":%d}\n' % (key.hex().encode(), line) + output_line
+            prefix = b'{"k":"%s","l":%d}\n' % (key.hex().encode(), line)
+            offset += len(prefix)
+            output_line = prefix + output_line
         self._add(output_line)
         if self._fsync == "always":
             self.sync()
+        return offset
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """The ``length`` bytes at ``offset``: a record read back."""
+        assert self._fd is not None, "open() first"
+        self.flush()  # the record may still wait
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise CorruptStateError(f"journal {self.path} is shorter than its records")
+        return data
 
     def flush(self) -> None:
         """Write every waiting record now, in one ``write``."""
@@ -177,18 +200,25 @@ class Journal:
         if self._fd is not None:
             os.fsync(self._fd)
 
-    def rewrite(self, records: Iterable[bytes]) -> None:
-        """Replace the journal with ``records`` in one atomic step (compaction)."""
+    def rewrite(self, records: Iterable[bytes]) -> list[int]:
+        """Replace the journal with ``records`` in one atomic step (compaction);
+        returns each record's offset in the new journal. ``records`` may read
+        the old journal (``read_at``) as it is consumed."""
         self.flush()
         fresh = self.path.with_name(self.path.name + ".new")
+        offsets: list[int] = []
         with fresh.open("wb") as handle:
+            written = 0
             for record in records:
+                offsets.append(written)
                 handle.write(record)
+                written += len(record)
             handle.flush()
             os.fsync(handle.fileno())
         self.close()
         os.replace(fresh, self.path)
         self.open()
+        return offsets
 
     def close(self) -> None:
         if self._fd is not None:
@@ -200,6 +230,7 @@ class Journal:
         """Queue ``record`` for the next begin mark or the end of this pass
         of the event loop (at once outside one)."""
         self._waiting.append(record)
+        self.size += len(record)
         if self._flush_scheduled:
             return
         try:

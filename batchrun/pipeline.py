@@ -25,6 +25,7 @@ so the run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
 from batchrun.errors import CorruptStateError, FatalError, sole_usage_error
+from batchrun.holding import Held
 from batchrun.inputs import READ_ERRORS, count_lines, open_input, read_lines
 from batchrun.journal import Journal
 from batchrun.metrics import MetricsWriter
@@ -78,9 +80,11 @@ class Finished(NamedTuple):
 
     row: int  # 0-based input row
     input_end: int  # byte offset in the input just after this row
-    data: bytes  # the output record, newline included
+    data: bytes | None  # the output record, newline included; None: in the journal only
     outcome: Outcome | None  # None: finished by an earlier run, or reused
     reused: bool = False  # answered from a result store
+    journal_at: int | None = None  # where the journal holds the record, if it does
+    kept: int = 0  # bytes the record holds in memory while an earlier row is unfinished
 
 
 Work = tuple[int, int, Request, bytes]  # row, input end, request, content key
@@ -112,8 +116,12 @@ class Pipeline:
         answers: Answers,
         handle_signals: bool = False,
         known: KnownLookup | None = None,
+        stop: anyio.Event | None = None,
     ) -> None:
+        """``stop``, once set, stops the run as SIGINT would (from another
+        thread: set it through the loop, e.g. a blocking portal)."""
         self.config = config
+        self.stop = stop
         self.known = known
         self.throttle = throttle
         self.client = client
@@ -129,7 +137,8 @@ class Pipeline:
         self.window = FifoSlots(config.reorder_window)
         self.reorder: ReorderBuffer[Finished] = ReorderBuffer(start.checkpoint.rows)
         self.progress = start.checkpoint  # mutated as rows are written
-        self.pending: dict[int, bytes] = dict(start.journal.results)  # journaled, unwritten
+        # Journaled, unwritten; in memory up to --reorder-bytes, then in the journal only.
+        self.held = Held(self.journal, config.reorder_bytes, start.journal.results)
         self.in_flight: set[int] = set()  # begun, not finished: in doubt if we stop now
         self.in_doubt = len(start.journal.in_doubt)
         self.progress.in_doubt += self.in_doubt
@@ -214,6 +223,8 @@ class Pipeline:
                 tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
             if self.handle_signals:
                 tasks.start_soon(self._watch_signals)
+            if self.stop is not None:
+                tasks.start_soon(self._watch_stop, self.stop)
             if self.metrics is not None:
                 self.metrics.write()
                 tasks.start_soon(self._keep_metrics_fresh, self.metrics)
@@ -264,6 +275,10 @@ class Pipeline:
             async for signum in signals:
                 self.request_stop(f"interrupted by {signal.Signals(signum).name}")
 
+    async def _watch_stop(self, stop: anyio.Event) -> None:
+        await stop.wait()
+        self.request_stop("interrupted")
+
     # -- reader ---------------------------------------------------------------
 
     def _rows(self) -> Generator[Work | Finished, None, None]:
@@ -290,7 +305,7 @@ class Pipeline:
     def _known(self, index: int, offset: int, old: bytes | None) -> Finished | None:
         """The row's result if an earlier run has it (journal, batches, or kept output)."""
         line = index + 1
-        data = self.pending.get(line)
+        data = self.held.get(line)
         if data is None and self.known is not None:
             data = self.known.get(line)  # batch mode filed it in the store when collected
         if data is None and old is not None:
@@ -373,13 +388,13 @@ class Pipeline:
             outcome.cost = costs.price(outcome.tokens_in, outcome.tokens_out)
         self.budget.settle(reserved, outcome.cost or 0.0)
         data = output_line(outcome)
-        self.journal.record(data, line=line, key=key)
+        journal_at = self.journal.record(data, line=line, key=key)
         self.answers.add_outcome(key, data, outcome)
-        self.pending[line] = data
+        self.held.add(line, data)
         self.in_flight.discard(line)
         if self.budget.refused and not self.in_flight:
             self._producers.cancel()  # the last row in flight at a budget stop
-        return Finished(index, offset, data, outcome)
+        return Finished(index, offset, data, outcome, journal_at=journal_at)
 
     def _begin(self, line: int) -> None:
         """Row ``line``'s request goes to the socket next: from now on it is
@@ -404,8 +419,23 @@ class Pipeline:
     # -- writer ---------------------------------------------------------------
 
     def _deliver(self, item: Finished) -> None:
-        for ready in self.reorder.push(self.shard.seq(item.row), item):
+        place = self.shard.seq(item.row)
+        if place != self.reorder.next_index:
+            item = self._wait(item)
+        for ready in self.reorder.push(place, item):
             self._emit(ready)
+
+    def _wait(self, item: Finished) -> Finished:
+        """A row that must wait for an earlier one keeps only what its turn
+        needs: the answer's parsed body goes (its record has it), and past
+        --reorder-bytes the record itself stays in the journal only."""
+        outcome = item.outcome
+        if outcome is not None and outcome.response is not None:
+            outcome = dataclasses.replace(outcome, response=None)
+        assert item.data is not None, "a row waits once"
+        if self.held.keep(item.row + 1, item.data, item.journal_at):
+            return item._replace(outcome=outcome, kept=len(item.data))
+        return item._replace(data=None, outcome=outcome)
 
     async def _flush_often(self) -> None:
         """Hand written lines to the OS every FLUSH_INTERVAL seconds of wall
@@ -416,22 +446,27 @@ class Pipeline:
             self._flush()
 
     def _emit(self, item: Finished) -> None:
-        self.output.write(item.data)
-        self.pending.pop(item.row + 1, None)
+        line = item.row + 1
+        data = item.data
+        if data is None:
+            data = self.held.get(line)
+            assert data is not None, "a row waiting in the journal is held"
+        self.output.write(data)
+        self.held.done(line, item.kept)
         self.window.release()
         progress = self.progress
         progress.rows += 1
-        progress.output_bytes += len(item.data)
-        progress.input_line, progress.input_offset = item.row + 1, item.input_end
-        self._count(item)
+        progress.output_bytes += len(data)
+        progress.input_line, progress.input_offset = line, item.input_end
+        self._count(item, data)
         if progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY:
             self.checkpoint()
         self.reporter.update()
 
-    def _count(self, item: Finished) -> None:
+    def _count(self, item: Finished, data: bytes) -> None:
         outcome = item.outcome
         if outcome is None:
-            verdict = tally(orjson.loads(item.data), self.provider.usage)
+            verdict = tally(orjson.loads(data), self.provider.usage)
             if item.reused:
                 self.stats.record_reused(
                     ok=verdict.ok, error_code=verdict.error_code, cost=verdict.cost
@@ -469,7 +504,7 @@ class Pipeline:
         self.output.flush(fsync=True)
         self.answers.flush()  # before the journal forgets: every result is in one of them
         begun = [b'{"b":%d}\n' % line for line in sorted(self.in_flight)]
-        self.journal.rewrite([*begun, *self.pending.values()])
+        self.held.compact(begun)
         self.state.write_checkpoint(self._checkpoint_record())
         self._last_checkpoint = self.progress.rows
 

@@ -39,6 +39,7 @@ from batchrun.resume import ResumePoint, recover
 from batchrun.reuse import Answers, open_answers
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.state import StateDir, changed_settings, fingerprint
+from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tls import client_context
@@ -59,10 +60,20 @@ def run(
     """Run a job to the end from synchronous code (a notebook cell, an Airflow
     task) and return its summary. Raises ``UsageError`` for bad settings and
     ``LockedError`` when another run holds the output. The event loop is
-    ``config.loop``'s (``batchrun.eventloop``)."""
+    ``config.loop``'s (``batchrun.eventloop``).
+
+    Where an event loop already runs in this thread (a notebook), the job runs
+    on a worker thread with its own loop (see ``threaded.run_beside_loop``):
+    Ctrl-C then stops it resumably (exit code 75), a second Ctrl-C at once.
+    """
+    options = backend_options(config.loop)
+    if loop_running():
+        return run_beside_loop(
+            lambda stop: run_async(config, stream=stream, stop=stop), backend_options=options
+        )
     return anyio.run(
         lambda: run_async(config, stream=stream, handle_signals=handle_signals),
-        backend_options=backend_options(config.loop),
+        backend_options=options,
     )
 
 
@@ -72,11 +83,13 @@ async def run_async(
     clock: Clock | None = None,
     stream: TextIO | None = None,
     handle_signals: bool = False,
+    stop: anyio.Event | None = None,
 ) -> Summary:
     """Run (or resume) a job inside a running event loop; return its summary.
 
     ``handle_signals``: SIGINT/SIGTERM stop the run resumably (exit code 75);
-    only from the main thread.
+    only from the main thread. ``stop``: setting it does the same, from
+    anywhere (online mode).
     """
     provider = get_provider(config.provider)
     api_key = resolve_api_key(provider, config)
@@ -114,6 +127,7 @@ async def run_async(
                 stream,
                 handle_signals,
                 tls,
+                stop,
             )
         finally:
             answers.close()
@@ -249,6 +263,7 @@ async def _execute(
     stream: TextIO | None,
     handle_signals: bool,
     tls: ssl.SSLContext,
+    stop: anyio.Event | None = None,
 ) -> Summary:
     async with AsyncExitStack() as stack:
         base_urls = config.base_urls
@@ -303,6 +318,7 @@ async def _execute(
             answers=answers,
             handle_signals=handle_signals,
             known=known,
+            stop=stop,
         )
         await pipeline.run()
         return _conclude(pipeline, state, clock.monotonic() - started)
@@ -419,12 +435,24 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
             **_answers_report(pipeline),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
             **_hosts_report(pipeline),
+            **_held_report(pipeline),
         },
     )
     if pipeline.complete:
         state.write_finished(summary.to_dict())
         _publish(state, config.out)
     return summary
+
+
+def _held_report(pipeline: Pipeline) -> dict[str, object]:
+    """How many results waited in the journal, past --reorder-bytes (if any did)."""
+    held = pipeline.held
+    if not held.spilled:
+        return {}
+    return {
+        "results waited in the journal (--reorder-bytes)": held.spilled,
+        "most result bytes waiting in memory": held.peak_bytes,
+    }
 
 
 def _answers_report(pipeline: Pipeline) -> dict[str, object]:

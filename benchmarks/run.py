@@ -28,7 +28,10 @@ i. paying once, an edited input: 2,000 rows, then 10 edited (same size),
 j. paying once, a cache: 200,000 rows sent into a ``--cache``, then served
    from it to another output (target: <= 0.3 x the sending time, RSS <= 150
    MB), and served again once the store holds ``--store-rows`` results
-   (10,000,000; RSS must stay flat) (see ``benchmarks/reuse_bench.py``).
+   (10,000,000; RSS must stay flat) (see ``benchmarks/reuse_bench.py``);
+k. memory behind a slow head row: row 1 answers after 25 s, 2,000 rows of 512 KB
+   answers wait for it; peak RSS with ``--reorder-bytes`` at its default and
+   unbounded (see ``benchmarks/reorder_bench.py``).
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -59,6 +62,8 @@ from typing import Any
 
 from benchmarks.export_bench import render as render_export
 from benchmarks.export_bench import run_export
+from benchmarks.reorder_bench import render as render_reorder
+from benchmarks.reorder_bench import run_reorder
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
@@ -522,6 +527,8 @@ def render(report: dict[str, Any]) -> str:
     lines += render_limits(report.get("limits") or {})
     if report.get("export") is not None:
         lines += render_export(report["export"])
+    if report.get("reorder") is not None:
+        lines += render_reorder(report["reorder"])
     from benchmarks.batch import render_batch
 
     lines += render_batch(report.get("batch") or {})
@@ -538,7 +545,7 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcdefghij", help="which of a-j to run (abcdefghij)")
+    p.add_argument("--scenarios", default="abcdefghijk", help="which of a-k to run (abcdefghijk)")
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
@@ -600,6 +607,10 @@ def main(argv: list[str] | None = None) -> int:
         if "g" in args.scenarios:
             print("scenario g: export to Parquet", flush=True)
             exported = run_export([30_000, 100_000, 300_000], work)
+        reorder = None
+        if "k" in args.scenarios:
+            print("scenario k: memory behind a slow head row", flush=True)
+            reorder = run_reorder(work)
         from benchmarks.batch import run_batch
 
         batch = {} if args.skip_big else run_batch(args.scenarios, work, args.rows_big)
@@ -637,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": tables,
         "resume": resume,
         "export": exported,
+        "reorder": reorder,
         "limits": limits,
         "batch": batch,
         "reuse": {"edits": edits, "cache": cache},
@@ -653,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = [key for key, r in limits.items() if not r.get("ok", True)]
     if batch and not batch["ok"]:
         missed.append("h")
-    missed += [key for key, r in (("i", edits), ("j", cache)) if r is not None and not r["ok"]]
+    verdicts = (("i", edits), ("j", cache), ("k", reorder))
+    missed += [key for key, r in verdicts if r is not None and not r["ok"]]
     if missed:
         print(f"scenarios that missed their targets: {', '.join(missed)}")
     return 1 if failed or missed else 0

@@ -43,6 +43,7 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     ),
     "metrics in /proc": (["--metrics-file", "/proc/b.prom"], "--metrics-file /proc/b.prom: cannot"),
     "rpm inf": (["--rpm", "inf"], "--rpm must be a finite number > 0, got inf"),
+    "reorder bytes 0": (["--reorder-bytes", "0"], "--reorder-bytes must be a whole number"),
     "tpm 1e400": (["--tpm", "1e400"], "--tpm must be a finite number > 0, got inf"),
     "ftp base url": (["--base-url", "ftp://x"], "--base-url must be an http:// or https:// URL"),
     "misspelt scheme": (["--base-url", "htps://h/v1"], "--base-url must be an http:// or https"),

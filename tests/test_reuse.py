@@ -237,3 +237,22 @@ async def test_the_progress_line_shows_the_spend(tmp_path: Path, server: MockSer
     await run_async(config, stream=stream)
 
     assert "cost 5" in stream.getvalue()  # 2 words in, "echo: one two" 3 out
+
+
+async def test_rows_answered_online_are_left_out_of_batches(
+    tmp_path: Path, server: MockServer
+) -> None:
+    rows = prompts(8)
+    assert (await run(tmp_path, rows, server)).exit_code == 0
+    assert server.stats.requests == 8
+
+    batch = await run(
+        tmp_path, [*rows, *prompts(2, "new")], server, mode="batch", poll_interval=0.05
+    )
+
+    assert batch.exit_code == 0, batch.aborted
+    assert server.stats.requests == 8  # nothing more online
+    assert len(server.batches.batches) == 1
+    assert server.stats.batch_rows == 2  # only the new rows went into the batch
+    assert batch.reused == 8
+    assert_answers_match(tmp_path / "out.jsonl", [*rows, *prompts(2, "new")])

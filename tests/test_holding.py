@@ -1,0 +1,128 @@
+"""--reorder-bytes: results behind a slow row wait in the journal past the
+bound, are read back in their turn, survive compaction and a SIGKILL."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+
+from batchrun import pipeline
+from batchrun.heap import pin_mmap_threshold
+from batchrun.holding import Held
+from batchrun.journal import Journal
+from batchrun.mock_server import MockServer
+from batchrun.runner import Clock, run_async
+from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.test_resume import clean_output, command, resume_to_end, start_cli, wait_for
+
+SPILLED = "results waited in the journal (--reorder-bytes)"
+PEAK = "most result bytes waiting in memory"
+
+
+def record(line: int, size: int = 10) -> bytes:
+    return b'{"line":%d,"pad":"%s"}\n' % (line, b"x" * size)
+
+
+def test_results_past_the_limit_wait_in_the_journal_and_follow_compaction(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "journal")
+    journal.open()
+    held = Held(journal, limit=100, results={})
+    places = {}
+    for line in range(2, 8):  # row 1 is unfinished: all of these wait
+        data = record(line, 30)
+        places[line] = journal.record(data)
+        held.add(line, data)
+    kept = [held.keep(line, record(line, 30), places[line]) for line in range(2, 8)]
+
+    assert kept == [True, True, False, False, False, False]  # two 50-byte records fit in 100
+    assert held.bytes == 2 * len(record(2, 30)) <= held.limit
+    assert held.spilled == 4
+    held.compact([b'{"b":1}\n'])  # offsets move: the spilled ones must follow
+    assert journal.path.read_bytes().startswith(b'{"b":1}\n' + record(2, 30))
+    assert [held.get(line) for line in range(2, 8)] == [record(n, 30) for n in range(2, 8)]
+    held.done(2, kept=len(record(2, 30)))
+    held.done(5, kept=0)
+    assert held.bytes == len(record(3, 30))
+    assert held.get(5) is None
+    assert held.get(6) == record(6, 30)
+    journal.close()
+
+
+def test_a_result_not_in_the_journal_stays_in_memory(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    journal.open()
+    held = Held(journal, limit=1, results={3: record(3)})
+
+    assert held.keep(3, record(3), journal_at=None)
+    assert held.bytes == len(record(3))
+    journal.close()
+
+
+def large_rows(count: int, size: int, head_delay: float) -> list[dict[str, object]]:
+    """A slow head row, then rows with ``size``-character answers."""
+    head = chat(f"head mock:delay={head_delay}")
+    return [head, *(chat(f"big {i} mock:size={size}") for i in range(count))]
+
+
+@pytest.mark.asyncio
+async def test_a_slow_head_row_holds_at_most_reorder_bytes_in_memory(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", large_rows(60, 20_000, head_delay=0.5))
+    bounded = make_config(tmp_path, [], server, input=source, reorder_bytes=100_000)
+    free = make_config(tmp_path, [], server, input=source, out=tmp_path / "free.jsonl")
+
+    summary = await run_async(bounded, clock=fake_clock)
+    await run_async(free, clock=fake_clock)
+
+    assert summary.exit_code == 0
+    assert bounded.out.read_bytes() == free.out.read_bytes()
+    assert [r["line"] for r in read_jsonl(bounded.out)] == list(range(1, 62))
+    assert summary.extra[SPILLED] >= 50  # at most 4 of 60 x 20 kB fit in 100 kB
+    assert 0 < summary.extra[PEAK] <= 100_000
+
+
+@pytest.mark.asyncio
+async def test_compaction_moves_results_that_wait_in_the_journal(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 3)
+    rows = [chat(f"fast {i}") for i in range(5)] + large_rows(40, 5_000, head_delay=0.5)
+    config = make_config(tmp_path, rows, server, reorder_bytes=12_000)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    written = read_jsonl(config.out)
+    assert [r["line"] for r in written] == list(range(1, 47))
+    assert all(r["error"] is None for r in written)
+    assert summary.extra[SPILLED] > 20
+    assert written[10]["response"]["body"]["choices"][0]["message"]["content"].startswith(
+        "echo: big 4 mock:size=5000 pad pad"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_sigkill_while_results_wait_in_the_journal_loses_nothing(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", large_rows(80, 20_000, head_delay=3))
+    out = tmp_path / "out.jsonl"
+
+    process = await start_cli(command(source, out, server, "--reorder-bytes", "60000"))
+    await wait_for(lambda: server.stats.statuses[200] >= 60)
+    process.kill()
+    await process.wait()
+    await process.aclose()
+    await resume_to_end(source, out, server, tmp_path)
+
+    assert out.read_bytes() == await clean_output(tmp_path, source)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_the_mmap_threshold_can_be_pinned_on_glibc() -> None:
+    assert pin_mmap_threshold() is True
