@@ -184,16 +184,20 @@ class _RedisStore:
         self._process = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     async def call(self, ask: LeaseAsk) -> Grant:
-        from redis.exceptions import AuthenticationError, ConnectionError, TimeoutError
+        """One script call; any failure of Redis mid-run (lost, timed out,
+        refusing, out of memory) is ``RedisUnavailable``: the run falls back."""
+        from redis.exceptions import RedisError
 
+        try:
+            return await self.raw_call(ask)
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def raw_call(self, ask: LeaseAsk) -> Grant:
+        """One script call; redis-py's own exceptions propagate."""
         args = [self._process, ask.requests, ask.request_s, ask.tokens, ask.token_s]
         args += [ask.debt, ask.pause, HORIZON_S, PROCESS_TTL_S, KEY_TTL_S]
-        try:
-            verdict, seconds, processes = await self._script(keys=self._keys, args=args)
-        except AuthenticationError:
-            raise  # a ConnectionError too, but no outage: the caller reports it
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        verdict, seconds, processes = await self._script(keys=self._keys, args=args)
         text = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
         return Grant(text, float(seconds), int(processes))
 
@@ -206,7 +210,13 @@ async def open_lease_store(url: str, key: str) -> AsyncIterator[LeaseStore]:
     try:
         import redis.asyncio as redis_asyncio
         from redis.backoff import NoBackoff
-        from redis.exceptions import AuthenticationError, RedisError, ResponseError
+        from redis.exceptions import (
+            AuthenticationError,
+            ConnectionError,
+            RedisError,
+            ResponseError,
+            TimeoutError,
+        )
         from redis.retry import Retry
     except ImportError:
         raise UsageError(
@@ -224,12 +234,12 @@ async def open_lease_store(url: str, key: str) -> AsyncIterator[LeaseStore]:
     try:
         store = _RedisStore(client, shown, key)
         try:
-            await store.call(LeaseAsk())
+            await store.raw_call(LeaseAsk())
         except (AuthenticationError, ResponseError) as exc:
             if isinstance(exc, AuthenticationError) or "AUTH" in str(exc).upper():
                 raise UsageError(f"Redis at {shown} refused the password: {exc}") from None
             raise UsageError(f"Redis at {shown} failed: {exc}") from None
-        except RedisUnavailable as exc:
+        except (ConnectionError, TimeoutError, OSError) as exc:
             raise UsageError(f"cannot reach Redis at {shown} (--shared-limits): {exc}") from None
         except RedisError as exc:
             raise UsageError(f"Redis at {shown} failed: {exc}") from None

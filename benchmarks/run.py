@@ -31,7 +31,11 @@ j. paying once, a cache: 200,000 rows sent into a ``--cache``, then served
    (10,000,000; RSS must stay flat) (see ``benchmarks/reuse_bench.py``);
 k. memory behind a slow head row: row 1 answers after 25 s, 2,000 rows of 512 KB
    answers wait for it; peak RSS with ``--reorder-bytes`` at its default and
-   unbounded (see ``benchmarks/reorder_bench.py``).
+   unbounded (see ``benchmarks/reorder_bench.py``);
+l, m, n, o. the floor (``benchmarks/floor.py``): 1 s of latency with 1,000
+   and 2,000 in flight against the bare loop; 10 % of rows failing once
+   against no faults; ``batchrun --version`` start-up. The report ends with
+   every ratio against its target.
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -536,6 +540,9 @@ def render(report: dict[str, Any]) -> str:
 
     reuse = report.get("reuse") or {}
     lines += render_reuse(reuse.get("edits"), reuse.get("cache"))
+    from benchmarks.floor import render_targets
+
+    lines += render_targets(report["scenarios"], report.get("floor") or {})
     return "\n".join(lines) + "\n"
 
 
@@ -545,7 +552,9 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
-    p.add_argument("--scenarios", default="abcdefghijk", help="which of a-k to run (abcdefghijk)")
+    p.add_argument(
+        "--scenarios", default="abcdefghijklmno", help="which of a-o to run (abcdefghijklmno)"
+    )
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
     p.add_argument("--rows-b", type=int, default=10_000)
@@ -581,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.append(
             Scenario("b", "b: 50 ms, C=128", 0.05, 128, args.rows_b, clients, args.reps)
         )
+    wide = [c for c in clients if c in ("batchrun", "bare")]
+    for key, concurrency in (("l", 1_000), ("m", 2_000)):
+        if key in args.scenarios:
+            title = f"{key}: 1 s, C={concurrency:,}"
+            scenarios.append(Scenario(key, title, 1.0, concurrency, 20_000, wide, args.reps))
     if "c" in args.scenarios:
         small = args.rows_small
         scenarios.append(Scenario("c1", f"c: memory, {small:,} rows", 0.0, 64, small,
@@ -600,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"scenario d: resume start-up on {args.rows_big:,} rows", flush=True)
                 resume = run_resume(args.rows_big, 64, 0.6, work)
+        from benchmarks.floor import run_floor
+
+        floor = run_floor(args.scenarios, work, args.reps)
         from benchmarks.limits import run_limits
 
         limits = run_limits(args.scenarios, work)
@@ -652,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         "limits": limits,
         "batch": batch,
         "reuse": {"edits": edits, "cache": cache},
+        "floor": floor,
     }
     markdown = render(report)
     print("\n" + markdown)
@@ -667,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
         missed.append("h")
     verdicts = (("i", edits), ("j", cache), ("k", reorder))
     missed += [key for key, r in verdicts if r is not None and not r["ok"]]
+    if "n" in floor and (floor["n"]["ratio"] > 2.5 or floor["n"]["errors"]):
+        missed.append("n")
+    if "o" in floor and floor["o"] >= 0.150:
+        missed.append("o")
     if missed:
         print(f"scenarios that missed their targets: {', '.join(missed)}")
     return 1 if failed or missed else 0

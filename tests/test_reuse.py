@@ -256,3 +256,39 @@ async def test_rows_answered_online_are_left_out_of_batches(
     assert server.stats.batch_rows == 2  # only the new rows went into the batch
     assert batch.reused == 8
     assert_answers_match(tmp_path / "out.jsonl", [*rows, *prompts(2, "new")])
+
+
+async def test_a_damaged_output_store_is_refused_until_restart(
+    tmp_path: Path, server: MockServer
+) -> None:
+    from batchrun.store import STORE_FILE, StoreError
+
+    rows = prompts(3)
+    await run(tmp_path, rows, server)
+    own = tmp_path / "out.jsonl.batchrun" / STORE_FILE
+    for sidecar in (own.with_name(STORE_FILE + "-wal"), own.with_name(STORE_FILE + "-shm")):
+        sidecar.unlink(missing_ok=True)
+    own.write_bytes(b"\x13garbage" * 500)
+
+    with pytest.raises(StoreError, match=f"{own}.*--restart"):
+        await run(tmp_path, [*rows, chat("new")], server)
+    assert server.stats.requests == 3
+
+    restarted = await run(tmp_path, [*rows, chat("new")], server, restart=True)
+    assert (restarted.exit_code, restarted.sent) == (0, 4)
+
+
+async def test_cache_and_max_cost_are_job_file_keys(tmp_path: Path) -> None:
+    from batchrun.jobfile import build_config, load_job_file
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'input = "in.jsonl"\nout = "out.jsonl"\ncache = "/var/cache/batchrun"\n'
+        "[costs]\nprice_input_per_million = 1.0\nprice_output_per_million = 2.0\n"
+        "max_cost = 12.5\n"
+    )
+
+    config = build_config(load_job_file(job))
+
+    assert config.cache == Path("/var/cache/batchrun")
+    assert config.costs.max_cost == 12.5

@@ -413,3 +413,14 @@ async def test_store_against_a_real_redis(redis_server: RedisServer) -> None:
         during = await store.call(LeaseAsk(requests=1, request_s=0.1))
         assert during.verdict == "pause"
         assert during.seconds == pytest.approx(2.0, abs=0.1)
+
+
+@pytest.mark.asyncio
+async def test_any_redis_failure_mid_run_is_an_outage_not_a_crash(
+    redis_server: RedisServer,
+) -> None:
+    async with open_lease_store(redis_server.url, "clash") as store:
+        cli = ["redis-cli", "-p", str(redis_server.port), "SET", "batchrun:limits:clash", "x"]
+        await anyio.run_process(cli)  # the script's hash key now holds a string
+        with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
+            await store.call(LeaseAsk(requests=1, request_s=0.1))

@@ -226,3 +226,25 @@ def test_the_journal_pairs_results_with_their_keys(tmp_path: Path) -> None:
 
     assert contents.keyed == [(b"\x01" * 32, b'{"id":"batch_req_1","line":1}\n')]
     assert sorted(contents.results) == [1, 2]
+
+
+def test_a_torn_wal_tail_loses_only_the_last_transaction(tmp_path: Path) -> None:
+    """A copy of a store taken mid-run, its WAL cut inside the last commit: the
+    state a kill or a power loss leaves. SQLite drops the torn transaction."""
+    live = tmp_path / "live"
+    store = open_store(live / STORE_FILE, durable=False)
+    store.put_many([(b"first", _stored("one"))])
+    store.put_many([(b"second", _stored("two" * 500))])
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (STORE_FILE, STORE_FILE + "-wal"):
+        shutil.copyfile(live / name, copy / name)  # copied while open: the WAL is not merged
+    store.close()
+    wal = copy / (STORE_FILE + "-wal")
+    wal.write_bytes(wal.read_bytes()[:-700])
+
+    torn = open_store(copy / STORE_FILE)
+
+    assert torn.get(b"first") is not None
+    assert torn.get(b"second") is None
+    torn.close()
