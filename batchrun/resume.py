@@ -118,3 +118,10 @@ def add_tally(counted: Checkpoint, verdict: Tally) -> None:
         counted.tokens_in += verdict.tokens_in
         counted.tokens_out += verdict.tokens_out
         counted.cost += verdict.cost
+
+
+def spent_before(start: ResumePoint, usage: Usage) -> float:
+    """What earlier runs on this output spent: the ordered output's rows and
+    the journaled ones after them."""
+    journaled = (tally(orjson.loads(raw), usage) for raw in start.journal.results.values())
+    return start.checkpoint.cost + sum(verdict.cost for verdict in journaled)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 from urllib.parse import urlsplit
 
 import anyio
@@ -21,22 +21,26 @@ import anyio
 from batchrun import eventloop
 from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
+from batchrun.budget import Budget
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
-from batchrun.errors import UsageError
+from batchrun.errors import FatalError, UsageError
 from batchrun.eventloop import backend_options
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
 from batchrun.layout import state_dir
 from batchrun.paths import check_written
-from batchrun.pipeline import Pipeline
+from batchrun.pipeline import Pipeline, RunEnding
 from batchrun.progress import ProgressReporter, RunStats, Summary, money
 from batchrun.providers import Provider, get_provider
 from batchrun.records import Request
-from batchrun.resume import ResumePoint, recover
+from batchrun.resume import ResumePoint, recover, spent_before
 from batchrun.reuse import Answers, open_answers
+from batchrun.rowsource import KnownLookup
+from batchrun.schema import AnswerCheck
+from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.state import StateDir, changed_settings, fingerprint
 from batchrun.threaded import loop_running, run_beside_loop
@@ -304,24 +308,28 @@ async def _execute(
         known = known_results(state.root)
         if known is not None:
             stack.callback(known.close)
-        budget = await _shared_budget(stack, config, base_urls[0], clock)
-        throttle = Throttle(config, clock, budget)
+        rate_budget = await _shared_budget(stack, config, base_urls[0], clock)
+        throttle = Throttle(config, clock, rate_budget)
+        reporter = _reporter(config, start, clock, stream, throttle)
+        sender = _sender(config, client, provider, throttle, clock, reporter.stats)
+        budget = Budget(config.costs.max_cost, spent=spent_before(start, provider.usage))
+        reporter.stats.cost_before = start.checkpoint.cost
         pipeline = Pipeline(
             config,
-            client=client,
-            provider=provider,
+            sender=sender,
+            answers=answers,
             clock=clock,
-            reporter=_reporter(config, start, clock, stream, throttle),
+            reporter=reporter,
             state=state,
             start=start,
-            throttle=throttle,
-            answers=answers,
+            budget=budget,
             handle_signals=handle_signals,
             known=known,
             stop=stop,
         )
-        await pipeline.run()
-        return _conclude(pipeline, state, clock.monotonic() - started)
+        ending = await pipeline.run()
+        parts = _Parts(reporter.stats, sender, budget, known)
+        return _conclude(config, ending, parts, state, clock.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
 
 
@@ -404,20 +412,54 @@ def _reporter(
     return ProgressReporter(stats, mode=mode, stream=out_stream, clock=clock.monotonic, extra=extra)
 
 
-def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
-    stats, config = pipeline.stats, pipeline.config
-    batched = pipeline.known.found if pipeline.known is not None else 0
+def _sender(
+    config: RunConfig,
+    client: Client,
+    provider: Provider,
+    throttle: Throttle,
+    clock: Clock,
+    stats: RunStats,
+) -> RowSender:
+    schema = config.response_schema
+    return RowSender(
+        client,
+        provider,
+        throttle,
+        config.retry,
+        clock=clock,
+        stats=stats,
+        answers=AnswerCheck(schema) if schema is not None else None,
+    )
+
+
+class _Parts(NamedTuple):
+    """What the summary reads from the parts of a finished pipeline."""
+
+    stats: RunStats
+    sender: RowSender
+    budget: Budget
+    known: KnownLookup | None
+
+
+def _ending_code(ending: RunEnding, parts: _Parts) -> tuple[int, str | None]:
+    """The exit code and, unless the run is complete, what stopped it."""
+    if ending.complete:
+        return (EXIT_FAILED_ROWS if parts.stats.failed else EXIT_OK), None
+    if ending.aborted is not None:
+        return EXIT_FATAL, _fatal_advice(ending.aborted)
+    if ending.budget_reached:
+        return EXIT_BUDGET, _budget_advice(parts.budget)
+    reason = ending.stop_reason or "stopped"
+    return EXIT_INTERRUPTED, f"{reason}; run the same command again to resume"
+
+
+def _conclude(
+    config: RunConfig, ending: RunEnding, parts: _Parts, state: StateDir, duration: float
+) -> Summary:
+    stats, sender = parts.stats, parts.sender
+    batched = parts.known.found if parts.known is not None else 0
     stats.skipped -= batched  # answered in batches: this run's work, not an earlier run's
-    aborted: str | None = None
-    if pipeline.complete:
-        exit_code = EXIT_FAILED_ROWS if stats.failed else EXIT_OK
-    elif pipeline.aborted is not None:
-        exit_code, aborted = EXIT_FATAL, _fatal_advice(pipeline)
-    elif pipeline.budget.refused:
-        exit_code, aborted = EXIT_BUDGET, _budget_advice(pipeline)
-    else:
-        exit_code = EXIT_INTERRUPTED
-        aborted = f"{pipeline.stop_reason or 'stopped'}; run the same command again to resume"
+    exit_code, aborted = _ending_code(ending, parts)
     summary = Summary.from_stats(
         stats,
         duration_s=duration,
@@ -426,56 +468,41 @@ def _conclude(pipeline: Pipeline, state: StateDir, duration: float) -> Summary:
         output=str(config.out),
         priced=config.costs.priced,
         extra={
-            # resent after an earlier stop, and cut off in flight by this one
-            "in doubt": pipeline.in_doubt + len(pipeline.in_flight),
-            "in doubt (all runs)": pipeline.progress.in_doubt,
-            **pipeline.throttle.report(),
-            "stale connections retried": pipeline.client.stale_retries,
+            "in doubt": ending.in_doubt,
+            "in doubt (all runs)": ending.in_doubt_all,
+            **sender.throttle.report(),
+            "stale connections retried": sender.client.stale_retries,
             "event loop": eventloop.running(),
-            **_answers_report(pipeline),
+            **_answers_report(sender),
             **({"answered in batches": batched} if config.mode == "batch" else {}),
-            **_hosts_report(pipeline),
-            **_held_report(pipeline),
+            **_hosts_report(sender.client),
+            **ending.held,
         },
     )
-    if pipeline.complete:
+    if ending.complete:
         state.write_finished(summary.to_dict())
         _publish(state, config.out)
     return summary
 
 
-def _held_report(pipeline: Pipeline) -> dict[str, object]:
-    """How many results waited in the journal, past --reorder-bytes (if any did)."""
-    held = pipeline.held
-    if not held.spilled:
-        return {}
-    return {
-        "results waited in the journal (--reorder-bytes)": held.spilled,
-        "most result bytes waiting in memory": held.peak_bytes,
-    }
-
-
-def _answers_report(pipeline: Pipeline) -> dict[str, object]:
-    answers = pipeline.sender.answers
+def _answers_report(sender: RowSender) -> dict[str, object]:
+    answers = sender.answers
     return dict(answers.report()) if answers is not None else {}
 
 
-def _hosts_report(pipeline: Pipeline) -> dict[str, object]:
-    pool = pipeline.client.hosts
+def _hosts_report(client: Client) -> dict[str, object]:
+    pool = client.hosts
     return {"hosts": pool.report()} if len(pool.hosts) > 1 else {}
 
 
-def _budget_advice(pipeline: Pipeline) -> str:
-    budget = pipeline.budget
+def _budget_advice(budget: Budget) -> str:
     return (
         f"budget reached: {money(budget.spent)} spent of --max-cost {money(budget.cap or 0.0)}"
         " (all runs on this output); raise --max-cost and run the same command again"
     )
 
 
-def _fatal_advice(pipeline: Pipeline) -> str:
-    error = pipeline.aborted
-    assert error is not None
+def _fatal_advice(error: FatalError) -> str:
     if error.status is None:  # no answer at all: the connection (TLS, the URL) is at fault
         return (
             f"no request could reach the provider ({error.code}): {error.message}."

@@ -235,3 +235,20 @@ def test_the_export_command(tmp_path: Path) -> None:
     assert "--format" in unknown.stderr
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr
+
+
+@pytest.mark.asyncio
+async def test_the_cost_column_holds_each_rows_cost(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("one two three"), chat("four five")]
+    config = make_config(
+        tmp_path, rows, server, price_input_per_million=1.0, price_output_per_million=2.0
+    )
+    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+    costs = [record["cost"] for record in read_jsonl(config.out)]
+
+    export(config.out, tmp_path / "c.parquet")
+
+    assert all(cost > 0 for cost in costs)
+    assert pq.read_table(tmp_path / "c.parquet").column("cost").to_pylist() == costs

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrun import pipeline
+from batchrun import ordered
 from batchrun.heap import pin_mmap_threshold
 from batchrun.holding import Held
 from batchrun.journal import Journal
@@ -90,7 +90,7 @@ async def test_a_slow_head_row_holds_at_most_reorder_bytes_in_memory(
 async def test_compaction_moves_results_that_wait_in_the_journal(
     tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(ordered, "CHECKPOINT_EVERY", 3)
     rows = [chat(f"fast {i}") for i in range(5)] + large_rows(40, 5_000, head_delay=0.5)
     config = make_config(tmp_path, rows, server, reorder_bytes=12_000)
 

@@ -310,11 +310,11 @@ async def test_retry_failed_resends_only_retryable_rows_in_place(
 async def test_resume_seeks_past_the_checkpoint_without_parsing_it(
     tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchrun import pipeline, records
+    from batchrun import ordered, records, rowsource
     from batchrun.jobfile import build_config
     from batchrun.runner import run_async
 
-    monkeypatch.setattr(pipeline, "CHECKPOINT_EVERY", 10)
+    monkeypatch.setattr(ordered, "CHECKPOINT_EVERY", 10)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     lines = [chat(f"r{i}") for i in range(100)]
     lines[60] = chat("r60 mock:fail=401")  # aborts the first run around row 60
@@ -336,7 +336,7 @@ async def test_resume_seeks_past_the_checkpoint_without_parsing_it(
         parsed.append(line)
         return real_parse(raw, line, defaults)
 
-    monkeypatch.setattr(pipeline, "parse_line", counting_parse)
+    monkeypatch.setattr(rowsource, "parse_line", counting_parse)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     # The fatal row stays fatal: the resume aborts there again, having parsed nothing before it.
     second = await run_async(build_config(settings))

@@ -224,3 +224,20 @@ async def test_an_invalid_schema_exits_2_before_any_request(
     assert done.returncode == 2
     assert b"not a valid JSON Schema" in done.stderr
     assert server.stats.requests == 0
+
+
+@pytest.mark.asyncio
+async def test_a_stored_answer_keeps_its_parsed_object(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat("kept answer")]
+    cache = tmp_path / "cache"
+    await _run(tmp_path, server, fake_clock, rows, cache=cache)
+
+    summary, (record,) = await _run(
+        tmp_path, server, fake_clock, rows, cache=cache, out=tmp_path / "again.jsonl"
+    )
+
+    assert server.stats.requests == 1  # the second run took the stored answer
+    assert summary.exit_code == 0
+    assert record["parsed"] == {"echo": "kept answer", "words": 2}

@@ -424,3 +424,11 @@ async def test_any_redis_failure_mid_run_is_an_outage_not_a_crash(
         await anyio.run_process(cli)  # the script's hash key now holds a string
         with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
             await store.call(LeaseAsk(requests=1, request_s=0.1))
+
+
+@pytest.mark.asyncio
+async def test_a_missing_redis_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)  # import fails, as uninstalled
+    with pytest.raises(UsageError, match=r"pip install 'batchrun\[redis\]'"):
+        async with open_lease_store("redis://127.0.0.1:1/0", "k"):
+            pass

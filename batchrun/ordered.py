@@ -1,0 +1,214 @@
+"""The last step of a run's data flow: results into the output, in input order.
+
+    RowSource --> Workers --> OrderedWriter
+
+``OrderedWriter`` owns everything between a row's answer and its output
+line: the journal (a row's begun mark, its result the moment it arrives),
+the results journaled but not written yet, the reorder buffer, the reorder
+window's slots (a worker takes one before it takes a row; the writer gives it
+back when the row is written), the output file, the counts, and the
+checkpoints that compact the journal. Synchronous: nothing here awaits.
+
+Invariant: every result is in exactly one of the ordered output, the journal
+(``pending``), or a result store flushed before the journal forgot it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import orjson
+
+from batchrun.concurrency import FifoSlots
+from batchrun.config import WHOLE, RunConfig
+from batchrun.holding import Held
+from batchrun.journal import Journal
+from batchrun.progress import ProgressReporter
+from batchrun.providers import Provider
+from batchrun.resume import ResumePoint, tally
+from batchrun.reuse import Answers
+from batchrun.rowsource import Finished, line_of
+from batchrun.state import StateDir
+from batchrun.writer import OutputFile, ReorderBuffer
+
+__all__ = ["CHECKPOINT_EVERY", "OrderedWriter"]
+
+# Rows between journal compactions: bounds the journal and the resume scan.
+CHECKPOINT_EVERY = 50_000
+
+
+class OrderedWriter:
+    """Journals results and writes them in input order; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        state: StateDir,
+        start: ResumePoint,
+        provider: Provider,
+        answers: Answers,
+        reporter: ProgressReporter,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.provider = provider
+        self.answers = answers
+        self.reporter = reporter
+        self.stats = reporter.stats
+        self.shard = config.shard or WHOLE
+        self.journal = Journal(state.journal_path, fsync=config.fsync)
+        self.output = OutputFile(config.out)
+        self.window = FifoSlots(config.reorder_window)
+        self.reorder: ReorderBuffer[Finished] = ReorderBuffer(start.checkpoint.rows)
+        self.progress = start.checkpoint  # mutated as rows are written
+        # Journaled, unwritten, by line; in memory up to --reorder-bytes, then in the journal only.
+        self.held = Held(self.journal, config.reorder_bytes, start.journal.results)
+        self.in_flight: set[int] = set()  # lines begun, not answered: in doubt if we stop now
+        self._last_checkpoint = start.checkpoint.rows
+
+    # -- the journal ----------------------------------------------------------
+
+    def journaled(self, line: int) -> bytes | None:
+        """The result journaled for ``line`` and not written yet, if any."""
+        return self.held.get(line)
+
+    def begin(self, line: int) -> None:
+        """``line``'s request goes to the socket next: from now on it is in
+        doubt until its result is journaled (it stays in ``in_flight`` if
+        cancelled). A row cancelled while it waited at the throttle never
+        gets here: it reached nobody."""
+        self.journal.begin(line)
+        self.in_flight.add(line)  # stays there if cancelled: that row is in doubt
+
+    def abandon(self, line: int) -> None:
+        """``line``'s request was not paid for (a fatal answer)."""
+        if line in self.in_flight:  # else it never went out: nothing to undo
+            self.journal.abandon(line)
+            self.in_flight.discard(line)
+
+    def record(self, line: int, data: bytes, key: bytes) -> int | None:
+        """``line``'s result ``data`` (its request's content ``key``) arrived;
+        returns where the journal holds it, if it tells."""
+        journal_at = self.journal.record(data, line=line, key=key)
+        self.held.add(line, data)
+        self.in_flight.discard(line)
+        return journal_at
+
+    # -- the output -----------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the output and the journal where the resume point left them."""
+        self.output.open(keep_bytes=self.progress.output_bytes)
+        self.journal.open()
+        self.checkpoint()  # drops torn tails and settled records before anything new
+
+    def close(self, *, complete: bool) -> None:
+        if not complete:
+            self.checkpoint()
+        self.output.close()
+        self.journal.close()
+
+    def deliver(self, item: Finished) -> None:
+        """Take a finished row; write it and every row it unblocks, in order."""
+        place = self.shard.seq(item.row)
+        if place != self.reorder.next_index:
+            item = self._wait(item)
+        for ready in self.reorder.push(place, item):
+            self._emit(ready)
+
+    def _wait(self, item: Finished) -> Finished:
+        """A row that must wait for an earlier one keeps only what its turn
+        needs: the answer's parsed body goes (its record has it), and past
+        --reorder-bytes the record itself stays in the journal only."""
+        outcome = item.outcome
+        if outcome is not None and outcome.response is not None:
+            outcome = dataclasses.replace(outcome, response=None)
+        assert item.data is not None, "a row waits once"
+        if self.held.keep(line_of(item.row), item.data, item.journal_at):
+            return item._replace(outcome=outcome, kept=len(item.data))
+        return item._replace(data=None, outcome=outcome)
+
+    def _emit(self, item: Finished) -> None:
+        line = line_of(item.row)
+        data = item.data
+        if data is None:
+            data = self.held.get(line)
+            assert data is not None, "a row waiting in the journal is held"
+        self.output.write(data)
+        self.held.done(line, item.kept)
+        self.window.release()
+        progress = self.progress
+        progress.rows += 1
+        progress.output_bytes += len(data)
+        progress.input_line, progress.input_offset = line, item.input_end
+        self._count(item, data)
+        if progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY:
+            self.checkpoint()
+        self.reporter.update()
+
+    def _count(self, item: Finished, data: bytes) -> None:
+        outcome = item.outcome
+        if outcome is not None:
+            self.stats.record_outcome(
+                ok=outcome.ok,
+                error_code=outcome.error_code,
+                attempts=outcome.attempts,
+                latency_s=outcome.latency_s,
+                tokens_in=outcome.tokens_in,
+                tokens_out=outcome.tokens_out,
+                cost=outcome.cost or 0.0,
+            )
+            return
+        verdict = tally(orjson.loads(data), self.provider.usage)
+        if item.reused:
+            self.stats.record_reused(
+                ok=verdict.ok, error_code=verdict.error_code, cost=verdict.cost
+            )
+            return
+        self.stats.record_earlier(
+            ok=verdict.ok,
+            error_code=verdict.error_code,
+            tokens_in=verdict.tokens_in,
+            tokens_out=verdict.tokens_out,
+            cost=verdict.cost,
+        )
+
+    def held_report(self) -> dict[str, object]:
+        """How many results waited in the journal, past --reorder-bytes (if any did)."""
+        held = self.held
+        if not held.spilled:
+            return {}
+        return {
+            "results waited in the journal (--reorder-bytes)": held.spilled,
+            "most result bytes waiting in memory": held.peak_bytes,
+        }
+
+    def flush(self) -> None:
+        """Hand written lines to the operating system (and, with --fsync
+        batch, to the disk with the journal)."""
+        batch = self.config.fsync == "batch"
+        self.output.flush(fsync=batch)
+        if batch:
+            self.journal.sync()
+        self.answers.flush()
+
+    def checkpoint(self) -> None:
+        """Make the ordered output durable, compact the journal to what it does
+        not hold yet, and record how far it has come. Crash-safe in any order
+        of interruption: each step leaves a state the next resume reads right."""
+        self.output.flush(fsync=True)
+        self.answers.flush()  # before the journal forgets: every result is in one of them
+        begun = [b'{"b":%d}\n' % line for line in sorted(self.in_flight)]
+        self.held.compact(begun)
+        self._copy_counts()
+        self.state.write_checkpoint(self.progress)
+        self._last_checkpoint = self.progress.rows
+
+    def _copy_counts(self) -> None:
+        """Bring the checkpoint's counts up to the run's."""
+        stats, progress = self.stats, self.progress
+        progress.ok = stats.ok
+        progress.failed_by_code = dict(stats.failed_by_code)
+        progress.tokens_in, progress.tokens_out = stats.tokens_in, stats.tokens_out
+        progress.cost = stats.cost_before + stats.cost

@@ -1,0 +1,175 @@
+"""The rows still to do, in input order: the first step of a run's data flow.
+
+    RowSource --> Workers --> OrderedWriter
+
+One synchronous generator reads the input from the resume point and yields,
+for each row this run owns, either ``Work`` (a request to send) or
+``Finished`` (a result known without sending: journaled by an earlier run,
+collected from a batch, kept by ``--retry-failed``, stored under the
+request's content key, or a bad line's error record).
+
+Row numbers: ``row`` is the 0-based index of a line in the input (the
+generator's count); ``line`` is ``row + 1``, as in output records; an output
+``place`` is ``shard.seq(row)``. Conversions happen here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple, Protocol
+
+import orjson
+
+from batchrun.config import WHOLE, RunConfig
+from batchrun.contentkey import request_key
+from batchrun.errors import CorruptStateError
+from batchrun.inputs import open_input, read_lines
+from batchrun.providers import Provider
+from batchrun.records import (
+    Defaults,
+    LineError,
+    Outcome,
+    Request,
+    line_error_outcome,
+    output_line,
+    parse_line,
+)
+from batchrun.resume import ResumePoint
+from batchrun.reuse import Answers, relabel
+
+__all__ = ["Finished", "KnownLookup", "RowSource", "Work", "line_of"]
+
+
+def line_of(row: int) -> int:
+    """The 1-based input line (as in output records) of 0-based input ``row``."""
+    return row + 1
+
+
+class Finished(NamedTuple):
+    """A row ready for the writer: its output record and where its input ended."""
+
+    row: int  # 0-based input row
+    input_end: int  # byte offset in the input just after this row
+    data: bytes | None  # the output record, newline included; None: in the journal only
+    outcome: Outcome | None  # None: finished by an earlier run, or reused
+    reused: bool = False  # answered from a result store
+    journal_at: int | None = None  # where the journal holds the record, if it does
+    kept: int = 0  # bytes the record holds in memory while an earlier row is unfinished
+
+
+class Work(NamedTuple):
+    """A row to send."""
+
+    row: int  # 0-based input row
+    input_end: int  # byte offset in the input just after this row
+    request: Request
+    key: bytes  # the request's content key
+
+
+class KnownLookup(Protocol):
+    """Results found elsewhere (batch mode's collected answers), asked for by
+    input line in increasing order; ``found`` counts the hits."""
+
+    found: int
+
+    def get(self, line: int) -> bytes | None: ...
+
+
+class RowSource:
+    """Reads the input from ``start`` for the rows this run (shard) owns.
+
+    ``journaled(line)`` gives a result an earlier run journaled but did not
+    write; ``written`` is how many output places are already written.
+    ``rows_read`` counts the output places handed on; ``eof`` is set at the
+    end of the input.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        start: ResumePoint,
+        provider: Provider,
+        answers: Answers,
+        journaled: Callable[[int], bytes | None],
+        known: KnownLookup | None = None,
+    ) -> None:
+        self.config = config
+        self.start = start
+        self.provider = provider
+        self.answers = answers
+        self.known = known
+        self._journaled = journaled
+        self.shard = config.shard or WHOLE
+        self.rows_read = start.checkpoint.rows
+        self.eof = False
+
+    def rows(self) -> Generator[Work | Finished, None, None]:
+        """The rows still to do, in input order; sets ``eof`` at the end."""
+        defaults = self.config.request_defaults()
+        checkpoint = self.start.checkpoint
+        first, offset, written = checkpoint.input_line, checkpoint.input_offset, checkpoint.rows
+        with open_input(self.config.input) as handle, self._previous(first) as previous:
+            handle.seek(offset)
+            for row, raw in enumerate(read_lines(handle, self.config.input), start=first):
+                offset += len(raw)
+                if not self.shard.owns(row):
+                    continue
+                old = next(previous, None) if previous is not None else None
+                place = self.shard.seq(row)
+                if place < written:
+                    continue  # written by an earlier run
+                self.rows_read = place + 1
+                known = self._known(row, offset, old)
+                yield known or self._parse(row, offset, raw, defaults)
+        self.eof = True
+
+    def _known(self, row: int, offset: int, old: bytes | None) -> Finished | None:
+        """The row's result if an earlier run has it (journal, batches, or kept output)."""
+        line = line_of(row)
+        data = self._journaled(line)
+        if data is None and self.known is not None:
+            data = self.known.get(line)  # batch mode filed it in the store when collected
+        if data is None and old is not None:
+            data = _kept_record(old, line, self.config.out)
+        return None if data is None else Finished(row, offset, data, None)
+
+    def _parse(self, row: int, offset: int, raw: bytes, defaults: Defaults) -> Work | Finished:
+        """The row to send, or its known result: a bad line's error record,
+        or a result stored under the request's content key."""
+        parsed = parse_line(raw.rstrip(b"\r\n"), line_of(row), defaults)
+        if isinstance(parsed, LineError):
+            outcome = line_error_outcome(parsed)
+            return Finished(row, offset, output_line(outcome), outcome)
+        key = request_key(self.provider, parsed)
+        found = self.answers.find(key)
+        if found is not None:
+            data = relabel(found.record, parsed.line, parsed.custom_id)
+            return Finished(row, offset, data, None, reused=True)
+        return Work(row, offset, parsed, key)
+
+    @contextmanager
+    def _previous(self, skip: int) -> Iterator[Iterator[bytes] | None]:
+        """With --retry-failed: the finished output's lines, from row ``skip``."""
+        if not self.config.retry_failed:
+            yield None
+            return
+        with self.config.out.open("rb") as handle:
+            for _ in range(self.shard.rows_before(skip)):
+                handle.readline()
+            yield iter(handle)
+
+
+def _kept_record(old: bytes, line: int, out: object) -> bytes | None:
+    """A finished output's record for ``line``, unless --retry-failed resends it."""
+    try:
+        data = orjson.loads(old)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or data.get("line") != line:
+        raise CorruptStateError(f"{out} does not match the input at line {line}")
+    error = data.get("error")
+    if isinstance(error, dict) and error.get("retryable"):
+        return None
+    return old if old.endswith(b"\n") else old + b"\n"

@@ -1,0 +1,170 @@
+"""The middle of a run's data flow: rows sent, in parallel, as slots allow.
+
+    RowSource --> Workers --> OrderedWriter
+
+``max_async`` worker tasks, plus one spare for each row waiting out a retry's
+backoff: a lone failure waits only for its own row and takes no worker from
+the healthy ones. The in-flight cap is the throttle's limiter, never above
+``max_async``; a spare leaves once its row's worker is back. Each worker takes
+a slot of the reorder window, then the next row from the shared (synchronous)
+row generator, so rows come out in order; it sends the row (marked begun in
+the journal once its throttle waits are over, just before it goes to the
+socket), has its result journaled as soon as it has one, and hands it to the
+writer.
+Nothing passes through queues: a row costs no task switches beyond its own
+request.
+
+Stopping (a signal, a fatal answer, the spending cap) lets no worker take a
+new row; ``cancel`` ends the rows in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import anyio.lowlevel
+
+from batchrun import crashpoint
+from batchrun.budget import Budget, worst_case_cost
+from batchrun.config import RunConfig
+from batchrun.errors import FatalError
+from batchrun.ordered import OrderedWriter
+from batchrun.records import output_line
+from batchrun.reuse import Answers
+from batchrun.rowsource import Finished, Work
+from batchrun.sender import RowSender
+
+__all__ = ["Workers"]
+
+# Known results a worker writes before it lets other tasks run.
+_YIELD_EVERY = 256
+
+
+class Workers:
+    """Sends the rows of one run; see the module docstring.
+
+    ``stop_reason`` is why no new row is taken (None: none stopped it);
+    ``aborted`` is the fatal answer that stopped the run, if one did.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        sender: RowSender,
+        writer: OrderedWriter,
+        budget: Budget,
+        answers: Answers,
+    ) -> None:
+        self.config = config
+        self.sender = sender
+        self.writer = writer
+        self.budget = budget
+        self.answers = answers
+        self.stop_reason: str | None = None
+        self.aborted: FatalError | None = None
+        self._scope = anyio.CancelScope()
+        self._alive = 0  # worker tasks alive
+        self._backing_off_rows = 0  # rows waiting for a retry, each holding a worker
+        sender.on_backoff = self._backing_off
+        sender.on_send = writer.begin  # the row's waits are over: it may reach the provider
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_reason is not None or self.aborted is not None
+
+    async def run(self, rows: Iterator[Work | Finished]) -> None:
+        """Work through ``rows`` until they end, a stop, or ``cancel``."""
+        with self._scope:
+            async with anyio.create_task_group() as group:
+                self._group, self._rows = group, rows
+                for _ in range(self.config.limits.max_async):
+                    self._start_one()
+
+    def stop(self, reason: str) -> None:
+        """Take no new row; rows in flight go on."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def cancel(self) -> None:
+        """End every row in flight now (they stay in doubt)."""
+        self._scope.cancel()
+
+    def _start_one(self) -> None:
+        self._alive += 1
+        self._group.start_soon(self._work)
+
+    def _backing_off(self, rows: int) -> None:
+        """``rows`` (+1 or -1) more rows wait for a retry: keep max_async
+        workers free for new rows by starting a spare when one is short."""
+        self._backing_off_rows += rows
+        if rows > 0 and not self.stopping and self._surplus() < 0:
+            self._start_one()
+
+    def _surplus(self) -> int:
+        """Workers beyond max_async and one per row waiting for a retry."""
+        return self._alive - self.config.limits.max_async - self._backing_off_rows
+
+    async def _work(self) -> None:
+        try:
+            await self._work_rows(self._rows)
+        finally:
+            self._alive -= 1
+
+    async def _work_rows(self, rows: Iterator[Work | Finished]) -> None:
+        known_in_a_row = 0
+        window = self.writer.window
+        while not self.stopping and self._surplus() <= 0:
+            await window.acquire()
+            item = next(rows, None) if not self.stopping else None
+            if item is None:
+                window.release()
+                return
+            if isinstance(item, Finished):
+                self.writer.deliver(item)
+                known_in_a_row += 1
+                if known_in_a_row % _YIELD_EVERY == 0:
+                    await anyio.lowlevel.checkpoint()  # let others run through a long resume
+                continue
+            finished = await self._send(item)
+            if finished is None:
+                return
+            self.writer.deliver(finished)
+
+    async def _send(self, work: Work) -> Finished | None:
+        """Send one row with its journal marks; None when the answer was
+        fatal or the budget refused the row (then it stays unsent)."""
+        request, costs, writer = work.request, self.config.costs, self.writer
+        reserved = worst_case_cost(costs, request) if costs.max_cost is not None else 0.0
+        if not self.budget.reserve(reserved):
+            self._stop_for_budget()
+            return None
+        try:
+            outcome = await self.sender.send(request)  # marks it begun when it goes out
+        except FatalError as exc:
+            writer.abandon(request.line)
+            self.budget.release(reserved)
+            self._abort(exc)
+            return None
+        crashpoint.hit("after_response")
+        if costs.priced:
+            outcome.cost = costs.price(outcome.tokens_in, outcome.tokens_out)
+        self.budget.settle(reserved, outcome.cost or 0.0)
+        data = output_line(outcome)
+        journal_at = writer.record(request.line, data, work.key)
+        self.answers.add_outcome(work.key, data, outcome)
+        if self.budget.refused and not writer.in_flight:
+            self.cancel()  # the last row in flight at a budget stop
+        return Finished(work.row, work.input_end, data, outcome, journal_at=journal_at)
+
+    def _stop_for_budget(self) -> None:
+        """Take no more rows; end once the rows in flight are answered."""
+        self.stop("budget reached")
+        if not self.writer.in_flight:
+            self.cancel()
+
+    def _abort(self, exc: FatalError) -> None:
+        if self.aborted is None:
+            self.aborted = exc
+        self.cancel()
