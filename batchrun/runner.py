@@ -302,6 +302,7 @@ async def _execute(
                 stream=stream or sys.stderr,
                 handle_signals=handle_signals,
                 answered=_stored(answers, provider) if answers.lookup else None,
+                answers=answers,
             )
             if not phase.complete:
                 return _batch_stopped(config, start, phase, clock.monotonic() - started)
