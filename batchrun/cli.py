@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from batchrun.errors import LockedError, UsageError
+from batchrun.errors import DiskError, LockedError, UsageError
 
 # Modules a command needs are imported inside it: ``batchrun --version`` and
 # ``--help`` load no HTTP stack.
@@ -230,7 +230,7 @@ def run_command(
     flags = dict(locals())
     from batchrun.heap import pin_mmap_threshold
     from batchrun.jobfile import build_config
-    from batchrun.runner import EXIT_LOCKED, run
+    from batchrun.runner import EXIT_DISK, EXIT_LOCKED, disk_advice, run
 
     _setup_logging()
     pin_mmap_threshold()  # large answers go back to the system when written
@@ -241,6 +241,9 @@ def run_command(
     except LockedError as exc:
         typer.echo(f"batchrun: {exc}", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
+    except DiskError as exc:  # before the rows: the state files themselves
+        typer.echo(f"batchrun: error: {disk_advice(exc)}", err=True)
+        raise typer.Exit(EXIT_DISK) from None
     typer.echo(result.render(), err=True)
     if config.summary_path is not None:
         _write_summary(config.summary_path, result.to_dict())

@@ -1,4 +1,5 @@
-"""Deliberate crashes at named points, for the tests that prove crash safety.
+"""Deliberate crashes and disk faults at named points, for the tests that
+prove crash safety and a clean stop on a full disk.
 
 Inactive unless the environment variable ``BATCHRUN_CRASH_AT`` is set to
 ``NAME`` or ``NAME:N``: the Nth time (default the first) the code passes
@@ -9,10 +10,17 @@ journaled), ``journal_torn`` (half a journal record written),
 output complete, not yet renamed into place), ``after_upload`` (a batch
 input file uploaded, its id not yet recorded), ``after_batch_create`` (a
 provider batch created, its id not yet recorded).
+
+Disk faults: ``BATCHRUN_DISK_FAULT`` set to ``NAME``, ``NAME:N`` or
+``NAME:N:EIO`` makes the Nth write at point ``NAME`` and every later one
+fail as a full disk would (``ENOSPC``, or ``EIO``), after writing half its
+bytes. Points: ``journal`` (a journal write), ``output`` (a flush of the
+ordered output).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -39,3 +47,21 @@ def hit(name: str) -> None:
 def die() -> None:
     """Stop the process at once, with no cleanup: the state a SIGKILL leaves."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_NAME, _, _FAULT_REST = os.environ.get("BATCHRUN_DISK_FAULT", "").partition(":")
+_FAULT_COUNT, _, _FAULT_KIND = _FAULT_REST.partition(":")
+_fault_remaining = int(_FAULT_COUNT) if _FAULT_COUNT.isdigit() else 1
+_FAULT_ERRNO = errno.EIO if _FAULT_KIND == "EIO" else errno.ENOSPC
+
+
+def disk_fault(name: str) -> OSError | None:
+    """Count a write at point ``name``; the error it must fail with, from the
+    chosen write on (the disk stays full), else None."""
+    global _fault_remaining
+    if name != _FAULT_NAME:
+        return None
+    _fault_remaining = max(0, _fault_remaining - 1)
+    if _fault_remaining:
+        return None
+    return OSError(_FAULT_ERRNO, os.strerror(_FAULT_ERRNO))

@@ -12,6 +12,11 @@ only these types. Three verdicts matter for a request:
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -83,3 +88,42 @@ def sole_usage_error(group: BaseExceptionGroup) -> UsageError | None:
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
     return leaf if isinstance(leaf, UsageError) else None
+
+
+# A write that fails with one of these stops the run resumably (exit 74).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS})
+
+
+class DiskError(BatchrunError):
+    """Writing one of the run's files failed for want of space or by an I/O
+    error: the run stops, its state resumable once the disk is fixed."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        name = errno.errorcode.get(cause.errno or 0, "error")
+        super().__init__(f"cannot write {path}: {reason} ({name})")
+        self.path = path
+        self.errno = cause.errno
+
+
+@contextmanager
+def disk_writes(path: Path) -> Iterator[None]:
+    """Turn a full disk or an I/O error inside the block into ``DiskError``
+    naming ``path``; other ``OSError``s pass unchanged."""
+    try:
+        yield
+    except DiskError:
+        raise
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise DiskError(path, exc) from exc
+        raise
+
+
+def find_disk_error(group: BaseExceptionGroup) -> DiskError | None:
+    """A ``DiskError`` anywhere in a task group's failure, if any."""
+    found, _ = group.split(DiskError)
+    leaf: BaseException | None = found
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, DiskError) else None

@@ -29,6 +29,7 @@ are dropped, so resuming reads a bounded file however long the run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import orjson
 
 from batchrun import crashpoint
 from batchrun.config import FsyncPolicy
-from batchrun.errors import CorruptStateError
+from batchrun.errors import CorruptStateError, DiskError, disk_writes
 
 
 @dataclass(slots=True)
@@ -146,6 +147,7 @@ class Journal:
         self._waiting: list[bytes] = []
         self._flush_scheduled = False
         self.writes = 0  # write calls made: the cost the batching saves
+        self.failed: DiskError | None = None  # the write that failed: the journal ends there
         self.size = 0
 
     def open(self, *, valid_bytes: int | None = None) -> None:
@@ -194,7 +196,10 @@ class Journal:
         return data
 
     def flush(self) -> None:
-        """Write every waiting record now, in one ``writev`` (no joined copy)."""
+        """Write every waiting record now, in one ``writev`` (no joined copy).
+        Raises ``DiskError`` once a write has failed."""
+        if self.failed is not None:
+            raise self.failed
         if self._waiting:
             pieces, self._waiting = self._waiting, []
             self._write_pieces(pieces)
@@ -212,7 +217,7 @@ class Journal:
         self.flush()
         fresh = self.path.with_name(self.path.name + ".new")
         offsets: list[int] = []
-        with fresh.open("wb") as handle:
+        with disk_writes(fresh), fresh.open("wb") as handle:
             written = 0
             for record in records:
                 offsets.append(written)
@@ -227,9 +232,11 @@ class Journal:
 
     def close(self) -> None:
         if self._fd is not None:
-            self.flush()
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def _add(self, record: bytes) -> None:
         """Queue ``record`` for the next begin mark or the end of this pass
@@ -249,22 +256,41 @@ class Journal:
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         if self._fd is not None:
-            self.flush()
+            # A failure here has no caller to reach: it is kept in ``failed``
+            # and raised by the next write, flush, rewrite or close.
+            with contextlib.suppress(DiskError):
+                self.flush()
 
     def _write(self, data: bytes) -> None:
         self._write_pieces([data])
 
     def _write_pieces(self, pieces: list[bytes]) -> None:
         assert self._fd is not None, "open() first"
+        if self.failed is not None:
+            raise self.failed
         self.writes += 1
         if crashpoint.armed("journal_torn"):
             data = b"".join(pieces)
             os.write(self._fd, data[: len(data) // 2])
             crashpoint.die()
+        try:
+            with disk_writes(self.path):
+                self._write_all(self._fd, pieces)
+        except DiskError as exc:
+            self.failed = exc  # nothing may follow a record the disk cut short
+            raise
+
+    @staticmethod
+    def _write_all(fd: int, pieces: list[bytes]) -> None:
+        fault = crashpoint.disk_fault("journal")
+        if fault is not None:
+            data = b"".join(pieces)
+            os.write(fd, data[: len(data) // 2])
+            raise fault
         views = [memoryview(piece) for piece in pieces]
         first = 0
         while first < len(views):
-            written = os.writev(self._fd, views[first : first + _IOV_MAX])
+            written = os.writev(fd, views[first : first + _IOV_MAX])
             while first < len(views) and written >= len(views[first]):
                 written -= len(views[first])
                 first += 1

@@ -112,7 +112,8 @@ class MockStats:
     ``max_in_flight`` count those inside a handler, sleeps included;
     ``by_digest`` counts them per sha256 hex of the raw body; ``statuses``
     counts answers per HTTP status, 0 standing for no complete answer (reset,
-    truncated, or the client gave up first).
+    truncated, or the client gave up first); ``ok_by_digest`` counts the
+    complete 200 answers per digest: what a provider would bill.
     """
 
     def __init__(self) -> None:
@@ -121,6 +122,7 @@ class MockStats:
         self.max_in_flight = 0
         self.by_digest: collections.Counter[str] = collections.Counter()
         self.statuses: collections.Counter[int] = collections.Counter()
+        self.ok_by_digest: collections.Counter[str] = collections.Counter()
         # Per whole second of the server's monotonic clock, with a rate limit set.
         self.received_per_second: collections.Counter[int] = collections.Counter()
         self.accepted_per_second: collections.Counter[int] = collections.Counter()
@@ -132,6 +134,7 @@ class MockStats:
         self.max_in_flight = self.in_flight
         self.by_digest.clear()
         self.statuses.clear()
+        self.ok_by_digest.clear()
 
     def as_json(self) -> dict[str, Any]:
         """The counters but ``by_digest``, JSON-ready (status keys as strings)."""
@@ -380,6 +383,7 @@ class MockServer:
         self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
         self.batches = MockBatches(self.stats, batch_faults)
         self.tls = tls
+        self._digests: dict[int, str] = {}  # live request -> its body's digest
 
     @property
     def base_url(self) -> str:
@@ -453,8 +457,12 @@ class MockServer:
                 # A reset or truncated answer leaves the connection closing.
                 if transport is not None and not transport.is_closing():
                     status = response.status
+                digest = self._digests.get(id(request))
+                if status == 200 and digest is not None:
+                    stats.ok_by_digest[digest] += 1
                 return response
             finally:
+                self._digests.pop(id(request), None)
                 stats.in_flight -= 1
                 stats.statuses[status] += 1
 
@@ -480,6 +488,7 @@ class MockServer:
         raw = await request.read()
         digest = hashlib.sha256(raw).hexdigest()
         self.stats.by_digest[digest] += 1
+        self._digests[id(request)] = digest
         overloaded = self.fail_rate > 0 and self._rng.random() < self.fail_rate
         call = Call(kind, digest, self.stats.by_digest[digest], {}, [])
         key = _bearer_key(request)

@@ -21,6 +21,7 @@ import orjson
 
 from batchrun.concurrency import FifoSlots
 from batchrun.config import WHOLE, RunConfig
+from batchrun.errors import DiskError
 from batchrun.holding import Held
 from batchrun.journal import Journal
 from batchrun.progress import ProgressReporter
@@ -103,11 +104,18 @@ class OrderedWriter:
         self.journal.open()
         self.checkpoint()  # drops torn tails and settled records before anything new
 
-    def close(self, *, complete: bool) -> None:
-        if not complete:
-            self.checkpoint()
-        self.output.close()
-        self.journal.close()
+    def close(self, *, complete: bool, disk_error: DiskError | None = None) -> DiskError | None:
+        """Checkpoint (unless complete, or a write failed: then the state stays
+        as a kill would leave it) and close; returns the write failure, if any."""
+        steps = [self.output.close, self.journal.close]
+        if not complete and disk_error is None:
+            steps.insert(0, self.checkpoint)
+        for step in steps:
+            try:
+                step()
+            except DiskError as exc:
+                disk_error = disk_error or exc
+        return disk_error
 
     def deliver(self, item: Finished) -> None:
         """Take a finished row; write it and every row it unblocks, in order."""

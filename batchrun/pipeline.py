@@ -27,7 +27,7 @@ import anyio
 
 from batchrun.budget import Budget
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import FatalError, sole_usage_error
+from batchrun.errors import DiskError, FatalError, find_disk_error, sole_usage_error
 from batchrun.inputs import READ_ERRORS, count_lines
 from batchrun.metrics import MetricsWriter
 from batchrun.ordered import CHECKPOINT_EVERY, OrderedWriter
@@ -60,6 +60,7 @@ class RunEnding(NamedTuple):
     in_doubt: int
     in_doubt_all: int
     held: dict[str, object]  # results that waited in the journal, for the summary
+    disk_error: DiskError | None = None  # a write failed: the run stopped there (exit 74)
 
 
 class Pipeline:
@@ -115,15 +116,20 @@ class Pipeline:
     async def run(self) -> RunEnding:
         """Run until every row is written, or a stop; the state stays resumable."""
         self.writer.open()
+        disk_error: DiskError | None = None
         try:
             await self._run_tasks()
+        except DiskError as exc:
+            disk_error = exc
         except BaseExceptionGroup as group:
+            disk_error = find_disk_error(group)
             usage = sole_usage_error(group)
-            if usage is None:
+            if disk_error is None and usage is None:
                 raise
-            raise usage from None
+            if disk_error is None and usage is not None:
+                raise usage from None
         finally:
-            self._close()  # synchronous: nothing here can be cancelled
+            disk_error = self._close(disk_error)  # synchronous: nothing here can be cancelled
         workers = self.workers
         return RunEnding(
             complete=self.complete,
@@ -134,16 +140,20 @@ class Pipeline:
             in_doubt=self.in_doubt + len(self.writer.in_flight),
             in_doubt_all=self.writer.progress.in_doubt,
             held=self.writer.held_report(),
+            disk_error=disk_error,
         )
 
-    def _close(self) -> None:
+    def _close(self, disk_error: DiskError | None) -> DiskError | None:
+        """Close the files; after a failed write the state is left as a kill
+        at that moment would leave it (no checkpoint), which resume reads."""
         complete = self.complete
         if complete:
             self.stats.total = self.stats.done  # known now, even if the count was slower
-        self.writer.close(complete=complete)
+        disk_error = self.writer.close(complete=complete, disk_error=disk_error)
         if self.metrics is not None:
             self.metrics.write()
         self.reporter.close()
+        return disk_error
 
     def request_stop(self, reason: str) -> None:
         """Stop taking rows; a second request cancels in-flight rows at once."""

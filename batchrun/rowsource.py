@@ -15,7 +15,6 @@ generator's count); ``line`` is ``row + 1``, as in output records; an output
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple, Protocol
@@ -37,7 +36,7 @@ from batchrun.records import (
     parse_line,
 )
 from batchrun.resume import ResumePoint
-from batchrun.reuse import Answers, relabel, stored_from_record
+from batchrun.reuse import Answers, relabel
 
 __all__ = ["Finished", "KnownLookup", "RowSource", "Work", "line_of"]
 
@@ -122,20 +121,16 @@ class RowSource:
                 if place < written:
                     continue  # written by an earlier run
                 self.rows_read = place + 1
-                known = self._known(row, offset, old, raw, defaults)
+                known = self._known(row, offset, old)
                 yield known or self._parse(row, offset, raw, defaults)
         self.eof = True
 
-    def _known(
-        self, row: int, offset: int, old: bytes | None, raw: bytes, defaults: Defaults
-    ) -> Finished | None:
+    def _known(self, row: int, offset: int, old: bytes | None) -> Finished | None:
         """The row's result if an earlier run has it (journal, batches, or kept output)."""
         line = line_of(row)
         data = self._journaled(line)
         if data is None and self.known is not None:
-            data = self.known.get(line)
-            if data is not None:
-                self._file_batched(raw, line, defaults, data)
+            data = self.known.get(line)  # batch mode filed it in the store when collected
         if data is None and old is not None:
             data = _kept_record(old, line, self.config.out)
         return None if data is None else Finished(row, offset, data, None)
@@ -153,14 +148,6 @@ class RowSource:
             data = relabel(found.record, parsed.line, parsed.custom_id)
             return Finished(row, offset, data, None, reused=True)
         return Work(row, offset, parsed, key)
-
-    def _file_batched(self, raw: bytes, line: int, defaults: Defaults, data: bytes) -> None:
-        """File a batch's answer under its request's key: no later run, online
-        or batch, pays for that request again."""
-        parsed = parse_line(raw.rstrip(b"\r\n"), line, defaults)
-        result = stored_from_record(data, time.time())
-        if isinstance(parsed, Request) and result is not None:
-            self.answers.add(request_key(self.provider, parsed), result)
 
     @contextmanager
     def _previous(self, skip: int) -> Iterator[Iterator[bytes] | None]:

@@ -26,7 +26,7 @@ from batchrun.budget import Budget
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
-from batchrun.errors import FatalError, UsageError
+from batchrun.errors import DiskError, FatalError, UsageError
 from batchrun.eventloop import backend_options
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
@@ -54,6 +54,7 @@ log = logging.getLogger("batchrun")
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 EXIT_BUDGET = 5  # --max-cost reached: raise it and run the same command again
+EXIT_DISK = 74  # EX_IOERR: a write failed (full disk, I/O error); resumable
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: run the same command again to resume
 
 __all__ = ["Clock", "run", "run_async"]
@@ -315,6 +316,7 @@ async def _batch_phase(job: _Job, session: aiohttp.ClientSession, base_url: str)
         stream=job.stream or sys.stderr,
         handle_signals=job.handle_signals,
         answered=_stored(answers, provider) if answers.lookup else None,
+        answers=answers,
     )
 
 
@@ -455,6 +457,8 @@ class _Parts(NamedTuple):
 
 def _ending_code(ending: RunEnding, parts: _Parts) -> tuple[int, str | None]:
     """The exit code and, unless the run is complete, what stopped it."""
+    if ending.disk_error is not None:
+        return EXIT_DISK, disk_advice(ending.disk_error)
     if ending.complete:
         return (EXIT_FAILED_ROWS if parts.stats.failed else EXIT_OK), None
     if ending.aborted is not None:
@@ -491,7 +495,7 @@ def _conclude(
             **ending.held,
         },
     )
-    if ending.complete:
+    if ending.complete and ending.disk_error is None:
         state.write_finished(summary.to_dict())
         _publish(state, config.out)
     return summary
@@ -511,6 +515,14 @@ def _budget_advice(budget: Budget) -> str:
     return (
         f"budget reached: {money(budget.spent)} spent of --max-cost {money(budget.cap or 0.0)}"
         " (all runs on this output); raise --max-cost and run the same command again"
+    )
+
+
+def disk_advice(error: DiskError) -> str:
+    """What to do after a write failed for want of space or by an I/O error."""
+    return (
+        f"{error}. Free some space (or fix the disk), then run the same command again:"
+        " the run resumes where it stopped"
     )
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from batchrun.config import RunConfig
-from batchrun.errors import CorruptStateError, LockedError
+from batchrun.errors import CorruptStateError, LockedError, disk_writes
 from batchrun.layout import partial_output, state_dir
 from batchrun.store import STORE_FILE
 
@@ -227,7 +227,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fresh = path.with_name(path.name + ".new")
-    with fresh.open("wb") as handle:
+    with disk_writes(fresh), fresh.open("wb") as handle:
         handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
         handle.flush()
         os.fsync(handle.fileno())

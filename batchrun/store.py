@@ -26,13 +26,15 @@ modes (batch mode): ``open_store``, ``get``, ``put_many``.
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchrun.errors import UsageError
+from batchrun.errors import DiskError, UsageError
 
 __all__ = ["STORE_FILE", "ResultStore", "StoreError", "StoreStats", "Stored", "open_store"]
 
@@ -241,7 +243,13 @@ def _check_columns(db: sqlite3.Connection, path: Path) -> None:
         raise StoreError(f"{path} is not a batchrun result store (its results table differs)")
 
 
-def _damaged(path: Path, exc: sqlite3.Error) -> StoreError:
+def _damaged(path: Path, exc: sqlite3.Error) -> StoreError | DiskError:
+    """The error to raise for a failed store operation: a full disk or an I/O
+    error is no damage (the run stops resumably, exit 74)."""
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        code = errno.ENOSPC if primary == sqlite3.SQLITE_FULL else errno.EIO
+        return DiskError(path, OSError(code, os.strerror(code)))
     return StoreError(
         f"the result store {path} is damaged ({exc}); move it away (a new one is made)"
         " or, for an output's own store, run again with --restart"

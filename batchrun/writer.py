@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 from batchrun import crashpoint
+from batchrun.errors import disk_writes
 from batchrun.layout import partial_output
 
 T = TypeVar("T")
@@ -78,20 +79,29 @@ class OutputFile:
             self._handle.write(data[: len(data) // 2])
             self._handle.flush()
             crashpoint.die()
-        self._handle.write(data)
+        with disk_writes(self.partial):
+            self._handle.write(data)
 
     def flush(self, *, fsync: bool = False) -> None:
-        """Hand buffered lines to the operating system (and the disk if ``fsync``)."""
+        """Hand buffered lines to the operating system (and the disk if
+        ``fsync``); ``DiskError`` on a full disk or an I/O error."""
         if self._handle is not None:
-            self._handle.flush()
-            if fsync:
-                os.fsync(self._handle.fileno())
+            with disk_writes(self.partial):
+                fault = crashpoint.disk_fault("output")
+                if fault is not None:
+                    raise fault
+                self._handle.flush()
+                if fsync:
+                    os.fsync(self._handle.fileno())
 
     def close(self) -> None:
         if self._handle is not None:
-            self.flush()
-            self._handle.close()
-            self._handle = None
+            try:
+                self.flush()
+            finally:
+                with contextlib.suppress(OSError):  # what a failed flush left behind
+                    self._handle.close()
+                self._handle = None
 
     def publish(self) -> None:
         """Make the finished output visible at ``out`` in one step."""

@@ -24,6 +24,8 @@ from batchrun.resume import ResumePoint
 Body = Callable[[Request], dict[str, Any]]
 # Whether a request already has a stored answer (the result store, by content key).
 Answered = Callable[[Request], bool]
+# A request's content key (``contentkey.request_key`` with the run's provider).
+KeyOf = Callable[[Request], bytes]
 
 
 @dataclass(slots=True)
@@ -31,6 +33,7 @@ class _Writing:
     part: Part
     handle: BinaryIO
     ids: list[tuple[int, str]] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
 
 
 class PartWriter:
@@ -42,7 +45,7 @@ class PartWriter:
         self.parts: list[Part] = []
         self._open: dict[int, _Writing] = {}
 
-    def add(self, group: Group, line: int, custom_id: str, data: bytes) -> None:
+    def add(self, group: Group, request: Request, data: bytes, key: bytes) -> None:
         number, closed = self.splitter.place(group, len(data))
         if closed is not None:
             self._close(closed)
@@ -52,7 +55,8 @@ class PartWriter:
             handle = self.record.file(number, "jsonl").open("wb")
             writing = self._open[number] = _Writing(part, handle)
         writing.handle.write(data)
-        writing.ids.append((line, custom_id))
+        writing.ids.append((request.line, request.custom_id))
+        writing.keys.append(key)
         writing.part.rows += 1
         writing.part.bytes += len(data)
 
@@ -70,6 +74,7 @@ class PartWriter:
         writing = self._open.pop(number)
         writing.handle.close()
         self.record.write_ids(number, writing.ids)
+        self.record.write_keys(number, writing.keys)
         self.parts.append(writing.part)
 
 
@@ -79,14 +84,16 @@ def plan_parts(
     start: ResumePoint,
     body: Body,
     max_bytes: int,
+    key_of: KeyOf,
     answered: Answered | None = None,
 ) -> list[Part]:
-    """Write the part files of every row still to answer; the parts."""
+    """Write the part files of every row still to answer, with each row's
+    content key (its answer is stored under it); the parts."""
     writer = PartWriter(record, Splitter(config.batch.rows, max_bytes))
     try:
         for request in unanswered(config, start, answered):
             group, data = batch_line(request, body(request))
-            writer.add(group, request.line, request.custom_id, data)
+            writer.add(group, request, data, key_of(request))
     except BaseException:
         writer.abandon()
         raise

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from batchrun.batchmode.build import Answered, Body, plan_parts
+from batchrun.batchmode.build import Answered, Body, KeyOf, plan_parts
 from batchrun.batchmode.progress import BatchProgress
 from batchrun.batchmode.record import TERMINAL, BatchRecord, BatchState, Part
 from batchrun.batchmode.settle import BatchRefused, Settler
@@ -78,7 +78,12 @@ class BatchJob:
         self._failures = 0  # part steps failed in a row, each after its own retries
 
     async def plan(
-        self, start: ResumePoint, body: Body, max_bytes: int, answered: Answered | None
+        self,
+        start: ResumePoint,
+        body: Body,
+        max_bytes: int,
+        key_of: KeyOf,
+        answered: Answered | None,
     ) -> None:
         """Write and record the parts, once per run (a crash while planning plans again).
 
@@ -92,7 +97,7 @@ class BatchJob:
 
         def write() -> list[Part]:
             check = in_loop if answered is not None else None
-            return plan_parts(self.config, self.record, start, body, max_bytes, check)
+            return plan_parts(self.config, self.record, start, body, max_bytes, key_of, check)
 
         self.state.parts = await anyio.to_thread.run_sync(write)
         self.state.planned = True

@@ -17,7 +17,7 @@ import aiohttp
 import anyio
 
 from batchrun.batchmode.api import BatchApi, batch_base_url
-from batchrun.batchmode.build import Answered, Body
+from batchrun.batchmode.build import Answered, Body, KeyOf
 from batchrun.batchmode.job import BatchJob, PhaseResult
 from batchrun.batchmode.known import KnownResults
 from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
@@ -26,10 +26,13 @@ from batchrun.batchmode.record import BatchRecord
 from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
+from batchrun.contentkey import request_key
 from batchrun.errors import UsageError
 from batchrun.providers import Provider
 from batchrun.providers.openai import OpenAIProvider
+from batchrun.records import Request
 from batchrun.resume import ResumePoint
+from batchrun.reuse import Answers
 from batchrun.timing import Clock
 
 log = logging.getLogger("batchrun")
@@ -53,10 +56,12 @@ async def run_phase(
     stream: TextIO,
     handle_signals: bool,
     answered: Answered | None = None,
+    answers: Answers | None = None,
 ) -> PhaseResult:
     """Plan, submit, poll and collect the run's batches (see ``job``).
 
-    ``answered`` tells a request with a stored answer: it is not put in a batch."""
+    ``answered`` tells a request with a stored answer: it is not put in a
+    batch; ``answers`` files every batch answer under its content key."""
     record = BatchRecord(state_root)
     earlier = record.load()
     state = earlier or record.new(
@@ -80,13 +85,14 @@ async def run_phase(
             talk,
             keep_files=config.batch.keep_files,
             fallback_online=config.batch.fallback == "online",
+            answers=answers,
         ),
         progress=BatchProgress(enabled=config.progress, stream=stream, clock=clock.monotonic),
         clock=clock,
     )
     max_bytes = config.batch.bytes or DEFAULT_MAX_BYTES[provider.name]
     try:
-        plan = (start, talk.body, max_bytes, answered)
+        plan = (start, talk.body, max_bytes, _key_of(provider), answered)
         return await _until_stopped(job, plan, handle_signals, resumed=earlier is not None)
     finally:
         job.progress.close()
@@ -94,7 +100,7 @@ async def run_phase(
 
 async def _until_stopped(
     job: BatchJob,
-    plan: tuple[ResumePoint, Body, int, Answered | None],
+    plan: tuple[ResumePoint, Body, int, KeyOf, Answered | None],
     handle_signals: bool,
     *,
     resumed: bool,
@@ -118,6 +124,13 @@ async def _watch_signals(scope: anyio.CancelScope) -> None:
             log.info("%s: stopping; the batches keep running", signal.Signals(signum).name)
             scope.cancel()
             return
+
+
+def _key_of(provider: Provider) -> KeyOf:
+    def key_of(request: Request) -> bytes:
+        return request_key(provider, request)
+
+    return key_of
 
 
 def guard(state_root: Path, *, mode: str, restart: bool) -> None:

@@ -7,6 +7,7 @@
   finds by listing batches and matching their metadata).
 * ``part-N.jsonl``: part N's batch input file, exactly as uploaded.
 * ``part-N.ids``: its rows' input lines and the input's own ``custom_id``s.
+* ``part-N.keys``: their content keys (32 bytes each, in the same order).
 * ``part-N.results``: its rows' output records, ordered by line, written
   (atomically) when the batch ended; a part with this file is settled.
 
@@ -122,6 +123,14 @@ class BatchRecord:
 
     def write_ids(self, part: int, ids: Iterable[tuple[int, str]]) -> None:
         _write_atomic(self.file(part, "ids"), orjson.dumps(list(ids)))
+
+    def write_keys(self, part: int, keys: Iterable[bytes]) -> None:
+        _write_atomic(self.file(part, "keys"), b"".join(keys))
+
+    def read_keys(self, part: int, lines: Iterable[int]) -> dict[int, bytes]:
+        """Part ``part``'s content keys by line (``lines``: its ids' order)."""
+        data = self.file(part, "keys").read_bytes()
+        return {line: data[32 * n : 32 * n + 32] for n, line in enumerate(lines)}
 
     def write_results(self, part: int, chunks: Iterable[bytes | memoryview]) -> None:
         """Part ``part``'s output records, given in line order, in one atomic step."""

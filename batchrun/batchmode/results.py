@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import array
 import mmap
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -56,6 +56,9 @@ class Records:
     def __len__(self) -> int:
         return len(self._lines)
 
+    def __contains__(self, line: object) -> bool:
+        return line in self._seen
+
     def lines(self) -> set[int]:
         return set(self._seen)
 
@@ -84,22 +87,35 @@ class Collected:
     unfinished: set[int] = field(default_factory=set)
 
 
+OnRecord = Callable[[int, bytes, Outcome], None]
+
+
 def collect(
-    files: Iterable[Path], ids: Mapping[int, str], provider: Provider, spill: Path
+    files: Iterable[Path],
+    ids: Mapping[int, str],
+    provider: Provider,
+    spill: Path,
+    on_record: OnRecord | None = None,
 ) -> Collected:
     """The records of the downloaded result ``files`` for a part whose rows
-    (input line → the input's ``custom_id``) are ``ids``; the caller closes
-    ``records``."""
+    (input line → the input's ``custom_id``) are ``ids``; ``on_record`` sees
+    each new one (line, record, outcome). The caller closes ``records``."""
     found = Collected(Records(spill))
     for path in files:
         with path.open("rb") as handle:
             for raw in handle:
-                _take(found, raw, ids, provider)
+                _take(found, raw, ids, provider, on_record)
     found.unfinished = set(ids) - found.records.lines()
     return found
 
 
-def _take(found: Collected, raw: bytes, ids: Mapping[int, str], provider: Provider) -> None:
+def _take(
+    found: Collected,
+    raw: bytes,
+    ids: Mapping[int, str],
+    provider: Provider,
+    on_record: OnRecord | None,
+) -> None:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -107,11 +123,14 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], provider: Provid
     if not isinstance(data, dict):
         return
     line = line_of_key(data.get("custom_id"))
-    if line is None or line not in ids:
+    if line is None or line not in ids or line in found.records:
         return
     outcome = outcome_of(data, line, ids[line], provider)
     if outcome is not None:
-        found.records.add(line, output_line(outcome))
+        data = output_line(outcome)
+        found.records.add(line, data)
+        if on_record is not None:
+            on_record(line, data, outcome)
 
 
 def outcome_of(

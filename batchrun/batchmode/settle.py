@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ import orjson
 from batchrun.batchmode.api import BatchApi
 from batchrun.batchmode.plan import line_of_key
 from batchrun.batchmode.record import BatchRecord, BatchState, Part
-from batchrun.batchmode.results import Records, collect, invalid_line_record
+from batchrun.batchmode.results import OnRecord, Records, collect, invalid_line_record
 from batchrun.errors import RequestError
 from batchrun.providers import Provider
+from batchrun.records import Outcome
+from batchrun.reuse import Answers
+from batchrun.store import Stored
 
 log = logging.getLogger("batchrun")
 
@@ -56,6 +60,7 @@ class Settler:
         *,
         keep_files: bool,
         fallback_online: bool,
+        answers: Answers | None = None,
     ) -> None:
         self.api = api
         self.record = record
@@ -63,6 +68,7 @@ class Settler:
         self.dialect = dialect
         self.keep_files = keep_files
         self.fallback_online = fallback_online
+        self.answers = answers
         self._collecting = anyio.CapacityLimiter(COLLECT_AT_ONCE)
 
     async def ended(self, part: Part, batch: dict[str, Any]) -> bool:
@@ -85,7 +91,11 @@ class Settler:
             for file_id, path in zip(part.result_files, downloads, strict=False):
                 await self.api.download(file_id, path)
             found = collect(
-                downloads[: len(part.result_files)], ids, self.dialect, self._spill(part)
+                downloads[: len(part.result_files)],
+                ids,
+                self.dialect,
+                self._spill(part),
+                self._filer(part, ids),
             )
             try:
                 self._settle(part, found.records, found.unfinished, ids)
@@ -122,6 +132,27 @@ class Settler:
             named.close()
         await self.cleanup(part)
 
+    def _filer(self, part: Part, ids: dict[int, str]) -> OnRecord | None:
+        """Files each answer in the result store under its request's content
+        key, so no later run, online or batch, pays for that request again."""
+        answers = self.answers
+        if answers is None:
+            return None
+        keys = self.record.read_keys(part.id, ids)
+        now = time.time()  # wall time: what ``cache prune --older-than`` compares
+
+        def file(line: int, data: bytes, outcome: Outcome) -> None:
+            stored = Stored(
+                record=data.rstrip(b"\n"),
+                ok=outcome.ok,
+                retryable=outcome.retryable,
+                cost=outcome.cost,
+                created=now,
+            )
+            answers.add(keys[line], stored)
+
+        return file
+
     def _spill(self, part: Part) -> Path:
         return self.record.file(part.id, "spill")
 
@@ -157,7 +188,10 @@ class Settler:
                     handle.write(raw)
                     child.rows += 1
                     child.bytes += len(raw)
-        self.record.write_ids(number, ((line, ids[line]) for line in ids if line in unfinished))
+        kept = [line for line in ids if line in unfinished]
+        self.record.write_ids(number, ((line, ids[line]) for line in kept))
+        keys = self.record.read_keys(part.id, ids)
+        self.record.write_keys(number, (keys[line] for line in kept))
         return child
 
     async def cleanup(self, part: Part) -> None:
