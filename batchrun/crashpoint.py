@@ -7,7 +7,9 @@ point ``NAME``, the process kills itself with SIGKILL, as a machine or an
 OOM killer would. Points: ``after_response`` (a response received, not yet
 journaled), ``journal_torn`` (half a journal record written),
 ``output_torn`` (half an output line written), ``before_publish`` (the
-output complete, not yet renamed into place), ``after_upload`` (a batch
+output complete, not yet renamed into place),
+``between_checkpoint_and_compaction`` (a checkpoint written, the journal
+not yet compacted), ``after_upload`` (a batch
 input file uploaded, its id not yet recorded), ``after_batch_create`` (a
 provider batch created, its id not yet recorded).
 

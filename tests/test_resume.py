@@ -154,6 +154,27 @@ async def test_sigkill_at_critical_points(tmp_path: Path, server: MockServer, po
 
 
 @pytest.mark.slow
+async def test_a_kill_between_checkpoint_and_compaction_keeps_the_in_doubt_count(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", rows(150))
+    out = tmp_path / "out.jsonl"
+    first = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT="after_response:40")
+    assert first.returncode == -signal.SIGKILL
+    # The resume's first checkpoint (at its start) moves the first run's
+    # in-doubt rows from the journal into the checkpoint; it dies right there.
+    second = await run_cli(
+        command(source, out, server), BATCHRUN_CRASH_AT="between_checkpoint_and_compaction"
+    )
+    assert second.returncode == -signal.SIGKILL
+    summary = await resume_to_end(source, out, server, tmp_path)
+
+    assert duplicates(server) >= 1
+    assert duplicates(server) <= summary["extra"]["in doubt (all runs)"] <= 2 * MAX_ASYNC
+    assert out.read_bytes() == await clean_output(tmp_path, source)
+
+
+@pytest.mark.slow
 async def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server: MockServer) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", rows(400, slowest=0.1))
     out = tmp_path / "out.jsonl"
