@@ -385,6 +385,11 @@ class RunConfig:
     response_schema: ResponseSchema | None = None  # loaded and checked by build_config
 
     def __post_init__(self) -> None:
+        self._check_values()
+        self._check_combinations()
+
+    def _check_values(self) -> None:
+        """Each setting alone is in its range."""
         require(
             _is_count(self.max_response_bytes),
             f"--max-response-bytes must be a whole number >= 1, got {self.max_response_bytes!r}",
@@ -415,6 +420,9 @@ class RunConfig:
             f"--reorder-window ({self.reorder_window}) must be at least"
             f" --max-async-requests ({self.limits.max_async})",
         )
+
+    def _check_combinations(self) -> None:
+        """The run-level settings, and the ones that only go together some ways."""
         require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
         require(
             self.fsync in ("off", "batch", "always"),

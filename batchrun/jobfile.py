@@ -10,13 +10,14 @@ holds default request parameters.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from batchrun.config import (
     BatchSettings,
     Costs,
+    Limits,
     RetryPolicy,
     RunConfig,
     Shard,
@@ -134,7 +135,22 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         require(
             required in s, f"no {required} given: pass it on the command line or in the job file"
         )
-    limits = resolve_limits(
+    limits = _limits(s)
+    return RunConfig(
+        response_schema=_response_schema(s.get("response_schema")),
+        batch=_batch(s),
+        limits=limits,
+        timeouts=_timeouts(s),
+        retry=_retry(s),
+        costs=_costs(s),
+        base_urls=_base_urls(s),
+        shard=_shard(s.get("shard")),
+        **_run_keys(s, limits),
+    )
+
+
+def _limits(s: Mapping[str, Any]) -> Limits:
+    return resolve_limits(
         pool_size=s.get("connection_pool_size"),
         max_async=s.get("max_async_requests"),
         per_host=s.get("max_async_requests_per_host"),
@@ -144,7 +160,10 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         shared_limits=s.get("shared_limits"),
         limits_key=s.get("limits_key"),
     )
-    timeouts = _build(
+
+
+def _timeouts(s: Mapping[str, Any]) -> Timeouts:
+    return _build(
         Timeouts,
         s,
         connect="connect_timeout",
@@ -153,7 +172,10 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         request="request_timeout",
         idle="connection_idle_timeout",
     )
-    retry = _build(
+
+
+def _retry(s: Mapping[str, Any]) -> RetryPolicy:
+    return _build(
         RetryPolicy,
         s,
         max_attempts="max_attempts",
@@ -161,6 +183,10 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         backoff_initial="backoff_initial",
         backoff_max="backoff_max",
     )
+
+
+def _run_keys(s: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """The run-level settings, by their ``RunConfig`` field names."""
     run_keys = _pick(
         s,
         input="input",
@@ -192,7 +218,11 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         if key in run_keys:
             run_keys[key] = Path(run_keys[key])
     run_keys.setdefault("reorder_window", max(10_000, 4 * limits.max_async))
-    costs = _build(
+    return run_keys
+
+
+def _costs(s: Mapping[str, Any]) -> Costs:
+    return _build(
         Costs,
         s,
         price_input_per_million="price_input_per_million",
@@ -200,7 +230,10 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         context_limit="context_limit",
         max_cost="max_cost",
     )
-    batch = _build(
+
+
+def _batch(s: Mapping[str, Any]) -> BatchSettings:
+    return _build(
         BatchSettings,
         s,
         rows="batch_rows",
@@ -208,17 +241,6 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
         poll_interval="poll_interval",
         keep_files="keep_files",
         fallback="fallback",
-    )
-    return RunConfig(
-        response_schema=_response_schema(s.get("response_schema")),
-        batch=batch,
-        limits=limits,
-        timeouts=timeouts,
-        retry=retry,
-        costs=costs,
-        base_urls=_base_urls(s),
-        shard=_shard(s.get("shard")),
-        **run_keys,
     )
 
 
@@ -278,9 +300,12 @@ def _shard(given: Any) -> Shard | None:
     return Shard.parse(given)
 
 
+_T = TypeVar("_T")
+
+
 def _pick(settings: Mapping[str, Any], **names: str) -> dict[str, Any]:
     return {field_name: settings[key] for field_name, key in names.items() if key in settings}
 
 
-def _build(cls: Any, settings: Mapping[str, Any], **names: str) -> Any:
+def _build(cls: Callable[..., _T], settings: Mapping[str, Any], **names: str) -> _T:
     return cls(**_pick(settings, **names))

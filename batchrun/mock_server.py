@@ -294,6 +294,44 @@ async def _scripted(
     return _json(200, success_body(call, rules), headers)
 
 
+class _Quota:
+    """A provider's requests-per-second quota: ``limit`` per fixed one-second
+    window, or over the last second (``sliding``); None: no quota. Counts
+    what it received and accepted per second into ``stats``."""
+
+    def __init__(self, limit: int | None, stats: MockStats, *, sliding: bool) -> None:
+        self.limit = limit
+        self.stats = stats
+        self.sliding = sliding
+        # Arrival times of the requests accepted in the last second (sliding window).
+        self._accepted: collections.deque[float] = collections.deque()
+
+    def over(self) -> float | None:
+        """Seconds to wait when this request is over the quota; None when it is not."""
+        if self.limit is None:
+            return None
+        now = time.monotonic()
+        second = int(now)
+        self.stats.received_per_second[second] += 1
+        if self.sliding:
+            return self._over_sliding(now, self.limit)
+        if self.stats.accepted_per_second[second] >= self.limit:
+            return second + 1 - now
+        self.stats.accepted_per_second[second] += 1
+        return None
+
+    def _over_sliding(self, now: float, limit: int) -> float | None:
+        """Seconds until a place frees when ``limit`` were accepted in the last second."""
+        accepted = self._accepted
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.popleft()
+        if len(accepted) >= limit:
+            return accepted[0] + 1.0 - now
+        accepted.append(now)
+        self.stats.accepted_per_second[int(now)] += 1
+        return None
+
+
 class MockServer:
     """The simulated provider; use ``async with MockServer() as server``.
 
@@ -340,8 +378,7 @@ class MockServer:
         self._runner: web.AppRunner | None = None
         self.rate_limit = rate_limit
         self.sliding_window = sliding_window
-        # Arrival times of the requests accepted in the last second (sliding window).
-        self._accepted: collections.deque[float] = collections.deque()
+        self._quota = _Quota(rate_limit, self.stats, sliding=sliding_window)
         self.stale_after = stale_after
         self._idle_since: dict[int, float] = {}  # connection -> end of its last answer
         self.batches = MockBatches(self.stats, batch_faults)
@@ -447,31 +484,6 @@ class MockServer:
         idle_since = self._idle_since.pop(id(request.protocol), None)
         return idle_since is not None and time.monotonic() - idle_since >= self.stale_after
 
-    def _over_rate(self) -> float | None:
-        """Seconds to the next window when this request is over the rate limit."""
-        if self.rate_limit is None:
-            return None
-        now = time.monotonic()
-        second = int(now)
-        self.stats.received_per_second[second] += 1
-        if self.sliding_window:
-            return self._over_sliding_rate(now, self.rate_limit)
-        if self.stats.accepted_per_second[second] >= self.rate_limit:
-            return second + 1 - now
-        self.stats.accepted_per_second[second] += 1
-        return None
-
-    def _over_sliding_rate(self, now: float, limit: int) -> float | None:
-        """Seconds until a place frees when ``limit`` were accepted in the last second."""
-        accepted = self._accepted
-        while accepted and accepted[0] <= now - 1.0:
-            accepted.popleft()
-        if len(accepted) >= limit:
-            return accepted[0] + 1.0 - now
-        accepted.append(now)
-        self.stats.accepted_per_second[int(now)] += 1
-        return None
-
     async def _answer_fresh(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         raw = await request.read()
         digest = hashlib.sha256(raw).hexdigest()
@@ -488,7 +500,7 @@ class MockServer:
             rules = parse_directives("\n".join(call.parts))
         headers = {"x-request-id": call.request_id}
         # A quota is checked on arrival and answered at once, as providers do.
-        wait = self._over_rate() if valid else None
+        wait = self._quota.over() if valid else None
         if wait is not None:
             headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return _error(kind, headers, 429, "Requests rate limit exceeded, slow down.")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
 
 from batchrun import eventloop
@@ -121,19 +122,8 @@ async def run_async(
             if isinstance(prepared, Summary):
                 return prepared
             config, start = prepared
-            return await _execute(
-                config,
-                provider,
-                api_key,
-                state,
-                start,
-                answers,
-                clock or Clock(),
-                stream,
-                handle_signals,
-                tls,
-                stop,
-            )
+            job = _Job(config, provider, api_key, state, start, answers, clock or Clock(), stream)
+            return await _execute(job._replace(handle_signals=handle_signals, stop=stop), tls)
         finally:
             answers.close()
     finally:
@@ -257,81 +247,104 @@ def _already_done(finished: dict[str, Any], out: Path) -> Summary:
     )
 
 
-async def _execute(
-    config: RunConfig,
-    provider: Provider,
-    api_key: str | None,
-    state: StateDir,
-    start: ResumePoint,
-    answers: Answers,
-    clock: Clock,
-    stream: TextIO | None,
-    handle_signals: bool,
-    tls: ssl.SSLContext,
-    stop: anyio.Event | None = None,
-) -> Summary:
+class _Job(NamedTuple):
+    """One run's settings and the state it runs on, as the steps below need them."""
+
+    config: RunConfig
+    provider: Provider
+    api_key: str | None
+    state: StateDir
+    start: ResumePoint
+    answers: Answers
+    clock: Clock
+    stream: TextIO | None
+    handle_signals: bool = False
+    stop: anyio.Event | None = None
+
+
+async def _execute(job: _Job, tls: ssl.SSLContext) -> Summary:
+    config, clock = job.config, job.clock
     async with AsyncExitStack() as stack:
-        base_urls = config.base_urls
-        if not base_urls:
-            embedded = provider.embedded_server
-            default = await _start_mock_server(stack) if embedded else provider.default_base_url
-            base_urls = (default,)
-        for base_url in base_urls:
-            _warn_plain_http(base_url, api_key)
+        base_urls = await _base_urls(stack, job)
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts, tls))
+        started = clock.monotonic()
+        if config.mode == "batch":
+            phase = await _batch_phase(job, session, base_urls[0])
+            if not phase.complete:
+                return _batch_stopped(config, job.start, phase, clock.monotonic() - started)
         client = Client(
             session,
-            provider,
+            job.provider,
             hosts=HostPool(base_urls, clock=clock.monotonic),
-            api_key=api_key,
+            api_key=job.api_key,
             write_timeout=config.timeouts.write,
             request_timeout=config.timeouts.request,
             max_response_bytes=config.max_response_bytes,
         )
-        started = clock.monotonic()
-        if config.mode == "batch":
-            phase = await run_phase(
-                config,
-                session=session,
-                provider=provider,
-                api_key=api_key,
-                base_url=base_urls[0],
-                state_root=state.root,
-                start=start,
-                clock=clock,
-                stream=stream or sys.stderr,
-                handle_signals=handle_signals,
-                answered=_stored(answers, provider) if answers.lookup else None,
-                answers=answers,
-            )
-            if not phase.complete:
-                return _batch_stopped(config, start, phase, clock.monotonic() - started)
-        known = known_results(state.root)
+        rate_budget = await _shared_budget(stack, config, base_urls[0], clock)
+        known = known_results(job.state.root)
         if known is not None:
             stack.callback(known.close)
-        rate_budget = await _shared_budget(stack, config, base_urls[0], clock)
-        throttle = Throttle(config, clock, rate_budget)
-        reporter = _reporter(config, start, clock, stream, throttle)
-        sender = _sender(config, client, provider, throttle, clock, reporter.stats)
-        budget = Budget(config.costs.max_cost, spent=spent_before(start, provider.usage))
-        reporter.stats.cost_before = start.checkpoint.cost
-        pipeline = Pipeline(
-            config,
-            sender=sender,
-            answers=answers,
-            clock=clock,
-            reporter=reporter,
-            state=state,
-            start=start,
-            budget=budget,
-            handle_signals=handle_signals,
-            known=known,
-            stop=stop,
-        )
-        ending = await pipeline.run()
-        parts = _Parts(reporter.stats, sender, budget, known)
-        return _conclude(config, ending, parts, state, clock.monotonic() - started)
+        return await _online(job, client, Throttle(config, clock, rate_budget), known, started)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+async def _base_urls(stack: AsyncExitStack, job: _Job) -> tuple[str, ...]:
+    """The hosts to send to: the configured ones, the provider's, or the embedded mock's."""
+    base_urls = job.config.base_urls
+    if not base_urls:
+        provider = job.provider
+        embedded = provider.embedded_server
+        default = await _start_mock_server(stack) if embedded else provider.default_base_url
+        base_urls = (default,)
+    for base_url in base_urls:
+        _warn_plain_http(base_url, job.api_key)
+    return base_urls
+
+
+async def _batch_phase(job: _Job, session: aiohttp.ClientSession, base_url: str) -> PhaseResult:
+    answers, provider = job.answers, job.provider
+    return await run_phase(
+        job.config,
+        session=session,
+        provider=provider,
+        api_key=job.api_key,
+        base_url=base_url,
+        state_root=job.state.root,
+        start=job.start,
+        clock=job.clock,
+        stream=job.stream or sys.stderr,
+        handle_signals=job.handle_signals,
+        answered=_stored(answers, provider) if answers.lookup else None,
+        answers=answers,
+    )
+
+
+async def _online(
+    job: _Job, client: Client, throttle: Throttle, known: KnownLookup | None, started: float
+) -> Summary:
+    """Send the rows still to do and conclude the run."""
+    config, clock, start, provider = job.config, job.clock, job.start, job.provider
+    reporter = _reporter(config, start, clock, job.stream, throttle)
+    sender = _sender(config, client, provider, throttle, clock, reporter.stats)
+    budget = Budget(config.costs.max_cost, spent=spent_before(start, provider.usage))
+    reporter.stats.cost_before = start.checkpoint.cost
+    pipeline = Pipeline(
+        config,
+        sender=sender,
+        answers=job.answers,
+        clock=clock,
+        reporter=reporter,
+        state=job.state,
+        start=start,
+        budget=budget,
+        handle_signals=job.handle_signals,
+        known=known,
+        stop=job.stop,
+    )
+    ending = await pipeline.run()
+    parts = _Parts(reporter.stats, sender, budget, known)
+    return _conclude(config, ending, parts, job.state, clock.monotonic() - started)
 
 
 def _stored(answers: Answers, provider: Provider) -> Callable[[Request], bool]:
