@@ -22,7 +22,7 @@ from batchrun.batchmode.job import BatchJob, PhaseResult
 from batchrun.batchmode.known import KnownResults
 from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
 from batchrun.batchmode.progress import BatchProgress
-from batchrun.batchmode.record import BatchRecord
+from batchrun.batchmode.record import BatchRecord, BatchState
 from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
@@ -36,6 +36,25 @@ from batchrun.reuse import Answers
 from batchrun.timing import Clock
 
 log = logging.getLogger("batchrun")
+
+
+def _settler(
+    config: RunConfig,
+    api: BatchApi,
+    record: BatchRecord,
+    state: BatchState,
+    talk: Provider,
+    answers: Answers | None,
+) -> Settler:
+    return Settler(
+        api,
+        record,
+        state,
+        talk,
+        keep_files=config.batch.keep_files,
+        fallback_online=config.batch.fallback == "online",
+        answers=answers,
+    )
 
 
 def dialect(provider: Provider) -> Provider:
@@ -78,15 +97,7 @@ async def run_phase(
         record=record,
         state=state,
         submitter=Submitter(api, record, state, retry=config.retry, sleep=clock.sleep),
-        settler=Settler(
-            api,
-            record,
-            state,
-            talk,
-            keep_files=config.batch.keep_files,
-            fallback_online=config.batch.fallback == "online",
-            answers=answers,
-        ),
+        settler=_settler(config, api, record, state, talk, answers),
         progress=BatchProgress(enabled=config.progress, stream=stream, clock=clock.monotonic),
         clock=clock,
     )
