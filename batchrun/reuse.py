@@ -32,6 +32,10 @@ __all__ = ["FLUSH_EVERY", "Answers", "open_answers", "relabel", "stored_from_rec
 
 # Results buffered before a commit; the pipeline also flushes on a timer.
 FLUSH_EVERY = 2_000
+# Bytes of records buffered before a commit: large answers must not pile up
+# here between timer flushes (the reorder window's byte bound counts only
+# the results waiting for an earlier row).
+FLUSH_BYTES = 4 << 20
 
 
 class Answers:
@@ -47,6 +51,7 @@ class Answers:
         self.lookup = cache is not None or not local.is_empty()
         self._local_batch: list[tuple[bytes, Stored]] = []
         self._cache_batch: list[tuple[bytes, Stored]] = []
+        self._batch_bytes = 0  # record bytes in the local batch
 
     def find(self, key: bytes) -> Stored | None:
         """The reusable result stored under ``key``, or None (then: send it)."""
@@ -83,7 +88,8 @@ class Answers:
 
     def _add_local(self, key: bytes, result: Stored) -> None:
         self._local_batch.append((key, result))
-        if len(self._local_batch) >= FLUSH_EVERY:
+        self._batch_bytes += len(result.record)
+        if len(self._local_batch) >= FLUSH_EVERY or self._batch_bytes >= FLUSH_BYTES:
             self.flush()
 
     def salvage(self, keyed: Iterable[tuple[bytes, bytes]]) -> None:
@@ -99,6 +105,7 @@ class Answers:
     def flush(self) -> None:
         """Commit the buffered results (one transaction per store)."""
         batch, self._local_batch = self._local_batch, []
+        self._batch_bytes = 0
         self.local.put_many(batch)
         if self.cache is not None:
             batch, self._cache_batch = self._cache_batch, []

@@ -127,10 +127,20 @@ class Workers:
                 if known_in_a_row % _YIELD_EVERY == 0:
                     await anyio.lowlevel.checkpoint()  # let others run through a long resume
                 continue
-            finished = await self._send(item)
-            if finished is None:
+            if not await self._send_and_deliver(item):
                 return
-            self.writer.deliver(finished)
+
+    async def _send_and_deliver(self, work: Work) -> bool:
+        """Send ``work`` and hand its result to the writer; False when the row
+        stops this worker (see ``_send``). A function of its own so that no
+        local outlives the row: a worker's loop would keep its last result
+        (the record and the parsed answer, a megabyte for a 512 KB answer)
+        alive while it waits for the next one."""
+        finished = await self._send(work)
+        if finished is None:
+            return False
+        self.writer.deliver(finished)
+        return True
 
     async def _send(self, work: Work) -> Finished | None:
         """Send one row with its journal marks; None when the answer was

@@ -4,6 +4,7 @@ bound, are read back in their turn, survive compaction and a SIGKILL."""
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,11 @@ from batchrun.heap import pin_mmap_threshold
 from batchrun.holding import Held
 from batchrun.journal import Journal
 from batchrun.mock_server import MockServer
+from batchrun.ordered import OrderedWriter
+from batchrun.records import Outcome, Request
+from batchrun.rowsource import Finished
 from batchrun.runner import Clock, run_async
+from batchrun.sender import RowSender
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.test_resume import clean_output, command, resume_to_end, start_cli, wait_for
 
@@ -126,3 +131,34 @@ async def test_sigkill_while_results_wait_in_the_journal_loses_nothing(
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_the_mmap_threshold_can_be_pinned_on_glibc() -> None:
     assert pin_mmap_threshold() is True
+
+
+@pytest.mark.asyncio
+async def test_a_worker_keeps_no_finished_row_while_it_sends_the_next(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that kept its last result while sending the next row held a
+    # record and a parsed answer per worker outside --reorder-bytes: 1 MB per
+    # slot for 512 KB answers, 90 MB at 64 in flight.
+    delivered: list[Finished] = []
+    references: list[int] = []
+    deliver, send = OrderedWriter.deliver, RowSender.send
+
+    def deliver_and_note(self: OrderedWriter, item: Finished) -> None:
+        delivered.append(item)
+        deliver(self, item)
+
+    async def send_and_count(self: RowSender, request: Request) -> Outcome:
+        if delivered:  # the one worker wrote its last row: who still has it?
+            references.append(sys.getrefcount(delivered[-1]))
+        return await send(self, request)
+
+    monkeypatch.setattr(OrderedWriter, "deliver", deliver_and_note)
+    monkeypatch.setattr(RowSender, "send", send_and_count)
+    rows = [chat(f"row {i}") for i in range(5)]
+    config = make_config(tmp_path, rows, server, max_async_requests=1)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    assert summary.exit_code == 0
+    assert references == [2] * 4  # the list above and getrefcount's argument: nobody else

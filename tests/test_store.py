@@ -15,9 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchrun import reuse
 from batchrun.contentkey import canonical_json, content_key, request_key
 from batchrun.providers import get_provider
 from batchrun.records import Defaults, Request, parse_line
+from batchrun.reuse import open_answers
 from batchrun.store import STORE_FILE, Stored, StoreError, open_store
 
 json_values = st.recursive(
@@ -248,3 +250,17 @@ def test_a_torn_wal_tail_loses_only_the_last_transaction(tmp_path: Path) -> None
     assert torn.get(b"first") is not None
     assert torn.get(b"second") is None
     torn.close()
+
+
+def test_buffered_results_are_committed_once_they_pass_a_few_megabytes(tmp_path: Path) -> None:
+    # Large answers must not pile up in the commit buffer between the
+    # pipeline's timer flushes: they would sit outside --reorder-bytes.
+    answers = open_answers(tmp_path, None, resend_retryable=False)
+    big = _stored("x" * (reuse.FLUSH_BYTES // 4))
+    for n in range(3):
+        answers.add(b"k%d" % n, big)
+    assert answers.local.is_empty()  # under the bound: buffered
+    answers.add(b"k3", big)
+    assert answers.local.get(b"k0") is not None  # past it: committed at once
+    assert answers.local.get(b"k3") is not None
+    answers.close()
