@@ -116,6 +116,17 @@ class AIMDController:
         if self._limit < self.maximum:
             self._set(self._limit + 1)
 
+    @property
+    def slow_start(self) -> bool:
+        """Whether the limit is still ramping (no congestion seen yet)."""
+        return self._slow_start
+
+    def widen(self) -> None:
+        """In slow start, take the step a round trip of successes would take:
+        the limit multiplies by ``ramp + 1``, up to ``maximum``."""
+        if self._slow_start:
+            self._set(min(self.maximum, self._limit * (self.ramp + 1)))
+
     def on_congestion(self, ceiling: int | None = None) -> None:
         """The server pushed back (429, 503, a timeout): shrink the limit,
         unless this is the same congestion event as a decrease under
@@ -187,6 +198,8 @@ class AdaptiveLimiter:
         self._controller = controller
         self._in_flight = 0
         self._waiters: collections.deque[_Waiter] = collections.deque()
+        # Set the first time a task has to queue: more rows than the limit.
+        self.saturated = anyio.Event()
         # A grown limit must wake waiters even if no slot is released soon.
         controller.add_listener(lambda _limit: self._grant())
 
@@ -224,6 +237,7 @@ class AdaptiveLimiter:
             # Yield to other tasks without letting a cancellation strand the slot.
             await anyio.lowlevel.cancel_shielded_checkpoint()
             return
+        self.saturated.set()
         await _wait_for_grant(self._waiters, self.release)
 
     def release(self) -> None:

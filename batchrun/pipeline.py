@@ -106,6 +106,7 @@ class Pipeline:
         )
         self.in_doubt = len(start.journal.in_doubt)
         self.writer.progress.in_doubt += self.in_doubt
+        self.throttle = sender.throttle
         self.metrics = _metrics_writer(config, self.stats, sender.throttle, clock)
 
     @property
@@ -181,6 +182,7 @@ class Pipeline:
                 self.metrics.write()
                 tasks.start_soon(self._keep_metrics_fresh, self.metrics)
             tasks.start_soon(self._flush_often)
+            tasks.start_soon(self.throttle.widen_while_quiet, self.clock.sleep)
             with closing(self.source.rows()) as rows:
                 await self.workers.run(rows)
             # Every row that will be written is written; the helpers are left.

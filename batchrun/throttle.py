@@ -25,7 +25,7 @@ from batchrun.config import RunConfig
 from batchrun.congestion import RecentAnswers
 from batchrun.errors import FatalError, RequestError
 from batchrun.ratelimit import Budget, PauseGate, RateBudget
-from batchrun.timing import Clock
+from batchrun.timing import Clock, Sleep
 
 # In-flight requests allowed before the provider has answered anything: a
 # bad key or an overloaded server hears from few requests.
@@ -37,6 +37,17 @@ INITIAL_CONCURRENCY = 16
 # because whatever is in flight when a rate limiter's quota runs out is
 # rejected at once: 32 would double that first burst against a small quota.
 RAMP = 15
+
+# Seconds of silence after which the requests in flight count as accepted.
+# A provider refuses at once (a 429 from its limiter, a 401 for a bad key)
+# but answers only when the model is done, seconds later: a quarter second
+# without any answer while every slot is taken means the requests are being
+# worked on. The ramp then takes its step without waiting for the answers,
+# so slow answers do not hold a wide job at 16 for a whole round trip.
+QUIET_S = 0.25
+
+# Quiet steps at most (16 -> 256 -> 4,096 takes two); the watch ends after them.
+_QUIET_STEPS = 4
 
 # Weight of each new answer in the moving average of latency.
 _LATENCY_WEIGHT = 0.1
@@ -115,6 +126,7 @@ class Throttle:
         self._throughput = Throughput(clock.monotonic)
         self._recent = RecentAnswers()
         self.rate_limited = 0
+        self._failures = 0  # failed attempts so far
         self._tripped: FatalError | None = None
 
     @property
@@ -148,6 +160,25 @@ class Throttle:
             self._throughput.finish(started)
             self._recent.good(sent_at=started)
 
+    async def widen_while_quiet(self, sleep: Sleep) -> None:
+        """From the moment rows first queue for a slot until the first answer,
+        every ``QUIET_S`` seconds in which rows queued and nothing failed take
+        one step of the ramp (see ``QUIET_S``). Ends at the first answer, at
+        congestion, at the limit or after ``_QUIET_STEPS`` steps; does nothing
+        under --no-adaptive."""
+        controller = self.controller
+        if not self._adaptive:
+            return
+        await self.limiter.saturated.wait()  # no clock runs before rows queue
+        for _ in range(_QUIET_STEPS):
+            failures = self._failures
+            await sleep(QUIET_S)
+            answered = self._recent.good_seen
+            if answered or not controller.slow_start or controller.limit >= controller.maximum:
+                return
+            if self._failures == failures and self.limiter.waiting:
+                controller.widen()
+
     def _raise_if_tripped(self) -> None:
         """The circuit breaker: after one fatal answer, no request goes out."""
         fatal = self._tripped
@@ -174,6 +205,7 @@ class Throttle:
         latency of good answers, so an overrun limiter's instant 429s do not
         free places for yet more requests faster than answers would.
         """
+        self._failures += 1
         if isinstance(error, FatalError) and self._tripped is None:
             self._tripped = error
         if error.status == 429:

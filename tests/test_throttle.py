@@ -278,3 +278,60 @@ async def test_rows_waiting_for_a_retry_do_not_hold_up_the_others(tmp_path: Path
     assert summary.extra["pauses"] == 0  # three lone 429s among good answers
     # While the three rows waited, spare workers sent every other row.
     assert seen_at_retry == [39, 39, 39]
+
+
+async def _quiet_ramp(
+    tmp_path: Path, fail_at: float | None = None, answer_at: float | None = None
+) -> list[tuple[float, int]]:
+    """The (fake time, limit) changes while 300 rows wait and nothing is answered, except a
+    failure at ``fail_at`` or a good answer at ``answer_at`` (fake seconds)."""
+    time = FakeClock(auto=False)
+    throttle = throttle_for(tmp_path, time, max_async_requests=1000)
+    seen: list[tuple[float, int]] = []
+    throttle.controller.add_listener(lambda limit: seen.append((round(time.now, 2), limit)))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(throttle.widen_while_quiet, time.sleep)
+        for _ in range(300):  # 16 go out, the rest queue
+            tasks.start_soon(throttle.acquire, 0)
+        for step in range(1, 41):  # two fake seconds, in steps of 50 ms
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            if fail_at is not None and step * 0.05 > fail_at:
+                fail_at = None
+                throttle.failed(TransientError("server_error", "boom", status=500))
+            if answer_at is not None and step * 0.05 > answer_at:
+                answer_at = None
+                throttle.release(time.now - 1.0, answered=True)
+                throttle.succeeded(0, 0)
+            time.advance(0.05)
+        tasks.cancel_scope.cancel()
+    return seen
+
+
+async def test_slow_answers_do_not_hold_the_ramp_back(tmp_path: Path) -> None:
+    seen = await _quiet_ramp(tmp_path)
+
+    # A step per quiet quarter second, to the cap (times within the 50 ms steps).
+    assert seen == [(0.25, 256), (pytest.approx(0.5, abs=0.06), 1000)]
+
+
+async def test_a_failure_holds_the_quiet_ramp_for_a_step(tmp_path: Path) -> None:
+    seen = await _quiet_ramp(tmp_path, fail_at=0.1)
+
+    # The first quarter second had a failure: each step comes one later.
+    assert seen == [(pytest.approx(0.5, abs=0.06), 256), (pytest.approx(0.75, abs=0.06), 1000)]
+
+
+async def test_the_first_answer_ends_the_quiet_ramp(tmp_path: Path) -> None:
+    seen = await _quiet_ramp(tmp_path, answer_at=0.1)
+
+    assert [limit for _, limit in seen] == [31]  # the answer's own step (+15), no quiet one
+
+
+async def test_no_clock_runs_for_the_quiet_ramp_while_no_row_queues(tmp_path: Path) -> None:
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, max_async_requests=64)
+    with anyio.move_on_after(0.2):  # real seconds: it just waits
+        await throttle.widen_while_quiet(time.sleep)
+    assert time.now == 0.0
+    assert throttle.controller.limit == 16
