@@ -227,7 +227,9 @@ async def test_a_second_sigterm_stops_at_once_and_counts_in_doubt(
 async def test_a_second_run_on_the_same_output_exits_4_and_writes_nothing(
     tmp_path: Path, server: MockServer
 ) -> None:
-    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i} mock:delay=0.2") for i in range(60)])
+    # Two seconds of rows at the default 32 in flight: the second run starts
+    # (about a second on a busy machine) while the first still holds the lock.
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i} mock:delay=1") for i in range(60)])
     out = tmp_path / "out.jsonl"
     first = await start_cli(command(source, out, server))
     await wait_for(lambda: StateDir(out).is_locked())
