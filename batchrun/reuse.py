@@ -19,8 +19,9 @@ journal compaction, and a resume feeds the journal's keyed results back in
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -36,6 +37,10 @@ FLUSH_EVERY = 2_000
 # here between timer flushes (the reorder window's byte bound counts only
 # the results waiting for an earlier row).
 FLUSH_BYTES = 4 << 20
+# The same in bulk (a batch's results filed at once): each commit rewrites
+# the key index's pages that its random keys touch, so ten times the rows
+# per commit costs about a third less per row.
+BULK_ROWS, BULK_BYTES = 20_000, 16 << 20
 
 
 class Answers:
@@ -52,6 +57,7 @@ class Answers:
         self._local_batch: list[tuple[bytes, Stored]] = []
         self._cache_batch: list[tuple[bytes, Stored]] = []
         self._batch_bytes = 0  # record bytes in the local batch
+        self._flush_rows, self._flush_bytes = FLUSH_EVERY, FLUSH_BYTES
 
     def find(self, key: bytes) -> Stored | None:
         """The reusable result stored under ``key``, or None (then: send it)."""
@@ -89,8 +95,19 @@ class Answers:
     def _add_local(self, key: bytes, result: Stored) -> None:
         self._local_batch.append((key, result))
         self._batch_bytes += len(result.record)
-        if len(self._local_batch) >= FLUSH_EVERY or self._batch_bytes >= FLUSH_BYTES:
+        if len(self._local_batch) >= self._flush_rows or self._batch_bytes >= self._flush_bytes:
             self.flush()
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[None]:
+        """Within: commit every BULK_ROWS results or BULK_BYTES bytes; at
+        the end: commit what is left."""
+        self._flush_rows, self._flush_bytes = BULK_ROWS, BULK_BYTES
+        try:
+            yield
+        finally:
+            self._flush_rows, self._flush_bytes = FLUSH_EVERY, FLUSH_BYTES
+        self.flush()
 
     def salvage(self, keyed: Iterable[tuple[bytes, bytes]]) -> None:
         """Take journaled ``(key, output line)`` pairs of an earlier run, and commit."""

@@ -264,3 +264,16 @@ def test_buffered_results_are_committed_once_they_pass_a_few_megabytes(tmp_path:
     assert answers.local.get(b"k0") is not None  # past it: committed at once
     assert answers.local.get(b"k3") is not None
     answers.close()
+
+
+def test_in_bulk_results_are_committed_in_larger_transactions(tmp_path: Path) -> None:
+    answers = open_answers(tmp_path, None, resend_retryable=False)
+    with answers.bulk():
+        for n in range(reuse.FLUSH_EVERY + 1):
+            answers.add(b"k%d" % n, _stored("small"))
+        assert answers.local.is_empty()  # past FLUSH_EVERY, still one transaction to come
+    assert answers.local.get(b"k0") is not None  # committed at the end
+    for n in range(reuse.FLUSH_EVERY):
+        answers.add(b"j%d" % n, _stored("small"))
+    assert answers.local.get(b"j0") is not None  # out of bulk: committed at FLUSH_EVERY again
+    answers.close()

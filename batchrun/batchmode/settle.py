@@ -90,13 +90,14 @@ class Settler:
             downloads = [self.record.file(part.id, f"got{n}") for n in range(len(files))]
             for file_id, path in zip(part.result_files, downloads, strict=False):
                 await self.api.download(file_id, path)
-            found = collect(
-                downloads[: len(part.result_files)],
-                ids,
-                self.dialect,
-                self._spill(part),
-                self._filer(part, ids),
-            )
+            with self._bulk():  # all committed before the part is settled
+                found = collect(
+                    downloads[: len(part.result_files)],
+                    ids,
+                    self.dialect,
+                    self._spill(part),
+                    self._filer(part, ids),
+                )
             try:
                 self._settle(part, found.records, found.unfinished, ids)
             finally:
@@ -131,6 +132,10 @@ class Settler:
         finally:
             named.close()
         await self.cleanup(part)
+
+    def _bulk(self) -> contextlib.AbstractContextManager[None]:
+        """A part's answers go to the result store in large commits."""
+        return contextlib.nullcontext() if self.answers is None else self.answers.bulk()
 
     def _filer(self, part: Part, ids: dict[int, str]) -> OnRecord | None:
         """Files each answer in the result store under its request's content
