@@ -504,8 +504,8 @@ def mock_server_command(
 ) -> None:
     """Serve the simulated provider (OpenAI and DashScope dialects, files and
     batches) until stopped."""
-    from batchrun.mock_batches import BatchFaults
-    from batchrun.mock_server import serve
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.mock.server import serve
 
     serve(
         host=host,

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from batchrun.errors import UsageError
 from batchrun.jobfile import build_config, load_job_file
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.sharedlimits import (
     LEASE_REQUESTS,
     Grant,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from batchrun.errors import UsageError
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import EXIT_FATAL, Clock, run_async
 from batchrun.state import StateDir
 from tests.conftest import chat, make_config, read_jsonl
