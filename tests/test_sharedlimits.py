@@ -253,11 +253,6 @@ async def three_shards(
     return time.monotonic() - started, done, outs
 
 
-def max_per_sliding_second(stamps: list[float]) -> int:
-    stamps = sorted(stamps)
-    return max(sum(1 for t in stamps[i:] if t < s + 1.0) for i, s in enumerate(stamps))
-
-
 @pytest.mark.slow
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
