@@ -206,7 +206,7 @@ class Pipeline:
                 count_lines, self.config.input, abandon_on_cancel=True
             )
         except READ_ERRORS:
-            return  # the total stays unknown; the reader reports the damage
+            return  # the total stays unknown; the row source reports the damage
         self.stats.total = (self.config.shard or WHOLE).rows_before(lines)
 
     async def _watch_signals(self) -> None:
