@@ -79,10 +79,14 @@ def run_command(**flags: Any) -> None:
 
 
 def _run_parameters() -> list[inspect.Parameter]:
-    """The ``run`` command's parameters: one per setting, and ``--job`` after ``--out``."""
-    params = [
-        _parameter(setting.key, setting.type, _setting_option(setting)) for setting in SETTINGS
-    ]
+    """The ``run`` command's parameters: one per setting (and one per hidden
+    spelling, ``also_KEY``), and ``--job`` after ``--out``."""
+    params = []
+    for setting in SETTINGS:
+        params.append(_parameter(setting.key, setting.type, _setting_option(setting)))
+        if setting.hidden_decls:
+            hidden = typer.Option(*setting.hidden_decls, hidden=True)
+            params.append(_parameter(_ALSO + setting.key, setting.type, hidden))
     job = _opt("TOML job file; flags override it.", None, "--job")
     out_at = next(i for i, param in enumerate(params) if param.name == "out")
     params.insert(out_at + 1, _parameter("job", Path, job))
@@ -97,12 +101,17 @@ def _parameter(name: str, kind: type[Any], info: Any) -> inspect.Parameter:
     )
 
 
-def _setting_option(setting: Setting) -> Any:
+def _setting_option(setting: Setting, *, panel: str | None = "") -> Any:
+    """The typer parameter of ``setting``, in its own help panel unless ``panel``
+    names another ("" keeps the setting's, None is the general one)."""
     # Rich reads [...] in help as markup: escaped, "[costs]" is shown as written.
     help_text = setting.help_text.replace("[", "\\[")
     if setting.argument:
         return typer.Argument(metavar=setting.key.upper(), help=help_text)
-    return _opt(help_text, setting.panel, *setting.flag_decls)
+    return _opt(help_text, setting.panel if panel == "" else panel, *setting.flag_decls)
+
+
+_ALSO = "also_"  # the parameter of a setting's hidden spelling
 
 
 # Typer reads the parameters from the signature: the settings table spells them once.
@@ -131,6 +140,10 @@ def _settings(flags: dict[str, Any]) -> dict[str, Any]:
     """
     from batchrun.jobfile import load_job_file
 
+    for name in [name for name in flags if name.startswith(_ALSO)]:
+        also, key = flags.pop(name), name.removeprefix(_ALSO)
+        if flags.get(key) is None:  # the hidden spelling counts where the shown one is not
+            flags[key] = also
     job_path = flags.pop("job", None)
     settings: dict[str, Any] = load_job_file(job_path) if job_path is not None else {}
     params = dict(settings.get("params") or {})
@@ -213,6 +226,15 @@ def validate_command(
     response_schema: Annotated[
         Path | None, _opt("Check this JSON Schema file too (alone: only it).")
     ] = None,
+    price_input_per_million: Annotated[
+        float | None, _setting_option(BY_KEY["price_input_per_million"], panel=None)
+    ] = None,
+    price_output_per_million: Annotated[
+        float | None, _setting_option(BY_KEY["price_output_per_million"], panel=None)
+    ] = None,
+    context_limit: Annotated[
+        int | None, _setting_option(BY_KEY["context_limit"], panel=None)
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check INPUT without sending anything: bad lines, duplicate ids, models, tokens, cost.
@@ -234,6 +256,9 @@ def validate_command(
         "params": param,
         "shard": shard,
         "response_schema": response_schema,
+        "price_input_per_million": price_input_per_million,
+        "price_output_per_million": price_output_per_million,
+        "context_limit": context_limit,
     }
     with _usage_errors():
         settings = _settings(flags)

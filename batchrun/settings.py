@@ -68,6 +68,9 @@ class Setting:
     section: str = "run"  # the job file's table ("run": top level only)
     panel: str | None = None
     decls: tuple[str, ...] = ()  # the flag's spellings when not --key (or --key/--no-key)
+    # Further spellings, accepted but not shown in --help: the job key's own
+    # name, where the shown flag (older than the rule) differs from it.
+    hidden_decls: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()  # further job keys for the same setting
     choices: tuple[str, ...] = ()
     text: bool = False  # checked as non-empty text before anything else
@@ -257,7 +260,8 @@ SETTINGS: tuple[Setting, ...] = (
         target="limits.adaptive",
         section="limits",
         panel=LIMITS,
-        decls=("--adaptive/--no-adaptive", "--adaptive-concurrency/--no-adaptive-concurrency"),
+        decls=("--adaptive/--no-adaptive",),
+        hidden_decls=("--adaptive-concurrency/--no-adaptive-concurrency",),
     ),
     _s(
         "max_response_bytes",
@@ -390,7 +394,7 @@ SETTINGS: tuple[Setting, ...] = (
         "context_limit",
         int,
         None,
-        "The model's context window in tokens (validate's check).",
+        "The model's context window in tokens: validate reports the rows past it.",
         target="costs.context_limit",
         section="costs",
         panel=PAYING,

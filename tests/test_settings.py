@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, get_origin
 
+import orjson
 import pytest
 from typer.testing import CliRunner
 
@@ -200,8 +201,13 @@ def test_a_base_url_flag_replaces_the_job_files_base_urls(tmp_path: Path, invoke
 
 def test_the_adaptive_flag_has_the_job_keys_name_too(tmp_path: Path, invoke: Any) -> None:
     out = tmp_path / "out.jsonl"
+    job = write_job(tmp_path / "job.toml", {"adaptive_concurrency": False})
     assert not invoke("in.jsonl", "--out", out, "--no-adaptive-concurrency").limits.adaptive
     assert not invoke("in.jsonl", "--out", out, "--no-adaptive").limits.adaptive
+    assert invoke("in.jsonl", "--out", out, "--job", job, "--adaptive-concurrency").limits.adaptive
+    # Both spellings given: the one --help shows wins.
+    both = invoke("in.jsonl", "--out", out, "--no-adaptive", "--adaptive-concurrency")
+    assert not both.limits.adaptive
 
 
 def test_one_name_per_setting() -> None:
@@ -209,7 +215,8 @@ def test_one_name_per_setting() -> None:
     for setting in SETTINGS:
         if setting.argument:
             continue
-        spellings = [part for decl in setting.flag_decls for part in decl.split("/")]
+        decls = (*setting.flag_decls, *setting.hidden_decls)
+        spellings = [part for decl in decls for part in decl.split("/")]
         name = NAMED_OTHERWISE.get(setting.key, "--" + setting.key.replace("_", "-"))
         assert name in spellings, setting.key
     assert {s.key for s in SETTINGS if not s.job_key} == FLAG_ONLY
@@ -281,3 +288,18 @@ def test_readme_settings_table_agrees_with_the_settings() -> None:
             assert _readme_default(default) == by_flag[flag].default, flag
     for flag, key in re.findall(r"`(--[a-z-]+)` \(`(\w+)`\)", readme):
         assert by_flag[flag].key == key
+
+
+def test_validate_takes_the_prices_and_context_as_flags_over_the_job_file(tmp_path: Path) -> None:
+    job = write_job(tmp_path / "job.toml", {"context_limit": 1_000_000})
+    sample = ROOT / "sample_inputs" / "prompts.jsonl"
+    args = ["validate", str(sample), "--job", str(job), "--json"]
+    prices = ["--price-input-per-million", "1", "--price-output-per-million", "2"]
+    with_job = CliRunner().invoke(cli.app, args)
+    with_flags = CliRunner().invoke(cli.app, [*args, *prices, "--context-limit", "10"])
+    assert with_job.exit_code == 0, with_job.output
+    assert with_flags.exit_code == 1, with_flags.output
+    assert orjson.loads(with_job.output)["estimated_cost"] is None
+    report = orjson.loads(with_flags.output)
+    assert report["estimated_cost"] > 0
+    assert report["over_context"] > 0
