@@ -119,6 +119,8 @@ def examples(setting: Setting, tmp_path: Path) -> tuple[Any, Any]:
     if setting.type in (int, float):
         base = setting.default or setting.type(16)
         return base * 2, base * 3
+    if setting.type is Path:  # in the test's own directory: the summary is written
+        return tmp_path / f"job-{setting.key}", tmp_path / f"flag-{setting.key}"
     return f"job-{setting.key}", f"flag-{setting.key}"
 
 
