@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from batchrun.progress import RunStats
+from batchrun.stats import RunStats
 
 log = logging.getLogger("batchrun")
 

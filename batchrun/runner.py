@@ -34,7 +34,7 @@ from batchrun.journal import read_journal
 from batchrun.layout import state_dir
 from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline, RunEnding
-from batchrun.progress import ProgressReporter, RunStats, Summary, money
+from batchrun.progress import ProgressReporter
 from batchrun.providers import Provider, get_provider
 from batchrun.records import Request
 from batchrun.resume import ResumePoint, recover, spent_before
@@ -44,6 +44,7 @@ from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.state import StateDir, changed_settings, fingerprint
+from batchrun.stats import RunStats, Summary, money
 from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock

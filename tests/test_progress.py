@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchrun.progress import LatencyHistogram, ProgressReporter, RunStats, Summary
+from batchrun.progress import ProgressReporter
+from batchrun.stats import LatencyHistogram, RunStats, Summary
 from tests.fakes import FakeClock
 
 
