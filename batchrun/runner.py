@@ -3,7 +3,6 @@ publication and summary. The row-level work is in ``pipeline``."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import ipaddress
 import logging
@@ -329,7 +328,6 @@ async def _online(
     reporter = _reporter(config, start, clock, job.stream, throttle)
     sender = _sender(config, client, provider, throttle, clock, reporter.stats)
     budget = Budget(config.costs.max_cost, spent=spent_before(start, provider.usage))
-    reporter.stats.cost_before = start.checkpoint.cost
     pipeline = Pipeline(
         config,
         sender=sender,
@@ -361,13 +359,7 @@ def _batch_stopped(
     config: RunConfig, start: ResumePoint, phase: PhaseResult, duration: float
 ) -> Summary:
     """The summary of a batch phase that stopped before every part was collected."""
-    done = start.checkpoint
-    stats = RunStats(
-        done=done.rows,
-        ok=done.ok,
-        skipped=done.rows,
-        failed_by_code=collections.Counter(done.failed_by_code),
-    )
+    stats = RunStats.resumed(start.checkpoint.rows, start.checkpoint.counts)
     if phase.aborted is not None:
         exit_code, aborted = EXIT_FATAL, f"{phase.aborted}. Fix the input, then run with --restart"
     else:
@@ -405,15 +397,7 @@ async def _shared_budget(
 def _reporter(
     config: RunConfig, start: ResumePoint, clock: Clock, stream: TextIO | None, throttle: Throttle
 ) -> ProgressReporter:
-    done = start.checkpoint
-    stats = RunStats(
-        done=done.rows,
-        ok=done.ok,
-        skipped=done.rows,
-        failed_by_code=collections.Counter(done.failed_by_code),
-        tokens_in=done.tokens_in,
-        tokens_out=done.tokens_out,
-    )
+    stats = RunStats.resumed(start.checkpoint.rows, start.checkpoint.counts)
     out_stream = stream or sys.stderr
     mode = ProgressReporter.choose_mode(config.progress, out_stream)
 

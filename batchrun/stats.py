@@ -12,9 +12,21 @@ import bisect
 import collections
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any, Final
 
-__all__ = ["LatencyHistogram", "RunStats", "Summary", "duration_text", "money"]
+__all__ = [
+    "COUNTS_KEYS",
+    "Counted",
+    "Counts",
+    "LatencyHistogram",
+    "RunStats",
+    "Summary",
+    "Tally",
+    "duration_text",
+    "money",
+]
 
 _MIN_S = 1e-4
 _MAX_S = 3600.0
@@ -77,39 +89,162 @@ class LatencyHistogram:
         return min(max(middle, self._min), self._max)
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What one output record counts for (see ``resume.tally``)."""
+
+    ok: bool
+    error_code: str | None
+    retryable: bool
+    tokens_in: int
+    tokens_out: int
+    cost: float = 0.0  # the record's recorded cost (0 when none)
+    reused: bool = False  # answered from a result store, not paid by this output
+
+
 @dataclass(slots=True)
-class RunStats:
-    """Live counters of one run; the runner mutates them, the reporter reads them.
+class Counts:
+    """What finished rows count for: ``ok`` ones, failed ones by error code,
+    and the tokens and ``cost`` (the job's currency) paid for them.
+
+    Invariant: every row counted is in ``ok`` or in ``failed_by_code``, once.
+    ``to_dict`` gives the checkpoint's keys for these fields (a contract:
+    state directories of older versions resume with them).
+    """
+
+    ok: int = 0
+    failed_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        """Rows counted without success, over all error codes."""
+        return sum(self.failed_by_code.values())
+
+    def count(
+        self,
+        ok: bool,
+        error_code: str | None,
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+        cost: float = 0.0,
+    ) -> None:
+        """Count one row's verdict; a failure without a code counts under ``"unknown"``."""
+        if ok:
+            self.ok += 1
+        else:
+            self.failed_by_code[error_code or "unknown"] += 1
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+        self.cost += cost
+
+    def count_record(self, verdict: Tally) -> None:
+        """Count an output record's verdict. A reused row adds no tokens and
+        no cost: they were paid for elsewhere."""
+        if verdict.reused:
+            self.count(verdict.ok, verdict.error_code)
+        else:
+            self.count(
+                verdict.ok, verdict.error_code, verdict.tokens_in, verdict.tokens_out, verdict.cost
+            )
+
+    def copy(self) -> Counts:
+        """An independent copy (the failure counter is not shared)."""
+        return Counts(
+            self.ok,
+            collections.Counter(self.failed_by_code),
+            self.tokens_in,
+            self.tokens_out,
+            self.cost,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields by name, JSON-ready (``failed_by_code`` a plain dict)."""
+        return {
+            "ok": self.ok,
+            "failed_by_code": dict(self.failed_by_code),
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cost": self.cost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Counts:
+        """The counts among ``data``'s keys (``to_dict``'s); a missing key counts
+        nothing, other keys are ignored."""
+        return cls(
+            ok=data.get("ok", 0),
+            failed_by_code=collections.Counter(data.get("failed_by_code") or {}),
+            tokens_in=data.get("tokens_in", 0),
+            tokens_out=data.get("tokens_out", 0),
+            cost=data.get("cost", 0.0),
+        )
+
+
+COUNTS_KEYS: Final = frozenset(f.name for f in fields(Counts))
+
+
+class Counted:
+    """Read-only views of the ``counts`` an object carries."""
+
+    __slots__ = ()
+    counts: Counts
+
+    @property
+    def ok(self) -> int:
+        return self.counts.ok
+
+    @property
+    def failed(self) -> int:
+        """Rows finished without success, over all error codes."""
+        return self.counts.failed
+
+    @property
+    def failed_by_code(self) -> collections.Counter[str]:
+        return self.counts.failed_by_code
+
+    @property
+    def tokens_in(self) -> int:
+        return self.counts.tokens_in
+
+    @property
+    def tokens_out(self) -> int:
+        return self.counts.tokens_out
+
+
+@dataclass(slots=True)
+class RunStats(Counted):
+    """Live counters of one run; the pipeline mutates them, the reporter reads them.
 
     ``done`` counts rows with a final outcome, ``done == ok + failed``;
     ``skipped`` counts those of them an earlier run finished (on resume), and
     ``reused`` those answered from a result store, so that rates and ETAs
     measure this run's own work. ``sent`` counts rows this run sent.
+    ``counts`` holds the verdicts, tokens and spend of every row done, on
+    resume those of earlier runs included (it is what the checkpoint saves).
     Money, in the currency of the job's prices: ``cost`` is this run's
-    spend, ``cost_saved`` the recorded cost of the reused rows, and
-    ``cost_before`` what earlier runs on this output spent.
+    spend, ``cost_saved`` the recorded cost of the reused rows.
     """
 
     total: int | None = None
     done: int = 0
-    ok: int = 0
-    failed_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
+    counts: Counts = field(default_factory=Counts)
     retries: int = 0
     in_flight: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
     skipped: int = 0
     reused: int = 0
     sent: int = 0
     cost: float = 0.0
     cost_saved: float = 0.0
-    cost_before: float = 0.0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
-    @property
-    def failed(self) -> int:
-        """Rows finished in this run without success, over all error codes."""
-        return sum(self.failed_by_code.values())
+    @classmethod
+    def resumed(cls, rows: int, counts: Counts) -> RunStats:
+        """Counters that start after ``rows`` rows finished by earlier runs,
+        which count for ``counts`` (copied)."""
+        return cls(done=rows, skipped=rows, counts=counts.copy())
 
     def record_outcome(
         self,
@@ -128,7 +263,8 @@ class RunStats:
         ``latency_s`` (seconds) is recorded when known. A failure without a
         code counts under ``"unknown"``.
         """
-        self._verdict(ok, error_code, tokens_in, tokens_out)
+        self.done += 1
+        self.counts.count(ok, error_code, tokens_in, tokens_out, cost)
         self.retries += max(0, attempts - 1)
         if attempts:
             self.sent += 1
@@ -136,34 +272,25 @@ class RunStats:
             self.latency.record(latency_s)
         self.cost += cost
 
-    def record_earlier(
-        self,
-        *,
-        ok: bool,
-        error_code: str | None,
-        tokens_in: int = 0,
-        tokens_out: int = 0,
-        cost: float = 0.0,
-    ) -> None:
-        """Count a row an earlier run finished: in the totals, not in the rate."""
-        self._verdict(ok, error_code, tokens_in, tokens_out)
-        self.skipped += 1
-        self.cost_before += cost
+    def record_earlier(self, verdict: Tally) -> None:
+        """Count a row an earlier run finished: in the totals, not in the rate.
 
-    def record_reused(self, *, ok: bool, error_code: str | None, cost: float = 0.0) -> None:
-        """Count a row answered from a result store (its recorded ``cost`` saved)."""
-        self._verdict(ok, error_code, 0, 0)
-        self.reused += 1
-        self.cost_saved += cost
-
-    def _verdict(self, ok: bool, error_code: str | None, tokens_in: int, tokens_out: int) -> None:
+        Its tokens and cost count even when its record says ``reused``, as
+        they always have here (the resume scan, ``Counts.count_record``,
+        leaves them out).
+        """
         self.done += 1
-        if ok:
-            self.ok += 1
-        else:
-            self.failed_by_code[error_code or "unknown"] += 1
-        self.tokens_in += tokens_in
-        self.tokens_out += tokens_out
+        v = verdict
+        self.counts.count(v.ok, v.error_code, v.tokens_in, v.tokens_out, v.cost)
+        self.skipped += 1
+
+    def record_reused(self, verdict: Tally) -> None:
+        """Count a row answered from a result store: no tokens or cost of this
+        output's, its recorded cost saved."""
+        self.done += 1
+        self.counts.count(verdict.ok, verdict.error_code)
+        self.reused += 1
+        self.cost_saved += verdict.cost
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +65,9 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
     shard = Shard.parse(meta["shard"]) if meta.get("shard") else WHOLE
     point = recover(state, usage, shard)
     checkpoint = point.checkpoint
-    failed: Counter[str] = Counter(checkpoint.failed_by_code)
-    ok = checkpoint.ok
+    counts = checkpoint.counts  # the resume point's own: counting on changes nothing on disk
     for record in point.journal.results.values():
-        verdict = tally(orjson.loads(record), usage)
-        ok += verdict.ok
-        if not verdict.ok:
-            failed[verdict.error_code or "unknown"] += 1
+        counts.count_record(tally(orjson.loads(record), usage))
     done = checkpoint.rows + len(point.journal.results)
     rows = _input_rows(meta, shard)
     return {
@@ -80,8 +75,8 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "done": done,
         "in_order": checkpoint.rows,
-        "ok": ok,
-        "failed_by_code": dict(failed),
+        "ok": counts.ok,
+        "failed_by_code": dict(counts.failed_by_code),
         "in_doubt": len(point.journal.in_doubt),
         "resent_after_crashes": checkpoint.in_doubt,
         "remaining": None if rows is None else rows - done,
