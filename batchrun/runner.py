@@ -42,7 +42,7 @@ from batchrun.rowsource import KnownLookup
 from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
-from batchrun.state import StateDir, changed_settings, fingerprint
+from batchrun.state import FinishedRun, StateDir, changed_settings, fingerprint
 from batchrun.stats import RunStats, Summary, money
 from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
@@ -204,7 +204,7 @@ def prepare(
 
 
 def _after_finish(
-    state: StateDir, config: RunConfig, current: dict[str, Any], finished: dict[str, Any]
+    state: StateDir, config: RunConfig, current: dict[str, Any], finished: FinishedRun
 ) -> tuple[RunConfig, ResumePoint] | Summary:
     if state.partial_path.exists():  # stopped between the marker and the rename
         _publish(state, config.out)
@@ -224,27 +224,9 @@ def _begin(state: StateDir, current: dict[str, Any], kind: str) -> ResumePoint:
     return ResumePoint()
 
 
-def _already_done(finished: dict[str, Any], out: Path) -> Summary:
-    rows = int(finished.get("rows", 0))
-    return Summary(
-        rows=rows,
-        ok=int(finished.get("ok", 0)),
-        failed=int(finished.get("failed", 0)),
-        failed_by_code=dict(finished.get("failed_by_code") or {}),
-        retries=0,
-        skipped=rows,
-        tokens_in=0,
-        tokens_out=0,
-        latency_p50_ms=None,
-        latency_p95_ms=None,
-        latency_p99_ms=None,
-        duration_s=0.0,
-        rows_per_s=0.0,
-        exit_code=int(finished.get("exit_code", EXIT_OK)),
-        aborted=None,
-        output=str(out),
-        extra={"already finished at": finished.get("finished_at"), "requests sent": 0},
-    )
+def _already_done(finished: FinishedRun, out: Path) -> Summary:
+    extra: dict[str, object] = {"already finished at": finished.at, "requests sent": 0}
+    return finished.summary.replay(output=str(out), extra=extra)
 
 
 class _Job(NamedTuple):
@@ -481,7 +463,7 @@ def _conclude(
         },
     )
     if ending.complete and ending.disk_error is None:
-        state.write_finished(summary.to_dict())
+        state.write_finished(summary)
         _publish(state, config.out)
     return summary
 

@@ -28,14 +28,14 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from batchrun.config import RunConfig
 from batchrun.errors import CorruptStateError, LockedError, disk_writes
 from batchrun.layout import partial_output, state_dir
-from batchrun.stats import COUNTS_KEYS, Counted, Counts
+from batchrun.stats import COUNTS_KEYS, Counted, Counts, Summary
 from batchrun.store import STORE_FILE
 
 
@@ -79,6 +79,14 @@ class Checkpoint(Counted):
         fewer). Raises TypeError for a key it does not know."""
         place = {key: value for key, value in data.items() if key not in COUNTS_KEYS}
         return cls(**place, counts=Counts.from_dict(data))
+
+
+class FinishedRun(NamedTuple):
+    """``finished.json``: the summary of a run that completed, and when
+    (local time, ISO 8601; None if not recorded)."""
+
+    summary: Summary
+    at: str | None
 
 
 class StateDir:
@@ -156,11 +164,23 @@ class StateDir:
     def write_checkpoint(self, checkpoint: Checkpoint) -> None:
         _write_json_atomic(self.checkpoint_path, checkpoint.to_dict())
 
-    def read_finished(self) -> dict[str, Any] | None:
-        return _read_json(self.finished_path)
+    def read_finished(self) -> FinishedRun | None:
+        """The finished run's summary, or None while the run is not finished."""
+        data = _read_json(self.finished_path)
+        if data is None:
+            return None
+        try:
+            summary = Summary.from_dict(data)
+        except (TypeError, ValueError):
+            raise CorruptStateError(
+                f"{self.finished_path} is damaged; run again with --restart"
+            ) from None
+        at = data.get("finished_at")
+        return FinishedRun(summary, at if isinstance(at, str) else None)
 
-    def write_finished(self, summary: dict[str, Any]) -> None:
-        _write_json_atomic(self.finished_path, {"finished_at": _now(), **summary})
+    def write_finished(self, summary: Summary) -> None:
+        """Mark the run finished: its summary's keys, and ``finished_at``."""
+        _write_json_atomic(self.finished_path, {"finished_at": _now(), **summary.to_dict()})
 
     def clear(self) -> None:
         """Remove the run's progress: everything but the lock and the result store."""

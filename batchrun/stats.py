@@ -377,6 +377,37 @@ class Summary:
         result["extra"] = dict(self.extra)
         return result
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Summary:
+        """``to_dict``'s reverse, for a saved summary (``finished.json``).
+
+        Keys it does not know are ignored (``finished_at``, or a newer
+        version's); a missing one is empty (0, None, nothing). Raises
+        TypeError or ValueError for a value of the wrong shape.
+        """
+        known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        known["failed_by_code"] = dict(known.get("failed_by_code") or {})
+        known["extra"] = dict(known.get("extra") or {})
+        return cls(**{**_EMPTY, **known})
+
+    def replay(self, *, output: str, extra: dict[str, object]) -> Summary:
+        """What a run that finds this one finished reports: the same rows,
+        verdicts and exit code, every row done by an earlier run, nothing
+        sent, spent or timed now."""
+        return Summary(
+            **{
+                **_NOTHING_DONE,
+                "rows": self.rows,
+                "ok": self.ok,
+                "failed": self.failed,
+                "failed_by_code": dict(self.failed_by_code),
+                "skipped": self.rows,
+                "exit_code": self.exit_code,
+                "output": output,
+                "extra": dict(extra),
+            }
+        )
+
     def render(self) -> str:
         """A few lines of text for a person, without a trailing newline."""
         head = (
@@ -413,6 +444,26 @@ class Summary:
         if shown:
             parts.append("latency " + " ".join(shown))
         return parts
+
+
+# The fields of a summary without a default, for a run that did nothing.
+_NOTHING_DONE: Final[dict[str, Any]] = {
+    "retries": 0,
+    "tokens_in": 0,
+    "tokens_out": 0,
+    "latency_p50_ms": None,
+    "latency_p95_ms": None,
+    "latency_p99_ms": None,
+    "duration_s": 0.0,
+    "rows_per_s": 0.0,
+    "aborted": None,
+}
+_EMPTY: Final[dict[str, Any]] = {
+    **_NOTHING_DONE,
+    **dict.fromkeys(("rows", "ok", "failed", "skipped", "exit_code"), 0),
+    "failed_by_code": {},
+    "output": "",
+}
 
 
 def money(amount: float) -> str:

@@ -13,7 +13,7 @@ from batchrun.errors import UsageError
 from batchrun.inputs import count_lines
 from batchrun.providers import get_provider
 from batchrun.resume import recover, tally
-from batchrun.state import StateDir
+from batchrun.state import FinishedRun, StateDir
 
 
 def describe(out: Path) -> dict[str, Any]:
@@ -46,17 +46,18 @@ def describe(out: Path) -> dict[str, Any]:
     return report
 
 
-def _finished(finished: dict[str, Any]) -> dict[str, Any]:
+def _finished(finished: FinishedRun) -> dict[str, Any]:
+    summary = finished.summary
     return {
         "state": "finished",
-        "finished_at": finished.get("finished_at"),
-        "rows": finished.get("rows"),
-        "done": finished.get("rows"),
-        "ok": finished.get("ok"),
-        "failed_by_code": finished.get("failed_by_code") or {},
+        "finished_at": finished.at,
+        "rows": summary.rows,
+        "done": summary.rows,
+        "ok": summary.ok,
+        "failed_by_code": summary.failed_by_code,
         "in_doubt": 0,
         "remaining": 0,
-        "exit_code": finished.get("exit_code"),
+        "exit_code": summary.exit_code,
     }
 
 

@@ -1,4 +1,4 @@
-"""Tests of batchrun.progress: histogram accuracy, counters, summary, reporter."""
+"""Tests of batchrun.progress and batchrun.stats: histogram, counters, summary, reporter."""
 
 from __future__ import annotations
 
