@@ -106,7 +106,7 @@ class Pipeline:
         )
         self.in_doubt = len(start.journal.in_doubt)
         self.writer.progress.in_doubt += self.in_doubt
-        self.metrics = _metrics_writer(config, self.stats, sender.throttle, clock)
+        self.metrics = _metrics_writer(config, self.stats, sender.throttle)
 
     @property
     def complete(self) -> bool:
@@ -206,7 +206,7 @@ class Pipeline:
                 count_lines, self.config.input, abandon_on_cancel=True
             )
         except READ_ERRORS:
-            return  # the total stays unknown; the reader reports the damage
+            return  # the total stays unknown; the row source reports the damage
         self.stats.total = (self.config.shard or WHOLE).rows_before(lines)
 
     async def _watch_signals(self) -> None:
@@ -219,9 +219,7 @@ class Pipeline:
         self.request_stop("interrupted")
 
 
-def _metrics_writer(
-    config: RunConfig, stats: RunStats, throttle: Throttle, clock: Clock
-) -> MetricsWriter | None:
+def _metrics_writer(config: RunConfig, stats: RunStats, throttle: Throttle) -> MetricsWriter | None:
     if config.metrics_file is None:
         return None
     shard = str(config.shard) if config.shard else None
@@ -231,5 +229,4 @@ def _metrics_writer(
         job=config.out.name,
         shard=shard,
         extra=throttle.gauges,
-        clock=clock.monotonic,
     )

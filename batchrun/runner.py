@@ -544,7 +544,7 @@ def _publish(state: StateDir, out: Path) -> None:
 
 
 async def _start_mock_server(stack: AsyncExitStack) -> str:
-    from batchrun.mock_server import MockServer
+    from batchrun.mock.server import MockServer
 
     server = await stack.enter_async_context(MockServer())
     return server.base_url

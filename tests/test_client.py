@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from batchrun.client import Client, open_session, redact
 from batchrun.config import Limits, Timeouts
 from batchrun.errors import FatalError, RowError, TransientError
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.providers import get_provider
 from batchrun.records import Request
 

@@ -12,7 +12,7 @@ from batchrun import ordered
 from batchrun.heap import pin_mmap_threshold
 from batchrun.holding import Held
 from batchrun.journal import Journal
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import Clock, run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.test_resume import clean_output, command, resume_to_end, start_cli, wait_for

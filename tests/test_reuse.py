@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.progress import Summary
 from batchrun.runner import EXIT_BUDGET, run_async
 from tests.conftest import chat, make_config, read_jsonl
