@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from batchrun.progress import RunStats
+from batchrun.stats import RunStats
 
 log = logging.getLogger("batchrun")
 

@@ -31,12 +31,13 @@ from batchrun.errors import DiskError, FatalError, find_disk_error, sole_usage_e
 from batchrun.inputs import READ_ERRORS, count_lines
 from batchrun.metrics import MetricsWriter
 from batchrun.ordered import CHECKPOINT_EVERY, OrderedWriter
-from batchrun.progress import ProgressReporter, RunStats
+from batchrun.progress import ProgressReporter
 from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers
 from batchrun.rowsource import Finished, KnownLookup, RowSource
 from batchrun.sender import RowSender
 from batchrun.state import StateDir
+from batchrun.stats import RunStats
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.workers import Workers

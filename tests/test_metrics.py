@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from batchrun.metrics import MetricsWriter, render_metrics, write_metrics
-from batchrun.progress import RunStats
+from batchrun.stats import RunStats
 
 
 def busy_stats() -> RunStats:
