@@ -31,13 +31,9 @@ $(AIRFLOW_VENV)/.installed:
 
 # The whole suite on the standard loop, then the in-process tests again on
 # uvloop (the slow tests run the CLI, whose default loop is already uvloop).
-# Deselected on uvloop: there a stale pooled connection's resend can draw a
-# second stale one, and that row then takes a second attempt (it still
-# succeeds); the test asserts exactly one attempt per row.
 test: $(VENV)/.test-extras $(AIRFLOW_VENV)/.installed
 	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q --loop uvloop -m "not slow" \
-		--deselect tests/test_throttle.py::test_a_server_dropping_idle_connections_fails_no_row
+	$(BIN)/python -m pytest -q --loop uvloop -m "not slow"
 
 # The SDK peers are optional: if they can't be installed, the table says "unavailable".
 $(VENV)/.bench-extras: $(BIN)/batchrun

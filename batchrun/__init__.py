@@ -25,9 +25,9 @@ if TYPE_CHECKING:
         UsageError,
     )
     from batchrun.jobfile import build_config, load_job_file
-    from batchrun.progress import Summary
     from batchrun.results import read_results, to_pandas
     from batchrun.runner import run, run_async
+    from batchrun.stats import Summary
 
 # Each public name and the module it lives in, imported on first use: a bare
 # ``import batchrun`` (and ``batchrun --version``) loads no HTTP stack.
@@ -44,7 +44,7 @@ _HOMES = {
     "UsageError": "errors",
     "build_config": "jobfile",
     "load_job_file": "jobfile",
-    "Summary": "progress",
+    "Summary": "stats",
     "read_results": "results",
     "to_pandas": "results",
     "run": "runner",

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from batchrun.errors import UsageError
-from batchrun.progress import money
+from batchrun.stats import money
 from batchrun.store import STORE_FILE, StoreStats, open_store
 
 __all__ = ["as_dict", "parse_age", "prune", "render", "stats"]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import orjson
 import typer
 
 from batchrun.errors import DiskError, LockedError, UsageError
+from batchrun.settings import BY_KEY, SETTINGS, Setting
 
 # Modules a command needs are imported inside it: ``batchrun --version`` and
 # ``--help`` load no HTTP stack.
@@ -26,13 +28,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Run a JSONL file of model requests through one pooled, rate-bounded session.",
 )
-
-_LIMITS = "Limits (DashScope SDK knobs)"
-_TIMEOUTS = "Timeouts (seconds)"
-_RETRY = "Retries"
-_RESUME = "Resume and durability"
-_PAYING = "Paying once"
-_BATCH = "Batch mode (the provider's Batch API, half price)"
 
 
 def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
@@ -59,175 +54,8 @@ def _options(
     """Run a JSONL file of model requests through one pooled, rate-bounded session."""
 
 
-@app.command("run")
-def run_command(
-    input_path: Annotated[
-        Path | None, typer.Argument(metavar="INPUT", help="JSONL (or .jsonl.gz) requests.")
-    ] = None,
-    out: Annotated[
-        Path | None, _opt("Output JSONL, one line per input line.", None, "--out", "-o")
-    ] = None,
-    job: Annotated[Path | None, _opt("TOML job file; flags override it.", None, "--job")] = None,
-    provider: Annotated[str | None, _opt("openai | dashscope | mock (default mock).")] = None,
-    base_url: Annotated[
-        list[str] | None,
-        _opt(
-            "API base URL, e.g. https://host/v1; repeat it to spread over replicas.",
-            None,
-            "--base-url",
-        ),
-    ] = None,
-    model: Annotated[str | None, _opt("Model for lines that name none.")] = None,
-    api_key_env: Annotated[str | None, _opt("Environment variable holding the API key.")] = None,
-    param: Annotated[
-        list[str] | None, _opt("Default request parameter KEY=JSON (repeatable).", None, "--param")
-    ] = None,
-    connection_pool_size: Annotated[int | None, _opt("Connections kept (32).", _LIMITS)] = None,
-    max_async_requests: Annotated[int | None, _opt("Requests in flight (32).", _LIMITS)] = None,
-    max_async_requests_per_host: Annotated[
-        int | None, _opt("Requests in flight per host (32).", _LIMITS)
-    ] = None,
-    rpm: Annotated[float | None, _opt("Requests per minute, spread smoothly.", _LIMITS)] = None,
-    tpm: Annotated[
-        float | None, _opt("Tokens per minute (estimated, then corrected).", _LIMITS)
-    ] = None,
-    shared_limits: Annotated[
-        str | None,
-        _opt(
-            "redis://HOST:PORT/DB (or rediss://): share --rpm, --tpm and Retry-After pauses"
-            " with every process using it (password in the URL or BATCHRUN_REDIS_PASSWORD).",
-            _LIMITS,
-        ),
-    ] = None,
-    limits_key: Annotated[
-        str | None,
-        _opt("Which shared budget (default: provider, host and model).", _LIMITS),
-    ] = None,
-    adaptive_concurrency: Annotated[
-        bool | None,
-        _opt(
-            "Start low, grow while answers are good, halve on 429/503/timeouts (default on).",
-            _LIMITS,
-            "--adaptive/--no-adaptive",
-        ),
-    ] = None,
-    max_response_bytes: Annotated[
-        int | None,
-        _opt("Largest response body read; a larger one fails its row (64 MiB).", _LIMITS),
-    ] = None,
-    ca_bundle: Annotated[
-        Path | None,
-        _opt("PEM file of CA certificates to trust besides the system's (a private CA)."),
-    ] = None,
-    connect_timeout: Annotated[float | None, _opt("Connecting (120).", _TIMEOUTS)] = None,
-    read_timeout: Annotated[
-        float | None, _opt("Each wait for response bytes (300).", _TIMEOUTS)
-    ] = None,
-    write_timeout: Annotated[
-        float | None, _opt("Sending the request body (60).", _TIMEOUTS)
-    ] = None,
-    request_timeout: Annotated[
-        float | None,
-        _opt("One whole attempt: connect, send, wait and read (600).", _TIMEOUTS),
-    ] = None,
-    connection_idle_timeout: Annotated[
-        float | None, _opt("Keeping an idle connection (300).", _TIMEOUTS)
-    ] = None,
-    max_attempts: Annotated[int | None, _opt("Attempts per row (6).", _RETRY)] = None,
-    retry_budget: Annotated[
-        float | None,
-        _opt("Seconds per row from its first attempt, in-flight attempt included (900).", _RETRY),
-    ] = None,
-    reorder_window: Annotated[
-        int | None, _opt("Rows held at most while an earlier one is unfinished (10000).")
-    ] = None,
-    reorder_bytes: Annotated[
-        int | None,
-        _opt(
-            "Bytes of results kept in memory while an earlier row is unfinished; past it"
-            " they wait in the journal (268435456: 256 MiB)."
-        ),
-    ] = None,
-    progress: Annotated[
-        bool | None, _opt("Progress bar or log lines.", None, "--progress/--no-progress")
-    ] = None,
-    summary: Annotated[Path | None, _opt("Also write the summary as JSON here.")] = None,
-    shard: Annotated[
-        str | None, _opt("Process shard I of N (I/N, from 0): every N-th row, from row I.")
-    ] = None,
-    metrics_file: Annotated[
-        Path | None, _opt("Prometheus textfile, rewritten during the run (node_exporter).")
-    ] = None,
-    cache: Annotated[
-        Path | None,
-        _opt("Result store shared by jobs: rows answered there are not sent again.", _PAYING),
-    ] = None,
-    max_cost: Annotated[
-        float | None,
-        _opt(
-            "Stop sending once the spend would pass this (exit 5); needs [costs] prices.", _PAYING
-        ),
-    ] = None,
-    restart: Annotated[
-        bool,
-        typer.Option(
-            "--restart",
-            help="Discard this output's unfinished state; start over.",
-            rich_help_panel=_RESUME,
-        ),
-    ] = False,
-    retry_failed: Annotated[
-        bool,
-        typer.Option(
-            "--retry-failed",
-            help="Send again the rows of a finished output whose error is retryable.",
-            rich_help_panel=_RESUME,
-        ),
-    ] = False,
-    fsync: Annotated[
-        str | None,
-        _opt(
-            "off (default): results reach the OS at once; batch: the disk too,"
-            " per written batch; always: per result.",
-            _RESUME,
-        ),
-    ] = None,
-    grace: Annotated[
-        float | None, _opt("Seconds in-flight requests get after SIGINT/SIGTERM (3).", _RESUME)
-    ] = None,
-    loop: Annotated[
-        str | None,
-        _opt("Event loop: auto (default: uvloop where installed), asyncio or uvloop."),
-    ] = None,
-    response_schema: Annotated[
-        Path | None,
-        _opt("JSON Schema file: ask for JSON answers and retry those that do not match it."),
-    ] = None,
-    mode: Annotated[
-        str | None, _opt("online (default), or batch: the provider's Batch API.", _BATCH)
-    ] = None,
-    batch_rows: Annotated[int | None, _opt("Requests per batch file (50000).", _BATCH)] = None,
-    batch_bytes: Annotated[
-        int | None, _opt("Bytes per batch file (default: the provider's cap).", _BATCH)
-    ] = None,
-    poll_interval: Annotated[
-        float | None, _opt("Seconds between polls of running batches (30).", _BATCH)
-    ] = None,
-    keep_files: Annotated[
-        bool,
-        typer.Option(
-            "--keep-files",
-            help="Keep the uploaded and result files on the provider.",
-            rich_help_panel=_BATCH,
-        ),
-    ] = False,
-    fallback: Annotated[
-        str | None,
-        _opt("none (default): resubmit an expired batch's rows; online: send them online.", _BATCH),
-    ] = None,
-) -> None:
+def run_command(**flags: Any) -> None:
     """Send every request of INPUT and write one result line per input line to OUT."""
-    flags = dict(locals())
     from batchrun.heap import pin_mmap_threshold
     from batchrun.jobfile import build_config
     from batchrun.runner import EXIT_DISK, EXIT_LOCKED, disk_advice, run
@@ -250,6 +78,47 @@ def run_command(
     raise typer.Exit(result.exit_code)
 
 
+def _run_parameters() -> list[inspect.Parameter]:
+    """The ``run`` command's parameters: one per setting (and one per hidden
+    spelling, ``also_KEY``), and ``--job`` after ``--out``."""
+    params = []
+    for setting in SETTINGS:
+        params.append(_parameter(setting.key, setting.type, _setting_option(setting)))
+        if setting.hidden_decls:
+            hidden = typer.Option(*setting.hidden_decls, hidden=True)
+            params.append(_parameter(_ALSO + setting.key, setting.type, hidden))
+    job = _opt("TOML job file; flags override it.", None, "--job")
+    out_at = next(i for i, param in enumerate(params) if param.name == "out")
+    params.insert(out_at + 1, _parameter("job", Path, job))
+    return params
+
+
+def _parameter(name: str, kind: type[Any], info: Any) -> inspect.Parameter:
+    """``name: Annotated[kind | None, info] = None``: None is "not given"."""
+    annotation = cast(Any, Annotated)[kind | None, info]
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+    )
+
+
+def _setting_option(setting: Setting, *, panel: str | None = "") -> Any:
+    """The typer parameter of ``setting``, in its own help panel unless ``panel``
+    names another ("" keeps the setting's, None is the general one)."""
+    # Rich reads [...] in help as markup: escaped, "[costs]" is shown as written.
+    help_text = setting.help_text.replace("[", "\\[")
+    if setting.argument:
+        return typer.Argument(metavar=setting.key.upper(), help=help_text)
+    return _opt(help_text, setting.panel if panel == "" else panel, *setting.flag_decls)
+
+
+_ALSO = "also_"  # the parameter of a setting's hidden spelling
+
+
+# Typer reads the parameters from the signature: the settings table spells them once.
+run_command.__signature__ = inspect.Signature(_run_parameters())  # type: ignore[attr-defined]
+app.command("run")(run_command)
+
+
 def _write_summary(path: Path, summary: dict[str, Any]) -> None:
     """The summary JSON; a failure to write it (checked writable at the start,
     but a directory can vanish) is said in one line and changes no exit code:
@@ -263,22 +132,28 @@ def _write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 
 def _settings(flags: dict[str, Any]) -> dict[str, Any]:
-    """Job-file settings overridden by the flags that were given."""
+    """Job-file settings overridden by the flags that were given.
+
+    ``--param`` adds to the job file's ``[params]``; any other flag given
+    replaces the job file's key (and that key's aliases: ``--base-url``
+    replaces ``base_urls``).
+    """
     from batchrun.jobfile import load_job_file
 
-    job_path = flags.pop("job")
+    for name in [name for name in flags if name.startswith(_ALSO)]:
+        also, key = flags.pop(name), name.removeprefix(_ALSO)
+        if flags.get(key) is None:  # the hidden spelling counts where the shown one is not
+            flags[key] = also
+    job_path = flags.pop("job", None)
     settings: dict[str, Any] = load_job_file(job_path) if job_path is not None else {}
     params = dict(settings.get("params") or {})
-    params.update(_parse_params(flags.pop("param") or []))
-    flags["input"] = flags.pop("input_path")
-    for switch in ("restart", "retry_failed", "keep_files"):
-        if switch in flags:
-            flags[switch] = flags[switch] or None  # unset: the job file's value stands
-    if flags.get("base_url"):  # given on the command line: replaces the job file's hosts
-        settings.pop("base_urls", None)
-    else:
-        flags["base_url"] = None
-    settings.update({key: value for key, value in flags.items() if value is not None})
+    params.update(_parse_params(flags.pop("params", None) or []))
+    for key, value in flags.items():
+        if value is None or value == []:
+            continue  # not given: the job file's value stands
+        for alias in BY_KEY[key].aliases:
+            settings.pop(alias, None)
+        settings[key] = value
     settings["params"] = params
     return settings
 
@@ -351,6 +226,15 @@ def validate_command(
     response_schema: Annotated[
         Path | None, _opt("Check this JSON Schema file too (alone: only it).")
     ] = None,
+    price_input_per_million: Annotated[
+        float | None, _setting_option(BY_KEY["price_input_per_million"], panel=None)
+    ] = None,
+    price_output_per_million: Annotated[
+        float | None, _setting_option(BY_KEY["price_output_per_million"], panel=None)
+    ] = None,
+    context_limit: Annotated[
+        int | None, _setting_option(BY_KEY["context_limit"], panel=None)
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check INPUT without sending anything: bad lines, duplicate ids, models, tokens, cost.
@@ -366,12 +250,15 @@ def validate_command(
         _check_schema_alone(response_schema)
         return
     flags = {
-        "input_path": input_path,
+        "input": input_path,
         "job": job,
         "model": model,
-        "param": param,
+        "params": param,
         "shard": shard,
         "response_schema": response_schema,
+        "price_input_per_million": price_input_per_million,
+        "price_output_per_million": price_output_per_million,
+        "context_limit": context_limit,
     }
     with _usage_errors():
         settings = _settings(flags)
@@ -504,8 +391,8 @@ def mock_server_command(
 ) -> None:
     """Serve the simulated provider (OpenAI and DashScope dialects, files and
     batches) until stopped."""
-    from batchrun.mock_batches import BatchFaults
-    from batchrun.mock_server import serve
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.mock.server import serve
 
     serve(
         host=host,

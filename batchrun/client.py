@@ -4,7 +4,8 @@ statuses become batchrun errors.
 One ``aiohttp.ClientSession`` over one ``TCPConnector`` serves a whole run, so
 connections are reused instead of opened per call. The connector caps
 connections (``pool_size`` overall, ``per_host`` per host) and keeps idle ones
-for ``idle`` seconds.
+for ``idle`` seconds. The one resend after a stale pooled connection goes on a
+new connection (see ``_Connector``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
 import anyio
 import orjson
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
 from aiohttp.payload import Payload
+from aiohttp.tracing import Trace
 
 from batchrun.config import DEFAULT_MAX_RESPONSE_BYTES, Limits, Timeouts
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
@@ -38,7 +43,7 @@ async def open_session(
 ) -> AsyncIterator[aiohttp.ClientSession]:
     """The run's single session; closed, shielded from cancellation, on exit.
     ``tls`` verifies servers (default: the system's CAs)."""
-    connector = aiohttp.TCPConnector(
+    connector = _Connector(
         ssl=tls if tls is not None else True,
         limit=limits.pool_size,
         limit_per_host=limits.per_host,
@@ -55,6 +60,24 @@ async def open_session(
         finally:
             with anyio.CancelScope(shield=True):
                 await session.close()
+
+
+# Set while a task resends after a stale connection: the pooled connections
+# idle as long as the stale one are likely stale too (the pool hands out its
+# oldest first), so the resend must not draw one of them.
+_NEW_CONNECTION: ContextVar[bool] = ContextVar("batchrun_new_connection", default=False)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's pooled connector, except that a task with ``_NEW_CONNECTION``
+    set gets a new connection, never an idle pooled one. The new connection
+    counts against the same limits and joins the pool once answered, so reuse
+    goes on as before."""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        if _NEW_CONNECTION.get():
+            return None  # nothing reusable: ``connect`` opens a connection
+        return await super()._get(key, traces)
 
 
 # aiohttp's body writer waits for the transport to drain only past this many
@@ -161,17 +184,22 @@ class Client:
     async def _send_to(self, base_url: str, request: Request) -> Response:
         """A pooled connection the server had already closed (its keep-alive
         timeout ran out as we reused it) is not the provider's answer: the
-        request is sent once more at once, on a fresh connection."""
+        request is sent once more at once, on a new connection (with a session
+        from ``open_session``; other sessions may hand out a pooled one). Only
+        a close before any answer counts (``_closed_before_answer``)."""
         url = self._provider.url(request, base_url)
         data = orjson.dumps(self._provider.body(request))
         try:
             return await self._post(url, data)
         except _StaleConnection:
             self.stale_retries += 1
+        token = _NEW_CONNECTION.set(True)
         try:
             return await self._post(url, data)
         except _StaleConnection as exc:
             raise self._redacted(transport_error(exc.cause)) from exc.cause
+        finally:
+            _NEW_CONNECTION.reset(token)
 
     async def _post(self, url: str, data: bytes) -> Response:
         body = _TimedBody(data, self._write_timeout)

@@ -12,29 +12,32 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from batchrun.errors import UsageError
 from batchrun.records import Defaults
 from batchrun.schema import ResponseSchema, response_format
+from batchrun.settings import (
+    FALLBACKS,
+    FSYNC_POLICIES,
+    LOOPS,
+    MODES,
+    PROVIDERS,
+    Fallback,
+    FsyncPolicy,
+    LoopName,
+    Mode,
+    ProviderName,
+    default,
+    flag,
+)
 
-ProviderName = Literal["openai", "dashscope", "mock"]
-# off: results reach the OS at once; batch: fsync per written batch; always: per result.
-FsyncPolicy = Literal["off", "batch", "always"]
-# online: one request per row; batch: the provider's Batch API (half price, up to 24 h).
-Mode = Literal["online", "batch"]
-# What batch mode does with rows of an expired or cancelled batch: resubmit them, or send online.
-Fallback = Literal["none", "online"]
-PROVIDERS: tuple[ProviderName, ...] = ("openai", "dashscope", "mock")
-
-# DashScope's own SDK defaults: the knobs batchrun is modelled on.
-DEFAULT_POOL_SIZE = 32
-DEFAULT_MAX_ASYNC = 32
-# Bytes of finished results kept in memory while an earlier row is unfinished.
-DEFAULT_REORDER_BYTES = 256 * 1024 * 1024
-# A body past this fails its row (response_too_large) instead of exhausting memory.
-DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
+# A body past max_response_bytes fails its row (response_too_large) instead of exhausting memory.
+DEFAULT_MAX_RESPONSE_BYTES: int = default("max_response_bytes")
+DEFAULT_POOL_SIZE: int = default("connection_pool_size")
+DEFAULT_MAX_ASYNC: int = default("max_async_requests")
+DEFAULT_ADAPTIVE: bool = default("adaptive_concurrency")
 
 
 def require(ok: bool, message: str) -> None:
@@ -76,10 +79,10 @@ class Limits:
 
     pool_size: int = DEFAULT_POOL_SIZE
     max_async: int = DEFAULT_MAX_ASYNC
-    per_host: int = DEFAULT_MAX_ASYNC
+    per_host: int = default("max_async_requests_per_host")
     rpm: float | None = None  # requests per minute, client-side
     tpm: float | None = None  # tokens per minute, client-side (estimated, then corrected)
-    adaptive: bool = True  # AIMD on the in-flight limit, up to max_async
+    adaptive: bool = DEFAULT_ADAPTIVE  # AIMD on the in-flight limit, up to max_async
     # redis:// or rediss:// URL: rpm, tpm and pauses shared by every process using it.
     shared_limits: str | None = None
     limits_key: str | None = None  # which shared budget; None: provider, host and model
@@ -87,7 +90,10 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("pool_size", "max_async", "per_host"):
             value = getattr(self, name)
-            require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+            require(
+                _is_count(value),
+                f"{flag(f'limits.{name}')} must be a whole number >= 1, got {value!r}",
+            )
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
             require(
@@ -124,12 +130,12 @@ class Limits:
 
 def resolve_limits(
     *,
-    pool_size: int | None,
-    max_async: int | None,
-    per_host: int | None,
+    pool_size: int | None = None,
+    max_async: int | None = None,
+    per_host: int | None = None,
     rpm: float | None = None,
     tpm: float | None = None,
-    adaptive: bool = True,
+    adaptive: bool = DEFAULT_ADAPTIVE,
     shared_limits: str | None = None,
     limits_key: str | None = None,
 ) -> Limits:
@@ -143,7 +149,10 @@ def resolve_limits(
     given = {"pool_size": pool_size, "max_async": max_async, "per_host": per_host}
     for name, value in given.items():
         if value is not None:
-            require(_is_count(value), f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+            require(
+                _is_count(value),
+                f"{flag(f'limits.{name}')} must be a whole number >= 1, got {value!r}",
+            )
     if max_async is None:
         max_async = max(DEFAULT_MAX_ASYNC, per_host or 0)
         if pool_size is not None:
@@ -174,18 +183,18 @@ class Timeouts:
     read), ``idle`` how long an unused pooled connection is kept.
     """
 
-    connect: float = 120.0
-    read: float = 300.0
-    write: float = 60.0
-    request: float = 600.0
-    idle: float = 300.0
+    connect: float = default("connect_timeout")
+    read: float = default("read_timeout")
+    write: float = default("write_timeout")
+    request: float = default("request_timeout")
+    idle: float = default("connection_idle_timeout")
 
     def __post_init__(self) -> None:
         for name in ("connect", "read", "write", "request", "idle"):
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=True),
-                f"{_flag(name)} must be a finite number of seconds > 0, got {value!r}",
+                f"{flag(f'timeouts.{name}')} must be a finite number of seconds > 0, got {value!r}",
             )
 
 
@@ -200,10 +209,10 @@ class RetryPolicy:
     server's Retry-After wins when longer, up to ``budget``.
     """
 
-    max_attempts: int = 6
-    budget: float = 900.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
+    max_attempts: int = default("max_attempts")
+    budget: float = default("retry_budget")
+    backoff_initial: float = default("backoff_initial")
+    backoff_max: float = default("backoff_max")
 
     def __post_init__(self) -> None:
         require(
@@ -214,7 +223,7 @@ class RetryPolicy:
             value = getattr(self, name)
             require(
                 _is_seconds(value, minimum_exclusive=False),
-                f"{_flag(name)} must be a finite number of seconds >= 0, got {value!r}",
+                f"{flag(f'retry.{name}')} must be a finite number of seconds >= 0, got {value!r}",
             )
 
 
@@ -325,11 +334,11 @@ class BatchSettings:
     cancelled batch online instead of in a new batch.
     """
 
-    rows: int = 50_000
+    rows: int = default("batch_rows")
     bytes: int | None = None
-    poll_interval: float = 30.0
-    keep_files: bool = False
-    fallback: Fallback = "none"
+    poll_interval: float = default("poll_interval")
+    keep_files: bool = default("keep_files")
+    fallback: Fallback = default("fallback")
 
     def __post_init__(self) -> None:
         require(
@@ -346,8 +355,8 @@ class BatchSettings:
         )
         require(isinstance(self.keep_files, bool), "keep_files must be true or false")
         require(
-            self.fallback in ("none", "online"),
-            f"--fallback must be none or online, got {self.fallback!r}",
+            self.fallback in FALLBACKS,
+            f"--fallback must be {' or '.join(FALLBACKS)}, got {self.fallback!r}",
         )
 
 
@@ -357,7 +366,7 @@ class RunConfig:
 
     input: Path
     out: Path
-    provider: ProviderName = "mock"
+    provider: ProviderName = default("provider")
     base_urls: tuple[str, ...] = ()  # empty: the provider's default
     model: str | None = None
     api_key_env: str | None = None
@@ -365,20 +374,22 @@ class RunConfig:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    reorder_window: int = 10_000
-    reorder_bytes: int = DEFAULT_REORDER_BYTES  # results waiting in memory; past it, in the journal
-    progress: bool = True
+    reorder_window: int = default("reorder_window")
+    # Bytes of finished results kept in memory while an earlier row is unfinished; past it, in
+    # the journal.
+    reorder_bytes: int = default("reorder_bytes")
+    progress: bool = default("progress")
     summary_path: Path | None = None
-    fsync: FsyncPolicy = "off"
-    loop: str = "auto"  # the event loop: auto, asyncio or uvloop (batchrun.eventloop)
-    grace: float = 3.0
-    restart: bool = False
-    retry_failed: bool = False
+    fsync: FsyncPolicy = default("fsync")
+    loop: LoopName = default("loop")  # the event loop (batchrun.eventloop)
+    grace: float = default("grace")
+    restart: bool = default("restart")
+    retry_failed: bool = default("retry_failed")
     shard: Shard | None = None
     metrics_file: Path | None = None
     costs: Costs = field(default_factory=lambda: Costs())
     cache: Path | None = None  # a result store shared by jobs (--cache DIR)
-    mode: Mode = "online"
+    mode: Mode = default("mode")
     batch: BatchSettings = field(default_factory=lambda: BatchSettings())
     ca_bundle: Path | None = None  # PEM CA certificates trusted besides the system's
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
@@ -395,8 +406,8 @@ class RunConfig:
             f"--max-response-bytes must be a whole number >= 1, got {self.max_response_bytes!r}",
         )
         require(
-            self.mode in ("online", "batch"),
-            f"--mode must be online or batch, got {self.mode!r}",
+            self.mode in MODES,
+            f"--mode must be {' or '.join(MODES)}, got {self.mode!r}",
         )
         require(
             not (self.mode == "batch" and self.response_schema is not None),
@@ -425,12 +436,12 @@ class RunConfig:
         """The run-level settings, and the ones that only go together some ways."""
         require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
         require(
-            self.fsync in ("off", "batch", "always"),
-            f"--fsync must be one of off, batch, always, got {self.fsync!r}",
+            self.fsync in FSYNC_POLICIES,
+            f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}",
         )
         require(
-            self.loop in ("auto", "asyncio", "uvloop"),
-            f"--loop must be one of auto, asyncio, uvloop, got {self.loop!r}",
+            self.loop in LOOPS,
+            f"--loop must be one of {', '.join(LOOPS)}, got {self.loop!r}",
         )
         require(
             _is_seconds(self.grace, minimum_exclusive=False),
@@ -458,24 +469,3 @@ class RunConfig:
         if self.response_schema is not None:
             chat["response_format"] = response_format(self.provider, self.response_schema)
         return Defaults(model=self.model, params=self.params, chat_params=chat)
-
-
-_FLAGS = {
-    "pool_size": "--connection-pool-size",
-    "max_async": "--max-async-requests",
-    "per_host": "--max-async-requests-per-host",
-    "connect": "--connect-timeout",
-    "read": "--read-timeout",
-    "write": "--write-timeout",
-    "request": "--request-timeout",
-    "idle": "--connection-idle-timeout",
-    "budget": "--retry-budget",
-    "backoff_initial": "--backoff-initial",
-    "backoff_max": "--backoff-max",
-    "rpm": "--rpm",
-    "tpm": "--tpm",
-}
-
-
-def _flag(name: str) -> str:
-    return _FLAGS.get(name, name)

@@ -1,8 +1,8 @@
 """batchrun's error hierarchy.
 
 Transport failures and HTTP answers become these types in exactly one place,
-``batchrun.client``; everything downstream (retry, runner, records) speaks
-only these types. Three verdicts matter for a request:
+``batchrun.client``; everything downstream (retry, sender, workers, pipeline,
+runner) speaks only these types. Three verdicts matter for a request:
 
 * ``TransientError``: worth another attempt (timeouts, resets, 429, 5xx ...).
 * ``RowError``: this row failed for good; record it and go on.

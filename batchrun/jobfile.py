@@ -12,12 +12,11 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from batchrun.config import (
     BatchSettings,
     Costs,
-    Limits,
     RetryPolicy,
     RunConfig,
     Shard,
@@ -27,59 +26,10 @@ from batchrun.config import (
 )
 from batchrun.errors import UsageError
 from batchrun.schema import ResponseSchema, load_response_schema
+from batchrun.settings import BY_KEY, SECTIONS, SETTINGS, default, job_sections
 
-# Job-file keys (flat, named like the flags) and the section they belong to.
-_JOB_KEYS: dict[str, str] = {
-    "input": "run",
-    "out": "run",
-    "provider": "run",
-    "base_url": "run",
-    "base_urls": "run",
-    "shard": "run",
-    "metrics_file": "run",
-    "model": "run",
-    "api_key_env": "run",
-    "reorder_window": "run",
-    "reorder_bytes": "run",
-    "progress": "run",
-    "summary": "run",
-    "params": "run",
-    "fsync": "run",
-    "loop": "run",
-    "grace": "run",
-    "mode": "run",
-    "response_schema": "run",
-    "batch_rows": "batch",
-    "batch_bytes": "batch",
-    "poll_interval": "batch",
-    "keep_files": "batch",
-    "fallback": "batch",
-    "ca_bundle": "run",
-    "max_response_bytes": "limits",
-    "connection_pool_size": "limits",
-    "max_async_requests": "limits",
-    "max_async_requests_per_host": "limits",
-    "rpm": "limits",
-    "tpm": "limits",
-    "adaptive_concurrency": "limits",
-    "shared_limits": "limits",
-    "limits_key": "limits",
-    "connect_timeout": "timeouts",
-    "read_timeout": "timeouts",
-    "write_timeout": "timeouts",
-    "request_timeout": "timeouts",
-    "connection_idle_timeout": "timeouts",
-    "max_attempts": "retry",
-    "retry_budget": "retry",
-    "backoff_initial": "retry",
-    "backoff_max": "retry",
-    "price_input_per_million": "costs",
-    "price_output_per_million": "costs",
-    "context_limit": "costs",
-    "max_cost": "costs",
-    "cache": "run",
-}
-_TABLES = ("limits", "timeouts", "retry", "costs", "batch")
+# Job-file keys (flat, named like the flags) and the table each belongs to.
+_JOB_KEYS = job_sections()
 
 
 def load_job_file(path: Path) -> dict[str, Any]:
@@ -105,7 +55,7 @@ def load_job_file(path: Path) -> dict[str, Any]:
             f" got {params!r}"
         )
     for key, value in data.items():
-        if key in _TABLES and isinstance(value, dict):
+        if key in SECTIONS and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 _check_job_key(path, sub_key, section=key)
                 flat[sub_key] = sub_value
@@ -127,185 +77,102 @@ def _check_job_key(path: Path, key: str, *, section: str | None) -> None:
 def build_config(settings: Mapping[str, Any]) -> RunConfig:
     """Make a ``RunConfig`` from flat settings (job file merged with flags).
 
-    Keys are those of ``_JOB_KEYS``; a ``None`` value means "not set".
+    Keys are the settings' keys (``batchrun.settings``); a ``None`` value means
+    "not set".
     """
-    s = {key: value for key, value in settings.items() if value is not None}
-    _check_types(s)
+    given = {key: value for key, value in settings.items() if value is not None}
+    _check_types(given)
     for required in ("input", "out"):
         require(
-            required in s, f"no {required} given: pass it on the command line or in the job file"
+            required in given,
+            f"no {required} given: pass it on the command line or in the job file",
         )
-    limits = _limits(s)
-    return RunConfig(
-        response_schema=_response_schema(s.get("response_schema")),
-        batch=_batch(s),
-        limits=limits,
-        timeouts=_timeouts(s),
-        retry=_retry(s),
-        costs=_costs(s),
-        base_urls=_base_urls(s),
-        shard=_shard(s.get("shard")),
-        **_run_keys(s, limits),
-    )
+    fields = _fields(given)
+    limits = resolve_limits(**fields.pop("limits", {}))
+    run_fields = fields.pop("", {})
+    # Unset, the window grows with the concurrency: each worker keeps a few rows ahead.
+    run_fields.setdefault("reorder_window", max(default("reorder_window"), 4 * limits.max_async))
+    parts = {name: make(**fields.get(name, {})) for name, make in _PARTS.items()}
+    return RunConfig(limits=limits, **parts, **run_fields)
 
 
-def _limits(s: Mapping[str, Any]) -> Limits:
-    return resolve_limits(
-        pool_size=s.get("connection_pool_size"),
-        max_async=s.get("max_async_requests"),
-        per_host=s.get("max_async_requests_per_host"),
-        rpm=s.get("rpm"),
-        tpm=s.get("tpm"),
-        adaptive=s.get("adaptive_concurrency", True),
-        shared_limits=s.get("shared_limits"),
-        limits_key=s.get("limits_key"),
-    )
+# The parts of a RunConfig built from their own settings (limits: resolve_limits).
+_PARTS: dict[str, Callable[..., Any]] = {
+    "timeouts": Timeouts,
+    "retry": RetryPolicy,
+    "costs": Costs,
+    "batch": BatchSettings,
+}
 
 
-def _timeouts(s: Mapping[str, Any]) -> Timeouts:
-    return _build(
-        Timeouts,
-        s,
-        connect="connect_timeout",
-        read="read_timeout",
-        write="write_timeout",
-        request="request_timeout",
-        idle="connection_idle_timeout",
-    )
+def _fields(given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The given settings as ``RunConfig`` fields, by part ("" for the run's own)."""
+    fields: dict[str, dict[str, Any]] = {}
+    for setting in SETTINGS:
+        if setting.key in given or any(alias in given for alias in setting.aliases):
+            part, _, name = setting.field.rpartition(".")
+            convert = _CONVERT.get(setting.key, _as_is)
+            fields.setdefault(part, {})[name] = convert(given, setting.key)
+    return fields
 
 
-def _retry(s: Mapping[str, Any]) -> RetryPolicy:
-    return _build(
-        RetryPolicy,
-        s,
-        max_attempts="max_attempts",
-        budget="retry_budget",
-        backoff_initial="backoff_initial",
-        backoff_max="backoff_max",
-    )
-
-
-def _run_keys(s: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
-    """The run-level settings, by their ``RunConfig`` field names."""
-    run_keys = _pick(
-        s,
-        input="input",
-        out="out",
-        provider="provider",
-        model="model",
-        api_key_env="api_key_env",
-        params="params",
-        reorder_window="reorder_window",
-        reorder_bytes="reorder_bytes",
-        progress="progress",
-        summary_path="summary",
-        fsync="fsync",
-        loop="loop",
-        grace="grace",
-        restart="restart",
-        retry_failed="retry_failed",
-        metrics_file="metrics_file",
-        cache="cache",
-        mode="mode",
-        ca_bundle="ca_bundle",
-        max_response_bytes="max_response_bytes",
-    )
-    require(
-        isinstance(run_keys.get("ca_bundle", ""), str | Path),
-        f"ca_bundle must be a path to a PEM file, got {run_keys.get('ca_bundle')!r}",
-    )
-    for key in ("input", "out", "summary_path", "metrics_file", "cache", "ca_bundle"):
-        if key in run_keys:
-            run_keys[key] = Path(run_keys[key])
-    run_keys.setdefault("reorder_window", max(10_000, 4 * limits.max_async))
-    return run_keys
-
-
-def _costs(s: Mapping[str, Any]) -> Costs:
-    return _build(
-        Costs,
-        s,
-        price_input_per_million="price_input_per_million",
-        price_output_per_million="price_output_per_million",
-        context_limit="context_limit",
-        max_cost="max_cost",
-    )
-
-
-def _batch(s: Mapping[str, Any]) -> BatchSettings:
-    return _build(
-        BatchSettings,
-        s,
-        rows="batch_rows",
-        bytes="batch_bytes",
-        poll_interval="poll_interval",
-        keep_files="keep_files",
-        fallback="fallback",
-    )
-
-
-# Settings that must be non-empty text (a path or a name), and switches.
-_TEXT_KEYS = (
-    "input",
-    "out",
-    "summary",
-    "metrics_file",
-    "provider",
-    "model",
-    "api_key_env",
-    "fsync",
-    "loop",
-)
-_SWITCH_KEYS = ("progress", "restart", "retry_failed", "adaptive_concurrency")
+def _as_is(given: Mapping[str, Any], key: str) -> Any:
+    value = given[key]
+    return Path(value) if BY_KEY[key].type is Path else value
 
 
 def _check_types(settings: Mapping[str, Any]) -> None:
     """A wrong type is named here, before it can reach a ``Path`` or a request."""
-    for key in _TEXT_KEYS:
-        value = settings.get(key)
-        if value is not None and not isinstance(value, Path):
+    for key, value in settings.items():
+        setting = BY_KEY.get(key)
+        if setting is None:
+            continue
+        if setting.text and not isinstance(value, Path):
             require(
                 isinstance(value, str) and value.strip() != "",
                 f"{key} must be non-empty text, got {value!r}",
             )
-    for key in _SWITCH_KEYS:
-        value = settings.get(key)
-        require(
-            value is None or isinstance(value, bool), f"{key} must be true or false, got {value!r}"
-        )
+        if setting.type is bool:
+            require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
 
 
-def _base_urls(settings: Mapping[str, Any]) -> tuple[str, ...]:
+def _base_urls(settings: Mapping[str, Any], key: str) -> tuple[str, ...]:
     """``base_url`` (one, or a list) and ``base_urls``, in order, once each."""
     urls: list[Any] = []
-    for key in ("base_url", "base_urls"):
-        given = settings.get(key)
+    for name in (key, *BY_KEY[key].aliases):
+        given = settings.get(name)
         if given is not None:
             urls.extend(given if isinstance(given, list | tuple) else [given])
     require(all(isinstance(url, str) for url in urls), f"base_url must be text, got {urls!r}")
     return tuple(dict.fromkeys(url.rstrip("/") for url in urls))
 
 
-def _response_schema(given: Any) -> ResponseSchema | None:
-    if given is None or isinstance(given, ResponseSchema):
+def _response_schema(settings: Mapping[str, Any], key: str) -> ResponseSchema:
+    given = settings[key]
+    if isinstance(given, ResponseSchema):
         return given
     require(isinstance(given, str | Path), f"response_schema must be a path, got {given!r}")
     return load_response_schema(Path(given))
 
 
-def _shard(given: Any) -> Shard | None:
-    if given is None or isinstance(given, Shard):
+def _shard(settings: Mapping[str, Any], key: str) -> Shard:
+    given = settings[key]
+    if isinstance(given, Shard):
         return given
     require(isinstance(given, str), f'shard must be text like "0/4", got {given!r}')
     return Shard.parse(given)
 
 
-_T = TypeVar("_T")
+def _ca_bundle(settings: Mapping[str, Any], key: str) -> Path:
+    given = settings[key]
+    require(isinstance(given, str | Path), f"ca_bundle must be a path to a PEM file, got {given!r}")
+    return Path(given)
 
 
-def _pick(settings: Mapping[str, Any], **names: str) -> dict[str, Any]:
-    return {field_name: settings[key] for field_name, key in names.items() if key in settings}
-
-
-def _build(cls: Callable[..., _T], settings: Mapping[str, Any], **names: str) -> _T:
-    return cls(**_pick(settings, **names))
+# Settings that are more than their value (the rest: a Path if the type says so).
+_CONVERT: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
+    "base_url": _base_urls,
+    "response_schema": _response_schema,
+    "shard": _shard,
+    "ca_bundle": _ca_bundle,
+}

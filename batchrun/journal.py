@@ -38,8 +38,8 @@ from pathlib import Path
 import orjson
 
 from batchrun import crashpoint
-from batchrun.config import FsyncPolicy
 from batchrun.errors import CorruptStateError, DiskError, disk_writes
+from batchrun.settings import FsyncPolicy
 
 
 @dataclass(slots=True)

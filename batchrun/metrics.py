@@ -14,11 +14,10 @@ import logging
 import math
 import os
 import re
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from batchrun.progress import RunStats
+from batchrun.stats import RunStats
 
 log = logging.getLogger("batchrun")
 
@@ -81,10 +80,9 @@ def write_metrics(path: Path, text: str) -> None:
 class MetricsWriter:
     """Keeps a metrics textfile current during a run.
 
-    Call ``write`` at the start and the end of the run, ``maybe_write`` after
-    each finished row: it writes only when ``interval`` seconds of ``clock``
-    have passed since the last write (or nothing was written yet), so it is
-    cheap per row. ``extra`` is called at each write for the extra gauges.
+    ``write`` is called at the start and the end of the run, and every
+    ``interval`` seconds in between (the pipeline's metrics timer). ``extra``
+    is called at each write for the extra gauges.
     Metrics are best effort: a failed write (OSError: the directory removed,
     the disk full) is logged once as a warning and never stops the run, which
     tries again at the next write.
@@ -98,7 +96,6 @@ class MetricsWriter:
         job: str,
         shard: str | None,
         extra: Callable[[], Mapping[str, float]] | None = None,
-        clock: Callable[[], float] = time.monotonic,
         interval: float = 10.0,
     ) -> None:
         if not interval > 0:
@@ -109,18 +106,10 @@ class MetricsWriter:
         self.shard = shard
         self.interval = interval
         self._extra = extra
-        self._clock = clock
-        self._last: float | None = None
         self._warned = False  # one warning per run, however many writes fail
-
-    def maybe_write(self) -> None:
-        """Write if ``interval`` seconds passed since the last write."""
-        if self._last is None or self._clock() - self._last >= self.interval:
-            self.write()
 
     def write(self) -> None:
         """Write the file now."""
-        self._last = self._clock()
         extra = self._extra() if self._extra is not None else {}
         text = render_metrics(self.stats, job=self.job, shard=self.shard, extra=extra)
         try:

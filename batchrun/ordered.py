@@ -64,6 +64,10 @@ class OrderedWriter:
         self.window = FifoSlots(config.reorder_window)
         self.reorder: ReorderBuffer[Finished] = ReorderBuffer(start.checkpoint.rows)
         self.progress = start.checkpoint  # mutated as rows are written
+        # One Counts for the run and its checkpoint: a row is counted once, as
+        # it is written (``_count``), so a checkpoint saves the counts of
+        # exactly the rows it holds.
+        self.progress.counts = self.stats.counts
         # Journaled, unwritten, by line; in memory up to --reorder-bytes, then in the journal only.
         self.held = Held(self.journal, config.reorder_bytes, start.journal.results)
         self.in_flight: set[int] = set()  # lines begun, not answered: in doubt if we stop now
@@ -171,17 +175,9 @@ class OrderedWriter:
             return
         verdict = tally(orjson.loads(data), self.provider.usage)
         if item.reused:
-            self.stats.record_reused(
-                ok=verdict.ok, error_code=verdict.error_code, cost=verdict.cost
-            )
-            return
-        self.stats.record_earlier(
-            ok=verdict.ok,
-            error_code=verdict.error_code,
-            tokens_in=verdict.tokens_in,
-            tokens_out=verdict.tokens_out,
-            cost=verdict.cost,
-        )
+            self.stats.record_reused(verdict)
+        else:
+            self.stats.record_earlier(verdict)
 
     def held_report(self) -> dict[str, object]:
         """How many results waited in the journal, past --reorder-bytes (if any did)."""
@@ -213,17 +209,8 @@ class OrderedWriter:
         # counts those rows in doubt twice (safe), never zero times. A journal
         # older than its checkpoint is read right: records of written rows
         # are skipped.
-        self._copy_counts()
         self.state.write_checkpoint(self.progress)
         crashpoint.hit("between_checkpoint_and_compaction")
         begun = [b'{"b":%d}\n' % line for line in sorted(self.in_flight)]
         self.held.compact(begun)
         self._last_checkpoint = self.progress.rows
-
-    def _copy_counts(self) -> None:
-        """Bring the checkpoint's counts up to the run's."""
-        stats, progress = self.stats, self.progress
-        progress.ok = stats.ok
-        progress.failed_by_code = dict(stats.failed_by_code)
-        progress.tokens_in, progress.tokens_out = stats.tokens_in, stats.tokens_out
-        progress.cost = stats.cost_before + stats.cost

@@ -31,12 +31,13 @@ from batchrun.errors import DiskError, FatalError, find_disk_error, sole_usage_e
 from batchrun.inputs import READ_ERRORS, count_lines
 from batchrun.metrics import MetricsWriter
 from batchrun.ordered import CHECKPOINT_EVERY, OrderedWriter
-from batchrun.progress import ProgressReporter, RunStats
+from batchrun.progress import ProgressReporter
 from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers
 from batchrun.rowsource import Finished, KnownLookup, RowSource
 from batchrun.sender import RowSender
 from batchrun.state import StateDir
+from batchrun.stats import RunStats
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.workers import Workers
@@ -107,7 +108,7 @@ class Pipeline:
         self.in_doubt = len(start.journal.in_doubt)
         self.writer.progress.in_doubt += self.in_doubt
         self.throttle = sender.throttle
-        self.metrics = _metrics_writer(config, self.stats, sender.throttle, clock)
+        self.metrics = _metrics_writer(config, self.stats, sender.throttle)
 
     @property
     def complete(self) -> bool:
@@ -208,7 +209,7 @@ class Pipeline:
                 count_lines, self.config.input, abandon_on_cancel=True
             )
         except READ_ERRORS:
-            return  # the total stays unknown; the reader reports the damage
+            return  # the total stays unknown; the row source reports the damage
         self.stats.total = (self.config.shard or WHOLE).rows_before(lines)
 
     async def _watch_signals(self) -> None:
@@ -221,9 +222,7 @@ class Pipeline:
         self.request_stop("interrupted")
 
 
-def _metrics_writer(
-    config: RunConfig, stats: RunStats, throttle: Throttle, clock: Clock
-) -> MetricsWriter | None:
+def _metrics_writer(config: RunConfig, stats: RunStats, throttle: Throttle) -> MetricsWriter | None:
     if config.metrics_file is None:
         return None
     shard = str(config.shard) if config.shard else None
@@ -233,5 +232,4 @@ def _metrics_writer(
         job=config.out.name,
         shard=shard,
         extra=throttle.gauges,
-        clock=clock.monotonic,
     )

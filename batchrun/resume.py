@@ -18,21 +18,9 @@ from batchrun.config import WHOLE, Shard
 from batchrun.errors import CorruptStateError
 from batchrun.journal import JournalContents, read_journal
 from batchrun.state import Checkpoint, StateDir
+from batchrun.stats import Tally
 
 Usage = Callable[[Any], tuple[int, int]]
-
-
-@dataclass(frozen=True, slots=True)
-class Tally:
-    """What an output record counts for in the summary."""
-
-    ok: bool
-    error_code: str | None
-    retryable: bool
-    tokens_in: int
-    tokens_out: int
-    cost: float = 0.0  # the record's recorded cost (0 when none)
-    reused: bool = False  # answered from a result store, not paid by this output
 
 
 def tally(data: dict[str, Any], usage: Usage) -> Tally:
@@ -65,7 +53,7 @@ class ResumePoint:
 def recover(state: StateDir, usage: Usage, shard: Shard = WHOLE) -> ResumePoint:
     """The resume point of the unfinished run in ``state`` (of ``shard``'s rows)."""
     checkpoint = state.read_checkpoint()
-    counted = dataclasses.replace(checkpoint, failed_by_code=dict(checkpoint.failed_by_code))
+    counted = dataclasses.replace(checkpoint, counts=checkpoint.counts.copy())
     rows, output_bytes = checkpoint.rows, checkpoint.output_bytes
     if state.partial_path.exists():
         rows, output_bytes = _scan_output(state, counted, usage, shard)
@@ -104,24 +92,11 @@ def _count(counted: Checkpoint, raw: bytes, line: int, usage: Usage, state: Stat
         raise CorruptStateError(
             f"{state.partial_path} is damaged at the row of line {line}; run again with --restart"
         )
-    add_tally(counted, verdict)
-
-
-def add_tally(counted: Checkpoint, verdict: Tally) -> None:
-    """Add one row's verdict to the running counts."""
-    if verdict.ok:
-        counted.ok += 1
-    else:
-        code = verdict.error_code or "unknown"
-        counted.failed_by_code[code] = counted.failed_by_code.get(code, 0) + 1
-    if not verdict.reused:  # a reused row's tokens and cost were paid elsewhere
-        counted.tokens_in += verdict.tokens_in
-        counted.tokens_out += verdict.tokens_out
-        counted.cost += verdict.cost
+    counted.counts.count_record(verdict)
 
 
 def spent_before(start: ResumePoint, usage: Usage) -> float:
     """What earlier runs on this output spent: the ordered output's rows and
     the journaled ones after them."""
     journaled = (tally(orjson.loads(raw), usage) for raw in start.journal.results.values())
-    return start.checkpoint.cost + sum(verdict.cost for verdict in journaled)
+    return start.checkpoint.counts.cost + sum(verdict.cost for verdict in journaled)

@@ -1,8 +1,10 @@
 """The answers a run can reuse: its output's own store and the shared cache.
 
-``Answers`` is what the pipeline talks to. It finds a row's stored result by
-content key (the output's store first, then ``--cache``), and takes every new
-result into both, buffered and committed in batches.
+``Answers`` is what the run's parts talk to: the row source finds a row's
+stored result by content key (the output's store first, then ``--cache``),
+and the workers hand it every new result for both, which it buffers and
+commits in batches (the ordered writer also commits at its flushes and
+checkpoints).
 
 What is reused: answers and permanent row errors; a retryable error only when
 the run does not resend them (``--retry-failed``). The shared cache never

@@ -3,7 +3,6 @@ publication and summary. The row-level work is in ``pipeline``."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import ipaddress
 import logging
@@ -34,7 +33,7 @@ from batchrun.journal import read_journal
 from batchrun.layout import state_dir
 from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline, RunEnding
-from batchrun.progress import ProgressReporter, RunStats, Summary, money
+from batchrun.progress import ProgressReporter
 from batchrun.providers import Provider, get_provider
 from batchrun.records import Request
 from batchrun.resume import ResumePoint, recover, spent_before
@@ -43,7 +42,8 @@ from batchrun.rowsource import KnownLookup
 from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
-from batchrun.state import StateDir, changed_settings, fingerprint
+from batchrun.state import FinishedRun, StateDir, changed_settings, fingerprint
+from batchrun.stats import RunStats, Summary, money
 from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
@@ -204,7 +204,7 @@ def prepare(
 
 
 def _after_finish(
-    state: StateDir, config: RunConfig, current: dict[str, Any], finished: dict[str, Any]
+    state: StateDir, config: RunConfig, current: dict[str, Any], finished: FinishedRun
 ) -> tuple[RunConfig, ResumePoint] | Summary:
     if state.partial_path.exists():  # stopped between the marker and the rename
         _publish(state, config.out)
@@ -224,27 +224,9 @@ def _begin(state: StateDir, current: dict[str, Any], kind: str) -> ResumePoint:
     return ResumePoint()
 
 
-def _already_done(finished: dict[str, Any], out: Path) -> Summary:
-    rows = int(finished.get("rows", 0))
-    return Summary(
-        rows=rows,
-        ok=int(finished.get("ok", 0)),
-        failed=int(finished.get("failed", 0)),
-        failed_by_code=dict(finished.get("failed_by_code") or {}),
-        retries=0,
-        skipped=rows,
-        tokens_in=0,
-        tokens_out=0,
-        latency_p50_ms=None,
-        latency_p95_ms=None,
-        latency_p99_ms=None,
-        duration_s=0.0,
-        rows_per_s=0.0,
-        exit_code=int(finished.get("exit_code", EXIT_OK)),
-        aborted=None,
-        output=str(out),
-        extra={"already finished at": finished.get("finished_at"), "requests sent": 0},
-    )
+def _already_done(finished: FinishedRun, out: Path) -> Summary:
+    extra: dict[str, object] = {"already finished at": finished.at, "requests sent": 0}
+    return finished.summary.replay(output=str(out), extra=extra)
 
 
 class _Job(NamedTuple):
@@ -328,7 +310,6 @@ async def _online(
     reporter = _reporter(config, start, clock, job.stream, throttle)
     sender = _sender(config, client, provider, throttle, clock, reporter.stats)
     budget = Budget(config.costs.max_cost, spent=spent_before(start, provider.usage))
-    reporter.stats.cost_before = start.checkpoint.cost
     pipeline = Pipeline(
         config,
         sender=sender,
@@ -360,13 +341,7 @@ def _batch_stopped(
     config: RunConfig, start: ResumePoint, phase: PhaseResult, duration: float
 ) -> Summary:
     """The summary of a batch phase that stopped before every part was collected."""
-    done = start.checkpoint
-    stats = RunStats(
-        done=done.rows,
-        ok=done.ok,
-        skipped=done.rows,
-        failed_by_code=collections.Counter(done.failed_by_code),
-    )
+    stats = RunStats.resumed(start.checkpoint.rows, start.checkpoint.counts)
     if phase.aborted is not None:
         exit_code, aborted = EXIT_FATAL, f"{phase.aborted}. Fix the input, then run with --restart"
     else:
@@ -404,15 +379,7 @@ async def _shared_budget(
 def _reporter(
     config: RunConfig, start: ResumePoint, clock: Clock, stream: TextIO | None, throttle: Throttle
 ) -> ProgressReporter:
-    done = start.checkpoint
-    stats = RunStats(
-        done=done.rows,
-        ok=done.ok,
-        skipped=done.rows,
-        failed_by_code=collections.Counter(done.failed_by_code),
-        tokens_in=done.tokens_in,
-        tokens_out=done.tokens_out,
-    )
+    stats = RunStats.resumed(start.checkpoint.rows, start.checkpoint.counts)
     out_stream = stream or sys.stderr
     mode = ProgressReporter.choose_mode(config.progress, out_stream)
 
@@ -496,7 +463,7 @@ def _conclude(
         },
     )
     if ending.complete and ending.disk_error is None:
-        state.write_finished(summary.to_dict())
+        state.write_finished(summary)
         _publish(state, config.out)
     return summary
 
@@ -544,7 +511,7 @@ def _publish(state: StateDir, out: Path) -> None:
 
 
 async def _start_mock_server(stack: AsyncExitStack) -> str:
-    from batchrun.mock_server import MockServer
+    from batchrun.mock.server import MockServer
 
     server = await stack.enter_async_context(MockServer())
     return server.base_url

@@ -11,11 +11,11 @@ import anyio
 from batchrun.client import Client
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, TransientError
-from batchrun.progress import RunStats
 from batchrun.providers import Provider
 from batchrun.records import NOT_PARSED, Outcome, Request, Response
 from batchrun.retry import budget_note, retrying
 from batchrun.schema import AnswerCheck
+from batchrun.stats import RunStats
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tokens import estimate_tokens

@@ -178,7 +178,6 @@ class _RedisStore:
 
     def __init__(self, client: Any, url: str, key: str) -> None:
         self.url = url
-        self._client = client
         self._script = client.register_script(_SCRIPT)
         self._keys = [f"batchrun:limits:{key}", f"batchrun:limits:{key}:processes"]
         self._process = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -278,7 +277,6 @@ class SharedBudget:
         self._tokens_left = 0.0
         self._debt = 0.0  # tokens used beyond the estimates, not yet sent
         self._pause = 0.0  # seconds of pause to share, not yet sent
-        self._pause_sent = anyio.Event()
         self._wake = anyio.Event()
         self._fallback: RateBudget | None = None
         self._retry_at = -math.inf

@@ -26,37 +26,67 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from batchrun.config import RunConfig
 from batchrun.errors import CorruptStateError, LockedError, disk_writes
 from batchrun.layout import partial_output, state_dir
+from batchrun.stats import COUNTS_KEYS, Counted, Counts, Summary
 from batchrun.store import STORE_FILE
 
 
 @dataclass(slots=True)
-class Checkpoint:
+class Checkpoint(Counted):
     """The ordered output's extent at a compaction, and what it held.
 
     ``rows`` rows fill the first ``output_bytes`` bytes of ``output.partial``.
     Input line ``input_line + 1`` starts at byte ``input_offset`` of the
     (decompressed) input, with ``input_line <= rows``: a resume seeks there.
+    ``counts`` counts those rows; its ``cost`` is what was spent on them
+    (reused rows cost nothing). ``in_doubt``: rows resent after a crash,
+    over all resumes.
     """
 
     rows: int = 0
     output_bytes: int = 0
     input_line: int = 0
     input_offset: int = 0
-    ok: int = 0
-    failed_by_code: dict[str, int] = field(default_factory=dict)
-    tokens_in: int = 0
-    tokens_out: int = 0
-    in_doubt: int = 0  # rows resent after a crash, over all resumes
-    cost: float = 0.0  # spent on the rows counted here (reused rows cost nothing)
+    counts: Counts = field(default_factory=Counts)
+    in_doubt: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``checkpoint.json``: one flat object, its keys a
+        contract (older versions' state directories resume with them)."""
+        counts = self.counts.to_dict()
+        cost = counts.pop("cost")
+        return {
+            "rows": self.rows,
+            "output_bytes": self.output_bytes,
+            "input_line": self.input_line,
+            "input_offset": self.input_offset,
+            **counts,
+            "in_doubt": self.in_doubt,
+            "cost": cost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
+        """``to_dict``'s reverse; a missing key is 0 (older versions wrote
+        fewer). Raises TypeError for a key it does not know."""
+        place = {key: value for key, value in data.items() if key not in COUNTS_KEYS}
+        return cls(**place, counts=Counts.from_dict(data))
+
+
+class FinishedRun(NamedTuple):
+    """``finished.json``: the summary of a run that completed, and when
+    (local time, ISO 8601; None if not recorded)."""
+
+    summary: Summary
+    at: str | None
 
 
 class StateDir:
@@ -127,18 +157,30 @@ class StateDir:
         if data is None:
             return Checkpoint()
         try:
-            return Checkpoint(**data)
+            return Checkpoint.from_dict(data)
         except TypeError:
             raise CorruptStateError(f"{self.checkpoint_path} is damaged") from None
 
     def write_checkpoint(self, checkpoint: Checkpoint) -> None:
-        _write_json_atomic(self.checkpoint_path, asdict(checkpoint))
+        _write_json_atomic(self.checkpoint_path, checkpoint.to_dict())
 
-    def read_finished(self) -> dict[str, Any] | None:
-        return _read_json(self.finished_path)
+    def read_finished(self) -> FinishedRun | None:
+        """The finished run's summary, or None while the run is not finished."""
+        data = _read_json(self.finished_path)
+        if data is None:
+            return None
+        try:
+            summary = Summary.from_dict(data)
+        except (TypeError, ValueError):
+            raise CorruptStateError(
+                f"{self.finished_path} is damaged; run again with --restart"
+            ) from None
+        at = data.get("finished_at")
+        return FinishedRun(summary, at if isinstance(at, str) else None)
 
-    def write_finished(self, summary: dict[str, Any]) -> None:
-        _write_json_atomic(self.finished_path, {"finished_at": _now(), **summary})
+    def write_finished(self, summary: Summary) -> None:
+        """Mark the run finished: its summary's keys, and ``finished_at``."""
+        _write_json_atomic(self.finished_path, {"finished_at": _now(), **summary.to_dict()})
 
     def clear(self) -> None:
         """Remove the run's progress: everything but the lock and the result store."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from batchrun.errors import UsageError
 from batchrun.inputs import count_lines
 from batchrun.providers import get_provider
 from batchrun.resume import recover, tally
-from batchrun.state import StateDir
+from batchrun.state import FinishedRun, StateDir
 
 
 def describe(out: Path) -> dict[str, Any]:
@@ -47,17 +46,18 @@ def describe(out: Path) -> dict[str, Any]:
     return report
 
 
-def _finished(finished: dict[str, Any]) -> dict[str, Any]:
+def _finished(finished: FinishedRun) -> dict[str, Any]:
+    summary = finished.summary
     return {
         "state": "finished",
-        "finished_at": finished.get("finished_at"),
-        "rows": finished.get("rows"),
-        "done": finished.get("rows"),
-        "ok": finished.get("ok"),
-        "failed_by_code": finished.get("failed_by_code") or {},
+        "finished_at": finished.at,
+        "rows": summary.rows,
+        "done": summary.rows,
+        "ok": summary.ok,
+        "failed_by_code": summary.failed_by_code,
         "in_doubt": 0,
         "remaining": 0,
-        "exit_code": finished.get("exit_code"),
+        "exit_code": summary.exit_code,
     }
 
 
@@ -66,13 +66,9 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
     shard = Shard.parse(meta["shard"]) if meta.get("shard") else WHOLE
     point = recover(state, usage, shard)
     checkpoint = point.checkpoint
-    failed: Counter[str] = Counter(checkpoint.failed_by_code)
-    ok = checkpoint.ok
+    counts = checkpoint.counts  # the resume point's own: counting on changes nothing on disk
     for record in point.journal.results.values():
-        verdict = tally(orjson.loads(record), usage)
-        ok += verdict.ok
-        if not verdict.ok:
-            failed[verdict.error_code or "unknown"] += 1
+        counts.count_record(tally(orjson.loads(record), usage))
     done = checkpoint.rows + len(point.journal.results)
     rows = _input_rows(meta, shard)
     return {
@@ -80,8 +76,8 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "done": done,
         "in_order": checkpoint.rows,
-        "ok": ok,
-        "failed_by_code": dict(failed),
+        "ok": counts.ok,
+        "failed_by_code": dict(counts.failed_by_code),
         "in_doubt": len(point.journal.in_doubt),
         "resent_after_crashes": checkpoint.in_doubt,
         "remaining": None if rows is None else rows - done,

@@ -12,7 +12,11 @@ Contract:
   whatever the store's size. Records are appended in insertion order and
   only the small index takes random inserts, which keeps writing cheap.
 * Several processes may read and write one store at once (WAL, a busy
-  timeout; each ``put_many`` is one short transaction).
+  timeout; each ``put_many`` is one short transaction). Opening retries,
+  for up to the busy timeout, while another process holds a lock the busy
+  timeout does not wait for (two processes making one new store at once
+  race to switch it to WAL, and the loser gets "database is locked" at
+  once); a store still locked after that is said to be locked, not damaged.
 * A result replaces a stored one unless it is a retryable error and the
   stored one is not: a transient failure never hides a good answer.
 * A process killed mid-write leaves the store as of its last commit (SQLite
@@ -30,9 +34,17 @@ import errno
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from batchrun.errors import DiskError, UsageError
 
@@ -43,6 +55,12 @@ SCHEMA_VERSION = 1
 
 # Milliseconds a writer waits for another process's transaction to end.
 BUSY_TIMEOUT_MS = 30_000
+
+# Waits between attempts to open a store another process holds locked:
+# seconds, random up to doubling bounds (concurrent openers spread out).
+_OPEN_WAIT = wait_random_exponential(multiplier=0.005, max=0.5)
+# Opening gives up after the busy timeout, or this many attempts.
+_OPEN_ATTEMPTS = 1_000
 
 # Page cache per open store, KiB: keeps the upper levels of the key index
 # in memory for random inserts; bounded whatever the store's size.
@@ -180,13 +198,17 @@ class ResultStore:
         self._db.close()
 
 
-def open_store(path: Path, *, durable: bool = True) -> ResultStore:
+def open_store(
+    path: Path, *, durable: bool = True, sleep: Callable[[float], None] = time.sleep
+) -> ResultStore:
     """Open (creating it and its directory if needed) the store at ``path``.
 
     ``durable``: commits survive a power loss (else only a process crash,
-    which is enough where a journal holds the same results). Raises
-    ``StoreError`` when the directory or file cannot be created or written,
-    or the file is not a batchrun result store.
+    which is enough where a journal holds the same results). While another
+    process holds the store locked, tries again (``sleep`` waits, seconds)
+    for up to the busy timeout. Raises ``StoreError`` when the directory or
+    file cannot be created or written, the store stays locked, or the file
+    is not a batchrun result store.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +216,24 @@ def open_store(path: Path, *, durable: bool = True) -> ResultStore:
         raise StoreError(
             f"cannot create the result store's directory {path.parent}: {exc}"
         ) from None
+    attempts = Retrying(
+        stop=stop_after_delay(BUSY_TIMEOUT_MS / 1000) | stop_after_attempt(_OPEN_ATTEMPTS),
+        wait=_OPEN_WAIT,
+        retry=retry_if_exception(_is_locked),
+        sleep=sleep,
+        reraise=True,
+    )
+    try:
+        db = attempts(_connect, path, durable=durable)
+    except sqlite3.OperationalError as exc:  # only a lock is left unmapped
+        raise _locked(path, exc) from None
+    db.isolation_level = "DEFERRED"  # ``with db`` makes one transaction per put_many
+    return ResultStore(path, db)
+
+
+def _connect(path: Path, *, durable: bool) -> sqlite3.Connection:
+    """One attempt at opening: a prepared connection, or the raw
+    ``sqlite3.OperationalError`` of a lock (see ``_is_locked``) to try again."""
     try:
         db = sqlite3.connect(
             path,
@@ -201,14 +241,15 @@ def open_store(path: Path, *, durable: bool = True) -> ResultStore:
             isolation_level=None,
         )
     except sqlite3.Error as exc:
+        if _is_locked(exc):
+            raise
         raise StoreError(f"cannot write the result store {path}: {exc}") from None
     try:
         _prepare(db, path, durable=durable)
     except BaseException:
-        db.close()
+        db.close()  # also ends a transaction a lock interrupted
         raise
-    db.isolation_level = "DEFERRED"  # ``with db`` makes one transaction per put_many
-    return ResultStore(path, db)
+    return db
 
 
 def _prepare(db: sqlite3.Connection, path: Path, *, durable: bool) -> None:
@@ -230,6 +271,8 @@ def _prepare(db: sqlite3.Connection, path: Path, *, durable: bool) -> None:
         db.execute("COMMIT")
         _check_columns(db, path)
     except sqlite3.OperationalError as exc:
+        if _is_locked(exc):
+            raise  # no damage: ``open_store`` tries again
         if "readonly" in str(exc) or "unable to open" in str(exc):
             raise StoreError(f"cannot write the result store {path}: {exc}") from None
         raise _damaged(path, exc) from None
@@ -243,9 +286,30 @@ def _check_columns(db: sqlite3.Connection, path: Path) -> None:
         raise StoreError(f"{path} is not a batchrun result store (its results table differs)")
 
 
+def _is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (or "table is
+    locked"): another connection's lock, not a fault of the file."""
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return isinstance(exc, sqlite3.OperationalError) and primary in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
+
+
+def _locked(path: Path, exc: sqlite3.Error) -> StoreError:
+    return StoreError(
+        f"the result store {path} stayed locked by another process for over"
+        f" {BUSY_TIMEOUT_MS / 1000:g} s ({exc}); it is not damaged: run again when that"
+        " process is done"
+    )
+
+
 def _damaged(path: Path, exc: sqlite3.Error) -> StoreError | DiskError:
     """The error to raise for a failed store operation: a full disk or an I/O
-    error is no damage (the run stops resumably, exit 74)."""
+    error is no damage (the run stops resumably, exit 74), nor is a lock held
+    past the busy timeout."""
+    if _is_locked(exc):
+        return _locked(path, exc)
     primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
         code = errno.ENOSPC if primary == sqlite3.SQLITE_FULL else errno.EIO

@@ -1,4 +1,5 @@
-"""Time as the runner sees it, injected so that tests never really wait."""
+"""Time as a run's parts see it (pipeline, workers, throttle, retries, limits),
+injected so that tests never really wait."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Ordered output: a pure reorder buffer and the file it feeds.
 
 Rows finish in any order; the output must hold them in input order. The
-``ReorderBuffer`` holds finished rows until every earlier row has finished; the
-runner bounds how far ahead of the oldest unfinished row it reads, so the
-buffer never holds more than the reorder window.
+``ReorderBuffer`` holds finished rows until every earlier row has finished; a
+worker takes a slot of the reorder window (``ordered.OrderedWriter.window``)
+before it takes a row, and the writer gives the slot back once the row is
+written, so the buffer never holds more than the reorder window.
 """
 
 from __future__ import annotations

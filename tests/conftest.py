@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from batchrun.config import RunConfig
 from batchrun.jobfile import build_config
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.timing import Clock
 from tests.fakes import FakeClock
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from tests.conftest import chat, write_jsonl
 from tests.redis_server import RedisServer
 

@@ -10,7 +10,7 @@ import pytest
 from batchrun.config import RetryPolicy
 from batchrun.errors import RowError, TransientError
 from batchrun.jobfile import build_config
-from batchrun.mock_server import GATEWAY_PREFIX, MockServer
+from batchrun.mock.server import GATEWAY_PREFIX, MockServer
 from batchrun.retry import budget_note
 from batchrun.runner import Clock, run_async
 from batchrun.validate import validate

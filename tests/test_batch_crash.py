@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from batchrun.mock_batches import BatchFaults
-from batchrun.mock_server import MockServer
+from batchrun.mock.batches import BatchFaults
+from batchrun.mock.server import MockServer
 from tests.conftest import chat, read_jsonl, write_jsonl
 from tests.test_resume import finish, run_cli, start_cli, wait_for
 

@@ -12,8 +12,8 @@ import pytest
 import pytest_asyncio
 
 from batchrun.errors import UsageError
-from batchrun.mock_batches import BatchFaults
-from batchrun.mock_server import MockServer
+from batchrun.mock.batches import BatchFaults
+from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 

@@ -17,7 +17,7 @@ import anyio
 import orjson
 import pytest
 
-from batchrun.mock_server import MockServer, MockStats
+from batchrun.mock.server import MockServer, MockStats
 from tests.conftest import chat, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

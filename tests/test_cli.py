@@ -11,7 +11,7 @@ import anyio
 import orjson
 import pytest
 
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from tests.conftest import chat, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from batchrun.client import Client, open_session, redact
 from batchrun.config import Limits, Timeouts
 from batchrun.errors import FatalError, RowError, TransientError
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.providers import get_provider
 from batchrun.records import Request
 
@@ -190,3 +190,27 @@ async def test_status_mapping_without_a_socket() -> None:
     assert no_quota.code == "insufficient_quota"
     assert isinstance(missing, RowError)
     assert missing.code == "model_not_found"
+
+
+async def test_a_stale_connection_is_resent_on_a_fresh_one_not_another_pooled_one() -> None:
+    # Every reused connection loses the race: the pool holds three idle ones,
+    # all of them stale, so only a fresh connection can carry the resend.
+    async with (
+        MockServer(stale_after=0.0) as server,
+        open_session(Limits(), Timeouts()) as session,
+    ):
+        client = Client(
+            session, get_provider("openai"), base_url=server.base_url, api_key="k", write_timeout=5
+        )
+        await asyncio.gather(*(client.send(request(f"warm {i}")) for i in range(3)))
+        connector = session.connector
+        assert connector is not None
+        assert sum(len(conns) for conns in connector._conns.values()) == 3
+
+        response = await client.send(request("after the idle time"))
+        # The stale one closed; the new one joined the two still idle: reuse goes on.
+        assert sum(len(conns) for conns in connector._conns.values()) == 3
+
+    assert response.status_code == 200
+    assert client.stale_retries == 1
+    assert server.stats.requests == 5

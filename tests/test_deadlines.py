@@ -16,7 +16,7 @@ from batchrun.cli import app
 from batchrun.config import RetryPolicy
 from batchrun.errors import TransientError, UsageError
 from batchrun.jobfile import build_config, load_job_file
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.retry import retrying, stop_past_budget
 from batchrun.runner import Clock, run_async
 from batchrun.sender import RowBudget

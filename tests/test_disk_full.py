@@ -18,7 +18,7 @@ import pytest
 from batchrun import crashpoint
 from batchrun.errors import DiskError, disk_writes
 from batchrun.journal import Journal, read_journal
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from tests.conftest import chat, write_jsonl
 from tests.test_resume import clean_output, command, duplicates, resume_to_end, rows, run_cli
 

@@ -15,7 +15,7 @@ from batchrun import read_results, to_pandas
 from batchrun.answers import read_answer
 from batchrun.errors import UsageError
 from batchrun.export import export
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.results import COLUMNS, table_row
 from batchrun.runner import Clock, run_async
 from batchrun.state import StateDir

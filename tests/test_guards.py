@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from batchrun.merge import merge
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.fakes import FakeClock

@@ -13,7 +13,7 @@ from batchrun import ordered
 from batchrun.heap import pin_mmap_threshold
 from batchrun.holding import Held
 from batchrun.journal import Journal
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.ordered import OrderedWriter
 from batchrun.records import Outcome, Request
 from batchrun.rowsource import Finished

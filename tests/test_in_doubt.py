@@ -13,7 +13,7 @@ import anyio
 import orjson
 import pytest
 
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from tests.conftest import chat, write_jsonl
 from tests.test_resume import command, finish, run_cli, start_cli, wait_for
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import anyio
@@ -15,6 +16,7 @@ from batchrun.errors import CorruptStateError
 from batchrun.journal import Journal, read_journal
 from batchrun.resume import recover
 from batchrun.state import Checkpoint, StateDir
+from batchrun.stats import Counts
 
 
 def record(line: int, ok: bool = True) -> bytes:
@@ -169,10 +171,12 @@ def test_property_recover_counts_the_complete_ordered_prefix(
         Checkpoint(
             rows=checkpoint_at,
             output_bytes=len(before),
-            ok=checkpoint_at - fails,
-            failed_by_code={"server_error": fails} if fails else {},
-            tokens_in=2 * (checkpoint_at - fails),
-            tokens_out=3 * (checkpoint_at - fails),
+            counts=Counts(
+                ok=checkpoint_at - fails,
+                failed_by_code=Counter({"server_error": fails} if fails else {}),
+                tokens_in=2 * (checkpoint_at - fails),
+                tokens_out=3 * (checkpoint_at - fails),
+            ),
         )
     )
 

@@ -9,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from batchrun.metrics import MetricsWriter, render_metrics, write_metrics
-from batchrun.progress import RunStats
-from tests.fakes import FakeClock
+from batchrun.stats import RunStats
 
 
 def busy_stats() -> RunStats:
@@ -141,9 +140,8 @@ def test_failed_write_cleans_up_its_temporary_file(tmp_path: Path) -> None:
         write_metrics(tmp_path / "no-such-dir" / "x.prom", "new\n")
 
 
-def test_writer_writes_only_after_the_interval(tmp_path: Path) -> None:
+def test_writer_writes_the_counts_and_extra_gauges_at_each_write(tmp_path: Path) -> None:
     path = tmp_path / "batchrun.prom"
-    clock = FakeClock(100.0)
     stats = RunStats(total=5)
     calls: list[int] = []
 
@@ -151,22 +149,13 @@ def test_writer_writes_only_after_the_interval(tmp_path: Path) -> None:
         calls.append(stats.done)
         return {"calls": float(len(calls))}
 
-    writer = MetricsWriter(path, stats, job="j", shard="0/2", extra=extra, clock=clock, interval=10)
-    writer.maybe_write()  # nothing written yet: writes at once
+    writer = MetricsWriter(path, stats, job="j", shard="0/2", extra=extra, interval=10)
+    writer.write()
     assert calls == [0]
     stats.record_outcome(ok=True, error_code=None, attempts=1, latency_s=0.1)
-    clock.now += 9.9
-    writer.maybe_write()
-    assert calls == [0]
-    clock.now += 0.1
-    writer.maybe_write()
+    writer.write()
     assert calls == [0, 1]
     assert 'batchrun_rows_done{batch_job="j",shard="0/2"} 1\n' in path.read_text()
-    writer.write()  # end of run: always
-    assert calls == [0, 1, 1]
-    clock.now += 5
-    writer.maybe_write()  # the interval counts from the forced write
-    assert len(calls) == 3
 
 
 def test_writer_rejects_a_non_positive_interval(tmp_path: Path) -> None:

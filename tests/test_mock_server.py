@@ -1,4 +1,4 @@
-"""Tests of the simulated provider in ``batchrun.mock_server``."""
+"""Tests of the simulated provider in ``batchrun.mock.server``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from multidict import CIMultiDictProxy
 
-from batchrun.mock_server import MockServer, parse_directives
+from batchrun.mock.server import MockServer, parse_directives
 
 KEY = "test-key"
 CHAT = "/chat/completions"
@@ -396,7 +396,7 @@ def test_parse_directives() -> None:
 
 def test_serve_prints_its_address_and_stops_on_sigterm() -> None:
     code = (
-        "from batchrun.mock_server import serve\n"
+        "from batchrun.mock.server import serve\n"
         "serve(host='127.0.0.1', port=0, latency=0, fail_rate=0)"
     )
     root = Path(__file__).resolve().parents[1]

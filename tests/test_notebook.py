@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from batchrun import build_config, read_results, run
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from tests.conftest import chat, read_jsonl, write_jsonl
 from tests.test_cli import ROOT, cli_env
 from tests.test_resume import wait_for

@@ -13,7 +13,7 @@ import pytest
 
 from batchrun.hosts import FAILURES_TO_REST, HostPool
 from batchrun.merge import merge
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.fakes import FakeClock

@@ -1,4 +1,4 @@
-"""Tests of batchrun.progress: histogram accuracy, counters, summary, reporter."""
+"""Tests of batchrun.progress and batchrun.stats: histogram, counters, summary, reporter."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchrun.progress import LatencyHistogram, ProgressReporter, RunStats, Summary
+from batchrun.progress import ProgressReporter
+from batchrun.stats import LatencyHistogram, RunStats, Summary
 from tests.fakes import FakeClock
 
 
@@ -33,7 +34,7 @@ def exact_percentile(values: list[float], q: float) -> float:
 
 def make_stats() -> RunStats:
     stats = RunStats(total=5000)
-    stats.done, stats.ok, stats.retries, stats.in_flight = 1200, 1190, 17, 32
+    stats.done, stats.counts.ok, stats.retries, stats.in_flight = 1200, 1190, 17, 32
     stats.failed_by_code.update({"rate_limited": 4, "read_timeout": 6})
     return stats
 
@@ -129,7 +130,7 @@ def finished_stats() -> RunStats:
         stats.record_outcome(ok=True, error_code=None, attempts=1, latency_s=0.12 + i / 1e5)
     stats.record_outcome(ok=False, error_code="read_timeout", attempts=3, latency_s=None)
     stats.record_outcome(ok=False, error_code="rate_limited", attempts=5, latency_s=0.9)
-    stats.tokens_in, stats.tokens_out = 12_345, 6_789
+    stats.counts.tokens_in, stats.counts.tokens_out = 12_345, 6_789
     return stats
 
 

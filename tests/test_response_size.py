@@ -11,7 +11,7 @@ import pytest
 from batchrun.config import DEFAULT_MAX_RESPONSE_BYTES
 from batchrun.errors import UsageError
 from batchrun.jobfile import build_config, load_job_file
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import Clock, run_async
 from tests.conftest import chat, make_config, read_jsonl
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from anyio.abc import Process
 
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.state import StateDir
 from tests.conftest import chat, read_jsonl, write_jsonl
 

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from batchrun.mock_server import MockServer
-from batchrun.progress import Summary
+from batchrun.mock.server import MockServer
 from batchrun.runner import EXIT_BUDGET, run_async
+from batchrun.stats import Summary
 from tests.conftest import chat, make_config, read_jsonl
 
 pytestmark = pytest.mark.asyncio

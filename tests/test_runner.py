@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from batchrun.errors import UsageError
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import Clock, run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.fakes import FakeClock

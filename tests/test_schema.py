@@ -13,7 +13,7 @@ import pytest
 from batchrun.errors import UsageError
 from batchrun.export import export
 from batchrun.jobfile import build_config
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.records import Request, parse_line
 from batchrun.runner import Clock, run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl

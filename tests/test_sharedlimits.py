@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from batchrun.errors import UsageError
 from batchrun.jobfile import build_config, load_job_file
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.sharedlimits import (
     LEASE_REQUESTS,
     Grant,
@@ -251,11 +251,6 @@ async def three_shards(
     started = time.monotonic()
     done = await run_all(cmds)
     return time.monotonic() - started, done, outs
-
-
-def max_per_sliding_second(stamps: list[float]) -> int:
-    stamps = sorted(stamps)
-    return max(sum(1 for t in stamps[i:] if t < s + 1.0) for i, s in enumerate(stamps))
 
 
 @pytest.mark.slow

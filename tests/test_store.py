@@ -6,6 +6,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import batchrun.store
 from batchrun import reuse
 from batchrun.contentkey import canonical_json, content_key, request_key
 from batchrun.providers import get_provider
@@ -142,6 +144,44 @@ def test_two_processes_write_one_store_at_once(tmp_path: Path) -> None:
     store = open_store(path)
     assert store.stats().results == 2 * 20 * 50
     store.close()
+
+
+def test_a_store_another_process_is_making_is_waited_for_not_called_damaged(
+    tmp_path: Path,
+) -> None:
+    # The other process has just made the file and holds its write lock, as
+    # the winner of two runs opening one new cache does while it switches the
+    # file to WAL: the switch here fails at once, the busy timeout not waiting.
+    path = tmp_path / STORE_FILE
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the holder finishes during the first wait
+        waits.append(seconds)
+        holder.execute("COMMIT")
+
+    store = open_store(path, sleep=sleep)
+
+    assert len(waits) == 1
+    assert store.is_empty()
+    store.close()
+    holder.close()
+
+
+def test_a_store_locked_past_the_busy_timeout_is_called_locked_not_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / STORE_FILE
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(batchrun.store, "_OPEN_ATTEMPTS", 3)
+
+    with pytest.raises(StoreError, match="stayed locked") as caught:
+        open_store(path, sleep=lambda _: None)
+
+    assert "is damaged" not in str(caught.value)
+    holder.close()
 
 
 @contextlib.contextmanager

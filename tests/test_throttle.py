@@ -11,7 +11,7 @@ import pytest
 from batchrun.congestion import STREAK
 from batchrun.errors import TransientError
 from batchrun.jobfile import build_config
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
 from batchrun.throttle import INITIAL_CONCURRENCY, Throttle
 from batchrun.timing import Clock

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from batchrun.errors import UsageError
-from batchrun.mock_server import MockServer
+from batchrun.mock.server import MockServer
 from batchrun.runner import EXIT_FATAL, Clock, run_async
 from batchrun.state import StateDir
 from tests.conftest import chat, make_config, read_jsonl
@@ -40,7 +40,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _certificate(
-    subject: str, issuer: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey
+    subject: str, issuer: str, key: ec.EllipticCurvePrivateKey
 ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (
@@ -58,7 +58,7 @@ def make_pki(directory: Path, *, host_ip: str = "127.0.0.1") -> Pki:
     """A private CA and a server certificate it signs for ``host_ip``."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
-        _certificate("batchrun test CA", "batchrun test CA", ca_key, ca_key)
+        _certificate("batchrun test CA", "batchrun test CA", ca_key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -73,7 +73,7 @@ def make_pki(directory: Path, *, host_ip: str = "127.0.0.1") -> Pki:
     )  # fmt: skip
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (
-        _certificate("mock provider", "batchrun test CA", key, ca_key)
+        _certificate("mock provider", "batchrun test CA", key)
         .add_extension(
             x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host_ip))]), False
         )

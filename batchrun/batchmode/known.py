@@ -1,7 +1,7 @@
-"""Rows answered in batches, read back in input order for the ordered writer.
+"""Rows answered in batches, read back in input order for the row source.
 
 Each collected part's results file is sorted by line; a merge of them is read
-forwards as the pipeline asks for lines in increasing order, so memory stays
+forwards as the row source asks for lines in increasing order, so memory stays
 one record per file however many rows were answered.
 """
 

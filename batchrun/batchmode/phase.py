@@ -2,7 +2,7 @@
 
 ``run_phase`` runs the batch phase of a run inside the runner's session;
 ``guard`` keeps online mode and ``--restart`` away from live batches;
-``known_results`` hands the collected answers to the ordered writer;
+``known_results`` hands the collected answers to the row source;
 ``cancel`` cancels a run's batches on purpose (``batchrun cancel OUT``).
 """
 

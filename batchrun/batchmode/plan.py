@@ -23,8 +23,6 @@ DEFAULT_MAX_BYTES: Final[dict[str, int]] = {
     "mock": 200 * 1000 * 1000,
     "dashscope": 500 * 1000 * 1000,
 }
-# A file holds at most this many requests at either provider.
-MAX_ROWS: Final = 50_000
 
 _ENDPOINTS: Final = {
     "chat": "/v1/chat/completions",
@@ -104,12 +102,3 @@ class Splitter:
         current.rows += 1
         current.bytes += size
         return current.part, closed
-
-    def open_parts(self) -> list[int]:
-        """Parts still open (the end of the input closes them)."""
-        return sorted(part.part for part in self._open.values())
-
-    @property
-    def next_part(self) -> int:
-        """The number the next new part would get."""
-        return self._next

@@ -9,10 +9,10 @@ from batchrun.providers.openai import OpenAIProvider
 
 __all__ = ["Classified", "Provider", "Verdict", "get_provider"]
 
+# Keyed by each dialect's own name; settings.ProviderName lists the names a
+# setting accepts, and tests/test_settings.py checks the two agree.
 _PROVIDERS: dict[str, type[Provider]] = {
-    "openai": OpenAIProvider,
-    "dashscope": DashScopeProvider,
-    "mock": MockProvider,
+    provider.name: provider for provider in (OpenAIProvider, DashScopeProvider, MockProvider)
 }
 
 

@@ -1,6 +1,6 @@
 """The mock provider: the OpenAI dialect against batchrun's embedded mock server.
 
-The run starts the server itself (see ``batchrun.mock_server``) on an ephemeral
+The run starts the server itself (see ``batchrun.mock.server``) on an ephemeral
 loopback port unless a ``--base-url`` points at one already running.
 """
 

@@ -1,7 +1,7 @@
 """What a request asks of the mock provider and what it answers: pure logic.
 
 A row scripts its own faults with ``mock:NAME[=VALUE]`` tokens in its prompt
-(see ``batchrun.mock_server``); ``parse_directives`` reads them, and
+(see ``batchrun.mock.server``); ``parse_directives`` reads them, and
 ``success_body`` makes the deterministic answer of each dialect.
 """
 
@@ -11,11 +11,11 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 
-Kind = Literal["chat", "completion", "embedding", "dashscope"]
+from batchrun.records import Kind
 
 ECHO_CHARS: Final = 200
 ALWAYS: Final = 1 << 30  # attempts: more than any run makes
@@ -143,7 +143,7 @@ def prompt_parts(kind: Kind, body: dict[str, Any]) -> list[str]:
     if kind == "chat":
         return _message_texts(body.get("messages"))
     if kind != "dashscope":
-        return _strings(body.get("prompt" if kind == "completion" else "input"))
+        return _strings(body.get("prompt" if kind == "completions" else "input"))
     given = body.get("input")
     if not isinstance(given, dict):
         return []
@@ -211,7 +211,7 @@ def success_body(call: Call, rules: Directives = NO_DIRECTIVES) -> dict[str, Any
     model = call.body.get("model")
     model = model if isinstance(model, str) else "mock"
     n_in = sum(len(part.split()) for part in call.parts)
-    if call.kind == "embedding":
+    if call.kind == "embeddings":
         data = [
             {"object": "embedding", "index": i, "embedding": _embedding(text)}
             for i, text in enumerate(call.parts)

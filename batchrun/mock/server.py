@@ -4,7 +4,7 @@
 ``/v1/{chat/completions,completions,embeddings}``, also under
 ``/compatible-mode/v1`` and ``/v1beta/openai`` (a base path without ``/v1``
 at its end, as Gemini's), with the files and batches API there too (see
-``batchrun.mock_batches``: a fast clock and batch faults, ``batch_faults``).
+``batchrun.mock.batches``: a fast clock and batch faults, ``batch_faults``).
 DashScope native dialect: ``POST
 /api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
 returns ``MockServer.stats`` as JSON.
@@ -60,9 +60,7 @@ import hashlib
 import math
 import random
 import signal
-import socket
 import ssl
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -70,39 +68,28 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from batchrun.mock_batches import BatchFaults, MockBatches
-from batchrun.mock_script import (
-    NO_DIRECTIVES,
-    Call,
-    Directives,
-    Kind,
-    openai_error,
-    parse_directives,
-    prompt_parts,
-    success_body,
+from batchrun.mock.batches import BatchFaults, MockBatches
+from batchrun.mock.faults import (
+    JSON_TYPE,
+    auth_error,
+    error_answer,
+    reset_connection,
+    scripted_answer,
 )
+from batchrun.mock.script import NO_DIRECTIVES, Call, parse_directives, prompt_parts
+from batchrun.records import BATCH_URLS, Kind
 
 DASHSCOPE_PATH: Final = "/api/v1/services/aigc/text-generation/generation"
+# The batch urls' paths under /v1/ ("chat/completions", ...), served under every prefix.
 _OPENAI_ROUTES: Final[dict[str, Kind]] = {
-    "chat/completions": "chat",
-    "completions": "completion",
-    "embeddings": "embedding",
+    url.removeprefix("/v1/"): kind for url, kind in BATCH_URLS.items()
 }
 _BAD_KEY: Final = "bad-key"
-_BAD_JSON: Final = b'{"choices": ['
-_ODD_BODIES: Final[tuple[Any, ...]] = (None, [], "fine, thanks")
 # Gemini's OpenAI-compatible base path: a base URL that does not end in /v1.
 GATEWAY_PREFIX: Final = "/v1beta/openai"
-_JSON: Final = "application/json"
 # Seconds stop() waits for a running handler, twice (aiohttp waits, cancels, waits).
 _SHUTDOWN_GRACE: Final = 0.25
-# SO_LINGER on with a zero timeout makes close() send an RST instead of a FIN.
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
-# How long a hang102 answer stays silent: longer than any test's timeout.
-_SILENCE: Final = 3600.0
-_HUGE_PIECE: Final = 1 << 16
 _MAX_UPLOAD: Final = 512 << 20
-_DASHSCOPE_CODES: Final = {401: "InvalidApiKey", 403: "AccessDenied", 429: "Throttling.RateQuota"}
 
 
 class MockStats:
@@ -126,7 +113,7 @@ class MockStats:
         # Per whole second of the server's monotonic clock, with a rate limit set.
         self.received_per_second: collections.Counter[int] = collections.Counter()
         self.accepted_per_second: collections.Counter[int] = collections.Counter()
-        self.batch_rows = 0  # rows answered in batches (see mock_batches)
+        self.batch_rows = 0  # rows answered in batches (see batchrun.mock.batches)
 
     def reset(self) -> None:
         """Zero the counters; ``in_flight`` keeps tracking the live handlers."""
@@ -145,153 +132,6 @@ class MockStats:
             "max_in_flight": self.max_in_flight,
             "statuses": statuses,
         }
-
-
-def _json(status: int, body: Any, headers: dict[str, str]) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers)
-
-
-def _error(
-    kind: Kind, headers: dict[str, str], status: int, message: str, code: str | None = None
-) -> web.Response:
-    """An error answer in the dialect of ``kind``; ``code`` overrides the default."""
-    if kind == "dashscope":
-        default = "InternalError" if status >= 500 else "InvalidParameter"
-        code = code or _DASHSCOPE_CODES.get(status, default)
-        body = {"code": code, "message": message, "request_id": headers["x-request-id"]}
-        return _json(status, body, headers)
-    return _json(status, openai_error(status, message, code), headers)
-
-
-def _auth_error(kind: Kind, headers: dict[str, str], key: str) -> web.Response:
-    # Real providers echo (part of) a rejected key; the full echo tests redaction.
-    if kind == "dashscope":
-        message = f"Invalid API-key provided: {key}" if key else "No API-key provided."
-        return _error(kind, headers, 401, message, "InvalidApiKey")
-    message = (
-        f"Incorrect API key provided: {key}. You can find your API key at "
-        "https://platform.openai.com/account/api-keys."
-        if key
-        else "You didn't provide an API key: send 'Authorization: Bearer KEY'."
-    )
-    return _error(kind, headers, 401, message, "invalid_api_key")
-
-
-def _fault(call: Call, rules: Directives, overloaded: bool) -> web.Response | None:
-    """The error answer a row's directives or the fail rate force, if any."""
-    headers = {"x-request-id": call.request_id}
-    if rules.retry_after:
-        headers["Retry-After"] = rules.retry_after
-    if rules.quota and call.kind == "dashscope":
-        return _error(call.kind, headers, 400, "Access denied: account in arrears.", "Arrearage")
-    if rules.quota:
-        message = "You exceeded your current quota, please check your plan and billing details."
-        return _error(call.kind, headers, 429, message, "insufficient_quota")
-    if rules.fail is not None and (rules.fail_times is None or call.attempt <= rules.fail_times):
-        return _error(call.kind, headers, rules.fail, f"mock fault: HTTP {rules.fail}")
-    if overloaded:
-        return _error(call.kind, headers, 503, "The server is overloaded, please retry later.")
-    return None
-
-
-def _reset_connection(request: web.Request) -> web.StreamResponse:
-    transport = request.transport
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        transport.abort()
-    # Never sent: aiohttp finds the transport closing and drops the answer quietly.
-    return web.Response(status=204)
-
-
-async def _truncated(request: web.Request, call: Call) -> web.StreamResponse:
-    full = orjson.dumps(success_body(call))
-    response = web.StreamResponse(headers={"x-request-id": call.request_id})
-    response.content_type = _JSON
-    response.content_length = len(full)
-    response.force_close()
-    await response.prepare(request)
-    await response.write(full[: len(full) // 2])
-    # close(), not abort(): the partial body must reach the client before the FIN.
-    if request.transport is not None:
-        request.transport.close()
-    return response
-
-
-async def _hang_after_102(request: web.Request) -> web.StreamResponse:
-    """An informational answer, then silence until the client gives up."""
-    if request.transport is not None:
-        request.transport.write(b"HTTP/1.1 102 Processing\r\n\r\n")
-    await asyncio.sleep(_SILENCE)
-    return _reset_connection(request)
-
-
-async def _streamed(
-    request: web.Request, call: Call, body: bytes, *, pace: float, piece: int, length: bool
-) -> web.StreamResponse:
-    """A 200 sent ``piece`` bytes at a time, ``pace`` seconds apart."""
-    response = web.StreamResponse(headers={"x-request-id": call.request_id})
-    response.content_type = _JSON
-    if length:
-        response.content_length = len(body)
-    else:
-        response.enable_chunked_encoding()
-    await response.prepare(request)
-    for start in range(0, len(body), piece):
-        if pace:
-            await asyncio.sleep(pace)
-        await response.write(body[start : start + piece])
-    await response.write_eof()
-    return response
-
-
-def _padded(call: Call, size: int) -> bytes:
-    """The success body grown to ``size`` bytes with a padding field."""
-    answer = success_body(call)
-    bare = len(orjson.dumps({**answer, "padding": ""}))
-    return orjson.dumps({**answer, "padding": "x" * max(0, size - bare)})
-
-
-async def _slow_or_big(
-    request: web.Request, call: Call, rules: Directives
-) -> web.StreamResponse | None:
-    """A trickled or huge success answer, when the row asks for one."""
-    if rules.trickle and (rules.trickle_times is None or call.attempt <= rules.trickle_times):
-        body = orjson.dumps(success_body(call, rules))
-        return await _streamed(request, call, body, pace=rules.trickle, piece=1, length=True)
-    if rules.huge:
-        body = _padded(call, rules.huge)
-        length = not rules.chunked
-        return await _streamed(request, call, body, pace=0, piece=_HUGE_PIECE, length=length)
-    return None
-
-
-async def _scripted(
-    request: web.Request, call: Call, rules: Directives, overloaded: bool
-) -> web.StreamResponse:
-    """Answer an authorised request whose body is a JSON object."""
-    if call.attempt <= rules.reset:
-        return _reset_connection(request)
-    if call.attempt <= rules.hang102:
-        return await _hang_after_102(request)
-    fault = _fault(call, rules, overloaded)
-    if fault is not None:
-        return fault
-    if call.attempt <= rules.truncate:
-        return await _truncated(request, call)
-    headers = {"x-request-id": call.request_id}
-    if rules.redirect is not None:
-        headers["Location"] = "/moved" + request.path
-        return web.Response(status=rules.redirect, headers=headers)
-    if call.attempt <= rules.badjson:
-        return web.Response(body=_BAD_JSON, content_type=_JSON, headers=headers)
-    if call.attempt <= rules.oddbody:
-        return _json(200, _ODD_BODIES[(call.attempt - 1) % len(_ODD_BODIES)], headers)
-    special = await _slow_or_big(request, call, rules)
-    if special is not None:
-        return special
-    return _json(200, success_body(call, rules), headers)
 
 
 class _Quota:
@@ -470,7 +310,7 @@ class MockServer:
 
     async def _answer(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         if self._lost_race(request):
-            return _reset_connection(request)
+            return reset_connection(request)
         try:
             return await self._answer_fresh(request, kind)
         finally:
@@ -503,18 +343,18 @@ class MockServer:
         wait = self._quota.over() if valid else None
         if wait is not None:
             headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return _error(kind, headers, 429, "Requests rate limit exceeded, slow down.")
+            return error_answer(kind, headers, 429, "Requests rate limit exceeded, slow down.")
         pause = self.latency + rules.delay
         if pause > 0:
             await asyncio.sleep(pause)
         if not key or key == _BAD_KEY:
-            return _auth_error(kind, headers, key)
+            return auth_error(kind, headers, key)
         if body is None:
-            return _error(kind, headers, 400, "The request body is not a JSON object.")
-        return await _scripted(request, call, rules, overloaded)
+            return error_answer(kind, headers, 400, "The request body is not a JSON object.")
+        return await scripted_answer(request, call, rules, overloaded)
 
     async def _get_stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.stats.as_json()), content_type=_JSON)
+        return web.Response(body=orjson.dumps(self.stats.as_json()), content_type=JSON_TYPE)
 
 
 def _bearer_key(request: web.Request) -> str:

@@ -39,14 +39,10 @@ from typing import Any, Final, Protocol
 import orjson
 from aiohttp import web
 
-from batchrun.mock_script import Call, Kind, openai_error, parse_directives, prompt_parts
-from batchrun.mock_script import success_body as _success_body
+from batchrun.mock.script import Call, openai_error, parse_directives, prompt_parts
+from batchrun.mock.script import success_body as _success_body
+from batchrun.records import BATCH_URLS, Kind
 
-ENDPOINT_KINDS: Final[dict[str, Kind]] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completion",
-    "/v1/embeddings": "embedding",
-}
 _JSON: Final = "application/json"
 
 
@@ -189,7 +185,7 @@ class MockBatches:
             return _fail(400, "the body is not JSON")
         file_id = given.get("input_file_id") if isinstance(given, dict) else None
         endpoint = given.get("endpoint") if isinstance(given, dict) else None
-        if file_id not in self.contents or endpoint not in ENDPOINT_KINDS:
+        if file_id not in self.contents or endpoint not in BATCH_URLS:
             return _fail(400, "input_file_id must name an uploaded file; endpoint a batch url")
         batch_id = f"batch_{next(self._ids):06d}"
         info = {
@@ -369,7 +365,7 @@ def _read_row(
     models.add(body.get("model") if isinstance(body, dict) else None)
     if url != endpoint or not isinstance(body, dict) or len(models) > 1:
         return "every line must have the batch's endpoint and one model", None
-    kind = ENDPOINT_KINDS[endpoint]
+    kind = BATCH_URLS[endpoint]
     text = "\n".join(prompt_parts(kind, body))
     if "mock:invalid_file" in text:
         return "file", None
