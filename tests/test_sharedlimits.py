@@ -22,6 +22,7 @@ import pytest_asyncio
 
 from batchrun.errors import UsageError
 from batchrun.jobfile import build_config, load_job_file
+from batchrun.layout import state_dir
 from batchrun.mock.server import MockServer
 from batchrun.sharedlimits import (
     LEASE_REQUESTS,
@@ -36,6 +37,7 @@ from batchrun.sharedlimits import (
 from tests.conftest import chat, read_jsonl, write_jsonl
 from tests.fakes import FakeClock
 from tests.redis_server import RedisServer
+from tests.test_resume import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -326,7 +328,11 @@ async def test_redis_lost_mid_run_then_back(
     cmds = [shard_cmd(inp, out, limited, "--shard", f"{i}/2", *flags) for i, out in enumerate(outs)]
 
     async def outage() -> None:
-        await anyio.sleep(3.0)
+        # Cut Redis once both runs are sending (their journals have begun),
+        # not at a fixed time: a busy machine takes seconds to start them.
+        journals = [state_dir(out) / "journal" for out in outs]
+        await wait_for(lambda: all(j.exists() and j.stat().st_size for j in journals), 60)
+        await anyio.sleep(1.0)
         redis_server.stop()
         await anyio.sleep(2.5)
         redis_server.start()
