@@ -276,8 +276,11 @@ async def test_rows_waiting_for_a_retry_do_not_hold_up_the_others(tmp_path: Path
 
     assert summary.exit_code == 0
     assert summary.extra["pauses"] == 0  # three lone 429s among good answers
-    # While the three rows waited, spare workers sent every other row.
-    assert seen_at_retry == [39, 39, 39]
+    # While the three rows waited, spare workers sent every other row: by the
+    # first retry, all 39 first attempts were out. (The later two may already
+    # see that first retry: the three waits end a few milliseconds apart.)
+    assert len(seen_at_retry) == 3
+    assert seen_at_retry[0] == 39
 
 
 async def _quiet_ramp(
