@@ -173,7 +173,7 @@ class OrderedWriter:
                 cost=outcome.cost or 0.0,
             )
             return
-        verdict = tally(orjson.loads(data), self.provider.usage)
+        verdict = item.tally or tally(orjson.loads(data), self.provider.usage)
         if item.reused:
             self.stats.record_reused(verdict)
         else:

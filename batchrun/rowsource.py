@@ -37,8 +37,9 @@ from batchrun.records import (
 )
 from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers, relabel
+from batchrun.stats import Tally
 
-__all__ = ["Finished", "KnownLookup", "RowSource", "Work", "line_of"]
+__all__ = ["Finished", "KnownAnswer", "KnownLookup", "RowSource", "Work", "line_of"]
 
 
 def line_of(row: int) -> int:
@@ -56,6 +57,7 @@ class Finished(NamedTuple):
     reused: bool = False  # answered from a result store
     journal_at: int | None = None  # where the journal holds the record, if it does
     kept: int = 0  # bytes the record holds in memory while an earlier row is unfinished
+    tally: Tally | None = None  # what a known record counts for, when known without parsing it
 
 
 class Work(NamedTuple):
@@ -67,13 +69,24 @@ class Work(NamedTuple):
     key: bytes  # the request's content key
 
 
+class KnownAnswer(Protocol):
+    """A result found elsewhere: its output record, and what it counts for
+    (None: the writer reads that from the record)."""
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def tally(self) -> Tally | None: ...
+
+
 class KnownLookup(Protocol):
     """Results found elsewhere (batch mode's collected answers), asked for by
     input line in increasing order; ``found`` counts the hits."""
 
     found: int
 
-    def get(self, line: int) -> bytes | None: ...
+    def get(self, line: int) -> KnownAnswer | None: ...
 
 
 class RowSource:
@@ -130,7 +143,9 @@ class RowSource:
         line = line_of(row)
         data = self._journaled(line)
         if data is None and self.known is not None:
-            data = self.known.get(line)  # batch mode filed it in the store when collected
+            answer = self.known.get(line)  # batch mode filed it in the store when collected
+            if answer is not None:
+                return Finished(row, offset, answer.data, None, tally=answer.tally)
         if data is None and old is not None:
             data = _kept_record(old, line, self.config.out)
         return None if data is None else Finished(row, offset, data, None)

@@ -83,6 +83,57 @@ async def test_output_equals_online_modes(tmp_path: Path, batch_server: MockServ
     assert batch_server.stats.requests == 0
 
 
+def counted(summary: Any) -> tuple[Any, ...]:
+    """What a summary counts the rows for."""
+    return (
+        summary.rows,
+        summary.ok,
+        summary.failed,
+        summary.failed_by_code,
+        summary.tokens_in,
+        summary.tokens_out,
+    )
+
+
+async def test_summary_counts_equal_online_modes(tmp_path: Path, batch_server: MockServer) -> None:
+    # Answers are counted from the tokens filed when they were collected;
+    # errors from their records: the totals are the online run's.
+    source: list[Any] = [
+        *rows(4, model="m"),
+        chat("refused mock:fail=400", model="m"),
+        chat("longer answer " * 5, model="m"),
+        b"not json",
+    ]
+    batch = make_config(tmp_path, source, batch_server, batch_rows=3, **FAST)
+    summary = await run_async(batch)
+    async with MockServer() as online_server:
+        online = make_config(tmp_path, source, online_server, out=tmp_path / "online.jsonl")
+        expected = await run_async(online)
+    assert counted(summary) == counted(expected)
+    assert summary.tokens_in > 0
+    assert summary.failed == 2
+    assert summary.extra["answered in batches"] == 6
+
+
+async def test_dashscope_batch_tokens_are_read_as_dashscope_reads_them(
+    tmp_path: Path, batch_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    source = [chat(f"row {i}", model="qwen") for i in range(3)]
+    config = make_config(
+        tmp_path,
+        source,
+        batch_server,
+        provider="dashscope",
+        base_url=batch_server.dashscope_base_url,
+        **FAST,
+    )
+    summary = await run_async(config)
+    bodies = [r["response"]["body"] for r in read_jsonl(config.out)]
+    assert summary.tokens_in == sum(body["usage"]["prompt_tokens"] for body in bodies) > 0
+    assert summary.tokens_out == sum(body["usage"]["completion_tokens"] for body in bodies) > 0
+
+
 async def test_provider_files_are_cleaned_up(tmp_path: Path, batch_server: MockServer) -> None:
     config = make_config(tmp_path, rows(10, model="m"), batch_server, batch_rows=3, **FAST)
     assert (await run_async(config)).exit_code == 0

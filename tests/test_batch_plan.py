@@ -9,10 +9,12 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batchrun.batchmode.known import Known, KnownResults, filed_head
 from batchrun.batchmode.plan import Group, Splitter, batch_key, batch_line, line_of_key
 from batchrun.batchmode.results import collect
 from batchrun.providers.openai import OpenAIProvider
-from batchrun.records import Request
+from batchrun.records import Outcome, Request, Response, output_line
+from batchrun.stats import Tally
 
 GROUPS = [Group("/v1/chat/completions", "a"), Group("/v1/chat/completions", "b")]
 
@@ -90,3 +92,41 @@ def test_results_map_back_by_our_key_and_missing_rows_are_unfinished(tmp_path: P
     assert ok["line"] == 5
     assert failed["error"]["code"] == "bad"
     assert failed["response"]["status_code"] == 400
+
+
+def test_known_results_read_headed_and_plain_lines(tmp_path: Path) -> None:
+    # A part collected with token heads, and one of an older run without them.
+    answer = Response(status_code=200, request_id="r", body={})
+    ok = output_line(Outcome(line=2, custom_id="a", response=answer, attempts=1))
+    failed = output_line(Outcome(line=3, custom_id="b", error_code="bad", attempts=1))
+    plain = output_line(Outcome(line=5, custom_id="c", response=answer, attempts=1))
+    headed = tmp_path / "a.results"
+    headed.write_bytes(filed_head(2, 7, 11) + ok + failed)
+    older = tmp_path / "b.results"
+    older.write_bytes(plain)
+    known = KnownResults([headed, older])
+    try:
+        assert known.get(1) is None
+        assert known.get(2) == Known(ok, Tally(True, None, False, 7, 11))
+        assert known.get(3) == Known(failed, None)
+        assert known.get(4) is None
+        assert known.get(5) == Known(plain, None)
+        assert known.get(6) is None
+        assert known.found == 3
+    finally:
+        known.close()
+
+
+def test_collect_files_answers_with_their_tokens(tmp_path: Path) -> None:
+    provider = OpenAIProvider()
+    body = {"usage": {"prompt_tokens": 4, "completion_tokens": 9}}
+    answer = {"custom_id": "r1", "response": {"status_code": 200, "body": body}}
+    refused = {"custom_id": "r2", "response": {"status_code": 400, "body": {}}}
+    results = tmp_path / "out"
+    results.write_bytes(orjson.dumps(answer) + b"\n" + orjson.dumps(refused) + b"\n")
+    ids = {1: "a", 2: "b"}
+    found = collect([results], ids, provider, tmp_path / "spill", usage=provider.usage)
+    chunks = [bytes(chunk) for chunk in found.records.sorted_chunks()]
+    found.records.close()
+    assert chunks[0].startswith(filed_head(1, 4, 9) + b'{"id":"batch_req_1"')
+    assert chunks[1].startswith(b'{"id":"batch_req_2"')

@@ -3,6 +3,13 @@
 Each collected part's results file is sorted by line; a merge of them is read
 forwards as the row source asks for lines in increasing order, so memory stays
 one record per file however many rows were answered.
+
+A results file's line is an output record, or, for an answer whose token
+counts were read when it was collected, ``<line> <tokens_in> <tokens_out>``
+and a tab before the record (``filed_head``): the ordered writer then counts
+the row from those numbers instead of parsing its record again. Records
+start with ``{``, so both kinds read back (files of older runs have only
+records).
 """
 
 from __future__ import annotations
@@ -11,12 +18,27 @@ import contextlib
 import heapq
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import orjson
 
+from batchrun.stats import Tally
+
 # Every output record starts with its id, ``batch_req_<line>`` (records.output_record).
 _PREFIX = b'{"id":"batch_req_'
+
+
+class Known(NamedTuple):
+    """A batch answer: its output record, and what it counts for when the
+    results file says (None: count it from the record)."""
+
+    data: bytes
+    tally: Tally | None
+
+
+def filed_head(line: int, tokens_in: int, tokens_out: int) -> bytes:
+    """The head of an answer's results-file line: its line and tokens (see above)."""
+    return b"%d %d %d\t" % (line, tokens_in, tokens_out)
 
 
 class KnownResults:
@@ -29,8 +51,8 @@ class KnownResults:
         self._head: tuple[int, bytes] | None = None
         self.found = 0
 
-    def get(self, line: int) -> bytes | None:
-        """The record of ``line``, if a batch answered it."""
+    def get(self, line: int) -> Known | None:
+        """The answer of ``line``, if a batch answered it."""
         head = self._head
         while head is None or head[0] < line:
             head = next(self._merged, None)
@@ -41,7 +63,7 @@ class KnownResults:
         if head[0] != line:
             return None
         self.found += 1
-        return head[1]
+        return _known(head[1])
 
     def close(self) -> None:
         self._stack.close()
@@ -53,9 +75,21 @@ def _records(handle: BinaryIO) -> Iterator[tuple[int, bytes]]:
 
 
 def _line_of(raw: bytes) -> int:
+    if not raw.startswith(b"{"):
+        return int(raw[: raw.index(b" ")])
     if raw.startswith(_PREFIX):
         end = raw.find(b'"', len(_PREFIX))
         digits = raw[len(_PREFIX) : end]
         if digits.isdigit():
             return int(digits)
     return int(orjson.loads(raw)["line"])
+
+
+def _known(raw: bytes) -> Known:
+    """A results-file line as the record and, with a head, its tally: an
+    answer (no error), no recorded cost, not reused."""
+    if raw.startswith(b"{"):
+        return Known(raw, None)
+    tab = raw.index(b"\t")
+    _, tokens_in, tokens_out = raw[:tab].split(b" ")
+    return Known(raw[tab + 1 :], Tally(True, None, False, int(tokens_in), int(tokens_out)))

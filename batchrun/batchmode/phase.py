@@ -23,6 +23,7 @@ from batchrun.batchmode.known import KnownResults
 from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
 from batchrun.batchmode.progress import BatchProgress
 from batchrun.batchmode.record import BatchRecord, BatchState
+from batchrun.batchmode.results import Usage
 from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
@@ -45,6 +46,7 @@ def _settler(
     state: BatchState,
     talk: Provider,
     answers: Answers | None,
+    usage: Usage,
 ) -> Settler:
     return Settler(
         api,
@@ -54,6 +56,7 @@ def _settler(
         keep_files=config.batch.keep_files,
         fallback_online=config.batch.fallback == "online",
         answers=answers,
+        usage=usage,
     )
 
 
@@ -97,7 +100,7 @@ async def run_phase(
         record=record,
         state=state,
         submitter=Submitter(api, record, state, retry=config.retry, sleep=clock.sleep),
-        settler=_settler(config, api, record, state, talk, answers),
+        settler=_settler(config, api, record, state, talk, answers, provider.usage),
         progress=BatchProgress(enabled=config.progress, stream=stream, clock=clock.monotonic),
         clock=clock,
     )

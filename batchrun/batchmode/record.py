@@ -9,7 +9,8 @@
 * ``part-N.ids``: its rows' input lines and the input's own ``custom_id``s.
 * ``part-N.keys``: their content keys (32 bytes each, in the same order).
 * ``part-N.results``: its rows' output records, ordered by line, written
-  (atomically) when the batch ended; a part with this file is settled.
+  (atomically) when the batch ended; a part with this file is settled. An
+  answer's record may follow a head with its line and tokens (see ``known``).
 
 A part goes ``planned`` (file written) → ``uploaded`` (input file id) →
 ``submitted`` (batch id) → ``collected`` (results written). A batch that

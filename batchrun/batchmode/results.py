@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Final
 
 import orjson
 
+from batchrun.batchmode.known import filed_head
 from batchrun.batchmode.plan import line_of_key
 from batchrun.providers import Provider
 from batchrun.records import Outcome, Response, output_line
@@ -43,15 +44,18 @@ class Records:
         self._starts = array.array("q")
         self._seen: set[int] = set()
 
-    def add(self, line: int, data: bytes) -> None:
-        """Keep ``data`` as ``line``'s record; a line's first record wins."""
+    def add(self, line: int, data: bytes, head: bytes = b"") -> None:
+        """Keep ``data`` as ``line``'s record, after ``head`` (see
+        ``known.filed_head``); a line's first record wins."""
         if line in self._seen:
             return
         self._seen.add(line)
         self._lines.append(line)
         self._starts.append(self._size)
+        if head:
+            self._handle.write(head)
         self._handle.write(data)
-        self._size += len(data)
+        self._size += len(head) + len(data)
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -63,7 +67,7 @@ class Records:
         return set(self._seen)
 
     def sorted_chunks(self) -> Iterator[bytes]:
-        """The records in line order."""
+        """The records (each after its head, if it has one) in line order."""
         self._handle.flush()
         if not self._size:
             return
@@ -88,6 +92,15 @@ class Collected:
 
 
 OnRecord = Callable[[int, bytes, Outcome], None]
+# Tokens (in, out) an answer's body reports, as the run's provider reads them.
+Usage = Callable[[Any], tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    provider: Provider
+    on_record: OnRecord | None
+    usage: Usage | None
 
 
 def collect(
@@ -96,26 +109,25 @@ def collect(
     provider: Provider,
     spill: Path,
     on_record: OnRecord | None = None,
+    usage: Usage | None = None,
 ) -> Collected:
     """The records of the downloaded result ``files`` for a part whose rows
     (input line → the input's ``custom_id``) are ``ids``; ``on_record`` sees
-    each new one (line, record, outcome). The caller closes ``records``."""
+    each new one (line, record, outcome). With ``usage`` (the run's
+    provider's), each answer's record gets a head with its tokens
+    (``known.filed_head``), so the ordered writer need not parse it again.
+    The caller closes ``records``."""
+    reading = _Reading(provider, on_record, usage)
     found = Collected(Records(spill))
     for path in files:
         with path.open("rb") as handle:
             for raw in handle:
-                _take(found, raw, ids, provider, on_record)
+                _take(found, raw, ids, reading)
     found.unfinished = set(ids) - found.records.lines()
     return found
 
 
-def _take(
-    found: Collected,
-    raw: bytes,
-    ids: Mapping[int, str],
-    provider: Provider,
-    on_record: OnRecord | None,
-) -> None:
+def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Reading) -> None:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -125,12 +137,19 @@ def _take(
     line = line_of_key(data.get("custom_id"))
     if line is None or line not in ids or line in found.records:
         return
-    outcome = outcome_of(data, line, ids[line], provider)
+    outcome = outcome_of(data, line, ids[line], reading.provider)
     if outcome is not None:
-        data = output_line(outcome)
-        found.records.add(line, data)
-        if on_record is not None:
-            on_record(line, data, outcome)
+        record = output_line(outcome)
+        found.records.add(line, record, _head(line, outcome, reading.usage))
+        if reading.on_record is not None:
+            reading.on_record(line, record, outcome)
+
+
+def _head(line: int, outcome: Outcome, usage: Usage | None) -> bytes:
+    """The results-file head of an answer's record (none for an error)."""
+    if usage is None or not outcome.ok or outcome.response is None:
+        return b""
+    return filed_head(line, *usage(outcome.response.body))
 
 
 def outcome_of(

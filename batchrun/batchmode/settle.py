@@ -30,7 +30,13 @@ import orjson
 from batchrun.batchmode.api import BatchApi
 from batchrun.batchmode.plan import line_of_key
 from batchrun.batchmode.record import BatchRecord, BatchState, Part
-from batchrun.batchmode.results import OnRecord, Records, collect, invalid_line_record
+from batchrun.batchmode.results import (
+    OnRecord,
+    Records,
+    Usage,
+    collect,
+    invalid_line_record,
+)
 from batchrun.errors import RequestError
 from batchrun.providers import Provider
 from batchrun.records import Outcome
@@ -61,7 +67,10 @@ class Settler:
         keep_files: bool,
         fallback_online: bool,
         answers: Answers | None = None,
+        usage: Usage | None = None,
     ) -> None:
+        """``usage``: the run's provider's token reader; with it, each
+        answer's token counts are filed with its record (see ``collect``)."""
         self.api = api
         self.record = record
         self.state = state
@@ -69,6 +78,7 @@ class Settler:
         self.keep_files = keep_files
         self.fallback_online = fallback_online
         self.answers = answers
+        self.usage = usage
         self._collecting = anyio.CapacityLimiter(COLLECT_AT_ONCE)
 
     async def ended(self, part: Part, batch: dict[str, Any]) -> bool:
@@ -97,6 +107,7 @@ class Settler:
                     self.dialect,
                     self._spill(part),
                     self._filer(part, ids),
+                    self.usage,
                 )
             try:
                 self._settle(part, found.records, found.unfinished, ids)
