@@ -16,7 +16,7 @@ from batchrun.records import NOT_PARSED, Outcome, Request, Response
 from batchrun.retry import budget_note, retrying
 from batchrun.schema import AnswerCheck
 from batchrun.stats import RunStats
-from batchrun.throttle import Throttle
+from batchrun.throttle import Throttle, Ticket
 from batchrun.timing import Clock
 from batchrun.tokens import estimate_tokens
 
@@ -83,7 +83,7 @@ class RowSender:
             parsed=row.parsed,
         )
 
-    async def release(self, begun: float, *, answered: bool, hold: float) -> None:
+    async def release(self, ticket: Ticket, *, answered: bool, hold: float) -> None:
         """Give the throttle's place back, ``hold`` seconds from now (a
         push-back answered at once keeps its place as long as an answer
         would have: rejected requests never go out faster than good ones)."""
@@ -91,7 +91,7 @@ class RowSender:
             if hold > 0:
                 await self.clock.sleep(hold)
         finally:
-            self.throttle.release(begun, answered=answered)
+            self.throttle.release(ticket, answered=answered)
 
     async def _with_retries(
         self, attempt: Callable[[], Awaitable[Response]], remaining: Callable[[], float]
@@ -182,7 +182,7 @@ class _RowAttempts:
 
     async def _throttled(self, scope: anyio.CancelScope) -> Response:
         sender, throttle = self.sender, self.sender.throttle
-        begun = await throttle.acquire(self.estimate)
+        ticket = await throttle.acquire(self.estimate)
         self.budget.start()
         scope.deadline = min(scope.deadline, anyio.current_time() + self.budget.remaining())
         if not self.count:
@@ -195,11 +195,11 @@ class _RowAttempts:
             answered = True
             return response
         except RequestError as exc:
-            hold = throttle.failed(exc, sent_at=begun)
+            hold = throttle.failed(exc, sent=ticket)
             raise
         finally:
             sender.stats.in_flight -= 1
-            await sender.release(begun, answered=answered, hold=hold)
+            await sender.release(ticket, answered=answered, hold=hold)
 
 
 def _ignore(_value: int) -> None:

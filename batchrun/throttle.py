@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from batchrun.concurrency import AdaptiveLimiter, AIMDController
 from batchrun.config import RunConfig
@@ -58,6 +59,14 @@ INCREASE_INTERVAL = 1.0
 # Answers that mean "slow down", as opposed to "this row is wrong".
 _CONGESTION_STATUSES = frozenset({429, 503})
 _CONGESTION_CODES = frozenset({"read_timeout", "connect_timeout", "write_timeout"})
+
+
+class Ticket(NamedTuple):
+    """A request's place, from ``Throttle.acquire``: when it went out
+    (monotonic seconds) and its rank among the run's sends."""
+
+    started: float
+    rank: int
 
 
 class Throughput:
@@ -134,9 +143,10 @@ class Throttle:
         """Whether requests need a token estimate (a tokens-per-minute budget is set)."""
         return self.budget.enabled
 
-    async def acquire(self, estimate: int) -> float:
+    async def acquire(self, estimate: int) -> Ticket:
         """Wait for a place for one request costing about ``estimate`` tokens;
-        return its start time, for ``release``. Cheap when nothing limits."""
+        return its ticket, for ``release`` and ``failed``. Cheap when nothing
+        limits."""
         gate = self.gate
         if gate.paused:
             await gate.wait()
@@ -151,14 +161,14 @@ class Throttle:
         except BaseException:
             self.limiter.release()
             raise
-        return self._throughput.start()
+        return Ticket(self._throughput.start(), self._recent.sent())
 
-    def release(self, started: float, *, answered: bool) -> None:
+    def release(self, ticket: Ticket, *, answered: bool) -> None:
         """Give the place back; ``answered``: a good answer came."""
         self.limiter.release()
         if answered:
-            self._throughput.finish(started)
-            self._recent.good(sent_at=started)
+            self._throughput.finish(ticket.started)
+            self._recent.good(sent_at=ticket.rank)
 
     async def widen_while_quiet(self, sleep: Sleep) -> None:
         """From the moment rows first queue for a slot until the first answer,
@@ -191,16 +201,16 @@ class Throttle:
             self.budget.settle(estimate, used)
         self.controller.on_success()
 
-    def failed(self, error: RequestError, *, sent_at: float | None = None) -> float:
+    def failed(self, error: RequestError, *, sent: Ticket | None = None) -> float:
         """A failed attempt: stop every request if the answer was fatal; cut
         the limit and pause everyone if the recent answers show congestion.
 
         Until the provider has answered well once, a ``Retry-After`` is all
         that is known of it, so it pauses everyone; after that a lone
-        push-back only delays its own row (its retry waits). ``sent_at`` is
-        the attempt's start from ``acquire`` (None: unknown, taken as now): a
-        push-back in under half the mean latency is a limiter's rejection on
-        arrival. Returns the
+        push-back only delays its own row (its retry waits). ``sent`` is
+        the attempt's ticket from ``acquire`` (None: unknown, taken as the
+        latest send): a push-back in under half the mean latency is a
+        limiter's rejection on arrival. Returns the
         seconds the attempt's place stays taken: for a push-back, the mean
         latency of good answers, so an overrun limiter's instant 429s do not
         free places for yet more requests faster than answers would.
@@ -213,9 +223,10 @@ class Throttle:
         congested, hold = False, 0.0
         if error.status in _CONGESTION_STATUSES or error.code in _CONGESTION_CODES:
             now = self._throughput.start()
-            sent = now if sent_at is None else sent_at  # unknown: the cautious reading
-            instant = now - sent < self._throughput.latency
-            congested = self._recent.pushed_back(sent if instant else None)
+            if sent is None:  # unknown: the cautious reading, sent just now
+                sent = Ticket(now, self._recent.sends + 1)
+            instant = now - sent.started < self._throughput.latency
+            congested = self._recent.pushed_back(sent.rank if instant else None)
             hold = self._throughput.latency
         if congested and self._adaptive:  # --no-adaptive pins the limit at the cap
             self.controller.on_congestion(self._throughput.sustained_concurrency())

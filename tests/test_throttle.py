@@ -13,7 +13,7 @@ from batchrun.errors import TransientError
 from batchrun.jobfile import build_config
 from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
-from batchrun.throttle import INITIAL_CONCURRENCY, Throttle
+from batchrun.throttle import INITIAL_CONCURRENCY, Throttle, Ticket
 from batchrun.timing import Clock
 from tests.conftest import chat, make_config, read_jsonl
 from tests.fakes import FakeClock
@@ -182,11 +182,11 @@ async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) ->
     assert time.now == pytest.approx(4.0)  # 300 of debt and 100 more, at 100/s
 
 
-def healthy(throttle: Throttle, time: FakeClock, answers: int) -> None:
+async def healthy(throttle: Throttle, time: FakeClock, answers: int) -> None:
     """``answers`` good answers, 10 ms apart, each 50 ms after its request."""
     for _ in range(answers):
-        assert throttle.limiter.try_acquire()
-        throttle.release(time.now - 0.05, answered=True)
+        ticket = await throttle.acquire(0)
+        throttle.release(Ticket(time.now - 0.05, ticket.rank), answered=True)
         throttle.succeeded(0, 0)
         time.now += 0.01
 
@@ -194,7 +194,7 @@ def healthy(throttle: Throttle, time: FakeClock, answers: int) -> None:
 async def test_a_lone_429_delays_only_its_own_row(tmp_path: Path) -> None:
     time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64, backoff_max=60.0)
-    healthy(throttle, time, 100)
+    await healthy(throttle, time, 100)
 
     throttle.failed(TransientError("rate_limit_exceeded", "slow", status=429, retry_after=5))
 
@@ -215,7 +215,7 @@ async def test_a_lone_429_delays_only_its_own_row(tmp_path: Path) -> None:
 async def test_500s_and_resets_are_never_congestion(tmp_path: Path, error: TransientError) -> None:
     time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
-    healthy(throttle, time, 10)
+    await healthy(throttle, time, 10)
     for _ in range(100):
         throttle.failed(error)
     assert throttle.controller.limit == 64
@@ -226,7 +226,7 @@ async def test_stray_503s_among_good_answers_keep_the_limit(tmp_path: Path) -> N
     time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
     for _ in range(50):  # one answer in ten is a 503: 10 %, far from congestion
-        healthy(throttle, time, 9)
+        await healthy(throttle, time, 9)
         throttle.failed(TransientError("overloaded", "busy", status=503))
     assert throttle.controller.limit == 64
     assert throttle.controller.decreases == 0
@@ -235,9 +235,9 @@ async def test_stray_503s_among_good_answers_keep_the_limit(tmp_path: Path) -> N
 async def test_503s_that_are_a_share_of_the_answers_cut_the_limit(tmp_path: Path) -> None:
     time = FakeClock()
     throttle = throttle_for(tmp_path, time, max_async_requests=64)
-    healthy(throttle, time, 64)
+    await healthy(throttle, time, 64)
     for _ in range(20):  # every third answer a 503: the provider is overloaded
-        healthy(throttle, time, 2)
+        await healthy(throttle, time, 2)
         throttle.failed(TransientError("overloaded", "busy", status=503))
     assert throttle.controller.limit < 64
     assert throttle.controller.decreases == 1
@@ -304,7 +304,7 @@ async def _quiet_ramp(
                 throttle.failed(TransientError("server_error", "boom", status=500))
             if answer_at is not None and step * 0.05 > answer_at:
                 answer_at = None
-                throttle.release(time.now - 1.0, answered=True)
+                throttle.release(Ticket(time.now - 1.0, 0), answered=True)
                 throttle.succeeded(0, 0)
             time.advance(0.05)
         tasks.cancel_scope.cancel()
