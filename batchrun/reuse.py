@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 
 from batchrun.records import Outcome
-from batchrun.store import STORE_FILE, ResultStore, Stored, open_store
+from batchrun.store import STORE_FILE, ResultStore, Stored, StoreRow, open_store, store_row
 
 __all__ = ["FLUSH_EVERY", "Answers", "open_answers", "relabel", "stored_from_record"]
 
@@ -56,8 +56,8 @@ class Answers:
         self.resend_retryable = resend_retryable
         # Off while both stores are empty: a first run pays no lookups.
         self.lookup = cache is not None or not local.is_empty()
-        self._local_batch: list[tuple[bytes, Stored]] = []
-        self._cache_batch: list[tuple[bytes, Stored]] = []
+        self._local_batch: list[StoreRow] = []
+        self._cache_batch: list[StoreRow] = []
         self._batch_bytes = 0  # record bytes in the local batch
         self._flush_rows, self._flush_bytes = FLUSH_EVERY, FLUSH_BYTES
 
@@ -69,7 +69,7 @@ class Answers:
         if found is None and self.cache is not None:
             found = self._usable(self.cache.get(key))
             if found is not None:  # the output's store keeps everything its output used
-                self._add_local(key, found)
+                self._add_local(store_row(key, found))
         return found
 
     def _usable(self, found: Stored | None) -> Stored | None:
@@ -79,9 +79,14 @@ class Answers:
 
     def add(self, key: bytes, result: Stored) -> None:
         """Take a new result (committed by the next ``flush``)."""
-        self._add_local(key, result)
-        if self.cache is not None and not result.retryable:
-            self._cache_batch.append((key, result))
+        self.add_row(store_row(key, result))
+
+    def add_row(self, row: StoreRow) -> None:
+        """Take a new result as the store's columns (committed by the next
+        ``flush``): what bulk callers use, without a ``Stored`` per result."""
+        self._add_local(row)
+        if self.cache is not None and not row[3]:  # no retryable error is shared
+            self._cache_batch.append(row)
 
     def add_outcome(self, key: bytes, line: bytes, outcome: Outcome) -> None:
         """Take a row's new result: its output ``line`` and ``outcome``."""
@@ -94,9 +99,9 @@ class Answers:
         )
         self.add(key, result)
 
-    def _add_local(self, key: bytes, result: Stored) -> None:
-        self._local_batch.append((key, result))
-        self._batch_bytes += len(result.record)
+    def _add_local(self, row: StoreRow) -> None:
+        self._local_batch.append(row)
+        self._batch_bytes += len(row[1])
         if len(self._local_batch) >= self._flush_rows or self._batch_bytes >= self._flush_bytes:
             self.flush()
 
@@ -125,10 +130,10 @@ class Answers:
         """Commit the buffered results (one transaction per store)."""
         batch, self._local_batch = self._local_batch, []
         self._batch_bytes = 0
-        self.local.put_many(batch)
+        self.local.put_rows(batch)
         if self.cache is not None:
             batch, self._cache_batch = self._cache_batch, []
-            self.cache.put_many(batch)
+            self.cache.put_rows(batch)
 
     def close(self) -> None:
         """Flush, then close both stores."""

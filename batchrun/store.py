@@ -25,12 +25,13 @@ Contract:
   exit code 2) naming the file, at ``open``, before any request is sent.
 
 Used by the run pipeline (through ``batchrun.reuse``) and open to other
-modes (batch mode): ``open_store``, ``get``, ``put_many``.
+modes (batch mode): ``open_store``, ``get``, ``put_many``, ``put_rows``.
 """
 
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import sqlite3
 import time
@@ -48,7 +49,16 @@ from tenacity import (
 
 from batchrun.errors import DiskError, UsageError
 
-__all__ = ["STORE_FILE", "ResultStore", "StoreError", "StoreStats", "Stored", "open_store"]
+__all__ = [
+    "STORE_FILE",
+    "ResultStore",
+    "StoreError",
+    "StoreRow",
+    "StoreStats",
+    "Stored",
+    "open_store",
+    "store_row",
+]
 
 STORE_FILE = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -109,6 +119,18 @@ class Stored:
     created: float
 
 
+# A result as the store's columns: (key, record, ok, retryable, cost,
+# created), ``ok`` and ``retryable`` 0 or 1; what ``put_rows`` takes, so
+# that bulk callers need not build a ``Stored`` per result.
+StoreRow = tuple[bytes, bytes, int, int, float | None, float]
+_KEY_OF_ROW = operator.itemgetter(0)
+
+
+def store_row(key: bytes, result: Stored) -> StoreRow:
+    """``result`` under ``key`` as the store's columns."""
+    return (key, result.record, int(result.ok), int(result.retryable), result.cost, result.created)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """What a store holds: counts, recorded cost, age range (Unix seconds), bytes on disk."""
@@ -145,13 +167,16 @@ class ResultStore:
 
     def put_many(self, items: Iterable[tuple[bytes, Stored]]) -> None:
         """Store ``(key, result)`` pairs in one transaction (see the replace rule)."""
-        # In key order: consecutive inserts then touch neighbouring index pages.
-        rows = sorted(
-            ((key, s.record, int(s.ok), int(s.retryable), s.cost, s.created) for key, s in items),
-            key=lambda row: row[0],
-        )
+        self.put_rows([store_row(key, result) for key, result in items])
+
+    def put_rows(self, rows: list[StoreRow]) -> None:
+        """Store ``rows`` (see ``StoreRow``) in one transaction (see the replace
+        rule); sorts ``rows`` in place."""
         if not rows:
             return
+        # In key order: consecutive inserts then touch neighbouring index pages.
+        # Stable: of two results under one key, the later one is put last.
+        rows.sort(key=_KEY_OF_ROW)
         try:
             with self._db:
                 self._db.executemany(_PUT, rows)

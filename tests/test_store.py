@@ -22,7 +22,7 @@ from batchrun.contentkey import canonical_json, content_key, request_key
 from batchrun.providers import get_provider
 from batchrun.records import Defaults, Request, parse_line
 from batchrun.reuse import open_answers
-from batchrun.store import STORE_FILE, Stored, StoreError, open_store
+from batchrun.store import STORE_FILE, Stored, StoreError, open_store, store_row
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
@@ -94,6 +94,23 @@ def test_put_get_and_the_replace_rule(tmp_path: Path) -> None:
     assert found.cost == 0.5
     assert store.get(b"k2") is None
     assert not store.is_empty()
+    store.close()
+
+
+def test_rows_of_one_commit_are_put_in_their_order_under_one_key(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "c" / STORE_FILE)
+    store.put_rows(
+        [
+            store_row(b"k2", _stored("first")),
+            store_row(b"k1", _stored("other")),
+            store_row(b"k2", _stored("second")),
+            store_row(b"k2", _stored("a transient", ok=False, retryable=True)),
+        ]
+    )
+    found = store.get(b"k2")
+    assert found is not None
+    assert found.record == b"second"
+    assert found.ok
     store.close()
 
 

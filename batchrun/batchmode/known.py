@@ -26,6 +26,8 @@ from batchrun.stats import Tally
 
 # Every output record starts with its id, ``batch_req_<line>`` (records.output_record).
 _PREFIX = b'{"id":"batch_req_'
+# Tallies kept for reuse (frozen, so shared), by their token counts.
+MAX_TALLIES = 4096
 
 
 class Known(NamedTuple):
@@ -49,6 +51,7 @@ class KnownResults:
         handles = [self._stack.enter_context(path.open("rb")) for path in paths]
         self._merged: Iterator[tuple[int, bytes]] = heapq.merge(*map(_records, handles))
         self._head: tuple[int, bytes] | None = None
+        self._tallies: dict[bytes, Tally] = {}  # by token counts: most answers share a few
         self.found = 0
 
     def get(self, line: int) -> Known | None:
@@ -63,7 +66,23 @@ class KnownResults:
         if head[0] != line:
             return None
         self.found += 1
-        return _known(head[1])
+        return self._known(head[1])
+
+    def _known(self, raw: bytes) -> Known:
+        """A results-file line as the record and, with a head, its tally: an
+        answer (no error), no recorded cost, not reused."""
+        if raw.startswith(b"{"):
+            return Known(raw, None)
+        tab = raw.index(b"\t")
+        tokens = raw[raw.index(b" ") + 1 : tab]
+        tally = self._tallies.get(tokens)
+        if tally is None:
+            if len(self._tallies) >= MAX_TALLIES:
+                self._tallies.clear()
+            tokens_in, tokens_out = tokens.split(b" ")
+            tally = Tally(True, None, False, int(tokens_in), int(tokens_out))
+            self._tallies[tokens] = tally
+        return Known(raw[tab + 1 :], tally)
 
     def close(self) -> None:
         self._stack.close()
@@ -83,13 +102,3 @@ def _line_of(raw: bytes) -> int:
         if digits.isdigit():
             return int(digits)
     return int(orjson.loads(raw)["line"])
-
-
-def _known(raw: bytes) -> Known:
-    """A results-file line as the record and, with a head, its tally: an
-    answer (no error), no recorded cost, not reused."""
-    if raw.startswith(b"{"):
-        return Known(raw, None)
-    tab = raw.index(b"\t")
-    _, tokens_in, tokens_out = raw[:tab].split(b" ")
-    return Known(raw[tab + 1 :], Tally(True, None, False, int(tokens_in), int(tokens_out)))

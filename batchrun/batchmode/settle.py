@@ -41,7 +41,6 @@ from batchrun.errors import RequestError
 from batchrun.providers import Provider
 from batchrun.records import Outcome
 from batchrun.reuse import Answers
-from batchrun.store import Stored
 
 log = logging.getLogger("batchrun")
 
@@ -158,14 +157,9 @@ class Settler:
         now = time.time()  # wall time: what ``cache prune --older-than`` compares
 
         def file(line: int, data: bytes, outcome: Outcome) -> None:
-            stored = Stored(
-                record=data.rstrip(b"\n"),
-                ok=outcome.ok,
-                retryable=outcome.retryable,
-                cost=outcome.cost,
-                created=now,
-            )
-            answers.add(keys[line], stored)
+            # ``data`` is ``output_line``'s: one trailing newline, which the store leaves out.
+            ok, retryable = outcome.error_code is None, outcome.retryable
+            answers.add_row((keys[line], data[:-1], ok, retryable, outcome.cost, now))
 
         return file
 
