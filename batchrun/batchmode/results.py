@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class Records:
         self._lines = array.array("q")
         self._starts = array.array("q")
         self._seen: set[int] = set()
+        self._in_order = True  # each line added after the ones before it
 
     def add(self, line: int, data: bytes, head: bytes = b"") -> None:
         """Keep ``data`` as ``line``'s record, after ``head`` (see
@@ -50,6 +52,8 @@ class Records:
         if line in self._seen:
             return
         self._seen.add(line)
+        if self._lines and line < self._lines[-1]:
+            self._in_order = False
         self._lines.append(line)
         self._starts.append(self._size)
         if head:
@@ -77,8 +81,19 @@ class Records:
                 end = starts[index + 1] if index + 1 < len(starts) else size
                 yield view[starts[index] : end]
 
+    def keep_as(self, path: Path) -> bool:
+        """If the records came in line order, make the spill file ``path``
+        (durably, in one rename: no copy) and return True; else False, and
+        the caller writes ``sorted_chunks``."""
+        if not self._in_order:
+            return False
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        os.replace(self._path, path)
+        return True
+
     def close(self) -> None:
-        """Drop the spill file."""
+        """Drop the spill file (if ``keep_as`` did not keep it)."""
         self._handle.close()
         self._path.unlink(missing_ok=True)
 
