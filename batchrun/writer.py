@@ -42,6 +42,12 @@ class ReorderBuffer(Generic[T]):
         """How many items wait for an earlier one."""
         return len(self._held)
 
+    def pass_next(self) -> None:
+        """Item ``next_index`` was released without being pushed; nothing may be held."""
+        if self._held:
+            raise ValueError(f"index {self._next} passed while later ones wait")
+        self._next += 1
+
     def push(self, index: int, item: T) -> list[T]:
         """Add item ``index``; return the items now releasable, in order."""
         if index < self._next or index in self._held:

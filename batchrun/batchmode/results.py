@@ -57,9 +57,9 @@ class Records:
         self._lines.append(line)
         self._starts.append(self._size)
         if head:
-            self._handle.write(head)
+            data = head + data  # one write: cheaper than two for a short head
         self._handle.write(data)
-        self._size += len(head) + len(data)
+        self._size += len(data)
 
     def __len__(self) -> int:
         return len(self._lines)
