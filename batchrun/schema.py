@@ -14,16 +14,19 @@ import collections
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import orjson
-from jsonschema.exceptions import SchemaError, best_match
-from jsonschema.protocols import Validator
 
 from batchrun.answers import read_answer
 from batchrun.errors import RowError, TransientError, UsageError
 from batchrun.records import Response
+
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
+
+# jsonschema is imported only where a schema is used: it costs a run that
+# has none tens of milliseconds at start-up.
 
 # The codes of answers that failed the check. The first two are paid answers
 # that another attempt may cure; a truncated one would be cut the same way.
@@ -54,6 +57,9 @@ def load_response_schema(path: Path) -> ResponseSchema:
         raise UsageError(f"--response-schema {path} is not JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise UsageError(f"--response-schema {path} must hold a JSON object (a JSON Schema)")
+    import jsonschema.validators
+    from jsonschema.exceptions import SchemaError
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except SchemaError as exc:
@@ -82,8 +88,12 @@ class AnswerCheck:
     """
 
     def __init__(self, schema: ResponseSchema) -> None:
+        import jsonschema.validators
+        from jsonschema.exceptions import best_match
+
         cls = jsonschema.validators.validator_for(schema.schema)
         self._validator: Validator = cls(schema.schema)
+        self._best_match = best_match
         self.failures: collections.Counter[str] = collections.Counter()
 
     def classify(self, response: Response) -> Any:
@@ -108,7 +118,7 @@ class AnswerCheck:
             shown = answer.text[:_SHOWN]
             message = f"the answer is not JSON ({exc}): {shown!r}"
             raise self._failed(TransientError, INVALID_JSON, message, response) from None
-        error = best_match(self._validator.iter_errors(parsed))
+        error = self._best_match(self._validator.iter_errors(parsed))
         if error is not None:
             where = "/".join(map(str, error.absolute_path)) or "the top level"
             message = f"the answer does not match the response schema: {error.message} (at {where})"

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from batchrun.client import Client
+from batchrun.client import Client, OutOfTime
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.providers import Provider
@@ -135,6 +135,11 @@ class RowBudget:
         self._clock = clock
         self._deadline: float | None = None
 
+    @property
+    def started(self) -> bool:
+        """Whether the first attempt has started the budget."""
+        return self._deadline is not None
+
     def start(self) -> None:
         """Start the budget now, unless an earlier attempt did."""
         if self._deadline is None:
@@ -167,31 +172,37 @@ class _RowAttempts:
 
     async def attempt(self) -> Response:
         """One attempt; ``retry_budget_exhausted`` if the budget runs out first
-        (in the throttle's queue or in flight)."""
-        with anyio.move_on_after(self.budget.remaining()) as scope:
-            return await self._checked(scope)
-        raise self.budget.exhausted()
+        (in the throttle's queue or in flight). The first attempt's wait in
+        the queue is before the budget starts: it needs no deadline of its own."""
+        try:
+            if self.budget.started:
+                with anyio.move_on_after(self.budget.remaining()):
+                    return await self._checked()
+                raise OutOfTime
+            return await self._checked()
+        except OutOfTime:
+            raise self.budget.exhausted() from None
 
-    async def _checked(self, scope: anyio.CancelScope) -> Response:
+    async def _checked(self) -> Response:
         """A throttled attempt whose answer passed the response schema, if any."""
-        response = await self._throttled(scope)
+        response = await self._throttled()
         answers = self.sender.answers
         if answers is not None:  # raises for an answer that fails the schema
             self.parsed = answers.classify(response)
         return response
 
-    async def _throttled(self, scope: anyio.CancelScope) -> Response:
+    async def _throttled(self) -> Response:
+        """Raises ``OutOfTime`` when the budget ends with the attempt in flight."""
         sender, throttle = self.sender, self.sender.throttle
         ticket = await throttle.acquire(self.estimate)
         self.budget.start()
-        scope.deadline = min(scope.deadline, anyio.current_time() + self.budget.remaining())
         if not self.count:
             sender.on_send(self.request.line)  # its waits are over: it may reach the provider
         self.count += 1
         sender.stats.in_flight += 1
         answered, hold = False, 0.0
         try:
-            response = await sender.client.send(self.request)
+            response = await sender.client.send(self.request, within=self.budget.remaining())
             answered = True
             return response
         except RequestError as exc:

