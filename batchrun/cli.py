@@ -56,12 +56,13 @@ def _options(
 
 def run_command(**flags: Any) -> None:
     """Send every request of INPUT and write one result line per input line to OUT."""
-    from batchrun.heap import pin_mmap_threshold
+    from batchrun.heap import pin_mmap_threshold, space_out_collections
     from batchrun.jobfile import build_config
     from batchrun.runner import EXIT_DISK, EXIT_LOCKED, disk_advice, run
 
     _setup_logging()
     pin_mmap_threshold()  # large answers go back to the system when written
+    space_out_collections()  # fewer cycle collections: rows make almost no cycles
     try:
         with _usage_errors():
             config = build_config(_settings(flags))

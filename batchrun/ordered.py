@@ -142,7 +142,22 @@ class OrderedWriter:
             return item._replace(outcome=outcome, kept=len(item.data))
         return item._replace(data=None, outcome=outcome)
 
+    def is_next(self, row: int) -> bool:
+        """Whether 0-based input ``row`` is the next to write: every earlier
+        row is written (and, as rows are read in order, none later waits)."""
+        return self.shard.seq(row) == self.reorder.next_index
+
+    def write_now(self, item: Finished) -> None:
+        """Write ``item``, a known row that ``is_next`` and took no window
+        slot: as ``deliver`` would, with the same counts and checkpoints."""
+        self.reorder.pass_next()
+        self._write(item)
+
     def _emit(self, item: Finished) -> None:
+        self._write(item)
+        self.window.release()
+
+    def _write(self, item: Finished) -> None:
         line = line_of(item.row)
         data = item.data
         if data is None:
@@ -150,7 +165,6 @@ class OrderedWriter:
             assert data is not None, "a row waiting in the journal is held"
         self.output.write(data)
         self.held.done(line, item.kept)
-        self.window.release()
         progress = self.progress
         progress.rows += 1
         progress.output_bytes += len(data)

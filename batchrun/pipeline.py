@@ -101,6 +101,7 @@ class Pipeline:
             answers=answers,
             journaled=self.writer.journaled,
             known=known,
+            now=self.writer,
         )
         self.workers = Workers(
             config, sender=sender, writer=self.writer, budget=budget, answers=answers

@@ -39,7 +39,15 @@ from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers, relabel
 from batchrun.stats import Tally
 
-__all__ = ["Finished", "KnownAnswer", "KnownLookup", "RowSource", "Work", "line_of"]
+__all__ = [
+    "Finished",
+    "KnownAnswer",
+    "KnownLookup",
+    "RowSource",
+    "Work",
+    "WriteNow",
+    "line_of",
+]
 
 
 def line_of(row: int) -> int:
@@ -89,13 +97,33 @@ class KnownLookup(Protocol):
     def get(self, line: int) -> KnownAnswer | None: ...
 
 
+class WriteNow(Protocol):
+    """The ordered writer's door for a known row whose turn it is."""
+
+    def is_next(self, row: int) -> bool:
+        """Whether 0-based input ``row`` is the next to write: every earlier row is."""
+        ...
+
+    def write_now(self, item: Finished) -> None:
+        """Write ``item`` (``is_next``), which took no reorder-window slot."""
+        ...
+
+
+# Known rows written at once in a row before one goes on through the workers:
+# a worker lets other tasks run every 256 rows it takes (``workers``), so the
+# event loop gets a turn at least every 16 x 256 rows.
+WRITE_NOW_RUN = 16
+
+
 class RowSource:
     """Reads the input from ``start`` for the rows this run (shard) owns.
 
     ``journaled(line)`` gives a result an earlier run journaled but did not
     write; ``written`` is how many output places are already written.
     ``rows_read`` counts the output places handed on; ``eof`` is set at the
-    end of the input.
+    end of the input. With ``now``, a row whose result is known and whose
+    turn it is (no earlier row unwritten) is written at once, not handed on:
+    it needs no worker, window slot or reorder (most of a batch run's rows).
     """
 
     def __init__(
@@ -107,8 +135,10 @@ class RowSource:
         answers: Answers,
         journaled: Callable[[int], bytes | None],
         known: KnownLookup | None = None,
+        now: WriteNow | None = None,
     ) -> None:
         self.config = config
+        self.now = now
         self.start = start
         self.provider = provider
         self.answers = answers
@@ -123,6 +153,7 @@ class RowSource:
         defaults = self.config.request_defaults()
         checkpoint = self.start.checkpoint
         first, offset, written = checkpoint.input_line, checkpoint.input_offset, checkpoint.rows
+        in_a_row = 0  # rows written at once since the last one handed on
         with open_input(self.config.input) as handle, self._previous(first) as previous:
             handle.seek(offset)
             for row, raw in enumerate(read_lines(handle, self.config.input), start=first):
@@ -135,8 +166,20 @@ class RowSource:
                     continue  # written by an earlier run
                 self.rows_read = place + 1
                 known = self._known(row, offset, old)
+                if known is not None and in_a_row < WRITE_NOW_RUN and self._write_now(known):
+                    in_a_row += 1
+                    continue
+                in_a_row = 0
                 yield known or self._parse(row, offset, raw, defaults)
         self.eof = True
+
+    def _write_now(self, item: Finished) -> bool:
+        """Write known ``item`` at once if it is its turn; whether it was."""
+        now = self.now
+        if now is None or not now.is_next(item.row):
+            return False
+        now.write_now(item)
+        return True
 
     def _known(self, row: int, offset: int, old: bytes | None) -> Finished | None:
         """The row's result if an earlier run has it (journal, batches, or kept output)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 from batchrun import crashpoint
-from batchrun.errors import disk_writes
+from batchrun.errors import DISK_ERRNOS, DiskError, disk_writes
 from batchrun.layout import partial_output
 
 T = TypeVar("T")
@@ -41,6 +41,12 @@ class ReorderBuffer(Generic[T]):
     def held(self) -> int:
         """How many items wait for an earlier one."""
         return len(self._held)
+
+    def pass_next(self) -> None:
+        """Item ``next_index`` was released without being pushed; nothing may be held."""
+        if self._held:
+            raise ValueError(f"index {self._next} passed while later ones wait")
+        self._next += 1
 
     def push(self, index: int, item: T) -> list[T]:
         """Add item ``index``; return the items now releasable, in order."""
@@ -80,8 +86,12 @@ class OutputFile:
             self._handle.write(data[: len(data) // 2])
             self._handle.flush()
             crashpoint.die()
-        with disk_writes(self.partial):
+        try:  # as ``disk_writes`` does, without a ``with`` per row (about 1 us)
             self._handle.write(data)
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise DiskError(self.partial, exc) from exc
+            raise
 
     def flush(self, *, fsync: bool = False) -> None:
         """Hand buffered lines to the operating system (and the disk if

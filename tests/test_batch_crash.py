@@ -129,3 +129,29 @@ async def test_cancel_cancels_and_the_rerun_keeps_finished_rows(tmp_path: Path) 
         assert server.batches.created == 3  # nothing resubmitted as a batch
         assert server.stats.batch_rows + server.stats.requests == 10
     assert len(read_jsonl(out)) == 10
+
+
+async def test_a_kill_mid_write_resumes_to_the_same_output_and_counts(tmp_path: Path) -> None:
+    # Every batch is collected, then the ordered output is torn at row 7: the
+    # rerun counts the 6 written rows from the output and the rest from the
+    # results files, and writes what an uninterrupted run writes.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.2)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        summary = tmp_path / "summary.json"
+        crashed = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT="output_torn:7")
+        assert crashed.returncode == -signal.SIGKILL
+        assert not out.exists()
+        done = await run_cli(command(source, out, server, "--summary", str(summary)))
+        assert done.returncode == 0, done.stderr.decode()
+        assert server.batches.created == 3
+        assert server.stats.batch_rows == 10  # nothing paid twice
+        clean = tmp_path / "clean.jsonl"
+        again = await run_cli(command(source, clean, server))
+        assert again.returncode == 0, again.stderr.decode()
+    assert out.read_bytes() == clean.read_bytes()
+    counts = orjson.loads(summary.read_bytes())
+    bodies = [row["response"]["body"] for row in read_jsonl(out)]
+    assert (counts["rows"], counts["ok"], counts["failed"], counts["skipped"]) == (10, 10, 0, 6)
+    assert counts["extra"]["answered in batches"] == 4
+    assert counts["tokens_in"] == sum(body["usage"]["prompt_tokens"] for body in bodies)
+    assert counts["tokens_out"] == sum(body["usage"]["completion_tokens"] for body in bodies)

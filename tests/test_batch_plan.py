@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from batchrun.batchmode.known import Known, KnownResults, filed_head
 from batchrun.batchmode.plan import Group, Splitter, batch_key, batch_line, line_of_key
-from batchrun.batchmode.results import collect
+from batchrun.batchmode.results import Records, collect
 from batchrun.providers.openai import OpenAIProvider
 from batchrun.records import Outcome, Request, Response, output_line
 from batchrun.stats import Tally
@@ -130,3 +130,20 @@ def test_collect_files_answers_with_their_tokens(tmp_path: Path) -> None:
     found.records.close()
     assert chunks[0].startswith(filed_head(1, 4, 9) + b'{"id":"batch_req_1"')
     assert chunks[1].startswith(b'{"id":"batch_req_2"')
+
+
+def test_records_in_line_order_are_kept_as_they_were_spilled(tmp_path: Path) -> None:
+    in_order = Records(tmp_path / "spill-a")
+    in_order.add(2, b"two\n")
+    in_order.add(7, b"seven\n", b"7 1 1\t")
+    assert in_order.keep_as(tmp_path / "a.results")
+    in_order.close()
+    assert (tmp_path / "a.results").read_bytes() == b"two\n7 1 1\tseven\n"
+    shuffled = Records(tmp_path / "spill-b")
+    shuffled.add(7, b"seven\n")
+    shuffled.add(2, b"two\n")
+    assert not shuffled.keep_as(tmp_path / "b.results")
+    assert b"".join(shuffled.sorted_chunks()) == b"two\nseven\n"
+    shuffled.close()
+    assert not (tmp_path / "b.results").exists()
+    assert not (tmp_path / "spill-b").exists()

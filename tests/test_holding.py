@@ -3,6 +3,7 @@ bound, are read back in their turn, survive compaction and a SIGKILL."""
 
 from __future__ import annotations
 
+import gc
 import platform
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchrun import ordered
-from batchrun.heap import pin_mmap_threshold
+from batchrun.heap import GC_YOUNG_THRESHOLD, pin_mmap_threshold, space_out_collections
 from batchrun.holding import Held
 from batchrun.journal import Journal
 from batchrun.mock.server import MockServer
@@ -131,6 +132,15 @@ async def test_sigkill_while_results_wait_in_the_journal_loses_nothing(
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_the_mmap_threshold_can_be_pinned_on_glibc() -> None:
     assert pin_mmap_threshold() is True
+
+
+def test_collections_are_spaced_out_for_the_command() -> None:
+    before = gc.get_threshold()
+    try:
+        space_out_collections()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
 
 
 @pytest.mark.asyncio

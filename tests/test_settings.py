@@ -60,9 +60,10 @@ def invoke(monkeypatch: pytest.MonkeyPatch) -> Any:
         return FakeResult()
 
     monkeypatch.setattr(batchrun.runner, "run", record)
-    # The command's process-wide set-up (log handler, allocator) is not this test's.
+    # The command's process-wide set-up (log handler, allocator, collector) is not this test's.
     monkeypatch.setattr(cli, "_setup_logging", lambda: None)
     monkeypatch.setattr(batchrun.heap, "pin_mmap_threshold", lambda: True)
+    monkeypatch.setattr(batchrun.heap, "space_out_collections", lambda: None)
 
     def invoke(*args: str | Path) -> RunConfig:
         result = CliRunner().invoke(cli.app, ["run", *map(str, args)])

@@ -50,6 +50,17 @@ def test_gap_holds_everything_after_it() -> None:
     assert buffer.push(0, 0) == [0, 1, 2, 3, 4, 5]
 
 
+def test_an_item_passed_at_its_turn_is_skipped_in_order() -> None:
+    buffer: ReorderBuffer[int] = ReorderBuffer(2)
+    buffer.pass_next()  # written straight away, never pushed
+    assert buffer.next_index == 3
+    assert buffer.push(3, 3) == [3]
+    assert buffer.push(5, 5) == []
+    with pytest.raises(ValueError, match="index 4 passed"):
+        buffer.pass_next()  # 5 waits: 4 must come through push
+    assert buffer.push(4, 4) == [4, 5]
+
+
 def test_duplicate_held_index_raises() -> None:
     buffer: ReorderBuffer[str] = ReorderBuffer()
     buffer.push(3, "x")

@@ -26,6 +26,8 @@ from batchrun.stats import Tally
 
 # Every output record starts with its id, ``batch_req_<line>`` (records.output_record).
 _PREFIX = b'{"id":"batch_req_'
+# Bytes read at a time from each results file (all are open at once).
+READ_BUFFER = 1 << 16
 # Tallies kept for reuse (frozen, so shared), by their token counts.
 MAX_TALLIES = 4096
 
@@ -48,7 +50,9 @@ class KnownResults:
 
     def __init__(self, paths: Iterable[Path]) -> None:
         self._stack = contextlib.ExitStack()
-        handles = [self._stack.enter_context(path.open("rb")) for path in paths]
+        handles = [
+            self._stack.enter_context(path.open("rb", buffering=READ_BUFFER)) for path in paths
+        ]
         self._merged: Iterator[tuple[int, bytes]] = heapq.merge(*map(_records, handles))
         self._head: tuple[int, bytes] | None = None
         self._tallies: dict[bytes, Tally] = {}  # by token counts: most answers share a few

@@ -120,7 +120,11 @@ class BatchRecord:
     def read_ids(self, part: int) -> dict[int, str]:
         """Part ``part``'s input lines and their own ``custom_id``s."""
         pairs = orjson.loads(self.file(part, "ids").read_bytes())
-        return {int(line): str(custom_id) for line, custom_id in pairs}
+        try:
+            # Written by ``write_ids`` as [int, str] pairs: no conversion needed.
+            return dict(pairs)
+        except (TypeError, ValueError):
+            raise CorruptStateError(f"{self.file(part, 'ids')} is damaged") from None
 
     def write_ids(self, part: int, ids: Iterable[tuple[int, str]]) -> None:
         _write_atomic(self.file(part, "ids"), orjson.dumps(list(ids)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ from batchrun.batchmode.plan import line_of_key
 from batchrun.providers import Provider
 from batchrun.records import Outcome, Response, output_line
 
+# Bytes a result file is read, and a spill file written, at a time: one part
+# at a time, and Python's default (8 KiB) costs a system call per 20 records.
+IO_BUFFER = 1 << 20
 # Error codes that mean the row was not executed: it is sent again.
 NOT_RUN: Final = frozenset({"batch_expired", "batch_cancelled", "batch_failed"})
 
@@ -38,11 +42,12 @@ class Records:
 
     def __init__(self, spill: Path) -> None:
         self._path = spill
-        self._handle: BinaryIO = spill.open("wb+")
+        self._handle: BinaryIO = spill.open("wb+", buffering=IO_BUFFER)
         self._size = 0
         self._lines = array.array("q")
         self._starts = array.array("q")
         self._seen: set[int] = set()
+        self._in_order = True  # each line added after the ones before it
 
     def add(self, line: int, data: bytes, head: bytes = b"") -> None:
         """Keep ``data`` as ``line``'s record, after ``head`` (see
@@ -50,12 +55,14 @@ class Records:
         if line in self._seen:
             return
         self._seen.add(line)
+        if self._lines and line < self._lines[-1]:
+            self._in_order = False
         self._lines.append(line)
         self._starts.append(self._size)
         if head:
-            self._handle.write(head)
+            data = head + data  # one write: cheaper than two for a short head
         self._handle.write(data)
-        self._size += len(head) + len(data)
+        self._size += len(data)
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -77,8 +84,19 @@ class Records:
                 end = starts[index + 1] if index + 1 < len(starts) else size
                 yield view[starts[index] : end]
 
+    def keep_as(self, path: Path) -> bool:
+        """If the records came in line order, make the spill file ``path``
+        (durably, in one rename: no copy) and return True; else False, and
+        the caller writes ``sorted_chunks``."""
+        if not self._in_order:
+            return False
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        os.replace(self._path, path)
+        return True
+
     def close(self) -> None:
-        """Drop the spill file."""
+        """Drop the spill file (if ``keep_as`` did not keep it)."""
         self._handle.close()
         self._path.unlink(missing_ok=True)
 
@@ -120,7 +138,7 @@ def collect(
     reading = _Reading(provider, on_record, usage)
     found = Collected(Records(spill))
     for path in files:
-        with path.open("rb") as handle:
+        with path.open("rb", buffering=IO_BUFFER) as handle:
             for raw in handle:
                 _take(found, raw, ids, reading)
     found.unfinished = set(ids) - found.records.lines()

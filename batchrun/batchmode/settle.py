@@ -170,7 +170,8 @@ class Settler:
         self, part: Part, records: Records, unfinished: set[int], ids: dict[int, str]
     ) -> None:
         """Write the results, plan the unfinished rows, then mark the part collected."""
-        self.record.write_results(part.id, records.sorted_chunks())
+        if not records.keep_as(self.record.file(part.id, "results")):
+            self.record.write_results(part.id, records.sorted_chunks())
         if unfinished and self.fallback_online:
             part.online = len(unfinished)
         elif unfinished:

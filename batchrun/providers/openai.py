@@ -57,7 +57,8 @@ class OpenAIProvider(Provider):
         return Classified(verdict, code_text, str(message or f"HTTP {status}"))
 
     def usage(self, body: Any) -> tuple[int, int]:
-        usage = body.get("usage") if isinstance(body, Mapping) else None
+        # A dict first: read for every answer, and an ABC check costs more.
+        usage = body.get("usage") if isinstance(body, dict | Mapping) else None
         return int_field(usage, "prompt_tokens"), int_field(usage, "completion_tokens")
 
 
