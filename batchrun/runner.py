@@ -103,7 +103,7 @@ async def run_async(
         raise UsageError(f"input file {config.input} does not exist or is not a file")
     check_readable(config.input)
     check_run_paths(config)
-    tls = client_context(config.ca_bundle)  # a bad bundle stops the run before any request
+    tls = _tls(config)
     state = StateDir(config.out)
     state.lock()
     try:
@@ -128,6 +128,20 @@ async def run_async(
             answers.close()
     finally:
         state.unlock()
+
+
+def _tls(config: RunConfig) -> ssl.SSLContext | None:
+    """The context that verifies HTTPS hosts; None when every host is plain
+    HTTP, so a local server's run does not load the system's CAs (tens of
+    milliseconds). A bad --ca-bundle stops the run before any request."""
+    urls = config.base_urls
+    if config.ca_bundle is None and urls and all(_plain(url) for url in urls):
+        return None
+    return client_context(config.ca_bundle)
+
+
+def _plain(url: str) -> bool:
+    return url.lower().startswith("http://")
 
 
 def check_run_paths(config: RunConfig) -> None:
@@ -244,7 +258,7 @@ class _Job(NamedTuple):
     stop: anyio.Event | None = None
 
 
-async def _execute(job: _Job, tls: ssl.SSLContext) -> Summary:
+async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
     config, clock = job.config, job.clock
     async with AsyncExitStack() as stack:
         base_urls = await _base_urls(stack, job)
