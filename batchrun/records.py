@@ -161,7 +161,10 @@ def _batch_request(
 def _bare_request(
     data: Mapping[str, Any], line: int, custom_id: str, defaults: Defaults
 ) -> Request | LineError:
-    body = {key: value for key, value in data.items() if key not in ("custom_id", "id")}
+    # The line's fields in order but its ids: a copy and two pops cost a third of a comprehension.
+    body = dict(data)
+    body.pop("custom_id", None)
+    body.pop("id", None)
     kind = _bare_kind(body)
     if kind is None:
         return _error(

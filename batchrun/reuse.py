@@ -21,9 +21,8 @@ journal compaction, and a resume feeds the journal's keyed results back in
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import orjson
@@ -39,11 +38,6 @@ FLUSH_EVERY = 2_000
 # here between timer flushes (the reorder window's byte bound counts only
 # the results waiting for an earlier row).
 FLUSH_BYTES = 4 << 20
-# The same in bulk (a batch's results filed at once): each commit rewrites
-# the key index's pages that its random keys touch, so ten times the rows
-# per commit costs about a third less per row; a part (up to 50,000 rows)
-# goes in one commit while its records stay under BULK_BYTES.
-BULK_ROWS, BULK_BYTES = 50_000, 16 << 20
 
 
 class Answers:
@@ -83,8 +77,7 @@ class Answers:
         self.add_row(store_row(key, result))
 
     def add_row(self, row: StoreRow) -> None:
-        """Take a new result as the store's columns (committed by the next
-        ``flush``): what bulk callers use, without a ``Stored`` per result."""
+        """Take a new result as the store's columns (committed by the next ``flush``)."""
         self._add_local(row)
         if self.cache is not None and not row[3]:  # no retryable error is shared
             self._cache_batch.append(row)
@@ -106,16 +99,14 @@ class Answers:
         if len(self._local_batch) >= self._flush_rows or self._batch_bytes >= self._flush_bytes:
             self.flush()
 
-    @contextlib.contextmanager
-    def bulk(self) -> Iterator[None]:
-        """Within: commit every BULK_ROWS results or BULK_BYTES bytes; at
-        the end: commit what is left."""
-        self._flush_rows, self._flush_bytes = BULK_ROWS, BULK_BYTES
-        try:
-            yield
-        finally:
-            self._flush_rows, self._flush_bytes = FLUSH_EVERY, FLUSH_BYTES
+    def put_sorted(self, rows: Callable[[], Iterable[StoreRow]]) -> None:
+        """Store the rows ``rows()`` gives, in key order, at once: one commit
+        per store, read one at a time (batch mode files a part's answers so,
+        see ``batchmode.filing``). Buffered results are committed first."""
         self.flush()
+        self.local.put_sorted(rows())
+        if self.cache is not None:
+            self.cache.put_sorted(row for row in rows() if not row[3])  # no retryable errors
 
     def salvage(self, keyed: Iterable[tuple[bytes, bytes]]) -> None:
         """Take journaled ``(key, output line)`` pairs of an earlier run, and commit."""

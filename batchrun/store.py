@@ -177,6 +177,11 @@ class ResultStore:
         # In key order: consecutive inserts then touch neighbouring index pages.
         # Stable: of two results under one key, the later one is put last.
         rows.sort(key=_KEY_OF_ROW)
+        self.put_sorted(rows)
+
+    def put_sorted(self, rows: Iterable[StoreRow]) -> None:
+        """Store ``rows``, given in key order, in one transaction (see the
+        replace rule); they are read one at a time."""
         try:
             with self._db:
                 self._db.executemany(_PUT, rows)

@@ -323,14 +323,19 @@ def test_buffered_results_are_committed_once_they_pass_a_few_megabytes(tmp_path:
     answers.close()
 
 
-def test_in_bulk_results_are_committed_in_larger_transactions(tmp_path: Path) -> None:
-    answers = open_answers(tmp_path, None, resend_retryable=False)
-    with answers.bulk():
-        for n in range(reuse.FLUSH_EVERY + 1):
-            answers.add(b"k%d" % n, _stored("small"))
-        assert answers.local.is_empty()  # past FLUSH_EVERY, still one transaction to come
-    assert answers.local.get(b"k0") is not None  # committed at the end
-    for n in range(reuse.FLUSH_EVERY):
-        answers.add(b"j%d" % n, _stored("small"))
-    assert answers.local.get(b"j0") is not None  # out of bulk: committed at FLUSH_EVERY again
+def test_rows_put_sorted_go_to_both_stores_after_the_buffered_ones(tmp_path: Path) -> None:
+    answers = open_answers(tmp_path / "out", tmp_path / "cache", resend_retryable=False)
+    answers.add(b"k1", _stored("buffered"))
+    rows = [
+        store_row(b"k1", _stored("later")),
+        store_row(b"k2", _stored("transient", ok=False, retryable=True)),
+    ]
+    answers.put_sorted(lambda: iter(rows))
+    assert answers.cache is not None
+    for store in (answers.local, answers.cache):
+        found = store.get(b"k1")
+        assert found is not None
+        assert found.record == b"later"  # the buffered result went first
+    assert answers.local.get(b"k2") is not None
+    assert answers.cache.get(b"k2") is None  # no retryable error is shared
     answers.close()

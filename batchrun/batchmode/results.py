@@ -11,6 +11,7 @@ with no line at all: a ``completed`` batch with missing rows is no success.
 from __future__ import annotations
 
 import array
+import contextlib
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -49,20 +50,23 @@ class Records:
         self._seen: set[int] = set()
         self._in_order = True  # each line added after the ones before it
 
-    def add(self, line: int, data: bytes, head: bytes = b"") -> None:
+    def add(self, line: int, data: bytes, head: bytes = b"") -> int | None:
         """Keep ``data`` as ``line``'s record, after ``head`` (see
-        ``known.filed_head``); a line's first record wins."""
+        ``known.filed_head``); a line's first record wins. Returns where
+        ``data`` starts in the spill file (None: the line had a record)."""
         if line in self._seen:
-            return
+            return None
         self._seen.add(line)
         if self._lines and line < self._lines[-1]:
             self._in_order = False
         self._lines.append(line)
         self._starts.append(self._size)
+        at = self._size + len(head)
         if head:
             data = head + data  # one write: cheaper than two for a short head
         self._handle.write(data)
         self._size += len(data)
+        return at
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -73,13 +77,19 @@ class Records:
     def lines(self) -> set[int]:
         return set(self._seen)
 
+    @contextlib.contextmanager
+    def view(self) -> Iterator[mmap.mmap]:
+        """The spill file, read-only (offsets as ``add`` returned them); not empty."""
+        self._handle.flush()
+        with mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            yield view
+
     def sorted_chunks(self) -> Iterator[bytes]:
         """The records (each after its head, if it has one) in line order."""
-        self._handle.flush()
         if not self._size:
             return
         starts, size = self._starts, self._size
-        with mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        with self.view() as view:
             for index in sorted(range(len(self._lines)), key=self._lines.__getitem__):
                 end = starts[index + 1] if index + 1 < len(starts) else size
                 yield view[starts[index] : end]
@@ -109,7 +119,8 @@ class Collected:
     unfinished: set[int] = field(default_factory=set)
 
 
-OnRecord = Callable[[int, bytes, Outcome], None]
+# Sees each new record: its line, where it starts in the spill, the record, its outcome.
+OnRecord = Callable[[int, int, bytes, Outcome], None]
 # Tokens (in, out) an answer's body reports, as the run's provider reads them.
 Usage = Callable[[Any], tuple[int, int]]
 
@@ -131,7 +142,7 @@ def collect(
 ) -> Collected:
     """The records of the downloaded result ``files`` for a part whose rows
     (input line → the input's ``custom_id``) are ``ids``; ``on_record`` sees
-    each new one (line, record, outcome). With ``usage`` (the run's
+    each new one (see ``OnRecord``). With ``usage`` (the run's
     provider's), each answer's record gets a head with its tokens
     (``known.filed_head``), so the ordered writer need not parse it again.
     The caller closes ``records``."""
@@ -158,9 +169,9 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Readin
     outcome = outcome_of(data, line, ids[line], reading.provider)
     if outcome is not None:
         record = output_line(outcome)
-        found.records.add(line, record, _head(line, outcome, reading.usage))
-        if reading.on_record is not None:
-            reading.on_record(line, record, outcome)
+        at = found.records.add(line, record, _head(line, outcome, reading.usage))
+        if reading.on_record is not None and at is not None:
+            reading.on_record(line, at, record, outcome)
 
 
 def _head(line: int, outcome: Outcome, usage: Usage | None) -> bytes:

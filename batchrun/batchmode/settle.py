@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,10 @@ import anyio
 import orjson
 
 from batchrun.batchmode.api import BatchApi
+from batchrun.batchmode.filing import PartFiler
 from batchrun.batchmode.plan import line_of_key
 from batchrun.batchmode.record import BatchRecord, BatchState, Part
 from batchrun.batchmode.results import (
-    OnRecord,
     Records,
     Usage,
     collect,
@@ -39,7 +38,6 @@ from batchrun.batchmode.results import (
 )
 from batchrun.errors import RequestError
 from batchrun.providers import Provider
-from batchrun.records import Outcome
 from batchrun.reuse import Answers
 
 log = logging.getLogger("batchrun")
@@ -99,23 +97,26 @@ class Settler:
             downloads = [self.record.file(part.id, f"got{n}") for n in range(len(files))]
             for file_id, path in zip(part.result_files, downloads, strict=False):
                 await self.api.download(file_id, path)
-            with self._bulk():  # all committed before the part is settled
-                found = collect(
-                    downloads[: len(part.result_files)],
-                    ids,
-                    self.dialect,
-                    self._spill(part),
-                    self._filer(part, ids),
-                    self.usage,
-                )
             try:
-                self._settle(part, found.records, found.unfinished, ids)
+                self._collect(part, ids, downloads[: len(part.result_files)])
             finally:
-                found.records.close()
                 for path in downloads:
                     path.unlink(missing_ok=True)
         await self.cleanup(part)
         return True
+
+    def _collect(self, part: Part, ids: dict[int, str], downloads: list[Path]) -> None:
+        """Map the downloaded result files to records, store the answers, then
+        settle the part (every answer is stored before it is collected)."""
+        filer = self._filer(part, ids)
+        note = filer.note if filer is not None else None
+        found = collect(downloads, ids, self.dialect, self._spill(part), note, self.usage)
+        try:
+            if filer is not None:
+                filer.file(found.records)
+            self._settle(part, found.records, found.unfinished, ids)
+        finally:
+            found.records.close()
 
     async def _refused(self, part: Part, errors: list[dict[str, Any]]) -> None:
         """A validation failure: named lines become row errors, the rest is resubmitted."""
@@ -143,25 +144,12 @@ class Settler:
             named.close()
         await self.cleanup(part)
 
-    def _bulk(self) -> contextlib.AbstractContextManager[None]:
-        """A part's answers go to the result store in large commits."""
-        return contextlib.nullcontext() if self.answers is None else self.answers.bulk()
-
-    def _filer(self, part: Part, ids: dict[int, str]) -> OnRecord | None:
+    def _filer(self, part: Part, ids: dict[int, str]) -> PartFiler | None:
         """Files each answer in the result store under its request's content
         key, so no later run, online or batch, pays for that request again."""
-        answers = self.answers
-        if answers is None:
+        if self.answers is None:
             return None
-        keys = self.record.read_keys(part.id, ids)
-        now = time.time()  # wall time: what ``cache prune --older-than`` compares
-
-        def file(line: int, data: bytes, outcome: Outcome) -> None:
-            # ``data`` is ``output_line``'s: one trailing newline, which the store leaves out.
-            ok, retryable = outcome.error_code is None, outcome.retryable
-            answers.add_row((keys[line], data[:-1], ok, retryable, outcome.cost, now))
-
-        return file
+        return PartFiler(self.answers, self.record.read_keys(part.id, ids))
 
     def _spill(self, part: Part) -> Path:
         return self.record.file(part.id, "spill")

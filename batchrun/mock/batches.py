@@ -115,7 +115,8 @@ class MockFiles:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, web.FileField) or purpose != "batch":
             return _fail(400, "send multipart fields purpose=batch and file")
-        data = upload.file.read()
+        with upload.file:  # aiohttp leaves it open: unclosed, it warns when collected
+            data = upload.file.read()
         self.uploads += 1
         return _ok(self.new_file("batch", upload.filename, data))
 
