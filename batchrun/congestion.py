@@ -8,7 +8,7 @@ limiter that has been overrun rejects many requests at once. A push-back
 * push-backs are at least ``CONGESTED_SHARE`` of the last ``WINDOW``
   answers; or
 * it ends a streak of ``STREAK`` *instant* rejections (answered in under
-  half the mean latency: a limiter rejects on arrival) of requests sent one
+  the mean latency of good answers: a limiter rejects on arrival) of requests sent one
   after another, with no good answer to a request sent after them between.
   A full limiter rejects every request that reaches it, so its rejections
   are of consecutive sends; rejections scattered among accepted sends are

@@ -209,7 +209,7 @@ class Throttle:
         that is known of it, so it pauses everyone; after that a lone
         push-back only delays its own row (its retry waits). ``sent`` is
         the attempt's ticket from ``acquire`` (None: unknown, taken as the
-        latest send): a push-back in under half the mean latency is a
+        latest send): a push-back in under the mean latency of good answers is a
         limiter's rejection on arrival. Returns the
         seconds the attempt's place stays taken: for a push-back, the mean
         latency of good answers, so an overrun limiter's instant 429s do not
