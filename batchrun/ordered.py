@@ -15,6 +15,7 @@ Invariant: every result is in exactly one of the ordered output, the journal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import orjson
@@ -60,6 +61,7 @@ class OrderedWriter:
         self.stats = reporter.stats
         self.shard = config.shard or WHOLE
         self.journal = Journal(state.journal_path, fsync=config.fsync)
+        answers.before_commit = self._journal_first
         self.output = OutputFile(config.out)
         self.window = FifoSlots(config.reorder_window)
         self.reorder: ReorderBuffer[Finished] = ReorderBuffer(start.checkpoint.rows)
@@ -74,6 +76,14 @@ class OrderedWriter:
         self._last_checkpoint = start.checkpoint.rows
 
     # -- the journal ----------------------------------------------------------
+
+    def _journal_first(self) -> None:
+        """Before a result store commits: the journal writes out the records it
+        still holds, so a result reaches a store only once the journal has it.
+        A journal that can't be written reports it at its own next write; the
+        store still takes the results (they are paid for)."""
+        with contextlib.suppress(DiskError):
+            self.journal.flush()
 
     def journaled(self, line: int) -> bytes | None:
         """The result journaled for ``line`` and not written yet, if any."""

@@ -14,9 +14,11 @@ Commits run on the event loop's thread: a batch of a few hundred rows
 takes a millisecond or two, and a writer thread would cost more in
 contention for the interpreter than it saves. Crash safety rests on the
 journal, not on the buffer: every result is
-journaled with its key the moment it arrives, ``flush`` runs before each
-journal compaction, and a resume feeds the journal's keyed results back in
-(``salvage``). So a result is always in the journal or in the store.
+journaled with its key the moment it arrives, the journal writes it out
+before any commit (``before_commit``), ``flush`` runs before each journal
+compaction, and a resume feeds the journal's keyed results back in
+(``salvage``). So a result is always in the journal or in the store, and
+in the store only once the journal has it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class Answers:
         self._cache_batch: list[StoreRow] = []
         self._batch_bytes = 0  # record bytes in the local batch
         self._flush_rows, self._flush_bytes = FLUSH_EVERY, FLUSH_BYTES
+        # Called before every commit of new results: the run's journal writes
+        # out the records it still holds (``OrderedWriter`` sets it). Else a
+        # kill right after a commit could leave a result in the store and not
+        # in the journal, and the resumed run would take it for a reused
+        # answer (its record marked so) instead of its own.
+        self.before_commit: Callable[[], None] = _nothing
 
     def find(self, key: bytes) -> Stored | None:
         """The reusable result stored under ``key``, or None (then: send it)."""
@@ -120,6 +128,8 @@ class Answers:
 
     def flush(self) -> None:
         """Commit the buffered results (one transaction per store)."""
+        if self._local_batch:
+            self.before_commit()
         batch, self._local_batch = self._local_batch, []
         self._batch_bytes = 0
         self.local.put_rows(batch)
@@ -135,6 +145,10 @@ class Answers:
             self.local.close()
             if self.cache is not None:
                 self.cache.close()
+
+
+def _nothing() -> None:
+    """The default ``before_commit``: no journal to write out."""
 
 
 def open_answers(

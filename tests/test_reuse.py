@@ -11,9 +11,12 @@ from typing import Any
 import orjson
 import pytest
 
+from batchrun import reuse
 from batchrun.mock.server import MockServer
 from batchrun.runner import EXIT_BUDGET, run_async
+from batchrun.state import StateDir
 from batchrun.stats import Summary
+from batchrun.store import ResultStore, StoreRow
 from tests.conftest import chat, make_config, read_jsonl
 
 pytestmark = pytest.mark.asyncio
@@ -292,3 +295,28 @@ async def test_cache_and_max_cost_are_job_file_keys(tmp_path: Path) -> None:
 
     assert config.cache == Path("/var/cache/batchrun")
     assert config.costs.max_cost == 12.5
+
+
+async def test_a_result_reaches_the_store_only_once_the_journal_holds_it(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kill right after a store commit must find each committed result in the
+    # journal too: else the resumed run takes it for a reused answer. Commit
+    # after every result, and look at the journal on disk at each commit.
+    monkeypatch.setattr(reuse, "FLUSH_EVERY", 1)
+    config = make_config(tmp_path, prompts(40), server)
+    journal = StateDir(config.out).journal_path
+    put_rows = ResultStore.put_rows
+    missing: list[bytes] = []
+
+    def checked(store: ResultStore, rows: list[StoreRow]) -> None:
+        on_disk = journal.read_bytes() if journal.exists() else b""
+        missing.extend(row[1] for row in rows if row[1] not in on_disk)
+        put_rows(store, rows)
+
+    monkeypatch.setattr(ResultStore, "put_rows", checked)
+    summary = await run_async(config)
+
+    assert summary.exit_code == 0
+    assert summary.sent == 40
+    assert missing == []
