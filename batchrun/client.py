@@ -95,6 +95,8 @@ class _TimedBody(Payload):
 
     aiohttp has no write timeout of its own; its body writer awaits the
     transport's flow control, so a peer that stops reading would stall it.
+    Only for bodies of at least ``_WRITE_CAN_BLOCK`` bytes (``Client._post``
+    sends smaller ones as plain bytes: they never wait).
     """
 
     def __init__(self, value: bytes, write_timeout: float) -> None:
@@ -113,9 +115,6 @@ class _TimedBody(Payload):
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
         data = self._body if content_length is None else self._body[:content_length]
-        if len(data) < _WRITE_CAN_BLOCK:
-            await writer.write(data)  # below aiohttp's flow-control limit: never waits
-            return
         try:
             async with asyncio.timeout(self._write_timeout):
                 await writer.write(data)
