@@ -17,6 +17,7 @@ so an answer paid in one is found by the other (see ``batchrun.store``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +27,7 @@ import orjson
 from batchrun.providers import Provider
 from batchrun.records import Request
 
-__all__ = ["KEY_BYTES", "canonical_json", "content_key", "request_key"]
+__all__ = ["KEY_BYTES", "canonical_json", "content_key", "json_key", "request_key"]
 
 KEY_BYTES = 32  # a key is a SHA-256 digest; ``.hex()`` gives 64 characters
 
@@ -43,6 +44,19 @@ def canonical_json(value: Any) -> bytes:
 def content_key(dialect: str, endpoint: str, body: Mapping[str, Any]) -> bytes:
     """The 32-byte key of sending ``body`` to ``endpoint`` in ``dialect``."""
     return hashlib.sha256(canonical_json([dialect, endpoint, body])).digest()
+
+
+def json_key(dialect: str, endpoint: str, body_json: bytes) -> bytes:
+    """``content_key(dialect, endpoint, body)`` from ``canonical_json(body)``,
+    for callers that serialise the body anyway."""
+    return hashlib.sha256(_key_head(dialect, endpoint) + body_json + b"]").digest()
+
+
+@functools.lru_cache(maxsize=256)
+def _key_head(dialect: str, endpoint: str) -> bytes:
+    # A list's canonical JSON is its items' with commas, no spaces: the key's
+    # text is this head, then the body's canonical JSON, then "]".
+    return orjson.dumps([dialect, endpoint])[:-1] + b","
 
 
 def request_key(provider: Provider, request: Request) -> bytes:

@@ -24,7 +24,6 @@ from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.budget import Budget
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
-from batchrun.contentkey import request_key
 from batchrun.errors import DiskError, FatalError, UsageError
 from batchrun.eventloop import backend_options
 from batchrun.hosts import HostPool
@@ -35,7 +34,6 @@ from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline, RunEnding
 from batchrun.progress import ProgressReporter
 from batchrun.providers import Provider, get_provider
-from batchrun.records import Request
 from batchrun.resume import ResumePoint, recover, spent_before
 from batchrun.reuse import Answers, open_answers
 from batchrun.rowsource import KnownLookup
@@ -311,7 +309,7 @@ async def _batch_phase(job: _Job, session: aiohttp.ClientSession, base_url: str)
         clock=job.clock,
         stream=job.stream or sys.stderr,
         handle_signals=job.handle_signals,
-        answered=_stored(answers, provider) if answers.lookup else None,
+        answered=_stored(answers) if answers.lookup else None,
         answers=answers,
     )
 
@@ -342,11 +340,11 @@ async def _online(
     return _conclude(config, ending, parts, job.state, clock.monotonic() - started)
 
 
-def _stored(answers: Answers, provider: Provider) -> Callable[[Request], bool]:
-    """Whether a request has a stored answer: batch mode leaves it to the writer."""
+def _stored(answers: Answers) -> Callable[[bytes], bool]:
+    """Whether a content key has a stored answer: batch mode leaves it to the writer."""
 
-    def answered(request: Request) -> bool:
-        return answers.find(request_key(provider, request)) is not None
+    def answered(key: bytes) -> bool:
+        return answers.find(key) is not None
 
     return answered
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from batchrun.batchmode.known import Known, KnownResults, filed_head
 from batchrun.batchmode.plan import Group, Splitter, batch_key, batch_line, line_of_key
 from batchrun.batchmode.results import Records, collect
+from batchrun.contentkey import canonical_json
 from batchrun.providers.openai import OpenAIProvider
 from batchrun.records import Outcome, Request, Response, output_line
 from batchrun.stats import Tally
@@ -58,6 +59,23 @@ def test_ids_in_a_file_are_unique_even_when_the_input_repeats_its_own() -> None:
     assert len(set(keys)) == 2
     assert [line_of_key(key) for key in keys] == [1, 2]
     assert line_of_key("someone-else") is None
+
+
+def test_a_batch_line_sends_the_body_as_its_canonical_json() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": 'say "hi"\n'}], "a": 1}
+    request = Request(line=7, custom_id="x", kind="chat", body=body)
+    group, line, sent = batch_line(request, body)
+    assert group == Group("/v1/chat/completions", "m")
+    assert line.endswith(b"}\n")
+    assert line.count(b"\n") == 1
+    assert orjson.loads(line) == {
+        "custom_id": "r7",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": body,
+    }
+    assert sent == canonical_json(body)
+    assert sent in line
 
 
 def test_results_map_back_by_our_key_and_missing_rows_are_unfinished(tmp_path: Path) -> None:

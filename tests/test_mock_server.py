@@ -69,8 +69,12 @@ async def post(
     return status, orjson.loads(raw), headers
 
 
+def canonical_digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def request_id(body: dict[str, Any]) -> str:
-    return "req-" + hashlib.sha256(orjson.dumps(body)).hexdigest()[:16]
+    return "req-" + canonical_digest(body)[:16]
 
 
 @pytest.fixture
@@ -91,10 +95,12 @@ async def test_chat_answer_is_deterministic(
 ) -> None:
     body = chat_body("hello there world")
     status, first, headers = await post(session, server.base_url + CHAT, body)
-    _, second, _ = await post(session, server.base_url + CHAT, body)
-    digest = hashlib.sha256(orjson.dumps(body)).hexdigest()
+    reordered = dict(reversed(body.items()))
+    _, second, _ = await post(session, server.base_url + CHAT, reordered)
+    digest = canonical_digest(body)
+    assert orjson.dumps(reordered) != orjson.dumps(body)
     assert status == 200
-    assert first == second
+    assert first == second  # the same request, whatever the order of its keys
     assert headers["x-request-id"] == request_id(body)
     assert first["id"] == "chatcmpl-" + digest[:12]
     assert first["object"] == "chat.completion"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import batchrun.store
 from batchrun import reuse
-from batchrun.contentkey import canonical_json, content_key, request_key
+from batchrun.contentkey import canonical_json, content_key, json_key, request_key
 from batchrun.providers import get_provider
 from batchrun.records import Defaults, Request, parse_line
 from batchrun.reuse import open_answers
@@ -37,6 +37,18 @@ json_values = st.recursive(
 def test_the_key_ignores_key_order(body: dict[str, Any]) -> None:
     reversed_body = dict(reversed(list(body.items())))
     assert content_key("openai", "/v1/x", body) == content_key("openai", "/v1/x", reversed_body)
+
+
+@given(
+    st.sampled_from(["openai", "dashscope", 'odd"name']),
+    st.text(max_size=12),
+    st.dictionaries(st.text(max_size=6), json_values, max_size=6),
+)
+def test_the_key_from_the_bodys_json_is_the_content_key(
+    dialect: str, endpoint: str, body: dict[str, Any]
+) -> None:
+    """Batch mode keys a row from the JSON its batch line holds: the same key."""
+    assert json_key(dialect, endpoint, canonical_json(body)) == content_key(dialect, endpoint, body)
 
 
 def test_canonical_json_sorts_keys_without_whitespace() -> None:

@@ -22,10 +22,11 @@ from batchrun.records import Defaults, LineError, Request, parse_line
 from batchrun.resume import ResumePoint
 
 Body = Callable[[Request], dict[str, Any]]
-# Whether a request already has a stored answer (the result store, by content key).
-Answered = Callable[[Request], bool]
-# A request's content key (``contentkey.request_key`` with the run's provider).
-KeyOf = Callable[[Request], bytes]
+# Whether a content key has a stored answer (in the result store).
+Answered = Callable[[bytes], bool]
+# A request's content key (``contentkey.request_key`` with the run's
+# provider), given the body its batch line sends and that body's canonical JSON.
+KeyOf = Callable[[Request, dict[str, Any], bytes], bytes]
 
 
 @dataclass(slots=True)
@@ -87,24 +88,26 @@ def plan_parts(
     key_of: KeyOf,
     answered: Answered | None = None,
 ) -> list[Part]:
-    """Write the part files of every row still to answer, with each row's
+    """Write the part files of every row still to answer (none in the output,
+    the journal, or, by ``answered``, the result store), with each row's
     content key (its answer is stored under it); the parts."""
     writer = PartWriter(record, Splitter(config.batch.rows, max_bytes))
     try:
-        for request in unanswered(config, start, answered):
-            group, data = batch_line(request, body(request))
-            writer.add(group, request, data, key_of(request))
+        for request in unanswered(config, start):
+            sent = body(request)
+            group, data, sent_json = batch_line(request, sent)
+            key = key_of(request, sent, sent_json)
+            if answered is None or not answered(key):
+                writer.add(group, request, data, key)
     except BaseException:
         writer.abandon()
         raise
     return writer.finish()
 
 
-def unanswered(
-    config: RunConfig, start: ResumePoint, answered: Answered | None = None
-) -> Iterator[Request]:
-    """The input's requests that have no result yet, in input order: none in
-    the output, the journal, or (``answered``) the result store."""
+def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
+    """The input's requests that have no result yet in the output or the
+    journal, in input order."""
     shard = config.shard or WHOLE
     defaults = Defaults(model=config.model, params=config.params)
     written, known = start.checkpoint.rows, start.journal.results
@@ -115,5 +118,5 @@ def unanswered(
             if not shard.owns(index) or shard.seq(index) < written or index + 1 in known:
                 continue
             parsed = parse_line(raw.rstrip(b"\r\n"), index + 1, defaults)
-            if not isinstance(parsed, LineError) and not (answered and answered(parsed)):
+            if not isinstance(parsed, LineError):
                 yield parsed

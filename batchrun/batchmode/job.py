@@ -26,7 +26,6 @@ from batchrun.batchmode.settle import BatchRefused, Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
 from batchrun.errors import FatalError, RequestError
-from batchrun.records import Request
 from batchrun.resume import ResumePoint
 from batchrun.timing import Clock
 
@@ -91,9 +90,9 @@ class BatchJob:
         if self.state.planned:
             return
 
-        def in_loop(request: Request) -> bool:
+        def in_loop(key: bytes) -> bool:
             assert answered is not None
-            return anyio.from_thread.run_sync(answered, request)
+            return anyio.from_thread.run_sync(answered, key)
 
         def write() -> list[Part]:
             check = in_loop if answered is not None else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import aiohttp
 import anyio
@@ -27,7 +27,7 @@ from batchrun.batchmode.results import Usage
 from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
-from batchrun.contentkey import request_key
+from batchrun.contentkey import json_key, request_key
 from batchrun.errors import UsageError
 from batchrun.providers import Provider
 from batchrun.providers.openai import OpenAIProvider
@@ -141,7 +141,10 @@ async def _watch_signals(scope: anyio.CancelScope) -> None:
 
 
 def _key_of(provider: Provider) -> KeyOf:
-    def key_of(request: Request) -> bytes:
+    def key_of(request: Request, sent: dict[str, Any], sent_json: bytes) -> bytes:
+        body = provider.body(request)
+        if body is sent:  # the batch line sends the very body the key is of
+            return json_key(provider.name, provider.url(request, ""), sent_json)
         return request_key(provider, request)
 
     return key_of

@@ -10,11 +10,13 @@ ids, and the key that maps results back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 import orjson
 
+from batchrun.contentkey import canonical_json
 from batchrun.records import Request
 
 # Provider caps on one batch input file, in bytes.
@@ -51,17 +53,28 @@ def line_of_key(key: object) -> int | None:
     return None
 
 
-def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes]:
-    """The row's group and its line of the batch file (newline included).
+def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes, bytes]:
+    """The row's group, its line of the batch file (newline included), and
+    ``body``'s canonical JSON, which the line holds as it is.
 
     ``body`` is the request body in the OpenAI dialect (what the online client
-    would send), so a batch answer is the answer to the same request.
+    would send), so a batch answer is the answer to the same request; its keys
+    are sorted, which changes nothing the provider reads.
     """
     endpoint = request.url or _ENDPOINTS[request.kind]
     model = body.get("model")
-    line = {"custom_id": batch_key(request.line), "method": "POST", "url": endpoint, "body": body}
-    group = Group(endpoint, model if isinstance(model, str) else None)
-    return group, orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+    sent = canonical_json(body)
+    line = b'{"custom_id":"r%d","method":"POST","url":%b,"body":%b}\n' % (
+        request.line,
+        _quoted(endpoint),
+        sent,
+    )
+    return Group(endpoint, model if isinstance(model, str) else None), line, sent
+
+
+@functools.lru_cache(maxsize=64)
+def _quoted(endpoint: str) -> bytes:
+    return orjson.dumps(endpoint)
 
 
 @dataclass(slots=True)

@@ -67,7 +67,7 @@ class BatchFaults:
 class _Row:
     custom_id: str
     kind: Kind
-    raw: bytes  # the body, as the online client would send it
+    raw: bytes  # the body's canonical JSON (see ``script.digest_of``)
 
 
 @dataclass(slots=True)
@@ -372,8 +372,10 @@ def _read_row(
         return "file", None
     if "mock:invalid" in text:
         return "mock fault: the provider refuses this line", None
-    # orjson's result keeps a spare buffer of about 4 KiB: keep an exact copy.
-    return None, _Row(custom_id, kind, bytes(memoryview(orjson.dumps(body))))
+    # Canonical, as ``script.digest_of`` hashes it. orjson's result keeps a
+    # spare buffer of about 4 KiB: keep an exact copy.
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return None, _Row(custom_id, kind, bytes(memoryview(canonical)))
 
 
 def _page(

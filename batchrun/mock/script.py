@@ -174,6 +174,13 @@ class Call:
         return "req-" + self.digest[:16]
 
 
+def digest_of(raw: bytes, body: dict[str, Any] | None) -> str:
+    """The sha256 hex digest naming a request: of ``body``'s canonical JSON
+    (sorted keys), or of ``raw`` when the body is no JSON object."""
+    data = raw if body is None else orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(data).hexdigest()
+
+
 def _embedding(text: str) -> list[float]:
     # 32 digest bytes are 8 signed int32s; dividing by 2**31 lands in [-1, 1).
     words = struct.unpack("<8i", hashlib.sha256(text.encode()).digest())

@@ -9,8 +9,11 @@ DashScope native dialect: ``POST
 /api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
 returns ``MockServer.stats`` as JSON.
 
-Answers are pure functions of the raw request body: its sha256 hex ``digest``
-names the request (``x-request-id: req-<digest[:16]>``) and seeds the content.
+Answers are pure functions of the request body: the sha256 hex ``digest`` of
+its canonical JSON (sorted keys; the raw bytes when it is no JSON object, see
+``script.digest_of``) names the request (``x-request-id: req-<digest[:16]>``)
+and seeds the content, so the same request gets the same answer online and
+in a batch file, whatever the order of its keys.
 A row scripts its own faults with whitespace-separated ``mock:NAME[=VALUE]``
 tokens anywhere in its prompt text; attempt ``n`` counts the receipts of this
 digest, this one included. The first of these that fires decides the answer:
@@ -56,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import math
 import random
 import signal
@@ -76,7 +78,7 @@ from batchrun.mock.faults import (
     reset_connection,
     scripted_answer,
 )
-from batchrun.mock.script import NO_DIRECTIVES, Call, parse_directives, prompt_parts
+from batchrun.mock.script import NO_DIRECTIVES, Call, digest_of, parse_directives, prompt_parts
 from batchrun.records import BATCH_URLS, Kind
 
 DASHSCOPE_PATH: Final = "/api/v1/services/aigc/text-generation/generation"
@@ -326,13 +328,13 @@ class MockServer:
 
     async def _answer_fresh(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         raw = await request.read()
-        digest = hashlib.sha256(raw).hexdigest()
+        body = _json_object(raw)
+        digest = digest_of(raw, body)
         self.stats.by_digest[digest] += 1
         self._digests[id(request)] = digest
         overloaded = self.fail_rate > 0 and self._rng.random() < self.fail_rate
         call = Call(kind, digest, self.stats.by_digest[digest], {}, [])
         key = _bearer_key(request)
-        body = _json_object(raw)
         rules = NO_DIRECTIVES
         valid = bool(key) and key != _BAD_KEY and body is not None
         if valid and body is not None:
