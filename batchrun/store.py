@@ -31,11 +31,12 @@ modes (batch mode): ``open_store``, ``get``, ``put_many``, ``put_rows``.
 from __future__ import annotations
 
 import errno
+import itertools
 import operator
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +89,29 @@ CREATE TABLE IF NOT EXISTS results (
 )
 """
 
-_PUT = """
-INSERT INTO results (key, record, ok, retryable, cost, created) VALUES (?, ?, ?, ?, ?, ?)
+# Rows put by one INSERT statement. SQLite's cost is mostly per statement
+# (an upsert sets up a statement journal each time): 128 rows at once cost
+# less than half as much per row as one at a time. 128 rows are 768
+# parameters, under the 999 that the oldest SQLite builds allow.
+ROWS_PER_STATEMENT = 128
+
+
+def _put(rows: int) -> str:
+    """An upsert of ``rows`` rows, each by the replace rule (module docstring).
+    SQLite takes a statement's rows in order: of two under one key, the later
+    one is the one kept (if the rule lets it replace the first)."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+    return f"""
+INSERT INTO results (key, record, ok, retryable, cost, created) VALUES {values}
 ON CONFLICT (key) DO UPDATE SET
     record = excluded.record, ok = excluded.ok, retryable = excluded.retryable,
     cost = excluded.cost, created = excluded.created
 WHERE results.retryable = 1 OR excluded.retryable = 0
 """
+
+
+_PUT_ONE = _put(1)
+_PUT_MANY = _put(ROWS_PER_STATEMENT)
 
 
 class StoreError(UsageError):
@@ -184,7 +201,11 @@ class ResultStore:
         replace rule); they are read one at a time."""
         try:
             with self._db:
-                self._db.executemany(_PUT, rows)
+                for chunk in _chunks(rows):
+                    if len(chunk) == ROWS_PER_STATEMENT:
+                        self._db.execute(_PUT_MANY, list(itertools.chain.from_iterable(chunk)))
+                    else:
+                        self._db.executemany(_PUT_ONE, chunk)
         except sqlite3.DatabaseError as exc:
             raise _damaged(self.path, exc) from None
 
@@ -226,6 +247,13 @@ class ResultStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _chunks(rows: Iterable[StoreRow]) -> Iterator[list[StoreRow]]:
+    """``rows`` in lists of ``ROWS_PER_STATEMENT`` (the last one shorter)."""
+    rest = iter(rows)
+    while chunk := list(itertools.islice(rest, ROWS_PER_STATEMENT)):
+        yield chunk
 
 
 def open_store(

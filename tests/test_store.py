@@ -266,6 +266,38 @@ def test_a_transient_error_never_replaces_a_lasting_result(puts: list[tuple[byte
         shutil.rmtree(directory)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.booleans()),
+        min_size=batchrun.store.ROWS_PER_STATEMENT - 8,
+        max_size=3 * batchrun.store.ROWS_PER_STATEMENT,
+    )
+)
+def test_one_put_of_many_rows_keeps_the_replace_rule(puts: list[tuple[bytes, bool]]) -> None:
+    """Many rows in one call go in statements of many rows: within a statement
+    and across them, the same rule holds as for one put at a time."""
+    directory = Path(tempfile.mkdtemp(prefix="batchrun-prop-"))
+    try:
+        store = open_store(directory / STORE_FILE, durable=False)
+        model: dict[bytes, tuple[str, bool]] = {}
+        rows = []
+        for number, (key, retryable) in enumerate(puts):
+            text = f"r{number}"
+            rows.append(store_row(key, _stored(text, ok=not retryable, retryable=retryable)))
+            if key not in model or model[key][1] or not retryable:
+                model[key] = (text, retryable)
+        store.put_rows(rows)
+        for key, (text, retryable) in model.items():
+            found = store.get(key)
+            assert found is not None
+            assert (found.record.decode(), found.retryable) == (text, retryable)
+        assert store.stats().results == len(model)
+        store.close()
+    finally:
+        shutil.rmtree(directory)
+
+
 def test_the_budget_reserves_settles_and_refuses() -> None:
     from batchrun.budget import Budget
 
