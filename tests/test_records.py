@@ -15,6 +15,7 @@ from batchrun.records import (
     Outcome,
     Request,
     Response,
+    answer_line,
     line_error_outcome,
     output_line,
     output_record,
@@ -431,3 +432,28 @@ def test_property_arbitrary_objects_never_raise(data: dict[str, Any], line: int)
     result = parse_line(orjson.dumps(data), line, Defaults(model="m", params={"seed": 1}))
     assert isinstance(result, Request | LineError)
     assert result.line == line
+
+
+_bodies = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(
+    st.integers(1, 10**9),
+    st.text(max_size=10),
+    st.integers(200, 299),
+    st.none() | st.text(max_size=10),
+    _bodies,
+)
+def test_an_answer_line_is_the_output_line_of_its_outcome(
+    line: int, custom_id: str, status: int, request_id: str | None, body: Any
+) -> None:
+    """Batch results build their records without an Outcome: byte for byte the same."""
+    response = Response(status_code=status, request_id=request_id, body=body)
+    outcome = Outcome(line=line, custom_id=custom_id, response=response, attempts=1)
+    assert answer_line(line, custom_id, response) == output_line(outcome)

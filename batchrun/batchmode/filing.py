@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator, Mapping
 
 from batchrun.batchmode.results import Records
-from batchrun.records import Outcome
 from batchrun.reuse import Answers
 from batchrun.store import StoreRow
 
@@ -34,15 +33,14 @@ class PartFiler:
         self.answers = answers
         self.keys = keys
         # (key, offset of the record in the spill, its size without the
-        # newline, ok, retryable, cost) per answer.
-        self._noted: list[tuple[bytes, int, int, bool, bool, float | None]] = []
+        # newline, ok, retryable) per answer.
+        self._noted: list[tuple[bytes, int, int, bool, bool]] = []
 
-    def note(self, line: int, at: int, record: bytes, outcome: Outcome) -> None:
+    def note(self, line: int, at: int, record: bytes, ok: bool, retryable: bool) -> None:
         """Row ``line``'s record (``output_line``'s, one trailing newline) was
-        spilled at offset ``at``."""
-        ok = outcome.error_code is None
-        noted = (self.keys[line], at, len(record) - 1, ok, outcome.retryable, outcome.cost)
-        self._noted.append(noted)
+        spilled at offset ``at``; ``ok``: it is an answer, else an error,
+        ``retryable`` or not. Batch results carry no cost."""
+        self._noted.append((self.keys[line], at, len(record) - 1, ok, retryable))
 
     def file(self, records: Records) -> None:
         """Store every noted answer, reading its record from ``records``'
@@ -54,8 +52,8 @@ class PartFiler:
         with records.view() as view:
 
             def rows() -> Iterator[StoreRow]:
-                for key, at, size, ok, retryable, cost in self._noted:
-                    yield key, view[at : at + size], ok, retryable, cost, now
+                for key, at, size, ok, retryable in self._noted:
+                    yield key, view[at : at + size], ok, retryable, None, now
 
             self.answers.put_sorted(rows)
         self._noted.clear()

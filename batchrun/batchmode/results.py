@@ -24,7 +24,7 @@ import orjson
 from batchrun.batchmode.known import filed_head
 from batchrun.batchmode.plan import line_of_key
 from batchrun.providers import Provider
-from batchrun.records import Outcome, Response, output_line
+from batchrun.records import Outcome, Response, answer_line, output_line
 
 # Bytes a result file is read, and a spill file written, at a time: one part
 # at a time, and Python's default (8 KiB) costs a system call per 20 records.
@@ -119,8 +119,9 @@ class Collected:
     unfinished: set[int] = field(default_factory=set)
 
 
-# Sees each new record: its line, where it starts in the spill, the record, its outcome.
-OnRecord = Callable[[int, int, bytes, Outcome], None]
+# Sees each new record: its line, where it starts in the spill, the record,
+# whether it is an answer (no error), and whether its error is retryable.
+OnRecord = Callable[[int, int, bytes, bool, bool], None]
 # Tokens (in, out) an answer's body reports, as the run's provider reads them.
 Usage = Callable[[Any], tuple[int, int]]
 
@@ -166,19 +167,47 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Readin
     line = line_of_key(data.get("custom_id"))
     if line is None or line not in ids or line in found.records:
         return
+    answer = _answer(data.get("response"))
+    if answer is not None:  # most lines: no Outcome needed
+        _keep(found, line, answer_line(line, ids[line], answer), (True, False), reading, answer)
+        return
     outcome = outcome_of(data, line, ids[line], reading.provider)
     if outcome is not None:
-        record = output_line(outcome)
-        at = found.records.add(line, record, _head(line, outcome, reading.usage))
-        if reading.on_record is not None and at is not None:
-            reading.on_record(line, at, record, outcome)
+        verdict = (outcome.ok, outcome.retryable)
+        _keep(found, line, output_line(outcome), verdict, reading, None)
 
 
-def _head(line: int, outcome: Outcome, usage: Usage | None) -> bytes:
-    """The results-file head of an answer's record (none for an error)."""
-    if usage is None or not outcome.ok or outcome.response is None:
-        return b""
-    return filed_head(line, *usage(outcome.response.body))
+def _keep(
+    found: Collected,
+    line: int,
+    record: bytes,
+    verdict: tuple[bool, bool],
+    reading: _Reading,
+    answer: Response | None,
+) -> None:
+    """Spill ``line``'s ``record`` (an ``answer``'s gets a head with its
+    tokens, see ``known.filed_head``) and show it to ``on_record``."""
+    head = b""
+    if answer is not None and reading.usage is not None:
+        head = filed_head(line, *reading.usage(answer.body))
+    at = found.records.add(line, record, head)
+    if reading.on_record is not None and at is not None:
+        reading.on_record(line, at, record, *verdict)
+
+
+def _answer(response: Any) -> Response | None:
+    """The response of a result line if it is an answer (2xx), else None."""
+    if not isinstance(response, dict):
+        return None
+    status = response.get("status_code")
+    if not isinstance(status, int) or not 200 <= status < 300:
+        return None
+    request_id = response.get("request_id")
+    return Response(
+        status_code=status,
+        request_id=request_id if isinstance(request_id, str) else None,
+        body=response.get("body"),
+    )
 
 
 def outcome_of(
