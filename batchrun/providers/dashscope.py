@@ -11,6 +11,7 @@ from batchrun.providers.base import (
     Verdict,
     int_field,
     join_url,
+    plain_usage,
     status_verdict,
 )
 from batchrun.records import Request
@@ -65,7 +66,9 @@ class DashScopeProvider(Provider):
         return Classified(verdict, code_text, str(message or f"HTTP {status}"))
 
     def usage(self, body: Any) -> tuple[int, int]:
-        # A dict first: read for every answer, and an ABC check costs more.
+        plain = plain_usage(body, "input_tokens", "output_tokens")
+        if plain is not None:
+            return plain
         usage = body.get("usage") if isinstance(body, dict | Mapping) else None
         return int_field(usage, "input_tokens", "prompt_tokens"), int_field(
             usage, "output_tokens", "completion_tokens"

@@ -12,6 +12,7 @@ from batchrun.providers.base import (
     Verdict,
     int_field,
     join_url,
+    plain_usage,
     status_verdict,
 )
 from batchrun.records import Request
@@ -57,7 +58,9 @@ class OpenAIProvider(Provider):
         return Classified(verdict, code_text, str(message or f"HTTP {status}"))
 
     def usage(self, body: Any) -> tuple[int, int]:
-        # A dict first: read for every answer, and an ABC check costs more.
+        plain = plain_usage(body, "prompt_tokens", "completion_tokens")
+        if plain is not None:
+            return plain
         usage = body.get("usage") if isinstance(body, dict | Mapping) else None
         return int_field(usage, "prompt_tokens"), int_field(usage, "completion_tokens")
 
