@@ -3,13 +3,14 @@ mapped back to output records."""
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchrun.batchmode.known import Known, KnownResults, filed_head
+from batchrun.batchmode.known import Known, KnownResults, filed_head, merge_runs
 from batchrun.batchmode.plan import Group, Splitter, batch_key, batch_line, line_of_key
 from batchrun.batchmode.results import Records, collect
 from batchrun.contentkey import canonical_json
@@ -165,3 +166,17 @@ def test_records_in_line_order_are_kept_as_they_were_spilled(tmp_path: Path) -> 
     shuffled.close()
     assert not (tmp_path / "b.results").exists()
     assert not (tmp_path / "spill-b").exists()
+
+
+@given(
+    st.lists(
+        st.lists(st.integers(1, 60), max_size=25).map(sorted),
+        max_size=6,
+    )
+)
+def test_merging_runs_gives_what_heapq_merge_gives(lines: list[list[int]]) -> None:
+    """Consecutive, interleaved, repeated and empty runs: the same items in the
+    same order (ties in run order), each item telling its run."""
+    runs = [[(line, b"%d" % order) for line in run] for order, run in enumerate(lines)]
+    expected = list(heapq.merge(*runs, key=lambda item: item[0]))
+    assert list(merge_runs([iter(run) for run in runs])) == expected

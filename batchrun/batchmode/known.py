@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -53,7 +54,7 @@ class KnownResults:
         handles = [
             self._stack.enter_context(path.open("rb", buffering=READ_BUFFER)) for path in paths
         ]
-        self._merged: Iterator[tuple[int, bytes]] = heapq.merge(*map(_records, handles))
+        self._merged: Iterator[tuple[int, bytes]] = merge_runs(list(map(_records, handles)))
         self._head: tuple[int, bytes] | None = None
         self._tallies: dict[bytes, Tally] = {}  # by token counts: most answers share a few
         self.found = 0
@@ -90,6 +91,33 @@ class KnownResults:
 
     def close(self) -> None:
         self._stack.close()
+
+
+def merge_runs(runs: list[Iterator[tuple[int, bytes]]]) -> Iterator[tuple[int, bytes]]:
+    """The items of ``runs`` (each sorted by line) in line order, ties in run
+    order, as ``heapq.merge`` gives them; but a stretch of one run that comes
+    before every other run's next item passes without heap operations. Parts
+    of one model hold consecutive lines, so that is almost every item."""
+    heap: list[tuple[int, int, bytes, Iterator[tuple[int, bytes]]]] = []
+    for order, run in enumerate(runs):
+        for line, raw in run:
+            heap.append((line, order, raw, run))
+            break
+    heapq.heapify(heap)
+    while heap:
+        line, order, raw, run = heap[0]
+        yield line, raw
+        # The smallest item after the root's is one of its two children: this
+        # run goes on until it passes that item (at one line, the earlier run first).
+        other = min(heap[1:3], default=None)
+        limit, yields = (other[0], other[1] < order) if other is not None else (math.inf, False)
+        for line, raw in run:
+            if line > limit or (line == limit and yields):
+                heapq.heapreplace(heap, (line, order, raw, run))
+                break
+            yield line, raw
+        else:
+            heapq.heappop(heap)
 
 
 def _records(handle: BinaryIO) -> Iterator[tuple[int, bytes]]:
