@@ -256,19 +256,17 @@ def output_line(outcome: Outcome) -> bytes:
     return orjson.dumps(output_record(outcome), option=orjson.OPT_APPEND_NEWLINE)
 
 
-def answer_line(line: int, custom_id: str, response: Response) -> bytes:
+def answer_line(
+    line: int, custom_id: str, status_code: int, request_id: str | None, body: Any
+) -> bytes:
     """``output_line`` of an answer (no error) that took one attempt and has
-    neither cost nor a parsed answer, as batch results are; without the
-    ``Outcome``, for a million of them."""
+    neither cost nor a parsed answer, as batch results are; without building
+    its ``Outcome`` and ``Response``, for a million of them."""
     record = {
         "id": f"batch_req_{line}",
         "custom_id": custom_id,
         "line": line,
-        "response": {
-            "status_code": response.status_code,
-            "request_id": response.request_id,
-            "body": response.body,
-        },
+        "response": {"status_code": status_code, "request_id": request_id, "body": body},
         "error": None,
         "attempts": 1,
     }

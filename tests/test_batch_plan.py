@@ -16,6 +16,7 @@ from batchrun.batchmode.results import Records, collect
 from batchrun.contentkey import canonical_json
 from batchrun.providers.openai import OpenAIProvider
 from batchrun.records import Outcome, Request, Response, output_line
+from batchrun.rowsource import Finished, known_row
 from batchrun.stats import Tally
 
 GROUPS = [Group("/v1/chat/completions", "a"), Group("/v1/chat/completions", "b")]
@@ -180,3 +181,11 @@ def test_merging_runs_gives_what_heapq_merge_gives(lines: list[list[int]]) -> No
     runs = [[(line, b"%d" % order) for line in run] for order, run in enumerate(lines)]
     expected = list(heapq.merge(*runs, key=lambda item: item[0]))
     assert list(merge_runs([iter(run) for run in runs])) == expected
+
+
+def test_a_known_row_is_the_finished_row_its_fields_make() -> None:
+    tally = Tally(True, None, False, 1, 2)
+    row = known_row(3, 10, b"x\n", tally)
+    assert row == Finished(3, 10, b"x\n", None, tally=tally)
+    assert len(row) == len(Finished._fields)
+    assert (row.reused, row.journal_at, row.kept, row.tally) == (False, None, 0, tally)

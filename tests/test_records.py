@@ -456,4 +456,4 @@ def test_an_answer_line_is_the_output_line_of_its_outcome(
     """Batch results build their records without an Outcome: byte for byte the same."""
     response = Response(status_code=status, request_id=request_id, body=body)
     outcome = Outcome(line=line, custom_id=custom_id, response=response, attempts=1)
-    assert answer_line(line, custom_id, response) == output_line(outcome)
+    assert answer_line(line, custom_id, status, request_id, body) == output_line(outcome)

@@ -49,16 +49,19 @@ class Records:
         self._starts = array.array("q")
         self._seen: set[int] = set()
         self._in_order = True  # each line added after the ones before it
+        self._last = 0  # the line added last
 
     def add(self, line: int, data: bytes, head: bytes = b"") -> int | None:
         """Keep ``data`` as ``line``'s record, after ``head`` (see
         ``known.filed_head``); a line's first record wins. Returns where
         ``data`` starts in the spill file (None: the line had a record)."""
-        if line in self._seen:
+        seen = self._seen
+        if line in seen:
             return None
-        self._seen.add(line)
-        if self._lines and line < self._lines[-1]:
+        seen.add(line)
+        if line < self._last:
             self._in_order = False
+        self._last = line
         self._lines.append(line)
         self._starts.append(self._size)
         at = self._size + len(head)
@@ -165,49 +168,40 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Readin
     if not isinstance(data, dict):
         return
     line = line_of_key(data.get("custom_id"))
-    if line is None or line not in ids or line in found.records:
+    if line is None:
         return
-    answer = _answer(data.get("response"))
-    if answer is not None:  # most lines: no Outcome needed
-        _keep(found, line, answer_line(line, ids[line], answer), (True, False), reading, answer)
+    custom_id = ids.get(line)
+    if custom_id is None:  # not one of this part's rows (custom ids are never None)
         return
-    outcome = outcome_of(data, line, ids[line], reading.provider)
+    response = data.get("response")
+    if type(response) is dict and _is_answer(response.get("status_code")):
+        _keep_answer(found, line, custom_id, response, reading)  # most lines: no Outcome
+        return
+    outcome = outcome_of(data, line, custom_id, reading.provider)
     if outcome is not None:
-        verdict = (outcome.ok, outcome.retryable)
-        _keep(found, line, output_line(outcome), verdict, reading, None)
+        record = output_line(outcome)
+        at = found.records.add(line, record)
+        if reading.on_record is not None and at is not None:
+            reading.on_record(line, at, record, outcome.ok, outcome.retryable)
 
 
-def _keep(
-    found: Collected,
-    line: int,
-    record: bytes,
-    verdict: tuple[bool, bool],
-    reading: _Reading,
-    answer: Response | None,
+def _is_answer(status: object) -> bool:
+    return type(status) is int and 200 <= status < 300
+
+
+def _keep_answer(
+    found: Collected, line: int, custom_id: str, response: dict[str, Any], reading: _Reading
 ) -> None:
-    """Spill ``line``'s ``record`` (an ``answer``'s gets a head with its
-    tokens, see ``known.filed_head``) and show it to ``on_record``."""
-    head = b""
-    if answer is not None and reading.usage is not None:
-        head = filed_head(line, *reading.usage(answer.body))
+    """Spill an answer's record, after a head with its tokens (see
+    ``known.filed_head``), and show it to ``on_record``."""
+    body, request_id = response.get("body"), response.get("request_id")
+    if type(request_id) is not str:
+        request_id = None
+    record = answer_line(line, custom_id, response["status_code"], request_id, body)
+    head = filed_head(line, *reading.usage(body)) if reading.usage is not None else b""
     at = found.records.add(line, record, head)
     if reading.on_record is not None and at is not None:
-        reading.on_record(line, at, record, *verdict)
-
-
-def _answer(response: Any) -> Response | None:
-    """The response of a result line if it is an answer (2xx), else None."""
-    if not isinstance(response, dict):
-        return None
-    status = response.get("status_code")
-    if not isinstance(status, int) or not 200 <= status < 300:
-        return None
-    request_id = response.get("request_id")
-    return Response(
-        status_code=status,
-        request_id=request_id if isinstance(request_id, str) else None,
-        body=response.get("body"),
-    )
+        reading.on_record(line, at, record, True, False)
 
 
 def outcome_of(
