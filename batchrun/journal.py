@@ -7,8 +7,9 @@ An append-only file of JSON lines in the state directory, of two kinds:
   never finished was in flight at a crash: the provider may have billed it,
   so a resume counts it "in doubt" before sending it again. A row still
   waiting at the throttle has no mark: it reached nobody.
-* ``{"x": N}``: row ``N`` was answered with a fatal error (a bad key): it was
-  not billed and is sent again on resume, but not in doubt.
+* ``{"x": N}``: row ``N``'s request was answered with an error, fatal (a bad
+  key) or transient (a 5xx or a 429, before a retry): it was not billed
+  and is sent again on resume, but not in doubt. A retry marks it begun again.
 * an output record (``{"id": ..., "line": N, ...}``): row ``N`` finished; the
   same bytes later go into the ordered output. It is preceded, in the same
   ``write``, by ``{"k": HEX, "l": N}``: the content key of row ``N``'s
@@ -167,7 +168,7 @@ class Journal:
         self.flush()
 
     def abandon(self, line: int) -> None:
-        """Row ``line`` got a fatal answer: not billed, to be sent again."""
+        """Row ``line`` got an error answer: not billed, to be sent again."""
         self._add(b'{"x":%d}\n' % line)
 
     def record(self, output_line: bytes, *, line: int = 0, key: bytes | None = None) -> int:

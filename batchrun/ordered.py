@@ -98,7 +98,8 @@ class OrderedWriter:
         self.in_flight.add(line)  # stays there if cancelled: that row is in doubt
 
     def abandon(self, line: int) -> None:
-        """``line``'s request was not paid for (a fatal answer)."""
+        """``line``'s request was not paid for: a fatal answer, or an error
+        answer before a retry (which marks the row begun again)."""
         if line in self.in_flight:  # else it never went out: nothing to undo
             self.journal.abandon(line)
             self.in_flight.discard(line)

@@ -45,8 +45,13 @@ class RowSender:
         self.stats = stats
         # Told +1 when a row starts waiting for a retry and -1 when it is done.
         self.on_backoff: Callable[[int], None] = _ignore
-        # Told a row's line just before its first attempt goes to the socket.
+        # Told a row's line just before an attempt goes to the socket (the
+        # first, and any after ``on_unpaid``).
         self.on_send: Callable[[int], None] = _ignore
+        # Told a row's line when an attempt got an error answer (an HTTP
+        # status of 400 or more) that will be retried: the provider did not
+        # bill it, so the row is not in doubt while it waits.
+        self.on_unpaid: Callable[[int], None] = _ignore
 
     async def send(self, request: Request) -> Outcome:
         """The row's outcome: its answer, or its last error once retries are
@@ -166,6 +171,7 @@ class _RowAttempts:
         self.request = request
         self.budget = budget
         self.count = 0
+        self.marked = False  # told ``on_send`` since the last error answer
         self.parsed: Any = NOT_PARSED  # the last answer's JSON, once it passed the schema
         throttle = sender.throttle
         self.estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
@@ -196,8 +202,9 @@ class _RowAttempts:
         sender, throttle = self.sender, self.sender.throttle
         ticket = await throttle.acquire(self.estimate)
         self.budget.start()
-        if not self.count:
+        if not self.marked:
             sender.on_send(self.request.line)  # its waits are over: it may reach the provider
+            self.marked = True
         self.count += 1
         sender.stats.in_flight += 1
         answered, hold = False, 0.0
@@ -207,6 +214,9 @@ class _RowAttempts:
             return response
         except RequestError as exc:
             hold = throttle.failed(exc, sent=ticket)
+            if isinstance(exc, TransientError) and exc.status is not None and exc.status >= 400:
+                sender.on_unpaid(self.request.line)  # answered, not billed: a retry follows
+                self.marked = False
             raise
         finally:
             sender.stats.in_flight -= 1
@@ -214,7 +224,7 @@ class _RowAttempts:
 
 
 def _ignore(_value: int) -> None:
-    """The default ``on_backoff`` and ``on_send``: nobody listens."""
+    """The default ``on_backoff``, ``on_send`` and ``on_unpaid``: nobody listens."""
 
 
 def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:

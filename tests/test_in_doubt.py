@@ -59,3 +59,23 @@ async def test_after_a_fatal_answer_the_rows_cut_off_in_flight_are_in_doubt(
     assert summary["extra"]["in doubt"] == 4
     assert (await status_of(out))["in_doubt"] == 4
     assert b"in doubt 4" in done.stderr
+
+
+async def test_rows_waiting_to_retry_after_an_error_answer_are_not_in_doubt(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Three rows get a 429 asking for 30 s (not billed) and wait out that
+    # pause for their retry; one row is in flight for 30 s.
+    pushed_back = [chat(f"r{i} mock:fail=429x1 mock:retry_after=30") for i in range(3)]
+    source = write_jsonl(tmp_path / "in.jsonl", [*pushed_back, chat("slow mock:delay=30")])
+    out = tmp_path / "out.jsonl"
+
+    process = await start_cli(command(source, out, server))
+    await wait_for(lambda: server.stats.requests >= 4)
+    await anyio.sleep(0.5)  # the 429s are answered and journaled
+    process.kill()
+    code, _ = await finish(process)
+
+    assert code == -signal.SIGKILL
+    assert server.stats.requests == 4  # no retry went out yet
+    assert (await status_of(out))["in_doubt"] == 1  # the row in flight only
