@@ -154,9 +154,10 @@ async def test_chaos_at_scale_20000_rows_50_kills(tmp_path: Path) -> None:
     assert len(chaos.billed) == ROWS
     # Counted, never missed: every row billed twice was reported in doubt. And
     # not wildly over: a kill leaves in doubt the rows in flight (at most
-    # MAX_ASYNC) and the rows waiting out a retry's backoff (begun, not
-    # answered; spare workers let them wait beside the rows in flight), and a
-    # kill between a checkpoint and its compaction counts its rows twice (the
-    # journal's documented, safe side). At a 5 % fault rate a few rows a kill
-    # cover both; one CI run counted 1,605 for 50 kills of 32 in flight.
+    # MAX_ASYNC) and the rows waiting out a retry after a reset, a timeout or
+    # a cut-short answer (the provider may have done the work; spare workers
+    # let them wait beside the rows in flight), and a kill between a
+    # checkpoint and its compaction counts its rows twice (the journal's
+    # documented, safe side). At a 5 % fault rate a few rows a kill cover
+    # both; one CI run counted 1,605 for 50 kills of 32 in flight.
     assert billed_twice <= in_doubt <= kills * (MAX_ASYNC + BACKOFF_SLACK)
