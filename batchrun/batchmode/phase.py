@@ -27,7 +27,7 @@ from batchrun.batchmode.results import Usage
 from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
-from batchrun.contentkey import json_key, request_key
+from batchrun.contentkey import content_key, json_key
 from batchrun.errors import UsageError
 from batchrun.providers import Provider
 from batchrun.providers.openai import OpenAIProvider
@@ -142,10 +142,10 @@ async def _watch_signals(scope: anyio.CancelScope) -> None:
 
 def _key_of(provider: Provider) -> KeyOf:
     def key_of(request: Request, sent: dict[str, Any], sent_json: bytes) -> bytes:
-        body = provider.body(request)
+        body, endpoint = provider.body(request), provider.url(request, "")
         if body is sent:  # the batch line sends the very body the key is of
-            return json_key(provider.name, provider.url(request, ""), sent_json)
-        return request_key(provider, request)
+            return json_key(provider.name, endpoint, sent_json)
+        return content_key(provider.name, endpoint, body)
 
     return key_of
 

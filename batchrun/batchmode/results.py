@@ -74,9 +74,6 @@ class Records:
     def __len__(self) -> int:
         return len(self._lines)
 
-    def __contains__(self, line: object) -> bool:
-        return line in self._seen
-
     def lines(self) -> set[int]:
         return set(self._seen)
 
