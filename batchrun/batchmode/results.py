@@ -191,10 +191,8 @@ def _keep_answer(
 ) -> None:
     """Spill an answer's record, after a head with its tokens (see
     ``known.filed_head``), and show it to ``on_record``."""
-    body, request_id = response.get("body"), response.get("request_id")
-    if type(request_id) is not str:
-        request_id = None
-    record = answer_line(line, custom_id, response["status_code"], request_id, body)
+    body = response.get("body")
+    record = answer_line(line, custom_id, response["status_code"], _request_id(response), body)
     head = filed_head(line, *reading.usage(body)) if reading.usage is not None else b""
     at = found.records.add(line, record, head)
     if reading.on_record is not None and at is not None:
@@ -204,10 +202,11 @@ def _keep_answer(
 def outcome_of(
     data: dict[str, Any], line: int, custom_id: str, provider: Provider
 ) -> Outcome | None:
-    """The outcome of one result line; None when the row did not run."""
+    """The outcome of a result line that is no answer (answers, see
+    ``_is_answer``, go straight to their record); None when the row did not run."""
     response, error = data.get("response"), data.get("error")
     if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-        return _answered(response, line, custom_id, provider)
+        return _error_answer(response, line, custom_id, provider)
     code = error.get("code") if isinstance(error, dict) else None
     if code is None or code in NOT_RUN:
         return None
@@ -221,27 +220,26 @@ def outcome_of(
     )
 
 
-def _answered(response: dict[str, Any], line: int, custom_id: str, provider: Provider) -> Outcome:
+def _error_answer(
+    response: dict[str, Any], line: int, custom_id: str, provider: Provider
+) -> Outcome:
+    """A response that is no answer, classified as online mode would."""
     status, body = response["status_code"], response.get("body")
-    request_id = response.get("request_id")
-    answer = Response(
-        status_code=status,
-        request_id=request_id if isinstance(request_id, str) else None,
-        body=body,
-    )
-    if 200 <= status < 300:
-        # Tokens are not part of the record: the ordered writer counts them from it.
-        return Outcome(line=line, custom_id=custom_id, response=answer, attempts=1)
     verdict = provider.classify(status, body)
     return Outcome(
         line=line,
         custom_id=custom_id,
-        response=answer,
+        response=Response(status_code=status, request_id=_request_id(response), body=body),
         error_code=verdict.code,
         error_message=verdict.message,
         retryable=verdict.verdict == "transient",
         attempts=1,
     )
+
+
+def _request_id(response: dict[str, Any]) -> str | None:
+    request_id = response.get("request_id")
+    return request_id if isinstance(request_id, str) else None
 
 
 def invalid_line_record(line: int, custom_id: str, code: str, message: str) -> bytes:
