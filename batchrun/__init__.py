@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from batchrun.runner import run, run_async
     from batchrun.stats import Summary
 
+# The release, read by the build (pyproject.toml) and by ``batchrun --version``.
+__version__ = "0.1.0"
+
 # Each public name and the module it lives in, imported on first use: a bare
 # ``import batchrun`` (and ``batchrun --version``) loads no HTTP stack.
 _HOMES = {

@@ -36,9 +36,9 @@ def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from batchrun import __version__
 
-        typer.echo(f"batchrun {version('batchrun')}")
+        typer.echo(f"batchrun {__version__}")
         raise typer.Exit()
 
 

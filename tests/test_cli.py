@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -10,7 +11,10 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
+from typer.testing import CliRunner
 
+from batchrun import __version__
+from batchrun.cli import app
 from batchrun.mock.server import MockServer
 from tests.conftest import chat, read_jsonl, write_jsonl
 
@@ -310,7 +314,21 @@ def test_version_loads_no_http_stack() -> None:
         check=False,
     )
     assert done.returncode == 0
-    assert done.stdout.startswith("batchrun ")
+    assert done.stdout == f"batchrun {__version__}\n"
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
-    assert "batchrun.cli" in imported
-    assert not {"aiohttp", "batchrun.runner", "batchrun.config"} & imported
+    assert "batchrun" in imported
+    # Not even the command line interface: ``--version`` alone answers first.
+    assert not {"aiohttp", "typer", "batchrun.cli", "batchrun.runner"} & imported
+
+
+def test_version_with_other_words_goes_through_the_command_line() -> None:
+    result = CliRunner().invoke(app, ["--version", "run"])
+    assert result.exit_code == 0
+    assert result.output == f"batchrun {__version__}\n"
+
+
+def test_the_installed_version_is_the_package_version() -> None:
+    # pyproject.toml reads the version from ``batchrun.__version__``: one source.
+    assert importlib.metadata.version("batchrun") == __version__
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="batchrun")
+    assert script.value == "batchrun.__main__:main"
