@@ -214,14 +214,16 @@ class OrderedWriter:
             "most result bytes waiting in memory": held.peak_bytes,
         }
 
-    def flush(self) -> None:
+    def flush(self, *, store: bool = True) -> None:
         """Hand written lines to the operating system (and, with --fsync
-        batch, to the disk with the journal)."""
+        batch, to the disk with the journal); with ``store``, commit the
+        buffered results to the result stores too."""
         batch = self.config.fsync == "batch"
         self.output.flush(fsync=batch)
         if batch:
             self.journal.sync()
-        self.answers.flush()
+        if store:
+            self.answers.flush()
 
     def checkpoint(self) -> None:
         """Make the ordered output durable, compact the journal to what it does

@@ -31,6 +31,7 @@ modes (batch mode): ``open_store``, ``get``, ``put_many``, ``put_rows``.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import operator
 import os
@@ -96,10 +97,13 @@ CREATE TABLE IF NOT EXISTS results (
 ROWS_PER_STATEMENT = 128
 
 
+@functools.lru_cache(maxsize=16)
 def _put(rows: int) -> str:
     """An upsert of ``rows`` rows, each by the replace rule (module docstring).
     SQLite takes a statement's rows in order: of two under one key, the later
-    one is the one kept (if the rule lets it replace the first)."""
+    one is the one kept (if the rule lets it replace the first). Called with
+    powers of two only (``_statements``), so a handful of texts, each
+    compiled once by the connection's statement cache."""
     values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
     return f"""
 INSERT INTO results (key, record, ok, retryable, cost, created) VALUES {values}
@@ -108,10 +112,6 @@ ON CONFLICT (key) DO UPDATE SET
     cost = excluded.cost, created = excluded.created
 WHERE results.retryable = 1 OR excluded.retryable = 0
 """
-
-
-_PUT_ONE = _put(1)
-_PUT_MANY = _put(ROWS_PER_STATEMENT)
 
 
 class StoreError(UsageError):
@@ -202,10 +202,9 @@ class ResultStore:
         try:
             with self._db:
                 for chunk in _chunks(rows):
-                    if len(chunk) == ROWS_PER_STATEMENT:
-                        self._db.execute(_PUT_MANY, list(itertools.chain.from_iterable(chunk)))
-                    else:
-                        self._db.executemany(_PUT_ONE, chunk)
+                    for start, size in _statements(len(chunk)):
+                        values = itertools.chain.from_iterable(chunk[start : start + size])
+                        self._db.execute(_put(size), list(values))
         except sqlite3.DatabaseError as exc:
             raise _damaged(self.path, exc) from None
 
@@ -247,6 +246,18 @@ class ResultStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _statements(rows: int) -> Iterator[tuple[int, int]]:
+    """``(start, size)`` of each statement that puts ``rows`` (at most
+    ``ROWS_PER_STATEMENT``) rows: the largest powers of two first. A short
+    chunk (a run's commits are a few hundred rows) costs a few statements
+    instead of one per row."""
+    start = 0
+    while start < rows:
+        size = 1 << ((rows - start).bit_length() - 1)
+        yield start, size
+        start += size
 
 
 def _chunks(rows: Iterable[StoreRow]) -> Iterator[list[StoreRow]]:

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from batchrun import reuse
+from batchrun import pipeline, reuse
 from batchrun.mock.server import MockServer
 from batchrun.runner import EXIT_BUDGET, run_async
 from batchrun.state import StateDir
@@ -320,3 +320,28 @@ async def test_a_result_reaches_the_store_only_once_the_journal_holds_it(
     assert summary.exit_code == 0
     assert summary.sent == 40
     assert missing == []
+
+
+async def test_the_output_flush_timer_commits_the_stores_only_every_so_often(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit per output flush would rewrite the store's index pages
+    # twenty times a second: the timer commits every STORE_EVERY flushes.
+    monkeypatch.setattr(pipeline, "FLUSH_INTERVAL", 0.001)
+    monkeypatch.setattr(pipeline, "STORE_EVERY", 10_000)
+    server.latency = 0.005
+    commits: list[int] = []
+    put_rows = ResultStore.put_rows
+
+    def counted(store: ResultStore, rows: list[StoreRow]) -> None:
+        if rows:
+            commits.append(len(rows))
+        put_rows(store, rows)
+
+    monkeypatch.setattr(ResultStore, "put_rows", counted)
+    rows = prompts(200)
+    summary = await run(tmp_path, rows, server, max_async_requests=2)
+
+    assert summary.exit_code == 0
+    assert sum(commits) == 200  # every result is stored, once
+    assert len(commits) <= 3  # not one per flush (several hundred of them)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -270,7 +271,7 @@ def test_a_transient_error_never_replaces_a_lasting_result(puts: list[tuple[byte
 @given(
     st.lists(
         st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.booleans()),
-        min_size=batchrun.store.ROWS_PER_STATEMENT - 8,
+        min_size=1,
         max_size=3 * batchrun.store.ROWS_PER_STATEMENT,
     )
 )
@@ -383,3 +384,29 @@ def test_rows_put_sorted_go_to_both_stores_after_the_buffered_ones(tmp_path: Pat
     assert answers.local.get(b"k2") is not None
     assert answers.cache.get(b"k2") is None  # no retryable error is shared
     answers.close()
+
+
+@given(st.integers(min_value=1, max_value=batchrun.store.ROWS_PER_STATEMENT))
+def test_a_chunk_goes_in_statements_of_powers_of_two(rows: int) -> None:
+    statements = list(batchrun.store._statements(rows))
+    assert [start for start, _ in statements] == list(
+        itertools.accumulate([size for _, size in statements][:-1], initial=0)
+    )
+    assert sum(size for _, size in statements) == rows
+    sizes = [size for _, size in statements]
+    assert all(size & (size - 1) == 0 for size in sizes)
+    assert sizes == sorted(set(sizes), reverse=True)  # so at most 8 statements
+
+
+def test_a_short_put_takes_a_few_statements_not_one_per_row(tmp_path: Path) -> None:
+    store = open_store(tmp_path / STORE_FILE, durable=False)
+    inserts: list[str] = []
+    store._db.set_trace_callback(
+        lambda sql: inserts.append(sql) if sql.lstrip().startswith("INSERT") else None
+    )
+    rows = [store_row(b"k%03d" % n, _stored(f"r{n}")) for n in range(57)]
+    store.put_rows(rows)
+    store._db.set_trace_callback(None)
+    assert len(inserts) == 4  # 32 + 16 + 8 + 1
+    assert store.stats().results == 57
+    store.close()
