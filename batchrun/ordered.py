@@ -215,9 +215,8 @@ class OrderedWriter:
         }
 
     def flush(self, *, store: bool = True) -> None:
-        """Hand written lines to the operating system (and, with --fsync
-        batch, to the disk with the journal); with ``store``, commit the
-        buffered results to the result stores too."""
+        """Hand written lines to the OS (with --fsync batch, to the disk with the
+        journal); with ``store``, commit the buffered results to the stores too."""
         batch = self.config.fsync == "batch"
         self.output.flush(fsync=batch)
         if batch:
