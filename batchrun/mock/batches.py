@@ -39,6 +39,7 @@ from typing import Any, Final, Protocol
 import orjson
 from aiohttp import web
 
+from batchrun.contentkey import canonical_json
 from batchrun.mock.script import Call, openai_error, parse_directives, prompt_parts
 from batchrun.mock.script import success_body as _success_body
 from batchrun.records import BATCH_URLS, Kind
@@ -374,7 +375,7 @@ def _read_row(
         return "mock fault: the provider refuses this line", None
     # Canonical, as ``script.digest_of`` hashes it. orjson's result keeps a
     # spare buffer of about 4 KiB: keep an exact copy.
-    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    canonical = canonical_json(body)
     return None, _Row(custom_id, kind, bytes(memoryview(canonical)))
 
 

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import orjson
 
+from batchrun.contentkey import canonical_json
 from batchrun.records import Kind
 
 ECHO_CHARS: Final = 200
@@ -177,7 +178,7 @@ class Call:
 def digest_of(raw: bytes, body: dict[str, Any] | None) -> str:
     """The sha256 hex digest naming a request: of ``body``'s canonical JSON
     (sorted keys), or of ``raw`` when the body is no JSON object."""
-    data = raw if body is None else orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    data = raw if body is None else canonical_json(body)
     return hashlib.sha256(data).hexdigest()
 
 
