@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import orjson
 
+from batchrun.errors import RequestError, TransientError
+
 Kind = Literal["chat", "completions", "embeddings", "dashscope"]
 
 # ``Outcome.parsed`` of a row no response schema checked (None is valid JSON).
@@ -271,6 +273,26 @@ def answer_line(
         "attempts": 1,
     }
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def failed_outcome(
+    line: int, custom_id: str, exc: RequestError, attempts: int, latency: float = 0.0
+) -> Outcome:
+    """The outcome of row ``line`` whose last attempt failed with ``exc``
+    (a transient error is retryable); an HTTP answer's status and body are kept."""
+    response = None
+    if exc.status is not None:
+        response = Response(status_code=exc.status, request_id=exc.request_id, body=exc.body)
+    return Outcome(
+        line=line,
+        custom_id=custom_id,
+        response=response,
+        error_code=exc.code,
+        error_message=exc.message,
+        retryable=isinstance(exc, TransientError),
+        attempts=attempts,
+        latency_s=latency,
+    )
 
 
 def line_error_outcome(error: LineError) -> Outcome:

@@ -12,7 +12,7 @@ from batchrun.client import Client, OutOfTime
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RequestError, TransientError
 from batchrun.providers import Provider
-from batchrun.records import NOT_PARSED, Outcome, Request, Response
+from batchrun.records import NOT_PARSED, Outcome, Request, Response, failed_outcome
 from batchrun.retry import budget_note, retrying
 from batchrun.schema import AnswerCheck
 from batchrun.stats import RunStats
@@ -74,7 +74,7 @@ class RowSender:
             note = budget_note(exc, self.retry, row.count, elapsed)
             if note is not None:
                 exc.message = f"{exc.message}; {note}"
-            return failed_outcome(request, exc, row.count, elapsed)
+            return failed_outcome(request.line, request.custom_id, exc, row.count, elapsed)
         tokens_in, tokens_out = self.provider.usage(response.body)
         self.throttle.succeeded(row.estimate, tokens_in + tokens_out)
         return Outcome(
@@ -225,21 +225,3 @@ class _RowAttempts:
 
 def _ignore(_value: int) -> None:
     """The default ``on_backoff``, ``on_send`` and ``on_unpaid``: nobody listens."""
-
-
-def failed_outcome(request: Request, exc: RequestError, attempts: int, latency: float) -> Outcome:
-    """The outcome of a row whose last attempt failed with ``exc``; an HTTP
-    answer's status and body are kept."""
-    response = None
-    if exc.status is not None:
-        response = Response(status_code=exc.status, request_id=exc.request_id, body=exc.body)
-    return Outcome(
-        line=request.line,
-        custom_id=request.custom_id,
-        response=response,
-        error_code=exc.code,
-        error_message=exc.message,
-        retryable=isinstance(exc, TransientError),
-        attempts=attempts,
-        latency_s=latency,
-    )
