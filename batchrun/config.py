@@ -410,11 +410,6 @@ class RunConfig:
             f"--mode must be {' or '.join(MODES)}, got {self.mode!r}",
         )
         require(
-            not (self.mode == "batch" and self.response_schema is not None),
-            "--response-schema checks each answer as it arrives, in online mode:"
-            " it does not combine with --mode batch",
-        )
-        require(
             self.provider in PROVIDERS,
             f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}",
         )

@@ -121,7 +121,9 @@ async def run_async(
                 return prepared
             config, start = prepared
             job = _Job(config, provider, api_key, state, start, answers, clock or Clock(), stream)
-            return await _execute(job._replace(handle_signals=handle_signals, stop=stop), tls)
+            check = AnswerCheck(config.response_schema) if config.response_schema else None
+            job = job._replace(handle_signals=handle_signals, stop=stop, check=check)
+            return await _execute(job, tls)
         finally:
             answers.close()
     finally:
@@ -254,6 +256,7 @@ class _Job(NamedTuple):
     stream: TextIO | None
     handle_signals: bool = False
     stop: anyio.Event | None = None
+    check: AnswerCheck | None = None  # --response-schema's, for batches and online alike
 
 
 async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
@@ -311,6 +314,7 @@ async def _batch_phase(job: _Job, session: aiohttp.ClientSession, base_url: str)
         handle_signals=job.handle_signals,
         answered=_stored(answers) if answers.lookup else None,
         answers=answers,
+        check=job.check,
     )
 
 
@@ -320,7 +324,7 @@ async def _online(
     """Send the rows still to do and conclude the run."""
     config, clock, start, provider = job.config, job.clock, job.start, job.provider
     reporter = _reporter(config, start, clock, job.stream, throttle)
-    sender = _sender(config, client, provider, throttle, clock, reporter.stats)
+    sender = _sender(config, client, provider, throttle, clock, reporter.stats, job.check)
     budget = Budget(config.costs.max_cost, spent=spent_before(start, provider.usage))
     pipeline = Pipeline(
         config,
@@ -412,8 +416,8 @@ def _sender(
     throttle: Throttle,
     clock: Clock,
     stats: RunStats,
+    check: AnswerCheck | None,
 ) -> RowSender:
-    schema = config.response_schema
     return RowSender(
         client,
         provider,
@@ -421,7 +425,7 @@ def _sender(
         config.retry,
         clock=clock,
         stats=stats,
-        answers=AnswerCheck(schema) if schema is not None else None,
+        answers=check,
     )
 
 

@@ -185,7 +185,7 @@ SETTINGS: tuple[Setting, ...] = (
         "response_schema",
         Path,
         None,
-        "JSON Schema file: ask for JSON answers and retry those that do not match it.",
+        "JSON Schema file: ask for JSON answers and check each (online, retry those that fail).",
     ),
     # Limits: the DashScope SDK's knobs and defaults, and the rate limits.
     _s(

@@ -13,6 +13,7 @@ import pytest
 from batchrun.errors import UsageError
 from batchrun.export import export
 from batchrun.jobfile import build_config
+from batchrun.mock.batches import BatchFaults
 from batchrun.mock.server import MockServer
 from batchrun.records import Request, parse_line
 from batchrun.runner import Clock, run_async
@@ -197,16 +198,91 @@ def test_validate_accepts_a_good_schema(tmp_path: Path) -> None:
     assert "valid JSON Schema" in checked.stdout
 
 
-def test_batch_mode_refuses_a_schema(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="does not combine with --mode batch"):
-        build_config(
-            {
-                "input": "in.jsonl",
-                "out": "out.jsonl",
-                "mode": "batch",
-                "response_schema": _schema_file(tmp_path),
-            }
+BATCH = {"mode": "batch", "poll_interval": 0.05}
+
+
+@pytest.mark.asyncio
+async def test_batch_mode_checks_each_answer_as_online_mode_does(tmp_path: Path) -> None:
+    rows = [
+        chat("first question", custom_id="a"),
+        chat("off the shape mock:wrongshape", custom_id="b"),
+        chat("prose mock:notjson", custom_id="c"),
+        chat("cut short mock:length", custom_id="d"),
+        {"custom_id": "e", "input": "embed this", "model": "emb"},
+    ]
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batches:
+        config = make_config(
+            tmp_path, rows, batches, response_schema=_schema_file(tmp_path), **BATCH
         )
+        summary = await run_async(config)
+        assert batches.stats.requests == 0  # all in batches
+    records = read_jsonl(config.out)
+
+    assert summary.exit_code == 1
+    good, wrong, prose, cut, embedded = records
+    assert good["parsed"] == {"echo": "first question", "words": 2}
+    assert embedded["error"] is None
+    assert embedded["parsed"] is None  # an answer without text passes as null
+    # A failed check is the row's error, with the paid answer kept; it is not
+    # sent again in a batch: retryable, for --retry-failed to resend online.
+    assert (wrong["error"]["code"], wrong["error"]["retryable"]) == ("schema_mismatch", True)
+    assert (prose["error"]["code"], prose["error"]["retryable"]) == ("invalid_json", True)
+    assert (cut["error"]["code"], cut["error"]["retryable"]) == ("truncated", False)
+    assert orjson.loads(wrong["response"]["body"]["choices"][0]["message"]["content"]) == {
+        "unexpected": True
+    }
+    assert summary.extra["answers off the schema (paid)"] == 1
+    assert summary.extra["answers not JSON (paid)"] == 1
+    assert summary.extra["answers cut off (paid)"] == 1
+    assert summary.to_dict()["failed_by_code"] == {
+        "schema_mismatch": 1,
+        "invalid_json": 1,
+        "truncated": 1,
+    }
+
+
+@pytest.mark.asyncio
+async def test_batch_lines_ask_for_json_and_good_answers_equal_online_modes(
+    tmp_path: Path,
+) -> None:
+    rows = [chat(f"question {i}", custom_id=f"q{i}") for i in range(4)]
+    schema = _schema_file(tmp_path)
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batches:
+        batch = make_config(
+            tmp_path, rows, batches, response_schema=schema, keep_files=True, **BATCH
+        )
+        assert (await run_async(batch)).exit_code == 0
+        (sent,) = [
+            orjson.loads(line)
+            for batch_file in batches.batches.batches.values()
+            for line in batches.batches.contents[batch_file.info["input_file_id"]].splitlines()
+        ][:1]
+    assert sent["body"]["response_format"]["json_schema"]["schema"] == SCHEMA
+    async with MockServer() as online_server:
+        online = make_config(
+            tmp_path, rows, online_server, response_schema=schema, out=tmp_path / "online.jsonl"
+        )
+        assert (await run_async(online)).exit_code == 0
+    assert batch.out.read_bytes() == online.out.read_bytes()
+
+
+@pytest.mark.asyncio
+async def test_a_batch_answer_off_the_schema_is_resent_online_by_retry_failed(
+    tmp_path: Path,
+) -> None:
+    rows = [chat("fine", custom_id="a"), chat("off the shape mock:wrongshape=1", custom_id="b")]
+    schema = _schema_file(tmp_path)
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as server:
+        first = make_config(tmp_path, rows, server, response_schema=schema, **BATCH)
+        assert (await run_async(first)).exit_code == 1
+        again = make_config(tmp_path, rows, server, response_schema=schema, retry_failed=True)
+        summary = await run_async(again)
+        assert server.stats.requests == 1  # only the failed row, online
+    assert summary.exit_code == 0
+    assert [r["parsed"]["echo"] for r in read_jsonl(again.out)] == [
+        "fine",
+        "off the shape mock:wrongshape=1",
+    ]
 
 
 @pytest.mark.asyncio

@@ -18,7 +18,7 @@ from batchrun.batchmode.plan import Group, Splitter, batch_line
 from batchrun.batchmode.record import BatchRecord, Part
 from batchrun.config import WHOLE, RunConfig
 from batchrun.inputs import open_input
-from batchrun.records import Defaults, LineError, Request, parse_line
+from batchrun.records import LineError, Request, parse_line
 from batchrun.resume import ResumePoint
 
 Body = Callable[[Request], dict[str, Any]]
@@ -109,7 +109,7 @@ def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
     """The input's requests that have no result yet in the output or the
     journal, in input order."""
     shard = config.shard or WHOLE
-    defaults = Defaults(model=config.model, params=config.params)
+    defaults = config.request_defaults()  # as online mode's, with a schema's response_format
     written, known = start.checkpoint.rows, start.journal.results
     first, offset = start.checkpoint.input_line, start.checkpoint.input_offset
     with open_input(config.input) as handle:

@@ -34,6 +34,7 @@ from batchrun.providers.openai import OpenAIProvider
 from batchrun.records import Request
 from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers
+from batchrun.schema import AnswerCheck
 from batchrun.timing import Clock
 
 log = logging.getLogger("batchrun")
@@ -47,6 +48,7 @@ def _settler(
     talk: Provider,
     answers: Answers | None,
     usage: Usage,
+    check: AnswerCheck | None,
 ) -> Settler:
     return Settler(
         api,
@@ -57,6 +59,7 @@ def _settler(
         fallback_online=config.batch.fallback == "online",
         answers=answers,
         usage=usage,
+        check=check,
     )
 
 
@@ -79,11 +82,13 @@ async def run_phase(
     handle_signals: bool,
     answered: Answered | None = None,
     answers: Answers | None = None,
+    check: AnswerCheck | None = None,
 ) -> PhaseResult:
     """Plan, submit, poll and collect the run's batches (see ``job``).
 
     ``answered`` tells a request with a stored answer: it is not put in a
-    batch; ``answers`` files every batch answer under its content key."""
+    batch; ``answers`` files every batch answer under its content key;
+    ``check`` (``--response-schema``) checks every answer."""
     record = BatchRecord(state_root)
     earlier = record.load()
     state = earlier or record.new(
@@ -100,7 +105,7 @@ async def run_phase(
         record=record,
         state=state,
         submitter=Submitter(api, record, state, retry=config.retry, sleep=clock.sleep),
-        settler=_settler(config, api, record, state, talk, answers, provider.usage),
+        settler=_settler(config, api, record, state, talk, answers, provider.usage, check),
         progress=BatchProgress(enabled=config.progress, stream=stream, clock=clock.monotonic),
         clock=clock,
     )

@@ -23,8 +23,10 @@ import orjson
 
 from batchrun.batchmode.known import filed_head
 from batchrun.batchmode.plan import line_of_key
+from batchrun.errors import RowError, TransientError
 from batchrun.providers import Provider
-from batchrun.records import Outcome, Response, answer_line, output_line
+from batchrun.records import Outcome, Response, answer_line, failed_outcome, output_line
+from batchrun.schema import AnswerCheck
 
 # Bytes a result file is read, and a spill file written, at a time: one part
 # at a time, and Python's default (8 KiB) costs a system call per 20 records.
@@ -131,6 +133,7 @@ class _Reading:
     provider: Provider
     on_record: OnRecord | None
     usage: Usage | None
+    check: AnswerCheck | None
 
 
 def collect(
@@ -140,14 +143,16 @@ def collect(
     spill: Path,
     on_record: OnRecord | None = None,
     usage: Usage | None = None,
+    check: AnswerCheck | None = None,
 ) -> Collected:
     """The records of the downloaded result ``files`` for a part whose rows
     (input line → the input's ``custom_id``) are ``ids``; ``on_record`` sees
     each new one (see ``OnRecord``). With ``usage`` (the run's
     provider's), each answer's record gets a head with its tokens
     (``known.filed_head``), so the ordered writer need not parse it again.
-    The caller closes ``records``."""
-    reading = _Reading(provider, on_record, usage)
+    With ``check`` (``--response-schema``), each answer is checked as online
+    mode checks it (see ``_keep_checked``). The caller closes ``records``."""
+    reading = _Reading(provider, on_record, usage, check)
     found = Collected(Records(spill))
     for path in files:
         with path.open("rb", buffering=IO_BUFFER) as handle:
@@ -172,14 +177,23 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Readin
         return
     response = data.get("response")
     if type(response) is dict and _is_answer(response.get("status_code")):
-        _keep_answer(found, line, custom_id, response, reading)  # most lines: no Outcome
+        if reading.check is None:
+            _keep_answer(found, line, custom_id, response, reading)  # most lines: no Outcome
+        else:
+            _keep_checked(found, _as_response(response), line, custom_id, reading)
         return
     outcome = outcome_of(data, line, custom_id, reading.provider)
     if outcome is not None:
-        record = output_line(outcome)
-        at = found.records.add(line, record)
-        if reading.on_record is not None and at is not None:
-            reading.on_record(line, at, record, outcome.ok, outcome.retryable)
+        _keep(found, line, output_line(outcome), b"", outcome, reading)
+
+
+def _keep(
+    found: Collected, line: int, record: bytes, head: bytes, outcome: Outcome, reading: _Reading
+) -> None:
+    """Spill ``line``'s record after ``head`` and show it to ``on_record``."""
+    at = found.records.add(line, record, head)
+    if reading.on_record is not None and at is not None:
+        reading.on_record(line, at, record, outcome.ok, outcome.retryable)
 
 
 def _is_answer(status: object) -> bool:
@@ -197,6 +211,26 @@ def _keep_answer(
     at = found.records.add(line, record, head)
     if reading.on_record is not None and at is not None:
         reading.on_record(line, at, record, True, False)
+
+
+def _keep_checked(
+    found: Collected, answer: Response, line: int, custom_id: str, reading: _Reading
+) -> None:
+    """An answer checked against ``--response-schema``: its record with the
+    parsed object, or the check's error with the answer kept, as online mode
+    records a last attempt. A failed check is not sent again in a batch: the
+    row's error is retryable, and ``--retry-failed`` (online) resends it."""
+    assert reading.check is not None
+    try:
+        parsed = reading.check.classify(answer)
+    except (RowError, TransientError) as exc:
+        failed = failed_outcome(line, custom_id, exc, attempts=1)
+        _keep(found, line, output_line(failed), b"", failed, reading)
+        return
+    outcome = Outcome(line=line, custom_id=custom_id, response=answer, attempts=1, parsed=parsed)
+    usage = reading.usage
+    head = filed_head(line, *usage(answer.body)) if usage is not None else b""
+    _keep(found, line, output_line(outcome), head, outcome, reading)
 
 
 def outcome_of(
@@ -229,11 +263,20 @@ def _error_answer(
     return Outcome(
         line=line,
         custom_id=custom_id,
-        response=Response(status_code=status, request_id=_request_id(response), body=body),
+        response=_as_response(response),
         error_code=verdict.code,
         error_message=verdict.message,
         retryable=verdict.verdict == "transient",
         attempts=1,
+    )
+
+
+def _as_response(response: dict[str, Any]) -> Response:
+    """A result line's ``response`` (its ``status_code`` an int)."""
+    return Response(
+        status_code=response["status_code"],
+        request_id=_request_id(response),
+        body=response.get("body"),
     )
 
 

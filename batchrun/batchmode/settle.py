@@ -39,6 +39,7 @@ from batchrun.batchmode.results import (
 from batchrun.errors import RequestError
 from batchrun.providers import Provider
 from batchrun.reuse import Answers
+from batchrun.schema import AnswerCheck
 
 log = logging.getLogger("batchrun")
 
@@ -65,9 +66,11 @@ class Settler:
         fallback_online: bool,
         answers: Answers | None = None,
         usage: Usage | None = None,
+        check: AnswerCheck | None = None,
     ) -> None:
         """``usage``: the run's provider's token reader; with it, each
-        answer's token counts are filed with its record (see ``collect``)."""
+        answer's token counts are filed with its record (see ``collect``).
+        ``check``: the response schema's, which every answer must pass."""
         self.api = api
         self.record = record
         self.state = state
@@ -76,6 +79,7 @@ class Settler:
         self.fallback_online = fallback_online
         self.answers = answers
         self.usage = usage
+        self.check = check
         self._collecting = anyio.CapacityLimiter(COLLECT_AT_ONCE)
 
     async def ended(self, part: Part, batch: dict[str, Any]) -> bool:
@@ -110,7 +114,8 @@ class Settler:
         settle the part (every answer is stored before it is collected)."""
         filer = self._filer(part, ids)
         note = filer.note if filer is not None else None
-        found = collect(downloads, ids, self.dialect, self._spill(part), note, self.usage)
+        spill = self._spill(part)
+        found = collect(downloads, ids, self.dialect, spill, note, self.usage, self.check)
         try:
             if filer is not None:
                 filer.file(found.records)

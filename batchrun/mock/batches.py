@@ -329,7 +329,7 @@ def _answer(row: _Row, stats: Counters) -> tuple[dict[str, Any], bool]:
     response = {
         "status_code": status,
         "request_id": call.request_id,
-        "body": answer if answer is not None else _success_body(call),
+        "body": answer if answer is not None else _success_body(call, rules),
     }
     line = {"id": f"batch_req_{digest[:12]}", "custom_id": row.custom_id}
     return {**line, "response": response, "error": None}, status < 400
