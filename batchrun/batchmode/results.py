@@ -188,12 +188,21 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Readin
 
 
 def _keep(
-    found: Collected, line: int, record: bytes, head: bytes, outcome: Outcome, reading: _Reading
+    found: Collected,
+    line: int,
+    record: bytes,
+    head: bytes,
+    verdict: Outcome | None,
+    reading: _Reading,
 ) -> None:
-    """Spill ``line``'s record after ``head`` and show it to ``on_record``."""
+    """Spill ``line``'s record after ``head`` and show it to ``on_record``;
+    ``verdict``: the record's outcome, None for a plain answer (no error)."""
     at = found.records.add(line, record, head)
     if reading.on_record is not None and at is not None:
-        reading.on_record(line, at, record, outcome.ok, outcome.retryable)
+        if verdict is None:
+            reading.on_record(line, at, record, True, False)
+        else:
+            reading.on_record(line, at, record, verdict.ok, verdict.retryable)
 
 
 def _is_answer(status: object) -> bool:
@@ -208,9 +217,7 @@ def _keep_answer(
     body = response.get("body")
     record = answer_line(line, custom_id, response["status_code"], _request_id(response), body)
     head = filed_head(line, *reading.usage(body)) if reading.usage is not None else b""
-    at = found.records.add(line, record, head)
-    if reading.on_record is not None and at is not None:
-        reading.on_record(line, at, record, True, False)
+    _keep(found, line, record, head, None, reading)
 
 
 def _keep_checked(
@@ -230,7 +237,7 @@ def _keep_checked(
     outcome = Outcome(line=line, custom_id=custom_id, response=answer, attempts=1, parsed=parsed)
     usage = reading.usage
     head = filed_head(line, *usage(answer.body)) if usage is not None else b""
-    _keep(found, line, output_line(outcome), head, outcome, reading)
+    _keep(found, line, output_line(outcome), head, None, reading)
 
 
 def outcome_of(
