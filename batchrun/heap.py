@@ -14,8 +14,8 @@ cycle collector wait for more new objects (``space_out_collections``).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
+import sys
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _THRESHOLD = 128 * 1024  # glibc's own starting value, kept from now on
@@ -26,12 +26,12 @@ GC_YOUNG_THRESHOLD = 10_000
 
 def pin_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold at 128 KiB; False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    if sys.platform == "win32":
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # The process's own symbols, C library included: no search for the
+        # library's file (``ctypes.util.find_library`` runs ``ldconfig -p``).
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

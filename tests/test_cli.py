@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import anyio
 import orjson
 import pytest
 from typer.testing import CliRunner
 
+from batchrun import __main__ as entry
 from batchrun import __version__
 from batchrun.cli import app
 from batchrun.mock.server import MockServer
@@ -332,3 +334,52 @@ def test_the_installed_version_is_the_package_version() -> None:
     assert importlib.metadata.version("batchrun") == __version__
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="batchrun")
     assert script.value == "batchrun.__main__:main"
+
+
+class _Exited(Exception):
+    """``os._exit`` was called with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@pytest.fixture
+def exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_exit(status: int) -> NoReturn:
+        raise _Exited(status)
+
+    monkeypatch.setattr(entry.os, "_exit", fake_exit)
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "stream", "says"),
+    [
+        (["run", "--no-such-flag"], 2, "err", "No such option"),
+        (["--help"], 0, "out", "Usage"),
+    ],
+)
+def test_the_command_leaves_at_once_with_its_exit_code(
+    exits: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    status: int,
+    stream: str,
+    says: str,
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["batchrun", *argv])
+    with pytest.raises(_Exited) as done:
+        entry.main()
+    assert done.value.status == status
+    assert says in getattr(capsys.readouterr(), stream)
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (5, 5), ("no such job", 1)])
+def test_leaving_at_once_keeps_what_system_exit_means(
+    exits: None, capsys: pytest.CaptureFixture[str], code: object, status: int
+) -> None:
+    with pytest.raises(_Exited) as done:
+        entry.exit_now(code)
+    assert done.value.status == status
+    assert capsys.readouterr().err == ("no such job\n" if isinstance(code, str) else "")
