@@ -289,7 +289,7 @@ def merge_command(
     from batchrun.merge import merge
     from batchrun.runner import EXIT_FAILED_ROWS
 
-    with _usage_errors():
+    with _writing_a_file():
         report = merge(shards, out)
     typer.echo(
         f"batchrun: merged {len(shards)} shards, {report.rows:,} rows"
@@ -354,7 +354,7 @@ def export_command(
     from batchrun.export import export
 
     names = [name.strip() for name in (columns or "").split(",") if name.strip()]
-    with _usage_errors():
+    with _writing_a_file():
         report = export(out, to, format=format, input=input_path, columns=names, partial=partial)
     typer.echo(
         f"batchrun: exported {report.rows:,} rows ({report.failed:,} failed) to"
@@ -421,6 +421,25 @@ def _usage_errors() -> Iterator[None]:
 
         typer.echo(f"batchrun: error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
+
+
+@contextmanager
+def _writing_a_file() -> Iterator[None]:
+    """As ``_usage_errors``, and a full disk or an I/O error while writing
+    becomes its message on stderr and exit code 74 (nothing is left half
+    written: the file is put in place only when complete)."""
+    try:
+        with _usage_errors():
+            yield
+    except DiskError as exc:
+        from batchrun.runner import EXIT_DISK
+
+        typer.echo(
+            f"batchrun: error: {exc}. Free some space (or fix the disk), then run the same"
+            " command again",
+            err=True,
+        )
+        raise typer.Exit(EXIT_DISK) from None
 
 
 def _setup_logging() -> None:

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import orjson
 
-from batchrun.errors import UsageError
+from batchrun.errors import UsageError, disk_writes
+from batchrun.paths import check_written
 from batchrun.results import COLUMNS, read_results
 
 Format = Literal["parquet", "csv", "jsonl"]
@@ -71,8 +72,8 @@ def export(
     """Write ``out``'s rows to ``to`` (see ``results.table_row``), with the
     input fields ``columns`` joined on; ``UsageError`` on bad arguments."""
     chosen = choose_format(to, format)
-    if to.resolve() == out.resolve():
-        raise UsageError(f"--to {to} is the output itself: choose another file")
+    reads = [("OUT", out)] + ([("--input", input)] if input is not None else [])
+    check_written(reads, [("--to", to)])
     writer = {"parquet": write_parquet, "csv": write_csv, "jsonl": write_jsonl}[chosen]
     if chosen == "parquet":
         _require_pyarrow()
@@ -80,8 +81,9 @@ def export(
     names = (*COLUMNS, *columns)
     fresh = to.with_name(f".{to.name}.{os.getpid()}.tmp")
     try:
-        writer(rows, names, fresh)
-        os.replace(fresh, to)
+        with disk_writes(to):
+            writer(rows, names, fresh)
+            os.replace(fresh, to)
     finally:
         fresh.unlink(missing_ok=True)
     return ExportReport(rows=rows.rows, failed=rows.failed, path=to, format=chosen)

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from batchrun.config import Shard
-from batchrun.errors import UsageError
+from batchrun.errors import UsageError, disk_writes
 from batchrun.paths import check_written
 from batchrun.state import StateDir
 
@@ -47,8 +47,9 @@ def merge(paths: list[Path], out: Path) -> MergeReport:
     _check_complete(shards)
     partial = out.with_name(out.name + ".merging")
     try:
-        rows, failed = _interleave(shards, partial)
-        os.replace(partial, out)
+        with disk_writes(out):
+            rows, failed = _interleave(shards, partial)
+            os.replace(partial, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()

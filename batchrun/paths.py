@@ -1,10 +1,11 @@
 """Guards on the paths a command writes, checked before anything is sent.
 
 A run writes its output, its state directory and, when asked, a summary and
-a metrics file. Were any of them the input, or one another, a paid result
-would be overwritten; were one unwritable, the run would pay for every row
-and then fail to keep them. ``check_written`` refuses both up front with a
-``UsageError`` naming the setting.
+a metrics file; ``merge`` and ``export`` write one file each. Were any of
+them the input, or one another, a paid result would be overwritten; were one
+unwritable, the run would pay for every row and then fail to keep them.
+``check_written`` refuses both up front with a ``UsageError`` naming the
+setting; so it does ``-``, which other tools take for standard output.
 """
 
 from __future__ import annotations
@@ -18,17 +19,26 @@ from batchrun.errors import UsageError
 # (what the user calls it, e.g. "--summary"; the path)
 Named = tuple[str, Path]
 
+# The name other tools take for standard output; here it would be a file named "-".
+STDOUT = "-"
+
 
 def check_written(
     reads: Sequence[Named], files: Sequence[Named], directories: Sequence[Named] = ()
 ) -> None:
-    """Refuse (``UsageError``) written ``files`` and ``directories`` that are a
-    read path or one another, or that cannot be written.
+    """Refuse (``UsageError``) written ``files`` and ``directories`` that are
+    ``-``, a read path or one another, or that cannot be written.
 
     A file must not be an existing directory, and its directory must exist and
     take a new file. A directory may exist (as a directory) or be creatable.
     """
     written = [*files, *directories]
+    for name, path in written:
+        if str(path) == STDOUT:
+            raise UsageError(
+                f"{name} -: batchrun writes a file, not standard output (it puts a"
+                " complete file in place in one step); give a file name"
+            )
     _check_distinct(reads, written)
     for name, path in files:
         if path.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,12 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+import batchrun.export as export_module
 from batchrun import read_results, to_pandas
 from batchrun.answers import read_answer
+from batchrun.cli import app
 from batchrun.errors import UsageError
 from batchrun.export import export
 from batchrun.mock.server import MockServer
@@ -252,3 +256,60 @@ async def test_the_cost_column_holds_each_rows_cost(
 
     assert all(cost > 0 for cost in costs)
     assert pq.read_table(tmp_path / "c.parquet").column("cost").to_pylist() == costs
+
+
+# What a test's run leaves in its directory.
+RUN_FILES = {"in.jsonl", "out.jsonl", "out.jsonl.batchrun"}
+
+
+def test_export_refuses_to_write_where_it_must_not(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+    kept = {path: path.read_bytes() for path in (source, out)}
+    (tmp_path / "adir").mkdir()
+    cases = {
+        "--input": ([source, "--input", source], f"--to {source} is also --input"),
+        "OUT": ([out], f"--to {out} is also OUT"),
+        "a directory": ([tmp_path / "adir", "--format", "csv"], f"--to {tmp_path}/adir is a dir"),
+        "a missing directory": ([tmp_path / "no" / "t.csv"], f"--to {tmp_path}/no/t.csv: the dir"),
+        "standard output": (["-", "--format", "csv"], "--to -: batchrun writes a file"),
+    }
+    for name, (to, message) in cases.items():
+        done = batchrun("export", out, "--to", *to)
+        assert done.returncode == 2, name
+        assert done.stderr.startswith(f"batchrun: error: {message}"), done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert not (tmp_path / "-").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adir",
+        "in.jsonl",
+        "out.jsonl",
+        "out.jsonl.batchrun",
+    ]
+
+
+def test_a_full_disk_while_exporting_exits_74_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+
+    def full(rows: Any, names: Any, path: Path) -> None:
+        path.write_bytes(b"half a ta")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "write_csv", full)
+    done = CliRunner().invoke(app, ["export", str(out), "--to", str(tmp_path / "t.csv")])
+
+    assert done.exit_code == 74
+    assert done.output.startswith(f"batchrun: error: cannot write {tmp_path / 't.csv'}: ")
+    assert "(ENOSPC)" in done.output
+    assert not done.exception or isinstance(done.exception, SystemExit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl",
+        "out.jsonl",
+        "out.jsonl.batchrun",
+    ]

@@ -3,6 +3,7 @@ overwritten. Each case runs the real command line against a real mock server."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import shutil
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+from typer.testing import CliRunner
 
+from batchrun.cli import app
 from batchrun.merge import merge
 from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
@@ -33,6 +36,7 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
         "the state directory {out}.batchrun is also --summary",
     ),
     "out is a directory": (["--out", "{dir}"], "--out {dir} is a directory"),
+    "out is standard output": (["--out", "-"], "--out -: batchrun writes a file, not standard"),
     "out in a missing directory": (
         ["--out", "{dir}/missing/o.jsonl"],
         "--out {dir}/missing/o.jsonl: the directory {dir}/missing does not exist",
@@ -205,6 +209,36 @@ async def test_merge_refuses_to_write_over_a_shard_and_shards_of_another_job(
         merge([parts[0], parts[2]], tmp_path / "m.jsonl")
     assert not (tmp_path / "m.jsonl").exists()
     assert len(read_jsonl(merge(parts[:2], tmp_path / "m.jsonl").output)) == 6
+
+
+@pytest.mark.asyncio
+async def test_a_full_disk_while_merging_exits_74_and_leaves_no_file(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batchrun.merge as merge_module
+
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(4)])
+    parts = []
+    for shard in ("0/2", "1/2"):
+        config = make_config(
+            tmp_path, [], server, input=source, out=tmp_path / f"p{shard[0]}.jsonl", shard=shard
+        )
+        await run_async(config, clock=FakeClock().as_clock())
+        parts.append(config.out)
+
+    def full(shards: object, partial: Path) -> tuple[int, int]:
+        partial.write_bytes(b'{"id": "half a li')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(merge_module, "_interleave", full)
+    merged = tmp_path / "m.jsonl"
+    done = CliRunner().invoke(app, ["merge", *map(str, parts), "--out", str(merged)])
+
+    assert done.exit_code == 74, done.output
+    assert done.output.startswith(f"batchrun: error: cannot write {merged}: ")
+    assert "(ENOSPC)" in done.output
+    assert not merged.exists()
+    assert not merged.with_name("m.jsonl.merging").exists()
 
 
 @pytest.mark.asyncio
