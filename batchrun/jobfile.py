@@ -45,6 +45,14 @@ def load_job_file(path: Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise UsageError(f"job file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"job file {path} is a directory: give a TOML file") from None
+    except OSError as exc:
+        raise UsageError(f"job file {path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text
+        raise UsageError(
+            f"job file {path} is not valid TOML: not UTF-8 text (byte {exc.start})"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}

@@ -282,6 +282,15 @@ def test_load_job_file_empty(tmp_path: Path) -> None:
     assert load_job_file(write_job(tmp_path, "")) == {}
 
 
+def test_a_job_file_that_is_no_text_file_is_a_usage_error(tmp_path: Path) -> None:
+    binary = tmp_path / "job.toml"
+    binary.write_bytes(b"model = '\xff\xfe'\n")
+    with pytest.raises(UsageError, match=r"job file .*job.toml is not valid TOML: not UTF-8 text"):
+        load_job_file(binary)
+    with pytest.raises(UsageError, match=f"job file {tmp_path} is a directory: give a TOML file"):
+        load_job_file(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("text", "bad_key"),
     [
