@@ -18,8 +18,9 @@ from typing import Any, Literal
 import orjson
 
 from batchrun.errors import UsageError, disk_writes
-from batchrun.paths import check_written
+from batchrun.paths import Named, check_written
 from batchrun.results import COLUMNS, read_results
+from batchrun.state import recorded_input
 
 Format = Literal["parquet", "csv", "jsonl"]
 FORMATS: tuple[Format, ...] = ("parquet", "csv", "jsonl")
@@ -72,8 +73,7 @@ def export(
     """Write ``out``'s rows to ``to`` (see ``results.table_row``), with the
     input fields ``columns`` joined on; ``UsageError`` on bad arguments."""
     chosen = choose_format(to, format)
-    reads = [("OUT", out)] + ([("--input", input)] if input is not None else [])
-    check_written(reads, [("--to", to)])
+    check_written(_read_by(out, input), [("--to", to)])
     writer = {"parquet": write_parquet, "csv": write_csv, "jsonl": write_jsonl}[chosen]
     if chosen == "parquet":
         _require_pyarrow()
@@ -87,6 +87,17 @@ def export(
     finally:
         fresh.unlink(missing_ok=True)
     return ExportReport(rows=rows.rows, failed=rows.failed, path=to, format=chosen)
+
+
+def _read_by(out: Path, input: Path | None) -> list[Named]:
+    """What an export reads, and the input of OUT's run: none may be overwritten."""
+    reads: list[Named] = [("OUT", out)]
+    if input is not None:
+        reads.append(("--input", input))
+    run_input = recorded_input(out)
+    if run_input is not None:
+        reads.append(("the input of OUT's run", run_input))
+    return reads
 
 
 class _Counted:

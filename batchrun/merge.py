@@ -19,8 +19,8 @@ import orjson
 
 from batchrun.config import Shard
 from batchrun.errors import UsageError, disk_writes
-from batchrun.paths import check_written
-from batchrun.state import StateDir
+from batchrun.paths import Named, check_written
+from batchrun.state import StateDir, recorded_input
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,9 @@ class MergeReport:
 def merge(paths: list[Path], out: Path) -> MergeReport:
     """Merge the shard outputs at ``paths`` into ``out``; ``UsageError`` when
     the set is not the complete, finished shards of one job."""
-    check_written([(f"shard output {path}", path) for path in paths], [("--out", out)])
+    reads: list[Named] = [(f"shard output {path}", path) for path in paths]
+    reads += [("the shards' input", given) for given in filter(None, map(recorded_input, paths))]
+    check_written(reads, [("--out", out)])
     shards = sorted((_finished_shard(path) for path in paths), key=lambda s: s.shard.index)
     _check_complete(shards)
     partial = out.with_name(out.name + ".merging")

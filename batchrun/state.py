@@ -255,6 +255,17 @@ _FINGERPRINT_KEYS = (
 )
 
 
+def recorded_input(out: Path) -> Path | None:
+    """The input file the run on ``out`` read, as its state records it; None
+    when there is no state or it cannot be read."""
+    try:
+        meta = StateDir(out).read_meta()
+    except CorruptStateError:
+        return None
+    value = meta.get("input") if meta is not None else None
+    return Path(value) if isinstance(value, str) else None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = orjson.loads(path.read_bytes())

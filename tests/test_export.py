@@ -271,6 +271,7 @@ def test_export_refuses_to_write_where_it_must_not(tmp_path: Path) -> None:
     cases = {
         "--input": ([source, "--input", source], f"--to {source} is also --input"),
         "OUT": ([out], f"--to {out} is also OUT"),
+        "the run's input": ([source], f"--to {source} is also the input of OUT's run"),
         "a directory": ([tmp_path / "adir", "--format", "csv"], f"--to {tmp_path}/adir is a dir"),
         "a missing directory": ([tmp_path / "no" / "t.csv"], f"--to {tmp_path}/no/t.csv: the dir"),
         "standard output": (["-", "--format", "csv"], "--to -: batchrun writes a file"),

@@ -202,6 +202,10 @@ async def test_merge_refuses_to_write_over_a_shard_and_shards_of_another_job(
 
     assert line.startswith(f"--out {parts[0]} is also shard output {parts[0]}")
     assert parts[0].read_bytes() == before
+    given = source.read_bytes()
+    line = await _refused(server, tmp_path, "merge", parts[0], parts[1], "--out", source)
+    assert line.startswith(f"--out {source} is also the shards' input")
+    assert source.read_bytes() == given
     with pytest.raises(
         UsageError,
         match=r"the shards were run with different model \(shard 0/2: 'm-a', shard 1/2: 'm-b'\)",
