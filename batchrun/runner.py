@@ -160,6 +160,22 @@ def check_run_paths(config: RunConfig) -> None:
     if config.cache is not None:
         directories.append(("--cache", config.cache))
     check_written([("the input", config.input)], files, directories)
+    _check_not_foreign(config)
+
+
+def _check_not_foreign(config: RunConfig) -> None:
+    """An existing OUT without its state directory is not this run's to
+    replace: another tool's file, or answers whose state (and so their result
+    store) was deleted, which a run would pay for again. ``--restart`` says
+    to replace it."""
+    out = config.out
+    if config.restart or not out.exists() or state_dir(out).exists():
+        return
+    raise UsageError(
+        f"--out {out} exists but has no state directory ({state_dir(out)}): a run would"
+        " replace it, and any answers in it would be paid for again. Move it away, or"
+        " run with --restart to replace it"
+    )
 
 
 def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:

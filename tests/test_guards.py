@@ -216,6 +216,25 @@ async def test_merge_refuses_to_write_over_a_shard_and_shards_of_another_job(
 
 
 @pytest.mark.asyncio
+async def test_an_output_without_its_state_is_replaced_only_with_restart(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b")])
+    out = tmp_path / "o.jsonl"
+    out.write_bytes(b"answers of another tool\n")
+    args = ["run", source, "--out", out, "--provider", "openai", "--base-url", server.base_url]
+
+    line = await _refused(server, tmp_path, *args, "--no-progress")
+
+    assert line.startswith(f"--out {out} exists but has no state directory ({out}.batchrun)")
+    assert out.read_bytes() == b"answers of another tool\n"
+    assert not (tmp_path / "o.jsonl.batchrun").exists()
+    done = await abatchrun(*args, "--no-progress", "--restart", OPENAI_API_KEY="sk-test")
+    assert done.returncode == 0, done.stderr.decode()
+    assert [row["custom_id"] for row in read_jsonl(out)] == ["line-1", "line-2"]
+
+
+@pytest.mark.asyncio
 async def test_a_full_disk_while_merging_exits_74_and_leaves_no_file(
     tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
