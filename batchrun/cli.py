@@ -365,13 +365,18 @@ def export_command(
 
 @app.command("mock-server")
 def mock_server_command(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: any free port).")
+    ] = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    latency: Annotated[float, typer.Option(help="Seconds added to every answer.")] = 0.0,
-    fail_rate: Annotated[float, typer.Option(help="Share of answers that are 503.")] = 0.0,
+    latency: Annotated[float, typer.Option(min=0.0, help="Seconds added to every answer.")] = 0.0,
+    fail_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of answers that are 503.")
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the fault draw.")] = 0,
     rate_limit: Annotated[
-        int | None, typer.Option(help="Requests per second; beyond it, 429 + Retry-After.")
+        int | None,
+        typer.Option(min=1, help="Requests per second; beyond it, 429 + Retry-After."),
     ] = None,
     sliding_window: Annotated[
         bool,
@@ -381,13 +386,14 @@ def mock_server_command(
         ),
     ] = False,
     batch_seconds: Annotated[
-        float, typer.Option(help="Seconds a batch takes from creation to its end.")
+        float, typer.Option(min=0.0, help="Seconds a batch takes from creation to its end.")
     ] = 1.0,
     batch_expire_first: Annotated[
-        int, typer.Option(help="The first N batches expire with half their rows unfinished.")
+        int,
+        typer.Option(min=0, help="The first N batches expire with half their rows unfinished."),
     ] = 0,
     batch_token_limit_first: Annotated[
-        int, typer.Option(help="The first N batches fail on the enqueued-token limit.")
+        int, typer.Option(min=0, help="The first N batches fail on the enqueued-token limit.")
     ] = 0,
 ) -> None:
     """Serve the simulated provider (OpenAI and DashScope dialects, files and
@@ -395,20 +401,22 @@ def mock_server_command(
     from batchrun.mock.batches import BatchFaults
     from batchrun.mock.server import serve
 
-    serve(
-        host=host,
-        port=port,
-        latency=latency,
-        fail_rate=fail_rate,
-        seed=seed,
-        rate_limit=rate_limit,
-        sliding_window=sliding_window,
-        batch_faults=BatchFaults(
-            seconds=batch_seconds,
-            expire_first=batch_expire_first,
-            token_limit_first=batch_token_limit_first,
-        ),
+    faults = BatchFaults(
+        seconds=batch_seconds,
+        expire_first=batch_expire_first,
+        token_limit_first=batch_token_limit_first,
     )
+    with _usage_errors():
+        serve(
+            host=host,
+            port=port,
+            latency=latency,
+            fail_rate=fail_rate,
+            seed=seed,
+            rate_limit=rate_limit,
+            sliding_window=sliding_window,
+            batch_faults=faults,
+        )
 
 
 @contextmanager

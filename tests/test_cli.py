@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,23 @@ def test_mock_server_command_serves_until_stopped() -> None:
             proc.terminate()
             proc.wait(timeout=10)
     assert proc.returncode in (0, -15)
+
+
+def test_mock_server_refuses_an_address_it_cannot_listen_on() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = batchrun("mock-server", "--port", str(port))
+    out_of_range = batchrun("mock-server", "--port", "70000")
+    negative = batchrun("mock-server", "--latency", "-1")
+
+    assert busy.returncode == 2
+    assert busy.stderr.startswith(f"batchrun: error: cannot listen on 127.0.0.1:{port}: ")
+    assert busy.stderr.count("\n") == 1  # one line, no traceback
+    assert out_of_range.returncode == negative.returncode == 2
+    assert "70000 is not in the range 0<=x<=65535" in out_of_range.stderr
+    assert "-1.0 is not in the range x>=0.0" in negative.stderr
 
 
 @pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.toml")), ids=lambda p: p.name)

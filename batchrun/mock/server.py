@@ -70,6 +70,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from batchrun.errors import UsageError
 from batchrun.mock.batches import BatchFaults, MockBatches
 from batchrun.mock.faults import (
     JSON_TYPE,
@@ -379,14 +380,27 @@ async def _serve_until_signal(server: MockServer) -> None:
     for sig in signals:
         loop.add_signal_handler(sig, stopping.set)
     try:
-        async with server:
+        await _listen(server)
+        try:
             origin = f"http://{server.host}:{server.port}"
             line = f"{origin} (openai: {origin}/v1, dashscope: {origin}/api/v1)"
             print("mock server listening on", line, flush=True)
             await stopping.wait()
+        finally:
+            await server.stop()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+async def _listen(server: MockServer) -> None:
+    """Start ``server``; an address it cannot listen on (in use, not this
+    machine's, a port out of range) is a ``UsageError`` naming it."""
+    try:
+        await server.start()
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"cannot listen on {server.host}:{server.port}: {reason}") from None
 
 
 def serve(
@@ -400,7 +414,8 @@ def serve(
     sliding_window: bool = False,
     batch_faults: BatchFaults | None = None,
 ) -> None:
-    """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly.
+    """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly;
+    ``UsageError`` when it cannot listen on ``host``:``port``.
 
     Once listening, prints one flushed line to stdout:
     ``mock server listening on http://HOST:PORT (openai: http://HOST:PORT/v1,
