@@ -88,3 +88,22 @@ def make_config(
     }
     base.update(settings)
     return build_config(base)
+
+
+async def run_shards(tmp_path: Path, server: MockServer, source: Path, count: int) -> list[Path]:
+    """Finished outputs ``p0.jsonl`` ... of ``source``'s ``count`` shards, in shard order."""
+    from batchrun.runner import run_async
+
+    outputs = []
+    for index in range(count):
+        config = make_config(
+            tmp_path,
+            [],
+            server,
+            input=source,
+            out=tmp_path / f"p{index}.jsonl",
+            shard=f"{index}/{count}",
+        )
+        await run_async(config, clock=FakeClock().as_clock())
+        outputs.append(config.out)
+    return outputs

@@ -18,7 +18,7 @@ from batchrun.cli import app
 from batchrun.merge import merge
 from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
-from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.conftest import chat, make_config, read_jsonl, run_shards, write_jsonl
 from tests.fakes import FakeClock
 from tests.test_cli import abatchrun
 
@@ -241,13 +241,7 @@ async def test_a_full_disk_while_merging_exits_74_and_leaves_no_file(
     import batchrun.merge as merge_module
 
     source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(4)])
-    parts = []
-    for shard in ("0/2", "1/2"):
-        config = make_config(
-            tmp_path, [], server, input=source, out=tmp_path / f"p{shard[0]}.jsonl", shard=shard
-        )
-        await run_async(config, clock=FakeClock().as_clock())
-        parts.append(config.out)
+    parts = await run_shards(tmp_path, server, source, 2)
 
     def full(shards: object, partial: Path) -> tuple[int, int]:
         partial.write_bytes(b'{"id": "half a li')

@@ -15,7 +15,7 @@ from batchrun.hosts import FAILURES_TO_REST, HostPool
 from batchrun.merge import merge
 from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
-from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.conftest import chat, make_config, read_jsonl, run_shards, write_jsonl
 from tests.fakes import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,13 +111,7 @@ async def test_merge_refuses_missing_unfinished_and_foreign_shards(
     from batchrun.errors import UsageError
 
     source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(10)])
-    parts = []
-    for i in range(2):
-        config = make_config(
-            tmp_path, [], server, input=source, out=tmp_path / f"p{i}.jsonl", shard=f"{i}/2"
-        )
-        await run_async(config, clock=FakeClock().as_clock())
-        parts.append(config.out)
+    parts = await run_shards(tmp_path, server, source, 2)
     other = write_jsonl(tmp_path / "other.jsonl", [chat(f"x{i}") for i in range(10)])
     foreign = make_config(tmp_path, [], server, input=other, out=tmp_path / "f1.jsonl", shard="1/2")
     await run_async(foreign, clock=FakeClock().as_clock())
