@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from batchrun.errors import UsageError
+
 __all__ = ["partial_output", "state_dir"]
 
 
 def state_dir(out: Path) -> Path:
-    """The directory beside ``out`` that holds a run's work in progress."""
+    """The directory beside ``out`` that holds a run's work in progress;
+    ``UsageError`` when ``out`` names no file ("." or "/", which an empty
+    path also becomes)."""
+    if not out.name:
+        raise UsageError(f"the output {out} is a directory: give the output's file name")
     return out.with_name(out.name + ".batchrun")
 
 

@@ -147,8 +147,6 @@ def _plain(url: str) -> bool:
 def check_run_paths(config: RunConfig) -> None:
     """Every path the run writes differs from the input and from each other,
     and can be written: checked before the lock, the metrics or any request."""
-    if not config.out.name:  # "." or "/" (an empty --out is "."): no file, no state beside it
-        raise UsageError(f"--out {config.out} is a directory: give a file name")
     files = [
         (name, path)
         for name, path in (

@@ -220,6 +220,18 @@ def test_mock_server_command_serves_until_stopped() -> None:
     assert proc.returncode in (0, -15)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["status", ""], ["cancel", ""], ["export", "", "--to", "t.csv"], ["merge", "", "--out", "m"]],
+    ids=lambda args: args[0],
+)
+def test_an_empty_output_path_is_a_usage_error(args: list[str]) -> None:
+    done = batchrun(*args)
+    assert done.returncode == 2
+    message = "the output . is a directory: give the output's file name"
+    assert done.stderr == f"batchrun: error: {message}\n"
+
+
 def test_mock_server_refuses_an_address_it_cannot_listen_on() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
         "the state directory {out}.batchrun is also --summary",
     ),
     "out is a directory": (["--out", "{dir}"], "--out {dir} is a directory"),
-    "out is empty": (["--out", ""], "--out . is a directory: give a file name"),
+    "out is empty": (["--out", ""], "the output . is a directory: give the output's file name"),
     "out is standard output": (["--out", "-"], "--out -: batchrun writes a file, not standard"),
     "out in a missing directory": (
         ["--out", "{dir}/missing/o.jsonl"],
