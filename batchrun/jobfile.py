@@ -9,6 +9,7 @@ holds default request parameters.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -89,6 +90,7 @@ def build_config(settings: Mapping[str, Any]) -> RunConfig:
     "not set".
     """
     given = {key: value for key, value in settings.items() if value is not None}
+    _check_known(given)
     _check_types(given)
     for required in ("input", "out"):
         require(
@@ -127,6 +129,23 @@ def _fields(given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def _as_is(given: Mapping[str, Any], key: str) -> Any:
     value = given[key]
     return Path(value) if BY_KEY[key].type is Path else value
+
+
+# Every key ``build_config`` takes: the settings' keys and their aliases.
+_KEYS = frozenset(BY_KEY) | frozenset(alias for item in SETTINGS for alias in item.aliases)
+
+
+def _check_known(settings: Mapping[str, Any]) -> None:
+    """An unknown key is an error, as in a job file: a misspelt setting
+    (``max_async_request``) would otherwise silently do nothing."""
+    for key in settings:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(str(key), _KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)." if close else "."
+            raise UsageError(
+                f"unknown setting {key!r}{hint} Settings are the job-file keys: the flags'"
+                " names with underscores (--max-async-requests is max_async_requests)"
+            )
 
 
 def _check_types(settings: Mapping[str, Any]) -> None:

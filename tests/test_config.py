@@ -282,6 +282,18 @@ def test_load_job_file_empty(tmp_path: Path) -> None:
     assert load_job_file(write_job(tmp_path, "")) == {}
 
 
+def test_an_unknown_setting_is_named_with_the_closest_one() -> None:
+    with pytest.raises(
+        UsageError,
+        match=r"unknown setting 'max_async_request' \(did you mean 'max_async_requests'\?\)",
+    ):
+        build_config({"input": "in.jsonl", "out": "out.jsonl", "max_async_request": 8})
+    with pytest.raises(UsageError, match=r"unknown setting 'zzz'\. Settings are the job-file keys"):
+        build_config({"input": "in.jsonl", "out": "out.jsonl", "zzz": 1})
+    # Aliases are settings too.
+    assert build_config({"input": "i", "out": "o", "base_urls": ["http://h/v1"]}).base_urls
+
+
 def test_a_job_file_that_is_no_text_file_is_a_usage_error(tmp_path: Path) -> None:
     binary = tmp_path / "job.toml"
     binary.write_bytes(b"model = '\xff\xfe'\n")
