@@ -102,7 +102,7 @@ def render(report: dict[str, Any]) -> str:
         f"  done       {report['done']:,}" + (f" of {rows:,}" if rows is not None else ""),
         f"  ok         {report['ok']:,}",
         f"  failed     {sum(failed.values()):,} ({failed_text})",
-        f"  in doubt   {report['in_doubt']:,} (sent, answer not recorded: resent on resume)",
+        _doubt_line(report["in_doubt"], running=report["running"]),
         f"  remaining  {report['remaining'] if report['remaining'] is not None else '?'}",
         f"  running    {running}",
     ]
@@ -110,6 +110,14 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  exit code  {report['exit_code']}")
     lines.extend(_batch_lines(report.get("batches") or []))
     return "\n".join(lines)
+
+
+def _doubt_line(rows: int, *, running: bool) -> str:
+    """Rows sent with no answer recorded: in flight while the run is alive,
+    in doubt (the provider may have billed them) once it is not."""
+    if running:
+        return f"  in flight  {rows:,} (sent, no answer yet)"
+    return f"  in doubt   {rows:,} (sent, answer not recorded: resent on resume)"
 
 
 def _batch_lines(batches: list[dict[str, Any]]) -> list[str]:
