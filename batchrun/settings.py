@@ -404,7 +404,7 @@ SETTINGS: tuple[Setting, ...] = (
         "restart",
         bool,
         False,
-        "Discard this output's unfinished state; start over.",
+        "Discard this output's unfinished state; start over (replacing an OUT without state).",
         panel=RESUME,
         decls=("--restart",),
         job_key=False,
