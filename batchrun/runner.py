@@ -375,7 +375,7 @@ def _batch_stopped(
     """The summary of a batch phase that stopped before every part was collected."""
     stats = RunStats.resumed(start.checkpoint.rows, start.checkpoint.counts)
     if phase.aborted is not None:
-        exit_code, aborted = EXIT_FATAL, f"{phase.aborted}. Fix the input, then run with --restart"
+        exit_code, aborted = EXIT_FATAL, phase.aborted
     else:
         exit_code = EXIT_INTERRUPTED
         aborted = (

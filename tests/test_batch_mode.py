@@ -212,7 +212,21 @@ async def test_a_refused_file_aborts_quoting_the_provider(
     assert summary.exit_code == 3
     assert summary.aborted is not None
     assert "refused it as a whole" in summary.aborted
+    assert summary.aborted.endswith("Fix the input, then run with --restart")
     assert not config.out.exists()
+
+
+async def test_a_wrong_base_url_aborts_saying_that_the_run_resumes(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    wrong = batch_server.base_url + "/nowhere"
+    config = make_config(tmp_path, rows(2, model="m"), batch_server, base_url=wrong, **FAST)
+    summary = await run_async(config)
+    assert summary.exit_code == 3
+    assert summary.aborted is not None
+    assert summary.aborted.startswith("the provider keeps failing: http_404: POST files")
+    assert "then run the same command again: it resumes" in summary.aborted
+    assert "--restart" not in summary.aborted
 
 
 async def test_rows_answered_online_are_not_put_in_a_batch(

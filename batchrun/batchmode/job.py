@@ -42,12 +42,20 @@ MAX_FAILED_STEPS = 20
 JITTER = 0.2
 
 
+# What to do after an answer that is not about the input (a key, an account,
+# a wrong --base-url, an outage): the parts are kept, so the run resumes.
+_RESUME = (
+    "Fix that (the key, the account, --base-url), then run the same command again:"
+    " it resumes, and batches already created are not created again"
+)
+
+
 @dataclass(slots=True)
 class PhaseResult:
     """How the batch phase ended: ``complete``, or why not."""
 
     complete: bool = False
-    aborted: str | None = None  # the provider refused: exit 3
+    aborted: str | None = None  # why the provider stopped it, and what to do: exit 3
     running: int = 0  # batches left running when stopped
 
 
@@ -128,14 +136,16 @@ class BatchJob:
             await step(part)
             self._failures = 0
         except BatchRefused as exc:
-            self._aborted = str(exc)
+            self._aborted = f"{exc}. Fix the input, then run with --restart"
         except FatalError as exc:
-            self._aborted = f"the provider answered {exc.status or ''} {exc.code}: {exc.message}"
+            self._aborted = (
+                f"the provider answered {exc.status or ''} {exc.code}: {exc.message}. {_RESUME}"
+            )
         except RequestError as exc:
             self._failures += 1
             log.warning("part %d: %s (%s); trying again at the next poll", part.id, exc, exc.code)
             if self._failures > MAX_FAILED_STEPS:
-                self._aborted = f"the provider keeps failing: {exc.code}: {exc.message}"
+                self._aborted = f"the provider keeps failing: {exc.code}: {exc.message}. {_RESUME}"
 
     def running(self) -> int:
         return sum(part.live for part in self.state.parts)
