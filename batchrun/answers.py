@@ -95,4 +95,6 @@ def usage_tokens(body: Any) -> tuple[int, int]:
         return 0, 0
     tokens_in = usage.get("prompt_tokens", usage.get("input_tokens"))
     tokens_out = usage.get("completion_tokens", usage.get("output_tokens"))
+    if tokens_in is None and tokens_out is None:  # a DashScope embedding: total_tokens only
+        tokens_in = usage.get("total_tokens")
     return _int(tokens_in), _int(tokens_out)

@@ -6,7 +6,9 @@ An input line is one of three forms:
 2. a bare request body: chat ``{"messages": [...]}``, completions
    ``{"prompt": ...}`` or embeddings ``{"input": str | [...]}``, optionally with
    ``custom_id`` or ``id``;
-3. a DashScope native body ``{"input": {"messages": [...]}, "parameters": {...}}``.
+3. a DashScope native body ``{"input": {"messages": [...]}, "parameters": {...}}``,
+   or a native embedding ``{"input": {"texts": [...]}, "parameters": {...}}``
+   (read as the bare embeddings body with the same texts and parameters).
 
 A line that is none of these becomes a ``LineError``, never an exception: one
 bad line must not stop a run.
@@ -167,13 +169,16 @@ def _bare_request(
     body = dict(data)
     body.pop("custom_id", None)
     body.pop("id", None)
+    if _is_native_embedding(body):
+        body = _flat_embedding(body)
     kind = _bare_kind(body)
     if kind is None:
         return _error(
             line,
             custom_id,
             "no recognisable request: expected a batch request (url, body), or a body with"
-            ' "messages", "prompt", "input", or DashScope\'s "input": {"messages": ...}',
+            ' "messages", "prompt", "input", or DashScope\'s "input": {"messages": ...}'
+            ' or {"texts": [...]}',
         )
     if kind == "dashscope":
         return Request(
@@ -181,6 +186,24 @@ def _bare_request(
         )
     body = _with_defaults(body, defaults, chat=kind == "chat")
     return Request(line=line, custom_id=custom_id, kind=kind, body=body)
+
+
+def _is_native_embedding(body: Mapping[str, Any]) -> bool:
+    given = body.get("input")
+    return isinstance(given, dict) and isinstance(given.get("texts"), list)
+
+
+def _flat_embedding(body: Mapping[str, Any]) -> dict[str, Any]:
+    """DashScope's native embedding body, ``{"input": {"texts": [...]},
+    "parameters": {...}}``, as the bare embeddings body every provider
+    translates: the texts as ``input``, the parameters beside it (the
+    DashScope provider puts them back under ``parameters``)."""
+    flat = {key: value for key, value in body.items() if key not in ("input", "parameters")}
+    parameters = body.get("parameters")
+    if isinstance(parameters, dict):
+        flat.update(parameters)
+    flat["input"] = body["input"]["texts"]
+    return flat
 
 
 def _bare_kind(body: Mapping[str, Any]) -> Kind | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from batchrun.answers import usage_tokens
 from batchrun.config import RetryPolicy
 from batchrun.errors import RowError, TransientError
 from batchrun.jobfile import build_config
@@ -133,3 +134,17 @@ def test_budget_note_only_when_the_pause_did_not_fit() -> None:
         "the provider asked to wait 20 s (Retry-After) and --retry-budget allows 60 s per row"
         " (10 s left)"
     )
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}, (4, 2)),
+        ({"input_tokens": 5, "output_tokens": 1}, (5, 1)),
+        ({"total_tokens": 7}, (7, 0)),  # a DashScope native embedding: all of it input
+        ({"output_tokens": 3, "total_tokens": 9}, (0, 3)),  # the input count is missing
+        ({}, (0, 0)),
+    ],
+)
+def test_usage_tokens_in_either_dialect(usage: dict[str, int], expected: tuple[int, int]) -> None:
+    assert usage_tokens({"usage": usage}) == expected

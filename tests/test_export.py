@@ -128,6 +128,28 @@ async def test_dashscope_native_answers(
     assert (rows_back[1]["tokens_in"], rows_back[1]["tokens_out"]) == (2, 3)
 
 
+@pytest.mark.asyncio
+async def test_dashscope_embeddings_native_or_bare_give_the_same_vectors(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    rows = [
+        {"custom_id": "native", "model": "text-embedding-v3", "input": {"texts": ["a b", "c"]}},
+        {"custom_id": "bare", "model": "text-embedding-v3", "input": ["a b", "c"]},
+    ]
+    config = make_config(
+        tmp_path, rows, server, provider="dashscope", base_url=server.dashscope_base_url
+    )
+    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+
+    native, bare = read_results(config.out)
+    assert native["status"] == bare["status"] == "ok"
+    assert native["text"] == bare["text"]  # one vector per text, in input order
+    assert len(native["text"]) == 2
+    assert len(native["text"][0]) == 8
+    assert native["tokens_in"] == 3
+
+
 def test_dashscope_native_embeddings_and_text_answers_are_read() -> None:
     embeddings = {
         "output": {

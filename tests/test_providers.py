@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from batchrun.providers import Classified, Verdict, get_provider
@@ -225,6 +226,18 @@ def test_dashscope_chat_translation_line_result_format_wins_and_no_model() -> No
     }
 
 
+def test_a_native_embedding_line_goes_to_dashscope_as_it_was_written() -> None:
+    line = {
+        "model": "text-embedding-v3",
+        "input": {"texts": ["a"]},
+        "parameters": {"dimension": 64},
+    }
+    parsed = parse_line(orjson.dumps(line), 1, Defaults())
+    assert isinstance(parsed, Request)
+    assert dashscope.body(parsed) == line
+    assert dashscope.url(parsed, "https://h/api/v1") == "https://h/api/v1" + EMBEDDING_PATH
+
+
 def test_dashscope_native_sent_as_is() -> None:
     body = {
         "model": "qwen-plus",
@@ -427,7 +440,7 @@ def test_openai_usage(body: Any, expected: tuple[int, int]) -> None:
         ({"usage": {"prompt_tokens": 4, "completion_tokens": 2}}, (4, 2)),
         ({"usage": {"input_tokens": 9, "prompt_tokens": 1}}, (9, 0)),
         ({"usage": {"input_tokens": True, "prompt_tokens": 1, "output_tokens": 2}}, (1, 2)),
-        ({"usage": {"total_tokens": 6}}, (0, 0)),
+        ({"usage": {"total_tokens": 6}}, (6, 0)),  # a native embedding: all input
         ({"output": {"text": "x"}}, (0, 0)),
         (None, (0, 0)),
     ],

@@ -173,6 +173,25 @@ def test_dashscope_native_form() -> None:
     )
 
 
+def test_a_dashscope_native_embedding_is_read_as_the_bare_embeddings_body() -> None:
+    data = {
+        "custom_id": "e1",
+        "model": "text-embedding-v3",
+        "input": {"texts": ["a", "b"]},
+        "parameters": {"dimension": 512},
+    }
+    request = parse_ok(data, line=2)
+    assert request == Request(
+        line=2,
+        custom_id="e1",
+        kind="embeddings",
+        body={"model": "text-embedding-v3", "dimension": 512, "input": ["a", "b"]},
+    )
+    assert not isinstance(
+        parse_line(orjson.dumps({"input": {"texts": []}}), 1, Defaults()), Request
+    )
+
+
 def test_dashscope_native_without_parameters_gets_empty_parameters() -> None:
     request = parse_ok({"input": {"messages": MESSAGES}})
     assert request.kind == "dashscope"

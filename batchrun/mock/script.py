@@ -148,7 +148,8 @@ def prompt_parts(kind: Kind, body: dict[str, Any]) -> list[str]:
     given = body.get("input")
     if not isinstance(given, dict):
         return []
-    return _message_texts(given.get("messages")) or _strings(given.get("prompt"))
+    texts = _message_texts(given.get("messages")) or _strings(given.get("prompt"))
+    return texts or _strings(given.get("texts"))
 
 
 def openai_error(status: int, message: str, code: str | None = None) -> dict[str, Any]:
@@ -186,6 +187,12 @@ def _embedding(text: str) -> list[float]:
     # 32 digest bytes are 8 signed int32s; dividing by 2**31 lands in [-1, 1).
     words = struct.unpack("<8i", hashlib.sha256(text.encode()).digest())
     return [word / 2147483648 for word in words]
+
+
+def _native_texts(body: dict[str, Any]) -> bool:
+    """Whether a DashScope native body is an embedding's (``input.texts``)."""
+    given = body.get("input")
+    return isinstance(given, dict) and "texts" in given
 
 
 def _asks_json(call: Call) -> bool:
@@ -226,6 +233,12 @@ def success_body(call: Call, rules: Directives = NO_DIRECTIVES) -> dict[str, Any
         ]
         usage = {"prompt_tokens": n_in, "total_tokens": n_in}
         return {"object": "list", "data": data, "model": model, "usage": usage}
+    if call.kind == "dashscope" and _native_texts(call.body):
+        vectors = [
+            {"text_index": i, "embedding": _embedding(text)} for i, text in enumerate(call.parts)
+        ]
+        usage = {"total_tokens": n_in}
+        return {"output": {"embeddings": vectors}, "usage": usage, "request_id": call.request_id}
     content = _answer_text(call, rules, n_in)
     size = rules.size
     if size > len(content):

@@ -6,8 +6,9 @@
 at its end, as Gemini's), with the files and batches API there too (see
 ``batchrun.mock.batches``: a fast clock and batch faults, ``batch_faults``).
 DashScope native dialect: ``POST
-/api/v1/services/aigc/text-generation/generation``. ``GET /_mock/stats``
-returns ``MockServer.stats`` as JSON.
+/api/v1/services/aigc/text-generation/generation`` and, for embeddings
+(``input.texts``), ``/api/v1/services/embeddings/text-embedding/text-embedding``.
+``GET /_mock/stats`` returns ``MockServer.stats`` as JSON.
 
 Answers are pure functions of the request body: the sha256 hex ``digest`` of
 its canonical JSON (sorted keys; the raw bytes when it is no JSON object, see
@@ -83,6 +84,7 @@ from batchrun.mock.script import NO_DIRECTIVES, Call, digest_of, parse_directive
 from batchrun.records import BATCH_URLS, Kind
 
 DASHSCOPE_PATH: Final = "/api/v1/services/aigc/text-generation/generation"
+DASHSCOPE_EMBEDDING_PATH: Final = "/api/v1/services/embeddings/text-embedding/text-embedding"
 # The batch urls' paths under /v1/ ("chat/completions", ...), served under every prefix.
 _OPENAI_ROUTES: Final[dict[str, Kind]] = {
     url.removeprefix("/v1/"): kind for url, kind in BATCH_URLS.items()
@@ -255,7 +257,8 @@ class MockServer:
                 app.router.add_post(prefix + path, self._handler(kind))
         for path, kind in _OPENAI_ROUTES.items():
             app.router.add_post(f"{GATEWAY_PREFIX}/{path}", self._handler(kind))
-        app.router.add_post(DASHSCOPE_PATH, self._handler("dashscope"))
+        for path in (DASHSCOPE_PATH, DASHSCOPE_EMBEDDING_PATH):  # the body tells them apart
+            app.router.add_post(path, self._handler("dashscope"))
         app.router.add_get("/_mock/stats", self._get_stats)
         # handler_cancellation: a client that gives up must not leave a sleeper behind.
         runner = web.AppRunner(

@@ -70,9 +70,11 @@ class DashScopeProvider(Provider):
         if plain is not None:
             return plain
         usage = body.get("usage") if isinstance(body, dict | Mapping) else None
-        return int_field(usage, "input_tokens", "prompt_tokens"), int_field(
-            usage, "output_tokens", "completion_tokens"
-        )
+        tokens_in = int_field(usage, "input_tokens", "prompt_tokens")
+        tokens_out = int_field(usage, "output_tokens", "completion_tokens")
+        if not tokens_in and not tokens_out:  # a native embedding reports total_tokens only
+            tokens_in = int_field(usage, "total_tokens")
+        return tokens_in, tokens_out
 
 
 def _native(
