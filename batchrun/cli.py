@@ -84,14 +84,22 @@ def _run_parameters() -> list[inspect.Parameter]:
     spelling, ``also_KEY``), and ``--job`` after ``--out``."""
     params = []
     for setting in SETTINGS:
-        params.append(_parameter(setting.key, setting.type, _setting_option(setting)))
+        kind = _flag_type(setting)
+        params.append(_parameter(setting.key, kind, _setting_option(setting)))
         if setting.hidden_decls:
             hidden = typer.Option(*setting.hidden_decls, hidden=True)
-            params.append(_parameter(_ALSO + setting.key, setting.type, hidden))
+            params.append(_parameter(_ALSO + setting.key, kind, hidden))
     job = _opt("TOML job file; flags override it.", None, "--job")
     out_at = next(i for i, param in enumerate(params) if param.name == "out")
     params.insert(out_at + 1, _parameter("job", Path, job))
     return params
+
+
+def _flag_type(setting: Setting) -> type[Any]:
+    """What the command line parser hands on: a path as the text given, so
+    that an empty one (``--cache "$UNSET"``) is refused as empty text by
+    ``build_config`` instead of becoming the current directory."""
+    return str if setting.type is Path and not setting.argument else setting.type
 
 
 def _parameter(name: str, kind: type[Any], info: Any) -> inspect.Parameter:
@@ -109,7 +117,10 @@ def _setting_option(setting: Setting, *, panel: str | None = "") -> Any:
     help_text = setting.help_text.replace("[", "\\[")
     if setting.argument:
         return typer.Argument(metavar=setting.key.upper(), help=help_text)
-    return _opt(help_text, setting.panel if panel == "" else panel, *setting.flag_decls)
+    option = _opt(help_text, setting.panel if panel == "" else panel, *setting.flag_decls)
+    if setting.type is Path:
+        option.metavar = "<path>"  # parsed as text (see ``_flag_type``), shown as a path
+    return option
 
 
 _ALSO = "also_"  # the parameter of a setting's hidden spelling

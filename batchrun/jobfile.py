@@ -192,7 +192,10 @@ def _shard(settings: Mapping[str, Any], key: str) -> Shard:
 
 def _ca_bundle(settings: Mapping[str, Any], key: str) -> Path:
     given = settings[key]
-    require(isinstance(given, str | Path), f"ca_bundle must be a path to a PEM file, got {given!r}")
+    require(
+        isinstance(given, str | Path) and str(given).strip() != "",
+        f"ca_bundle must be a path to a PEM file, got {given!r}",
+    )
     return Path(given)
 
 

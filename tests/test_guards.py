@@ -36,7 +36,9 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
         "the state directory {out}.batchrun is also --summary",
     ),
     "out is a directory": (["--out", "{dir}"], "--out {dir} is a directory"),
-    "out is empty": (["--out", ""], "the output . is a directory: give the output's file name"),
+    "out is empty": (["--out", ""], "out must be non-empty text, got ''"),
+    "cache is empty": (["--cache", ""], "cache must be non-empty text, got ''"),
+    "summary is empty": (["--summary", ""], "summary must be non-empty text, got ''"),
     "out is standard output": (["--out", "-"], "--out -: batchrun writes a file, not standard"),
     "out in a missing directory": (
         ["--out", "{dir}/missing/o.jsonl"],
