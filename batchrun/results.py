@@ -16,7 +16,7 @@ import orjson
 from batchrun.answers import read_answer, usage_tokens
 from batchrun.errors import UsageError
 from batchrun.inputs import open_input
-from batchrun.state import StateDir
+from batchrun.state import StateDir, input_identity
 
 # The table's columns, in order; joined input columns follow them.
 COLUMNS: tuple[str, ...] = (
@@ -159,8 +159,26 @@ def read_results(
     clash = set(columns) & set(COLUMNS)
     if clash:
         raise UsageError(f"--columns {', '.join(sorted(clash))}: already an export column")
-    joined = InputColumns(Path(input), columns) if input is not None and columns else None
+    joined = None
+    if input is not None and columns:
+        joined = InputColumns(Path(input), columns)
+        _check_same_input(Path(out), Path(input))
     return _rows(source, joined)  # a plain function: bad arguments fail at the call
+
+
+def _check_same_input(out: Path, given: Path) -> None:
+    """``given`` is the input the run on ``out`` read, when its state says
+    which (a merged output has none): another file's fields, or an edited
+    one's, would be joined to the wrong rows."""
+    meta = StateDir(out).read_meta()
+    if meta is None or not isinstance(meta.get("input_hash"), str):
+        return
+    if input_identity(given) == (meta.get("input_size"), meta["input_hash"]):
+        return
+    raise UsageError(
+        f"--input {given} is not the input the run on {out} read ({meta.get('input')},"
+        " as it was then): its fields would be joined to the wrong rows"
+    )
 
 
 def _rows(source: Path, joined: InputColumns | None) -> Iterator[dict[str, Any]]:

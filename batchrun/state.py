@@ -216,12 +216,11 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
     any edit is seen. Settings that shape requests are included; limits,
     timeouts and retry settings may change between resumes.
     """
-    with config.input.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256")
+    size, digest = input_identity(config.input)
     return {
         "input": str(config.input.resolve()),
-        "input_size": config.input.stat().st_size,
-        "input_hash": digest.hexdigest(),
+        "input_size": size,
+        "input_hash": digest,
         "shard": str(config.shard) if config.shard else None,
         "provider": config.provider,
         "model": config.model,
@@ -253,6 +252,14 @@ _FINGERPRINT_KEYS = (
     "params",
     "response_schema",
 )
+
+
+def input_identity(path: Path) -> tuple[int, str]:
+    """An input file's size in bytes and the SHA-256 (hex) of all its bytes:
+    what a run's state records of its input (``fingerprint``)."""
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256")
+    return path.stat().st_size, digest.hexdigest()
 
 
 def recorded_input(out: Path) -> Path | None:

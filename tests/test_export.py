@@ -280,6 +280,27 @@ async def test_the_cost_column_holds_each_rows_cost(
     assert pq.read_table(tmp_path / "c.parquet").column("cost").to_pylist() == costs
 
 
+@pytest.mark.asyncio
+async def test_columns_come_only_from_the_input_the_run_read(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}", tag=f"t{i}") for i in range(3)])
+    config = make_config(tmp_path, [], server, input=source)
+    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+    other = write_jsonl(tmp_path / "other.jsonl", [chat(f"x{i}", tag=f"x{i}") for i in range(3)])
+
+    with pytest.raises(UsageError, match=f"--input {other} is not the input the run on"):
+        read_results(config.out, input=other, columns=["tag"])
+    write_jsonl(source, [chat(f"r{i}", tag=f"edited {i}") for i in range(3)])  # edited since
+    with pytest.raises(UsageError, match="its fields would be joined to the wrong rows"):
+        read_results(config.out, input=source, columns=["tag"])
+    assert [row["custom_id"] for row in read_results(config.out, input=other)] == [
+        "line-1",
+        "line-2",
+        "line-3",
+    ]  # no columns asked: the input is not read
+
+
 # What a test's run leaves in its directory.
 RUN_FILES = {"in.jsonl", "out.jsonl", "out.jsonl.batchrun"}
 
