@@ -222,6 +222,12 @@ def cancel_command(
     )
 
 
+# Three run settings validate takes too, with their help and checks.
+_PriceIn = Annotated[float | None, _setting_option(BY_KEY["price_input_per_million"], panel=None)]
+_PriceOut = Annotated[float | None, _setting_option(BY_KEY["price_output_per_million"], panel=None)]
+_ContextLimit = Annotated[int | None, _setting_option(BY_KEY["context_limit"], panel=None)]
+
+
 @app.command("validate")
 def validate_command(
     input_path: Annotated[
@@ -238,15 +244,9 @@ def validate_command(
     response_schema: Annotated[
         Path | None, _opt("Check this JSON Schema file too (alone: only it).")
     ] = None,
-    price_input_per_million: Annotated[
-        float | None, _setting_option(BY_KEY["price_input_per_million"], panel=None)
-    ] = None,
-    price_output_per_million: Annotated[
-        float | None, _setting_option(BY_KEY["price_output_per_million"], panel=None)
-    ] = None,
-    context_limit: Annotated[
-        int | None, _setting_option(BY_KEY["context_limit"], panel=None)
-    ] = None,
+    price_input_per_million: _PriceIn = None,
+    price_output_per_million: _PriceOut = None,
+    context_limit: _ContextLimit = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check INPUT without sending anything: bad lines, duplicate ids, models, tokens, cost.
@@ -254,10 +254,6 @@ def validate_command(
     Exits 1 when some rows would fail (bad lines, rows over the context limit),
     2 when the input, the job file or the response schema is unusable.
     """
-    from batchrun.jobfile import build_config
-    from batchrun.runner import EXIT_FAILED_ROWS
-    from batchrun.validate import validate
-
     if input_path is None and job is None and response_schema is not None:
         _check_schema_alone(response_schema)
         return
@@ -272,6 +268,16 @@ def validate_command(
         "price_output_per_million": price_output_per_million,
         "context_limit": context_limit,
     }
+    _print_validation(flags, as_json=as_json)
+
+
+def _print_validation(flags: dict[str, Any], *, as_json: bool) -> None:
+    """Validate the input the flags (and their job file) name, print the
+    report, and exit 1 when rows would fail."""
+    from batchrun.jobfile import build_config
+    from batchrun.runner import EXIT_FAILED_ROWS
+    from batchrun.validate import validate
+
     with _usage_errors():
         settings = _settings(flags)
         settings.setdefault("out", "-")  # validate writes nothing
@@ -374,20 +380,19 @@ def export_command(
     )
 
 
+def _bounded(help_text: str, low: float, high: float | None = None) -> Any:
+    return typer.Option(min=low, max=high, help=help_text)
+
+
 @app.command("mock-server")
 def mock_server_command(
-    port: Annotated[
-        int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: any free port).")
-    ] = 8000,
+    port: Annotated[int, _bounded("Port on 127.0.0.1 (0: any free port).", 0, 65535)] = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    latency: Annotated[float, typer.Option(min=0.0, help="Seconds added to every answer.")] = 0.0,
-    fail_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of answers that are 503.")
-    ] = 0.0,
+    latency: Annotated[float, _bounded("Seconds added to every answer.", 0.0)] = 0.0,
+    fail_rate: Annotated[float, _bounded("Share of answers that are 503.", 0.0, 1.0)] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the fault draw.")] = 0,
     rate_limit: Annotated[
-        int | None,
-        typer.Option(min=1, help="Requests per second; beyond it, 429 + Retry-After."),
+        int | None, _bounded("Requests per second; beyond it, 429 + Retry-After.", 1)
     ] = None,
     sliding_window: Annotated[
         bool,
@@ -397,14 +402,13 @@ def mock_server_command(
         ),
     ] = False,
     batch_seconds: Annotated[
-        float, typer.Option(min=0.0, help="Seconds a batch takes from creation to its end.")
+        float, _bounded("Seconds a batch takes from creation to its end.", 0.0)
     ] = 1.0,
     batch_expire_first: Annotated[
-        int,
-        typer.Option(min=0, help="The first N batches expire with half their rows unfinished."),
+        int, _bounded("The first N batches expire with half their rows unfinished.", 0)
     ] = 0,
     batch_token_limit_first: Annotated[
-        int, typer.Option(min=0, help="The first N batches fail on the enqueued-token limit.")
+        int, _bounded("The first N batches fail on the enqueued-token limit.", 0)
     ] = 0,
 ) -> None:
     """Serve the simulated provider (OpenAI and DashScope dialects, files and
@@ -412,11 +416,6 @@ def mock_server_command(
     from batchrun.mock.batches import BatchFaults
     from batchrun.mock.server import serve
 
-    faults = BatchFaults(
-        seconds=batch_seconds,
-        expire_first=batch_expire_first,
-        token_limit_first=batch_token_limit_first,
-    )
     with _usage_errors():
         serve(
             host=host,
@@ -426,7 +425,11 @@ def mock_server_command(
             seed=seed,
             rate_limit=rate_limit,
             sliding_window=sliding_window,
-            batch_faults=faults,
+            batch_faults=BatchFaults(
+                seconds=batch_seconds,
+                expire_first=batch_expire_first,
+                token_limit_first=batch_token_limit_first,
+            ),
         )
 
 
