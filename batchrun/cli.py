@@ -13,7 +13,7 @@ from typing import Annotated, Any, cast
 import orjson
 import typer
 
-from batchrun.errors import DiskError, LockedError, UsageError
+from batchrun.errors import DiskError, LockedError, RequestError, UsageError
 from batchrun.settings import BY_KEY, SETTINGS, Setting
 
 # Modules a command needs are imported inside it: ``batchrun --version`` and
@@ -210,9 +210,18 @@ def cancel_command(
     import anyio
 
     from batchrun.batchmode.cancel import cancel_batches
+    from batchrun.runner import EXIT_FATAL
 
-    with _usage_errors():
-        cancelled = anyio.run(cancel_batches, out)
+    try:
+        with _usage_errors():
+            cancelled = anyio.run(cancel_batches, out)
+    except RequestError as exc:  # unreachable, or refused: nothing was cancelled for sure
+        typer.echo(
+            f"batchrun: error: the provider could not be asked to cancel ({exc.code}: {exc})."
+            " The batches may still be running: run batchrun cancel again",
+            err=True,
+        )
+        raise typer.Exit(EXIT_FATAL) from None
     for batch_id, status in cancelled:
         typer.echo(f"{batch_id}: {status}")
     typer.echo(

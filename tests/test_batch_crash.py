@@ -131,6 +131,22 @@ async def test_cancel_cancels_and_the_rerun_keeps_finished_rows(tmp_path: Path) 
     assert len(read_jsonl(out)) == 10
 
 
+async def test_cancel_with_the_provider_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        process = await start_cli(command(source, out, server))
+        await wait_for(lambda: submitted(out) == 3)
+        process.send_signal(signal.SIGTERM)
+        assert (await finish(process))[0] == 75
+    # The server is gone: nothing answers at the recorded base URL.
+    cancelled = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
+    stderr = cancelled.stderr.decode()
+    assert cancelled.returncode == 3, stderr
+    assert stderr.startswith("batchrun: error: the provider could not be asked to cancel")
+    assert stderr.endswith("The batches may still be running: run batchrun cancel again\n")
+    assert "Traceback" not in stderr
+
+
 async def test_a_kill_mid_write_resumes_to_the_same_output_and_counts(tmp_path: Path) -> None:
     # Every batch is collected, then the ordered output is torn at row 7: the
     # rerun counts the 6 written rows from the output and the rest from the
