@@ -113,13 +113,20 @@ async def test_sigterm_leaves_the_batches_running_and_the_rerun_attaches(tmp_pat
     assert len(read_jsonl(out)) == 10
 
 
+async def stopped_with_batches_running(tmp_path: Path, server: MockServer) -> tuple[Path, Path]:
+    """The input and output of a run stopped by SIGTERM once its 3 batches
+    are submitted (they keep running on ``server``)."""
+    source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+    process = await start_cli(command(source, out, server))
+    await wait_for(lambda: submitted(out) == 3)
+    process.send_signal(signal.SIGTERM)
+    assert (await finish(process))[0] == 75
+    return source, out
+
+
 async def test_cancel_cancels_and_the_rerun_keeps_finished_rows(tmp_path: Path) -> None:
     async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
-        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
-        process = await start_cli(command(source, out, server))
-        await wait_for(lambda: submitted(out) == 3)
-        process.send_signal(signal.SIGTERM)
-        assert (await finish(process))[0] == 75
+        source, out = await stopped_with_batches_running(tmp_path, server)
         cancelled = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
         assert cancelled.returncode == 0, cancelled.stderr.decode()
         assert all(b.cancelled is not None for b in server.batches.batches.values())
@@ -133,11 +140,7 @@ async def test_cancel_cancels_and_the_rerun_keeps_finished_rows(tmp_path: Path) 
 
 async def test_cancel_with_the_provider_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
     async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
-        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
-        process = await start_cli(command(source, out, server))
-        await wait_for(lambda: submitted(out) == 3)
-        process.send_signal(signal.SIGTERM)
-        assert (await finish(process))[0] == 75
+        _, out = await stopped_with_batches_running(tmp_path, server)
     # The server is gone: nothing answers at the recorded base URL.
     cancelled = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
     stderr = cancelled.stderr.decode()
