@@ -164,47 +164,56 @@ class Client:
     async def send(self, request: Request, *, within: float = math.inf) -> Response:
         """One attempt, to the host the pool picks, cut at ``--request-timeout``
         (``request_timeout`` error) or after ``within`` seconds if sooner
-        (``OutOfTime``: the caller's own deadline)."""
+        (``OutOfTime``: the caller's own deadline).
+
+        Connect, send, wait and read run under that one deadline: the
+        per-read timeout alone lets a server that trickles bytes (or sends a
+        1xx, then nothing) hold the attempt forever. It is asyncio's own
+        timeout, not a cancel scope (which costs as much as a tenth of a fast
+        row's work). ``_post`` turns every TimeoutError of its own into a
+        RequestError. This function holds what could be three (a coroutine
+        layer is paid again at every resumption of the attempt).
+
+        A pooled connection the server had already closed (its keep-alive
+        timeout ran out as we reused it) is not the provider's answer: the
+        request goes once more at once, on a new connection (``_resend``).
+        Only a close before any answer counts (``_closed_before_answer``)."""
         host = self.hosts.pick()
+        url = self._provider.url(request, host.base_url)
+        data = orjson.dumps(self._provider.body(request))
         host_failed = False
         try:
-            return await self._within_deadline(host.base_url, request, within)
+            async with asyncio.timeout(min(self._request_timeout, within)):
+                try:
+                    return await self._post(url, data)
+                except _StaleConnection:
+                    self.stale_retries += 1
+                return await self._resend(url, data)
+        except TimeoutError:
+            error = self._out_of_time(within)
+            host_failed = isinstance(error, RequestError)
+            raise error from None
         except RequestError as exc:
             host_failed = exc.status is None or exc.status >= 500
             raise
         finally:
             self.hosts.finished(host, host_failed=host_failed)
 
-    async def _within_deadline(self, base_url: str, request: Request, within: float) -> Response:
-        """Connect, send, wait and read under one deadline: the per-read timeout
-        alone lets a server that trickles bytes (or sends a 1xx, then nothing)
-        hold the attempt forever. One deadline for both bounds, and asyncio's
-        own: a cancel scope costs as much as a tenth of a fast row's work.
-        (``_post`` turns every TimeoutError of its own into a RequestError.)"""
-        try:
-            async with asyncio.timeout(min(self._request_timeout, within)):
-                return await self._send_to(base_url, request)
-        except TimeoutError:
-            pass
+    def _out_of_time(self, within: float) -> Exception:
+        """What an attempt cut by the deadline raises: ``OutOfTime`` when it
+        was the caller's, else a ``request_timeout`` error (which, as any
+        failure without an HTTP answer, marks the host failed)."""
         if within < self._request_timeout:
-            raise OutOfTime
-        raise TransientError(
+            return OutOfTime()
+        return TransientError(
             "request_timeout",
             f"the attempt took longer than --request-timeout ({self._request_timeout:g} s)",
         )
 
-    async def _send_to(self, base_url: str, request: Request) -> Response:
-        """A pooled connection the server had already closed (its keep-alive
-        timeout ran out as we reused it) is not the provider's answer: the
-        request is sent once more at once, on a new connection (with a session
-        from ``open_session``; other sessions may hand out a pooled one). Only
-        a close before any answer counts (``_closed_before_answer``)."""
-        url = self._provider.url(request, base_url)
-        data = orjson.dumps(self._provider.body(request))
-        try:
-            return await self._post(url, data)
-        except _StaleConnection:
-            self.stale_retries += 1
+    async def _resend(self, url: str, data: bytes) -> Response:
+        """The one resend after a stale pooled connection, on a new connection
+        (with a session from ``open_session``; other sessions may hand out a
+        pooled one). A second close before any answer is the answer."""
         token = _NEW_CONNECTION.set(True)
         try:
             return await self._post(url, data)

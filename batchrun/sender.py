@@ -66,7 +66,10 @@ class RowSender:
         started = self.clock.monotonic()
         row = _RowAttempts(self, request, RowBudget(self.retry.budget, self.clock))
         try:
-            response = await self._with_retries(row.attempt, row.budget.remaining)
+            try:  # the first attempt goes straight: no coroutine layer of its own
+                response = await row.attempt()
+            except TransientError as exc:
+                response = await self._retried(exc, row.attempt, row.budget.remaining)
         except FatalError:
             raise
         except RequestError as exc:
@@ -98,16 +101,16 @@ class RowSender:
         finally:
             self.throttle.release(ticket, answered=answered)
 
-    async def _with_retries(
-        self, attempt: Callable[[], Awaitable[Response]], remaining: Callable[[], float]
+    async def _retried(
+        self,
+        failure: TransientError,
+        attempt: Callable[[], Awaitable[Response]],
+        remaining: Callable[[], float],
     ) -> Response:
-        """The first attempt goes straight; only a transient failure builds the
-        tenacity loop, which sees that failure as its own first attempt (so its
-        wait, Retry-After and bounds apply as if it had made it)."""
-        try:
-            return await attempt()
-        except TransientError as exc:
-            first: TransientError | None = exc
+        """After the first attempt's transient ``failure``: the tenacity loop,
+        which sees that failure as its own first attempt (so its wait,
+        Retry-After and bounds apply as if it had made it)."""
+        first: TransientError | None = failure
 
         async def replay_then_attempt() -> Response:
             nonlocal first
@@ -183,22 +186,15 @@ class _RowAttempts:
         try:
             if self.budget.started:
                 with anyio.move_on_after(self.budget.remaining()):
-                    return await self._checked()
+                    return await self._throttled()
                 raise OutOfTime
-            return await self._checked()
+            return await self._throttled()
         except OutOfTime:
             raise self.budget.exhausted() from None
 
-    async def _checked(self) -> Response:
-        """A throttled attempt whose answer passed the response schema, if any."""
-        response = await self._throttled()
-        answers = self.sender.answers
-        if answers is not None:  # raises for an answer that fails the schema
-            self.parsed = answers.classify(response)
-        return response
-
     async def _throttled(self) -> Response:
-        """Raises ``OutOfTime`` when the budget ends with the attempt in flight."""
+        """A throttled attempt whose answer passed the response schema, if any.
+        Raises ``OutOfTime`` when the budget ends with the attempt in flight."""
         sender, throttle = self.sender, self.sender.throttle
         ticket = await throttle.acquire(self.estimate)
         self.budget.start()
@@ -211,7 +207,6 @@ class _RowAttempts:
         try:
             response = await sender.client.send(self.request, within=self.budget.remaining())
             answered = True
-            return response
         except RequestError as exc:
             hold = throttle.failed(exc, sent=ticket)
             if isinstance(exc, TransientError) and exc.status is not None and exc.status >= 400:
@@ -220,7 +215,14 @@ class _RowAttempts:
             raise
         finally:
             sender.stats.in_flight -= 1
-            await sender.release(ticket, answered=answered, hold=hold)
+            if hold > 0:
+                await sender.release(ticket, answered=answered, hold=hold)
+            else:  # no coroutine to build for the usual case
+                throttle.release(ticket, answered=answered)
+        answers = sender.answers
+        if answers is not None:  # raises for an answer that fails the schema
+            self.parsed = answers.classify(response)
+        return response
 
 
 def _ignore(_value: int) -> None:

@@ -132,32 +132,24 @@ class Workers:
                 return
 
     async def _send_and_deliver(self, work: Work) -> bool:
-        """Send ``work`` and hand its result to the writer; False when the row
-        stops this worker (see ``_send``). A function of its own so that no
-        local outlives the row: a worker's loop would keep its last result
-        (the record and the parsed answer, a megabyte for a 512 KB answer)
-        alive while it waits for the next one."""
-        finished = await self._send(work)
-        if finished is None:
-            return False
-        self.writer.deliver(finished)
-        return True
-
-    async def _send(self, work: Work) -> Finished | None:
-        """Send one row with its journal marks; None when the answer was
-        fatal or the budget refused the row (then it stays unsent)."""
+        """Send ``work`` with its journal marks and hand its result to the
+        writer; False when the answer was fatal or the budget refused the row
+        (then it stays unsent), which stops this worker. A function of its
+        own so that no local outlives the row: a worker's loop would keep its
+        last result (the record and the parsed answer, a megabyte for a
+        512 KB answer) alive while it waits for the next one."""
         request, costs, writer = work.request, self.config.costs, self.writer
         reserved = worst_case_cost(costs, request) if costs.max_cost is not None else 0.0
         if not self.budget.reserve(reserved):
             self._stop_for_budget()
-            return None
+            return False
         try:
             outcome = await self.sender.send(request)  # marks it begun when it goes out
         except FatalError as exc:
             writer.abandon(request.line)
             self.budget.release(reserved)
             self._abort(exc)
-            return None
+            return False
         crashpoint.hit("after_response")
         if costs.priced:
             outcome.cost = costs.price(outcome.tokens_in, outcome.tokens_out)
@@ -167,7 +159,8 @@ class Workers:
         self.answers.add_outcome(work.key, data, outcome)
         if self.budget.refused and not writer.in_flight:
             self.cancel()  # the last row in flight at a budget stop
-        return Finished(work.row, work.input_end, data, outcome, journal_at=journal_at)
+        writer.deliver(Finished(work.row, work.input_end, data, outcome, journal_at=journal_at))
+        return True
 
     def _stop_for_budget(self) -> None:
         """Take no more rows; end once the rows in flight are answered."""
