@@ -92,14 +92,12 @@ class Answers:
 
     def add_outcome(self, key: bytes, line: bytes, outcome: Outcome) -> None:
         """Take a row's new result: its output ``line`` and ``outcome``."""
-        result = Stored(
-            record=line.rstrip(b"\n"),
-            ok=outcome.ok,
-            retryable=outcome.retryable,
-            cost=outcome.cost,
-            created=time.time(),  # wall time: what ``cache prune --older-than`` compares
+        # The store's columns at once, without a ``Stored`` per row; the
+        # time is wall time: what ``cache prune --older-than`` compares.
+        record = line.rstrip(b"\n")
+        self.add_row(
+            (key, record, int(outcome.ok), int(outcome.retryable), outcome.cost, time.time())
         )
-        self.add(key, result)
 
     def _add_local(self, row: StoreRow) -> None:
         self._local_batch.append(row)

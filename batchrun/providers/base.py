@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -88,6 +89,7 @@ def int_field(data: Any, *keys: str) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=1024)  # a run joins the same few pairs once per row
 def join_url(base_url: str, path: str) -> str:
     """``base_url`` + ``path``, with exactly one slash between them."""
     return base_url.rstrip("/") + "/" + path.lstrip("/")
