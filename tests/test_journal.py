@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchrun import journal as journal_module
 from batchrun.errors import CorruptStateError
 from batchrun.journal import Journal, read_journal
 from batchrun.resume import recover
@@ -229,3 +231,35 @@ async def test_a_begin_mark_is_written_before_begin_returns_and_results_by_the_p
     await anyio.lowlevel.checkpoint()
     assert path.read_bytes() == b'{"b":1}\n{"line":1}\n'
     journal.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=40_000), min_size=1, max_size=12),
+    most=st.integers(min_value=1, max_value=50_000),
+)
+def test_records_reach_the_file_whole_through_short_writes(
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], most: int
+) -> None:
+    """Small batches go as one joined write, large ones by writev: either
+    way, when the kernel takes fewer bytes than offered (``most`` per call
+    here), the rest follows and the file holds every record whole, in order."""
+    real_write = os.write
+
+    def short_write(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data[:most]))
+
+    def short_writev(fd: int, views: list[memoryview]) -> int:
+        return real_write(fd, b"".join(bytes(view) for view in views)[:most])
+
+    pieces = [bytes([65 + number % 26]) * size for number, size in enumerate(sizes)]
+    path = tmp_path_factory.mktemp("short") / "journal"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(journal_module.os, "write", short_write)
+            patch.setattr(journal_module.os, "writev", short_writev)
+            Journal._write_all(fd, pieces)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(pieces)
