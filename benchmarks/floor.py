@@ -8,7 +8,13 @@ n. one-off failures: 5,000 rows at 50 ms with 64 in flight where 10 % of
    connection reset, in equal shares, seeded), against the same rows with no
    fault; each repetition gets a fresh mock provider, whose attempt counters
    decide which attempt fails;
-o. start-up: ``batchrun --version``, median wall time of 11 runs.
+o. start-up: ``batchrun --version``, median wall time of 11 runs;
+p. work per row without the machine's noise: the instructions batchrun and
+   the bare loop execute under valgrind's callgrind, at zero latency with 64
+   in flight, for 1,000 and 3,000 rows; the difference over 2,000 rows is
+   the work per row, the rest is start-up. User-space instructions only: a
+   system call counts as the few instructions that make it. Skipped when
+   valgrind is not installed.
 
 ``render_targets`` turns these and scenarios a and b into one table: each
 ratio against its target, and whether it is met.
@@ -17,13 +23,23 @@ ratio against its target, and whether it is met.
 from __future__ import annotations
 
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import PY, MockProcess, batchrun_cmd, client_env, measure
+from benchmarks.run import (
+    PY,
+    MockProcess,
+    batchrun_cmd,
+    client_cmd,
+    client_env,
+    make_input,
+    measure,
+)
 
 FAULTS = (
     "mock:fail=500x1",
@@ -89,6 +105,53 @@ def run_version_time(runs: int = 11) -> float:
     return statistics.median(walls)
 
 
+COUNTED_ROWS = (1_000, 3_000)
+_COLLECTED = re.compile(rb"Collected : (\d+)")
+
+
+def run_instructions(work: Path) -> dict[str, Any]:
+    """Scenario p: instructions per row and at start-up, batchrun and bare."""
+    found: dict[str, Any] = {}
+    with MockProcess(0.0, work / "mock-p.log") as server:
+        for client in ("batchrun", "bare"):
+            counts = [_instructions(client, server, work, rows) for rows in COUNTED_ROWS]
+            per_row = (counts[1] - counts[0]) / (COUNTED_ROWS[1] - COUNTED_ROWS[0])
+            found[client] = {"per_row": per_row, "start": counts[0] - per_row * COUNTED_ROWS[0]}
+            print(f"  [p] {client:8s} {per_row / 1e3:,.1f} k instructions per row", flush=True)
+    found["ratio"] = found["batchrun"]["per_row"] / found["bare"]["per_row"]
+    return found
+
+
+def _instructions(client: str, server: MockProcess, work: Path, rows: int) -> int:
+    """User-space instructions of one run of ``client`` over ``rows`` rows."""
+    inp, out = make_input(work / f"p-{rows}.jsonl", rows), work / f"out-p-{client}.jsonl"
+    cmd = client_cmd(client, server, inp, out, 64)
+    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    done = subprocess.run(
+        valgrind + cmd, capture_output=True, env=client_env(), timeout=900, check=True
+    )
+    shutil.rmtree(out.with_name(out.name + ".batchrun"), ignore_errors=True)
+    out.unlink()
+    match = _COLLECTED.search(done.stderr)
+    if match is None:
+        raise RuntimeError(f"callgrind reported no count for {client}")
+    return int(match.group(1))
+
+
+def render_instructions(p: dict[str, Any]) -> list[str]:
+    """Markdown lines for scenario p."""
+    lines = ["", "## Instructions per row (scenario p, callgrind, zero latency, 64 in flight)"]
+    lines += ["", "| client | instructions per row | vs bare | start-up instructions |"]
+    lines.append("|---|---:|---:|---:|")
+    for client in ("batchrun", "bare"):
+        row = p[client]
+        ratio = row["per_row"] / p["bare"]["per_row"]
+        lines.append(
+            f"| {client} | {row['per_row']:,.0f} | {ratio:.2f} | {row['start'] / 1e6:,.0f} M |"
+        )
+    return lines
+
+
 def _ratio(tables: list[dict[str, Any]], key: str) -> float | None:
     sc = next((s for s in tables if s["key"] == key), None)
     row = next((r for r in sc["table"] if r["client"] == "batchrun"), None) if sc else None
@@ -114,9 +177,10 @@ def render_targets(tables: list[dict[str, Any]], floor: dict[str, Any]) -> list[
     o = floor.get("o")
     if o is not None:
         checks.append(("o: `batchrun --version`, seconds", o, "< 0.150 s", o < 0.150))
+    lines = render_instructions(floor["p"]) if "ratio" in floor.get("p", {}) else []
     if not checks:
-        return []
-    lines = ["", "## Floor targets (issue 11)", "", "| scenario | figure | target | met |"]
+        return lines
+    lines += ["", "## Floor targets (issue 11)", "", "| scenario | figure | target | met |"]
     lines.append("|---|---:|---|---|")
     for title, figure, target, met in checks:
         shown = "—" if figure is None else f"{figure:.2f}" if figure >= 0.5 else f"{figure:.3f}"
@@ -134,4 +198,10 @@ def run_floor(scenarios: str, work: Path, reps: int) -> dict[str, Any]:
     if "o" in scenarios:
         print("scenario o: batchrun --version", flush=True)
         found["o"] = run_version_time()
+    if "p" in scenarios:
+        if shutil.which("valgrind") is None:
+            found["p"] = {"skipped": "valgrind is not installed"}
+        else:
+            print("scenario p: instructions per row under callgrind", flush=True)
+            found["p"] = run_instructions(work)
     return found

@@ -32,10 +32,11 @@ j. paying once, a cache: 200,000 rows sent into a ``--cache``, then served
 k. memory behind a slow head row: row 1 answers after 25 s, 2,000 rows of 512 KB
    answers wait for it; peak RSS with ``--reorder-bytes`` at its default and
    unbounded (see ``benchmarks/reorder_bench.py``);
-l, m, n, o. the floor (``benchmarks/floor.py``): 1 s of latency with 1,000
+l, m, n, o, p. the floor (``benchmarks/floor.py``): 1 s of latency with 1,000
    and 2,000 in flight against the bare loop; 10 % of rows failing once
-   against no faults; ``batchrun --version`` start-up. The report ends with
-   every ratio against its target.
+   against no faults; ``batchrun --version`` start-up; instructions per row
+   under callgrind, against the bare loop's. The report ends with every
+   ratio against its target.
 
 Results go to ``benchmarks/results/latest.md`` and ``latest.json`` (``smoke.*``
 with ``--smoke``). Only loopback is contacted, and every loop has a deadline.
@@ -553,7 +554,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions per client (3)")
     p.add_argument(
-        "--scenarios", default="abcdefghijklmno", help="which of a-o to run (abcdefghijklmno)"
+        "--scenarios", default="abcdefghijklmnop", help="which of a-p to run (abcdefghijklmnop)"
     )
     p.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
     p.add_argument("--rows-a", type=int, default=20_000)
