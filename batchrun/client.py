@@ -30,6 +30,7 @@ from aiohttp.payload import Payload
 from aiohttp.tracing import Trace
 
 from batchrun.config import DEFAULT_MAX_RESPONSE_BYTES, Limits, Timeouts
+from batchrun.deadlines import FifoDeadlines
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.hosts import HostPool
 from batchrun.providers import Provider
@@ -159,6 +160,7 @@ class Client:
         self._write_timeout = write_timeout
         self._request_timeout = request_timeout
         self._max_response_bytes = max_response_bytes
+        self._deadlines = FifoDeadlines(request_timeout)
         self.stale_retries = 0
 
     async def send(self, request: Request, *, within: float = math.inf) -> Response:
@@ -168,27 +170,28 @@ class Client:
 
         Connect, send, wait and read run under that one deadline: the
         per-read timeout alone lets a server that trickles bytes (or sends a
-        1xx, then nothing) hold the attempt forever. It is asyncio's own
-        timeout, not a cancel scope (which costs as much as a tenth of a fast
-        row's work). ``_post`` turns every TimeoutError of its own into a
-        RequestError. This function holds what could be three (a coroutine
-        layer is paid again at every resumption of the attempt).
-
-        A pooled connection the server had already closed (its keep-alive
-        timeout ran out as we reused it) is not the provider's answer: the
-        request goes once more at once, on a new connection (``_resend``).
-        Only a close before any answer counts (``_closed_before_answer``)."""
+        1xx, then nothing) hold the attempt forever. ``--request-timeout``
+        is the same for every attempt, so its deadlines share one timer
+        (``FifoDeadlines``); a shorter ``within`` takes asyncio's own timeout
+        (a cancel scope costs as much as a tenth of a fast row's work).
+        ``_post`` turns every TimeoutError of its own into a RequestError."""
         host = self.hosts.pick()
         url = self._provider.url(request, host.base_url)
         data = orjson.dumps(self._provider.body(request))
         host_failed = False
         try:
-            async with asyncio.timeout(min(self._request_timeout, within)):
-                try:
-                    return await self._post(url, data)
-                except _StaleConnection:
-                    self.stale_retries += 1
-                return await self._resend(url, data)
+            if within < self._request_timeout:
+                async with asyncio.timeout(within):
+                    return await self._exchange(url, data)
+            deadline = self._deadlines.start()
+            try:
+                return await self._exchange(url, data)
+            except asyncio.CancelledError:
+                if self._deadlines.timed_out(deadline):
+                    raise TimeoutError from None
+                raise
+            finally:
+                self._deadlines.finish(deadline)
         except TimeoutError:
             error = self._out_of_time(within)
             host_failed = isinstance(error, RequestError)
@@ -198,6 +201,17 @@ class Client:
             raise
         finally:
             self.hosts.finished(host, host_failed=host_failed)
+
+    async def _exchange(self, url: str, data: bytes) -> Response:
+        """A pooled connection the server had already closed (its keep-alive
+        timeout ran out as we reused it) is not the provider's answer: the
+        request goes once more at once, on a new connection (``_resend``).
+        Only a close before any answer counts (``_closed_before_answer``)."""
+        try:
+            return await self._post(url, data)
+        except _StaleConnection:
+            self.stale_retries += 1
+        return await self._resend(url, data)
 
     def _out_of_time(self, within: float) -> Exception:
         """What an attempt cut by the deadline raises: ``OutOfTime`` when it
