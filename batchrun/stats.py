@@ -57,14 +57,17 @@ class LatencyHistogram:
 
     def record(self, seconds: float) -> None:
         """Add one latency of ``seconds``."""
-        if math.isnan(seconds):
+        # Comparisons, not min()/max() calls: this runs once per row.
+        if seconds != seconds:  # NaN
             return
-        value = min(max(seconds, _MIN_S), _MAX_S)
-        index = min(int(math.log(value / _MIN_S) / _LOG_GROWTH), _BUCKETS - 1)
-        self._counts[index] += 1
+        value = _MIN_S if seconds < _MIN_S else _MAX_S if seconds > _MAX_S else seconds
+        index = int(math.log(value / _MIN_S) / _LOG_GROWTH)
+        self._counts[index if index < _BUCKETS else _BUCKETS - 1] += 1
         self._count += 1
-        self._min = min(self._min, value)
-        self._max = max(self._max, value)
+        if value < self._min:
+            self._min = value
+        if value > self._max:
+            self._max = value
 
     @property
     def count(self) -> int:
@@ -265,9 +268,10 @@ class RunStats(Counted):
         """
         self.done += 1
         self.counts.count(ok, error_code, tokens_in, tokens_out, cost)
-        self.retries += max(0, attempts - 1)
         if attempts:
             self.sent += 1
+            if attempts > 1:
+                self.retries += attempts - 1
         if latency_s is not None:
             self.latency.record(latency_s)
         self.cost += cost
