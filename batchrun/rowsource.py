@@ -74,6 +74,14 @@ def known_row(row: int, offset: int, data: bytes, tally: Tally | None) -> Finish
     return tuple.__new__(Finished, (row, offset, data, None, False, None, 0, tally))
 
 
+def answered_row(
+    row: int, offset: int, data: bytes, outcome: Outcome, journal_at: int | None
+) -> Finished:
+    """``Finished(row, offset, data, outcome, journal_at=journal_at)`` as
+    ``known_row`` makes it: made for each row answered online."""
+    return tuple.__new__(Finished, (row, offset, data, outcome, False, journal_at, 0, None))
+
+
 class Work(NamedTuple):
     """A row to send."""
 
@@ -211,7 +219,7 @@ class RowSource:
         if found is not None:
             data = relabel(found.record, parsed.line, parsed.custom_id)
             return Finished(row, offset, data, None, reused=True)
-        return Work(row, offset, parsed, key)
+        return tuple.__new__(Work, (row, offset, parsed, key))  # ``Work(...)``, as ``known_row``
 
     @contextmanager
     def _previous(self, skip: int) -> Iterator[Iterator[bytes] | None]:

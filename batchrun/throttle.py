@@ -161,7 +161,8 @@ class Throttle:
         except BaseException:
             self.limiter.release()
             raise
-        return Ticket(self._throughput.start(), self._recent.sent())
+        # ``Ticket(...)`` without the NamedTuple's Python-level constructor: one per send.
+        return tuple.__new__(Ticket, (self._throughput.start(), self._recent.sent()))
 
     def release(self, ticket: Ticket, *, answered: bool) -> None:
         """Give the place back; ``answered``: a good answer came."""

@@ -32,7 +32,7 @@ from batchrun.errors import FatalError
 from batchrun.ordered import OrderedWriter
 from batchrun.records import output_line
 from batchrun.reuse import Answers
-from batchrun.rowsource import Finished, Work
+from batchrun.rowsource import Finished, Work, answered_row
 from batchrun.sender import RowSender
 
 __all__ = ["Workers"]
@@ -159,7 +159,7 @@ class Workers:
         self.answers.add_outcome(work.key, data, outcome)
         if self.budget.refused and not writer.in_flight:
             self.cancel()  # the last row in flight at a budget stop
-        writer.deliver(Finished(work.row, work.input_end, data, outcome, journal_at=journal_at))
+        writer.deliver(answered_row(work.row, work.input_end, data, outcome, journal_at))
         return True
 
     def _stop_for_budget(self) -> None:
