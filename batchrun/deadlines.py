@@ -44,7 +44,8 @@ class FifoDeadlines:
 
     Invariant: the queue is in deadline order, holds every pending deadline
     and at most ``2 * pending + _SLACK`` entries; a timer is armed whenever
-    a deadline is pending. Use from one event loop only.
+    a deadline is pending. Its deadlines are all on one event loop at a
+    time; once none is pending, the next may come from another loop.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -78,6 +79,7 @@ class FifoDeadlines:
             queue.popleft()
         if not queue:
             self._disarm()
+            self._loop = None  # idle: the next start may come from another event loop
         elif len(queue) > 2 * self._pending + _SLACK:
             self._queue = deque(e for e in queue if e.state == _PENDING)
 

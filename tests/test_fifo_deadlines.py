@@ -101,3 +101,12 @@ async def test_finished_deadlines_behind_a_slow_head_do_not_pile_up() -> None:
         deadlines.finish(entry)
     assert not deadlines._queue
     assert deadlines._timer is None
+
+
+def test_one_set_of_deadlines_serves_one_event_loop_after_another() -> None:
+    """A client outlives a loop in the Python API's repeated runs: once
+    idle, its deadlines work on the next loop."""
+    deadlines = FifoDeadlines(0.05)
+    for _ in range(2):
+        assert asyncio.run(_bounded(deadlines, 5.0)) == "timeout"
+        assert asyncio.run(_bounded(deadlines, 0.0)) == "done"
