@@ -26,6 +26,7 @@ from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
 from batchrun.errors import DiskError, FatalError, UsageError
 from batchrun.eventloop import backend_options
+from batchrun.fdlimit import make_room
 from batchrun.hosts import HostPool
 from batchrun.inputs import check_readable
 from batchrun.journal import read_journal
@@ -101,6 +102,7 @@ async def run_async(
         raise UsageError(f"input file {config.input} does not exist or is not a file")
     check_readable(config.input)
     check_run_paths(config)
+    make_room(config.limits.pool_size)  # before anything is sent or written
     tls = _tls(config)
     state = StateDir(config.out)
     state.lock()
