@@ -383,6 +383,12 @@ def _damaged(path: Path, exc: sqlite3.Error) -> StoreError | DiskError:
     if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
         code = errno.ENOSPC if primary == sqlite3.SQLITE_FULL else errno.EIO
         return DiskError(path, OSError(code, os.strerror(code)))
+    if primary == sqlite3.SQLITE_CANTOPEN:  # a file it could not open is no damage
+        return StoreError(
+            f"cannot open a file of the result store {path} ({exc}): the process may be"
+            " out of open files (ulimit -n), or the directory is gone or not writable;"
+            " the store itself is kept"
+        )
     return StoreError(
         f"the result store {path} is damaged ({exc}); move it away (a new one is made)"
         " or, for an output's own store, run again with --restart"

@@ -410,3 +410,16 @@ def test_a_short_put_takes_a_few_statements_not_one_per_row(tmp_path: Path) -> N
     assert len(inserts) == 4  # 32 + 16 + 8 + 1
     assert store.stats().results == 57
     store.close()
+
+
+def test_a_file_the_store_cannot_open_is_not_called_damaged(tmp_path: Path) -> None:
+    """Out of open files (or a directory gone), SQLite cannot open a file it
+    needs: the message names the likely causes and does not tell the user to
+    throw the store, and its paid results, away."""
+    error = sqlite3.OperationalError("unable to open database file")
+    error.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN  # as the sqlite3 module sets it
+    mapped = batchrun.store._damaged(tmp_path / STORE_FILE, error)
+    assert isinstance(mapped, StoreError)
+    assert "ulimit -n" in str(mapped)
+    assert "damaged" not in str(mapped)
+    assert "--restart" not in str(mapped)
