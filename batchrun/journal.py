@@ -8,8 +8,9 @@ An append-only file of JSON lines in the state directory, of two kinds:
   so a resume counts it "in doubt" before sending it again. A row still
   waiting at the throttle has no mark: it reached nobody.
 * ``{"x": N}``: row ``N``'s request was answered with an error, fatal (a bad
-  key) or transient (a 5xx or a 429, before a retry): it was not billed
-  and is sent again on resume, but not in doubt. A retry marks it begun again.
+  key) or transient (a 5xx or a 429, before a retry), or found no
+  connection (before a retry): it was not billed and is sent again on
+  resume, but not in doubt. A retry marks it begun again.
 * an output record (``{"id": ..., "line": N, ...}``): row ``N`` finished; the
   same bytes later go into the ordered output. It is preceded, in the same
   ``write``, by ``{"k": HEX, "l": N}``: the content key of row ``N``'s

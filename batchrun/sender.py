@@ -49,8 +49,9 @@ class RowSender:
         # first, and any after ``on_unpaid``).
         self.on_send: Callable[[int], None] = _ignore
         # Told a row's line when an attempt got an error answer (an HTTP
-        # status of 400 or more) that will be retried: the provider did not
-        # bill it, so the row is not in doubt while it waits.
+        # status of 400 or more) or no connection at all, and will be
+        # retried: the provider did not bill it, so the row is not in doubt
+        # while it waits.
         self.on_unpaid: Callable[[int], None] = _ignore
 
     async def send(self, request: Request) -> Outcome:
@@ -209,8 +210,8 @@ class _RowAttempts:
             answered = True
         except RequestError as exc:
             hold = throttle.failed(exc, sent=ticket)
-            if isinstance(exc, TransientError) and exc.status is not None and exc.status >= 400:
-                sender.on_unpaid(self.request.line)  # answered, not billed: a retry follows
+            if isinstance(exc, TransientError) and _unpaid(exc):
+                sender.on_unpaid(self.request.line)  # not billed: a retry follows
                 self.marked = False
             raise
         finally:
@@ -223,6 +224,16 @@ class _RowAttempts:
         if answers is not None:  # raises for an answer that fails the schema
             self.parsed = answers.classify(response)
         return response
+
+
+# Failures before any connection was made: the request never left.
+_NEVER_SENT = frozenset({"connect_error", "connect_timeout"})
+
+
+def _unpaid(exc: TransientError) -> bool:
+    """Whether the provider cannot have billed the attempt that failed so:
+    an error answer (HTTP 400 or more), or no connection at all."""
+    return (exc.status is not None and exc.status >= 400) or exc.code in _NEVER_SENT
 
 
 def _ignore(_value: int) -> None:

@@ -69,7 +69,7 @@ class Workers:
         self._backing_off_rows = 0  # rows waiting for a retry, each holding a worker
         sender.on_backoff = self._backing_off
         sender.on_send = writer.begin  # the row's waits are over: it may reach the provider
-        sender.on_unpaid = writer.abandon  # an error answer: not billed, not in doubt
+        sender.on_unpaid = writer.abandon  # an error answer or no connection: not in doubt
 
     @property
     def stopping(self) -> bool:

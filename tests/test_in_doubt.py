@@ -15,6 +15,7 @@ import pytest
 
 from batchrun.mock.server import MockServer
 from tests.conftest import chat, write_jsonl
+from tests.redis_server import free_port
 from tests.test_resume import command, finish, run_cli, start_cli, wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -79,3 +80,25 @@ async def test_rows_waiting_to_retry_after_an_error_answer_are_not_in_doubt(
     assert code == -signal.SIGKILL
     assert server.stats.requests == 4  # no retry went out yet
     assert (await status_of(out))["in_doubt"] == 1  # the row in flight only
+
+
+async def test_rows_waiting_to_retry_after_no_connection_are_not_in_doubt(
+    tmp_path: Path,
+) -> None:
+    # Nothing listens on the port: every attempt is refused before a byte of
+    # the request leaves, and the rows wait 30 s for their retry.
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "batchrun", "run", str(source), "--out", str(out)]
+    argv += ["--provider", "openai", "--base-url", f"http://127.0.0.1:{free_port()}/v1"]
+    argv += ["--no-progress", "--backoff-initial", "30", "--backoff-max", "30"]
+    journal = out.with_name("out.jsonl.batchrun") / "journal"
+
+    process = await start_cli(argv)
+    await wait_for(lambda: journal.exists() and journal.read_bytes().count(b'{"b":') >= 3)
+    await anyio.sleep(0.5)  # the refusals are journaled
+    process.kill()
+    code, _ = await finish(process)
+
+    assert code == -signal.SIGKILL
+    assert (await status_of(out))["in_doubt"] == 0
