@@ -25,10 +25,20 @@ def parse_age(text: str) -> float:
 
 
 def _existing(directory: Path) -> Path:
+    """The store file of ``directory`` (a ``--cache`` directory or an output's
+    ``OUT.batchrun``), or that file itself when given."""
+    if directory.is_file() and directory.name == STORE_FILE:
+        return directory
     path = directory / STORE_FILE
-    if not path.is_file():
-        raise UsageError(f"no result store in {directory} (looked for {path})")
-    return path
+    if path.is_file():
+        return path
+    hint = (
+        f"; {directory} is a file: give the directory that holds {STORE_FILE}"
+        " (the --cache directory, or OUT.batchrun for an output's own store)"
+        if directory.is_file()
+        else ""
+    )
+    raise UsageError(f"no result store in {directory} (looked for {path}){hint}")
 
 
 def stats(directory: Path) -> StoreStats:

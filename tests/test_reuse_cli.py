@@ -97,6 +97,8 @@ async def test_cache_stats_and_prune(tmp_path: Path, server: MockServer) -> None
     after = await run_cli([*base, "stats", str(cache), "--json"])
     bad = await run_cli([*base, "prune", str(cache), "--older-than", "soon"])
     missing = await run_cli([*base, "stats", str(tmp_path / "nowhere")])
+    by_file = await run_cli([*base, "stats", str(cache / "results.sqlite"), "--json"])
+    not_a_store = await run_cli([*base, "stats", str(source)])
 
     assert b"5 results" in shown.stdout
     assert b"deleted 0 results" in kept.stdout
@@ -104,6 +106,9 @@ async def test_cache_stats_and_prune(tmp_path: Path, server: MockServer) -> None
     assert orjson.loads(after.stdout)["results"] == 0
     assert (bad.returncode, missing.returncode) == (2, 2)
     assert b"--older-than" in bad.stderr
+    assert orjson.loads(by_file.stdout)["results"] == 0  # the store file itself will do
+    assert not_a_store.returncode == 2
+    assert b"is a file: give the directory" in not_a_store.stderr
 
 
 async def test_a_cache_that_cannot_be_written_is_exit_2_before_any_request(
