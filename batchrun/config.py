@@ -51,14 +51,16 @@ def _is_count(value: object) -> bool:
 
 
 def _is_http_url(url: object) -> bool:
-    """An absolute http or https URL with a host: nothing else can be sent to."""
+    """An absolute http or https URL with a host, and a port of 1-65535 if it
+    names one: nothing else can be sent to."""
     if not isinstance(url, str):
         return False
     try:
         parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
+        port = parts.port  # raises for a port out of range or not a number
     except ValueError:  # a malformed port or IPv6 address
         return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 def _is_seconds(value: object, *, minimum_exclusive: bool) -> bool:

@@ -54,6 +54,8 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     "tpm 1e400": (["--tpm", "1e400"], "--tpm must be a finite number > 0, got inf"),
     "ftp base url": (["--base-url", "ftp://x"], "--base-url must be an http:// or https:// URL"),
     "misspelt scheme": (["--base-url", "htps://h/v1"], "--base-url must be an http:// or https"),
+    "port past 65535": (["--base-url", "http://h:99999/v1"], "--base-url must be an http://"),
+    "port 0": (["--base-url", "http://h:0/v1"], "--base-url must be an http:// or https://"),
 }
 
 
