@@ -51,8 +51,8 @@ def _is_count(value: object) -> bool:
 
 
 def _is_http_url(url: object) -> bool:
-    """An absolute http or https URL with a host, and a port of 1-65535 if it
-    names one: nothing else can be sent to."""
+    """An absolute http or https URL with a host name that can be looked up,
+    and a port of 1-65535 if it names one: nothing else can be sent to."""
     if not isinstance(url, str):
         return False
     try:
@@ -60,7 +60,25 @@ def _is_http_url(url: object) -> bool:
         port = parts.port  # raises for a port out of range or not a number
     except ValueError:  # a malformed port or IPv6 address
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
+    host = parts.hostname
+    return parts.scheme in ("http", "https") and _is_host(host) and port != 0
+
+
+# What a host name may hold once IDNA-encoded: DNS names (underscores too, as
+# container names have them), IPv4 and IPv6 addresses with a zone.
+_HOST_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_:%")
+
+
+def _is_host(host: str | None) -> bool:
+    """A host name the resolver can take: IDNA-encodable (no empty label, none
+    over 63 characters) and without spaces or other stray characters."""
+    if not host:
+        return False
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return set(encoded.lower()) <= _HOST_CHARACTERS
 
 
 def _is_seconds(value: object, *, minimum_exclusive: bool) -> bool:

@@ -56,6 +56,8 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     "misspelt scheme": (["--base-url", "htps://h/v1"], "--base-url must be an http:// or https"),
     "port past 65535": (["--base-url", "http://h:99999/v1"], "--base-url must be an http://"),
     "port 0": (["--base-url", "http://h:0/v1"], "--base-url must be an http:// or https://"),
+    "empty label": (["--base-url", "http://a..b/v1"], "--base-url must be an http:// or https"),
+    "space in host": (["--base-url", "http://a b/v1"], "--base-url must be an http:// or https"),
 }
 
 
