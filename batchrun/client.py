@@ -252,7 +252,7 @@ class Client:
             if _closed_before_answer(exc):
                 raise _StaleConnection(exc) from exc
             raise self._redacted(transport_error(exc)) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError) as exc:
             raise self._redacted(transport_error(exc)) from exc
 
     def _response(self, status: int, headers: Any, raw: bytes) -> Response:
@@ -414,6 +414,8 @@ def transport_error(exc: BaseException) -> RequestError:
         return tls
     if isinstance(exc, aiohttp.InvalidURL):
         return FatalError("invalid_url", f"invalid URL: {text}")
+    if isinstance(exc, UnicodeError):  # the resolver's IDNA encoding refused the host name
+        return FatalError("invalid_url", f"the host name cannot be looked up: {text}")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return TransientError("truncated_body", f"the response body was cut short: {text}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -214,3 +214,12 @@ async def test_a_stale_connection_is_resent_on_a_fresh_one_not_another_pooled_on
     assert response.status_code == 200
     assert client.stale_retries == 1
     assert server.stats.requests == 5
+
+
+async def test_a_host_name_the_resolver_refuses_is_a_fatal_invalid_url() -> None:
+    """An empty label fails the resolver's IDNA encoding with a UnicodeError:
+    mapped like any invalid URL, not a crash (the run's settings refuse such
+    a --base-url before this; a Client takes what it is given)."""
+    with pytest.raises(FatalError) as caught:
+        await send("http://a..b/v1", request())
+    assert caught.value.code == "invalid_url"
