@@ -176,10 +176,10 @@ class Client:
         (a cancel scope costs as much as a tenth of a fast row's work).
         ``_post`` turns every TimeoutError of its own into a RequestError."""
         host = self.hosts.pick()
-        url = self._provider.url(request, host.base_url)
-        data = orjson.dumps(self._provider.body(request))
         host_failed = False
-        try:
+        try:  # from the pick on: the host is told ``finished`` whatever happens
+            url = self._provider.url(request, host.base_url)
+            data = orjson.dumps(self._provider.body(request))
             if within < self._request_timeout:
                 async with asyncio.timeout(within):
                     return await self._exchange(url, data)
