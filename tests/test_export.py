@@ -106,21 +106,33 @@ async def test_embeddings_export_their_vectors(
         assert [orjson.loads(r["text"]) for r in csv.DictReader(handle)] == vectors
 
 
+async def _dashscope_run(
+    tmp_path: Path,
+    server: MockServer,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    rows: list[dict[str, Any]],
+) -> Path:
+    """``rows`` run through the mock's DashScope dialect; the output's path."""
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    config = make_config(
+        tmp_path, rows, server, provider="dashscope", base_url=server.dashscope_base_url
+    )
+    assert (await run_async(config, clock=clock)).exit_code == 0
+    return config.out
+
+
 @pytest.mark.asyncio
 async def test_dashscope_native_answers(
     tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
     rows = [
         chat("hello qwen", custom_id="q"),
         {"custom_id": "n", "input": {"messages": [{"role": "user", "content": "native one"}]}},
     ]
-    config = make_config(
-        tmp_path, rows, server, provider="dashscope", base_url=server.dashscope_base_url
-    )
-    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+    out = await _dashscope_run(tmp_path, server, fake_clock, monkeypatch, rows)
 
-    export(config.out, tmp_path / "d.parquet")
+    export(out, tmp_path / "d.parquet")
 
     rows_back = pq.read_table(tmp_path / "d.parquet").to_pylist()
     assert [r["text"] for r in rows_back] == ["echo: hello qwen", "echo: native one"]
@@ -132,17 +144,13 @@ async def test_dashscope_native_answers(
 async def test_dashscope_embeddings_native_or_bare_give_the_same_vectors(
     tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
     rows = [
         {"custom_id": "native", "model": "text-embedding-v3", "input": {"texts": ["a b", "c"]}},
         {"custom_id": "bare", "model": "text-embedding-v3", "input": ["a b", "c"]},
     ]
-    config = make_config(
-        tmp_path, rows, server, provider="dashscope", base_url=server.dashscope_base_url
-    )
-    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+    out = await _dashscope_run(tmp_path, server, fake_clock, monkeypatch, rows)
 
-    native, bare = read_results(config.out)
+    native, bare = read_results(out)
     assert native["status"] == bare["status"] == "ok"
     assert native["text"] == bare["text"]  # one vector per text, in input order
     assert len(native["text"]) == 2
