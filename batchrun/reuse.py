@@ -19,6 +19,12 @@ before any commit (``before_commit``), ``flush`` runs before each journal
 compaction, and a resume feeds the journal's keyed results back in
 (``salvage``). So a result is always in the journal or in the store, and
 in the store only once the journal has it.
+
+A row that repeats an earlier row of the same run finds that row's result
+too: before its commit (the results not yet committed are looked up in
+memory) and after it (a ``KeyFilter`` of the run's keys tells which rows may
+repeat one, so a first run still queries the store only for those). A row
+whose twin is still in flight is the workers' affair (``twins``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 
 import orjson
 
+from batchrun.keyfilter import KeyFilter
 from batchrun.records import Outcome
 from batchrun.store import STORE_FILE, ResultStore, Stored, StoreRow, open_store, store_row
 
@@ -56,6 +63,10 @@ class Answers:
         self._local_batch: list[StoreRow] = []
         self._cache_batch: list[StoreRow] = []
         self._batch_bytes = 0  # record bytes in the local batch
+        # The local batch by key (the results not committed yet), and every
+        # key this run put in the local store.
+        self._fresh: dict[bytes, StoreRow] = {}
+        self._seen = KeyFilter()
         self._flush_rows, self._flush_bytes = FLUSH_EVERY, FLUSH_BYTES
         # Called before every commit of new results: the run's journal writes
         # out the records it still holds (``OrderedWriter`` sets it). Else a
@@ -66,7 +77,10 @@ class Answers:
 
     def find(self, key: bytes) -> Stored | None:
         """The reusable result stored under ``key``, or None (then: send it)."""
-        if not self.lookup:
+        fresh = self._fresh.get(key)
+        if fresh is not None:
+            return self._usable(_stored(fresh))
+        if not (self.lookup or self._seen.might_hold(key)):
             return None
         found = self._usable(self.local.get(key))
         if found is None and self.cache is not None:
@@ -76,9 +90,15 @@ class Answers:
         return found
 
     def _usable(self, found: Stored | None) -> Stored | None:
-        if found is None or (found.retryable and self.resend_retryable):
+        if found is None or not self.reusable(retryable=found.retryable):
             return None
         return found
+
+    def reusable(self, *, retryable: bool) -> bool:
+        """Whether a result (an answer or an error, ``retryable`` or not) is
+        reused rather than sent again: all are, but a retryable error when the
+        run resends them (``--retry-failed``)."""
+        return not (retryable and self.resend_retryable)
 
     def add(self, key: bytes, result: Stored) -> None:
         """Take a new result (committed by the next ``flush``)."""
@@ -101,6 +121,10 @@ class Answers:
 
     def _add_local(self, row: StoreRow) -> None:
         self._local_batch.append(row)
+        key, kept = row[0], self._fresh.get(row[0])
+        if kept is None or kept[3] or not row[3]:  # the store's replace rule
+            self._fresh[key] = row
+        self._seen.add(key)
         self._batch_bytes += len(row[1])
         if len(self._local_batch) >= self._flush_rows or self._batch_bytes >= self._flush_bytes:
             self.flush()
@@ -131,6 +155,7 @@ class Answers:
         batch, self._local_batch = self._local_batch, []
         self._batch_bytes = 0
         self.local.put_rows(batch)
+        self._fresh.clear()
         if self.cache is not None:
             batch, self._cache_batch = self._cache_batch, []
             self.cache.put_rows(batch)
@@ -166,6 +191,11 @@ def open_answers(
             cache.close()
         raise
     return Answers(local, cache, resend_retryable=resend_retryable)
+
+
+def _stored(row: StoreRow) -> Stored:
+    _key, record, ok, retryable, cost, created = row
+    return Stored(record, bool(ok), bool(retryable), cost, created)
 
 
 def stored_from_record(line: bytes, created: float) -> Stored | None:

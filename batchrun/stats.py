@@ -223,7 +223,8 @@ class RunStats(Counted):
 
     ``done`` counts rows with a final outcome, ``done == ok + failed``;
     ``skipped`` counts those of them an earlier run finished (on resume), and
-    ``reused`` those answered from a result store, so that rates and ETAs
+    ``reused`` those answered from a result store or by an identical row of
+    this run (``twins``), so that rates and ETAs
     measure this run's own work. ``sent`` counts rows this run sent.
     ``counts`` holds the verdicts, tokens and spend of every row done, on
     resume those of earlier runs included (it is what the checkpoint saves).
@@ -303,7 +304,8 @@ class Summary:
 
     ``rows`` counts rows with a final outcome, skipped ones included;
     ``rows_per_s`` counts only rows processed in this run. ``reused`` counts
-    rows answered from a result store, ``sent`` rows this run sent. ``cost``
+    rows answered from a result store or by an identical row, ``sent`` rows
+    this run sent. ``cost``
     (this run's spend) and ``cost_saved`` (the recorded cost of the reused
     rows) are None when the job has no prices. ``aborted`` is the reason the
     run was stopped early (fatal provider answer, interrupt, budget), else
@@ -423,7 +425,7 @@ class Summary:
         if self.skipped:
             head += f"; {self.skipped:,} of them done by an earlier run"
         if self.reused:
-            head += f"; {self.reused:,} reused from a store"
+            head += f"; {self.reused:,} reused (not paid again)"
         lines = [head, "  " + " | ".join(self._detail_parts()), f"  output {self.output}"]
         if self.extra:
             lines.append("  " + " | ".join(f"{k} {v}" for k, v in self.extra.items()))

@@ -12,7 +12,8 @@ the journal once its throttle waits are over, just before it goes to the
 socket), has its result journaled as soon as it has one, and hands it to the
 writer.
 Nothing passes through queues: a row costs no task switches beyond its own
-request.
+request. A row whose request is already in flight for an earlier row takes
+that row's result instead of a worker (``twins``).
 
 Stopping (a signal, a fatal answer, the spending cap) lets no worker take a
 new row; ``cancel`` ends the rows in flight.
@@ -31,9 +32,10 @@ from batchrun.config import RunConfig
 from batchrun.errors import FatalError
 from batchrun.ordered import OrderedWriter
 from batchrun.records import output_line
-from batchrun.reuse import Answers
+from batchrun.reuse import Answers, relabel
 from batchrun.rowsource import Finished, Work, answered_row
 from batchrun.sender import RowSender
+from batchrun.twins import Twins
 
 __all__ = ["Workers"]
 
@@ -62,6 +64,7 @@ class Workers:
         self.writer = writer
         self.budget = budget
         self.answers = answers
+        self.twins = Twins()
         self.stop_reason: str | None = None
         self.aborted: FatalError | None = None
         self._scope = anyio.CancelScope()
@@ -128,6 +131,8 @@ class Workers:
                 if known_in_a_row % _YIELD_EVERY == 0:
                     await anyio.lowlevel.checkpoint()  # let others run through a long resume
                 continue
+            if not self.twins.lead(item):
+                continue  # parked behind its twin in flight, with its window slot
             if not await self._send_and_deliver(item):
                 return
 
@@ -141,6 +146,7 @@ class Workers:
         request, costs, writer = work.request, self.config.costs, self.writer
         reserved = worst_case_cost(costs, request) if costs.max_cost is not None else 0.0
         if not self.budget.reserve(reserved):
+            self.twins.settle(work.key)  # they stay unsent too: the run stops
             self._stop_for_budget()
             return False
         try:
@@ -148,6 +154,7 @@ class Workers:
         except FatalError as exc:
             writer.abandon(request.line)
             self.budget.release(reserved)
+            self.twins.settle(work.key)
             self._abort(exc)
             return False
         crashpoint.hit("after_response")
@@ -160,7 +167,31 @@ class Workers:
         if self.budget.refused and not writer.in_flight:
             self.cancel()  # the last row in flight at a budget stop
         writer.deliver(answered_row(work.row, work.input_end, data, outcome, journal_at))
+        self._answer_twins(work.key, data, retryable=outcome.retryable)
         return True
+
+    def _answer_twins(self, key: bytes, data: bytes, *, retryable: bool) -> None:
+        """The rows parked behind ``key``'s leader, whose result (output line
+        ``data``) just came: each gets it as a reused record, or, when the run
+        resends such a result (``Answers.reusable``), goes out on its own."""
+        twins = self.twins.settle(key)
+        if not twins:
+            return
+        if not self.answers.reusable(retryable=retryable):
+            for twin in twins:
+                self._group.start_soon(self._send_twin, twin)
+            return
+        for twin in twins:
+            request = twin.request
+            record = relabel(data, request.line, request.custom_id)
+            self.writer.deliver(Finished(twin.row, twin.input_end, record, None, reused=True))
+
+    async def _send_twin(self, work: Work) -> None:
+        """A parked row whose twin's result is not reused: it leads its key
+        (or parks behind a new leader) as a row of its own, unless the run is
+        stopping (then it stays unsent, for the next run)."""
+        if not self.stopping and self.twins.lead(work):
+            await self._send_and_deliver(work)
 
     def _stop_for_budget(self) -> None:
         """Take no more rows; end once the rows in flight are answered."""

@@ -345,3 +345,83 @@ async def test_the_output_flush_timer_commits_the_stores_only_every_so_often(
     assert summary.exit_code == 0
     assert sum(commits) == 200  # every result is stored, once
     assert len(commits) <= 3  # not one per flush (several hundred of them)
+
+
+def twin_rows(copies: int) -> list[dict[str, Any]]:
+    """``copies`` rows of one request (the mock answers it after 0.2 s), each
+    with its own id, between rows of other requests."""
+    rows: list[dict[str, Any]] = []
+    for i in range(copies):
+        rows.append(chat("same request mock:delay=0.2", custom_id=f"twin-{i}"))
+        rows.append(chat(f"other {i} mock:delay=0.2", custom_id=f"other-{i}"))
+    return rows
+
+
+@pytest.mark.parametrize(
+    "max_async",
+    [
+        pytest.param(16, id="twins-in-flight"),  # all read while the first is sent: parked
+        pytest.param(1, id="twins-answered"),  # read after its answer, before any commit
+    ],
+)
+async def test_identical_rows_of_one_input_are_paid_once(
+    tmp_path: Path, server: MockServer, max_async: int
+) -> None:
+    rows = twin_rows(5)
+    summary = await run(
+        tmp_path, rows, server, max_async_requests=max_async, max_async_requests_per_host=max_async
+    )
+
+    assert server.stats.requests == 6  # the request the twins share, and five others
+    assert (summary.exit_code, summary.sent, summary.reused) == (0, 6, 4)
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["custom_id"] for r in records] == [row["custom_id"] for row in rows]
+    assert [r["line"] for r in records] == list(range(1, 11))
+    twins = [r for r in records if r["custom_id"].startswith("twin-")]
+    assert {orjson.dumps(r["response"]["body"]) for r in twins} == {
+        orjson.dumps(twins[0]["response"]["body"])
+    }
+    assert [bool(r.get("reused")) for r in twins] == [False, True, True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("fault", "requests", "failed"),
+    [
+        pytest.param("mock:fail=500", 1 + 4, 4, id="failing-again: each twin tried"),
+        pytest.param("mock:fail=500x1", 1 + 1, 0, id="answered: the twins share it"),
+    ],
+)
+async def test_twins_share_a_retryable_failure_until_retry_failed_resends_it(
+    tmp_path: Path, server: MockServer, fault: str, requests: int, failed: int
+) -> None:
+    rows = [chat(f"down {fault} mock:delay=0.1", custom_id=f"t{i}") for i in range(4)]
+    first = await run(tmp_path, rows, server, max_attempts=1)
+    assert (server.stats.requests, first.reused) == (1, 3)
+    assert first.failed_by_code == {"server_error": 4}
+
+    again = await run(tmp_path, rows, server, max_attempts=1, retry_failed=True)
+
+    assert server.stats.requests == requests
+    assert sum(again.failed_by_code.values()) == failed
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["custom_id"] for r in records] == ["t0", "t1", "t2", "t3"]
+    assert sum(bool(r.get("reused")) for r in records) == 4 - (requests - 1)
+
+
+async def test_a_first_run_finds_its_own_results_before_and_after_their_commit(
+    tmp_path: Path,
+) -> None:
+    answers = reuse.open_answers(tmp_path, None, resend_retryable=False)
+    assert not answers.lookup  # an empty store: no lookups, save the run's own keys
+    row: StoreRow = (b"k" * 32, b'{"line":1}', 1, 0, None, 1.0)
+    answers.add_row(row)
+
+    fresh = answers.find(row[0])  # not committed yet
+    answers.flush()
+    committed = answers.find(row[0])
+
+    assert fresh is not None
+    assert committed is not None
+    assert fresh.record == committed.record == b'{"line":1}'
+    assert answers.find(b"x" * 32) is None
+    answers.close()

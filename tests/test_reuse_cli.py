@@ -142,3 +142,24 @@ async def test_a_damaged_cache_is_exit_2_naming_the_file(
     assert b"results.sqlite is damaged" in done.stderr
     assert b"Traceback" not in done.stderr
     assert server.stats.requests == 0
+
+
+async def test_twins_of_an_answer_a_killed_run_journaled_are_not_paid_again(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # One request six times (answered at 0.2 s: its five twins parked behind
+    # it), then five others (0.5 s), killed as the first of those is answered.
+    lines = [chat("twin mock:delay=0.2", custom_id=f"twin-{i}") for i in range(6)]
+    lines += [chat(f"slow {i} mock:delay=0.5", custom_id=f"slow-{i}") for i in range(5)]
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    killed = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT="after_response:2")
+    assert killed.returncode == -9
+    assert server.stats.requests == 1 + 5
+
+    resumed = await run_cli(command(source, out, server))
+
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert server.stats.requests == 1 + 5 + 5  # the five in flight at the kill, again
+    assert answers(out) == [f"echo: {row['messages'][0]['content']}" for row in lines]  # type: ignore[index]
+    assert [r["custom_id"] for r in read_jsonl(out)] == [row["custom_id"] for row in lines]
