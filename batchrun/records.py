@@ -123,11 +123,40 @@ def parse_line(raw: bytes, line: int, defaults: Defaults) -> Request | LineError
     except orjson.JSONDecodeError as exc:
         return _error(line, fallback_id, f"not valid JSON ({exc})")
     if not isinstance(data, dict):
-        return _error(line, fallback_id, f"expected a JSON object, got {type(data).__name__}")
+        return _error(line, fallback_id, f"expected a JSON object, got {_json_type(data)}")
     custom_id = _custom_id(data, fallback_id)
+    if raw.count(b"[") + raw.count(b"{") > _DEEP and not _serialisable(data):
+        return _error(line, custom_id, f"nested too deeply (more than {_DEEP} levels)")
     if "body" in data and "url" in data:
         return _batch_request(data, line, custom_id, defaults)
     return _bare_request(data, line, custom_id, defaults)
+
+
+# orjson reads JSON nested up to 1,024 levels but writes at most about 254,
+# and a request is written again (its body, its content key): a line nested
+# past that must be refused here, or it would fail every run. Only a line
+# with this many brackets can be that deep, so most lines skip the check.
+_DEEP = 240
+
+
+def _serialisable(data: dict[str, Any]) -> bool:
+    """Whether ``data`` can be written as JSON with two levels around it
+    (a content key wraps the body in a list)."""
+    try:
+        orjson.dumps([[data]])
+    except TypeError:
+        return False
+    return True
+
+
+def _json_type(value: object) -> str:
+    """JSON's name for the type of a parsed value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {list: "an array", str: "a string", int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _error(line: int, custom_id: str, what: str) -> LineError:

@@ -283,11 +283,19 @@ def test_native_line_model_wins() -> None:
         (b"   \t  ", "blank line"),
         (b"{not json", "not valid JSON ("),
         (b'{"messages": [1]', "not valid JSON ("),
-        (b"[1, 2]", "expected a JSON object, got list"),
-        (b"12", "expected a JSON object, got int"),
-        (b"1.5", "expected a JSON object, got float"),
-        (b'"text"', "expected a JSON object, got str"),
-        (b"null", "expected a JSON object, got NoneType"),
+        (b"[1, 2]", "expected a JSON object, got an array"),
+        (b"12", "expected a JSON object, got a number"),
+        (b"1.5", "expected a JSON object, got a number"),
+        (b'"text"', "expected a JSON object, got a string"),
+        (b"null", "expected a JSON object, got null"),
+        (b"true", "expected a JSON object, got a boolean"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "x": '
+            + b"[" * 300
+            + b"]" * 300
+            + b"}",
+            "nested too deeply (more than 240 levels)",
+        ),
         (b"\xff\xfe", "not UTF-8 text (byte 0)"),
         (b'{"a": "\xc3"}', "not UTF-8 text (byte 7)"),
         (b"{}", "no recognisable request"),

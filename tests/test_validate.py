@@ -35,7 +35,11 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (b"", "blank line"),
     (b"   \t ", "blank line"),
     (b"not json", "not valid JSON"),
-    (b"[1, 2]", "expected a JSON object, got list"),
+    (b"[1, 2]", "expected a JSON object, got an array"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 300 + b"]" * 300 + b"}",
+        "nested too deeply",
+    ),
     (b"\xff\xfe", "not UTF-8 text"),
     (b'{"temperature": 0.5}', "no recognisable request"),
     (batch_line("bad-url", url="/v1/nope"), "url must be one of"),
@@ -48,8 +52,8 @@ def test_every_kind_of_bad_line_is_counted_with_its_line_and_reason(tmp_path: Pa
     rows += [raw for raw, _ in BAD_LINES]
     rows.append(chat("last"))
     report = check(tmp_path, rows)
-    assert (report.rows, report.valid, report.malformed) == (10, 2, 8)
-    assert [line for line, _ in report.malformed_examples] == list(range(2, 10))
+    assert (report.rows, report.valid, report.malformed) == (2 + len(BAD_LINES), 2, len(BAD_LINES))
+    assert [line for line, _ in report.malformed_examples] == list(range(2, 2 + len(BAD_LINES)))
     for (_, reason), (_, expected) in zip(report.malformed_examples, BAD_LINES, strict=True):
         assert expected in reason
         assert not reason.startswith("line ")  # the line number is the tuple's
@@ -238,6 +242,6 @@ def test_render_lists_examples_with_line_numbers(tmp_path: Path) -> None:
     report = check(tmp_path, [chat("a"), b"[]", chat("b")], model="m")
     text = report.render()
     assert text.splitlines()[0].startswith(f"validate {tmp_path / 'in.jsonl'}: 3 rows, 2 valid")
-    assert "line 2: expected a JSON object, got list" in text
+    assert "line 2: expected a JSON object, got an array" in text
     assert "models m 2" in text
     assert text.endswith("verdict: some rows would fail")
