@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,8 +180,18 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
         try:
             params[key] = orjson.loads(value)
         except orjson.JSONDecodeError:
+            if _is_non_finite(value):
+                raise UsageError(f"--param {pair}: JSON has no NaN or infinity to send") from None
             params[key] = value  # a bare word is a string
     return params
+
+
+def _is_non_finite(word: str) -> bool:
+    """Whether ``word`` reads as NaN or an infinity (``nan``, ``-Infinity``...)."""
+    try:
+        return not math.isfinite(float(word))
+    except ValueError:
+        return False
 
 
 @app.command("status")

@@ -239,11 +239,18 @@ class RetryPolicy:
             _is_count(self.max_attempts),
             f"--max-attempts must be a whole number >= 1, got {self.max_attempts!r}",
         )
-        for name in ("budget", "backoff_initial", "backoff_max"):
+        # A row's budget of 0 would cut every attempt as it is sent (and
+        # maybe billed); waits of 0 are fine.
+        for name, exclusive in (
+            ("budget", True),
+            ("backoff_initial", False),
+            ("backoff_max", False),
+        ):
             value = getattr(self, name)
             require(
-                _is_seconds(value, minimum_exclusive=False),
-                f"{flag(f'retry.{name}')} must be a finite number of seconds >= 0, got {value!r}",
+                _is_seconds(value, minimum_exclusive=exclusive),
+                f"{flag(f'retry.{name}')} must be a finite number of seconds"
+                f" {'>' if exclusive else '>='} 0, got {value!r}",
             )
 
 
@@ -450,6 +457,11 @@ class RunConfig:
     def _check_combinations(self) -> None:
         """The run-level settings, and the ones that only go together some ways."""
         require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
+        for key, value in self.params.items():
+            require(
+                not (isinstance(value, float) and not math.isfinite(value)),
+                f"parameter {key} is {value!r}: JSON has no NaN or infinity to send",
+            )
         require(
             self.fsync in FSYNC_POLICIES,
             f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}",
@@ -467,6 +479,11 @@ class RunConfig:
                 _is_http_url(url),
                 f"--base-url must be an http:// or https:// URL such as https://host/v1,"
                 f" got {url!r}",
+            )
+            require(
+                urlsplit(url).username is None,
+                "--base-url must not hold a user name or password: the API key goes in"
+                " the provider's key variable (OPENAI_API_KEY, DASHSCOPE_API_KEY)",
             )
         require(
             not (self.mode == "batch" and self.retry_failed),

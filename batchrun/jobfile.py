@@ -170,6 +170,7 @@ def _base_urls(settings: Mapping[str, Any], key: str) -> tuple[str, ...]:
         given = settings.get(name)
         if given is not None:
             urls.extend(given if isinstance(given, list | tuple) else [given])
+            require(given not in ([], ()), f"{name} is an empty list: name at least one URL")
     require(all(isinstance(url, str) for url in urls), f"base_url must be text, got {urls!r}")
     return tuple(dict.fromkeys(url.rstrip("/") for url in urls))
 

@@ -175,12 +175,15 @@ def test_retry_policy_rejects_bad_max_attempts(bad: Any) -> None:
 def test_retry_policy_rejects_bad_seconds(field: str, flag: str, bad: Any) -> None:
     with pytest.raises(UsageError) as info:
         RetryPolicy(**{field: bad})
-    assert str(info.value) == f"{flag} must be a finite number of seconds >= 0, got {bad!r}"
+    bound = "> 0" if field == "budget" else ">= 0"
+    assert str(info.value) == f"{flag} must be a finite number of seconds {bound}, got {bad!r}"
 
 
-def test_retry_policy_accepts_zero_seconds() -> None:
-    policy = RetryPolicy(max_attempts=1, budget=0, backoff_initial=0, backoff_max=0)
-    assert (policy.max_attempts, policy.budget, policy.backoff_max) == (1, 0, 0)
+def test_retry_policy_accepts_waits_of_zero_seconds_but_no_budget_of_zero() -> None:
+    policy = RetryPolicy(max_attempts=1, budget=0.5, backoff_initial=0, backoff_max=0)
+    assert (policy.max_attempts, policy.budget, policy.backoff_max) == (1, 0.5, 0)
+    with pytest.raises(UsageError, match="--retry-budget must be a finite number of seconds > 0"):
+        RetryPolicy(budget=0)
 
 
 @pytest.mark.parametrize(

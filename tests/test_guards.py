@@ -58,6 +58,16 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     "port 0": (["--base-url", "http://h:0/v1"], "--base-url must be an http:// or https://"),
     "empty label": (["--base-url", "http://a..b/v1"], "--base-url must be an http:// or https"),
     "space in host": (["--base-url", "http://a b/v1"], "--base-url must be an http:// or https"),
+    "user in base url": (
+        ["--base-url", "http://u:p@127.0.0.1:9/v1"],
+        "--base-url must not hold a user name or password",
+    ),
+    "retry budget 0": (
+        ["--retry-budget", "0"],
+        "--retry-budget must be a finite number of seconds > 0",
+    ),
+    "param NaN": (["--param", "temperature=NaN"], "--param temperature=NaN: JSON has no NaN"),
+    "param Infinity": (["--param", "max_tokens=-Infinity"], "--param max_tokens=-Infinity: JSON"),
 }
 
 
@@ -111,6 +121,8 @@ async def test_a_bad_path_or_value_exits_2_before_sending(
         ('metrics_file = ""', "metrics_file must be non-empty text, got ''"),
         ('model = ["a"]', "model must be non-empty text, got ['a']"),
         ('adaptive_concurrency = "yes"', "adaptive_concurrency must be true or false, got 'yes'"),
+        ("base_urls = []", "base_urls is an empty list: name at least one URL"),
+        ("params = { temperature = nan }", "parameter temperature is nan: JSON has no NaN"),
     ],
 )
 async def test_a_job_file_value_of_the_wrong_type_is_named(
