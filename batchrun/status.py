@@ -10,7 +10,7 @@ import orjson
 from batchrun.batchmode.phase import describe as describe_batches
 from batchrun.config import WHOLE, Shard
 from batchrun.errors import UsageError
-from batchrun.inputs import count_lines
+from batchrun.inputs import READ_ERRORS, count_lines
 from batchrun.providers import get_provider
 from batchrun.resume import recover, tally
 from batchrun.state import FinishedRun, StateDir
@@ -71,6 +71,7 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
         counts.count_record(tally(orjson.loads(record), usage))
     done = checkpoint.rows + len(point.journal.results)
     rows = _input_rows(meta, shard)
+    changed = rows is not None and rows < done  # edited since: the next run tells how
     return {
         "state": "unfinished",
         "rows": rows,
@@ -80,13 +81,18 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
         "failed_by_code": dict(counts.failed_by_code),
         "in_doubt": len(point.journal.in_doubt),
         "resent_after_crashes": checkpoint.in_doubt,
-        "remaining": None if rows is None else rows - done,
+        "remaining": None if rows is None or changed else rows - done,
+        "input_changed": changed,
     }
 
 
 def _input_rows(meta: dict[str, Any], shard: Shard) -> int | None:
+    """The rows of the run's input now; None when it is gone or unreadable."""
     path = Path(str(meta.get("input")))
-    return shard.rows_before(count_lines(path)) if path.is_file() else None
+    try:
+        return shard.rows_before(count_lines(path)) if path.is_file() else None
+    except READ_ERRORS:  # a damaged .gz, say: the report goes on without it
+        return None
 
 
 def render(report: dict[str, Any]) -> str:
@@ -98,7 +104,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"{report['output']}: {report['state']}"
         + (f" at {report['finished_at']}" if report.get("finished_at") else ""),
-        f"  input      {report['input']}" + ("" if rows is not None else " (missing)"),
+        f"  input      {report['input']}" + _input_note(report),
         f"  done       {report['done']:,}" + (f" of {rows:,}" if rows is not None else ""),
         f"  ok         {report['ok']:,}",
         f"  failed     {sum(failed.values()):,} ({failed_text})",
@@ -110,6 +116,14 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  exit code  {report['exit_code']}")
     lines.extend(_batch_lines(report.get("batches") or []))
     return "\n".join(lines)
+
+
+def _input_note(report: dict[str, Any]) -> str:
+    if report["rows"] is None:
+        return " (missing or unreadable)"
+    if report.get("input_changed"):
+        return f" (changed since the run: {report['rows']:,} rows now)"
+    return ""
 
 
 def _doubt_line(rows: int, *, running: bool) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
 from typing import Any
 
-from batchrun.status import render
+from batchrun.config import WHOLE
+from batchrun.status import _input_rows, render
 
 
 def _report(**extra: Any) -> dict[str, Any]:
@@ -35,3 +38,20 @@ def test_while_the_run_is_alive_they_are_in_flight() -> None:
     text = render(_report(running=True, holder="pid 7 on host since 2026-11-26T10:00:00+0000"))
     assert "  in flight  2 (sent, no answer yet)" in text.splitlines()
     assert "in doubt" not in text
+
+
+def test_an_input_now_shorter_than_the_rows_done_is_said_to_have_changed() -> None:
+    text = render(_report(rows=3, done=5, remaining=None, input_changed=True))
+    assert "  input      in.jsonl (changed since the run: 3 rows now)" in text.splitlines()
+    assert "  remaining  ?" in text.splitlines()
+
+
+def test_a_missing_or_damaged_input_leaves_the_row_count_unknown(tmp_path: Path) -> None:
+    damaged = tmp_path / "in.jsonl.gz"
+    damaged.write_bytes(gzip.compress(b'{"messages": []}\n' * 1_000)[:60])  # cut short
+    meta = {"input": str(damaged)}
+
+    assert _input_rows(meta, WHOLE) is None
+    assert _input_rows({"input": str(tmp_path / "gone.jsonl")}, WHOLE) is None
+    text = render(_report(rows=None))
+    assert "  input      in.jsonl (missing or unreadable)" in text.splitlines()
