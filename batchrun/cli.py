@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import math
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, NoReturn, cast
 
 import orjson
 import typer
@@ -453,16 +454,30 @@ def mock_server_command(
         )
 
 
+# Failures that can only be a path given wrong: a name too long for the file
+# system, or a loop of symbolic links.
+_BAD_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
+
+
 @contextmanager
 def _usage_errors() -> Iterator[None]:
-    """A ``UsageError`` becomes its message on stderr and exit code 2."""
+    """A ``UsageError``, or an ``OSError`` that says a path given is unusable,
+    becomes its message on stderr and exit code 2."""
     try:
         yield
     except UsageError as exc:
-        from batchrun.runner import EXIT_USAGE
+        _exit_usage(str(exc))
+    except OSError as exc:
+        if exc.errno not in _BAD_PATH_ERRNOS:
+            raise
+        _exit_usage(f"{exc.strerror}: {exc.filename}")
 
-        typer.echo(f"batchrun: error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+
+def _exit_usage(message: str) -> NoReturn:
+    from batchrun.runner import EXIT_USAGE
+
+    typer.echo(f"batchrun: error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE) from None
 
 
 @contextmanager

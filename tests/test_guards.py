@@ -66,6 +66,8 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
         ["--retry-budget", "0"],
         "--retry-budget must be a finite number of seconds > 0",
     ),
+    "out name too long": (["--out", "{dir}/" + "o" * 300], "File name too long: {dir}/ooo"),
+    "summary name too long": (["--summary", "{dir}/" + "s" * 300], "File name too long: {dir}/sss"),
     "param NaN": (["--param", "temperature=NaN"], "--param temperature=NaN: JSON has no NaN"),
     "param Infinity": (["--param", "max_tokens=-Infinity"], "--param max_tokens=-Infinity: JSON"),
 }
@@ -309,3 +311,19 @@ async def test_a_failed_metrics_write_warns_once_and_the_run_goes_on(
     assert "Traceback" not in stderr
     assert stderr.count("could not write the metrics file") == 1
     assert len(read_jsonl(tmp_path / "o.jsonl")) == 20
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "command",
+    [["status", "{long}"], ["validate", "{long}"], ["merge", "{long}", "--out", "{dir}/m.jsonl"]],
+)
+async def test_a_file_name_too_long_is_one_line_and_exit_2(
+    command: list[str], tmp_path: Path, server: MockServer
+) -> None:
+    long = str(tmp_path / ("n" * 300))
+    args = [part.format(long=long, dir=tmp_path) for part in command]
+
+    line = await _refused(server, tmp_path, *args)
+
+    assert line.startswith(f"File name too long: {long}")
