@@ -139,6 +139,8 @@ class Pipeline:
                 raise usage from None
         finally:
             disk_error = self._close(disk_error)  # synchronous: nothing here can be cancelled
+        if self.source.read_error is not None and disk_error is None:
+            raise self.source.read_error  # the rows read are kept: fix the input, run again
         workers = self.workers
         return RunEnding(
             complete=self.complete,

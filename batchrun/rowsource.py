@@ -24,7 +24,7 @@ import orjson
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
 from batchrun.errors import CorruptStateError
-from batchrun.inputs import open_input, read_lines
+from batchrun.inputs import InputReadError, open_input, read_lines
 from batchrun.providers import Provider
 from batchrun.records import (
     Defaults,
@@ -135,9 +135,10 @@ class RowSource:
     ``journaled(line)`` gives a result an earlier run journaled but did not
     write; ``written`` is how many output places are already written.
     ``rows_read`` counts the output places handed on; ``eof`` is set at the
-    end of the input. With ``now``, a row whose result is known and whose
-    turn it is (no earlier row unwritten) is written at once, not handed on:
-    it needs no worker, window slot or reorder (most of a batch run's rows).
+    end of the input, ``read_error`` when the input could not be read to it.
+    With ``now``, a row whose result is known and whose turn it is (no
+    earlier row unwritten) is written at once, not handed on: it needs no
+    worker, window slot or reorder (most of a batch run's rows).
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class RowSource:
         self.shard = config.shard or WHOLE
         self.rows_read = start.checkpoint.rows
         self.eof = False
+        self.read_error: InputReadError | None = None
 
     def rows(self) -> Generator[Work | Finished, None, None]:
         """The rows still to do, in input order; sets ``eof`` at the end."""
@@ -170,7 +172,8 @@ class RowSource:
         in_a_row = 0  # rows written at once since the last one handed on
         with open_input(self.config.input) as handle, self._previous(first) as previous:
             handle.seek(offset)
-            for row, raw in enumerate(read_lines(handle, self.config.input), start=first):
+            lines = self._until_unreadable(read_lines(handle, self.config.input))
+            for row, raw in enumerate(lines, start=first):
                 offset += len(raw)
                 if not self.shard.owns(row):
                     continue
@@ -185,7 +188,16 @@ class RowSource:
                     continue
                 in_a_row = 0
                 yield known or self._parse(row, offset, raw, defaults)
-        self.eof = True
+        self.eof = self.read_error is None
+
+    def _until_unreadable(self, lines: Iterator[bytes]) -> Iterator[bytes]:
+        """``lines`` until one cannot be read (a truncated ``.gz``): then they
+        end, and ``read_error`` says why. The rows already handed on finish as
+        in any stop (their answers kept, none in doubt); the run then fails."""
+        try:
+            yield from lines
+        except InputReadError as exc:
+            self.read_error = exc
 
     def _write_now(self, item: Finished) -> bool:
         """Write known ``item`` at once if it is its turn; whether it was."""

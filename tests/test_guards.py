@@ -173,27 +173,37 @@ async def test_a_gzip_input_that_is_not_gzip_is_refused(tmp_path: Path, server: 
 
 
 @pytest.mark.asyncio
-async def test_a_truncated_gzip_input_stops_with_one_line_and_exit_2(
+async def test_a_truncated_gzip_input_stops_with_one_line_and_exit_2_and_loses_no_answer(
     tmp_path: Path, server: MockServer
 ) -> None:
     whole = b"".join(
-        b'{"messages": [{"role": "user", "content": "row %d"}]}\n' % i for i in range(2000)
+        b'{"messages": [{"role": "user", "content": "row %d mock:delay=0.02"}]}\n' % i
+        for i in range(2000)
     )
     packed = gzip.compress(whole)
     source = tmp_path / "in.jsonl.gz"
     source.write_bytes(packed[: len(packed) * 3 // 4])
-
-    done = await abatchrun(
+    command = [
         *("run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai"),
         *("--base-url", server.base_url, "--no-progress"),
-        OPENAI_API_KEY="sk-test",
-    )
+    ]
+
+    done = await abatchrun(*command, OPENAI_API_KEY="sk-test")
 
     stderr = done.stderr.decode()
     assert done.returncode == 2, stderr
     assert "Traceback" not in stderr
     assert f"batchrun: error: input file {source} could not be read to its end" in stderr
     assert not (tmp_path / "o.jsonl").exists()
+    sent = server.stats.requests
+    assert 0 < sent < 2000
+    # The rows in flight when the input broke were answered and kept: once
+    # the input is whole, no row is sent twice.
+    source.write_bytes(packed)
+    again = await abatchrun(*command, OPENAI_API_KEY="sk-test")
+    assert again.returncode == 0, again.stderr.decode()
+    assert server.stats.requests == 2000
+    assert len(read_jsonl(tmp_path / "o.jsonl")) == 2000
 
 
 @pytest.mark.asyncio
