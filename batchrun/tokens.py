@@ -38,6 +38,10 @@ def estimate_output_tokens(body: Mapping[str, Any]) -> int:
             value = source.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 return value
+            # JSON reads a whole number past 64 bits (or written 512.0) as a
+            # float: it is still the cap the provider is asked for.
+            if isinstance(value, float) and value >= 0 and value.is_integer():
+                return int(value)
     return DEFAULT_MAX_OUTPUT
 
 

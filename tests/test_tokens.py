@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from batchrun.tokens import (
@@ -49,3 +50,11 @@ def test_embeddings_produce_no_output_tokens() -> None:
 def test_completion_without_max_tokens_reserves_the_default() -> None:
     assert estimate_tokens({"prompt": "abcd"}) == 1 + DEFAULT_MAX_OUTPUT
     assert estimate_output_tokens({"prompt": "x", "max_completion_tokens": 7}) == 7
+
+
+def test_a_max_tokens_json_read_as_a_float_is_still_the_cap() -> None:
+    # 2 ** 64 does not fit JSON parsers' integers: it arrives as a float.
+    huge = orjson.loads(b'{"prompt": "x", "max_tokens": 18446744073709551616}')
+    assert estimate_output_tokens(huge) == 2**64
+    assert estimate_output_tokens({"prompt": "x", "max_tokens": 512.0}) == 512
+    assert estimate_output_tokens({"prompt": "x", "max_tokens": 0.5}) == DEFAULT_MAX_OUTPUT
