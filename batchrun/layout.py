@@ -10,7 +10,10 @@ from pathlib import Path
 
 from batchrun.errors import UsageError
 
-__all__ = ["partial_output", "state_dir"]
+__all__ = ["STATE_SUFFIX", "partial_output", "state_dir"]
+
+# What ends the name of every state directory, and nothing else batchrun writes.
+STATE_SUFFIX = ".batchrun"
 
 
 def state_dir(out: Path) -> Path:
@@ -19,7 +22,7 @@ def state_dir(out: Path) -> Path:
     path also becomes)."""
     if not out.name:
         raise UsageError(f"the output {out} is a directory: give the output's file name")
-    return out.with_name(out.name + ".batchrun")
+    return out.with_name(out.name + STATE_SUFFIX)
 
 
 def partial_output(out: Path) -> Path:

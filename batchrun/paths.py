@@ -10,11 +10,13 @@ setting; so it does ``-``, which other tools take for standard output.
 
 from __future__ import annotations
 
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from batchrun.errors import UsageError
+from batchrun.layout import STATE_SUFFIX, state_dir
 
 # (what the user calls it, e.g. "--summary"; the path)
 Named = tuple[str, Path]
@@ -24,11 +26,19 @@ STDOUT = "-"
 
 
 def check_written(
-    reads: Sequence[Named], files: Sequence[Named], directories: Sequence[Named] = ()
+    reads: Sequence[Named],
+    files: Sequence[Named],
+    directories: Sequence[Named] = (),
+    *,
+    own: Collection[Path] = (),
 ) -> None:
     """Refuse (``UsageError``) written ``files`` and ``directories`` that are
-    ``-``, a read path or one another, or that cannot be written.
+    ``-``, a read path or one another, a batchrun output or state directory
+    (see ``_check_not_a_run``), or that cannot be written.
 
+    ``own`` holds the paths among them that are this command's own output and
+    state directory (a run's ``--out`` and ``OUT.batchrun``): those may be a
+    batchrun output and a state directory, as a resume finds them.
     A file must not be an existing directory, and its directory must exist and
     take a new file. A directory may exist (as a directory) or be creatable.
     """
@@ -40,6 +50,8 @@ def check_written(
                 " complete file in place in one step); give a file name"
             )
     _check_distinct(reads, written)
+    for name, path in written:
+        _check_not_a_run(name, path, mine=path in own)
     for name, path in files:
         if path.is_dir():
             raise UsageError(f"{name} {path} is a directory: give a file name")
@@ -63,6 +75,44 @@ def _check_distinct(reads: Sequence[Named], written: Sequence[Named]) -> None:
                 f"{name} {path} is also {other}: writing it would destroy that; choose another path"
             )
         seen[where] = name
+
+
+def _check_not_a_run(name: str, path: Path, *, mine: bool) -> None:
+    """Refuse a path in a state directory (``X.batchrun/``, whose journal,
+    store and marker say which rows are paid for) and, unless ``mine``, a
+    state directory itself or an existing batchrun output (a file ``F`` with
+    ``F.batchrun`` beside it): writing one would destroy another run's results
+    or make it believe it had finished. Symbolic links are followed too."""
+    for place in _places(path):
+        inside = next((p for p in place.parents if p.name.endswith(STATE_SUFFIX)), None)
+        if inside is not None:
+            raise UsageError(
+                f"{name} {path} is inside {inside}, an output's state directory: writing"
+                " there would damage that run's state; choose another path"
+            )
+    if mine:
+        return
+    for place in _places(path):
+        if place.name.endswith(STATE_SUFFIX):
+            raise UsageError(
+                f"{name} {path}: a name ending in {STATE_SUFFIX} is an output's state"
+                " directory, and writing it would damage that run's state; choose another path"
+            )
+        if place.is_file() and state_dir(place).exists():
+            raise UsageError(
+                f"{name} {path} is the output of a batchrun run (its state is in"
+                f" {state_dir(place)}): writing it would destroy those results; choose another path"
+            )
+
+
+def _places(path: Path) -> list[Path]:
+    """``path`` as given (made absolute) and with its symbolic links resolved:
+    a write through either may land in another run's files."""
+    given = Path(os.path.abspath(path))
+    try:
+        return [given, path.resolve()]
+    except (OSError, RuntimeError):  # a symbolic link loop
+        return [given]
 
 
 def _check_creatable(name: str, path: Path) -> None:

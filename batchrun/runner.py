@@ -148,7 +148,8 @@ def _plain(url: str) -> bool:
 
 def check_run_paths(config: RunConfig) -> None:
     """Every path the run writes differs from the input and from each other,
-    and can be written: checked before the lock, the metrics or any request."""
+    is neither another run's output nor in a state directory, and can be
+    written: checked before the lock, the metrics or any request."""
     files = [
         (name, path)
         for name, path in (
@@ -158,10 +159,12 @@ def check_run_paths(config: RunConfig) -> None:
         )
         if path is not None
     ]
-    directories = [("the state directory", state_dir(config.out))]
+    own = state_dir(config.out)
+    directories = [("the state directory", own)]
     if config.cache is not None:
         directories.append(("--cache", config.cache))
-    check_written([("the input", config.input)], files, directories)
+    # --out may be a finished output and its state directory exist: a resume.
+    check_written([("the input", config.input)], files, directories, own=(config.out, own))
     _check_not_foreign(config)
 
 
