@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 from typer.testing import CliRunner
 
@@ -337,3 +338,139 @@ async def test_a_file_name_too_long_is_one_line_and_exit_2(
     line = await _refused(server, tmp_path, *args)
 
     assert line.startswith(f"File name too long: {long}")
+
+
+# name -> (extra arguments of a run of b.jsonl into b-out.jsonl, with {a} (a
+# finished run's output) and {bout} (b-out.jsonl) filled in; the refusal's start)
+_OVER_A_RUN: dict[str, tuple[list[str], str]] = {
+    "summary is another output": (
+        ["--summary", "{a}"],
+        "--summary {a} is the output of a batchrun",
+    ),
+    "metrics is another output": (
+        ["--metrics-file", "{a}"],
+        "--metrics-file {a} is the output of a batchrun run (its state is in {a}.batchrun)",
+    ),
+    "summary is a state file": (
+        ["--summary", "{a}.batchrun/meta.json"],
+        "--summary {a}.batchrun/meta.json is inside {a}.batchrun, an output's state directory",
+    ),
+    "summary is a result store": (
+        ["--summary", "{a}.batchrun/results.sqlite"],
+        "--summary {a}.batchrun/results.sqlite is inside {a}.batchrun",
+    ),
+    "metrics in a state dir": (
+        ["--metrics-file", "{a}.batchrun/b.prom"],
+        "--metrics-file {a}.batchrun/b.prom is inside {a}.batchrun",
+    ),
+    "summary in its own state dir": (
+        ["--summary", "{bout}.batchrun/s.json"],
+        "--summary {bout}.batchrun/s.json is inside {bout}.batchrun",
+    ),
+    "cache in a state dir": (
+        ["--cache", "{a}.batchrun/cache"],
+        "--cache {a}.batchrun/cache is inside {a}.batchrun",
+    ),
+    "cache is a state dir": (
+        ["--cache", "{a}.batchrun"],
+        "--cache {a}.batchrun: a name ending in .batchrun is an output's state directory",
+    ),
+    "out in a state dir": (
+        ["--out", "{a}.batchrun/o.jsonl"],
+        "--out {a}.batchrun/o.jsonl is inside {a}.batchrun",
+    ),
+}
+
+
+def _fill_run(text: str, tmp_path: Path) -> str:
+    return text.format(a=tmp_path / "a.jsonl", bout=tmp_path / "b-out.jsonl")
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """Every byte of ``out`` and of its state directory, by name."""
+    files = [out, *sorted(out.with_name(out.name + ".batchrun").rglob("*"))]
+    return {str(path): path.read_bytes() for path in files if path.is_file()}
+
+
+async def _finished_output(tmp_path: Path, server: MockServer) -> Path:
+    """``a.jsonl``, a finished run's output of ``in.jsonl``; the server's
+    counts reset."""
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b")])
+    config = make_config(tmp_path, [], server, input=source, out=tmp_path / "a.jsonl")
+    await run_async(config, clock=FakeClock().as_clock())
+    server.stats.reset()
+    return config.out
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", sorted(_OVER_A_RUN))
+async def test_a_run_never_writes_over_another_run_or_into_a_state_directory(
+    case: str, tmp_path: Path, server: MockServer
+) -> None:
+    finished = await _finished_output(tmp_path, server)
+    before = _snapshot(finished)
+    write_jsonl(tmp_path / "b.jsonl", [chat("c")])
+    extra, message = _OVER_A_RUN[case]
+    args = ["run", tmp_path / "b.jsonl", "--out", tmp_path / "b-out.jsonl", "--no-progress"]
+
+    line = await _refused(
+        server,
+        tmp_path,
+        *args,
+        *("--provider", "openai", "--base-url", server.base_url),
+        *(_fill_run(a, tmp_path) for a in extra),
+    )
+
+    assert line.startswith(_fill_run(message, tmp_path)), line
+    assert _snapshot(finished) == before
+    assert not (tmp_path / "b-out.jsonl").exists()
+    assert not (tmp_path / "b-out.jsonl.batchrun").exists()
+
+
+@pytest.mark.asyncio
+async def test_export_and_merge_never_write_over_another_run_or_into_its_state(
+    tmp_path: Path, server: MockServer
+) -> None:
+    finished = await _finished_output(tmp_path, server)
+    before = _snapshot(finished)
+    shards = await run_shards(tmp_path, server, write_jsonl(tmp_path / "s.jsonl", [chat("x")]), 2)
+    server.stats.reset()
+    state = f"{finished}.batchrun"
+    meta = f"{state}/meta.json"
+    refusals = {
+        ("export", shards[0], "--to", finished): f"--to {finished} is the output of a batchrun",
+        ("export", finished, "--to", meta, "--format", "jsonl"): f"--to {meta} is inside {state}",
+        ("merge", *shards, "--out", finished): f"--out {finished} is the output of a batchrun",
+        ("merge", *shards, "--out", meta): f"--out {meta} is inside {state}",
+    }
+
+    for args, message in refusals.items():
+        assert (await _refused(server, tmp_path, *args)).startswith(message)
+
+    assert _snapshot(finished) == before
+
+
+@pytest.mark.asyncio
+async def test_a_run_resumes_its_own_output_and_rewrites_its_own_summary_and_tables(
+    tmp_path: Path, server: MockServer
+) -> None:
+    finished = await _finished_output(tmp_path, server)
+    answers = finished.read_bytes()
+    summary, table, merged = tmp_path / "s.json", tmp_path / "t.csv", tmp_path / "m.jsonl"
+    args = ["run", tmp_path / "in.jsonl", "--out", finished, "--provider", "mock"]
+    args += ["--base-url", server.base_url, "--no-progress", "--summary", summary]
+    shards = await run_shards(tmp_path, server, write_jsonl(tmp_path / "s.jsonl", [chat("x")]), 2)
+    server.stats.reset()
+
+    for _ in range(2):  # the second time over the first one's summary, table and merge
+        done = await abatchrun(*args, OPENAI_API_KEY="sk-test")
+        assert done.returncode == 0, done.stderr.decode()
+        done = await abatchrun("export", finished, "--to", table)
+        assert done.returncode == 0, done.stderr.decode()
+        assert merge(shards, merged).rows == 1
+
+    assert finished.read_bytes() == answers
+    assert server.stats.requests == 0
+    assert orjson.loads(summary.read_bytes())["ok"] == 2
+    assert table.read_text().count("\n") == 3
