@@ -10,6 +10,7 @@ setting; so it does ``-``, which other tools take for standard output.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Collection, Sequence
@@ -137,5 +138,8 @@ def _identity(path: Path) -> object:
     try:
         stat = path.stat()
     except OSError:
-        return path.resolve()
+        try:
+            return path.resolve()
+        except RuntimeError:  # a loop of symbolic links: Python 3.13 raises it as this
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
     return (stat.st_dev, stat.st_ino)

@@ -69,6 +69,10 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     ),
     "out name too long": (["--out", "{dir}/" + "o" * 300], "File name too long: {dir}/ooo"),
     "summary name too long": (["--summary", "{dir}/" + "s" * 300], "File name too long: {dir}/sss"),
+    "out a loop of links": (
+        ["--out", "{dir}/loop"],
+        "Too many levels of symbolic links: {dir}/loop",
+    ),
     "param NaN": (["--param", "temperature=NaN"], "--param temperature=NaN: JSON has no NaN"),
     "param Infinity": (["--param", "max_tokens=-Infinity"], "--param max_tokens=-Infinity: JSON"),
 }
@@ -101,6 +105,8 @@ async def test_a_bad_path_or_value_exits_2_before_sending(
 ) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b")])
     before = source.read_bytes()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
     extra, message = _BAD_RUNS[case]
     args = ["run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai", "--no-progress"]
     if not any(arg == "--base-url" for arg in extra):
