@@ -345,8 +345,8 @@ class Costs:
         )
         require(
             self.max_cost is None or self.priced,
-            "--max-cost needs the prices: set price_input_per_million and"
-            " price_output_per_million in the job file's [costs]",
+            "--max-cost needs the prices: --price-input-per-million and"
+            " --price-output-per-million (or the job file's [costs])",
         )
 
 

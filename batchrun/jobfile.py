@@ -42,8 +42,9 @@ def load_job_file(path: Path) -> dict[str, Any]:
     a typo never silently does nothing.
     """
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        # Editors on Windows may start UTF-8 text with a byte order mark,
+        # which TOML does not allow: it is not part of the file's text.
+        data = tomllib.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode())
     except FileNotFoundError:
         raise UsageError(f"job file {path} does not exist") from None
     except IsADirectoryError:

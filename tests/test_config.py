@@ -250,6 +250,12 @@ max_tokens = 256
     }
 
 
+def test_a_job_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'model = "qwen-plus"\n[limits]\nmax_async_requests = 8\n')
+    assert load_job_file(path) == {"model": "qwen-plus", "max_async_requests": 8}
+
+
 def test_load_job_file_then_build_config(tmp_path: Path) -> None:
     path = write_job(
         tmp_path,
