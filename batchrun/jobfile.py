@@ -78,8 +78,10 @@ def load_job_file(path: Path) -> dict[str, Any]:
 def _check_job_key(path: Path, key: str, *, section: str | None) -> None:
     expected = _JOB_KEYS.get(key)
     if expected is None:
+        close = difflib.get_close_matches(key, _JOB_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         allowed = ", ".join(sorted(_JOB_KEYS))
-        raise UsageError(f"job file {path}: unknown key {key!r}; allowed keys: {allowed}")
+        raise UsageError(f"job file {path}: unknown key {key!r}{hint}; allowed keys: {allowed}")
     if section is not None and expected != section:
         raise UsageError(f"job file {path}: key {key!r} belongs in [{expected}], not [{section}]")
 

@@ -313,22 +313,23 @@ def test_a_job_file_that_is_no_text_file_is_a_usage_error(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("text", "bad_key"),
+    ("text", "bad_key", "hint"),
     [
-        ("max_async = 5\n", "max_async"),
-        ("[limits]\npool = 3\n", "pool"),
-        ("[network]\nproxy = 'x'\n", "network"),
-        ("[retry]\nmax_attempt = 3\n", "max_attempt"),
+        ("max_async = 5\n", "max_async", " (did you mean 'max_async_requests'?)"),
+        ("[limits]\npool = 3\n", "pool", ""),
+        ("[network]\nproxy = 'x'\n", "network", ""),
+        ("[retry]\nmax_attempt = 3\n", "max_attempt", " (did you mean 'max_attempts'?)"),
+        ("max_async_request = 3\n", "max_async_request", " (did you mean 'max_async_requests'?)"),
     ],
 )
-def test_load_job_file_unknown_key_lists_allowed_keys(
-    tmp_path: Path, text: str, bad_key: str
+def test_load_job_file_unknown_key_names_the_closest_and_lists_allowed_keys(
+    tmp_path: Path, text: str, bad_key: str, hint: str
 ) -> None:
     path = write_job(tmp_path, text)
     with pytest.raises(UsageError) as info:
         load_job_file(path)
     message = str(info.value)
-    assert f"job file {path}: unknown key {bad_key!r}; allowed keys: " in message
+    assert f"job file {path}: unknown key {bad_key!r}{hint}; allowed keys: " in message
     allowed = message.split("allowed keys: ", 1)[1].split(", ")
     assert allowed == sorted(allowed)
     for key in ("input", "out", "max_async_requests", "read_timeout", "max_attempts", "params"):
