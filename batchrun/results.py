@@ -89,8 +89,13 @@ def output_source(out: Path, *, partial: bool = False) -> Path:
             f"the run on {out} has not finished: finish it (run the same command again),"
             " or pass --partial to export the rows done so far"
         )
-    if unfinished and not out.exists() and state.partial_path.exists():
-        return state.partial_path
+    if unfinished and not out.exists():
+        if state.partial_path.exists():
+            return state.partial_path
+        raise UsageError(
+            f"the run on {out} has written no row yet (a --mode batch run writes its rows"
+            " once its batches end): nothing to export so far"
+        )
     if not out.is_file():
         raise UsageError(f"output {out} does not exist or is not a file")
     return out

@@ -206,6 +206,9 @@ def test_an_unfinished_output_is_refused_unless_partial(tmp_path: Path) -> None:
 
     assert report.rows == 1
     assert not list(tmp_path.glob(".t.csv*"))  # no temporary file left behind
+    state.partial_path.unlink()  # as a batch run has it until its batches end
+    with pytest.raises(UsageError, match=r"has written no row yet.*nothing to export so far"):
+        export(out, tmp_path / "t.csv", partial=True)
 
 
 @pytest.mark.asyncio
