@@ -32,6 +32,12 @@ class CorruptStateError(UsageError):
     """A state file is damaged other than by a torn final write (exit code 2)."""
 
 
+class TornOutputError(CorruptStateError):
+    """``output.partial`` does not hold the rows its checkpoint counts (a power
+    loss with ``--fsync off``, a damaged disk): the output cannot be resumed
+    by position. The runner starts it over, its result store kept."""
+
+
 class LockedError(BatchrunError):
     """Another live process runs on this output (exit code 4)."""
 

@@ -8,14 +8,15 @@ input to seek, so the finished part of the input is not parsed again.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from batchrun.config import WHOLE, Shard
-from batchrun.errors import CorruptStateError
+from batchrun.errors import TornOutputError
 from batchrun.journal import JournalContents, read_journal
 from batchrun.state import Checkpoint, StateDir
 from batchrun.stats import Tally
@@ -51,14 +52,19 @@ class ResumePoint:
 
 
 def recover(state: StateDir, usage: Usage, shard: Shard = WHOLE) -> ResumePoint:
-    """The resume point of the unfinished run in ``state`` (of ``shard``'s rows)."""
+    """The resume point of the unfinished run in ``state`` (of ``shard``'s rows).
+
+    Raises ``TornOutputError`` when ``output.partial`` is missing, shorter
+    than its checkpoint says, not cut at a line's end there, or damaged
+    after it: resuming would publish joined or missing lines.
+    """
     checkpoint = state.read_checkpoint()
     counted = dataclasses.replace(checkpoint, counts=checkpoint.counts.copy())
     rows, output_bytes = checkpoint.rows, checkpoint.output_bytes
     if state.partial_path.exists():
         rows, output_bytes = _scan_output(state, counted, usage, shard)
     elif rows:
-        raise CorruptStateError(f"{state.partial_path} is missing; run again with --restart")
+        raise TornOutputError(f"{state.partial_path} is missing")
     counted.rows, counted.output_bytes = rows, output_bytes
     journal = read_journal(state.journal_path, after_line=shard.line_of(rows) - 1)
     return ResumePoint(checkpoint=counted, journal=journal)
@@ -70,6 +76,7 @@ def _scan_output(
     """Count the complete lines written after the checkpoint into ``counted``."""
     rows, offset = counted.rows, counted.output_bytes
     with state.partial_path.open("rb") as handle:
+        _check_extent(handle, offset, state)
         handle.seek(offset)
         for raw in handle:
             if not raw.endswith(b"\n"):
@@ -77,9 +84,25 @@ def _scan_output(
             _count(counted, raw, shard.line_of(rows), usage, state)
             rows += 1
             offset += len(raw)
-    if offset < counted.output_bytes:
-        raise CorruptStateError(f"{state.partial_path} is shorter than its checkpoint says")
     return rows, offset
+
+
+def _check_extent(handle: BinaryIO, size: int, state: StateDir) -> None:
+    """Raise ``TornOutputError`` unless the checkpoint's ``size`` bytes are
+    all there and end a line: only then can appending go on after them."""
+    actual = handle.seek(0, os.SEEK_END)
+    if actual < size:
+        raise TornOutputError(
+            f"{state.partial_path} is shorter than its checkpoint says"
+            f" ({actual:,} of {size:,} bytes)"
+        )
+    if size:
+        handle.seek(size - 1)
+        if handle.read(1) != b"\n":
+            raise TornOutputError(
+                f"{state.partial_path} does not end a line where its checkpoint says"
+                f" (at byte {size:,})"
+            )
 
 
 def _count(counted: Checkpoint, raw: bytes, line: int, usage: Usage, state: StateDir) -> None:
@@ -89,9 +112,7 @@ def _count(counted: Checkpoint, raw: bytes, line: int, usage: Usage, state: Stat
     except (orjson.JSONDecodeError, AttributeError):
         found, verdict = None, None
     if found != line or verdict is None:
-        raise CorruptStateError(
-            f"{state.partial_path} is damaged at the row of line {line}; run again with --restart"
-        )
+        raise TornOutputError(f"{state.partial_path} is damaged at the row of line {line}")
     counted.counts.count_record(verdict)
 
 

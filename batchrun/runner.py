@@ -24,7 +24,7 @@ from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.budget import Budget
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
-from batchrun.errors import DiskError, FatalError, UsageError
+from batchrun.errors import CorruptStateError, DiskError, FatalError, TornOutputError, UsageError
 from batchrun.eventloop import backend_options
 from batchrun.fdlimit import make_room
 from batchrun.hosts import HostPool
@@ -43,6 +43,7 @@ from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.state import FinishedRun, StateDir, changed_settings, fingerprint
 from batchrun.stats import RunStats, Summary, money
+from batchrun.store import STORE_FILE
 from batchrun.threaded import loop_running, run_beside_loop
 from batchrun.throttle import Throttle
 from batchrun.timing import Clock
@@ -234,8 +235,33 @@ def prepare(
             f"the run on {config.out} has not finished: run it to the end first"
             " (the same command without --retry-failed)"
         )
-    start = recover(state, provider.usage, config.shard or WHOLE)
+    try:
+        start = recover(state, provider.usage, config.shard or WHOLE)
+    except TornOutputError as torn:
+        start = _start_over(state, current, str(meta.get("pass") or "full"), torn)
     return dataclasses.replace(config, retry_failed=retry_pass), start
+
+
+def _start_over(
+    state: StateDir, current: dict[str, Any], kind: str, torn: TornOutputError
+) -> ResumePoint:
+    """Begin the ordered output again at row 0, keeping the result store:
+    the journal is salvaged into it by now, so every row answered before
+    comes back from it, marked reused and not paid again."""
+    if state.batch_path.exists():  # ``_begin`` would forget batches still paid for
+        store = state.root / STORE_FILE
+        raise CorruptStateError(
+            f"{torn}, and batches of this output are on record, so it is not started over"
+            f" here: run `batchrun cancel OUT`, move {store} (and any {store.name}-wal"
+            " beside it) into a new directory DIR, and run the same command with"
+            " --restart --cache DIR: every stored answer is reused, not paid again"
+        )
+    log.warning(
+        "%s (a power loss or a damaged disk): starting the output over from row 0;"
+        " rows answered before come from its result store, not sent again",
+        torn,
+    )
+    return _begin(state, current, kind)
 
 
 def _after_finish(

@@ -367,3 +367,44 @@ async def test_resume_seeks_past_the_checkpoint_without_parsing_it(
     assert second.exit_code == 3
     assert parsed
     assert min(parsed) == 61
+
+
+def without_reuse_mark(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key != "reused"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut", ["100 bytes", "5000 bytes", "all", "last byte"])
+async def test_a_torn_output_starts_over_from_the_store_without_paying_again(
+    tmp_path: Path, server: MockServer, cut: str
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", rows(300, slowest=0.05))
+    out = tmp_path / "out.jsonl"
+    process = await start_cli(command(source, out, server))
+    await wait_for(lambda: server.stats.requests >= 150)
+    process.send_signal(signal.SIGINT)
+    code, stderr = await finish(process)
+    assert code == 75, stderr
+    state = StateDir(out)
+    checkpoint = state.read_checkpoint()
+    assert checkpoint.output_bytes > 5_000  # every cut reaches into the checkpointed rows
+    # What a power loss with --fsync off, or a damaged disk, leaves behind.
+    with state.partial_path.open("r+b") as partial:
+        if cut == "last byte":
+            partial.seek(checkpoint.output_bytes - 1)
+            partial.write(b"x")
+        else:
+            partial.truncate(0 if cut == "all" else checkpoint.output_bytes - int(cut.split()[0]))
+    answered = server.stats.requests
+
+    done = await run_cli(command(source, out, server, "--summary", str(tmp_path / "s.json")))
+
+    assert done.returncode == 0, done.stderr.decode()
+    records = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    clean = [orjson.loads(line) for line in (await clean_output(tmp_path, source)).splitlines()]
+    assert [without_reuse_mark(r) for r in records] == [without_reuse_mark(r) for r in clean]
+    assert duplicates(server) == 0  # no answered row was sent again
+    assert server.stats.requests == 300  # every row once, over both runs
+    assert sum(bool(r.get("reused")) for r in records) == answered
+    assert b"starting the output over from row 0" in done.stderr
+    assert b"Traceback" not in done.stderr
