@@ -13,12 +13,15 @@ def main() -> None:
 
         sys.stdout.write(f"batchrun {__version__}\n")
         return
-    from batchrun.cli import main as cli_main
-
     try:
+        from batchrun.cli import main as cli_main
+
         cli_main()
     except SystemExit as exc:
         exit_now(exc.code)
+    except KeyboardInterrupt:  # Ctrl-C before a command takes signals itself
+        print("batchrun: interrupted", file=sys.stderr)
+        exit_now(130)
     exit_now(0)
 
 

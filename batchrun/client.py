@@ -29,6 +29,7 @@ from aiohttp.connector import Connection
 from aiohttp.payload import Payload
 from aiohttp.tracing import Trace
 
+from batchrun import crashpoint
 from batchrun.config import DEFAULT_MAX_RESPONSE_BYTES, Limits, Timeouts
 from batchrun.deadlines import FifoDeadlines
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
@@ -240,6 +241,7 @@ class Client:
         # A small body goes to the kernel with the headers and cannot stall;
         # only a larger one needs the write timeout (and costs its payload).
         body = data if len(data) < _WRITE_CAN_BLOCK else _TimedBody(data, self._write_timeout)
+        crashpoint.signal_at("request")
         try:
             async with self._session.post(
                 url, data=body, headers=self._headers, allow_redirects=False

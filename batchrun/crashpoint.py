@@ -13,6 +13,12 @@ not yet compacted), ``after_upload`` (a batch
 input file uploaded, its id not yet recorded), ``after_batch_create`` (a
 provider batch created, its id not yet recorded).
 
+Signals: ``BATCHRUN_SIGNAL_AT`` set to ``NAME``, ``NAME:N`` or
+``NAME:N:SIGTERM`` makes the process send itself SIGINT (or SIGTERM) the Nth
+time it passes point ``NAME``, as a user's Ctrl-C or a scheduler's stop at
+that moment would. Points: ``locked`` (the output's lock just taken),
+``request`` (a request about to be sent).
+
 Disk faults: ``BATCHRUN_DISK_FAULT`` set to ``NAME``, ``NAME:N`` or
 ``NAME:N:EIO`` makes the Nth write at point ``NAME`` and every later one
 fail as a full disk would (``ENOSPC``, or ``EIO``), after writing half its
@@ -49,6 +55,22 @@ def hit(name: str) -> None:
 def die() -> None:
     """Stop the process at once, with no cleanup: the state a SIGKILL leaves."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_SIGNAL_NAME, _, _SIGNAL_REST = os.environ.get("BATCHRUN_SIGNAL_AT", "").partition(":")
+_SIGNAL_COUNT, _, _SIGNAL_KIND = _SIGNAL_REST.partition(":")
+_signal_remaining = int(_SIGNAL_COUNT) if _SIGNAL_COUNT.isdigit() else 1
+
+
+def signal_at(name: str) -> None:
+    """Count a pass through point ``name``; on the chosen one, signal this
+    process (delivered once the event loop next looks)."""
+    global _signal_remaining
+    if name != _SIGNAL_NAME or not _signal_remaining:
+        return
+    _signal_remaining -= 1
+    if not _signal_remaining:
+        os.kill(os.getpid(), signal.SIGTERM if _SIGNAL_KIND == "SIGTERM" else signal.SIGINT)
 
 
 _FAULT_NAME, _, _FAULT_REST = os.environ.get("BATCHRUN_DISK_FAULT", "").partition(":")

@@ -20,8 +20,7 @@ Whatever finished is journaled, so the run resumes where it stopped.
 from __future__ import annotations
 
 import itertools
-import signal
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from typing import NamedTuple
 
 import anyio
@@ -37,6 +36,7 @@ from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers
 from batchrun.rowsource import Finished, KnownLookup, RowSource
 from batchrun.sender import RowSender
+from batchrun.signals import SignalStop
 from batchrun.state import StateDir
 from batchrun.stats import RunStats
 from batchrun.throttle import Throttle
@@ -84,18 +84,20 @@ class Pipeline:
         state: StateDir,
         start: ResumePoint,
         budget: Budget,
-        handle_signals: bool = False,
+        signals: SignalStop | None = None,
         known: KnownLookup | None = None,
         stop: anyio.Event | None = None,
     ) -> None:
-        """``stop``, once set, stops the run as SIGINT would (from another
-        thread: set it through the loop, e.g. a blocking portal)."""
+        """``signals``: the run's SIGINT and SIGTERM, which stop it (the
+        first gracefully, see ``request_stop``). ``stop``, once set, stops
+        the run as SIGINT would (from another thread: set it through the
+        loop, e.g. a blocking portal)."""
         self.config = config
         self.stop = stop
         self.clock = clock
         self.reporter = reporter
         self.stats: RunStats = reporter.stats
-        self.handle_signals = handle_signals
+        self.signals = signals
         provider = sender.provider
         self.writer = OrderedWriter(
             config, state=state, start=start, provider=provider, answers=answers, reporter=reporter
@@ -184,8 +186,6 @@ class Pipeline:
             tasks.start_soon(self._count_total)
             if self.reporter.mode != "off":
                 tasks.start_soon(self.reporter.heartbeat, self.clock.sleep)
-            if self.handle_signals:
-                tasks.start_soon(self._watch_signals)
             if self.stop is not None:
                 tasks.start_soon(self._watch_stop, self.stop)
             if self.metrics is not None:
@@ -193,7 +193,8 @@ class Pipeline:
                 tasks.start_soon(self._keep_metrics_fresh, self.metrics)
             tasks.start_soon(self._flush_often)
             tasks.start_soon(self.throttle.widen_while_quiet, self.clock.sleep)
-            with closing(self.source.rows()) as rows:
+            # Signals are taken before the first row: one that came earlier stops it here.
+            with self._signals_handled(), closing(self.source.rows()) as rows:
                 await self.workers.run(rows)
             # Every row that will be written is written; the helpers are left.
             tasks.cancel_scope.cancel()
@@ -223,10 +224,11 @@ class Pipeline:
             return  # the total stays unknown; the row source reports the damage
         self.stats.total = (self.config.shard or WHOLE).rows_before(lines)
 
-    async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                self.request_stop(f"interrupted by {signal.Signals(signum).name}")
+    def _signals_handled(self) -> AbstractContextManager[None]:
+        """While the rows run, a signal is a ``request_stop``."""
+        if self.signals is None:
+            return nullcontext()
+        return self.signals.handled_by(self.request_stop)
 
     async def _watch_stop(self, stop: anyio.Event) -> None:
         await stop.wait()

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import anyio
 
-from batchrun import eventloop
+from batchrun import crashpoint, eventloop
 from batchrun.batchmode.job import PhaseResult
 from batchrun.batchmode.phase import guard, known_results, run_phase
 from batchrun.budget import Budget
@@ -41,6 +41,7 @@ from batchrun.rowsource import KnownLookup
 from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
+from batchrun.signals import SignalStop, with_signals
 from batchrun.state import FinishedRun, StateDir, changed_settings, fingerprint
 from batchrun.stats import RunStats, Summary, money
 from batchrun.store import STORE_FILE
@@ -93,10 +94,22 @@ async def run_async(
 ) -> Summary:
     """Run (or resume) a job inside a running event loop; return its summary.
 
-    ``handle_signals``: SIGINT/SIGTERM stop the run resumably (exit code 75);
-    only from the main thread. ``stop``: setting it does the same, from
-    anywhere (online mode).
+    ``handle_signals``: SIGINT/SIGTERM stop the run resumably (exit code 75)
+    from before the output's lock is taken; only from the main thread.
+    ``stop``: setting it does the same, from anywhere (online mode).
     """
+    if handle_signals:
+        return await with_signals(lambda signals: _run(config, clock, stream, signals, stop))
+    return await _run(config, clock, stream, None, stop)
+
+
+async def _run(
+    config: RunConfig,
+    clock: Clock | None,
+    stream: TextIO | None,
+    signals: SignalStop | None,
+    stop: anyio.Event | None,
+) -> Summary:
     provider = get_provider(config.provider)
     api_key = resolve_api_key(provider, config)
     if not config.input.is_file():
@@ -107,6 +120,7 @@ async def run_async(
     tls = _tls(config)
     state = StateDir(config.out)
     state.lock()
+    crashpoint.signal_at("locked")
     try:
         guard(state.root, mode=config.mode, restart=config.restart)
         if config.restart:
@@ -125,7 +139,7 @@ async def run_async(
             config, start = prepared
             job = _Job(config, provider, api_key, state, start, answers, clock or Clock(), stream)
             check = AnswerCheck(config.response_schema) if config.response_schema else None
-            job = job._replace(handle_signals=handle_signals, stop=stop, check=check)
+            job = job._replace(signals=signals, stop=stop, check=check)
             return await _execute(job, tls)
         finally:
             answers.close()
@@ -301,7 +315,7 @@ class _Job(NamedTuple):
     answers: Answers
     clock: Clock
     stream: TextIO | None
-    handle_signals: bool = False
+    signals: SignalStop | None = None  # the run's SIGINT and SIGTERM, when it takes them
     stop: anyio.Event | None = None
     check: AnswerCheck | None = None  # --response-schema's, for batches and online alike
 
@@ -358,7 +372,7 @@ async def _batch_phase(job: _Job, session: aiohttp.ClientSession, base_url: str)
         start=job.start,
         clock=job.clock,
         stream=job.stream or sys.stderr,
-        handle_signals=job.handle_signals,
+        signals=job.signals,
         answered=_stored(answers) if answers.lookup else None,
         answers=answers,
         check=job.check,
@@ -382,7 +396,7 @@ async def _online(
         state=job.state,
         start=start,
         budget=budget,
-        handle_signals=job.handle_signals,
+        signals=job.signals,
         known=known,
         stop=job.stop,
     )

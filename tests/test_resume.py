@@ -408,3 +408,27 @@ async def test_a_torn_output_starts_over_from_the_store_without_paying_again(
     assert sum(bool(r.get("reused")) for r in records) == answered
     assert b"starting the output over from row 0" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point", ["locked", "locked:1:SIGTERM", "request", "request:1:SIGTERM", "request:5"]
+)
+async def test_a_signal_as_the_run_starts_stops_it_resumably(
+    tmp_path: Path, server: MockServer, point: str
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", rows(100, slowest=0.1))
+    out = tmp_path / "out.jsonl"
+
+    stopped = await run_cli(command(source, out, server), BATCHRUN_SIGNAL_AT=point)
+
+    stderr = stopped.stderr.decode()
+    assert stopped.returncode == 75, stderr
+    assert "Traceback" not in stderr
+    signal_name = point.split(":")[2] if point.count(":") == 2 else "SIGINT"
+    assert f"interrupted by {signal_name}" in stderr
+    status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out), "--json"])
+    assert orjson.loads(status.stdout)["in_doubt"] == 0  # the rows in flight had their grace
+    await resume_to_end(source, out, server, tmp_path)
+    assert duplicates(server) == 0
+    assert out.read_bytes() == await clean_output(tmp_path, source)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import logging
-import signal
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,6 +35,7 @@ from batchrun.records import Request
 from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers
 from batchrun.schema import AnswerCheck
+from batchrun.signals import SignalStop
 from batchrun.timing import Clock
 
 log = logging.getLogger("batchrun")
@@ -79,7 +80,7 @@ async def run_phase(
     start: ResumePoint,
     clock: Clock,
     stream: TextIO,
-    handle_signals: bool,
+    signals: SignalStop | None,
     answered: Answered | None = None,
     answers: Answers | None = None,
     check: AnswerCheck | None = None,
@@ -112,7 +113,7 @@ async def run_phase(
     max_bytes = config.batch.bytes or DEFAULT_MAX_BYTES[provider.name]
     try:
         plan = (start, talk.body, max_bytes, _key_of(provider), answered)
-        return await _until_stopped(job, plan, handle_signals, resumed=earlier is not None)
+        return await _until_stopped(job, plan, signals, resumed=earlier is not None)
     finally:
         job.progress.close()
 
@@ -120,29 +121,33 @@ async def run_phase(
 async def _until_stopped(
     job: BatchJob,
     plan: tuple[ResumePoint, Body, int, KeyOf, Answered | None],
-    handle_signals: bool,
+    signals: SignalStop | None,
     *,
     resumed: bool,
 ) -> PhaseResult:
     result = PhaseResult()
     async with anyio.create_task_group() as tasks:
-        if handle_signals:
-            tasks.start_soon(_watch_signals, tasks.cancel_scope)
-        await job.plan(*plan)
-        result = await job.run(resumed=resumed)
+        with _signals_handled(signals, tasks.cancel_scope):
+            await job.plan(*plan)
+            result = await job.run(resumed=resumed)
         tasks.cancel_scope.cancel()
     if not result.complete and result.aborted is None:
         result.running = job.running()  # stopped by a signal: they keep running
     return result
 
 
-async def _watch_signals(scope: anyio.CancelScope) -> None:
+def _signals_handled(
+    signals: SignalStop | None, scope: anyio.CancelScope
+) -> AbstractContextManager[None]:
     """A signal stops the phase at once: every step is recorded, batches keep running."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s: stopping; the batches keep running", signal.Signals(signum).name)
-            scope.cancel()
-            return
+    if signals is None:
+        return nullcontext()
+
+    def stop(reason: str) -> None:
+        log.info("%s: stopping; the batches keep running", reason)
+        scope.cancel()
+
+    return signals.handled_by(stop)
 
 
 def _key_of(provider: Provider) -> KeyOf:
