@@ -490,6 +490,12 @@ class RunConfig:
             "--retry-failed sends rows online: run it without --mode batch",
         )
         require(
+            not (self.mode == "batch" and self.costs.max_cost is not None),
+            "--max-cost stops a run before the row that would pass it, and a batch is"
+            " submitted whole: leave --max-cost out of a --mode batch run (batchrun"
+            " validate estimates a job's cost before it is sent)",
+        )
+        require(
             not (self.restart and self.retry_failed),
             "--restart and --retry-failed do not go together: --restart discards the output",
         )

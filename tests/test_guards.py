@@ -73,6 +73,13 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
         ["--out", "{dir}/loop"],
         "Too many levels of symbolic links: {dir}/loop",
     ),
+    "max cost in batch mode": (
+        [
+            *("--mode", "batch", "--max-cost", "1"),
+            *("--price-input-per-million", "1", "--price-output-per-million", "1"),
+        ],
+        "--max-cost stops a run before the row that would pass it, and a batch is submitted",
+    ),
     "param NaN": (["--param", "temperature=NaN"], "--param temperature=NaN: JSON has no NaN"),
     "param Infinity": (["--param", "max_tokens=-Infinity"], "--param max_tokens=-Infinity: JSON"),
 }
