@@ -23,6 +23,32 @@ class InputReadError(UsageError):
 READ_BUFFER = 1 << 16
 
 
+# Which file a path names and its version: inode, size, modification time (ns).
+Stamp = tuple[int, int, int]
+
+
+def stamp(path: Path) -> Stamp:
+    """``path``'s file and version now (``os.stat``: no read)."""
+    info = path.stat()
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def check_unchanged(path: Path, before: Stamp) -> None:
+    """Raise ``UsageError`` if ``path`` is no longer the file ``before`` saw:
+    rewritten, replaced or gone while a run read it, its output may mix both
+    versions and must not be published."""
+    try:
+        now = stamp(path)
+    except OSError:
+        now = None
+    if now != before:
+        raise UsageError(
+            f"the input {path} changed while this run read it: its output is not published"
+            " (its rows may mix both versions); run the same command again: rows already"
+            " answered are reused, not paid again"
+        )
+
+
 def open_input(path: Path) -> BinaryIO:
     """The input as bytes; ``.gz`` files are decompressed as they are read."""
     if path.suffix == ".gz":

@@ -28,7 +28,7 @@ from batchrun.errors import CorruptStateError, DiskError, FatalError, TornOutput
 from batchrun.eventloop import backend_options
 from batchrun.fdlimit import make_room
 from batchrun.hosts import HostPool
-from batchrun.inputs import check_readable
+from batchrun.inputs import Stamp, check_readable, check_unchanged, stamp
 from batchrun.journal import read_journal
 from batchrun.layout import state_dir
 from batchrun.paths import check_written
@@ -133,13 +133,14 @@ async def _run(
             durable=config.fsync != "off",
         )
         try:
+            before = stamp(config.input)  # before ``prepare`` reads it: a later edit shows
             prepared = prepare(state, config, provider, answers)
             if isinstance(prepared, Summary):
                 return prepared
             config, start = prepared
             job = _Job(config, provider, api_key, state, start, answers, clock or Clock(), stream)
             check = AnswerCheck(config.response_schema) if config.response_schema else None
-            job = job._replace(signals=signals, stop=stop, check=check)
+            job = job._replace(signals=signals, stop=stop, check=check, input_stamp=before)
             return await _execute(job, tls)
         finally:
             answers.close()
@@ -318,6 +319,7 @@ class _Job(NamedTuple):
     signals: SignalStop | None = None  # the run's SIGINT and SIGTERM, when it takes them
     stop: anyio.Event | None = None
     check: AnswerCheck | None = None  # --response-schema's, for batches and online alike
+    input_stamp: Stamp | None = None  # the input as the run began (``inputs.stamp``)
 
 
 async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
@@ -402,7 +404,13 @@ async def _online(
     )
     ending = await pipeline.run()
     parts = _Parts(reporter.stats, sender, budget, known)
-    return _conclude(config, ending, parts, job.state, clock.monotonic() - started)
+    summary = _conclude(config, ending, parts, clock.monotonic() - started)
+    if ending.complete and ending.disk_error is None:
+        if job.input_stamp is not None:
+            check_unchanged(config.input, job.input_stamp)  # before the output is published
+        job.state.write_finished(summary)
+        _publish(job.state, config.out)
+    return summary
 
 
 def _stored(answers: Answers) -> Callable[[bytes], bool]:
@@ -513,9 +521,7 @@ def _ending_code(ending: RunEnding, parts: _Parts) -> tuple[int, str | None]:
     return EXIT_INTERRUPTED, f"{reason}; run the same command again to resume"
 
 
-def _conclude(
-    config: RunConfig, ending: RunEnding, parts: _Parts, state: StateDir, duration: float
-) -> Summary:
+def _conclude(config: RunConfig, ending: RunEnding, parts: _Parts, duration: float) -> Summary:
     stats, sender = parts.stats, parts.sender
     batched = parts.known.found if parts.known is not None else 0
     stats.skipped -= batched  # answered in batches: this run's work, not an earlier run's
@@ -539,9 +545,6 @@ def _conclude(
             **ending.held,
         },
     )
-    if ending.complete and ending.disk_error is None:
-        state.write_finished(summary)
-        _publish(state, config.out)
     return summary
 
 

@@ -8,10 +8,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
 from batchrun import pipeline, reuse
+from batchrun.errors import UsageError
 from batchrun.mock.server import MockServer
 from batchrun.runner import EXIT_BUDGET, run_async
 from batchrun.state import StateDir
@@ -425,3 +427,30 @@ async def test_a_first_run_finds_its_own_results_before_and_after_their_commit(
     assert fresh.record == committed.record == b'{"line":1}'
     assert answers.find(b"x" * 32) is None
     answers.close()
+
+
+async def test_an_input_rewritten_while_a_run_reads_it_is_not_published(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # 400 rows of 20 ms, 4 at a time: the run reads for about 2 s.
+    rows = [chat(f"row {i:04d} mock:delay=0.02", custom_id=f"r{i}") for i in range(400)]
+    config = make_config(tmp_path, rows, server, max_async_requests=4)
+    edited = [chat(f"ROW {i:04d} mock:delay=0.02", custom_id=f"r{i}") for i in range(400)]
+
+    async def run_while_rewritten() -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run_async, config)
+            await anyio.sleep(0.5)
+            # Rewritten in place, as `cat new > in.jsonl` does: the run reads on.
+            config.input.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in edited))
+
+    with pytest.raises(ExceptionGroup) as refused:
+        await run_while_rewritten()
+    assert refused.group_contains(UsageError, match="changed while this run read it")
+    assert not config.out.exists()
+    assert 0 < server.stats.requests < 800
+
+    again = await run_async(config)
+
+    assert again.exit_code == 0
+    assert_answers_match(config.out, edited)
