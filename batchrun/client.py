@@ -300,7 +300,9 @@ class Client:
     def _redacted(self, error: RequestError) -> RequestError:
         """The error with every trace of the API key masked (providers echo it)."""
         key = self._api_key
-        if key:
+        # A key of a few characters is no secret (a placeholder such as "x"),
+        # and masking it would mangle every word that holds those letters.
+        if key and len(key) >= _SECRET_CHARS:
             error.message = error.message.replace(key, redact(key))
             if error.body is not None:
                 text = orjson.dumps(error.body).decode()
@@ -363,6 +365,9 @@ def _closed_before_answer(exc: Exception) -> bool:
         errno.ECONNRESET,
         errno.EPIPE,
     )
+
+
+_SECRET_CHARS = 4
 
 
 def redact(key: str) -> str:

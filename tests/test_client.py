@@ -92,6 +92,19 @@ async def test_bad_key_is_fatal_and_redacted_everywhere(server: MockServer) -> N
     assert redact("bad-key") in error.message
 
 
+async def test_a_key_of_a_few_characters_is_no_secret_to_mask_inside_words(
+    server: MockServer,
+) -> None:
+    # The mock's message is "mock fault: HTTP 400": a key "u" masked would make it "fa***lt".
+    with pytest.raises(RowError) as placeholder:
+        await send(server.base_url, request("x mock:fail=400"), key="u")
+    with pytest.raises(RowError) as secret:
+        await send(server.base_url, request("x mock:fail=400"), key="faul")
+
+    assert placeholder.value.message == "mock fault: HTTP 400"
+    assert "faul" not in secret.value.message
+
+
 async def test_reset_truncation_and_bad_json_are_transient(server: MockServer) -> None:
     codes = []
     # Two resets: the first is taken for a stale pooled connection and resent at once.
