@@ -29,11 +29,12 @@ def describe(out: Path) -> dict[str, Any]:
     meta = state.read_meta()
     if meta is None:
         raise UsageError(f"no batchrun state for {out} (looked in {state.root})")
+    running = state.is_locked()
     report: dict[str, Any] = {
         "output": str(out),
         "input": meta.get("input"),
-        "running": state.is_locked(),
-        "holder": state.holder(),
+        "running": running,
+        "holder": state.holder() if running else None,  # the lock file outlives its holder
     }
     finished = state.read_finished()
     if finished is not None:

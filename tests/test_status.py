@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batchrun.config import WHOLE
-from batchrun.status import _input_rows, render
+from batchrun.mock.server import MockServer
+from batchrun.state import StateDir
+from batchrun.status import _input_rows, describe, render
+from tests.conftest import chat, make_config
 
 
 def _report(**extra: Any) -> dict[str, Any]:
@@ -55,3 +61,23 @@ def test_a_missing_or_damaged_input_leaves_the_row_count_unknown(tmp_path: Path)
     assert _input_rows({"input": str(tmp_path / "gone.jsonl")}, WHOLE) is None
     text = render(_report(rows=None))
     assert "  input      in.jsonl (missing or unreadable)" in text.splitlines()
+
+
+@pytest.mark.asyncio
+async def test_the_holder_is_named_only_while_a_run_holds_the_lock(
+    tmp_path: Path, server: MockServer
+) -> None:
+    config = make_config(tmp_path, [chat("a")], server)
+    state = StateDir(config.out)
+    state.root.mkdir()
+    state.write_meta({"input": str(config.input)})
+    state.lock()
+    try:
+        held = describe(config.out)
+    finally:
+        state.unlock()
+    after = describe(config.out)  # the lock file and its text stay behind
+
+    assert held["running"]
+    assert held["holder"].startswith(f"pid {os.getpid()} on ")
+    assert (after["running"], after["holder"]) == (False, None)
