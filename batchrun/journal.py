@@ -66,6 +66,11 @@ class JournalContents:
         return self.begun - self.results.keys()
 
 
+def begun_marks(lines: Iterable[int]) -> bytes:
+    """The begin marks of ``lines``, in order, as ``Journal.begin`` writes them."""
+    return b"".join(b'{"b":%d}\n' % line for line in sorted(lines))
+
+
 def read_journal(path: Path, *, after_line: int) -> JournalContents:
     """Read the journal, keeping rows with line > ``after_line``.
 

@@ -29,7 +29,7 @@ from batchrun.eventloop import backend_options
 from batchrun.fdlimit import make_room
 from batchrun.hosts import HostPool
 from batchrun.inputs import Stamp, check_readable, check_unchanged, stamp
-from batchrun.journal import read_journal
+from batchrun.journal import JournalContents, read_journal
 from batchrun.layout import state_dir
 from batchrun.paths import check_written
 from batchrun.pipeline import Pipeline, RunEnding
@@ -42,7 +42,7 @@ from batchrun.schema import AnswerCheck
 from batchrun.sender import RowSender
 from batchrun.sharedlimits import SharedBudget, default_limits_key, open_lease_store
 from batchrun.signals import SignalStop, with_signals
-from batchrun.state import FinishedRun, StateDir, changed_settings, fingerprint
+from batchrun.state import Checkpoint, FinishedRun, StateDir, changed_settings, fingerprint
 from batchrun.stats import RunStats, Summary, money
 from batchrun.store import STORE_FILE
 from batchrun.threaded import loop_running, run_beside_loop
@@ -220,13 +220,14 @@ def prepare(
     ``Summary``) because the output is already complete. ``--restart`` has
     cleared the state before this."""
     current = fingerprint(config)
+    journal = read_journal(state.journal_path, after_line=0)
+    # Whatever happens next, the journal's results go to the store first.
+    answers.salvage(journal.keyed)
     meta = state.read_meta()
-    if meta is None:
+    if meta is None:  # none yet, or a new pass was being started (``StateDir.start_pass``)
         if config.retry_failed:
             raise UsageError(f"--retry-failed needs a finished run's output; {config.out} has none")
-        return config, _begin(state, current, "full")
-    # Whatever happens next, the journal's results go to the store first.
-    answers.salvage(read_journal(state.journal_path, after_line=0).keyed)
+        return config, _begin(state, current, "full", journal)
     changed = changed_settings(meta, current)
     if changed and state.batch_path.exists():
         # Batch answers are filed by line until the run that began them ends.
@@ -240,7 +241,8 @@ def prepare(
             changed,
             config.out,
         )
-        return dataclasses.replace(config, retry_failed=False), _begin(state, current, "full")
+        start = _begin(state, current, "full", journal)
+        return dataclasses.replace(config, retry_failed=False), start
     finished = state.read_finished()
     if finished is not None:
         return _after_finish(state, config, current, finished)
@@ -253,16 +255,21 @@ def prepare(
     try:
         start = recover(state, provider.usage, config.shard or WHOLE)
     except TornOutputError as torn:
-        start = _start_over(state, current, str(meta.get("pass") or "full"), torn)
+        start = _start_over(state, current, str(meta.get("pass") or "full"), torn, journal)
     return dataclasses.replace(config, retry_failed=retry_pass), start
 
 
 def _start_over(
-    state: StateDir, current: dict[str, Any], kind: str, torn: TornOutputError
+    state: StateDir,
+    current: dict[str, Any],
+    kind: str,
+    torn: TornOutputError,
+    journal: JournalContents,
 ) -> ResumePoint:
     """Begin the ordered output again at row 0, keeping the result store:
     the journal is salvaged into it by now, so every row answered before
-    comes back from it, marked reused and not paid again."""
+    comes back from it, marked reused and not paid again; its rows in doubt
+    stay in doubt."""
     if state.batch_path.exists():  # ``_begin`` would forget batches still paid for
         store = state.root / STORE_FILE
         raise CorruptStateError(
@@ -276,7 +283,7 @@ def _start_over(
         " rows answered before come from its result store, not sent again",
         torn,
     )
-    return _begin(state, current, kind)
+    return _begin(state, current, kind, journal)
 
 
 def _after_finish(
@@ -294,10 +301,31 @@ def _after_finish(
     return config, _begin(state, current, "full")
 
 
-def _begin(state: StateDir, current: dict[str, Any], kind: str) -> ResumePoint:
-    state.clear()
-    state.write_meta({**current, "pass": kind})
-    return ResumePoint()
+def _begin(
+    state: StateDir,
+    current: dict[str, Any],
+    kind: str,
+    journal: JournalContents | None = None,
+) -> ResumePoint:
+    """Start a pass at row 0, the result store kept. The rows the last pass's
+    ``journal`` left in flight, and those resent after earlier stops, stay
+    counted: the new pass sends every row without a stored answer, so it
+    resends them (unless the input lost them), and may be billed twice."""
+    in_doubt = journal.in_doubt if journal is not None else set()
+    resent = _resent_before(state)
+    state.start_pass({**current, "pass": kind}, in_doubt=in_doubt, resent=resent)
+    return ResumePoint(
+        checkpoint=Checkpoint(in_doubt=resent), journal=JournalContents(begun=in_doubt)
+    )
+
+
+def _resent_before(state: StateDir) -> int:
+    """The rows resent after stops, over the runs the checkpoint counts (0
+    when it is damaged: the rows of the journal are still counted)."""
+    try:
+        return state.read_checkpoint().in_doubt
+    except CorruptStateError:
+        return 0
 
 
 def _already_done(finished: FinishedRun, out: Path) -> Summary:

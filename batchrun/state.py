@@ -34,6 +34,7 @@ import orjson
 
 from batchrun.config import RunConfig
 from batchrun.errors import CorruptStateError, LockedError, disk_writes
+from batchrun.journal import begun_marks
 from batchrun.layout import partial_output, state_dir
 from batchrun.stats import COUNTS_KEYS, Counted, Counts, Summary
 from batchrun.store import STORE_FILE
@@ -195,6 +196,26 @@ class StateDir:
                 path.unlink()
         shutil.rmtree(self.batch_path, ignore_errors=True)
 
+    def start_pass(self, meta: dict[str, Any], *, in_doubt: set[int], resent: int) -> None:
+        """Replace the run's progress with a new pass's (``meta``, from row 0),
+        keeping the result store and what is in doubt: ``in_doubt``, the
+        lines the last pass left in flight, stay begun marks in the journal,
+        and ``resent``, the rows resent after earlier stops, stays in the
+        checkpoint, so the next run counts them as a resume would.
+
+        Crash-safe: ``meta.json`` goes first and comes back last, and a run
+        that finds none starts a pass again from the same journal and
+        checkpoint, which hold the same rows at every step in between."""
+        with contextlib.suppress(FileNotFoundError):
+            self.meta_path.unlink()
+        self.write_checkpoint(Checkpoint(in_doubt=resent))
+        _write_atomic(self.journal_path, begun_marks(in_doubt))
+        for path in (self.finished_path, self.partial_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        shutil.rmtree(self.batch_path, ignore_errors=True)
+        self.write_meta(meta)
+
     def drop_results(self) -> None:
         """Remove the output's result store (``--restart``: start from nothing)."""
         for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm"):
@@ -286,9 +307,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    _write_atomic(path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
     fresh = path.with_name(path.name + ".new")
     with disk_writes(fresh), fresh.open("wb") as handle:
-        handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(fresh, path)

@@ -16,7 +16,7 @@ import pytest
 from batchrun.mock.server import MockServer
 from tests.conftest import chat, write_jsonl
 from tests.redis_server import free_port
-from tests.test_resume import command, finish, run_cli, start_cli, wait_for
+from tests.test_resume import command, duplicates, finish, rows, run_cli, start_cli, wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -102,3 +102,38 @@ async def test_rows_waiting_to_retry_after_no_connection_are_not_in_doubt(
 
     assert code == -signal.SIGKILL
     assert (await status_of(out))["in_doubt"] == 0
+
+
+@pytest.mark.parametrize("cut_off", [False, True])
+async def test_rows_in_doubt_stay_counted_when_the_input_changed_before_the_resume(
+    tmp_path: Path, server: MockServer, cut_off: bool
+) -> None:
+    # The killed run leaves rows in flight; the input then gets one more line,
+    # so the next run starts a new pass that reuses stored answers by content.
+    # ``cut_off``: a run started that pass and died at its first step.
+    source = write_jsonl(tmp_path / "in.jsonl", rows(150))
+    out, summary_path = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    crashed = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT="after_response:40")
+    assert crashed.returncode == -signal.SIGKILL
+    before = await status_of(out)
+    in_doubt, done = before["in_doubt"], before["done"]
+    assert isinstance(in_doubt, int)
+    assert isinstance(done, int)
+    assert in_doubt > 0  # at least the row whose answer came just before the kill
+    sent_before = server.stats.requests
+    with source.open("ab") as handle:
+        handle.write(orjson.dumps(chat("one more row")) + b"\n")
+    if cut_off:
+        (out.with_name("out.jsonl.batchrun") / "meta.json").unlink()
+
+    rerun = await run_cli(command(source, out, server, "--summary", str(summary_path)))
+
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert cut_off or b"the input changed" in rerun.stderr
+    extra = orjson.loads(summary_path.read_bytes())["extra"]
+    assert extra["in doubt"] == in_doubt
+    assert extra["in doubt (all runs)"] == in_doubt
+    # Every row without a stored answer was sent, the rows in doubt among them:
+    # the one answered just before the kill reached the server twice.
+    assert server.stats.requests - sent_before == 151 - done
+    assert 1 <= duplicates(server) <= in_doubt
