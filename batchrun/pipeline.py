@@ -143,15 +143,16 @@ class Pipeline:
             disk_error = self._close(disk_error)  # synchronous: nothing here can be cancelled
         if self.source.read_error is not None and disk_error is None:
             raise self.source.read_error  # the rows read are kept: fix the input, run again
-        workers = self.workers
+        workers, cut_off = self.workers, self.writer.in_flight
         return RunEnding(
             complete=self.complete,
             aborted=workers.aborted,
             budget_reached=workers.budget.refused,
             stop_reason=workers.stop_reason,
             # resent after an earlier stop, and cut off in flight by this one
-            in_doubt=self.in_doubt + len(self.writer.in_flight),
-            in_doubt_all=self.writer.progress.in_doubt,
+            in_doubt=self.in_doubt + len(cut_off),
+            # the checkpoint's count leaves the rows cut off to the next run's
+            in_doubt_all=self.writer.progress.in_doubt + len(cut_off),
             held=self.writer.held_report(),
             disk_error=disk_error,
         )

@@ -207,7 +207,10 @@ async def test_a_second_sigterm_stops_at_once_and_counts_in_doubt(
     source = write_jsonl(tmp_path / "in.jsonl", [chat(f"slow {i} mock:delay=3") for i in range(20)])
     out = tmp_path / "out.jsonl"
 
-    process = await start_cli(command(source, out, server, "--grace", "30"))
+    stopped = tmp_path / "stopped.json"
+    process = await start_cli(
+        command(source, out, server, "--grace", "30", "--summary", str(stopped))
+    )
     await wait_for(lambda: server.stats.in_flight == MAX_ASYNC)
     process.send_signal(signal.SIGTERM)
     await anyio.sleep(0.2)
@@ -216,6 +219,8 @@ async def test_a_second_sigterm_stops_at_once_and_counts_in_doubt(
         code, stderr = await finish(process)
 
     assert code == 75, stderr
+    extra = orjson.loads(stopped.read_bytes())["extra"]
+    assert extra["in doubt"] == extra["in doubt (all runs)"] == MAX_ASYNC  # cut off by this run
     status = await run_cli([sys.executable, "-m", "batchrun", "status", str(out), "--json"])
     assert orjson.loads(status.stdout)["in_doubt"] == MAX_ASYNC
     summary = await resume_to_end(source, out, server, tmp_path)
