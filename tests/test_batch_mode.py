@@ -315,3 +315,30 @@ async def test_dashscope_batches_go_through_compatible_mode(
         r["response"]["body"]["choices"][0]["message"]["content"] for r in read_jsonl(config.out)
     ]
     assert answers == ["echo: native", "echo: plain"]
+
+
+@pytest.mark.parametrize(
+    ("no_id", "call", "quoted"),
+    [
+        ("files", "POST files", '{"object":"file"'),
+        ("batches", "POST batches", '{"object":"batch"'),
+        ("error", "POST batches", '{"error":{"message":"mock fault'),
+    ],
+)
+async def test_an_answer_without_an_id_stops_naming_the_call_then_resumes(
+    tmp_path: Path, no_id: str, call: str, quoted: str
+) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=0.2, no_id=no_id)) as server:
+        config = make_config(tmp_path, rows(3, model="m"), server, **FAST)
+        summary = await run_async(config)
+        assert summary.exit_code == 3
+        assert summary.aborted is not None
+        assert f"invalid_answer: {call} answered without a valid 'id': {quoted}" in summary.aborted
+        assert "run the same command again: it resumes" in summary.aborted
+        server.batches.faults.no_id = ""
+        assert (await run_async(config)).exit_code == 0
+        # The file or batch the bare answer made is found, not made again.
+        assert server.batches.uploads == 1
+        assert server.batches.created == 1
+        assert server.stats.batch_rows == 3
+        assert paid_twice(server) == 0

@@ -5,13 +5,19 @@ HTTP answers become batchrun errors (``client.transport_error`` and the
 provider's own ``classify``). Idempotent calls are retried while the error is
 transient; ``create`` is not (a batch has no idempotency key): its caller
 looks the batch up by metadata before trying again.
+
+Every field read from an answer goes through ``checked``: a 2xx answer
+without an id (or with an ``error`` body instead of the object asked for) is
+a ``FatalError`` naming the call and quoting the answer, never a ``KeyError``.
+A batch or file this module hands out has its ``id`` (and a batch its
+``status``) as strings.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import orjson
@@ -32,6 +38,48 @@ LIST_PAGES = 50
 _CHUNK = 1 << 16
 # Bytes a JSON answer (a batch, a page of the list) may have.
 _MAX_ANSWER = 64 << 20
+# Characters of a malformed answer quoted in its error.
+_QUOTED = 300
+# The code of an answer that lacks what the call must return.
+INVALID_ANSWER = "invalid_answer"
+
+T = TypeVar("T")
+
+
+def checked(
+    answer: Mapping[str, Any], name: str, what: str, kind: type[T], default: T | None = None
+) -> T:
+    """``answer[name]`` if it is a ``kind`` (a string: not empty); ``default``
+    when it is absent or null and a default is given. Otherwise a
+    ``FatalError`` naming the call ``what`` and quoting the answer: a 2xx
+    without what the call returns says nothing about what the provider did,
+    so guessing could pay twice (the run resumes and looks it up instead)."""
+    value = answer.get(name)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, kind) and value != "":
+        return value
+    raise FatalError(
+        INVALID_ANSWER,
+        f"{what} answered without a valid {name!r}: {_quote(answer)}",
+        status=200,
+        body=dict(answer),
+    )
+
+
+def _quote(answer: Mapping[str, Any]) -> str:
+    text = orjson.dumps(answer, default=str).decode()
+    return text if len(text) <= _QUOTED else text[:_QUOTED] + "..."
+
+
+def _batch(answer: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """A batch object, its id, status and result file ids checked."""
+    checked(answer, "id", what, str)
+    checked(answer, "status", what, str)
+    for name in ("output_file_id", "error_file_id"):
+        if answer.get(name) is not None:
+            checked(answer, name, what, str)
+    return dict(answer)
 
 
 def batch_base_url(provider: str, base_url: str) -> str:
@@ -74,7 +122,7 @@ class BatchApi:
                 return await self._call("POST", "files", data=form)
 
         answer: dict[str, Any] = await retrying(self._retry, sleep=self._sleep)(once)
-        return str(answer["id"])
+        return checked(answer, "id", "POST files", str)
 
     async def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
         """Create a batch (one attempt: not idempotent)."""
@@ -84,14 +132,15 @@ class BatchApi:
             "completion_window": "24h",
             "metadata": metadata,
         }
-        answer: dict[str, Any] = await self._call("POST", "batches", json=body)
-        return answer
+        return _batch(await self._call("POST", "batches", json=body), "POST batches")
 
     async def get(self, batch_id: str) -> dict[str, Any]:
-        return await self._retried("GET", f"batches/{batch_id}")  # type: ignore[no-any-return]
+        what = f"GET batches/{batch_id}"
+        return _batch(await self._retried("GET", f"batches/{batch_id}"), what)
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
-        return await self._retried("POST", f"batches/{batch_id}/cancel")  # type: ignore[no-any-return]
+        what = f"POST batches/{batch_id}/cancel"
+        return _batch(await self._retried("POST", f"batches/{batch_id}/cancel"), what)
 
     async def download(self, file_id: str, path: Path) -> None:
         """A result file's content into ``path``, streamed (each try starts it afresh)."""
@@ -121,7 +170,7 @@ class BatchApi:
     async def batches(self) -> AsyncIterator[dict[str, Any]]:
         """Every batch, newest first, at most ``LIST_PAGES`` pages."""
         async for batch in self._pages("batches", {}):
-            yield batch
+            yield _batch(batch, "GET batches")
 
     async def files(self) -> AsyncIterator[dict[str, Any]]:
         """Every batch input file, at most ``LIST_PAGES`` pages."""
@@ -133,17 +182,17 @@ class BatchApi:
         for _ in range(LIST_PAGES):
             params = {**query, "limit": str(LIST_PAGE), **({"after": after} if after else {})}
             page = await self._retried("GET", path, params=params)
-            data = page.get("data") or []
+            data = _items(page, f"GET {path}")
             for item in data:
                 yield item
-            if not page.get("has_more") or not data:
+            if not checked(page, "has_more", f"GET {path}", bool, False) or not data:
                 return
-            after = str(data[-1]["id"])
+            after = data[-1]["id"]
 
     async def find(self, metadata: dict[str, str]) -> dict[str, Any] | None:
         """The newest batch whose metadata holds every pair of ``metadata``."""
         async for batch in self.batches():
-            given = batch.get("metadata") or {}
+            given = checked(batch, "metadata", "GET batches", dict, {})
             if all(given.get(key) == value for key, value in metadata.items()):
                 return batch
         return None
@@ -179,6 +228,17 @@ class BatchApi:
             body=body,
             retry_after=pause_hint(headers, status=status),
         )
+
+
+def _items(page: Mapping[str, Any], what: str) -> list[dict[str, Any]]:
+    """A list answer's items, each an object with an id: a page without its
+    ``data`` must not read as "nothing there" (that would create again)."""
+    data = checked(page, "data", what, list)
+    for item in data:
+        if not isinstance(item, dict):
+            raise FatalError(INVALID_ANSWER, f"{what} listed {_quote({'item': item})}", status=200)
+        checked(item, "id", what, str)
+    return data
 
 
 def _try_parse(data: bytes) -> Any:

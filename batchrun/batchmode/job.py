@@ -59,6 +59,11 @@ class PhaseResult:
     running: int = 0  # batches left running when stopped
 
 
+def _stopped_by(exc: RequestError) -> str:
+    """Why the phase stops after ``exc``, and that the same command resumes."""
+    return f"the provider answered {exc.status or ''} {exc.code}: {exc.message}. {_RESUME}"
+
+
 class BatchJob:
     """Runs the parts of one batch-mode run to the end; see the module docstring."""
 
@@ -118,7 +123,10 @@ class BatchJob:
     async def run(self, *, resumed: bool) -> PhaseResult:
         """Submit, poll and collect until every part is collected; ``resumed``:
         an earlier process worked on these parts (see ``Submitter.reattach``)."""
-        await self.submitter.reattach(resumed=resumed)
+        try:
+            await self.submitter.reattach(resumed=resumed)
+        except RequestError as exc:  # retried already: nothing to attach to is known
+            return PhaseResult(aborted=_stopped_by(exc))
         while self._aborted is None:
             await self._submit_due()
             await self._poll()
@@ -138,9 +146,7 @@ class BatchJob:
         except BatchRefused as exc:
             self._aborted = f"{exc}. Fix the input, then run with --restart"
         except FatalError as exc:
-            self._aborted = (
-                f"the provider answered {exc.status or ''} {exc.code}: {exc.message}. {_RESUME}"
-            )
+            self._aborted = _stopped_by(exc)
         except RequestError as exc:
             self._failures += 1
             log.warning("part %d: %s (%s); trying again at the next poll", part.id, exc, exc.code)

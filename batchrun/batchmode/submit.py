@@ -138,7 +138,8 @@ def upload_name(state: BatchState, part: Part) -> str:
 
 
 def attach(part: Part, batch: dict[str, Any]) -> None:
-    """Record ``batch`` as ``part``'s live batch."""
-    part.batch_id = str(batch["id"])
-    part.batch_status = str(batch.get("status"))
+    """Record ``batch`` (as ``BatchApi`` hands it out: its id and status
+    checked strings) as ``part``'s live batch."""
+    part.batch_id = batch["id"]
+    part.batch_status = batch["status"]
     part.status = "submitted"

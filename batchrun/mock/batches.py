@@ -22,6 +22,11 @@ ends ``seconds`` after its creation. Its fate is decided when it is created:
 * the others complete. A row's answer is the online answer to the same body
   (``mock:fail=CODE`` rows go to the error file with their response).
 
+``no_id`` makes answers lack what the call returns, with HTTP 200: ``files``
+keeps the uploaded file but answers ``{"object": "file"}`` without its id;
+``batches`` creates the batch but answers it without its id; ``error``
+creates nothing and answers an ``{"error": ...}`` body.
+
 Every answered row counts in ``MockStats.by_digest`` and ``batch_rows``, so a
 test sees a row paid twice, in two batches or in a batch and online.
 """
@@ -62,6 +67,7 @@ class BatchFaults:
     token_limit_first: int = 0
     expire_first: int = 0
     expire_share: float = 0.5
+    no_id: str = ""  # "", "files", "batches" or "error"
 
 
 @dataclass(slots=True)
@@ -85,11 +91,12 @@ class _Batch:
 class MockFiles:
     """The uploaded and result files of one mock server."""
 
-    def __init__(self, ids: Iterator[int]) -> None:
+    def __init__(self, ids: Iterator[int], faults: BatchFaults) -> None:
         self.files: dict[str, dict[str, Any]] = {}
         self.contents: dict[str, bytes] = {}
         self.uploads = 0  # files ever uploaded
         self._ids = ids
+        self._faults = faults
 
     def add_routes(self, app: web.Application, prefix: str) -> None:
         app.router.add_post(prefix + "files", self._upload)
@@ -119,7 +126,10 @@ class MockFiles:
         with upload.file:  # aiohttp leaves it open: unclosed, it warns when collected
             data = upload.file.read()
         self.uploads += 1
-        return _ok(self.new_file("batch", upload.filename, data))
+        info = self.new_file("batch", upload.filename, data)
+        if self._faults.no_id == "files":
+            return _ok({"object": "file", "purpose": "batch"})
+        return _ok(info)
 
     async def _list(self, request: web.Request) -> web.Response:
         purpose = request.query.get("purpose")
@@ -154,7 +164,7 @@ class MockBatches:
         self.batches: dict[str, _Batch] = {}
         self.created = 0  # batches ever created
         self._ids = itertools.count(1)
-        self._files = MockFiles(self._ids)
+        self._files = MockFiles(self._ids, self.faults)
         self._clock = clock
 
     @property
@@ -189,6 +199,8 @@ class MockBatches:
         endpoint = given.get("endpoint") if isinstance(given, dict) else None
         if file_id not in self.contents or endpoint not in BATCH_URLS:
             return _fail(400, "input_file_id must name an uploaded file; endpoint a batch url")
+        if self.faults.no_id == "error":
+            return _ok(openai_error(500, "mock fault: an error body with HTTP 200"))
         batch_id = f"batch_{next(self._ids):06d}"
         info = {
             "id": batch_id,
@@ -206,6 +218,8 @@ class MockBatches:
         }
         rows, errors = _read_rows(self.contents[file_id], endpoint)
         self.batches[batch_id] = _Batch(info, rows, self._clock(), self._fate(errors), errors)
+        if self.faults.no_id == "batches":
+            return _ok({key: value for key, value in info.items() if key != "id"})
         return _ok(info)
 
     def _fate(self, errors: list[dict[str, Any]]) -> str:
