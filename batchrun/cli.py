@@ -218,15 +218,19 @@ def cancel_command(
     """Cancel the provider batches of the run on OUT (a signal leaves them running).
 
     Their finished rows are kept: run the same command again to collect them.
+    Refused (exit 4) while a run on OUT is live: stop it first.
     """
     import anyio
 
     from batchrun.batchmode.cancel import cancel_batches
-    from batchrun.runner import EXIT_FATAL
+    from batchrun.runner import EXIT_FATAL, EXIT_LOCKED
 
     try:
         with _usage_errors():
             cancelled = anyio.run(cancel_batches, out)
+    except LockedError as exc:  # a live run would resubmit what is cancelled
+        typer.echo(f"batchrun: error: {exc}", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
     except RequestError as exc:  # unreachable, or refused: nothing was cancelled for sure
         typer.echo(
             f"batchrun: error: the provider could not be asked to cancel ({exc.code}: {exc})."

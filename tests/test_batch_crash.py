@@ -138,6 +138,31 @@ async def test_cancel_cancels_and_the_rerun_keeps_finished_rows(tmp_path: Path) 
     assert len(read_jsonl(out)) == 10
 
 
+async def test_cancel_refuses_while_a_run_polls_then_cancels_once_it_stopped(
+    tmp_path: Path,
+) -> None:
+    # A polling run would see its batches end cancelled and pay for their rows
+    # again in new batches: cancel waits until the run is stopped.
+    async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        process = await start_cli(command(source, out, server))
+        await wait_for(lambda: submitted(out) == 3)
+        refused = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
+        stderr = refused.stderr.decode()
+        assert refused.returncode == 4, stderr
+        assert stderr.startswith(f"batchrun: error: a run on {out} is live (pid ")
+        assert stderr.endswith("then run batchrun cancel again\n")
+        assert stderr.count("\n") == 1
+        assert all(b.cancelled is None for b in server.batches.batches.values())
+        assert process.returncode is None  # the run polls on
+        process.send_signal(signal.SIGTERM)
+        assert (await finish(process))[0] == 75
+        cancelled = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
+        assert cancelled.returncode == 0, cancelled.stderr.decode()
+        assert all(b.cancelled is not None for b in server.batches.batches.values())
+        assert server.batches.created == 3
+
+
 async def test_cancel_with_the_provider_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
     async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
         _, out = await stopped_with_batches_running(tmp_path, server)

@@ -4,6 +4,11 @@ Batches are paid work, so nothing else ever cancels them (a signal leaves
 them running). Cancelled batches keep their finished rows: the next run on OUT
 collects them and resubmits the rest (or sends it online with
 ``--fallback online``).
+
+Cancelling takes OUT's lock, as a run does: while a run holds it, that run
+would see its batches end ``cancelled`` and resubmit their rows as new paid
+batches, undoing the cancel. So a live run makes cancel refuse (exit 4): stop
+the run first (SIGINT or SIGTERM leaves the batches running, exit 75).
 """
 
 from __future__ import annotations
@@ -28,12 +33,32 @@ _ATTEMPTS = 3
 
 async def cancel_batches(out: Path) -> list[tuple[str, str]]:
     """Ask the provider to cancel every live batch of the run on ``out``;
-    each batch id with the status the provider answered."""
+    each batch id with the status the provider answered. ``LockedError``
+    while a run holds ``out`` (see the module docstring)."""
     state_dir = StateDir(out)
     record = BatchRecord(state_dir.root)
-    state = record.load()
-    if state is None:
+    if record.load() is None:
         raise UsageError(f"no batches for {out} (looked in {record.root})")
+    try:
+        state_dir.lock()
+    except LockedError:
+        raise LockedError(
+            f"a run on {out} is live ({state_dir.holder() or 'holder unknown'}) and would"
+            " resubmit the rows of cancelled batches: stop it first (Ctrl-C or SIGTERM"
+            " leaves its batches running), then run batchrun cancel again"
+        ) from None
+    try:
+        state = record.load()  # again: the run that held the lock may have changed it
+        assert state is not None
+        cancelled = await _cancel(state)
+        record.save(state)
+    finally:
+        state_dir.unlock()
+    return cancelled
+
+
+async def _cancel(state: BatchState) -> list[tuple[str, str]]:
+    """Cancel the live batches of ``state``, recording each answered status."""
     provider = get_provider(state.provider)
     key_env = state.api_key_env or provider.default_key_env
     key = os.environ.get(key_env) or provider.fallback_key
@@ -52,19 +77,6 @@ async def cancel_batches(out: Path) -> list[tuple[str, str]]:
         for part in state.parts:
             if part.live and part.batch_id:
                 batch = await api.cancel(part.batch_id)
-                part.batch_status = str(batch.get("status"))
+                part.batch_status = batch["status"]
                 cancelled.append((part.batch_id, part.batch_status))
-    _save_unless_running(state_dir, record, state)
     return cancelled
-
-
-def _save_unless_running(state_dir: StateDir, record: BatchRecord, state: BatchState) -> None:
-    """Record the statuses, unless a live run owns the record (it polls them itself)."""
-    try:
-        state_dir.lock()
-    except LockedError:
-        return
-    try:
-        record.save(state)
-    finally:
-        state_dir.unlock()
