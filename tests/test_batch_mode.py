@@ -11,6 +11,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from batchrun.batchmode.settle import MAX_ROUNDS
 from batchrun.errors import UsageError
 from batchrun.mock.batches import BatchFaults
 from batchrun.mock.server import MockServer
@@ -342,3 +343,62 @@ async def test_an_answer_without_an_id_stops_naming_the_call_then_resumes(
         assert server.batches.created == 1
         assert server.stats.batch_rows == 3
         assert paid_twice(server) == 0
+
+
+def error_codes(out: Path) -> list[str | None]:
+    return [r["error"]["code"] if r["error"] else None for r in read_jsonl(out)]
+
+
+async def test_rows_a_provider_keeps_dropping_are_resubmitted_a_bounded_number_of_times(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Completed batches without an output file: each new batch would be paid.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.05, lose_share=1.0)) as server:
+        config = make_config(tmp_path, rows(4, model="m"), server, **FAST)
+        summary = await run_async(config)
+        assert summary.exit_code == 1
+        assert server.batches.created == MAX_ROUNDS == 3
+        assert summary.failed_by_code == {"batch_unfinished": 4}
+        records = read_jsonl(config.out)
+        assert all(r["error"]["retryable"] for r in records)
+        assert "send it online with --retry-failed" in records[0]["error"]["message"]
+        faults = [r.message for r in caplog.records if "a provider fault" in r.message]
+        assert len(faults) == 1
+        assert faults[0].startswith("the provider ended 2 batches (the last batch_")
+        # The run is done: an online --retry-failed pass sends those rows.
+        server.batches.faults.lose_share = 0.0
+        again = make_config(tmp_path, rows(4, model="m"), server, retry_failed=True)
+        assert (await run_async(again)).exit_code == 0
+        assert server.stats.requests == 4
+    assert error_codes(config.out) == [None] * 4
+
+
+async def test_each_row_is_resubmitted_at_most_twice(tmp_path: Path) -> None:
+    # Each batch drops half its rows: 8 rows, then 4, then 2 are sent; the
+    # one row the third batch drops too is given up on.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.05, lose_share=0.5)) as server:
+        config = make_config(tmp_path, rows(8, model="m"), server, **FAST)
+        assert (await run_async(config)).exit_code == 1
+        assert [total(b) for b in server.batches.batches.values()] == [8, 4, 2]
+        assert server.stats.batch_rows == 7
+        assert paid_twice(server) == 0
+    assert error_codes(config.out) == [None] * 7 + ["batch_unfinished"]
+
+
+async def test_rows_of_batches_that_keep_expiring_are_given_up_on(tmp_path: Path) -> None:
+    faults = BatchFaults(seconds=0.05, expire_first=10, expire_share=1.0)
+    async with MockServer(batch_faults=faults) as server:
+        config = make_config(tmp_path, rows(3, model="m"), server, **FAST)
+        assert (await run_async(config)).exit_code == 1
+        assert server.batches.created == 3
+    assert error_codes(config.out) == ["batch_unfinished"] * 3
+
+
+async def test_fallback_online_sends_dropped_rows_online_at_once(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=0.05, lose_share=1.0)) as server:
+        config = make_config(tmp_path, rows(4, model="m"), server, fallback="online", **FAST)
+        assert (await run_async(config)).exit_code == 0
+        assert server.batches.created == 1
+        assert server.stats.requests == 4
+        assert paid_twice(server) == 0
+    assert error_codes(config.out) == [None] * 4

@@ -16,7 +16,7 @@ A part goes ``planned`` (file written) → ``uploaded`` (input file id) →
 ``submitted`` (batch id) → ``collected`` (results written). A batch that
 failed on the enqueued-token limit sends its part back to ``uploaded`` with
 ``tries`` + 1; an expired one becomes ``collected`` and its unfinished rows
-go into a new part whose ``parent`` it is.
+go into a new part whose ``parent`` it is, one more in ``rounds``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Part:
     batch_status: str | None = None
     tries: int = 0  # batches refused for the enqueued-token limit
     parent: int | None = None  # the expired part whose unfinished rows this resubmits
+    rounds: int = 0  # batches that ended leaving this part's rows unfinished
     counts: dict[str, int] = field(default_factory=dict)  # the provider's request_counts
     result_files: list[str] = field(default_factory=list)  # to delete on the provider
     online: int = 0  # unfinished rows left to online mode (--fallback online)

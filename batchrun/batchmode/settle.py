@@ -5,7 +5,10 @@
   written (durably) before the part is marked ``collected``. Rows without a
   result (expired, cancelled, missing from a completed batch) go into a new
   part, or to online mode with ``--fallback online``; no row is ever in two
-  live batches, and never in a live batch and online.
+  live batches, and never in a live batch and online. Each new batch is paid
+  again, so a row left unfinished by ``MAX_ROUNDS`` batches is not
+  resubmitted: it gets a retryable ``batch_unfinished`` error record (a
+  later online ``--retry-failed`` sends it).
 * ``failed`` on the enqueued-token limit: the part goes back to ``uploaded``
   (its input file kept) and is tried again later.
 * ``failed`` at validation: each line the provider names becomes a row error
@@ -38,12 +41,20 @@ from batchrun.batchmode.results import (
 )
 from batchrun.errors import RequestError
 from batchrun.providers import Provider
+from batchrun.records import Outcome, output_line
 from batchrun.reuse import Answers
 from batchrun.schema import AnswerCheck
 
 log = logging.getLogger("batchrun")
 
 TOKEN_LIMIT = "token_limit_exceeded"
+# Batches that may end leaving a row unfinished before it is given up on: a
+# provider that keeps dropping rows would otherwise be paid again and again.
+MAX_ROUNDS = 3
+UNFINISHED = "batch_unfinished"
+# Completed batches with no result for any row before the run says the
+# provider is at fault.
+EMPTY_WARNING = 2
 # Batches whose result files are downloaded and mapped at the same time.
 COLLECT_AT_ONCE = 1
 
@@ -81,6 +92,7 @@ class Settler:
         self.usage = usage
         self.check = check
         self._collecting = anyio.CapacityLimiter(COLLECT_AT_ONCE)
+        self._empty = 0  # completed batches that brought no result for any row
 
     async def ended(self, part: Part, batch: dict[str, Any]) -> bool:
         """Handle ``part``'s ended batch; False when it must be tried again
@@ -116,6 +128,8 @@ class Settler:
         note = filer.note if filer is not None else None
         spill = self._spill(part)
         found = collect(downloads, ids, self.dialect, spill, note, self.usage, self.check)
+        if part.batch_status == "completed" and not len(found.records):
+            self._completed_empty(part)
         try:
             if filer is not None:
                 filer.file(found.records)
@@ -143,8 +157,8 @@ class Settler:
                 f"the provider refused batch {part.batch_id} (part {part.id}):"
                 f" {text or 'no reason given'}"
             )
-        try:
-            self._settle(part, named, set(ids) - named.lines(), ids)
+        try:  # the batch never ran: its other rows are no round further
+            self._settle(part, named, set(ids) - named.lines(), ids, ran=False)
         finally:
             named.close()
         await self.cleanup(part)
@@ -160,15 +174,27 @@ class Settler:
         return self.record.file(part.id, "spill")
 
     def _settle(
-        self, part: Part, records: Records, unfinished: set[int], ids: dict[int, str]
+        self,
+        part: Part,
+        records: Records,
+        unfinished: set[int],
+        ids: dict[int, str],
+        *,
+        ran: bool = True,
     ) -> None:
-        """Write the results, plan the unfinished rows, then mark the part collected."""
+        """Write the results, plan the unfinished rows, then mark the part
+        collected. ``ran``: the batch ran (one refused at validation did not),
+        so its unfinished rows are one round further (see ``MAX_ROUNDS``)."""
+        rounds = part.rounds + ran
+        if unfinished and not self.fallback_online and rounds >= MAX_ROUNDS:
+            _give_up(part, records, unfinished, ids)
+            unfinished = set()
         if not records.keep_as(self.record.file(part.id, "results")):
             self.record.write_results(part.id, records.sorted_chunks())
         if unfinished and self.fallback_online:
             part.online = len(unfinished)
         elif unfinished:
-            child = self._child(part, unfinished, ids)
+            child = self._child(part, unfinished, ids, rounds)
             self.state.parts.append(child)
             log.info(
                 "batch %s ended %s with %d rows unfinished: resubmitting them as part %d",
@@ -181,10 +207,24 @@ class Settler:
         part.status = "collected"
         self.record.save(self.state)
 
-    def _child(self, part: Part, unfinished: set[int], ids: dict[int, str]) -> Part:
-        """A new part holding ``part``'s ``unfinished`` rows."""
+    def _completed_empty(self, part: Part) -> None:
+        """Count a completed batch with no result for any row; the second one
+        is a provider fault worth one log line."""
+        self._empty += 1
+        if self._empty == EMPTY_WARNING:
+            log.warning(
+                "the provider ended %d batches (the last %s) completed with no result for any"
+                " row: a provider fault; rows are resubmitted at most %d times",
+                self._empty,
+                part.batch_id,
+                MAX_ROUNDS - 1,
+            )
+
+    def _child(self, part: Part, unfinished: set[int], ids: dict[int, str], rounds: int) -> Part:
+        """A new part holding ``part``'s ``unfinished`` rows, left so ``rounds`` times."""
         number = max(p.id for p in self.state.parts) + 1
         child = Part(number, part.endpoint, part.model, rows=0, bytes=0, parent=part.id)
+        child.rounds = rounds
         lines = _lines_of(self.record.file(part.id, "jsonl").read_bytes().splitlines(True))
         with self.record.file(number, "jsonl").open("wb") as handle:
             for line, raw in lines:
@@ -206,6 +246,40 @@ class Settler:
             if file_id:
                 with contextlib.suppress(RequestError):  # a leftover file costs no money
                     await self.api.delete(file_id)
+
+
+def _give_up(part: Part, records: Records, unfinished: set[int], ids: dict[int, str]) -> None:
+    """Give each of ``unfinished`` (left so by ``MAX_ROUNDS`` batches) a
+    retryable error record instead of a new batch."""
+    message = (
+        f"{MAX_ROUNDS} batches ended without this row's result (the last, {part.batch_id},"
+        f" {part.batch_status}); not resubmitted: send it online with --retry-failed"
+    )
+    for line in sorted(unfinished):
+        records.add(line, unfinished_record(line, ids[line], message, MAX_ROUNDS))
+    log.warning(
+        "batch %s ended %s with %d rows unfinished, each now by %d batches: not resubmitting"
+        " them; they get %s errors (retryable: run --retry-failed without --mode batch"
+        " once this run is done)",
+        part.batch_id,
+        part.batch_status,
+        len(unfinished),
+        MAX_ROUNDS,
+        UNFINISHED,
+    )
+
+
+def unfinished_record(line: int, custom_id: str, message: str, batches: int) -> bytes:
+    """The record of a row that ``batches`` batches ended without answering."""
+    outcome = Outcome(
+        line=line,
+        custom_id=custom_id,
+        error_code=UNFINISHED,
+        error_message=message,
+        retryable=True,
+        attempts=batches,
+    )
+    return output_line(outcome)
 
 
 def _errors(batch: dict[str, Any]) -> list[dict[str, Any]]:

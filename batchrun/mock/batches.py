@@ -20,7 +20,9 @@ ends ``seconds`` after its creation. Its fate is decided when it is created:
 * the next ``expire_first`` batches expire with the last ``expire_share`` of
   their rows unfinished (in the error file, code ``batch_expired``);
 * the others complete. A row's answer is the online answer to the same body
-  (``mock:fail=CODE`` rows go to the error file with their response).
+  (``mock:fail=CODE`` rows go to the error file with their response); with
+  ``lose_share``, the last share of their rows is in neither file (never
+  answered), and a batch with no row answered has no output file.
 
 ``no_id`` makes answers lack what the call returns, with HTTP 200: ``files``
 keeps the uploaded file but answers ``{"object": "file"}`` without its id;
@@ -68,6 +70,7 @@ class BatchFaults:
     expire_first: int = 0
     expire_share: float = 0.5
     no_id: str = ""  # "", "files", "batches" or "error"
+    lose_share: float = 0.0  # of a completed batch's rows: missing from its result files
 
 
 @dataclass(slots=True)
@@ -272,8 +275,8 @@ class MockBatches:
         if batch.fate in ("failed", "invalid"):
             self._fail_batch(batch)
         elif elapsed >= seconds:
-            share = 1 - self.faults.expire_share if batch.fate == "expired" else 1.0
-            self._settle(batch, batch.fate, share)
+            lost = self.faults.expire_share if batch.fate == "expired" else self.faults.lose_share
+            self._settle(batch, batch.fate, 1 - lost)
         else:
             info["status"] = "in_progress"
             total = len(batch.rows)
@@ -295,7 +298,8 @@ class MockBatches:
         batch.settled = True
 
     def _settle(self, batch: _Batch, status: str, share: float) -> None:
-        """End the batch: its first ``share`` of rows answered, the rest not."""
+        """End the batch: its first ``share`` of rows answered, the rest not
+        (in the error file, unless it ``completed``: then in no file)."""
         done = math.floor(len(batch.rows) * share + 1e-9)
         output: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
@@ -303,7 +307,7 @@ class MockBatches:
             line, ok = _answer(row, self.stats)
             (output if ok else failures).append(line)
         code = "batch_expired" if status == "expired" else "batch_cancelled"
-        for row in batch.rows[done:]:
+        for row in batch.rows[done:] if status != "completed" else []:
             error = {"code": code, "message": f"This request could not be executed: {code}."}
             failures.append(
                 {"id": None, "custom_id": row.custom_id, "response": None, "error": error}
