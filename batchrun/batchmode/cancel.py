@@ -49,7 +49,8 @@ async def cancel_batches(out: Path) -> list[tuple[str, str]]:
         ) from None
     try:
         state = record.load()  # again: the run that held the lock may have changed it
-        assert state is not None
+        if state is None:  # it finished meanwhile: its batches are collected
+            raise UsageError(f"no batches for {out} any more: its run has finished")
         cancelled = await _cancel(state)
         record.save(state)
     finally:
