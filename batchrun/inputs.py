@@ -82,4 +82,9 @@ def read_lines(handle: Iterable[bytes], path: Path) -> Iterator[bytes]:
     try:
         yield from handle
     except READ_ERRORS as exc:
-        raise InputReadError(f"input file {path} could not be read to its end: {exc}") from None
+        raise unreadable(path, exc) from None
+
+
+def unreadable(path: Path, exc: BaseException) -> InputReadError:
+    """The error of an input that failed part-way with ``exc`` (one of ``READ_ERRORS``)."""
+    return InputReadError(f"input file {path} could not be read to its end: {exc}")

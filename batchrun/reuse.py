@@ -22,9 +22,10 @@ in the store only once the journal has it.
 
 A row that repeats an earlier row of the same run finds that row's result
 too: before its commit (the results not yet committed are looked up in
-memory) and after it (a ``KeyFilter`` of the run's keys tells which rows may
-repeat one, so a first run still queries the store only for those). A row
-whose twin is still in flight is the workers' affair (``twins``).
+memory) and after it (a ``KeyFilter`` of the keys looked up so far tells
+which rows may repeat one, so a first run still queries the store only for
+those). A row whose twin is still in flight is the workers' affair
+(``twins``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class Answers:
         self._cache_batch: list[StoreRow] = []
         self._batch_bytes = 0  # record bytes in the local batch
         # The local batch by key (the results not committed yet), and every
-        # key this run put in the local store.
+        # key this run looked up (``find``): while ``lookup`` is off, only a
+        # row that may repeat an earlier one is looked up at all.
         self._fresh: dict[bytes, StoreRow] = {}
         self._seen = KeyFilter()
         self._flush_rows, self._flush_bytes = FLUSH_EVERY, FLUSH_BYTES
@@ -77,11 +79,11 @@ class Answers:
 
     def find(self, key: bytes) -> Stored | None:
         """The reusable result stored under ``key``, or None (then: send it)."""
+        if not (self.lookup or self._seen.add(key)):
+            return None  # no earlier row of this run had it: nothing stored, nothing fresh
         fresh = self._fresh.get(key)
         if fresh is not None:
             return self._usable(_stored(fresh))
-        if not (self.lookup or self._seen.might_hold(key)):
-            return None
         found = self._usable(self.local.get(key))
         if found is None and self.cache is not None:
             found = self._usable(self.cache.get(key))
@@ -106,25 +108,29 @@ class Answers:
 
     def add_row(self, row: StoreRow) -> None:
         """Take a new result as the store's columns (committed by the next ``flush``)."""
-        self._add_local(row)
-        if self.cache is not None and not row[3]:  # no retryable error is shared
-            self._cache_batch.append(row)
+        self._seen.add(row[0])  # its key may never have been looked up here
+        self._take(row)
 
     def add_outcome(self, key: bytes, line: bytes, outcome: Outcome) -> None:
-        """Take a row's new result: its output ``line`` and ``outcome``."""
+        """Take a row's new result: its output ``line`` and ``outcome``;
+        ``key`` was looked up (``find``) when the row was read."""
         # The store's columns at once, without a ``Stored`` per row; the
         # time is wall time: what ``cache prune --older-than`` compares.
         record = line.rstrip(b"\n")
-        self.add_row(
+        self._take(
             (key, record, int(outcome.ok), int(outcome.retryable), outcome.cost, time.time())
         )
+
+    def _take(self, row: StoreRow) -> None:
+        self._add_local(row)
+        if self.cache is not None and not row[3]:  # no retryable error is shared
+            self._cache_batch.append(row)
 
     def _add_local(self, row: StoreRow) -> None:
         self._local_batch.append(row)
         key, kept = row[0], self._fresh.get(row[0])
         if kept is None or kept[3] or not row[3]:  # the store's replace rule
             self._fresh[key] = row
-        self._seen.add(key)
         self._batch_bytes += len(row[1])
         if len(self._local_batch) >= self._flush_rows or self._batch_bytes >= self._flush_bytes:
             self.flush()

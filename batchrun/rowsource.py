@@ -15,7 +15,7 @@ generator's count); ``line`` is ``row + 1``, as in output records; an output
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple, Protocol
 
@@ -24,7 +24,7 @@ import orjson
 from batchrun.config import WHOLE, RunConfig
 from batchrun.contentkey import request_key
 from batchrun.errors import CorruptStateError
-from batchrun.inputs import InputReadError, open_input, read_lines
+from batchrun.inputs import READ_ERRORS, InputReadError, open_input, unreadable
 from batchrun.providers import Provider
 from batchrun.records import (
     Defaults,
@@ -172,7 +172,7 @@ class RowSource:
         in_a_row = 0  # rows written at once since the last one handed on
         with open_input(self.config.input) as handle, self._previous(first) as previous:
             handle.seek(offset)
-            lines = self._until_unreadable(read_lines(handle, self.config.input))
+            lines = self._until_unreadable(handle)
             for row, raw in enumerate(lines, start=first):
                 offset += len(raw)
                 if not self.shard.owns(row):
@@ -190,14 +190,15 @@ class RowSource:
                 yield known or self._parse(row, offset, raw, defaults)
         self.eof = self.read_error is None
 
-    def _until_unreadable(self, lines: Iterator[bytes]) -> Iterator[bytes]:
-        """``lines`` until one cannot be read (a truncated ``.gz``): then they
-        end, and ``read_error`` says why. The rows already handed on finish as
-        in any stop (their answers kept, none in doubt); the run then fails."""
+    def _until_unreadable(self, handle: Iterable[bytes]) -> Iterator[bytes]:
+        """The input's lines until one cannot be read (a truncated ``.gz``):
+        then they end, and ``read_error`` says why. The rows already handed on
+        finish as in any stop (their answers kept, none in doubt); the run
+        then fails."""
         try:
-            yield from lines
-        except InputReadError as exc:
-            self.read_error = exc
+            yield from handle
+        except READ_ERRORS as exc:
+            self.read_error = unreadable(self.config.input, exc)
 
     def _write_now(self, item: Finished) -> bool:
         """Write known ``item`` at once if it is its turn; whether it was."""

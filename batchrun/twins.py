@@ -21,28 +21,38 @@ from batchrun.rowsource import Work
 __all__ = ["Twins"]
 
 
+# A key in flight with no row parked behind it (most keys): one shared empty
+# tuple, so that a row costs no list of its own.
+_NONE: tuple[Work, ...] = ()
+
+
 class Twins:
     """The keys in flight, and the rows parked behind each."""
 
     def __init__(self) -> None:
-        self._parked: dict[bytes, list[Work]] = {}
+        self._parked: dict[bytes, list[Work] | tuple[Work, ...]] = {}
         self.parked = 0  # rows parked now
 
     def lead(self, work: Work) -> bool:
         """True: no row of ``work``'s key is in flight, and ``work`` now leads
         it (send it, then ``settle``). False: ``work`` is parked behind the
         leader in flight."""
-        parked = self._parked.get(work.key)
+        key = work.key
+        parked = self._parked.get(key)
         if parked is None:
-            self._parked[work.key] = []
+            self._parked[key] = _NONE
             return True
-        parked.append(work)
+        if isinstance(parked, list):
+            parked.append(work)
+        else:  # the first row parked behind this leader
+            self._parked[key] = [work]
         self.parked += 1
         return False
 
-    def settle(self, key: bytes) -> list[Work]:
+    def settle(self, key: bytes) -> list[Work] | tuple[Work, ...]:
         """The leader of ``key`` is done; the rows parked behind it, in input
-        order. The key is free again: the next row of it leads."""
-        parked = self._parked.pop(key, [])
-        self.parked -= len(parked)
+        order (empty: none). The key is free again: the next row of it leads."""
+        parked = self._parked.pop(key, _NONE)
+        if parked:
+            self.parked -= len(parked)
         return parked

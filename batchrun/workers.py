@@ -21,7 +21,7 @@ new row; ``cancel`` ends the rows in flight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import anyio
 import anyio.lowlevel
@@ -167,16 +167,15 @@ class Workers:
         if self.budget.refused and not writer.in_flight:
             self.cancel()  # the last row in flight at a budget stop
         writer.deliver(answered_row(work.row, work.input_end, data, outcome, journal_at))
-        self._answer_twins(work.key, data, retryable=outcome.retryable)
+        twins = self.twins.settle(work.key)
+        if twins:
+            self._answer_twins(twins, data, retryable=outcome.retryable)
         return True
 
-    def _answer_twins(self, key: bytes, data: bytes, *, retryable: bool) -> None:
-        """The rows parked behind ``key``'s leader, whose result (output line
-        ``data``) just came: each gets it as a reused record, or, when the run
-        resends such a result (``Answers.reusable``), goes out on its own."""
-        twins = self.twins.settle(key)
-        if not twins:
-            return
+    def _answer_twins(self, twins: Sequence[Work], data: bytes, *, retryable: bool) -> None:
+        """The rows parked behind a leader whose result (output line ``data``)
+        just came: each gets it as a reused record, or, when the run resends
+        such a result (``Answers.reusable``), goes out on its own."""
         if not self.answers.reusable(retryable=retryable):
             for twin in twins:
                 self._group.start_soon(self._send_twin, twin)
