@@ -36,7 +36,7 @@ from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.hosts import HostPool
 from batchrun.providers import Provider
 from batchrun.rateheaders import pause_hint
-from batchrun.records import Request, Response
+from batchrun.records import Request, Response, json_type
 from batchrun.tls import tls_failure
 
 
@@ -272,7 +272,7 @@ class Client:
                 raise self._redacted(
                     TransientError(
                         "invalid_body",
-                        f"HTTP {status} with a JSON {_json_type(body)} body, not an object",
+                        f"HTTP {status} with a JSON {json_type(body)} body, not an object",
                         status=status,
                         body=body,
                         request_id=request_id,
@@ -383,16 +383,6 @@ def _parse_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _UNPARSABLE
-
-
-def _json_type(value: Any) -> str:
-    """JSON's name for the type of a parsed value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    names = {list: "array", str: "string", int: "number", float: "number"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _request_id(headers: Any, body: Any) -> str | None:

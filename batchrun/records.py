@@ -123,7 +123,7 @@ def parse_line(raw: bytes, line: int, defaults: Defaults) -> Request | LineError
     except orjson.JSONDecodeError as exc:
         return _error(line, fallback_id, f"not valid JSON ({exc})")
     if not isinstance(data, dict):
-        return _error(line, fallback_id, f"expected a JSON object, got {_json_type(data)}")
+        return _error(line, fallback_id, f"expected a JSON object, got {json_type(data)}")
     custom_id = _custom_id(data, fallback_id)
     if raw.count(b"[") + raw.count(b"{") > _DEEP and not _serialisable(data):
         return _error(line, custom_id, f"nested too deeply (more than {_DEEP} levels)")
@@ -149,13 +149,14 @@ def _serialisable(data: dict[str, Any]) -> bool:
     return True
 
 
-def _json_type(value: object) -> str:
-    """JSON's name for the type of a parsed value."""
+def json_type(value: object) -> str:
+    """JSON's name for the type of a parsed value (null, boolean, number,
+    string, array, object)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "a boolean"
-    names = {list: "an array", str: "a string", int: "a number", float: "a number"}
+        return "boolean"
+    names = {list: "array", str: "string", int: "number", float: "number", dict: "object"}
     return names.get(type(value), type(value).__name__)
 
 

@@ -283,12 +283,12 @@ def test_native_line_model_wins() -> None:
         (b"   \t  ", "blank line"),
         (b"{not json", "not valid JSON ("),
         (b'{"messages": [1]', "not valid JSON ("),
-        (b"[1, 2]", "expected a JSON object, got an array"),
-        (b"12", "expected a JSON object, got a number"),
-        (b"1.5", "expected a JSON object, got a number"),
-        (b'"text"', "expected a JSON object, got a string"),
+        (b"[1, 2]", "expected a JSON object, got array"),
+        (b"12", "expected a JSON object, got number"),
+        (b"1.5", "expected a JSON object, got number"),
+        (b'"text"', "expected a JSON object, got string"),
         (b"null", "expected a JSON object, got null"),
-        (b"true", "expected a JSON object, got a boolean"),
+        (b"true", "expected a JSON object, got boolean"),
         (
             b'{"messages": [{"role": "user", "content": "hi"}], "x": '
             + b"[" * 300

@@ -35,7 +35,7 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (b"", "blank line"),
     (b"   \t ", "blank line"),
     (b"not json", "not valid JSON"),
-    (b"[1, 2]", "expected a JSON object, got an array"),
+    (b"[1, 2]", "expected a JSON object, got array"),
     (
         b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 300 + b"]" * 300 + b"}",
         "nested too deeply",
@@ -242,6 +242,6 @@ def test_render_lists_examples_with_line_numbers(tmp_path: Path) -> None:
     report = check(tmp_path, [chat("a"), b"[]", chat("b")], model="m")
     text = report.render()
     assert text.splitlines()[0].startswith(f"validate {tmp_path / 'in.jsonl'}: 3 rows, 2 valid")
-    assert "line 2: expected a JSON object, got an array" in text
+    assert "line 2: expected a JSON object, got array" in text
     assert "models m 2" in text
     assert text.endswith("verdict: some rows would fail")
