@@ -241,7 +241,8 @@ class Client:
         # A small body goes to the kernel with the headers and cannot stall;
         # only a larger one needs the write timeout (and costs its payload).
         body = data if len(data) < _WRITE_CAN_BLOCK else _TimedBody(data, self._write_timeout)
-        crashpoint.signal_at("request")
+        if crashpoint.SIGNALS_ARMED:
+            crashpoint.signal_at("request")
         try:
             async with self._session.post(
                 url, data=body, headers=self._headers, allow_redirects=False

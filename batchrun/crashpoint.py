@@ -35,6 +35,9 @@ import signal
 _SPEC = os.environ.get("BATCHRUN_CRASH_AT", "")
 _NAME, _, _COUNT = _SPEC.partition(":")
 _remaining = int(_COUNT) if _NAME and _COUNT.isdigit() else 1 if _NAME else 0
+# Whether any crash point is armed: a point on the per-row path checks this
+# first, so an unarmed run pays an attribute read there, not a call.
+ARMED = bool(_NAME)
 
 
 def armed(name: str) -> bool:
@@ -60,6 +63,7 @@ def die() -> None:
 _SIGNAL_NAME, _, _SIGNAL_REST = os.environ.get("BATCHRUN_SIGNAL_AT", "").partition(":")
 _SIGNAL_COUNT, _, _SIGNAL_KIND = _SIGNAL_REST.partition(":")
 _signal_remaining = int(_SIGNAL_COUNT) if _SIGNAL_COUNT.isdigit() else 1
+SIGNALS_ARMED = bool(_SIGNAL_NAME)  # as ``ARMED``, for ``signal_at``
 
 
 def signal_at(name: str) -> None:

@@ -157,7 +157,8 @@ class Workers:
             self.twins.settle(work.key)
             self._abort(exc)
             return False
-        crashpoint.hit("after_response")
+        if crashpoint.ARMED:
+            crashpoint.hit("after_response")
         if costs.priced:
             outcome.cost = costs.price(outcome.tokens_in, outcome.tokens_out)
         self.budget.settle(reserved, outcome.cost or 0.0)
