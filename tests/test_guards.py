@@ -221,6 +221,28 @@ async def test_a_truncated_gzip_input_stops_with_one_line_and_exit_2_and_loses_n
 
 
 @pytest.mark.asyncio
+async def test_a_truncated_gzip_input_in_batch_mode_is_one_line_and_exit_2(
+    tmp_path: Path, server: MockServer
+) -> None:
+    whole = b"".join(
+        b'{"messages": [{"role": "user", "content": "row %d"}]}\n' % i for i in range(3000)
+    )
+    packed = gzip.compress(whole)
+    source = tmp_path / "in.jsonl.gz"
+    source.write_bytes(packed[: len(packed) * 3 // 4])
+
+    line = await _refused(
+        server,
+        tmp_path,
+        *("run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai"),
+        *("--base-url", server.base_url, "--mode", "batch", "--no-progress"),
+    )
+
+    assert line.startswith(f"input file {source} could not be read to its end")
+    assert not server.batches.batches  # planning stopped before any part was submitted
+
+
+@pytest.mark.asyncio
 async def test_merge_refuses_to_write_over_a_shard_and_shards_of_another_job(
     tmp_path: Path, server: MockServer
 ) -> None:

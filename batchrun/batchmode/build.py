@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 from batchrun.batchmode.plan import Group, Splitter, batch_line
 from batchrun.batchmode.record import BatchRecord, Part
 from batchrun.config import WHOLE, RunConfig
-from batchrun.inputs import open_input
+from batchrun.inputs import open_input, read_lines
 from batchrun.records import LineError, Request, parse_line
 from batchrun.resume import ResumePoint
 
@@ -114,7 +114,7 @@ def unanswered(config: RunConfig, start: ResumePoint) -> Iterator[Request]:
     first, offset = start.checkpoint.input_line, start.checkpoint.input_offset
     with open_input(config.input) as handle:
         handle.seek(offset)
-        for index, raw in enumerate(handle, start=first):
+        for index, raw in enumerate(read_lines(handle, config.input), start=first):
             if not shard.owns(index) or shard.seq(index) < written or index + 1 in known:
                 continue
             parsed = parse_line(raw.rstrip(b"\r\n"), index + 1, defaults)

@@ -126,11 +126,11 @@ async def _until_stopped(
     resumed: bool,
 ) -> PhaseResult:
     result = PhaseResult()
-    async with anyio.create_task_group() as tasks:
-        with _signals_handled(signals, tasks.cancel_scope):
-            await job.plan(*plan)
-            result = await job.run(resumed=resumed)
-        tasks.cancel_scope.cancel()
+    # A scope, not a task group: the phase starts no task of its own, and its
+    # errors (an unreadable input while planning) come out as they are.
+    with anyio.CancelScope() as scope, _signals_handled(signals, scope):
+        await job.plan(*plan)
+        result = await job.run(resumed=resumed)
     if not result.complete and result.aborted is None:
         result.running = job.running()  # stopped by a signal: they keep running
     return result
