@@ -1,11 +1,11 @@
-"""The pooled HTTP session, and the one place where aiohttp exceptions and HTTP
-statuses become batchrun errors.
+"""The run's connections, and the one place where transport failures and
+HTTP statuses become batchrun errors.
 
-One ``aiohttp.ClientSession`` over one ``TCPConnector`` serves a whole run, so
-connections are reused instead of opened per call. The connector caps
-connections (``pool_size`` overall, ``per_host`` per host) and keeps idle ones
-for ``idle`` seconds. The one resend after a stale pooled connection goes on a
-new connection (see ``_Connector``).
+Each row's request goes through the run's ``connections.Pool`` of keep-alive
+connections (``pool_size`` overall, ``per_host`` per host, idle ones kept for
+``idle`` seconds), so connections are reused instead of opened per call.
+Batch mode's files and batches API goes through one aiohttp session. The one
+resend after a stale pooled connection goes on a new connection.
 """
 
 from __future__ import annotations
@@ -15,21 +15,16 @@ import errno
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import anyio
 import orjson
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.client_reqrep import ConnectionKey
-from aiohttp.connector import Connection
-from aiohttp.payload import Payload
-from aiohttp.tracing import Trace
 
-from batchrun import crashpoint
+from batchrun import __version__, connections, crashpoint
 from batchrun.config import DEFAULT_MAX_RESPONSE_BYTES, Limits, Timeouts
 from batchrun.deadlines import FifoDeadlines
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
@@ -40,13 +35,25 @@ from batchrun.records import Request, Response, json_type
 from batchrun.tls import tls_failure
 
 
+@dataclass(frozen=True)
+class Session:
+    """The run's connections: ``pool`` carries the rows' requests, ``http``
+    (aiohttp) batch mode's files and batches API."""
+
+    pool: connections.Pool
+    http: aiohttp.ClientSession
+
+
 @asynccontextmanager
 async def open_session(
     limits: Limits, timeouts: Timeouts, tls: ssl.SSLContext | None = None
-) -> AsyncIterator[aiohttp.ClientSession]:
-    """The run's single session; closed, shielded from cancellation, on exit.
+) -> AsyncIterator[Session]:
+    """The run's connections; closed, shielded from cancellation, on exit.
     ``tls`` verifies servers (default: the system's CAs)."""
-    connector = _Connector(
+    pool = connections.Pool(
+        limit=limits.pool_size, per_host=limits.per_host, timeouts=timeouts, tls=tls
+    )
+    connector = aiohttp.TCPConnector(
         ssl=tls if tls is not None else True,
         limit=limits.pool_size,
         limit_per_host=limits.per_host,
@@ -57,71 +64,16 @@ async def open_session(
     )
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, raise_for_status=False
-    ) as session:
+    ) as http:
         try:
-            yield session
+            yield Session(pool, http)
         finally:
             with anyio.CancelScope(shield=True):
-                await session.close()
+                await pool.close()
+                await http.close()
 
 
-# Set while a task resends after a stale connection: the pooled connections
-# idle as long as the stale one are likely stale too (the pool hands out its
-# oldest first), so the resend must not draw one of them.
-_NEW_CONNECTION: ContextVar[bool] = ContextVar("batchrun_new_connection", default=False)
-
-
-class _Connector(aiohttp.TCPConnector):
-    """aiohttp's pooled connector, except that a task with ``_NEW_CONNECTION``
-    set gets a new connection, never an idle pooled one. The new connection
-    counts against the same limits and joins the pool once answered, so reuse
-    goes on as before."""
-
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
-        if _NEW_CONNECTION.get():
-            return None  # nothing reusable: ``connect`` opens a connection
-        return await super()._get(key, traces)
-
-
-# aiohttp's body writer waits for the transport to drain only past this many
-# buffered bytes; smaller bodies are handed to the kernel without waiting.
-_WRITE_CAN_BLOCK = 1 << 16
-
-
-class _WriteStalled(Exception):
-    """Raised inside aiohttp's body writer when the peer stops reading."""
-
-
-class _TimedBody(Payload):
-    """A JSON body whose sending is bounded by the write timeout.
-
-    aiohttp has no write timeout of its own; its body writer awaits the
-    transport's flow control, so a peer that stops reading would stall it.
-    Only for bodies of at least ``_WRITE_CAN_BLOCK`` bytes (``Client._post``
-    sends smaller ones as plain bytes: they never wait).
-    """
-
-    def __init__(self, value: bytes, write_timeout: float) -> None:
-        super().__init__(value, content_type="application/json")
-        self._size = len(value)
-        self._body = value
-        self._write_timeout = write_timeout
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return self._body.decode(encoding, errors)
-
-    async def write(self, writer: AbstractStreamWriter) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(
-        self, writer: AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        data = self._body if content_length is None else self._body[:content_length]
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await writer.write(data)
-        except TimeoutError as exc:
-            raise _WriteStalled from exc
+_USER_AGENT = f"batchrun/{__version__}"
 
 
 class OutOfTime(Exception):
@@ -135,13 +87,12 @@ class Client:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: Session,
         provider: Provider,
         *,
         base_url: str | None = None,
         hosts: HostPool | None = None,
         api_key: str | None,
-        write_timeout: float,
         request_timeout: float = 600.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
@@ -153,12 +104,12 @@ class Client:
             if base_url is None:
                 raise ValueError("a base_url or hosts")
             hosts = HostPool((base_url,), clock=time.monotonic)
-        self._session = session
+        self._pool = session.pool
+        self._targets: dict[str, connections.Target] = {}  # per URL: few, built once
         self._provider = provider
         self.hosts = hosts
         self._headers = provider.headers(api_key)
         self._api_key = api_key
-        self._write_timeout = write_timeout
         self._request_timeout = request_timeout
         self._max_response_bytes = max_response_bytes
         self._deadlines = FifoDeadlines(request_timeout)
@@ -207,7 +158,7 @@ class Client:
         """A pooled connection the server had already closed (its keep-alive
         timeout ran out as we reused it) is not the provider's answer: the
         request goes once more at once, on a new connection (``_resend``).
-        Only a close before any answer counts (``_closed_before_answer``)."""
+        Only a close before any byte of an answer counts."""
         try:
             return await self._post(url, data)
         except _StaleConnection:
@@ -226,37 +177,37 @@ class Client:
         )
 
     async def _resend(self, url: str, data: bytes) -> Response:
-        """The one resend after a stale pooled connection, on a new connection
-        (with a session from ``open_session``; other sessions may hand out a
-        pooled one). A second close before any answer is the answer."""
-        token = _NEW_CONNECTION.set(True)
+        """The one resend after a stale pooled connection, on a new
+        connection. A second close before any answer is the answer."""
         try:
-            return await self._post(url, data)
+            return await self._post(url, data, fresh=True)
         except _StaleConnection as exc:
             raise self._redacted(transport_error(exc.cause)) from exc.cause
-        finally:
-            _NEW_CONNECTION.reset(token)
 
-    async def _post(self, url: str, data: bytes) -> Response:
-        # A small body goes to the kernel with the headers and cannot stall;
-        # only a larger one needs the write timeout (and costs its payload).
-        body = data if len(data) < _WRITE_CAN_BLOCK else _TimedBody(data, self._write_timeout)
+    async def _post(self, url: str, data: bytes, *, fresh: bool = False) -> Response:
+        to = self._targets.get(url) or self._target(url)
         if crashpoint.SIGNALS_ARMED:
             crashpoint.signal_at("request")
         try:
-            async with self._session.post(
-                url, data=body, headers=self._headers, allow_redirects=False
-            ) as answer:
-                raw = await read_bounded(answer, self._max_response_bytes)
-                return self._response(answer.status, answer.headers, raw)
-        except RequestError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if _closed_before_answer(exc):
-                raise _StaleConnection(exc) from exc
+            status, headers, raw = await self._pool.post(
+                to, data, max_bytes=self._max_response_bytes, fresh=fresh
+            )
+        except connections.TooLarge as exc:
+            raise _too_large(exc, self._max_response_bytes) from None
+        except connections.ClosedEarly as exc:
+            raise _StaleConnection(exc) from exc
+        except connections.WireError as exc:
             raise self._redacted(transport_error(exc)) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError) as exc:
+        return self._response(status, headers, raw)
+
+    def _target(self, url: str) -> connections.Target:
+        try:
+            to = connections.target(url, self._headers, _USER_AGENT)
+        except connections.InvalidTarget as exc:
             raise self._redacted(transport_error(exc)) from exc
+        if len(self._targets) < 64:  # URLs come from a few hosts and endpoints
+            self._targets[url] = to
+        return to
 
     def _response(self, status: int, headers: Any, raw: bytes) -> Response:
         body = _parse_json(raw)
@@ -313,11 +264,11 @@ class Client:
         return error
 
 
-def _redirect_error(status: int, headers: Any, request_id: str | None) -> RowError:
+def _redirect_error(status: int, headers: Mapping[str, str], request_id: str | None) -> RowError:
     """Redirects are not followed for a POST: HTTP clients turn a 301/302 into
     a GET, and a 307/308 would resend a paid request to an address the user
     never chose."""
-    where = headers.get("Location") or "no Location given"
+    where = headers.get("location") or "no Location given"  # names are lower-case
     return RowError(
         "redirect",
         f"HTTP {status} redirect to {where}: batchrun does not follow redirects of a POST;"
@@ -327,27 +278,14 @@ def _redirect_error(status: int, headers: Any, request_id: str | None) -> RowErr
     )
 
 
-async def read_bounded(answer: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or ``RowError("response_too_large")`` as soon as it is
-    known to pass ``limit`` bytes: from its ``Content-Length`` before reading
-    anything, or while reading one without a length (chunked)."""
-    length = answer.content_length
-    if length is not None and length <= limit:
-        return await answer.read()  # the parser stops at the length: bounded
-    if length is None:
-        body = bytearray()
-        async for piece in answer.content.iter_any():
-            body += piece
-            if len(body) > limit:
-                break
-        else:
-            return bytes(body)
-    raise RowError(
+def _too_large(exc: connections.TooLarge, limit: int) -> RowError:
+    length = exc.length
+    return RowError(
         "response_too_large",
         f"the response body is larger than --max-response-bytes ({limit:,} bytes)"
         + (f": Content-Length {length:,}" if length is not None else ""),
-        status=answer.status,
-        request_id=_request_id(answer.headers, None),
+        status=exc.status,
+        request_id=_request_id(exc.headers, None),
     )
 
 
@@ -357,15 +295,6 @@ class _StaleConnection(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
-
-
-def _closed_before_answer(exc: Exception) -> bool:
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (
-        errno.ECONNRESET,
-        errno.EPIPE,
-    )
 
 
 _SECRET_CHARS = 4
@@ -398,18 +327,30 @@ def _request_id(headers: Any, body: Any) -> str | None:
     return None
 
 
+# The pool's failures without an answer, as batchrun errors (code, message prefix).
+_WIRE_ERRORS: dict[type[connections.WireError], tuple[str, str]] = {
+    connections.ConnectTimeout: ("connect_timeout", "connecting timed out"),
+    connections.WriteTimeout: ("write_timeout", "sending the request body timed out"),
+    connections.ReadTimeout: ("read_timeout", "waiting for the response timed out"),
+    connections.ClosedEarly: ("server_disconnected", "the server closed the connection"),
+    connections.CutShort: ("truncated_body", "the response body was cut short"),
+    connections.BadAnswer: ("connection_error", "the answer could not be read"),
+}
+
+
 def transport_error(exc: BaseException) -> RequestError:
-    """The batchrun error for an aiohttp or socket failure (no HTTP answer)."""
+    """The batchrun error for a failure without an HTTP answer: the pool's,
+    aiohttp's or a socket's."""
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ClientConnectionError) and isinstance(exc.__cause__, _WriteStalled):
-        return TransientError("write_timeout", "sending the request body timed out")
+    tls = tls_failure(exc)
+    if tls is not None:
+        return tls
+    if isinstance(exc, connections.WireError):
+        return _wire_error(exc, text)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return TransientError("connect_timeout", f"connecting timed out: {text}")
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return TransientError("read_timeout", f"waiting for the response timed out: {text}")
-    tls = tls_failure(exc)
-    if tls is not None:
-        return tls
     if isinstance(exc, aiohttp.InvalidURL):
         return FatalError("invalid_url", f"invalid URL: {text}")
     if isinstance(exc, UnicodeError):  # the resolver's IDNA encoding refused the host name
@@ -420,6 +361,23 @@ def transport_error(exc: BaseException) -> RequestError:
         return TransientError("server_disconnected", f"the server closed the connection: {text}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return TransientError("connect_error", f"cannot connect: {text}")
+    return _socket_error(exc, text)
+
+
+def _wire_error(exc: connections.WireError, text: str) -> RequestError:
+    if isinstance(exc, connections.InvalidTarget):
+        return FatalError("invalid_url", f"invalid URL: {text}")
+    if isinstance(exc, connections.ConnectFailed):
+        if isinstance(exc.cause, UnicodeError):  # IDNA refused the host name
+            return FatalError("invalid_url", f"the host name cannot be looked up: {text}")
+        return TransientError("connect_error", f"cannot connect: {text}")
+    if isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError):
+        return _socket_error(exc.__cause__, text)
+    code, what = _WIRE_ERRORS.get(type(exc), ("connection_error", "connection failed"))
+    return TransientError(code, f"{what}: {text}")
+
+
+def _socket_error(exc: BaseException, text: str) -> RequestError:
     if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
         return TransientError("connection_reset", f"the connection was reset: {text}")
     return TransientError("connection_error", f"connection failed: {text}")

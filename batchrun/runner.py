@@ -357,7 +357,7 @@ async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts, tls))
         started = clock.monotonic()
         if config.mode == "batch":
-            phase = await _batch_phase(job, session, base_urls[0])
+            phase = await _batch_phase(job, session.http, base_urls[0])
             if not phase.complete:
                 return _batch_stopped(config, job.start, phase, clock.monotonic() - started)
         client = Client(
@@ -365,7 +365,6 @@ async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
             job.provider,
             hosts=HostPool(base_urls, clock=clock.monotonic),
             api_key=job.api_key,
-            write_timeout=config.timeouts.write,
             request_timeout=config.timeouts.request,
             max_response_bytes=config.max_response_bytes,
         )

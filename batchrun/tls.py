@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
+from batchrun.connections import ConnectFailed
 from batchrun.errors import FatalError, UsageError
 
 TRUST_ADVICE = (
@@ -40,15 +41,21 @@ def client_context(ca_bundle: Path | None) -> ssl.SSLContext:
 
 def tls_failure(exc: BaseException) -> FatalError | None:
     """The fatal error for a TLS failure, saying what to fix; None if ``exc``
-    is not one."""
+    is not one (aiohttp's, or the connection pool's ``ConnectFailed``)."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        cause = exc.certificate_error
-        reason = getattr(cause, "verify_message", None) or str(cause)
-        return FatalError(
-            "tls_certificate",
-            f"the TLS certificate of {exc.host}:{exc.port} was not accepted: {reason};"
-            f" {TRUST_ADVICE}",
-        )
+        return _untrusted(exc.host, exc.port, exc.certificate_error)
+    if isinstance(exc, ConnectFailed) and isinstance(exc.cause, ssl.SSLCertVerificationError):
+        return _untrusted(exc.host, exc.port, exc.cause)
+    if isinstance(exc, ConnectFailed) and isinstance(exc.cause, ssl.SSLError):
+        return FatalError("tls_error", f"the TLS handshake failed: {exc.cause}")
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return FatalError("tls_error", f"the TLS handshake failed: {exc}")
     return None
+
+
+def _untrusted(host: str, port: int | None, cause: BaseException) -> FatalError:
+    reason = getattr(cause, "verify_message", None) or str(cause)
+    return FatalError(
+        "tls_certificate",
+        f"the TLS certificate of {host}:{port} was not accepted: {reason}; {TRUST_ADVICE}",
+    )

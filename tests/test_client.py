@@ -38,9 +38,7 @@ async def send(
     read: float = 300.0,
 ) -> object:
     async with open_session(Limits(), Timeouts(read=read, write=write)) as session:
-        client = Client(
-            session, get_provider("openai"), base_url=base_url, api_key=key, write_timeout=write
-        )
+        client = Client(session, get_provider("openai"), base_url=base_url, api_key=key)
         return await client.send(req)
 
 
@@ -55,14 +53,10 @@ async def test_success_carries_status_request_id_and_body(server: MockServer) ->
 async def test_pool_reuses_connections(server: MockServer) -> None:
     """Ten sequential calls through one session open one connection."""
     async with open_session(Limits(), Timeouts()) as session:
-        client = Client(
-            session, get_provider("openai"), base_url=server.base_url, api_key="k", write_timeout=5
-        )
+        client = Client(session, get_provider("openai"), base_url=server.base_url, api_key="k")
         for i in range(10):
             await client.send(request(f"n{i}"))
-        connector = session.connector
-        assert connector is not None
-        assert sum(len(conns) for conns in connector._conns.values()) == 1
+        assert session.pool.open_connections == 1
 
 
 async def test_rate_limited_answer_is_transient_with_retry_after(server: MockServer) -> None:
@@ -122,7 +116,6 @@ async def test_one_reset_is_resent_at_once_as_a_stale_connection(server: MockSer
             get_provider("openai"),
             base_url=server.base_url,
             api_key="k",
-            write_timeout=5,
         )
         response = await client.send(request("x mock:reset=1"))
     assert response.status_code == 200
@@ -173,13 +166,13 @@ async def test_write_timeout_bounds_a_stalled_send(deaf_server: str) -> None:
 
 async def test_status_mapping_without_a_socket() -> None:
     """The answer-to-error map alone, as a pure function of status, headers, body."""
-    client = Client(
-        None,  # type: ignore[arg-type]  # never used: no request is sent
-        get_provider("openai"),
-        base_url="http://api.invalid/v1",
-        api_key="sk-0123456789",
-        write_timeout=1,
-    )
+    async with open_session(Limits(), Timeouts()) as session:  # opens no connection
+        client = Client(
+            session,
+            get_provider("openai"),
+            base_url="http://api.invalid/v1",
+            api_key="sk-0123456789",
+        )
     quota = b'{"error": {"code": "insufficient_quota", "message": "no quota"}}'
     cases = [
         (503, {"Retry-After": "2"}, b"<html>busy</html>"),
@@ -212,17 +205,13 @@ async def test_a_stale_connection_is_resent_on_a_fresh_one_not_another_pooled_on
         MockServer(stale_after=0.0) as server,
         open_session(Limits(), Timeouts()) as session,
     ):
-        client = Client(
-            session, get_provider("openai"), base_url=server.base_url, api_key="k", write_timeout=5
-        )
+        client = Client(session, get_provider("openai"), base_url=server.base_url, api_key="k")
         await asyncio.gather(*(client.send(request(f"warm {i}")) for i in range(3)))
-        connector = session.connector
-        assert connector is not None
-        assert sum(len(conns) for conns in connector._conns.values()) == 3
+        assert session.pool.open_connections == 3
 
         response = await client.send(request("after the idle time"))
         # The stale one closed; the new one joined the two still idle: reuse goes on.
-        assert sum(len(conns) for conns in connector._conns.values()) == 3
+        assert session.pool.open_connections == 3
 
     assert response.status_code == 200
     assert client.stale_retries == 1

@@ -68,7 +68,7 @@ async def _cancel(state: BatchState) -> list[tuple[str, str]]:
     cancelled: list[tuple[str, str]] = []
     async with open_session(Limits(), Timeouts()) as session:
         api = BatchApi(
-            session,
+            session.http,
             dialect(provider),
             state.base_url,
             api_key=key,
