@@ -1,11 +1,10 @@
-"""The run's connections, and the one place where transport failures and
-HTTP statuses become batchrun errors.
+"""The rows' requests, and the one place where transport failures and HTTP
+statuses become batchrun errors.
 
 Each row's request goes through the run's ``connections.Pool`` of keep-alive
 connections (``pool_size`` overall, ``per_host`` per host, idle ones kept for
-``idle`` seconds), so connections are reused instead of opened per call.
-Batch mode's files and batches API goes through one aiohttp session. The one
-resend after a stale pooled connection goes on a new connection.
+``idle`` seconds), so connections are reused instead of opened per call. The
+one resend after a stale pooled connection goes on a new connection.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import anyio
 import orjson
 
@@ -35,42 +32,20 @@ from batchrun.records import Request, Response, json_type
 from batchrun.tls import tls_failure
 
 
-@dataclass(frozen=True)
-class Session:
-    """The run's connections: ``pool`` carries the rows' requests, ``http``
-    (aiohttp) batch mode's files and batches API."""
-
-    pool: connections.Pool
-    http: aiohttp.ClientSession
-
-
 @asynccontextmanager
 async def open_session(
     limits: Limits, timeouts: Timeouts, tls: ssl.SSLContext | None = None
-) -> AsyncIterator[Session]:
-    """The run's connections; closed, shielded from cancellation, on exit.
-    ``tls`` verifies servers (default: the system's CAs)."""
+) -> AsyncIterator[connections.Pool]:
+    """The run's pool of connections; closed, shielded from cancellation, on
+    exit. ``tls`` verifies servers (default: the system's CAs)."""
     pool = connections.Pool(
         limit=limits.pool_size, per_host=limits.per_host, timeouts=timeouts, tls=tls
     )
-    connector = aiohttp.TCPConnector(
-        ssl=tls if tls is not None else True,
-        limit=limits.pool_size,
-        limit_per_host=limits.per_host,
-        keepalive_timeout=timeouts.idle,
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
-    )
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, raise_for_status=False
-    ) as http:
-        try:
-            yield Session(pool, http)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pool.close()
-                await http.close()
+    try:
+        yield pool
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pool.close()
 
 
 _USER_AGENT = f"batchrun/{__version__}"
@@ -87,7 +62,7 @@ class Client:
 
     def __init__(
         self,
-        session: Session,
+        session: connections.Pool,
         provider: Provider,
         *,
         base_url: str | None = None,
@@ -104,7 +79,7 @@ class Client:
             if base_url is None:
                 raise ValueError("a base_url or hosts")
             hosts = HostPool((base_url,), clock=time.monotonic)
-        self._pool = session.pool
+        self._pool = session
         self._targets: dict[str, connections.Target] = {}  # per URL: few, built once
         self._provider = provider
         self.hosts = hosts
@@ -339,29 +314,19 @@ _WIRE_ERRORS: dict[type[connections.WireError], tuple[str, str]] = {
 
 
 def transport_error(exc: BaseException) -> RequestError:
-    """The batchrun error for a failure without an HTTP answer: the pool's,
-    aiohttp's or a socket's."""
+    """The batchrun error for a failure without an HTTP answer: the pool's or
+    a socket's (batch mode's API maps aiohttp's own first)."""
     text = str(exc) or type(exc).__name__
     tls = tls_failure(exc)
     if tls is not None:
         return tls
     if isinstance(exc, connections.WireError):
         return _wire_error(exc, text)
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return TransientError("connect_timeout", f"connecting timed out: {text}")
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+    if isinstance(exc, TimeoutError):
         return TransientError("read_timeout", f"waiting for the response timed out: {text}")
-    if isinstance(exc, aiohttp.InvalidURL):
-        return FatalError("invalid_url", f"invalid URL: {text}")
     if isinstance(exc, UnicodeError):  # the resolver's IDNA encoding refused the host name
         return FatalError("invalid_url", f"the host name cannot be looked up: {text}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return TransientError("truncated_body", f"the response body was cut short: {text}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return TransientError("server_disconnected", f"the server closed the connection: {text}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return TransientError("connect_error", f"cannot connect: {text}")
-    return _socket_error(exc, text)
+    return socket_error(exc, text)
 
 
 def _wire_error(exc: connections.WireError, text: str) -> RequestError:
@@ -372,12 +337,13 @@ def _wire_error(exc: connections.WireError, text: str) -> RequestError:
             return FatalError("invalid_url", f"the host name cannot be looked up: {text}")
         return TransientError("connect_error", f"cannot connect: {text}")
     if isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError):
-        return _socket_error(exc.__cause__, text)
+        return socket_error(exc.__cause__, text)
     code, what = _WIRE_ERRORS.get(type(exc), ("connection_error", "connection failed"))
     return TransientError(code, f"{what}: {text}")
 
 
-def _socket_error(exc: BaseException, text: str) -> RequestError:
+def socket_error(exc: BaseException, text: str) -> RequestError:
+    """A reset or other socket failure, described by ``text``."""
     if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
         return TransientError("connection_reset", f"the connection was reset: {text}")
     return TransientError("connection_error", f"connection failed: {text}")

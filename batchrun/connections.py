@@ -292,9 +292,7 @@ async def _open_connection(
         options.update(ssl=tls, ssl_handshake_timeout=timeouts.connect)
     try:
         async with asyncio.timeout(timeouts.connect):
-            transport, conn = await loop.create_connection(
-                _Connection, to.host, to.port, **options
-            )
+            transport, conn = await loop.create_connection(_Connection, to.host, to.port, **options)
     except TimeoutError:
         raise ConnectTimeout(
             f"connecting to {to.host}:{to.port} took over {timeouts.connect:g} s"

@@ -12,15 +12,13 @@ import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 from urllib.parse import urlsplit
 
-import aiohttp
 import anyio
 
 from batchrun import crashpoint, eventloop
-from batchrun.batchmode.job import PhaseResult
-from batchrun.batchmode.phase import guard, known_results, run_phase
+from batchrun.batchmode.standing import guard, known_results
 from batchrun.budget import Budget
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
@@ -50,6 +48,9 @@ from batchrun.throttle import Throttle
 from batchrun.timing import Clock
 from batchrun.tls import client_context
 from batchrun.writer import OutputFile
+
+if TYPE_CHECKING:
+    from batchrun.batchmode.job import PhaseResult
 
 log = logging.getLogger("batchrun")
 
@@ -357,7 +358,7 @@ async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts, tls))
         started = clock.monotonic()
         if config.mode == "batch":
-            phase = await _batch_phase(job, session.http, base_urls[0])
+            phase = await _batch_phase(job, tls, base_urls[0])
             if not phase.complete:
                 return _batch_stopped(config, job.start, phase, clock.monotonic() - started)
         client = Client(
@@ -389,23 +390,28 @@ async def _base_urls(stack: AsyncExitStack, job: _Job) -> tuple[str, ...]:
     return base_urls
 
 
-async def _batch_phase(job: _Job, session: aiohttp.ClientSession, base_url: str) -> PhaseResult:
-    answers, provider = job.answers, job.provider
-    return await run_phase(
-        job.config,
-        session=session,
-        provider=provider,
-        api_key=job.api_key,
-        base_url=base_url,
-        state_root=job.state.root,
-        start=job.start,
-        clock=job.clock,
-        stream=job.stream or sys.stderr,
-        signals=job.signals,
-        answered=_stored(answers) if answers.lookup else None,
-        answers=answers,
-        check=job.check,
-    )
+async def _batch_phase(job: _Job, tls: ssl.SSLContext | None, base_url: str) -> PhaseResult:
+    # Imported here: batch mode's HTTP (aiohttp) costs an online run's start-up a tenth of a second.
+    from batchrun.batchmode.http import open_http
+    from batchrun.batchmode.phase import run_phase
+
+    config, answers, provider = job.config, job.answers, job.provider
+    async with open_http(config.limits, config.timeouts, tls) as session:
+        return await run_phase(
+            config,
+            session=session,
+            provider=provider,
+            api_key=job.api_key,
+            base_url=base_url,
+            state_root=job.state.root,
+            start=job.start,
+            clock=job.clock,
+            stream=job.stream or sys.stderr,
+            signals=job.signals,
+            answered=_stored(answers) if answers.lookup else None,
+            answers=answers,
+            check=job.check,
+        )
 
 
 async def _online(

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from batchrun.batchmode.phase import describe as describe_batches
+from batchrun.batchmode.standing import describe as describe_batches
 from batchrun.config import WHOLE, Shard
 from batchrun.errors import UsageError
 from batchrun.inputs import READ_ERRORS, count_lines

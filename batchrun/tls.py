@@ -12,8 +12,6 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-import aiohttp
-
 from batchrun.connections import ConnectFailed
 from batchrun.errors import FatalError, UsageError
 
@@ -41,19 +39,17 @@ def client_context(ca_bundle: Path | None) -> ssl.SSLContext:
 
 def tls_failure(exc: BaseException) -> FatalError | None:
     """The fatal error for a TLS failure, saying what to fix; None if ``exc``
-    is not one (aiohttp's, or the connection pool's ``ConnectFailed``)."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return _untrusted(exc.host, exc.port, exc.certificate_error)
-    if isinstance(exc, ConnectFailed) and isinstance(exc.cause, ssl.SSLCertVerificationError):
-        return _untrusted(exc.host, exc.port, exc.cause)
-    if isinstance(exc, ConnectFailed) and isinstance(exc.cause, ssl.SSLError):
-        return FatalError("tls_error", f"the TLS handshake failed: {exc.cause}")
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        return FatalError("tls_error", f"the TLS handshake failed: {exc}")
+    is not one."""
+    cause = exc.cause if isinstance(exc, ConnectFailed) else exc
+    if isinstance(cause, ssl.SSLCertVerificationError) and isinstance(exc, ConnectFailed):
+        return untrusted(exc.host, exc.port, cause)
+    if isinstance(cause, ssl.SSLError):
+        return FatalError("tls_error", f"the TLS handshake failed: {cause}")
     return None
 
 
-def _untrusted(host: str, port: int | None, cause: BaseException) -> FatalError:
+def untrusted(host: str | None, port: int | None, cause: BaseException) -> FatalError:
+    """The fatal error for a server certificate ``cause`` refused."""
     reason = getattr(cause, "verify_message", None) or str(cause)
     return FatalError(
         "tls_certificate",

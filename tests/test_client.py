@@ -56,7 +56,7 @@ async def test_pool_reuses_connections(server: MockServer) -> None:
         client = Client(session, get_provider("openai"), base_url=server.base_url, api_key="k")
         for i in range(10):
             await client.send(request(f"n{i}"))
-        assert session.pool.open_connections == 1
+        assert session.open_connections == 1
 
 
 async def test_rate_limited_answer_is_transient_with_retry_after(server: MockServer) -> None:
@@ -207,11 +207,11 @@ async def test_a_stale_connection_is_resent_on_a_fresh_one_not_another_pooled_on
     ):
         client = Client(session, get_provider("openai"), base_url=server.base_url, api_key="k")
         await asyncio.gather(*(client.send(request(f"warm {i}")) for i in range(3)))
-        assert session.pool.open_connections == 3
+        assert session.open_connections == 3
 
         response = await client.send(request("after the idle time"))
         # The stale one closed; the new one joined the two still idle: reuse goes on.
-        assert session.pool.open_connections == 3
+        assert session.open_connections == 3
 
     assert response.status_code == 200
     assert client.stale_retries == 1

@@ -1,7 +1,7 @@
 """The provider's files and batches API over the run's pooled session.
 
 Every call goes through ``_call``: the one place where transport failures and
-HTTP answers become batchrun errors (``client.transport_error`` and the
+HTTP answers become batchrun errors (``http.http_error`` and the
 provider's own ``classify``). Idempotent calls are retried while the error is
 transient; ``create`` is not (a batch has no idempotency key): its caller
 looks the batch up by metadata before trying again.
@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import aiohttp
 import orjson
 
-from batchrun.client import transport_error
+from batchrun.batchmode.http import http_error
 from batchrun.config import RetryPolicy
 from batchrun.errors import FatalError, RowError, TransientError
 from batchrun.providers import Provider
@@ -155,7 +155,7 @@ class BatchApi:
                         async for chunk in answer.content.iter_chunked(_CHUNK):
                             handle.write(chunk)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise transport_error(exc) from exc
+                raise http_error(exc) from exc
 
         await retrying(self._retry, sleep=self._sleep)(once)
 
@@ -211,7 +211,7 @@ class BatchApi:
                 data = await answer.read()
                 status, headers = answer.status, answer.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise transport_error(exc) from exc
+            raise http_error(exc) from exc
         if not 200 <= status < 300:
             self._raise(status, headers, data, f"{method} {path}")
         return _parse(data, status)

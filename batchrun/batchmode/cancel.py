@@ -19,9 +19,9 @@ from pathlib import Path
 import anyio
 
 from batchrun.batchmode.api import BatchApi
+from batchrun.batchmode.http import open_http
 from batchrun.batchmode.phase import dialect
 from batchrun.batchmode.record import BatchRecord, BatchState
-from batchrun.client import open_session
 from batchrun.config import Limits, RetryPolicy, Timeouts
 from batchrun.errors import LockedError, UsageError
 from batchrun.providers import get_provider
@@ -66,9 +66,9 @@ async def _cancel(state: BatchState) -> list[tuple[str, str]]:
     if not key:
         raise UsageError(f"no API key: set the environment variable {key_env}")
     cancelled: list[tuple[str, str]] = []
-    async with open_session(Limits(), Timeouts()) as session:
+    async with open_http(Limits(), Timeouts()) as session:
         api = BatchApi(
-            session.http,
+            session,
             dialect(provider),
             state.base_url,
             api_key=key,

@@ -19,7 +19,6 @@ import anyio
 from batchrun.batchmode.api import BatchApi, batch_base_url
 from batchrun.batchmode.build import Answered, Body, KeyOf
 from batchrun.batchmode.job import BatchJob, PhaseResult
-from batchrun.batchmode.known import KnownResults
 from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
 from batchrun.batchmode.progress import BatchProgress
 from batchrun.batchmode.record import BatchRecord, BatchState
@@ -28,7 +27,6 @@ from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
 from batchrun.contentkey import content_key, json_key
-from batchrun.errors import UsageError
 from batchrun.providers import Provider
 from batchrun.providers.openai import OpenAIProvider
 from batchrun.records import Request
@@ -158,49 +156,3 @@ def _key_of(provider: Provider) -> KeyOf:
         return content_key(provider.name, endpoint, body)
 
     return key_of
-
-
-def guard(state_root: Path, *, mode: str, restart: bool) -> None:
-    """Refuse what would pay twice: online mode or ``--restart`` over live batches."""
-    state = BatchRecord(state_root).load()
-    if state is None:
-        return
-    live = [part for part in state.parts if part.live]
-    if restart and live:
-        raise UsageError(
-            f"{len(live)} batches of this output are still running on the provider and are"
-            " paid: cancel them first with `batchrun cancel OUT`, or run without --restart"
-        )
-    pending = [part for part in state.parts if part.status != "collected"]
-    if mode == "online" and pending and not restart:
-        raise UsageError(
-            f"this output has {len(pending)} batch parts not yet collected: run it with --mode"
-            " batch (add --fallback online to send unfinished rows online)"
-        )
-
-
-def known_results(state_root: Path) -> KnownResults | None:
-    """The collected batch answers of the run in ``state_root``, if any."""
-    record = BatchRecord(state_root)
-    state = record.load()
-    if state is None:
-        return None
-    return KnownResults(record.results(state))
-
-
-def describe(state_root: Path) -> list[dict[str, object]] | None:
-    """Each part's batch id and status, for ``batchrun status``."""
-    state = BatchRecord(state_root).load()
-    if state is None:
-        return None
-    return [
-        {
-            "part": part.id,
-            "batch_id": part.batch_id,
-            "status": part.batch_status or part.status,
-            "state": part.status,
-            "rows": part.rows,
-            "counts": part.counts,
-        }
-        for part in state.parts
-    ]

@@ -1,0 +1,62 @@
+"""What an output's batch record says, read without the provider: whether a
+run may go on over it (``guard``), the answers its batches brought
+(``known_results``) and its parts for ``batchrun status`` (``describe``).
+
+Online runs read these too, so this module keeps clear of batch mode's HTTP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from batchrun.batchmode.known import KnownResults
+from batchrun.batchmode.record import BatchRecord
+from batchrun.errors import UsageError
+
+__all__ = ["describe", "guard", "known_results"]
+
+
+def guard(state_root: Path, *, mode: str, restart: bool) -> None:
+    """Refuse what would pay twice: online mode or ``--restart`` over live batches."""
+    state = BatchRecord(state_root).load()
+    if state is None:
+        return
+    live = [part for part in state.parts if part.live]
+    if restart and live:
+        raise UsageError(
+            f"{len(live)} batches of this output are still running on the provider and are"
+            " paid: cancel them first with `batchrun cancel OUT`, or run without --restart"
+        )
+    pending = [part for part in state.parts if part.status != "collected"]
+    if mode == "online" and pending and not restart:
+        raise UsageError(
+            f"this output has {len(pending)} batch parts not yet collected: run it with --mode"
+            " batch (add --fallback online to send unfinished rows online)"
+        )
+
+
+def known_results(state_root: Path) -> KnownResults | None:
+    """The collected batch answers of the run in ``state_root``, if any."""
+    record = BatchRecord(state_root)
+    state = record.load()
+    if state is None:
+        return None
+    return KnownResults(record.results(state))
+
+
+def describe(state_root: Path) -> list[dict[str, object]] | None:
+    """Each part's batch id and status, for ``batchrun status``."""
+    state = BatchRecord(state_root).load()
+    if state is None:
+        return None
+    return [
+        {
+            "part": part.id,
+            "batch_id": part.batch_id,
+            "status": part.batch_status or part.status,
+            "state": part.status,
+            "rows": part.rows,
+            "counts": part.counts,
+        }
+        for part in state.parts
+    ]
