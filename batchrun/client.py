@@ -330,6 +330,8 @@ def transport_error(exc: BaseException) -> RequestError:
 
 
 def _wire_error(exc: connections.WireError, text: str) -> RequestError:
+    if isinstance(exc, connections.BadHeader):  # the API key, say, holds a line break
+        return FatalError("invalid_header", f"the request cannot be sent: {text}")
     if isinstance(exc, connections.InvalidTarget):
         return FatalError("invalid_url", f"invalid URL: {text}")
     if isinstance(exc, connections.ConnectFailed):

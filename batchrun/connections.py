@@ -38,6 +38,7 @@ from batchrun.config import Timeouts
 __all__ = [
     "Answer",
     "BadAnswer",
+    "BadHeader",
     "ClosedEarly",
     "ConnectFailed",
     "ConnectTimeout",
@@ -59,6 +60,10 @@ class WireError(Exception):
 
 class InvalidTarget(WireError):
     """A URL or header that cannot make a request."""
+
+
+class BadHeader(InvalidTarget):
+    """A request header that would break the request's head."""
 
 
 class ConnectFailed(WireError):
@@ -137,14 +142,15 @@ def target(url: str, headers: Mapping[str, str], user_agent: str) -> Target:
         shown += f":{port}"
     lines = [f"POST {parsed.raw_path_qs} HTTP/1.1", f"Host: {shown}"]
     lines += [f"User-Agent: {user_agent}", "Accept: */*", "Accept-Encoding: gzip, deflate"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
+    for name, value in headers.items():
+        if "\r" in name + value or "\n" in name + value:  # would smuggle in a header
+            raise BadHeader(f"the request header {name.strip()!r} holds a line break")
+        lines.append(f"{name}: {value}")
     head = "\r\n".join(lines)
-    if "\n" in head.replace("\r\n", "") or "\r" in head.replace("\r\n", ""):
-        raise InvalidTarget("a request header holds a line break")
     try:
         encoded = (head + "\r\nContent-Length: ").encode("latin-1")
     except UnicodeEncodeError as exc:
-        raise InvalidTarget(f"a request header holds a character HTTP cannot carry: {exc}") from exc
+        raise BadHeader(f"a request header holds a character HTTP cannot carry: {exc}") from exc
     return Target((parsed.scheme, host, port), host, port, parsed.scheme == "https", encoded)
 
 

@@ -116,7 +116,7 @@ async def test_102_then_silence_is_cut_by_the_request_timeout(
 ) -> None:
     rows = [chat("hang mock:hang102=9"), chat("once mock:hang102=1")]
     config = make_config(
-        tmp_path, rows, server, read_timeout=0.5, request_timeout=1, max_attempts=2,
+        tmp_path, rows, server, read_timeout=30, request_timeout=1, max_attempts=2,
         backoff_initial=0.01, backoff_max=0.01,
     )  # fmt: skip
 
@@ -130,14 +130,31 @@ async def test_102_then_silence_is_cut_by_the_request_timeout(
 
 @pytest.mark.asyncio
 @pytest.mark.slow
+async def test_102_then_silence_is_cut_by_the_read_timeout_too(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # An interim answer is bytes like any other: silence after it is timed.
+    rows = [chat("hang mock:hang102=9")]
+    config = make_config(
+        tmp_path, rows, server, read_timeout=0.3, request_timeout=600, max_attempts=1
+    )
+
+    out, elapsed = await _timed_run(config)
+
+    assert out[0]["error"]["code"] == "read_timeout"  # type: ignore[index]
+    assert elapsed < 5
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [TRICKLE, "mock:hang102=9"])
 async def test_retry_budget_cancels_the_attempt_in_flight(
     tmp_path: Path, server: MockServer, fault: str
 ) -> None:
-    # No request timeout to speak of: the budget alone must end the row.
+    # No request or read timeout to speak of: the budget alone must end the row.
     rows = [chat(f"stuck {fault}"), chat("fine")]
     config = make_config(
-        tmp_path, rows, server, read_timeout=0.5, request_timeout=600, retry_budget=1.5
+        tmp_path, rows, server, read_timeout=30, request_timeout=600, retry_budget=1.5
     )
 
     out, elapsed = await _timed_run(config)
