@@ -157,14 +157,15 @@ def target(url: str, headers: Mapping[str, str], user_agent: str) -> Target:
 class Pool:
     """Connections shared by a run's requests, bounded by ``limit`` and
     ``per_host``; idle ones are reused newest first and closed once idle
-    for ``timeouts.idle`` seconds."""
+    for ``timeouts.idle`` seconds. ``tls`` verifies https hosts (default:
+    the system's CAs)."""
 
     def __init__(
         self, *, limit: int, per_host: int, timeouts: Timeouts, tls: ssl.SSLContext | None
     ) -> None:
         self._limit, self._per_host = limit, per_host
         self._timeouts = timeouts
-        self._tls = tls if tls is not None else ssl.create_default_context()
+        self._tls = tls  # made on the first https connection when not given
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: dict[tuple[str, str, int], int] = {}  # open or opening, per host
         self._all: set[_Connection] = set()
@@ -250,7 +251,7 @@ class Pool:
     async def _connect(self, to: Target) -> _Connection:
         self._open[to.key] = self._open.get(to.key, 0) + 1
         try:
-            conn = await _open_connection(to, self._tls if to.tls else None, self._timeouts)
+            conn = await _open_connection(to, self._context() if to.tls else None, self._timeouts)
         except BaseException:
             self._open[to.key] -= 1
             self._wake()
@@ -258,6 +259,12 @@ class Pool:
         conn.key = to.key
         self._all.add(conn)
         return conn
+
+    def _context(self) -> ssl.SSLContext:
+        # The system's CAs take tens of milliseconds to load: not for plain HTTP.
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
 
     def _discard(self, conn: _Connection) -> None:
         """Closes ``conn`` and frees its place; a second call does nothing."""
@@ -344,19 +351,22 @@ class _Connection(asyncio.Protocol):
         self._answer = answer
         self._headers, self._chunks, self._size, self._max = {}, [], 0, max_bytes
         self._began = self._headed = self.reusable = False
-        if len(body) < 1 << 16:  # one write, one packet for a small request
-            transport.write(head + b"%d\r\n\r\n" % len(body) + body)
-        else:
-            transport.writelines((head, b"%d\r\n\r\n" % len(body), body))
-            if self._paused:
-                await self._drain(timeouts.write)
-        self._last_read = loop.time()
-        self._timer = loop.call_at(self._last_read + timeouts.read, self._check_read, timeouts.read)
         try:
+            if len(body) < 1 << 16:  # one write, one packet for a small request
+                transport.write(head + b"%d\r\n\r\n" % len(body) + body)
+            else:
+                transport.writelines((head, b"%d\r\n\r\n" % len(body), body))
+                if self._paused:
+                    await self._drain(timeouts.write)
+            self._last_read = loop.time()
+            read = timeouts.read
+            self._timer = loop.call_at(self._last_read + read, self._check_read, read)
             return await answer
         finally:
-            self._timer.cancel()
-            self._answer = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._answer = None  # a failure from now on concerns no request
 
     async def _drain(self, seconds: float) -> None:
         self._drained = asyncio.get_running_loop().create_future()
