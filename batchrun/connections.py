@@ -280,18 +280,18 @@ class Pool:
         try:
             await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self._wake()  # woken, then cancelled: the turn passes on
-            else:
+            if waiter in self._waiters:  # cancelled before any wake
                 self._waiters.remove(waiter)
             raise
 
     def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        """Wakes every waiting request to look again: a place freed for one
+        host, or an idle connection, may serve any one of them, and the
+        others wait again (they are few: at most the requests in flight)."""
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-                return
 
 
 async def _open_connection(

@@ -28,8 +28,9 @@ from batchrun.connections import (
 
 pytestmark = pytest.mark.asyncio
 
-# What the server sends for one request: the bytes, in pieces, then whether it closes.
-Reply = Callable[[bytes], tuple[list[bytes], bool]]
+# What the server sends for one request: the bytes, in pieces (a number: seconds
+# to wait first), then whether it closes.
+Reply = Callable[[bytes], tuple[list[bytes | float], bool]]
 
 
 @dataclass
@@ -51,6 +52,9 @@ class RawServer:
                 self.requests.append(request)
                 pieces, close = self.replies[len(self.requests) - 1](request)
                 for piece in pieces:
+                    if isinstance(piece, float):
+                        await asyncio.sleep(piece)
+                        continue
                     writer.write(piece)
                     await writer.drain()
                     await asyncio.sleep(0)
@@ -91,14 +95,14 @@ async def raw() -> AsyncIterator[Serve]:
 def answer(
     body: bytes = b'{"ok": true}', *, headers: str = "", status: str = "200 OK", close: bool = False
 ) -> Reply:
-    def reply(_: bytes) -> tuple[list[bytes], bool]:
+    def reply(_: bytes) -> tuple[list[bytes | float], bool]:
         head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode()
         return [head + body], close
 
     return reply
 
 
-def raw_reply(*pieces: bytes, close: bool = False) -> Reply:
+def raw_reply(*pieces: bytes | float, close: bool = False) -> Reply:
     return lambda _: (list(pieces), close)
 
 
@@ -285,6 +289,32 @@ async def test_the_limit_queues_requests_on_one_connection(raw: Serve) -> None:
         await p.close()
     assert sorted(g.body for g in got) == sorted(b'{"n": %d}' % i for i in range(6))
     assert server.connections == 1
+
+
+async def test_a_freed_place_serves_any_waiting_host(raw: Serve) -> None:
+    # Two hosts, one connection each. A's first request never gets an answer,
+    # so a second request to A waits for good; a second request to B must
+    # still take B's connection as soon as B's first answer frees it.
+    a = await raw([raw_reply(), answer()])
+    late = b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"b": 1}'
+    b = await raw([raw_reply(0.2, late), answer(b'{"b": 2}')])
+    p = pool(limit=2, per_host=1)
+    try:
+        stuck = asyncio.ensure_future(post(p, a))
+        first_b = asyncio.ensure_future(post(p, b))
+        await asyncio.sleep(0.05)
+        waiting_a = asyncio.ensure_future(post(p, a))  # waits first: A's one place is taken
+        await asyncio.sleep(0.01)
+        second_b = await asyncio.wait_for(post(p, b), 2)  # waits for B's place
+        assert (await first_b).body == b'{"b": 1}'
+        assert second_b.body == b'{"b": 2}'
+        assert not waiting_a.done()
+        for task in (stuck, waiting_a):
+            task.cancel()
+        await asyncio.gather(stuck, waiting_a, return_exceptions=True)
+    finally:
+        await p.close()
+    assert b.connections == 1
 
 
 async def test_a_cancelled_request_frees_its_place(raw: Serve) -> None:
