@@ -143,6 +143,9 @@ class Answers:
         self.local.put_sorted(rows())
         if self.cache is not None:
             self.cache.put_sorted(row for row in rows() if not row[3])  # no retryable errors
+        # Rows left out of the batches as repeats of a planned one find their
+        # answers here: from now on every row is looked up.
+        self.lookup = True
 
     def salvage(self, keyed: Iterable[tuple[bytes, bytes]]) -> None:
         """Take journaled ``(key, output line)`` pairs of an earlier run, and commit."""

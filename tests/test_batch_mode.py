@@ -402,3 +402,31 @@ async def test_fallback_online_sends_dropped_rows_online_at_once(tmp_path: Path)
         assert server.stats.requests == 4
         assert paid_twice(server) == 0
     assert error_codes(config.out) == [None] * 4
+
+
+async def test_identical_rows_go_into_a_batch_once(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    same = {"messages": [{"role": "user", "content": "the same"}], "model": "m"}
+    source: list[Any] = [
+        {"custom_id": "a", **same},
+        chat("other", model="m"),
+        {"custom_id": "b", **same},
+        {"custom_id": "c", **same},
+    ]
+    batch = make_config(tmp_path, source, batch_server, batch_rows=1, **FAST)
+    summary = await run_async(batch)
+
+    assert summary.exit_code == 0
+    assert batch_server.stats.batch_rows == 2  # "the same" once, "other" once
+    assert batch_server.stats.requests == 0
+    assert paid_twice(batch_server) == 0
+    out = read_jsonl(batch.out)
+    assert [r["custom_id"] for r in out] == ["a", out[1]["custom_id"], "b", "c"]
+    assert [r.get("reused", False) for r in out] == [False, False, True, True]
+    assert out[2]["response"]["body"] == out[0]["response"]["body"]
+    async with MockServer() as online_server:
+        online = make_config(tmp_path, source, online_server, out=tmp_path / "online.jsonl")
+        assert (await run_async(online)).exit_code == 0
+    assert online_server.stats.requests == 2
+    assert batch.out.read_bytes() == online.out.read_bytes()

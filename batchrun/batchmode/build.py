@@ -2,9 +2,10 @@
 
 The input is read once. Rows already answered (in the ordered output, the
 journal or the result store, by an online run or an earlier batch run: the
-ordered writer takes them from there) and lines that are not
-requests (online mode's error records cover them) are left out; the rest go
-into part files. Parts are recorded only when every file is written, so a
+ordered writer takes them from there), lines that are not requests (online
+mode's error records cover them) and rows whose request is already in a part
+(identical rows: once collected, the store answers them) are left out; the
+rest go into part files. Parts are recorded only when every file is written, so a
 crash while planning leaves nothing half-known: the next run plans again.
 """
 
@@ -18,6 +19,7 @@ from batchrun.batchmode.plan import Group, Splitter, batch_line
 from batchrun.batchmode.record import BatchRecord, Part
 from batchrun.config import WHOLE, RunConfig
 from batchrun.inputs import open_input, read_lines
+from batchrun.keyset import KeySet
 from batchrun.records import LineError, Request, parse_line
 from batchrun.resume import ResumePoint
 
@@ -89,15 +91,17 @@ def plan_parts(
     answered: Answered | None = None,
 ) -> list[Part]:
     """Write the part files of every row still to answer (none in the output,
-    the journal, or, by ``answered``, the result store), with each row's
-    content key (its answer is stored under it); the parts."""
+    the journal, or, by ``answered``, the result store), each request once
+    however many rows repeat it, with each row's content key (its answer is
+    stored under it); the parts."""
     writer = PartWriter(record, Splitter(config.batch.rows, max_bytes))
+    planned = KeySet()
     try:
         for request in unanswered(config, start):
             sent = body(request)
             group, data, sent_json = batch_line(request, sent)
             key = key_of(request, sent, sent_json)
-            if answered is None or not answered(key):
+            if (answered is None or not answered(key)) and planned.add(key):
                 writer.add(group, request, data, key)
     except BaseException:
         writer.abandon()
