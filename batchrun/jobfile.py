@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from batchrun.config import (
     BatchSettings,
@@ -175,7 +176,9 @@ def _base_urls(settings: Mapping[str, Any], key: str) -> tuple[str, ...]:
             urls.extend(given if isinstance(given, list | tuple) else [given])
             require(given not in ([], ()), f"{name} is an empty list: name at least one URL")
     require(all(isinstance(url, str) for url in urls), f"base_url must be text, got {urls!r}")
-    return tuple(dict.fromkeys(url.rstrip("/") for url in urls))
+    # A trailing slash is dropped where a host is left ("http://" stays, so
+    # the check that refuses it quotes what was written).
+    return tuple(dict.fromkeys(url.rstrip("/") if urlsplit(url).netloc else url for url in urls))
 
 
 def _response_schema(settings: Mapping[str, Any], key: str) -> ResponseSchema:

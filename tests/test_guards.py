@@ -54,6 +54,10 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     "reorder bytes 0": (["--reorder-bytes", "0"], "--reorder-bytes must be a whole number"),
     "tpm 1e400": (["--tpm", "1e400"], "--tpm must be a finite number > 0, got inf"),
     "ftp base url": (["--base-url", "ftp://x"], "--base-url must be an http:// or https:// URL"),
+    "no host": (
+        ["--base-url", "http://"],
+        "--base-url must be an http:// or https:// URL such as https://host/v1, got 'http://'",
+    ),
     "misspelt scheme": (["--base-url", "htps://h/v1"], "--base-url must be an http:// or https"),
     "port past 65535": (["--base-url", "http://h:99999/v1"], "--base-url must be an http://"),
     "port 0": (["--base-url", "http://h:0/v1"], "--base-url must be an http:// or https://"),
