@@ -331,6 +331,10 @@ def _resent_before(state: StateDir) -> int:
 
 def _already_done(finished: FinishedRun, out: Path) -> Summary:
     extra: dict[str, object] = {"already finished at": finished.at, "requests sent": 0}
+    # Nothing is in doubt now; what the runs that made the output left in
+    # doubt stays reported, as every run of it reports it.
+    extra["in doubt"] = 0
+    extra["in doubt (all runs)"] = finished.summary.extra.get("in doubt (all runs)", 0)
     return finished.summary.replay(output=str(out), extra=extra)
 
 

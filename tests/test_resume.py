@@ -111,7 +111,9 @@ async def resume_to_end(
 async def test_sigkill_at_random_instants_loses_nothing_and_repeats_little(
     tmp_path: Path, server: MockServer
 ) -> None:
-    source = write_jsonl(tmp_path / "in.jsonl", rows(600))
+    # Enough rows that no run finishes between two kills (each run sends for
+    # at most 0.6 s; the whole input takes about 2 s of sending).
+    source = write_jsonl(tmp_path / "in.jsonl", rows(1200))
     out = tmp_path / "out.jsonl"
     rng = random.Random(2026)
     kills = 0
@@ -263,12 +265,15 @@ async def test_a_finished_run_is_a_no_op_with_its_exit_code(
     assert first.returncode == 1
     sent, content = server.stats.requests, out.read_bytes()
 
-    again = await run_cli(command(source, out, server))
+    summary_path = tmp_path / "summary.json"
+    again = await run_cli(command(source, out, server, "--summary", str(summary_path)))
 
     assert again.returncode == 1
     assert server.stats.requests == sent
     assert out.read_bytes() == content
     assert b"already finished" in again.stderr
+    extra = orjson.loads(summary_path.read_bytes())["extra"]
+    assert (extra["in doubt"], extra["in doubt (all runs)"]) == (0, 0)
 
 
 async def test_a_changed_input_resumes_by_content_not_position(
