@@ -92,9 +92,9 @@ def _is_seconds(value: object, *, minimum_exclusive: bool) -> bool:
 class Limits:
     """Concurrency caps. Invariant: per_host <= max_async <= pool_size.
 
-    ``pool_size`` is the connector's connection limit, ``max_async`` the
-    requests in flight over all hosts, ``per_host`` those in flight to one
-    host (also the connector's per-host connection limit).
+    ``pool_size`` is the connection pool's limit (open connections, busy or
+    idle), ``max_async`` the requests in flight over all hosts, ``per_host``
+    those in flight to one host (also the pool's per-host connection limit).
     """
 
     pool_size: int = DEFAULT_POOL_SIZE
