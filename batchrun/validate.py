@@ -155,6 +155,7 @@ class _Tally:
         "models",
         "over_context",
         "over_context_examples",
+        "own_ids",
         "rows",
         "seen",
     )
@@ -165,6 +166,9 @@ class _Tally:
         self.malformed = 0
         self.malformed_examples: list[tuple[int, str]] = []
         self.seen: dict[str, int] = {}  # explicit custom id -> first line
+        # Bit N: line N's id is "line-N" (its own, given or not). One bit a
+        # line, where the ids themselves would take a dict entry each.
+        self.own_ids = bytearray()
         self.duplicates = 0
         self.duplicate_examples: list[tuple[int, str, int]] = []
         # Plain dicts rather than Counters: dict.get is the cheaper increment.
@@ -209,15 +213,39 @@ class _Tally:
             self.malformed_examples.append((error.line, reason))
 
     def _check_id(self, line: int, custom_id: str) -> None:
-        # A line without an id gets "line-N", which no other line can get; the
-        # startswith test keeps the f-string off the path of ordinary ids.
-        if custom_id.startswith("line-") and custom_id == f"line-{line}":
-            return
+        # A line without an id gets "line-N"; another line may still give
+        # that id explicitly. The startswith test keeps the rest off the path
+        # of ordinary ids.
+        if custom_id.startswith("line-"):
+            if custom_id == f"line-{line}":
+                self._own_id(line, custom_id)
+                return
+            named = _line_named(custom_id)
+            if named is not None and named < line and self._holds_own_id(named):
+                self._duplicate(line, custom_id, named)
+                return
         first = self.seen.setdefault(custom_id, line)
         if first != line:
-            self.duplicates += 1
-            if len(self.duplicate_examples) < EXAMPLES:
-                self.duplicate_examples.append((line, custom_id, first))
+            self._duplicate(line, custom_id, first)
+
+    def _own_id(self, line: int, custom_id: str) -> None:
+        """Line ``line`` holds "line-N", its own: a duplicate if an earlier line gave it."""
+        first = self.seen.get(custom_id)
+        if first is not None:
+            self._duplicate(line, custom_id, first)
+        byte = line >> 3
+        if byte >= len(self.own_ids):
+            self.own_ids.extend(bytes(byte + 1 - len(self.own_ids)))
+        self.own_ids[byte] |= 1 << (line & 7)
+
+    def _holds_own_id(self, line: int) -> bool:
+        byte = line >> 3
+        return byte < len(self.own_ids) and bool(self.own_ids[byte] >> (line & 7) & 1)
+
+    def _duplicate(self, line: int, custom_id: str, first: int) -> None:
+        self.duplicates += 1
+        if len(self.duplicate_examples) < EXAMPLES:
+            self.duplicate_examples.append((line, custom_id, first))
 
     def report(self, input_name: str, costs: Costs) -> ValidationReport:
         """Freeze the totals; ``costs`` prices the token estimates."""
@@ -272,3 +300,11 @@ def _examples(title: str, total: int, examples: Iterable[str]) -> list[str]:
 def _money(amount: float) -> str:
     """Two decimals for sums worth reading that way, four significant digits below 1."""
     return f"{amount:,.2f}" if amount >= 1 else f"{amount:.4g}"
+
+
+def _line_named(custom_id: str) -> int | None:
+    """N for an id "line-N" (N a plain positive number), else None."""
+    digits = custom_id[5:]
+    if digits.isascii() and digits.isdigit() and not digits.startswith("0"):
+        return int(digits)
+    return None

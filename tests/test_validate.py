@@ -94,6 +94,25 @@ def test_duplicates_count_repeats_of_custom_id_and_id(tmp_path: Path) -> None:
     assert "line 3: 'x' first on line 1" in report.render()
 
 
+def test_an_explicit_id_that_names_another_lines_own_id_is_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    # Line 2 has no id and gets "line-2", which lines 4 and 5 give explicitly;
+    # line 3 gives "line-6" before line 6 (no id) gets it.
+    rows: list[dict[str, Any] | bytes] = [
+        chat("1", custom_id="line-1"),  # its own: fine
+        chat("2"),
+        chat("3", custom_id="line-6"),
+        chat("4", custom_id="line-2"),
+        chat("5", custom_id="line-2"),
+        chat("6"),
+        chat("7", custom_id="line-07"),  # not the id line 7 would get
+    ]
+    report = check(tmp_path, rows)
+    assert report.duplicate_examples == [(4, "line-2", 2), (5, "line-2", 2), (6, "line-6", 3)]
+    assert report.duplicate_ids == 3
+
+
 def test_lines_without_ids_are_never_duplicates(tmp_path: Path) -> None:
     report = check(tmp_path, [chat("same"), chat("same"), b"", b""])
     assert report.duplicate_ids == 0
