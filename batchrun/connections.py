@@ -23,13 +23,15 @@ to batchrun errors, in one place.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
+import aiohappyeyeballs
 import httptools
 import yarl
 
@@ -298,14 +300,17 @@ async def _open_connection(
     to: Target, tls: ssl.SSLContext | None, timeouts: Timeouts
 ) -> _Connection:
     loop = asyncio.get_running_loop()
-    options: dict[str, Any] = {}
-    if isinstance(loop, asyncio.BaseEventLoop):  # uvloop tries a host's addresses in turn
-        options["happy_eyeballs_delay"] = 0.25  # a dead IPv6 route costs 0.25 s, not a timeout
-    if tls is not None:
-        options.update(ssl=tls, ssl_handshake_timeout=timeouts.connect)
     try:
         async with asyncio.timeout(timeouts.connect):
-            transport, conn = await loop.create_connection(_Connection, to.host, to.port, **options)
+            infos = await loop.getaddrinfo(to.host, to.port, type=socket.SOCK_STREAM)
+            # A host's addresses raced a quarter second apart (RFC 8305): a
+            # dead IPv6 route costs 0.25 s, not the connect timeout. The
+            # library closes every socket it opened when cancelled (asyncio's
+            # own race leaks one on Python 3.11).
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=0.25, interleave=1
+            )
+            transport, conn = await _wrap(loop, sock, to, tls, timeouts)
     except TimeoutError:
         raise ConnectTimeout(
             f"connecting to {to.host}:{to.port} took over {timeouts.connect:g} s"
@@ -314,6 +319,27 @@ async def _open_connection(
         raise ConnectFailed(to.host, to.port, exc) from exc
     conn.connection_made(transport)  # uvloop may call it only after the connection is returned
     return conn
+
+
+async def _wrap(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    to: Target,
+    tls: ssl.SSLContext | None,
+    timeouts: Timeouts,
+) -> tuple[asyncio.Transport, _Connection]:
+    """The connected ``sock`` as a transport (TLS on it when ``tls``); the
+    socket is closed if that fails."""
+    try:
+        if tls is None:
+            return await loop.create_connection(_Connection, sock=sock)
+        return await loop.create_connection(
+            _Connection, sock=sock, ssl=tls, server_hostname=to.host,
+            ssl_handshake_timeout=timeouts.connect,
+        )  # fmt: skip
+    except BaseException:
+        sock.close()
+        raise
 
 
 class _Connection(asyncio.Protocol):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import random
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -41,9 +43,13 @@ class RawServer:
     requests: list[bytes] = field(default_factory=list)
     connections: int = 0
     port: int = 0
+    handlers: list[tuple[asyncio.Task[Any], asyncio.StreamWriter]] = field(default_factory=list)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.append((task, writer))
         try:
             while len(self.requests) < len(self.replies):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -77,19 +83,24 @@ Serve = Callable[[list[Reply]], Awaitable[RawServer]]
 @pytest_asyncio.fixture
 async def raw() -> AsyncIterator[Serve]:
     """Starts scripted servers; stops them after the test."""
-    made: list[asyncio.Server] = []
+    made: list[tuple[asyncio.Server, RawServer]] = []
 
     async def serve(replies: list[Reply]) -> RawServer:
         script = RawServer(replies)
         server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
         script.port = server.sockets[0].getsockname()[1]
-        made.append(server)
+        made.append((server, script))
         return script
 
     yield serve
-    for server in made:
+    for server, script in made:
         server.close()
+        for task, writer in script.handlers:  # one may still sleep before a reply
+            task.cancel()
+            writer.transport.abort()
+        await asyncio.gather(*(task for task, _ in script.handlers), return_exceptions=True)
         await server.wait_closed()
+    await asyncio.sleep(0)  # the aborted sockets close
 
 
 def answer(
@@ -376,3 +387,54 @@ async def test_a_target_quotes_its_path_and_brackets_an_ipv6_host() -> None:
     assert made.head.startswith(b"POST /v1/a%20b?x=1 HTTP/1.1\r\nHost: [::1]:8080\r\n")
     assert (made.host, made.port, made.tls) == ("::1", 8080, False)
     assert target("https://api.example/v1", {}, "ua").head.split(b"\r\n")[1] == b"Host: api.example"
+
+
+def _random_reply(rng: random.Random) -> Reply:
+    body = b'{"ok": true}'
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    return rng.choice(
+        [
+            raw_reply(whole),
+            raw_reply(rng.uniform(0.001, 0.03), whole),
+            raw_reply(close=True),  # closed before answering
+            raw_reply(whole[:30], close=True),  # cut short
+            answer(headers="Connection: close\r\n"),
+        ]
+    )
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_random_traffic_keeps_the_bounds_and_ends(raw: Serve, seed: int) -> None:
+    """Answers, early closes, cut bodies, delays and cancellations in any mix
+    over two hosts: every connection opens within both limits, every request
+    ends (none waits for a place that never frees), and the pool is left
+    within its limit."""
+    rng = random.Random(seed)
+    limit = rng.randint(1, 4)
+    per_host = rng.randint(1, limit)
+    servers = [await raw([_random_reply(rng) for _ in range(200)]) for _ in range(2)]
+    p = pool(limit=limit, per_host=per_host)
+    opened: list[tuple[int, int]] = []  # (all open, most open to one host) at each connect
+    connect = p._connect
+
+    async def watched(to: Target) -> Any:
+        conn = await connect(to)
+        opened.append((p.open_connections, max(p._open.values())))
+        return conn
+
+    p._connect = watched  # type: ignore[method-assign]
+    try:
+        tasks = [asyncio.ensure_future(post(p, rng.choice(servers))) for _ in range(40)]
+        for task in rng.sample(tasks, 8):
+            asyncio.get_running_loop().call_later(rng.uniform(0, 0.05), task.cancel)
+        done, pending = await asyncio.wait(tasks, timeout=10)
+        assert not pending
+        assert p.open_connections <= limit
+    finally:
+        await p.close()
+    assert opened
+    assert all(total <= limit and one <= per_host for total, one in opened)
+    outcomes = {
+        type(t.exception()).__name__ if not t.cancelled() and t.exception() else "ok" for t in done
+    }
+    assert outcomes <= {"ok", "ClosedEarly", "CutShort"}
