@@ -40,11 +40,12 @@ def client_context(ca_bundle: Path | None) -> ssl.SSLContext:
 def tls_failure(exc: BaseException) -> FatalError | None:
     """The fatal error for a TLS failure, saying what to fix; None if ``exc``
     is not one."""
-    cause = exc.cause if isinstance(exc, ConnectFailed) else exc
-    if isinstance(cause, ssl.SSLCertVerificationError) and isinstance(exc, ConnectFailed):
-        return untrusted(exc.host, exc.port, cause)
-    if isinstance(cause, ssl.SSLError):
-        return FatalError("tls_error", f"the TLS handshake failed: {cause}")
+    if isinstance(exc, ConnectFailed):
+        if isinstance(exc.cause, ssl.SSLCertVerificationError):
+            return untrusted(exc.host, exc.port, exc.cause)
+        exc = exc.cause
+    if isinstance(exc, ssl.SSLError):
+        return FatalError("tls_error", f"the TLS handshake failed: {exc}")
     return None
 
 

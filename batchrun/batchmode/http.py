@@ -47,6 +47,17 @@ async def open_http(
                 await session.close()
 
 
+# aiohttp's failures without an answer, most specific first (the classes
+# nest): the code and the message's start.
+_TRANSIENT: tuple[tuple[type[aiohttp.ClientError], str, str], ...] = (
+    (aiohttp.ConnectionTimeoutError, "connect_timeout", "connecting timed out"),
+    (aiohttp.ServerTimeoutError, "read_timeout", "waiting for the response timed out"),
+    (aiohttp.ClientPayloadError, "truncated_body", "the response body was cut short"),
+    (aiohttp.ServerDisconnectedError, "server_disconnected", "the server closed the connection"),
+    (aiohttp.ClientConnectorError, "connect_error", "cannot connect"),
+)
+
+
 def http_error(exc: BaseException) -> RequestError:
     """The batchrun error for an aiohttp or socket failure (no HTTP answer)."""
     text = str(exc) or type(exc).__name__
@@ -54,18 +65,11 @@ def http_error(exc: BaseException) -> RequestError:
         return untrusted(exc.host, exc.port, exc.certificate_error)
     if isinstance(exc, aiohttp.ClientSSLError):
         return FatalError("tls_error", f"the TLS handshake failed: {exc}")
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return TransientError("connect_timeout", f"connecting timed out: {text}")
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return TransientError("read_timeout", f"waiting for the response timed out: {text}")
     if isinstance(exc, aiohttp.InvalidURL):
         return FatalError("invalid_url", f"invalid URL: {text}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return TransientError("truncated_body", f"the response body was cut short: {text}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return TransientError("server_disconnected", f"the server closed the connection: {text}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return TransientError("connect_error", f"cannot connect: {text}")
+    for kind, code, what in _TRANSIENT:
+        if isinstance(exc, kind):
+            return TransientError(code, f"{what}: {text}")
     if isinstance(exc, aiohttp.ClientError):
         return socket_error(exc, text)
     return transport_error(exc)
