@@ -7,7 +7,7 @@ import inspect
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, cast
@@ -34,6 +34,27 @@ app = typer.Typer(
 
 def _opt(help_text: str, panel: str | None = None, *names: str) -> Any:
     return typer.Option(*names, help=help_text, rich_help_panel=panel, show_default=False)
+
+
+def path_of(name: str) -> Callable[[str], Path]:
+    """The parser of path parameter ``name``: its text as a ``Path``, where
+    empty text (which ``Path`` takes for the current directory) is a usage
+    error (exit 2) naming the parameter. The parser's name is what the help
+    shows as the type."""
+
+    def path(text: str) -> Path:
+        if not text.strip():
+            _exit_usage(f"{name} is empty: give a path")
+        return Path(text)
+
+    return path
+
+
+def _path_opt(help_text: str, panel: str | None, name: str) -> Any:
+    """``_opt`` for the path option ``name`` (see ``path_of``)."""
+    option = _opt(help_text, panel, name)
+    option.parser = path_of(name)
+    return option
 
 
 def _print_version(value: bool) -> None:
@@ -91,7 +112,7 @@ def _run_parameters() -> list[inspect.Parameter]:
         if setting.hidden_decls:
             hidden = typer.Option(*setting.hidden_decls, hidden=True)
             params.append(_parameter(_ALSO + setting.key, kind, hidden))
-    job = _opt("TOML job file; flags override it.", None, "--job")
+    job = _path_opt("TOML job file; flags override it.", None, "--job")
     out_at = next(i for i, param in enumerate(params) if param.name == "out")
     params.insert(out_at + 1, _parameter("job", Path, job))
     return params
@@ -118,7 +139,9 @@ def _setting_option(setting: Setting, *, panel: str | None = "") -> Any:
     # Rich reads [...] in help as markup: escaped, "[costs]" is shown as written.
     help_text = setting.help_text.replace("[", "\\[")
     if setting.argument:
-        return typer.Argument(metavar=setting.key.upper(), help=help_text)
+        name = setting.key.upper()
+        parser = path_of(name) if setting.type is Path else None
+        return typer.Argument(metavar=name, help=help_text, parser=parser)
     option = _opt(help_text, setting.panel if panel == "" else panel, *setting.flag_decls)
     if setting.type is Path:
         option.metavar = "<path>"  # parsed as text (see ``_flag_type``), shown as a path
@@ -197,7 +220,9 @@ def _is_non_finite(word: str) -> bool:
 
 @app.command("status")
 def status_command(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output a run writes.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="The output a run writes.", parser=path_of("OUT"))
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Tell how far the run on OUT has come, without touching anything."""
@@ -213,7 +238,12 @@ def status_command(
 
 @app.command("cancel")
 def cancel_command(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output of a --mode batch run.")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT", help="The output of a --mode batch run.", parser=path_of("OUT")
+        ),
+    ],
 ) -> None:
     """Cancel the provider batches of the run on OUT (a signal leaves them running).
 
@@ -256,10 +286,13 @@ _ContextLimit = Annotated[int | None, _setting_option(BY_KEY["context_limit"], p
 @app.command("validate")
 def validate_command(
     input_path: Annotated[
-        Path | None, typer.Argument(metavar="INPUT", help="JSONL (or .jsonl.gz) requests.")
+        Path | None,
+        typer.Argument(
+            metavar="INPUT", help="JSONL (or .jsonl.gz) requests.", parser=path_of("INPUT")
+        ),
     ] = None,
     job: Annotated[
-        Path | None, _opt("TOML job file (defaults, prices, context).", None, "--job")
+        Path | None, _path_opt("TOML job file (defaults, prices, context).", None, "--job")
     ] = None,
     model: Annotated[str | None, _opt("Model for lines that name none.")] = None,
     param: Annotated[
@@ -267,7 +300,8 @@ def validate_command(
     ] = None,
     shard: Annotated[str | None, _opt("Only shard I/N's rows.")] = None,
     response_schema: Annotated[
-        Path | None, _opt("Check this JSON Schema file too (alone: only it).")
+        Path | None,
+        _path_opt("Check this JSON Schema file too (alone: only it).", None, "--response-schema"),
     ] = None,
     price_input_per_million: _PriceIn = None,
     price_output_per_million: _PriceOut = None,
@@ -324,8 +358,13 @@ def _check_schema_alone(path: Path) -> None:
 
 @app.command("merge")
 def merge_command(
-    shards: Annotated[list[Path], typer.Argument(metavar="SHARD_OUT...", help="Shard outputs.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The merged output.")],
+    shards: Annotated[
+        list[Path],
+        typer.Argument(metavar="SHARD_OUT...", help="Shard outputs.", parser=path_of("SHARD_OUT")),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The merged output.", parser=path_of("--out"))
+    ],
 ) -> None:
     """Join the outputs of --shard I/N runs into one output, in input order."""
     from batchrun.merge import merge
@@ -346,7 +385,9 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("stats")
 def cache_stats_command(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The --cache directory.")],
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="The --cache directory.", parser=path_of("DIR"))
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Count what a result store holds: results, errors, recorded cost, age, size."""
@@ -362,7 +403,9 @@ def cache_stats_command(
 
 @cache_app.command("prune")
 def cache_prune_command(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The --cache directory.")],
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="The --cache directory.", parser=path_of("DIR"))
+    ],
     older_than: Annotated[
         str, typer.Option("--older-than", help="Age such as 30d, 12h, 90m or 3600s.")
     ],
@@ -377,13 +420,18 @@ def cache_prune_command(
 
 @app.command("export")
 def export_command(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output a run wrote.")],
-    to: Annotated[Path, typer.Option("--to", help="The table: .parquet, .csv or .jsonl.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="The output a run wrote.", parser=path_of("OUT"))
+    ],
+    to: Annotated[
+        Path,
+        typer.Option("--to", help="The table: .parquet, .csv or .jsonl.", parser=path_of("--to")),
+    ],
     format: Annotated[
         str | None, _opt("parquet | csv | jsonl (default: from --to's extension).")
     ] = None,
     input_path: Annotated[
-        Path | None, _opt("The run's input, to copy --columns from.", None, "--input")
+        Path | None, _path_opt("The run's input, to copy --columns from.", None, "--input")
     ] = None,
     columns: Annotated[
         str | None, _opt("Top-level input fields to add, comma-separated (a,b).")

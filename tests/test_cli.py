@@ -221,15 +221,27 @@ def test_mock_server_command_serves_until_stopped() -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["status", ""], ["cancel", ""], ["export", "", "--to", "t.csv"], ["merge", "", "--out", "m"]],
-    ids=lambda args: args[0],
+    ("args", "name"),
+    [
+        (["run", "", "--out", "o"], "INPUT"),
+        (["run", "i", "--out", "o", "--job", ""], "--job"),
+        (["validate", " "], "INPUT"),
+        (["validate", "i", "--response-schema", ""], "--response-schema"),
+        (["status", ""], "OUT"),
+        (["cancel", ""], "OUT"),
+        (["export", "", "--to", "t.csv"], "OUT"),
+        (["export", "o", "--to", ""], "--to"),
+        (["merge", "a", "", "--out", "m"], "SHARD_OUT"),
+        (["merge", "a", "--out", ""], "--out"),
+        (["cache", "prune", "", "--older-than", "1d"], "DIR"),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, list) else value,
 )
-def test_an_empty_output_path_is_a_usage_error(args: list[str]) -> None:
+def test_an_empty_path_is_a_usage_error_naming_it(args: list[str], name: str) -> None:
+    # Path("") is the current directory: an empty path must not reach one.
     done = batchrun(*args)
     assert done.returncode == 2
-    message = "the output . is a directory: give the output's file name"
-    assert done.stderr == f"batchrun: error: {message}\n"
+    assert done.stderr == f"batchrun: error: {name} is empty: give a path\n"
 
 
 def test_mock_server_refuses_an_address_it_cannot_listen_on() -> None:
