@@ -87,9 +87,14 @@ class Workers:
                     self._start_one()
 
     def stop(self, reason: str) -> None:
-        """Take no new row; rows in flight go on."""
+        """Take no new row; rows in flight go on. Rows that only wait (a
+        retry's pause, the throttle) have reached nobody: once no row is in
+        flight they are cancelled, since waiting out the grace for them would
+        send nothing that the next run does not send anyway."""
         if self.stop_reason is None:
             self.stop_reason = reason
+        if not self.writer.in_flight:
+            self.cancel()
 
     def cancel(self) -> None:
         """End every row in flight now (they stay in doubt)."""
@@ -165,8 +170,8 @@ class Workers:
         data = output_line(outcome)
         journal_at = writer.record(request.line, data, work.key)
         self.answers.add_outcome(work.key, data, outcome)
-        if self.budget.refused and not writer.in_flight:
-            self.cancel()  # the last row in flight at a budget stop
+        if self.stopping and not writer.in_flight:
+            self.cancel()  # the last row in flight at a stop: the rest only wait (``stop``)
         writer.deliver(answered_row(work.row, work.input_end, data, outcome, journal_at))
         twins = self.twins.settle(work.key)
         if twins:
@@ -196,8 +201,6 @@ class Workers:
     def _stop_for_budget(self) -> None:
         """Take no more rows; end once the rows in flight are answered."""
         self.stop("budget reached")
-        if not self.writer.in_flight:
-            self.cancel()
 
     def _abort(self, exc: FatalError) -> None:
         if self.aborted is None:

@@ -203,6 +203,36 @@ async def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server: Mock
 
 
 @pytest.mark.slow
+async def test_sigterm_during_a_retry_pause_stops_without_waiting_out_the_grace(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Row 2 is refused with "Retry-After: 20": once row 1 is answered, no row
+    # is in flight, and nothing that the grace period could finish is left.
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [chat("a"), chat("b mock:fail=429x1 mock:retry_after=20")]
+    )
+    out = tmp_path / "out.jsonl"
+    stopped = tmp_path / "stopped.json"
+    process = await start_cli(
+        command(source, out, server, "--grace", "30", "--summary", str(stopped))
+    )
+    await wait_for(lambda: server.stats.requests >= 2 and server.stats.in_flight == 0)
+    await anyio.sleep(0.2)  # the 429 is read and the pause begun
+    process.send_signal(signal.SIGTERM)
+    with anyio.fail_after(5):  # far less than the grace or the pause
+        code, stderr = await finish(process)
+
+    assert code == 75, stderr
+    extra = orjson.loads(stopped.read_bytes())["extra"]
+    assert extra["in doubt"] == 0  # a refused request was not paid
+    sent_before = server.stats.requests
+    summary = await resume_to_end(source, out, server, tmp_path)
+    assert server.stats.requests == sent_before + 1  # only row 2, once
+    assert summary["extra"]["in doubt (all runs)"] == 0
+    assert [r["line"] for r in read_jsonl(out)] == [1, 2]
+
+
+@pytest.mark.slow
 async def test_a_second_sigterm_stops_at_once_and_counts_in_doubt(
     tmp_path: Path, server: MockServer
 ) -> None:
