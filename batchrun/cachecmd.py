@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from batchrun.errors import UsageError
+from batchrun.errors import LockedError, UsageError
+from batchrun.layout import STATE_SUFFIX
+from batchrun.state import StateDir
 from batchrun.stats import money
 from batchrun.store import STORE_FILE, StoreStats, open_store
 
@@ -51,12 +55,40 @@ def stats(directory: Path) -> StoreStats:
 
 
 def prune(directory: Path, older_than_s: float) -> int:
-    """Delete results older than ``older_than_s`` seconds; how many went."""
-    store = open_store(_existing(directory))
+    """Delete results older than ``older_than_s`` seconds; how many went.
+    ``LockedError`` when the store is an output's own and a run on that
+    output is live."""
+    path = _existing(directory)
+    with _output_held(path):
+        store = open_store(path)
+        try:
+            return store.prune(older_than_s)
+        finally:
+            store.close()
+
+
+@contextlib.contextmanager
+def _output_held(store: Path) -> Iterator[None]:
+    """Hold the output's lock while pruning its own store (``OUT.batchrun``):
+    a live run counts on the answers it stored (batch mode's repeated rows
+    are answered from there), so pruning under it could pay for them again."""
+    root = store.parent
+    if not root.name.endswith(STATE_SUFFIX) or not (root / "lock").exists():
+        yield  # a shared --cache store: runs never count on what it keeps
+        return
+    out = root.with_name(root.name[: -len(STATE_SUFFIX)])
+    state = StateDir(out)
     try:
-        return store.prune(older_than_s)
+        state.lock()
+    except LockedError:
+        raise LockedError(
+            f"a run on {out} is live ({state.holder() or 'holder unknown'}) and counts on"
+            " the answers its store holds: prune it once that run ends"
+        ) from None
+    try:
+        yield
     finally:
-        store.close()
+        state.unlock()
 
 
 def as_dict(report: StoreStats) -> dict[str, object]:

@@ -413,8 +413,14 @@ def cache_prune_command(
     """Delete the results stored longer ago than --older-than."""
     from batchrun import cachecmd
 
-    with _usage_errors():
-        deleted = cachecmd.prune(directory, cachecmd.parse_age(older_than))
+    try:
+        with _usage_errors():
+            deleted = cachecmd.prune(directory, cachecmd.parse_age(older_than))
+    except LockedError as exc:
+        from batchrun.runner import EXIT_LOCKED
+
+        typer.echo(f"batchrun: error: {exc}", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
     typer.echo(f"batchrun: deleted {deleted:,} results older than {older_than} from {directory}")
 
 

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from batchrun.mock.server import MockServer
+from batchrun.state import StateDir
 from tests.conftest import chat, read_jsonl, write_jsonl
 from tests.test_resume import command, run_cli
 
@@ -109,6 +110,29 @@ async def test_cache_stats_and_prune(tmp_path: Path, server: MockServer) -> None
     assert orjson.loads(by_file.stdout)["results"] == 0  # the store file itself will do
     assert not_a_store.returncode == 2
     assert b"is a file: give the directory" in not_a_store.stderr
+
+
+async def test_an_outputs_own_store_is_not_pruned_under_a_live_run(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    out = tmp_path / "o.jsonl"
+    assert (await run_cli(command(source, out, server))).returncode == 0
+    own = tmp_path / "o.jsonl.batchrun"
+    prune = [sys.executable, "-m", "batchrun", "cache", "prune", str(own), "--older-than", "0s"]
+    live = StateDir(out)
+    live.lock()  # as a run on the output holds it
+    try:
+        refused = await run_cli(prune)
+        by_file = await run_cli([*prune[:5], str(own / "results.sqlite"), *prune[6:]])
+    finally:
+        live.unlock()
+    pruned = await run_cli(prune)
+
+    assert (refused.returncode, by_file.returncode) == (4, 4)
+    assert refused.stderr.decode().startswith(f"batchrun: error: a run on {out} is live (pid ")
+    assert b"prune it once that run ends" in refused.stderr
+    assert b"deleted 3 results" in pruned.stdout  # kept until then, pruned after
 
 
 async def test_a_cache_that_cannot_be_written_is_exit_2_before_any_request(
