@@ -306,13 +306,16 @@ WHOLE = Shard(0, 1)
 class Costs:
     """What the job's model costs and holds, and what the job may spend.
 
-    Prices are per million tokens in the provider's currency; ``context_limit``
-    is the model's context window in tokens; ``max_cost`` caps the spend of
-    all runs on one output (in the same currency; needs both prices).
+    Prices are per million tokens in the provider's currency, real-time;
+    ``batch_price_share`` is the share of them an answer from a batch costs
+    (the providers' Batch APIs charge half); ``context_limit`` is the model's
+    context window in tokens; ``max_cost`` caps the spend of all runs on one
+    output (in the same currency; needs both prices).
     """
 
     price_input_per_million: float | None = None
     price_output_per_million: float | None = None
+    batch_price_share: float = default("batch_price_share")
     context_limit: int | None = None
     max_cost: float | None = None
 
@@ -328,6 +331,10 @@ class Costs:
         per_out = self.price_output_per_million or 0.0
         return (tokens_in * per_in + tokens_out * per_out) / 1_000_000
 
+    def batch_price(self, tokens_in: int, tokens_out: int) -> float:
+        """``price`` of an answer from a batch: ``batch_price_share`` of it."""
+        return self.price(tokens_in, tokens_out) * self.batch_price_share
+
     def __post_init__(self) -> None:
         for name in ("price_input_per_million", "price_output_per_million"):
             value = getattr(self, name)
@@ -335,6 +342,11 @@ class Costs:
                 value is None or _is_seconds(value, minimum_exclusive=False),
                 f"{name} must be a number >= 0, got {value!r}",
             )
+        share = self.batch_price_share
+        require(
+            _is_seconds(share, minimum_exclusive=False) and share <= 1,
+            f"batch_price_share must be a number from 0 to 1, got {share!r}",
+        )
         require(
             self.context_limit is None or _is_count(self.context_limit),
             f"context_limit must be a whole number of tokens >= 1, got {self.context_limit!r}",

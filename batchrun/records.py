@@ -312,11 +312,16 @@ def output_line(outcome: Outcome) -> bytes:
 
 
 def answer_line(
-    line: int, custom_id: str, status_code: int, request_id: str | None, body: Any
+    line: int,
+    custom_id: str,
+    status_code: int,
+    request_id: str | None,
+    body: Any,
+    cost: float | None = None,
 ) -> bytes:
     """``output_line`` of an answer (no error) that took one attempt and has
-    neither cost nor a parsed answer, as batch results are; without building
-    its ``Outcome`` and ``Response``, for a million of them."""
+    no parsed answer, as batch results are; without building its ``Outcome``
+    and ``Response``, for a million of them."""
     record = {
         "id": f"batch_req_{line}",
         "custom_id": custom_id,
@@ -325,6 +330,8 @@ def answer_line(
         "error": None,
         "attempts": 1,
     }
+    if cost is not None:
+        record["cost"] = cost
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 

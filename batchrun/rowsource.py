@@ -104,9 +104,11 @@ class KnownAnswer(Protocol):
 
 class KnownLookup(Protocol):
     """Results found elsewhere (batch mode's collected answers), asked for by
-    input line in increasing order; ``found`` counts the hits."""
+    input line in increasing order; ``found`` counts the hits, ``spent`` sums
+    their recorded costs."""
 
     found: int
+    spent: float
 
     def get(self, line: int) -> KnownAnswer | None: ...
 

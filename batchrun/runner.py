@@ -558,10 +558,19 @@ def _ending_code(ending: RunEnding, parts: _Parts) -> tuple[int, str | None]:
     return EXIT_INTERRUPTED, f"{reason}; run the same command again to resume"
 
 
+def _batched(stats: RunStats, known: KnownLookup | None) -> int:
+    """Count the rows answered in batches as this run's work and spend, not
+    an earlier run's; how many there were."""
+    if known is None:
+        return 0
+    stats.skipped -= known.found
+    stats.cost += known.spent
+    return known.found
+
+
 def _conclude(config: RunConfig, ending: RunEnding, parts: _Parts, duration: float) -> Summary:
     stats, sender = parts.stats, parts.sender
-    batched = parts.known.found if parts.known is not None else 0
-    stats.skipped -= batched  # answered in batches: this run's work, not an earlier run's
+    batched = _batched(stats, parts.known)
     exit_code, aborted = _ending_code(ending, parts)
     summary = Summary.from_stats(
         stats,

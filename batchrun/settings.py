@@ -391,6 +391,15 @@ SETTINGS: tuple[Setting, ...] = (
         panel=PAYING,
     ),
     _s(
+        "batch_price_share",
+        float,
+        0.5,
+        "Share of those prices a --mode batch answer costs ({default}: half price).",
+        target="costs.batch_price_share",
+        section="costs",
+        panel=PAYING,
+    ),
+    _s(
         "context_limit",
         int,
         None,

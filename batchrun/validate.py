@@ -41,8 +41,10 @@ class ValidationReport:
     ``max_output_tokens`` sums the most output each valid row allows, so
     ``estimated_cost`` (in the currency of the job's prices) is an upper bound
     on the output side and a rough figure on the input side. It is None unless
-    both prices are set. ``over_context`` counts valid rows whose input plus
-    most output exceeds the context limit (0 when no limit is set).
+    both prices are set; for a ``--mode batch`` job (``batch_price``) it is the
+    batch price (``batch_price_share`` of the prices). ``over_context``
+    counts valid rows whose input plus most output exceeds the context limit
+    (0 when no limit is set).
     Duplicates count only explicit ids (``custom_id`` or ``id``): each repeat
     after the first counts once. Example lists hold the first ``EXAMPLES``.
     """
@@ -61,6 +63,7 @@ class ValidationReport:
     estimated_cost: float | None
     over_context: int
     over_context_examples: list[tuple[int, int]]  # (line, estimated tokens)
+    batch_price: bool = False
 
     @property
     def would_fail(self) -> bool:
@@ -106,7 +109,8 @@ class ValidationReport:
         text = f"tokens ~{self.input_tokens:,} in, at most {self.max_output_tokens:,} out"
         if self.estimated_cost is None:
             return text + "; cost unknown (set price_input_per_million, price_output_per_million)"
-        return text + f"; estimated cost at most {_money(self.estimated_cost)}"
+        price = " (batch price)" if self.batch_price else ""
+        return text + f"; estimated cost at most {_money(self.estimated_cost)}{price}"
 
 
 def validate(config: RunConfig) -> ValidationReport:
@@ -126,7 +130,7 @@ def validate(config: RunConfig) -> ValidationReport:
                 tally.add(parse_line(raw.rstrip(b"\r\n"), index + 1, defaults))
     except (OSError, EOFError) as exc:  # gzip's BadGzipFile is an OSError
         raise UsageError(f"input file {config.input} could not be read: {exc}") from None
-    return tally.report(str(config.input), config.costs)
+    return tally.report(str(config.input), config.costs, batch=config.mode == "batch")
 
 
 def _owned_lines(handle: Iterable[bytes], shard: Shard) -> Iterator[tuple[int, bytes]]:
@@ -247,8 +251,12 @@ class _Tally:
         if len(self.duplicate_examples) < EXAMPLES:
             self.duplicate_examples.append((line, custom_id, first))
 
-    def report(self, input_name: str, costs: Costs) -> ValidationReport:
-        """Freeze the totals; ``costs`` prices the token estimates."""
+    def report(self, input_name: str, costs: Costs, *, batch: bool) -> ValidationReport:
+        """Freeze the totals; ``costs`` prices the token estimates (``batch``:
+        at the batch price)."""
+        cost = _cost(self.input_tokens, self.max_output_tokens, costs)
+        if cost is not None and batch:
+            cost *= costs.batch_price_share
         return ValidationReport(
             input=input_name,
             rows=self.rows,
@@ -261,9 +269,10 @@ class _Tally:
             models=_most_first(self.models),
             input_tokens=self.input_tokens,
             max_output_tokens=self.max_output_tokens,
-            estimated_cost=_cost(self.input_tokens, self.max_output_tokens, costs),
+            estimated_cost=cost,
             over_context=self.over_context,
             over_context_examples=self.over_context_examples,
+            batch_price=batch,
         )
 
 

@@ -296,6 +296,56 @@ async def test_batch_answers_are_stored_for_an_online_rerun(
     assert reused == read_jsonl(batch.out)
 
 
+PRICES = {"price_input_per_million": 2.0, "price_output_per_million": 6.0}
+
+
+async def test_batch_answers_cost_their_share_of_the_prices(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    source = [*rows(4, model="m"), chat("refused mock:fail=400", model="m")]
+    cache = tmp_path / "cache"
+    half = make_config(tmp_path, source, batch_server, batch_rows=2, cache=cache, **PRICES, **FAST)
+    summary = await run_async(half)
+    quarter = make_config(
+        tmp_path, [], batch_server, input=half.input, out=tmp_path / "q.jsonl",
+        batch_price_share=0.25, **PRICES, **FAST,
+    )  # fmt: skip
+    assert (await run_async(quarter)).exit_code == 1
+    async with MockServer() as online_server:
+        online = make_config(
+            tmp_path, [], online_server, input=half.input, out=tmp_path / "o.jsonl", **PRICES
+        )
+        expected = await run_async(online)
+
+    paid = [record["cost"] for record in read_jsonl(online.out)]
+    assert paid[0] > 0
+    assert paid[4] == 0.0
+    assert [record["cost"] for record in read_jsonl(half.out)] == [cost / 2 for cost in paid]
+    assert [record["cost"] for record in read_jsonl(quarter.out)] == [cost / 4 for cost in paid]
+    assert summary.cost == pytest.approx(expected.cost / 2)
+    assert summary.cost is not None
+    assert summary.cost > 0
+    rerun = make_config(
+        tmp_path,
+        [],
+        batch_server,
+        input=half.input,
+        out=tmp_path / "r.jsonl",
+        cache=cache,
+        **PRICES,
+    )
+    again = await run_async(rerun)
+    assert again.cost_saved == pytest.approx(summary.cost)  # the batch price, from the store
+    assert batch_server.stats.requests == 0
+
+
+async def test_a_batch_price_share_past_1_is_a_usage_error(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    with pytest.raises(UsageError, match="batch_price_share must be a number from 0 to 1, got 2"):
+        make_config(tmp_path, rows(1), batch_server, batch_price_share=2, **PRICES, **FAST)
+
+
 async def test_dashscope_batches_go_through_compatible_mode(
     tmp_path: Path, batch_server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

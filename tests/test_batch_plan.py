@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from batchrun.batchmode.known import Known, KnownResults, filed_head, merge_runs
 from batchrun.batchmode.plan import Group, Splitter, batch_key, batch_line, line_of_key
-from batchrun.batchmode.results import Records, collect
+from batchrun.batchmode.results import Reading, Records, collect
 from batchrun.contentkey import canonical_json
 from batchrun.providers.openai import OpenAIProvider
 from batchrun.records import Outcome, Request, Response, output_line
@@ -120,8 +120,9 @@ def test_known_results_read_headed_and_plain_lines(tmp_path: Path) -> None:
     ok = output_line(Outcome(line=2, custom_id="a", response=answer, attempts=1))
     failed = output_line(Outcome(line=3, custom_id="b", error_code="bad", attempts=1))
     plain = output_line(Outcome(line=5, custom_id="c", response=answer, attempts=1))
+    priced = output_line(Outcome(line=6, custom_id="d", response=answer, attempts=1, cost=0.25))
     headed = tmp_path / "a.results"
-    headed.write_bytes(filed_head(2, 7, 11) + ok + failed)
+    headed.write_bytes(filed_head(2, 7, 11) + ok + failed + filed_head(6, 7, 11, 0.25) + priced)
     older = tmp_path / "b.results"
     older.write_bytes(plain)
     known = KnownResults([headed, older])
@@ -131,8 +132,9 @@ def test_known_results_read_headed_and_plain_lines(tmp_path: Path) -> None:
         assert known.get(3) == Known(failed, None)
         assert known.get(4) is None
         assert known.get(5) == Known(plain, None)
-        assert known.get(6) is None
-        assert known.found == 3
+        assert known.get(6) == Known(priced, Tally(True, None, False, 7, 11, 0.25))
+        assert known.get(7) is None
+        assert known.found == 4
     finally:
         known.close()
 
@@ -145,11 +147,39 @@ def test_collect_files_answers_with_their_tokens(tmp_path: Path) -> None:
     results = tmp_path / "out"
     results.write_bytes(orjson.dumps(answer) + b"\n" + orjson.dumps(refused) + b"\n")
     ids = {1: "a", 2: "b"}
-    found = collect([results], ids, provider, tmp_path / "spill", usage=provider.usage)
+    found = collect([results], ids, provider, tmp_path / "spill", reading=Reading(provider.usage))
     chunks = [bytes(chunk) for chunk in found.records.sorted_chunks()]
     found.records.close()
     assert chunks[0].startswith(filed_head(1, 4, 9) + b'{"id":"batch_req_1"')
     assert chunks[1].startswith(b'{"id":"batch_req_2"')
+    assert b'"cost"' not in chunks[0] + chunks[1]  # not priced
+
+
+def test_collect_prices_answers_and_notes_their_cost(tmp_path: Path) -> None:
+    provider = OpenAIProvider()
+    body = {"usage": {"prompt_tokens": 4, "completion_tokens": 9}}
+    answer = {"custom_id": "r1", "response": {"status_code": 200, "body": body}}
+    refused = {"custom_id": "r2", "response": {"status_code": 400, "body": {}}}
+    results = tmp_path / "out"
+    results.write_bytes(orjson.dumps(answer) + b"\n" + orjson.dumps(refused) + b"\n")
+    noted: list[tuple[int, bool, float | None]] = []
+
+    def note(line: int, at: int, record: bytes, ok: bool, retry: bool, cost: float | None) -> None:
+        noted.append((line, ok, cost))
+
+    def price(tokens_in: int, tokens_out: int) -> float:
+        return tokens_in * 0.5 + tokens_out * 0.25
+
+    reading = Reading(provider.usage, price=price)
+    found = collect([results], {1: "a", 2: "b"}, provider, tmp_path / "spill", note, reading)
+    chunks = [bytes(chunk) for chunk in found.records.sorted_chunks()]
+    found.records.close()
+
+    assert noted == [(1, True, 4.25), (2, False, 0.0)]
+    assert chunks[0].startswith(filed_head(1, 4, 9, 4.25) + b'{"id":"batch_req_1"')
+    record = chunks[0].partition(b"\t")[2]
+    assert orjson.loads(record)["cost"] == 4.25
+    assert orjson.loads(chunks[1])["cost"] == 0.0  # an error costs nothing, as online
 
 
 def test_records_in_line_order_are_kept_as_they_were_spilled(tmp_path: Path) -> None:

@@ -476,11 +476,12 @@ _bodies = st.recursive(
     st.integers(200, 299),
     st.none() | st.text(max_size=10),
     _bodies,
+    st.none() | st.floats(0, 1e6),
 )
 def test_an_answer_line_is_the_output_line_of_its_outcome(
-    line: int, custom_id: str, status: int, request_id: str | None, body: Any
+    line: int, custom_id: str, status: int, request_id: str | None, body: Any, cost: float | None
 ) -> None:
     """Batch results build their records without an Outcome: byte for byte the same."""
     response = Response(status_code=status, request_id=request_id, body=body)
-    outcome = Outcome(line=line, custom_id=custom_id, response=response, attempts=1)
-    assert answer_line(line, custom_id, status, request_id, body) == output_line(outcome)
+    outcome = Outcome(line=line, custom_id=custom_id, response=response, attempts=1, cost=cost)
+    assert answer_line(line, custom_id, status, request_id, body, cost) == output_line(outcome)

@@ -105,6 +105,7 @@ def examples(setting: Setting, tmp_path: Path) -> tuple[Any, Any]:
         "batch_rows": (20_000, 30_000),
         "batch_bytes": (4096, 8192),
         "context_limit": (4096, 8192),
+        "batch_price_share": (0.25, 0.75),
     }
     if setting.key in special:
         return special[setting.key]

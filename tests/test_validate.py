@@ -178,6 +178,21 @@ def test_token_and_cost_estimates_match_the_token_functions(tmp_path: Path) -> N
     assert report.estimated_cost == pytest.approx(tokens_in / 1e6 * 0.8 + tokens_out / 1e6 * 3.2)
 
 
+def test_a_batch_job_is_estimated_at_the_batch_price(tmp_path: Path) -> None:
+    prices = {"price_input_per_million": 0.8, "price_output_per_million": 3.2}
+    rows: list[dict[str, Any] | bytes] = [chat("a short prompt", max_tokens=100)] * 3
+    online = check(tmp_path, rows, model="m", **prices)
+    batch = check(tmp_path, rows, model="m", mode="batch", **prices)
+    quarter = check(tmp_path, rows, model="m", mode="batch", batch_price_share=0.25, **prices)
+
+    assert online.estimated_cost is not None
+    assert batch.estimated_cost == pytest.approx(online.estimated_cost / 2)
+    assert quarter.estimated_cost == pytest.approx(online.estimated_cost / 4)
+    assert "(batch price)" in batch.render()
+    assert "(batch price)" not in online.render()
+    assert batch.to_dict()["batch_price"] is True
+
+
 def test_cost_is_unknown_without_both_prices(tmp_path: Path) -> None:
     report = check(tmp_path, [chat("a")], price_input_per_million=0.8)
     assert report.estimated_cost is None

@@ -33,14 +33,16 @@ class PartFiler:
         self.answers = answers
         self.keys = keys
         # (key, offset of the record in the spill, its size without the
-        # newline, ok, retryable) per answer.
-        self._noted: list[tuple[bytes, int, int, bool, bool]] = []
+        # newline, ok, retryable, cost) per answer.
+        self._noted: list[tuple[bytes, int, int, bool, bool, float | None]] = []
 
-    def note(self, line: int, at: int, record: bytes, ok: bool, retryable: bool) -> None:
+    def note(
+        self, line: int, at: int, record: bytes, ok: bool, retryable: bool, cost: float | None
+    ) -> None:
         """Row ``line``'s record (``output_line``'s, one trailing newline) was
         spilled at offset ``at``; ``ok``: it is an answer, else an error,
-        ``retryable`` or not. Batch results carry no cost."""
-        self._noted.append((self.keys[line], at, len(record) - 1, ok, retryable))
+        ``retryable`` or not; ``cost``: its price (None: not priced)."""
+        self._noted.append((self.keys[line], at, len(record) - 1, ok, retryable, cost))
 
     def file(self, records: Records) -> None:
         """Store every noted answer, reading its record from ``records``'
@@ -52,8 +54,8 @@ class PartFiler:
         with records.view() as view:
 
             def rows() -> Iterator[StoreRow]:
-                for key, at, size, ok, retryable in self._noted:
-                    yield key, view[at : at + size], ok, retryable, None, now
+                for key, at, size, ok, retryable, cost in self._noted:
+                    yield key, view[at : at + size], ok, retryable, cost, now
 
             self.answers.put_sorted(rows)
         self._noted.clear()

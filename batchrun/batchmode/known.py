@@ -6,7 +6,8 @@ one record per file however many rows were answered.
 
 A results file's line is an output record, or, for an answer whose token
 counts were read when it was collected, ``<line> <tokens_in> <tokens_out>``
-and a tab before the record (``filed_head``): the ordered writer then counts
+(then `` <cost>`` when the job is priced) and a tab before the record
+(``filed_head``): the ordered writer then counts
 the row from those numbers instead of parsing its record again. Records
 start with ``{``, so both kinds read back (files of older runs have only
 records).
@@ -47,9 +48,12 @@ def _known(data: bytes, tally: Tally | None) -> Known:
     return tuple.__new__(Known, (data, tally))
 
 
-def filed_head(line: int, tokens_in: int, tokens_out: int) -> bytes:
-    """The head of an answer's results-file line: its line and tokens (see above)."""
-    return b"%d %d %d\t" % (line, tokens_in, tokens_out)
+def filed_head(line: int, tokens_in: int, tokens_out: int, cost: float | None = None) -> bytes:
+    """The head of an answer's results-file line: its line, tokens and, when
+    priced, cost (see above)."""
+    if cost is None:
+        return b"%d %d %d\t" % (line, tokens_in, tokens_out)
+    return b"%d %d %d %r\t" % (line, tokens_in, tokens_out, cost)
 
 
 class KnownResults:
@@ -64,6 +68,7 @@ class KnownResults:
         self._head: tuple[int, bytes] | None = None
         self._tallies: dict[bytes, Tally] = {}  # by token counts: most answers share a few
         self.found = 0
+        self.spent = 0.0  # the recorded cost of the answers found
 
     def get(self, line: int) -> Known | None:
         """The answer of ``line``, if a batch answered it."""
@@ -83,20 +88,27 @@ class KnownResults:
         """A results-file line as the record and, with a head, its tally: an
         answer (no error), no recorded cost, not reused."""
         if raw.startswith(b"{"):
-            return _known(raw, None)
+            return _known(raw, None)  # no head: an error (it cost nothing) or an older run's
         tab = raw.index(b"\t")
         tokens = raw[raw.index(b" ") + 1 : tab]
         tally = self._tallies.get(tokens)
         if tally is None:
             if len(self._tallies) >= MAX_TALLIES:
                 self._tallies.clear()
-            tokens_in, tokens_out = tokens.split(b" ")
-            tally = Tally(True, None, False, int(tokens_in), int(tokens_out))
-            self._tallies[tokens] = tally
+            tally = self._tallies[tokens] = _tally(tokens)
+        self.spent += tally.cost
         return _known(raw[tab + 1 :], tally)
 
     def close(self) -> None:
         self._stack.close()
+
+
+def _tally(counts: bytes) -> Tally:
+    """An answer's tally from its head's ``<tokens_in> <tokens_out> [<cost>]``."""
+    tokens_in, tokens_out, *cost = counts.split(b" ")
+    return Tally(
+        True, None, False, int(tokens_in), int(tokens_out), float(cost[0]) if cost else 0.0
+    )
 
 
 def merge_runs(runs: list[Iterator[tuple[int, bytes]]]) -> Iterator[tuple[int, bytes]]:

@@ -22,7 +22,7 @@ from batchrun.batchmode.job import BatchJob, PhaseResult
 from batchrun.batchmode.plan import DEFAULT_MAX_BYTES
 from batchrun.batchmode.progress import BatchProgress
 from batchrun.batchmode.record import BatchRecord, BatchState
-from batchrun.batchmode.results import Usage
+from batchrun.batchmode.results import Reading, Usage
 from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
@@ -46,8 +46,7 @@ def _settler(
     state: BatchState,
     talk: Provider,
     answers: Answers | None,
-    usage: Usage,
-    check: AnswerCheck | None,
+    reading: Reading,
 ) -> Settler:
     return Settler(
         api,
@@ -57,9 +56,15 @@ def _settler(
         keep_files=config.batch.keep_files,
         fallback_online=config.batch.fallback == "online",
         answers=answers,
-        usage=usage,
-        check=check,
+        reading=reading,
     )
+
+
+def _reading(config: RunConfig, usage: Usage, check: AnswerCheck | None) -> Reading:
+    """How the run reads its batches' answers: tokens by the run's provider,
+    the response schema's check, and, with prices, the batch price."""
+    costs = config.costs
+    return Reading(usage=usage, check=check, price=costs.batch_price if costs.priced else None)
 
 
 def dialect(provider: Provider) -> Provider:
@@ -104,7 +109,9 @@ async def run_phase(
         record=record,
         state=state,
         submitter=Submitter(api, record, state, retry=config.retry, sleep=clock.sleep),
-        settler=_settler(config, api, record, state, talk, answers, provider.usage, check),
+        settler=_settler(
+            config, api, record, state, talk, answers, _reading(config, provider.usage, check)
+        ),
         progress=BatchProgress(enabled=config.progress, stream=stream, clock=clock.monotonic),
         clock=clock,
     )

@@ -122,18 +122,34 @@ class Collected:
 
 
 # Sees each new record: its line, where it starts in the spill, the record,
-# whether it is an answer (no error), and whether its error is retryable.
-OnRecord = Callable[[int, int, bytes, bool, bool], None]
+# whether it is an answer (no error), whether its error is retryable, and its
+# cost (None: not priced).
+OnRecord = Callable[[int, int, bytes, bool, bool, float | None], None]
 # Tokens (in, out) an answer's body reports, as the run's provider reads them.
 Usage = Callable[[Any], tuple[int, int]]
+# The cost of an answer from its tokens (in, out), in the job's currency.
+Price = Callable[[int, int], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """How answers are read. ``usage``: the run's provider's token reader;
+    with it, each answer's record gets a head with its tokens (and cost)
+    (``known.filed_head``), so the ordered writer need not parse it again.
+    ``check``: the response schema's, which every answer must pass (see
+    ``_keep_checked``). ``price``: what an answer costs from its tokens
+    (needs ``usage``); None: records carry no cost."""
+
+    usage: Usage | None = None
+    check: AnswerCheck | None = None
+    price: Price | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Reading:
     provider: Provider
     on_record: OnRecord | None
-    usage: Usage | None
-    check: AnswerCheck | None
+    rules: Reading
 
 
 def collect(
@@ -142,22 +158,18 @@ def collect(
     provider: Provider,
     spill: Path,
     on_record: OnRecord | None = None,
-    usage: Usage | None = None,
-    check: AnswerCheck | None = None,
+    reading: Reading = Reading(),
 ) -> Collected:
     """The records of the downloaded result ``files`` for a part whose rows
-    (input line → the input's ``custom_id``) are ``ids``; ``on_record`` sees
-    each new one (see ``OnRecord``). With ``usage`` (the run's
-    provider's), each answer's record gets a head with its tokens
-    (``known.filed_head``), so the ordered writer need not parse it again.
-    With ``check`` (``--response-schema``), each answer is checked as online
-    mode checks it (see ``_keep_checked``). The caller closes ``records``."""
-    reading = _Reading(provider, on_record, usage, check)
+    (input line → the input's ``custom_id``) are ``ids``, each answer read as
+    ``reading`` says; ``on_record`` sees each new one (see ``OnRecord``). The
+    caller closes ``records``."""
+    how = _Reading(provider, on_record, reading)
     found = Collected(Records(spill))
     for path in files:
         with path.open("rb", buffering=IO_BUFFER) as handle:
             for raw in handle:
-                _take(found, raw, ids, reading)
+                _take(found, raw, ids, how)
     found.unfinished = set(ids) - found.records.lines()
     return found
 
@@ -177,14 +189,21 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Readin
         return
     response = data.get("response")
     if type(response) is dict and _is_answer(response.get("status_code")):
-        if reading.check is None:
+        if reading.rules.check is None:
             _keep_answer(found, line, custom_id, response, reading)  # most lines: no Outcome
         else:
             _keep_checked(found, _as_response(response), line, custom_id, reading)
         return
     outcome = outcome_of(data, line, custom_id, reading.provider)
     if outcome is not None:
+        outcome.cost = _error_cost(reading.rules)
         _keep(found, line, output_line(outcome), b"", outcome, reading)
+
+
+def _error_cost(rules: Reading) -> float | None:
+    """What a row error's record says it cost: nothing when priced (as online
+    mode records an error: no tokens counted), None when not."""
+    return rules.price(0, 0) if rules.price is not None else None
 
 
 def _keep(
@@ -194,15 +213,17 @@ def _keep(
     head: bytes,
     verdict: Outcome | None,
     reading: _Reading,
+    cost: float | None = None,
 ) -> None:
     """Spill ``line``'s record after ``head`` and show it to ``on_record``;
-    ``verdict``: the record's outcome, None for a plain answer (no error)."""
+    ``verdict``: the record's outcome, None for a plain answer (no error)
+    costing ``cost``."""
     at = found.records.add(line, record, head)
     if reading.on_record is not None and at is not None:
         if verdict is None:
-            reading.on_record(line, at, record, True, False)
+            reading.on_record(line, at, record, True, False, cost)
         else:
-            reading.on_record(line, at, record, verdict.ok, verdict.retryable)
+            reading.on_record(line, at, record, verdict.ok, verdict.retryable, verdict.cost)
 
 
 def _is_answer(status: object) -> bool:
@@ -212,12 +233,23 @@ def _is_answer(status: object) -> bool:
 def _keep_answer(
     found: Collected, line: int, custom_id: str, response: dict[str, Any], reading: _Reading
 ) -> None:
-    """Spill an answer's record, after a head with its tokens (see
+    """Spill an answer's record, after a head with its tokens and cost (see
     ``known.filed_head``), and show it to ``on_record``."""
     body = response.get("body")
-    record = answer_line(line, custom_id, response["status_code"], _request_id(response), body)
-    head = filed_head(line, *reading.usage(body)) if reading.usage is not None else b""
-    _keep(found, line, record, head, None, reading)
+    head, cost = _head(line, body, reading.rules)
+    status, request_id = response["status_code"], _request_id(response)
+    record = answer_line(line, custom_id, status, request_id, body, cost)
+    _keep(found, line, record, head, None, reading, cost)
+
+
+def _head(line: int, body: Any, rules: Reading) -> tuple[bytes, float | None]:
+    """The head of an answer's record and its cost (``b""`` and None
+    without a token reader)."""
+    if rules.usage is None:
+        return b"", None
+    tokens_in, tokens_out = rules.usage(body)
+    cost = rules.price(tokens_in, tokens_out) if rules.price is not None else None
+    return filed_head(line, tokens_in, tokens_out, cost), cost
 
 
 def _keep_checked(
@@ -227,17 +259,20 @@ def _keep_checked(
     parsed object, or the check's error with the answer kept, as online mode
     records a last attempt. A failed check is not sent again in a batch: the
     row's error is retryable, and ``--retry-failed`` (online) resends it."""
-    assert reading.check is not None
+    rules = reading.rules
+    assert rules.check is not None
+    head, cost = _head(line, answer.body, rules)
     try:
-        parsed = reading.check.classify(answer)
+        parsed = rules.check.classify(answer)
     except (RowError, TransientError) as exc:
         failed = failed_outcome(line, custom_id, exc, attempts=1)
+        failed.cost = _error_cost(rules)
         _keep(found, line, output_line(failed), b"", failed, reading)
         return
-    outcome = Outcome(line=line, custom_id=custom_id, response=answer, attempts=1, parsed=parsed)
-    usage = reading.usage
-    head = filed_head(line, *usage(answer.body)) if usage is not None else b""
-    _keep(found, line, output_line(outcome), head, None, reading)
+    outcome = Outcome(
+        line=line, custom_id=custom_id, response=answer, attempts=1, parsed=parsed, cost=cost
+    )
+    _keep(found, line, output_line(outcome), head, None, reading, cost)
 
 
 def outcome_of(

@@ -34,8 +34,8 @@ from batchrun.batchmode.filing import PartFiler
 from batchrun.batchmode.plan import line_of_key
 from batchrun.batchmode.record import BatchRecord, BatchState, Part
 from batchrun.batchmode.results import (
+    Reading,
     Records,
-    Usage,
     collect,
     invalid_line_record,
 )
@@ -43,7 +43,6 @@ from batchrun.errors import RequestError
 from batchrun.providers import Provider
 from batchrun.records import Outcome, output_line
 from batchrun.reuse import Answers
-from batchrun.schema import AnswerCheck
 
 log = logging.getLogger("batchrun")
 
@@ -76,12 +75,10 @@ class Settler:
         keep_files: bool,
         fallback_online: bool,
         answers: Answers | None = None,
-        usage: Usage | None = None,
-        check: AnswerCheck | None = None,
+        reading: Reading = Reading(),
     ) -> None:
-        """``usage``: the run's provider's token reader; with it, each
-        answer's token counts are filed with its record (see ``collect``).
-        ``check``: the response schema's, which every answer must pass."""
+        """``reading``: how answers are read (tokens, the response schema's
+        check, the price; see ``results.Reading``)."""
         self.api = api
         self.record = record
         self.state = state
@@ -89,8 +86,7 @@ class Settler:
         self.keep_files = keep_files
         self.fallback_online = fallback_online
         self.answers = answers
-        self.usage = usage
-        self.check = check
+        self.reading = reading
         self._collecting = anyio.CapacityLimiter(COLLECT_AT_ONCE)
         self._empty = 0  # completed batches that brought no result for any row
 
@@ -127,7 +123,7 @@ class Settler:
         filer = self._filer(part, ids)
         note = filer.note if filer is not None else None
         spill = self._spill(part)
-        found = collect(downloads, ids, self.dialect, spill, note, self.usage, self.check)
+        found = collect(downloads, ids, self.dialect, spill, note, self.reading)
         if part.batch_status == "completed" and not len(found.records):
             self._completed_empty(part)
         try:
