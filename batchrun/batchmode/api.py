@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import aiohttp
 import orjson
 
 from batchrun.batchmode.http import http_error
-from batchrun.config import RetryPolicy
+from batchrun.batchmode.upload import watched
+from batchrun.config import RetryPolicy, Timeouts
 from batchrun.errors import FatalError, RowError, TransientError
 from batchrun.providers import Provider
 from batchrun.providers.base import join_url
@@ -102,9 +103,11 @@ class BatchApi:
         *,
         api_key: str | None,
         retry: RetryPolicy,
+        timeouts: Timeouts,
         sleep: Sleep,
     ) -> None:
         self._session = session
+        self._timeouts = timeouts
         self._provider = provider
         self.base_url = base_url
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -112,14 +115,18 @@ class BatchApi:
         self._sleep = sleep
 
     async def upload(self, path: Path, name: str) -> str:
-        """Upload a batch input file under the file name ``name``; its provider file id."""
+        """Upload a batch input file under the file name ``name``; its
+        provider file id. An upload the provider stops taking fails (see
+        ``upload.watched``)."""
+
+        async def send(handle: BinaryIO) -> Any:
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", handle, filename=name)
+            return await self._call("POST", "files", data=form)
 
         async def once() -> Any:
-            with path.open("rb") as handle:
-                form = aiohttp.FormData()
-                form.add_field("purpose", "batch")
-                form.add_field("file", handle, filename=name)
-                return await self._call("POST", "files", data=form)
+            return await watched(path, self._timeouts, send)
 
         answer: dict[str, Any] = await retrying(self._retry, sleep=self._sleep)(once)
         return checked(answer, "id", "POST files", str)

@@ -73,6 +73,7 @@ async def _cancel(state: BatchState) -> list[tuple[str, str]]:
             state.base_url,
             api_key=key,
             retry=RetryPolicy(max_attempts=_ATTEMPTS),
+            timeouts=Timeouts(),
             sleep=anyio.sleep,
         )
         for part in state.parts:

@@ -102,7 +102,13 @@ async def run_phase(
     )
     talk = dialect(provider)
     api = BatchApi(
-        session, talk, state.base_url, api_key=api_key, retry=config.retry, sleep=clock.sleep
+        session,
+        talk,
+        state.base_url,
+        api_key=api_key,
+        retry=config.retry,
+        timeouts=config.timeouts,
+        sleep=clock.sleep,
     )
     job = BatchJob(
         config,
