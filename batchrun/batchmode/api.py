@@ -2,9 +2,12 @@
 
 Every call goes through ``_call``: the one place where transport failures and
 HTTP answers become batchrun errors (``http.http_error`` and the
-provider's own ``classify``). Idempotent calls are retried while the error is
-transient; ``create`` is not (a batch has no idempotency key): its caller
-looks the batch up by metadata before trying again.
+provider's own ``classify``), and where calls are bounded: each within
+``--request-timeout`` (an upload by its progress instead, see
+``upload.watched``), each answer read up to ``_MAX_ANSWER`` bytes.
+Idempotent calls are retried while the error is transient; ``create`` is
+not (a batch has no idempotency key): its caller looks the batch up by
+metadata before trying again.
 
 Every field read from an answer goes through ``checked``: a 2xx answer
 without an id (or with an ``error`` body instead of the object asked for) is
@@ -15,11 +18,13 @@ A batch or file this module hands out has its ``id`` (and a batch its
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import aiohttp
+import anyio
 import orjson
 
 from batchrun.batchmode.http import http_error
@@ -123,7 +128,7 @@ class BatchApi:
             form = aiohttp.FormData()
             form.add_field("purpose", "batch")
             form.add_field("file", handle, filename=name)
-            return await self._call("POST", "files", data=form)
+            return await self._call("POST", "files", whole=False, data=form)
 
         async def once() -> Any:
             return await watched(path, self._timeouts, send)
@@ -157,7 +162,7 @@ class BatchApi:
             try:
                 async with self._session.get(url, headers=self._auth) as answer:
                     if answer.status != 200:
-                        self._raise(answer.status, answer.headers, await answer.read(), url)
+                        self._raise(answer.status, answer.headers, await _body(answer), url)
                     with path.open("wb") as handle:
                         async for chunk in answer.content.iter_chunked(_CHUNK):
                             handle.write(chunk)
@@ -210,15 +215,23 @@ class BatchApi:
 
         return await retrying(self._retry, sleep=self._sleep)(once)
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One HTTP call; its parsed JSON object or a classified error."""
+    async def _call(self, method: str, path: str, *, whole: bool = True, **kwargs: Any) -> Any:
+        """One HTTP call; its parsed JSON object or a classified error. With
+        ``whole``, the call must end within ``--request-timeout`` (an upload,
+        bounded by its progress instead, passes False); its answer may hold
+        at most ``_MAX_ANSWER`` bytes."""
         url = join_url(self.base_url, path)
+        within = self._timeouts.request if whole else math.inf
         try:
-            async with self._session.request(method, url, headers=self._auth, **kwargs) as answer:
-                data = await answer.read()
-                status, headers = answer.status, answer.headers
+            with anyio.move_on_after(within) as bound:
+                async with self._session.request(method, url, headers=self._auth, **kwargs) as got:
+                    data, status, headers = await _body(got), got.status, got.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise http_error(exc) from exc
+        if bound.cancelled_caught:
+            raise TransientError(
+                "request_timeout", f"{method} {path}: no whole answer within {within:g} s"
+            )
         if not 200 <= status < 300:
             self._raise(status, headers, data, f"{method} {path}")
         return _parse(data, status)
@@ -255,9 +268,20 @@ def _try_parse(data: bytes) -> Any:
         return None
 
 
+async def _body(answer: aiohttp.ClientResponse) -> bytes:
+    """``answer``'s body, read only up to ``_MAX_ANSWER`` bytes: a longer one
+    is ``answer_too_large`` (a JSON answer that size is no batch or page)."""
+    data = bytearray()
+    async for chunk in answer.content.iter_chunked(_CHUNK):
+        data += chunk
+        if len(data) > _MAX_ANSWER:
+            raise TransientError(
+                "answer_too_large", f"HTTP {answer.status} with over {_MAX_ANSWER:,} bytes"
+            )
+    return bytes(data)
+
+
 def _parse(data: bytes, status: int) -> Any:
-    if len(data) > _MAX_ANSWER:
-        raise TransientError("answer_too_large", f"HTTP {status} with {len(data)} bytes")
     parsed = _try_parse(data)
     if not isinstance(parsed, dict):
         raise TransientError("invalid_json", f"HTTP {status} with a body that is not a JSON object")

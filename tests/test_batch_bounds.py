@@ -1,10 +1,12 @@
-"""Batch input uploads against raw loopback servers: one that stops reading
-the file ends in ``write_timeout``; one that reads it slowly but steadily
-finishes, however long the whole upload takes."""
+"""The batch API's bounds, against raw loopback servers: an upload the
+server stops reading ends in ``write_timeout``, one it reads slowly but
+steadily finishes however long it takes; a call whose answer trickles ends
+at ``--request-timeout``, and an answer past the size bound is refused."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from batchrun.batchmode import api as api_module
 from batchrun.batchmode.api import BatchApi
 from batchrun.batchmode.http import open_http
 from batchrun.config import Limits, RetryPolicy, Timeouts
@@ -32,19 +35,41 @@ ANSWER = (
 @asynccontextmanager
 async def serving(handler: Handler) -> AsyncIterator[int]:
     """A loopback server running ``handler`` per connection (reading up to
-    4 MiB ahead); its port."""
-    server = await asyncio.start_server(handler, "127.0.0.1", 0, limit=4 << 20)
+    4 MiB ahead); its port. Each connection is closed when its handler
+    ends, and the server waits for every handler before it stops."""
+    running = 0
+    idle = asyncio.Event()
+    idle.set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal running
+        running += 1
+        idle.clear()
+        try:
+            with contextlib.suppress(ConnectionError):  # the client gave up first
+                await handler(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            running -= 1
+            if not running:
+                idle.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=4 << 20)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+        with anyio.fail_after(5):
+            await idle.wait()
         await server.wait_closed()
 
 
-async def upload(port: int, path: Path, write_timeout: float) -> str:
-    timeouts = Timeouts(connect=2, read=2, write=write_timeout)
+@asynccontextmanager
+async def batch_api(port: int, timeouts: Timeouts) -> AsyncIterator[BatchApi]:
     async with open_http(Limits(), timeouts) as session:
-        api = BatchApi(
+        yield BatchApi(
             session,
             OpenAIProvider(),
             f"http://127.0.0.1:{port}/v1",
@@ -53,6 +78,10 @@ async def upload(port: int, path: Path, write_timeout: float) -> str:
             timeouts=timeouts,
             sleep=anyio.sleep,
         )
+
+
+async def upload(port: int, path: Path, write_timeout: float) -> str:
+    async with batch_api(port, Timeouts(connect=2, read=2, write=write_timeout)) as api:
         return await api.upload(path, "part-1.jsonl")
 
 
@@ -80,7 +109,6 @@ async def test_an_upload_the_provider_stops_reading_fails_with_write_timeout(
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")  # then reads nothing more
         await stop.wait()
-        writer.close()
 
     async with serving(silent) as port:
         with anyio.fail_after(10), pytest.raises(TransientError) as failed:
@@ -99,9 +127,43 @@ async def test_a_slow_upload_that_keeps_moving_finishes(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         writer.write(ANSWER)
         await writer.drain()
-        writer.close()
 
     started = anyio.current_time()
     async with serving(slow) as port:
         assert await upload(port, big_file(tmp_path), write_timeout=0.5) == "file-1"
     assert anyio.current_time() - started > 1.0  # far longer than the write timeout
+
+
+async def test_a_call_whose_answer_trickles_ends_at_the_request_timeout() -> None:
+    stop = anyio.Event()
+
+    async def trickling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{")
+        while not stop.is_set():  # a byte every 0.1 s: each read is quick, the whole never ends
+            writer.write(b" ")
+            await writer.drain()
+            await anyio.sleep(0.1)
+
+    async with serving(trickling) as port, batch_api(port, Timeouts(read=1, request=1)) as api:
+        with anyio.fail_after(10), pytest.raises(TransientError) as failed:
+            await api.get("batch_1")
+        stop.set()
+    assert failed.value.code == "request_timeout"
+    assert failed.value.message == "GET batches/batch_1: no whole answer within 1 s"
+
+
+async def test_an_answer_past_the_size_bound_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_module, "_MAX_ANSWER", 1000)
+
+    async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"id": "batch_1", "status": "completed", "pad": "' + b"x" * 5000 + b'"}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+
+    async with serving(huge) as port, batch_api(port, Timeouts()) as api:
+        with pytest.raises(TransientError) as failed:
+            await api.get("batch_1")
+    assert failed.value.code == "answer_too_large"
+    assert "with over 1,000 bytes" in failed.value.message
