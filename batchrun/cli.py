@@ -277,10 +277,12 @@ def cancel_command(
     )
 
 
-# Three run settings validate takes too, with their help and checks.
+# Run settings validate takes too, with their help and checks.
 _PriceIn = Annotated[float | None, _setting_option(BY_KEY["price_input_per_million"], panel=None)]
 _PriceOut = Annotated[float | None, _setting_option(BY_KEY["price_output_per_million"], panel=None)]
 _ContextLimit = Annotated[int | None, _setting_option(BY_KEY["context_limit"], panel=None)]
+_Mode = Annotated[str | None, _setting_option(BY_KEY["mode"], panel=None)]
+_BatchShare = Annotated[float | None, _setting_option(BY_KEY["batch_price_share"], panel=None)]
 
 
 @app.command("validate")
@@ -306,6 +308,8 @@ def validate_command(
     price_input_per_million: _PriceIn = None,
     price_output_per_million: _PriceOut = None,
     context_limit: _ContextLimit = None,
+    mode: _Mode = None,
+    batch_price_share: _BatchShare = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check INPUT without sending anything: bad lines, duplicate ids, models, tokens, cost.
@@ -326,6 +330,8 @@ def validate_command(
         "price_input_per_million": price_input_per_million,
         "price_output_per_million": price_output_per_million,
         "context_limit": context_limit,
+        "mode": mode,
+        "batch_price_share": batch_price_share,
     }
     _print_validation(flags, as_json=as_json)
 

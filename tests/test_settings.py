@@ -294,6 +294,22 @@ def test_readme_settings_table_agrees_with_the_settings() -> None:
         assert by_flag[flag].key == key
 
 
+def test_validate_estimates_a_batch_job_at_the_batch_price(tmp_path: Path) -> None:
+    sample = str(ROOT / "sample_inputs" / "prompts.jsonl")
+    prices = ["--price-input-per-million", "1", "--price-output-per-million", "2"]
+    job = write_job(tmp_path / "job.toml", {"mode": "batch"})
+
+    def estimate(*args: str) -> float:
+        done = CliRunner().invoke(cli.app, ["validate", sample, *prices, "--json", *args])
+        return float(orjson.loads(done.output)["estimated_cost"])
+
+    online = estimate()
+    assert estimate("--mode", "batch") == pytest.approx(online / 2)
+    assert estimate("--job", str(job)) == pytest.approx(online / 2)
+    assert estimate("--job", str(job), "--mode", "online") == pytest.approx(online)
+    assert estimate("--mode", "batch", "--batch-price-share", "0.1") == pytest.approx(online / 10)
+
+
 def test_validate_takes_the_prices_and_context_as_flags_over_the_job_file(tmp_path: Path) -> None:
     job = write_job(tmp_path / "job.toml", {"context_limit": 1_000_000})
     sample = ROOT / "sample_inputs" / "prompts.jsonl"
