@@ -139,13 +139,19 @@ def test_known_results_read_headed_and_plain_lines(tmp_path: Path) -> None:
         known.close()
 
 
-def test_collect_files_answers_with_their_tokens(tmp_path: Path) -> None:
-    provider = OpenAIProvider()
+def answer_and_refusal(tmp_path: Path) -> Path:
+    """A result file: row 1 answered with 4 tokens in and 9 out, row 2 refused (a 400)."""
     body = {"usage": {"prompt_tokens": 4, "completion_tokens": 9}}
     answer = {"custom_id": "r1", "response": {"status_code": 200, "body": body}}
     refused = {"custom_id": "r2", "response": {"status_code": 400, "body": {}}}
     results = tmp_path / "out"
     results.write_bytes(orjson.dumps(answer) + b"\n" + orjson.dumps(refused) + b"\n")
+    return results
+
+
+def test_collect_files_answers_with_their_tokens(tmp_path: Path) -> None:
+    provider = OpenAIProvider()
+    results = answer_and_refusal(tmp_path)
     ids = {1: "a", 2: "b"}
     found = collect([results], ids, provider, tmp_path / "spill", reading=Reading(provider.usage))
     chunks = [bytes(chunk) for chunk in found.records.sorted_chunks()]
@@ -157,11 +163,7 @@ def test_collect_files_answers_with_their_tokens(tmp_path: Path) -> None:
 
 def test_collect_prices_answers_and_notes_their_cost(tmp_path: Path) -> None:
     provider = OpenAIProvider()
-    body = {"usage": {"prompt_tokens": 4, "completion_tokens": 9}}
-    answer = {"custom_id": "r1", "response": {"status_code": 200, "body": body}}
-    refused = {"custom_id": "r2", "response": {"status_code": 400, "body": {}}}
-    results = tmp_path / "out"
-    results.write_bytes(orjson.dumps(answer) + b"\n" + orjson.dumps(refused) + b"\n")
+    results = answer_and_refusal(tmp_path)
     noted: list[tuple[int, bool, float | None]] = []
 
     def note(line: int, at: int, record: bytes, ok: bool, retry: bool, cost: float | None) -> None:
