@@ -67,6 +67,26 @@ def _reading(config: RunConfig, usage: Usage, check: AnswerCheck | None) -> Read
     return Reading(usage=usage, check=check, price=costs.batch_price if costs.priced else None)
 
 
+def _api(
+    config: RunConfig,
+    session: aiohttp.ClientSession,
+    talk: Provider,
+    base_url: str,
+    api_key: str | None,
+    clock: Clock,
+) -> BatchApi:
+    """The files and batches API at ``base_url``, with the run's retries and timeouts."""
+    return BatchApi(
+        session,
+        talk,
+        base_url,
+        api_key=api_key,
+        retry=config.retry,
+        timeouts=config.timeouts,
+        sleep=clock.sleep,
+    )
+
+
 def dialect(provider: Provider) -> Provider:
     """The dialect batches speak: OpenAI's, also on DashScope's compatible mode."""
     return OpenAIProvider() if provider.name == "dashscope" else provider
@@ -101,15 +121,7 @@ async def run_phase(
         api_key_env=config.api_key_env or provider.default_key_env,
     )
     talk = dialect(provider)
-    api = BatchApi(
-        session,
-        talk,
-        state.base_url,
-        api_key=api_key,
-        retry=config.retry,
-        timeouts=config.timeouts,
-        sleep=clock.sleep,
-    )
+    api = _api(config, session, talk, state.base_url, api_key, clock)
     job = BatchJob(
         config,
         record=record,
