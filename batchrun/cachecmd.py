@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batchrun.errors import LockedError, UsageError
-from batchrun.layout import STATE_SUFFIX
+from batchrun.layout import output_of
 from batchrun.state import StateDir
 from batchrun.stats import money
 from batchrun.store import STORE_FILE, StoreStats, open_store
@@ -72,12 +72,11 @@ def _output_held(store: Path) -> Iterator[None]:
     """Hold the output's lock while pruning its own store (``OUT.batchrun``):
     a live run counts on the answers it stored (batch mode's repeated rows
     are answered from there), so pruning under it could pay for them again."""
-    root = store.parent
-    if not root.name.endswith(STATE_SUFFIX) or not (root / "lock").exists():
+    out = output_of(store.parent)
+    state = StateDir(out) if out is not None else None
+    if state is None or not state.lock_path.exists():
         yield  # a shared --cache store: runs never count on what it keeps
         return
-    out = root.with_name(root.name[: -len(STATE_SUFFIX)])
-    state = StateDir(out)
     try:
         state.lock()
     except LockedError:

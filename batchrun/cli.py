@@ -253,14 +253,13 @@ def cancel_command(
     import anyio
 
     from batchrun.batchmode.cancel import cancel_batches
-    from batchrun.runner import EXIT_FATAL, EXIT_LOCKED
+    from batchrun.runner import EXIT_FATAL
 
     try:
         with _usage_errors():
             cancelled = anyio.run(cancel_batches, out)
     except LockedError as exc:  # a live run would resubmit what is cancelled
-        typer.echo(f"batchrun: error: {exc}", err=True)
-        raise typer.Exit(EXIT_LOCKED) from None
+        _exit_locked(exc)
     except RequestError as exc:  # unreachable, or refused: nothing was cancelled for sure
         typer.echo(
             f"batchrun: error: the provider could not be asked to cancel ({exc.code}: {exc})."
@@ -423,10 +422,7 @@ def cache_prune_command(
         with _usage_errors():
             deleted = cachecmd.prune(directory, cachecmd.parse_age(older_than))
     except LockedError as exc:
-        from batchrun.runner import EXIT_LOCKED
-
-        typer.echo(f"batchrun: error: {exc}", err=True)
-        raise typer.Exit(EXIT_LOCKED) from None
+        _exit_locked(exc)
     typer.echo(f"batchrun: deleted {deleted:,} results older than {older_than} from {directory}")
 
 
@@ -535,6 +531,14 @@ def _usage_errors() -> Iterator[None]:
         if exc.errno not in _BAD_PATH_ERRNOS:
             raise
         _exit_usage(f"{exc.strerror}: {exc.filename}")
+
+
+def _exit_locked(exc: LockedError) -> NoReturn:
+    """A command refused because a live run holds the output: exit code 4."""
+    from batchrun.runner import EXIT_LOCKED
+
+    typer.echo(f"batchrun: error: {exc}", err=True)
+    raise typer.Exit(EXIT_LOCKED) from None
 
 
 def _exit_usage(message: str) -> NoReturn:

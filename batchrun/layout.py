@@ -10,7 +10,7 @@ from pathlib import Path
 
 from batchrun.errors import UsageError
 
-__all__ = ["STATE_SUFFIX", "partial_output", "state_dir"]
+__all__ = ["STATE_SUFFIX", "output_of", "partial_output", "state_dir"]
 
 # What ends the name of every state directory, and nothing else batchrun writes.
 STATE_SUFFIX = ".batchrun"
@@ -23,6 +23,14 @@ def state_dir(out: Path) -> Path:
     if not out.name:
         raise UsageError(f"the output {out} is a directory: give the output's file name")
     return out.with_name(out.name + STATE_SUFFIX)
+
+
+def output_of(root: Path) -> Path | None:
+    """The output whose state directory ``root`` is named as (``state_dir``'s
+    inverse); None when the name is no state directory's."""
+    if not root.name.endswith(STATE_SUFFIX) or root.name == STATE_SUFFIX:
+        return None
+    return root.with_name(root.name[: -len(STATE_SUFFIX)])
 
 
 def partial_output(out: Path) -> Path:

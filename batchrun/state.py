@@ -94,6 +94,7 @@ class StateDir:
     """Paths and small files of one output's state directory."""
 
     def __init__(self, out: Path) -> None:
+        self.out = out
         self.root = state_dir(out)
         self.lock_path = self.root / "lock"
         self.meta_path = self.root / "meta.json"
@@ -113,8 +114,7 @@ class StateDir:
         except BlockingIOError:
             os.close(fd)
             raise LockedError(
-                f"another run holds {self.root.parent / self.root.name[: -len('.batchrun')]}"
-                f" ({self.holder() or 'holder unknown'}); not starting"
+                f"another run holds {self.out} ({self.holder() or 'holder unknown'}); not starting"
             ) from None
         holder = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}"
         os.ftruncate(fd, 0)

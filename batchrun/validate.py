@@ -254,9 +254,8 @@ class _Tally:
     def report(self, input_name: str, costs: Costs, *, batch: bool) -> ValidationReport:
         """Freeze the totals; ``costs`` prices the token estimates (``batch``:
         at the batch price)."""
-        cost = _cost(self.input_tokens, self.max_output_tokens, costs)
-        if cost is not None and batch:
-            cost *= costs.batch_price_share
+        price = costs.batch_price if batch else costs.price
+        cost = price(self.input_tokens, self.max_output_tokens) if costs.priced else None
         return ValidationReport(
             input=input_name,
             rows=self.rows,
@@ -279,14 +278,6 @@ class _Tally:
 def _model_name(model: Any) -> str:
     """The key a body's ``model`` value (not a non-empty str) is counted under."""
     return NO_MODEL if model is None or model == "" else str(model)
-
-
-def _cost(tokens_in: int, tokens_out: int, costs: Costs) -> float | None:
-    """Prices are per million tokens; None unless both are known."""
-    price_in, price_out = costs.price_input_per_million, costs.price_output_per_million
-    if price_in is None or price_out is None:
-        return None
-    return tokens_in / 1e6 * price_in + tokens_out / 1e6 * price_out
 
 
 def _most_first(counts: dict[str, int]) -> dict[str, int]:
