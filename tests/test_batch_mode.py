@@ -11,12 +11,14 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from batchrun.batchmode.record import BatchRecord
 from batchrun.batchmode.settle import MAX_ROUNDS
 from batchrun.errors import UsageError
 from batchrun.mock.batches import BatchFaults
 from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.redis_server import free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -228,6 +230,45 @@ async def test_a_wrong_base_url_aborts_saying_that_the_run_resumes(
     assert summary.aborted.startswith("the provider keeps failing: http_404: POST files")
     assert "then run the same command again: it resumes" in summary.aborted
     assert "--restart" not in summary.aborted
+
+
+async def test_a_provider_never_reached_stops_the_run_at_once(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    # Nothing listens there: a typo in --base-url, not an outage to wait out
+    # for 20 poll rounds. The first failed step stops the run, resumably.
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    settings = {"base_url": nowhere, "max_attempts": 2, "backoff_initial": 0.01, **FAST}
+    config = make_config(tmp_path, rows(2, model="m"), batch_server, **settings)
+    summary = await run_async(config)
+    assert summary.exit_code == 3
+    assert summary.aborted is not None
+    assert summary.aborted.startswith(f"the provider at {nowhere} cannot be reached (connect_error")
+    assert "then run the same command again: it resumes" in summary.aborted
+    assert not config.out.exists()
+    # With --base-url fixed, the run goes on there: nothing of it was at the old URL.
+    fixed = make_config(tmp_path, rows(2, model="m"), batch_server, **FAST)
+    assert (await run_async(fixed)).exit_code == 0
+    assert [row["line"] for row in read_jsonl(fixed.out)] == [1, 2]
+
+
+async def test_a_new_base_url_is_refused_while_the_old_one_holds_the_runs_files(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    settings = {"base_url": nowhere, "max_attempts": 1, **FAST}
+    config = make_config(tmp_path, rows(2, model="m"), batch_server, **settings)
+    assert (await run_async(config)).exit_code == 3
+    # As if the upload had worked there before the provider went away.
+    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    state = record.load()
+    assert state is not None
+    state.parts[0].status, state.parts[0].input_file_id = "uploaded", "file-1"
+    record.save(state)
+    held = f"1 parts of this output have files or batches at {nowhere}"
+    with pytest.raises(UsageError, match=held):
+        await run_async(make_config(tmp_path, rows(2, model="m"), batch_server, **FAST))
+    assert batch_server.batches.created == 0
 
 
 async def test_rows_answered_online_are_not_put_in_a_batch(

@@ -40,6 +40,11 @@ MAX_TOKEN_LIMIT_PAUSE = 1800.0
 MAX_FAILED_STEPS = 20
 # Share of the poll interval added or taken at random, so runs do not poll in step.
 JITTER = 0.2
+# Failures that mean no request reached the provider. Before any step of the
+# run has had an answer they point at the setup (a wrong --base-url, a host
+# down), which waiting will not fix: the run stops at once, as online mode
+# fails such rows after their own retries.
+NEVER_REACHED = frozenset({"connect_error", "connect_timeout"})
 
 
 # What to do after an answer that is not about the input (a key, an account,
@@ -88,6 +93,7 @@ class BatchJob:
         self._due: dict[int, float] = {}  # part -> earliest retry after a token-limit refusal
         self._aborted: str | None = None
         self._failures = 0  # part steps failed in a row, each after its own retries
+        self._reached = False  # a step of this run has had the provider's answer
 
     async def plan(
         self,
@@ -143,15 +149,25 @@ class BatchJob:
         try:
             await step(part)
             self._failures = 0
+            self._reached = True
         except BatchRefused as exc:
             self._aborted = f"{exc}. Fix the input, then run with --restart"
         except FatalError as exc:
             self._aborted = _stopped_by(exc)
         except RequestError as exc:
+            if not self._reached and exc.code in NEVER_REACHED:
+                self._aborted = self._unreachable(exc)
+                return
             self._failures += 1
             log.warning("part %d: %s (%s); trying again at the next poll", part.id, exc, exc.code)
             if self._failures > MAX_FAILED_STEPS:
                 self._aborted = f"the provider keeps failing: {exc.code}: {exc.message}. {_RESUME}"
+
+    def _unreachable(self, exc: RequestError) -> str:
+        return (
+            f"the provider at {self.submitter.api.base_url} cannot be reached"
+            f" ({exc.code}: {exc.message}). {_RESUME}"
+        )
 
     def running(self) -> int:
         return sum(part.live for part in self.state.parts)

@@ -27,6 +27,7 @@ from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
 from batchrun.contentkey import content_key, json_key
+from batchrun.errors import UsageError
 from batchrun.providers import Provider
 from batchrun.providers.openai import OpenAIProvider
 from batchrun.records import Request
@@ -115,9 +116,12 @@ async def run_phase(
     ``check`` (``--response-schema``) checks every answer."""
     record = BatchRecord(state_root)
     earlier = record.load()
+    url = batch_base_url(provider.name, base_url)
+    if earlier is not None and earlier.base_url != url:
+        _move(record, earlier, url)
     state = earlier or record.new(
         provider=provider.name,
-        base_url=batch_base_url(provider.name, base_url),
+        base_url=url,
         api_key_env=config.api_key_env or provider.default_key_env,
     )
     talk = dialect(provider)
@@ -139,6 +143,24 @@ async def run_phase(
         return await _until_stopped(job, plan, signals, resumed=earlier is not None)
     finally:
         job.progress.close()
+
+
+def _move(record: BatchRecord, state: BatchState, url: str) -> None:
+    """Go on at ``url``, the batches API of a ``--base-url`` other than the
+    recorded run's, when the provider holds nothing of the run there (no file
+    uploaded, no batch running: a run stopped because that URL could not be
+    reached, say); else a usage error, since its batches live at the old URL."""
+    held = [part for part in state.parts if part.status in ("uploaded", "submitted")]
+    if held:
+        raise UsageError(
+            f"{len(held)} parts of this output have files or batches at {state.base_url},"
+            f" not at {url} (--base-url): run with --base-url {state.base_url} to go on with"
+            " them; to start over at the new URL, cancel them with `batchrun cancel OUT`,"
+            " then run with --restart"
+        )
+    log.info("batch mode: nothing of this run is at %s; going on at %s", state.base_url, url)
+    state.base_url = url
+    record.save(state)
 
 
 async def _until_stopped(
