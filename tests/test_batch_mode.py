@@ -246,6 +246,10 @@ async def test_a_provider_never_reached_stops_the_run_at_once(
     assert summary.aborted.startswith(f"the provider at {nowhere} cannot be reached (connect_error")
     assert "then run the same command again: it resumes" in summary.aborted
     assert not config.out.exists()
+    # Run again unfixed: looking for files uploaded before the stop fails the same way.
+    again = await run_async(config)
+    assert again.exit_code == 3
+    assert again.aborted == summary.aborted
     # With --base-url fixed, the run goes on there: nothing of it was at the old URL.
     fixed = make_config(tmp_path, rows(2, model="m"), batch_server, **FAST)
     assert (await run_async(fixed)).exit_code == 0

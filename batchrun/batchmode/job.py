@@ -132,7 +132,10 @@ class BatchJob:
         try:
             await self.submitter.reattach(resumed=resumed)
         except RequestError as exc:  # retried already: nothing to attach to is known
-            return PhaseResult(aborted=_stopped_by(exc))
+            never_reached = exc.code in NEVER_REACHED
+            return PhaseResult(
+                aborted=self._unreachable(exc) if never_reached else _stopped_by(exc)
+            )
         while self._aborted is None:
             await self._submit_due()
             await self._poll()
