@@ -57,7 +57,8 @@ class RowSender:
     async def send(self, request: Request) -> Outcome:
         """The row's outcome: its answer, or its last error once retries are
         spent or the error is not transient. ``FatalError`` propagates: it
-        aborts the run.
+        aborts the run; so does the last failure of a row whose attempts all
+        found no connection while no request of the run has ever had an answer.
 
         The retry budget runs from the first attempt's start (after its
         throttle wait) and bounds everything after it: a wait that would end
@@ -74,6 +75,11 @@ class RowSender:
         except FatalError:
             raise
         except RequestError as exc:
+            if exc.code in _NEVER_SENT and not self.throttle.reached:
+                # Retries spent and nothing of this run ever reached the provider:
+                # a wrong --base-url or a host that is down, not a row's fault. Every
+                # other row would fail the same way: stop, resumably.
+                raise FatalError(exc.code, exc.message) from None
             elapsed = self.clock.monotonic() - started
             note = budget_note(exc, self.retry, row.count, elapsed)
             if note is not None:

@@ -137,6 +137,7 @@ class Throttle:
         self.rate_limited = 0
         self._failures = 0  # failed attempts so far
         self._tripped: FatalError | None = None
+        self.reached = False  # the provider answered this run once (any HTTP status)
 
     @property
     def counts_tokens(self) -> bool:
@@ -198,6 +199,7 @@ class Throttle:
 
     def succeeded(self, estimate: int, used: int) -> None:
         """A good answer that used ``used`` tokens in all."""
+        self.reached = True
         if self.budget.enabled:
             self.budget.settle(estimate, used)
         self.controller.on_success()
@@ -217,6 +219,8 @@ class Throttle:
         free places for yet more requests faster than answers would.
         """
         self._failures += 1
+        if error.status is not None:
+            self.reached = True
         if isinstance(error, FatalError) and self._tripped is None:
             self._tripped = error
         if error.status == 429:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import random
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 
 from batchrun.errors import UsageError
@@ -14,6 +19,7 @@ from batchrun.mock.server import MockServer
 from batchrun.runner import Clock, run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.fakes import FakeClock
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -234,6 +240,77 @@ async def test_bad_key_aborts_early_with_exit_3_and_the_key_redacted(
     assert "bad-key" not in summary.render()
     assert server.stats.requests <= 8  # a handful, not the whole file
     assert not config.out.exists()  # an aborted run publishes nothing
+
+
+async def test_a_provider_never_reached_aborts_resumably_instead_of_failing_every_row(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    rows = [chat(f"row {i}") for i in range(50)]
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    config = make_config(tmp_path, rows, server, base_url=nowhere, max_async_requests=4)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    assert summary.exit_code == 3
+    assert summary.aborted is not None
+    assert summary.aborted.startswith("no request could reach the provider (connect_error)")
+    assert "the run resumes where it stopped" in summary.aborted
+    assert summary.failed == 0  # no row got a connect_error record
+    assert not config.out.exists()
+    fixed = make_config(tmp_path, rows, server, max_async_requests=4)
+    assert (await run_async(fixed, clock=fake_clock)).exit_code == 0
+    assert [row["line"] for row in read_jsonl(fixed.out)] == list(range(1, 51))
+    assert server.stats.requests == 50
+
+
+async def test_a_provider_that_answered_then_went_away_fails_rows_not_the_run(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    # One answer, then the port closes: the provider was reached, so later
+    # rows that find no connection fail one by one (retryable), as before.
+    async with answering_once() as port:
+        rows = [chat(f"row {i}") for i in range(3)]
+        url = f"http://127.0.0.1:{port}/v1"
+        config = make_config(tmp_path, rows, server, base_url=url, max_async_requests=1)
+        summary = await run_async(config, clock=fake_clock)
+
+    assert summary.exit_code == 1
+    out = read_jsonl(config.out)
+    assert out[0]["error"] is None
+    assert [row["error"]["code"] for row in out[1:]] == ["connect_error", "connect_error"]
+    assert all(row["error"]["retryable"] for row in out[1:])
+
+
+@asynccontextmanager
+async def answering_once() -> AsyncIterator[int]:
+    """A loopback port that answers one chat request (then closes the
+    connection) and stops listening; the port."""
+    body = orjson.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server.close()  # no second connection
+        request = await reader.readuntil(b"\r\n\r\n")
+        found = re.search(rb"(?i)content-length: *(\d+)", request)
+        await reader.readexactly(int(found.group(1)) if found else 0)
+        writer.write(head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_missing_key_is_an_error_before_any_request(
