@@ -468,10 +468,7 @@ def _batch_stopped(
         exit_code, aborted = EXIT_FATAL, phase.aborted
     else:
         exit_code = EXIT_INTERRUPTED
-        aborted = (
-            f"stopped; {phase.running} batches keep running on the provider."
-            " Run the same command again to attach to them and collect the answers"
-        )
+        aborted = _stopped_note(phase.running)
     return Summary.from_stats(
         stats,
         duration_s=duration,
@@ -479,6 +476,16 @@ def _batch_stopped(
         aborted=aborted,
         output=str(config.out),
         extra={"batches running": phase.running},
+    )
+
+
+def _stopped_note(running: int) -> str:
+    """What a signal's stop of the batch phase left, and how to go on."""
+    if not running:
+        return "stopped; no batch of this run is running. Run the same command again to go on"
+    return (
+        f"stopped; {running} batches keep running on the provider."
+        " Run the same command again to attach to them and collect the answers"
     )
 
 

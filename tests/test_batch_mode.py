@@ -11,6 +11,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from batchrun.batchmode import job as job_module
 from batchrun.batchmode.record import BatchRecord
 from batchrun.batchmode.settle import MAX_ROUNDS
 from batchrun.errors import UsageError
@@ -217,6 +218,27 @@ async def test_a_refused_file_aborts_quoting_the_provider(
     assert "refused it as a whole" in summary.aborted
     assert summary.aborted.endswith("Fix the input, then run with --restart")
     assert not config.out.exists()
+    # The same command again (a scheduler's retry) stops the same way at
+    # once, instead of polling a part that will never run.
+    again = await run_async(config)
+    assert (again.exit_code, again.aborted) == (3, summary.aborted)
+    assert batch_server.batches.created == 1
+    # Fixed and restarted, the input goes through.
+    fixed = make_config(tmp_path, rows(3, model="m"), batch_server, restart=True, **FAST)
+    assert (await run_async(fixed)).exit_code == 0
+
+
+async def test_a_part_the_token_limit_keeps_refusing_stops_the_run_resumably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job_module, "MAX_TOKEN_LIMIT_TRIES", 2)
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1, token_limit_first=5)) as server:
+        config = make_config(tmp_path, rows(2, model="m"), server, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 3
+    assert summary.aborted is not None
+    assert "enqueued-token limit refused it 2 times" in summary.aborted
+    assert summary.aborted.endswith("run the same command again later: it resumes")
 
 
 async def test_a_wrong_base_url_aborts_saying_that_the_run_resumes(

@@ -54,6 +54,9 @@ _RESUME = (
     " it resumes, and batches already created are not created again"
 )
 
+# What to do after the provider refused a part's file as a whole.
+_FIX_INPUT = "Fix the input, then run with --restart"
+
 
 @dataclass(slots=True)
 class PhaseResult:
@@ -129,6 +132,10 @@ class BatchJob:
     async def run(self, *, resumed: bool) -> PhaseResult:
         """Submit, poll and collect until every part is collected; ``resumed``:
         an earlier process worked on these parts (see ``Submitter.reattach``)."""
+        refused = next((part for part in self.state.parts if part.status == "refused"), None)
+        if refused is not None:  # it stays so: the same input would be refused again
+            reason = refused.refusal or f"the provider refused part {refused.id} as a whole"
+            return PhaseResult(aborted=f"{reason}. {_FIX_INPUT}")
         try:
             await self.submitter.reattach(resumed=resumed)
         except RequestError as exc:  # retried already: nothing to attach to is known
@@ -154,7 +161,7 @@ class BatchJob:
             self._failures = 0
             self._reached = True
         except BatchRefused as exc:
-            self._aborted = f"{exc}. Fix the input, then run with --restart"
+            self._aborted = f"{exc}. {_FIX_INPUT}"
         except FatalError as exc:
             self._aborted = _stopped_by(exc)
         except RequestError as exc:
@@ -214,11 +221,12 @@ class BatchJob:
             self._refused_for_tokens(part)
 
     def _refused_for_tokens(self, part: Part) -> None:
-        if part.tries >= MAX_TOKEN_LIMIT_TRIES:
-            raise BatchRefused(
+        if part.tries >= MAX_TOKEN_LIMIT_TRIES:  # not the input's fault: no --restart
+            self._aborted = (
                 f"part {part.id}: the provider's enqueued-token limit refused it"
-                f" {part.tries} times; run the same command again later"
+                f" {part.tries} times; run the same command again later: it resumes"
             )
+            return
         pause = min(self.config.batch.poll_interval * 2 ** (part.tries - 1), MAX_TOKEN_LIMIT_PAUSE)
         self._due[part.id] = self.clock.monotonic() + pause
         log.info(

@@ -13,7 +13,8 @@
   answer's record may follow a head with its line and tokens (see ``known``).
 
 A part goes ``planned`` (file written) → ``uploaded`` (input file id) →
-``submitted`` (batch id) → ``collected`` (results written). A batch that
+``submitted`` (batch id) → ``collected`` (results written), or ``refused``
+when the provider refused its file as a whole (only ``--restart`` goes on). A batch that
 failed on the enqueued-token limit sends its part back to ``uploaded`` with
 ``tries`` + 1; an expired one becomes ``collected`` and its unfinished rows
 go into a new part whose ``parent`` it is, one more in ``rounds``.
@@ -56,6 +57,7 @@ class Part:
     counts: dict[str, int] = field(default_factory=dict)  # the provider's request_counts
     result_files: list[str] = field(default_factory=list)  # to delete on the provider
     online: int = 0  # unfinished rows left to online mode (--fallback online)
+    refusal: str | None = None  # why the provider refused the whole file (status "refused")
 
     @property
     def live(self) -> bool:

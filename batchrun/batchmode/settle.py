@@ -146,13 +146,14 @@ class Settler:
                 named.add(line, invalid_line_record(line, ids[line], code, str(message or code)))
         if not len(named):
             named.close()
-            part.status = "refused"
-            self.record.save(self.state)
             text = "; ".join(str(error.get("message") or error.get("code")) for error in errors)
-            raise BatchRefused(
+            part.status = "refused"
+            part.refusal = (
                 f"the provider refused batch {part.batch_id} (part {part.id}):"
                 f" {text or 'no reason given'}"
             )
+            self.record.save(self.state)
+            raise BatchRefused(part.refusal)
         try:  # the batch never ran: its other rows are no round further
             self._settle(part, named, set(ids) - named.lines(), ids, ran=False)
         finally:
