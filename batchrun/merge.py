@@ -4,6 +4,11 @@ in input order, refusing a missing, unfinished or foreign shard.
 Shard ``I`` holds input rows ``I, I+N, I+2N ...`` in order, so the merged
 output takes one line from each shard in turn; every line's number is
 checked on the way, and the result appears at ``OUT`` in one rename.
+
+Each shard output must hold as many lines as its finished record says its
+run wrote: a shard cut short by its last line (or given an extra one) can
+still look like a plausible round-robin split, so the counts, not the shape
+alone, decide, and a refusal names the shard file whose count is wrong.
 """
 
 from __future__ import annotations
@@ -19,17 +24,20 @@ import orjson
 
 from batchrun.config import Shard
 from batchrun.errors import UsageError, disk_writes
+from batchrun.inputs import count_lines
 from batchrun.paths import Named, check_written
 from batchrun.state import StateDir, recorded_input
 
 
 @dataclass(frozen=True, slots=True)
 class ShardOutput:
-    """A finished shard run: its output file, its shard, its fingerprint."""
+    """A finished shard run: its output file, its shard, its fingerprint, and
+    ``rows``, the rows its run wrote (from its finished record)."""
 
     path: Path
     shard: Shard
     meta: dict[str, Any]
+    rows: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,7 @@ def merge(paths: list[Path], out: Path) -> MergeReport:
     check_written(reads, [("--out", out)])
     shards = sorted((_finished_shard(path) for path in paths), key=lambda s: s.shard.index)
     _check_complete(shards)
+    _check_counts(shards)
     partial = out.with_name(out.name + ".merging")
     try:
         with disk_writes(out):
@@ -66,12 +75,13 @@ def _finished_shard(path: Path) -> ShardOutput:
     if not meta.get("shard"):
         raise UsageError(f"{path} is not a shard's output (it was run without --shard)")
     shard = Shard.parse(str(meta["shard"]))
-    if state.read_finished() is None or not path.exists():
+    finished = state.read_finished()
+    if finished is None or not path.exists():
         raise UsageError(
             f"shard {shard} ({path}) has not finished: run it to the end first"
             f" (batchrun status {path})"
         )
-    return ShardOutput(path, shard, meta)
+    return ShardOutput(path, shard, meta, finished.summary.rows)
 
 
 def _check_complete(shards: list[ShardOutput]) -> None:
@@ -107,23 +117,59 @@ def _check_same_settings(shards: list[ShardOutput]) -> None:
             raise UsageError(f"the shards were run with different {key} ({shown}): not one job")
 
 
+def _check_counts(shards: list[ShardOutput]) -> None:
+    """Refuse, before anything is written, a shard output whose line count
+    is not what its run wrote (the file was changed after the run)."""
+    _check_split(shards)
+    for s in shards:
+        lines = count_lines(s.path)  # as ``_lines`` reads them: a last line without newline counts
+        if lines != s.rows:
+            raise _wrong_count(s, lines)
+
+
+def _check_split(shards: list[ShardOutput]) -> None:
+    """The recorded counts must be the round-robin split of one input:
+    ``_interleave`` trusts them to know which shard owes each row. Which
+    record is wrong cannot be told, so every count is shown."""
+    total = sum(s.rows for s in shards)
+    if any(s.rows != len(range(s.shard.index, total, s.shard.count)) for s in shards):
+        shown = ", ".join(f"shard {s.shard}: {s.rows:,}" for s in shards)
+        raise UsageError(
+            f"the shards' finished records do not split one input of {total:,} rows"
+            f" ({shown}): not one job's shards"
+        )
+
+
+def _wrong_count(shard: ShardOutput, lines: int) -> UsageError:
+    """The refusal of a shard output that holds ``lines`` lines, naming it."""
+    change = "was cut short" if lines < shard.rows else "has lines added"
+    return UsageError(
+        f"{shard.path} {change}: it holds {lines:,} lines, but the run of shard"
+        f" {shard.shard} wrote {shard.rows:,}; remove it and run that shard again"
+        " (its stored answers are reused)"
+    )
+
+
 def _interleave(shards: list[ShardOutput], partial: Path) -> tuple[int, int]:
-    rows = failed = 0
+    # Driven by the recorded counts, not by the first shard to run out: the
+    # shard owing row ``row`` is known, so a line missing or left over is
+    # always blamed on its own file, even if one changed after the count.
+    total = sum(s.rows for s in shards)
+    failed = 0
     with contextlib.ExitStack() as stack:
         readers = [_lines(stack.enter_context(s.path.open("rb"))) for s in shards]
         sink = stack.enter_context(partial.open("wb"))
-        while True:
-            turn = rows % len(readers)
+        for row in range(1, total + 1):
+            turn = (row - 1) % len(shards)
             line = next(readers[turn], None)
             if line is None:
-                _check_exhausted(readers, shards, turn)
-                break
-            rows += 1
-            failed += _checked(line, rows, shards[turn].path)
+                raise _wrong_count(shards[turn], (row - 1) // len(shards))
+            failed += _checked(line, row, shards[turn].path)
             sink.write(line)
+        _check_exhausted(readers, shards)
         sink.flush()
         os.fsync(sink.fileno())
-    return rows, failed
+    return total, failed
 
 
 def _lines(handle: BinaryIO) -> Iterator[bytes]:
@@ -143,9 +189,9 @@ def _checked(line: bytes, expected: int, path: Path) -> int:
     return 0 if error is None else 1
 
 
-def _check_exhausted(readers: list[Iterator[bytes]], shards: list[ShardOutput], turn: int) -> None:
-    """When one shard runs out, every other must be out too: row counts of
-    shards of one input differ by at most one, in shard order."""
-    for other, reader in enumerate(readers):
-        if other != turn and next(reader, None) is not None:
-            raise UsageError(f"{shards[turn].path} ends too early for its shard")
+def _check_exhausted(readers: list[Iterator[bytes]], shards: list[ShardOutput]) -> None:
+    """After every recorded row, each shard must be at its end: one that
+    still has lines is the one that grew."""
+    for shard, reader in zip(shards, readers, strict=True):
+        if next(reader, None) is not None:
+            raise _wrong_count(shard, shard.rows + 1 + sum(1 for _ in reader))
