@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import inspect
 import logging
@@ -88,7 +89,8 @@ def run_command(**flags: Any) -> None:
     space_out_collections()  # fewer cycle collections: rows make almost no cycles
     try:
         with _usage_errors():
-            config = build_config(_settings(flags))
+            job = flags.get("job")
+            config = dataclasses.replace(build_config(_settings(flags)), job=job)
             result = run(config, handle_signals=True)
     except LockedError as exc:
         typer.echo(f"batchrun: {exc}", err=True)

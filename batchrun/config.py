@@ -433,6 +433,7 @@ class RunConfig:
     ca_bundle: Path | None = None  # PEM CA certificates trusted besides the system's
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     response_schema: ResponseSchema | None = None  # loaded and checked by build_config
+    job: Path | None = None  # the job file the settings came from (--job): read, never written
 
     def __post_init__(self) -> None:
         self._check_values()
@@ -491,6 +492,11 @@ class RunConfig:
                 _is_http_url(url),
                 f"--base-url must be an http:// or https:// URL such as https://host/v1,"
                 f" got {url!r}",
+            )
+            require(
+                not any(c in "?#" or c.isspace() for c in url),
+                "--base-url must be a base URL without a query (?), a fragment (#) or spaces:"
+                f" paths such as /chat/completions are added to its end; got {url!r}",
             )
             require(
                 urlsplit(url).username is None,

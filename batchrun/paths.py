@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ Named = tuple[str, Path]
 
 # The name other tools take for standard output; here it would be a file named "-".
 STDOUT = "-"
+# The first bytes of every SQLite database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_written(
@@ -56,6 +59,7 @@ def check_written(
     for name, path in files:
         if path.is_dir():
             raise UsageError(f"{name} {path} is a directory: give a file name")
+        _check_replaceable(name, path)
         _check_creatable(name, path)
     for name, path in directories:
         if path.exists() and not path.is_dir():
@@ -84,13 +88,12 @@ def _check_not_a_run(name: str, path: Path, *, mine: bool) -> None:
     state directory itself or an existing batchrun output (a file ``F`` with
     ``F.batchrun`` beside it): writing one would destroy another run's results
     or make it believe it had finished. Symbolic links are followed too."""
-    for place in _places(path):
-        inside = next((p for p in place.parents if p.name.endswith(STATE_SUFFIX)), None)
-        if inside is not None:
-            raise UsageError(
-                f"{name} {path} is inside {inside}, an output's state directory: writing"
-                " there would damage that run's state; choose another path"
-            )
+    inside = _state_dir_around(path)
+    if inside is not None:
+        raise UsageError(
+            f"{name} {path} is inside {inside}, an output's state directory: writing"
+            " there would damage that run's state; choose another path"
+        )
     if mine:
         return
     for place in _places(path):
@@ -104,6 +107,62 @@ def _check_not_a_run(name: str, path: Path, *, mine: bool) -> None:
                 f"{name} {path} is the output of a batchrun run (its state is in"
                 f" {state_dir(place)}): writing it would destroy those results; choose another path"
             )
+
+
+def _check_replaceable(name: str, path: Path) -> None:
+    """Refuse a file that putting a new one in its place would wrong: a
+    symbolic link (the link would be replaced, its target left as it was),
+    a device, pipe or socket (``/dev/null`` would become a regular file),
+    and a SQLite database (a result store, whose paid answers would go)."""
+    if path.is_symlink():
+        raise UsageError(
+            f"{name} {path} is a symbolic link: batchrun puts a new file in its place in one"
+            " step, which would replace the link and not write its target; give the target's"
+            " path instead"
+        )
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # none yet: ``_check_creatable`` tells whether one can be made
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            f"{name} {path} is not a regular file (a device, a pipe or a socket): batchrun"
+            " would put a regular file in its place; give a file name"
+        )
+    if _is_sqlite(path):
+        raise UsageError(
+            f"{name} {path} is a SQLite database (a result store?): writing it would destroy"
+            " what it holds; choose another path"
+        )
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def check_read_outside_state(name: str, path: Path) -> None:
+    """Refuse a read path inside a state directory: a run rewrites and
+    removes the files there (``--restart`` removes them all)."""
+    inside = _state_dir_around(path)
+    if inside is not None:
+        raise UsageError(
+            f"{name} {path} is inside {inside}, an output's state directory, whose files"
+            " batchrun rewrites and removes: copy it elsewhere first"
+        )
+
+
+def _state_dir_around(path: Path) -> Path | None:
+    """The state directory (``X.batchrun/``) that ``path``, as given or
+    with its symbolic links resolved, lies in; None when it lies in none."""
+    for place in _places(path):
+        inside = next((p for p in place.parents if p.name.endswith(STATE_SUFFIX)), None)
+        if inside is not None:
+            return inside
+    return None
 
 
 def _places(path: Path) -> list[Path]:

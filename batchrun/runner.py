@@ -29,7 +29,7 @@ from batchrun.hosts import HostPool
 from batchrun.inputs import Stamp, check_readable, check_unchanged, stamp
 from batchrun.journal import JournalContents, read_journal
 from batchrun.layout import state_dir
-from batchrun.paths import check_written
+from batchrun.paths import Named, check_read_outside_state, check_written
 from batchrun.pipeline import Pipeline, RunEnding
 from batchrun.progress import ProgressReporter
 from batchrun.providers import Provider, get_provider
@@ -180,9 +180,29 @@ def check_run_paths(config: RunConfig) -> None:
     directories = [("the state directory", own)]
     if config.cache is not None:
         directories.append(("--cache", config.cache))
+    reads = _run_reads(config)
+    for name, path in reads:
+        check_read_outside_state(name, path)
+    if config.cache is not None:  # its paid answers: none of the files may be written over
+        store = config.cache / STORE_FILE
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            reads.append(("the --cache store", store.with_name(store.name + suffix)))
     # --out may be a finished output and its state directory exist: a resume.
-    check_written([("the input", config.input)], files, directories, own=(config.out, own))
+    check_written(reads, files, directories, own=(config.out, own))
     _check_not_foreign(config)
+
+
+def _run_reads(config: RunConfig) -> list[Named]:
+    """The files a run reads: the input, the job file, the response schema
+    and the CA bundle."""
+    reads: list[Named] = [("the input", config.input)]
+    if config.job is not None:
+        reads.append(("the job file", config.job))
+    if config.response_schema is not None:
+        reads.append(("--response-schema", config.response_schema.path))
+    if config.ca_bundle is not None:
+        reads.append(("--ca-bundle", config.ca_bundle))
+    return reads
 
 
 def _check_not_foreign(config: RunConfig) -> None:

@@ -7,6 +7,8 @@ import errno
 import gzip
 import os
 import shutil
+import sqlite3
+import stat
 import subprocess
 from pathlib import Path
 
@@ -63,6 +65,30 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     "port 0": (["--base-url", "http://h:0/v1"], "--base-url must be an http:// or https://"),
     "empty label": (["--base-url", "http://a..b/v1"], "--base-url must be an http:// or https"),
     "space in host": (["--base-url", "http://a b/v1"], "--base-url must be an http:// or https"),
+    "query in base url": (
+        ["--base-url", "http://127.0.0.1:9/v1?api-version=1"],
+        "--base-url must be a base URL without a query (?), a fragment (#) or spaces",
+    ),
+    "fragment in base url": (["--base-url", "http://h/v1#x"], "--base-url must be a base URL"),
+    "space after base url": (["--base-url", "http://h/v1 "], "--base-url must be a base URL"),
+    "summary is the cache store": (
+        ["--cache", "{dir}/c", "--summary", "{dir}/c/results.sqlite"],
+        "--summary {dir}/c/results.sqlite is also the --cache store",
+    ),
+    "summary is the job file": (
+        ["--job", "{dir}/job.toml", "--summary", "{dir}/job.toml"],
+        "--summary {dir}/job.toml is also the job file",
+    ),
+    "metrics is the schema": (
+        ["--response-schema", "{dir}/schema.json", "--metrics-file", "{dir}/schema.json"],
+        "--metrics-file {dir}/schema.json is also --response-schema",
+    ),
+    "metrics is a device": (["--metrics-file", "{dir}/null"], "--metrics-file {dir}/null is not a"),
+    "summary is a link": (["--summary", "{dir}/link"], "--summary {dir}/link is a symbolic link"),
+    "summary is a store": (
+        ["--summary", "{dir}/other.sqlite"],
+        "--summary {dir}/other.sqlite is a SQLite database",
+    ),
     "user in base url": (
         ["--base-url", "http://u:p@127.0.0.1:9/v1"],
         "--base-url must not hold a user name or password",
@@ -118,6 +144,7 @@ async def test_a_bad_path_or_value_exits_2_before_sending(
     before = source.read_bytes()
     (tmp_path / "loop").symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    kept = _files_a_run_must_not_write(tmp_path)
     extra, message = _BAD_RUNS[case]
     args = ["run", source, "--out", tmp_path / "o.jsonl", "--provider", "openai", "--no-progress"]
     if not any(arg == "--base-url" for arg in extra):
@@ -128,6 +155,26 @@ async def test_a_bad_path_or_value_exits_2_before_sending(
     assert line.startswith(_fill(message, tmp_path))
     assert source.read_bytes() == before
     assert not (tmp_path / "o.jsonl").exists()
+    assert _files_a_run_must_not_write(tmp_path, make=False) == kept
+
+
+def _files_a_run_must_not_write(tmp_path: Path, *, make: bool = True) -> dict[str, object]:
+    """The job file, schema, cache store, FIFO, link and foreign store the
+    cases name (made when ``make``); what each is, to see it left alone."""
+    if make:
+        (tmp_path / "job.toml").write_text('model = "m"\n')
+        (tmp_path / "schema.json").write_text('{"type": "object"}')
+        (tmp_path / "c").mkdir()
+        for name in ("c/results.sqlite", "other.sqlite"):
+            sqlite3.connect(tmp_path / name).execute("CREATE TABLE t (x)").connection.close()
+        os.mkfifo(tmp_path / "null")
+        (tmp_path / "target.json").write_text("{}")
+        (tmp_path / "link").symlink_to(tmp_path / "target.json")
+    names = ("job.toml", "schema.json", "c/results.sqlite", "other.sqlite", "target.json")
+    found: dict[str, object] = {name: (tmp_path / name).read_bytes() for name in names}
+    found["null"] = stat.S_ISFIFO((tmp_path / "null").stat().st_mode)
+    found["link"] = (tmp_path / "link").is_symlink()
+    return found
     assert not (tmp_path / "s.json").exists()
 
 
@@ -173,6 +220,26 @@ async def test_a_hard_link_to_the_input_is_the_input(tmp_path: Path, server: Moc
     )
 
     assert "is also the input" in line
+
+
+@pytest.mark.asyncio
+async def test_an_input_inside_a_state_directory_is_refused_and_kept(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # --restart removes the state directory: the input would go with it.
+    state = tmp_path / "k.jsonl.batchrun"
+    state.mkdir()
+    source = write_jsonl(state / "in.jsonl", [chat("a")])
+
+    line = await _refused(
+        server,
+        tmp_path,
+        *("run", source, "--out", tmp_path / "k.jsonl", "--provider", "openai", "--restart"),
+        *("--base-url", server.base_url, "--no-progress"),
+    )
+
+    assert line.startswith(f"the input {source} is inside {state}, an output's state directory")
+    assert source.exists()
 
 
 @pytest.mark.asyncio
@@ -483,6 +550,14 @@ async def test_export_and_merge_never_write_over_another_run_or_into_its_state(
         ("merge", *shards, "--out", finished): f"--out {finished} is the output of a batchrun",
         ("merge", *shards, "--out", meta): f"--out {meta} is inside {state}",
     }
+    _files_a_run_must_not_write(tmp_path)
+    store, fifo = tmp_path / "c" / "results.sqlite", tmp_path / "null"
+    refusals[("export", finished, "--to", store, "--format", "csv")] = (
+        f"--to {store} is a SQLite database"
+    )
+    refusals[("export", finished, "--to", fifo, "--format", "csv")] = (
+        f"--to {fifo} is not a regular file"
+    )
 
     for args, message in refusals.items():
         assert (await _refused(server, tmp_path, *args)).startswith(message)
