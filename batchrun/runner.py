@@ -250,13 +250,8 @@ def prepare(
             raise UsageError(f"--retry-failed needs a finished run's output; {config.out} has none")
         return config, _begin(state, current, "full", journal)
     changed = changed_settings(meta, current)
-    if changed and state.batch_path.exists():
-        # Batch answers are filed by line until the run that began them ends.
-        raise UsageError(
-            f"{changed} changed while batches of {config.out} are not written yet: run the"
-            " same command with the earlier input to collect them first, or --restart"
-        )
     if changed:
+        _check_change(config, meta, current, changed, batches=state.batch_path.exists())
         log.info(
             "%s changed since the run on %s: sending only requests without a stored answer",
             changed,
@@ -278,6 +273,44 @@ def prepare(
     except TornOutputError as torn:
         start = _start_over(state, current, str(meta.get("pass") or "full"), torn, journal)
     return dataclasses.replace(config, retry_failed=retry_pass), start
+
+
+def _check_change(
+    config: RunConfig,
+    meta: dict[str, Any],
+    current: dict[str, Any],
+    changed: str,
+    *,
+    batches: bool,
+) -> None:
+    """Refuse a change of the job since the run on OUT began that a new pass
+    (reusing stored answers) would get wrong: another shard (the output would
+    hold other rows, paid again), a changed request under --retry-failed
+    (which promises to resend failed rows only), or any change while batches
+    are on record (their answers are filed by line until their run ends)."""
+    out = config.out
+    if meta.get("shard") != current.get("shard"):
+        raise UsageError(
+            f"{out} holds the rows of {_shard_words(meta.get('shard'))}, and this run asks for"
+            f" {_shard_words(current.get('shard'))}: run it with --shard as before, or give"
+            " another --out"
+        )
+    if batches:
+        raise UsageError(
+            f"{changed} changed while batches of {out} are not written yet: run the same"
+            " command as before (that input and settings) to collect them first, or cancel"
+            " them (`batchrun cancel OUT`) and run with --restart"
+        )
+    if config.retry_failed and changed != "the input":
+        raise UsageError(
+            f"--retry-failed resends the failed rows as the run on {out} sent them, but"
+            f" {changed}: run it with that run's settings, or without --retry-failed for a"
+            " new pass (rows with a stored answer are not paid again)"
+        )
+
+
+def _shard_words(shard: object) -> str:
+    return f"--shard {shard}" if shard else "the whole input (no --shard)"
 
 
 def _start_over(

@@ -129,6 +129,33 @@ async def test_a_changed_model_is_a_different_request(tmp_path: Path, server: Mo
     assert (back.sent, back.reused, server.stats.requests) == (0, 5, 10)
 
 
+async def test_a_shard_output_is_not_turned_into_another_shards(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Forgetting --shard on a rerun would make the output the whole input's,
+    # paying for every other shard's rows.
+    rows = prompts(6)
+    assert (await run(tmp_path, rows, server, shard="1/2")).exit_code == 0
+    before = (tmp_path / "out.jsonl").read_bytes()
+    for other in (None, "0/2", "1/3"):
+        with pytest.raises(UsageError, match=r"out\.jsonl holds the rows of --shard 1/2, and"):
+            await run(tmp_path, rows, server, shard=other)
+    assert server.stats.requests == 3
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
+async def test_retry_failed_refuses_a_changed_request_instead_of_paying_for_every_row(
+    tmp_path: Path, server: MockServer
+) -> None:
+    rows = [*prompts(4), chat("flaky mock:fail=500x1")]
+    assert (await run(tmp_path, rows, server, model="m1", max_attempts=1)).exit_code == 1
+    with pytest.raises(UsageError, match="--retry-failed resends the failed rows as the run"):
+        await run(tmp_path, rows, server, model="m2", retry_failed=True)
+    assert server.stats.requests == 5
+    retried = await run(tmp_path, rows, server, model="m1", retry_failed=True)
+    assert (retried.exit_code, server.stats.requests) == (0, 6)
+
+
 async def test_a_shared_cache_serves_other_outputs_and_jobs(
     tmp_path: Path, server: MockServer
 ) -> None:
