@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from batchrun import crashpoint, eventloop
-from batchrun.batchmode.standing import guard, known_results
+from batchrun.batchmode.standing import guard, known_results, unsettled
 from batchrun.budget import Budget
 from batchrun.client import Client, open_session
 from batchrun.config import WHOLE, RunConfig
@@ -251,7 +251,7 @@ def prepare(
         return config, _begin(state, current, "full", journal)
     changed = changed_settings(meta, current)
     if changed:
-        _check_change(config, meta, current, changed, batches=state.batch_path.exists())
+        _check_change(config, meta, current, changed, batches=unsettled(state.root) > 0)
         log.info(
             "%s changed since the run on %s: sending only requests without a stored answer",
             changed,
@@ -286,8 +286,9 @@ def _check_change(
     """Refuse a change of the job since the run on OUT began that a new pass
     (reusing stored answers) would get wrong: another shard (the output would
     hold other rows, paid again), a changed request under --retry-failed
-    (which promises to resend failed rows only), or any change while batches
-    are on record (their answers are filed by line until their run ends)."""
+    (which promises to resend failed rows only), or any change while a batch
+    part is unsettled (its answers are not all in the store yet; once every
+    part is collected or refused, a new pass reuses them by content)."""
     out = config.out
     if meta.get("shard") != current.get("shard"):
         raise UsageError(

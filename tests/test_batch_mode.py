@@ -207,25 +207,51 @@ async def test_a_refused_line_becomes_a_row_error(tmp_path: Path, batch_server: 
     assert batch_server.stats.batch_rows == 3
 
 
+async def test_a_refused_lines_file_mates_go_in_a_new_batch_even_with_fallback_online(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    # The refused file never ran: --fallback online is for batches that ran
+    # out of time, not a reason to pay full price for its other rows.
+    source = [*rows(3, model="m"), chat("bad mock:invalid", model="m")]
+    config = make_config(tmp_path, source, batch_server, fallback="online", **FAST)
+    assert (await run_async(config)).exit_code == 1
+    assert batch_server.stats.requests == 0
+    assert batch_server.stats.batch_rows == 3
+    assert [r["error"]["code"] if r["error"] else None for r in read_jsonl(config.out)] == [
+        None,
+        None,
+        None,
+        "invalid_request",
+    ]
+
+
 async def test_a_refused_file_aborts_quoting_the_provider(
     tmp_path: Path, batch_server: MockServer
 ) -> None:
+    # Two parts: the first is answered, the second refused as a whole.
     source = [*rows(2, model="m"), chat("mock:invalid_file", model="m")]
-    config = make_config(tmp_path, source, batch_server, **FAST)
+    config = make_config(tmp_path, source, batch_server, batch_rows=2, **FAST)
     summary = await run_async(config)
     assert summary.exit_code == 3
     assert summary.aborted is not None
     assert "refused it as a whole" in summary.aborted
-    assert summary.aborted.endswith("Fix the input, then run with --restart")
+    assert ".." not in summary.aborted
+    assert summary.aborted.endswith(
+        "the answers already collected are reused (--restart would pay for them again)"
+    )
     assert not config.out.exists()
     # The same command again (a scheduler's retry) stops the same way at
     # once, instead of polling a part that will never run.
     again = await run_async(config)
     assert (again.exit_code, again.aborted) == (3, summary.aborted)
-    assert batch_server.batches.created == 1
-    # Fixed and restarted, the input goes through.
-    fixed = make_config(tmp_path, rows(3, model="m"), batch_server, restart=True, **FAST)
+    assert batch_server.batches.created == 2
+    # With the input fixed, the same command goes on: only the fixed row is new.
+    source[2] = chat("fixed", model="m")
+    fixed = make_config(tmp_path, source, batch_server, batch_rows=2, **FAST)
     assert (await run_async(fixed)).exit_code == 0
+    assert len(read_jsonl(fixed.out)) == 3
+    assert batch_server.stats.batch_rows == 3
+    assert paid_twice(batch_server) == 0
 
 
 async def test_a_part_the_token_limit_keeps_refusing_stops_the_run_resumably(
@@ -325,6 +351,15 @@ async def test_online_mode_refuses_an_output_with_batches_not_collected(
         await run_async(config)
     with pytest.raises(UsageError, match="batchrun cancel"):
         await run_async(make_config(tmp_path, rows(2), batch_server, restart=True))
+    # `batchrun cancel OUT` records what the provider says of each batch.
+    state.parts[0].batch_status = "cancelling"
+    record.save(state)
+    with pytest.raises(UsageError, match="1 batches of this output are being cancelled"):
+        await run_async(make_config(tmp_path, rows(2), batch_server, restart=True))
+    state.parts[0].batch_status = "cancelled"  # ended: --restart may start over
+    record.save(state)
+    restarted = await run_async(make_config(tmp_path, rows(2), batch_server, restart=True))
+    assert restarted.exit_code == 0
 
 
 async def test_rows_with_a_stored_answer_are_not_put_in_a_batch(

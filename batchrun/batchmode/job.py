@@ -7,7 +7,8 @@
 The loop ends when every part is collected (the ordinary pipeline then
 writes the output in input order from the results), on a signal (the batches
 keep running: they are paid work; exit 75, and the next run attaches to
-them) or when the provider refuses a file as a whole (exit 3).
+them) or when the provider refuses a file as a whole (exit 3, once the other
+parts are collected).
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ _RESUME = (
     " it resumes, and batches already created are not created again"
 )
 
+# Part statuses after which nothing more happens to a part in this run.
+_SETTLED = frozenset({"collected", "refused"})
 # What to do after the provider refused a part's file as a whole.
-_FIX_INPUT = "Fix the input, then run with --restart"
+_FIX_INPUT = (
+    "Fix the input, then run the same command: the answers already collected are"
+    " reused (--restart would pay for them again)"
+)
 
 
 @dataclass(slots=True)
@@ -130,12 +136,9 @@ class BatchJob:
         )
 
     async def run(self, *, resumed: bool) -> PhaseResult:
-        """Submit, poll and collect until every part is collected; ``resumed``:
-        an earlier process worked on these parts (see ``Submitter.reattach``)."""
-        refused = next((part for part in self.state.parts if part.status == "refused"), None)
-        if refused is not None:  # it stays so: the same input would be refused again
-            reason = refused.refusal or f"the provider refused part {refused.id} as a whole"
-            return PhaseResult(aborted=f"{reason}. {_FIX_INPUT}")
+        """Submit, poll and collect until every part is collected or refused
+        (then the run stops, exit 3); ``resumed``: an earlier process worked on
+        these parts (see ``Submitter.reattach``)."""
         try:
             await self.submitter.reattach(resumed=resumed)
         except RequestError as exc:  # retried already: nothing to attach to is known
@@ -147,8 +150,8 @@ class BatchJob:
             await self._submit_due()
             await self._poll()
             self.progress.show(self.state.parts)
-            if all(part.status == "collected" for part in self.state.parts):
-                return PhaseResult(complete=True)
+            if all(part.status in _SETTLED for part in self.state.parts):
+                return self._settled()
             if self._aborted is None:
                 await self.clock.sleep(self._interval())
         return PhaseResult(aborted=self._aborted)
@@ -160,8 +163,8 @@ class BatchJob:
             await step(part)
             self._failures = 0
             self._reached = True
-        except BatchRefused as exc:
-            self._aborted = f"{exc}. {_FIX_INPUT}"
+        except BatchRefused as exc:  # the others go on: their answers are kept
+            log.warning("%s; the other parts go on", exc)
         except FatalError as exc:
             self._aborted = _stopped_by(exc)
         except RequestError as exc:
@@ -172,6 +175,16 @@ class BatchJob:
             log.warning("part %d: %s (%s); trying again at the next poll", part.id, exc, exc.code)
             if self._failures > MAX_FAILED_STEPS:
                 self._aborted = f"the provider keeps failing: {exc.code}: {exc.message}. {_RESUME}"
+
+    def _settled(self) -> PhaseResult:
+        """Every part collected (complete), or some refused as a whole: the run
+        stops, and stops so again until the input is fixed (a part refused
+        stays refused, as the same file would be)."""
+        refused = next((part for part in self.state.parts if part.status == "refused"), None)
+        if refused is None:
+            return PhaseResult(complete=True)
+        reason = refused.refusal or f"the provider refused part {refused.id} as a whole"
+        return PhaseResult(aborted=f"{reason.rstrip('.')}. {_FIX_INPUT}")
 
     def _unreachable(self, exc: RequestError) -> str:
         return (

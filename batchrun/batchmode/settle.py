@@ -188,7 +188,7 @@ class Settler:
             unfinished = set()
         if not records.keep_as(self.record.file(part.id, "results")):
             self.record.write_results(part.id, records.sorted_chunks())
-        if unfinished and self.fallback_online:
+        if unfinished and self.fallback_online and ran:  # one refused never ran: a new part
             part.online = len(unfinished)
         elif unfinished:
             child = self._child(part, unfinished, ids, rounds)

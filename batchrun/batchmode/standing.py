@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchrun.batchmode.known import KnownResults
-from batchrun.batchmode.record import BatchRecord
+from batchrun.batchmode.record import TERMINAL, BatchRecord, Part
 from batchrun.errors import UsageError
 
-__all__ = ["describe", "guard", "known_results"]
+__all__ = ["describe", "guard", "known_results", "unsettled"]
 
 
 def guard(state_root: Path, *, mode: str, restart: bool) -> None:
@@ -21,11 +21,15 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
     state = BatchRecord(state_root).load()
     if state is None:
         return
-    live = [part for part in state.parts if part.live]
+    live = [part for part in state.parts if _running(part)]
     if restart and live:
+        cancelling = sum(part.batch_status == "cancelling" for part in live)
         raise UsageError(
             f"{len(live)} batches of this output are still running on the provider and are"
             " paid: cancel them first with `batchrun cancel OUT`, or run without --restart"
+            if not cancelling
+            else f"{cancelling} batches of this output are being cancelled: run `batchrun"
+            " cancel OUT` again until it reports them cancelled, then --restart"
         )
     pending = [part for part in state.parts if part.status != "collected"]
     if mode == "online" and pending and not restart:
@@ -33,6 +37,21 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
             f"this output has {len(pending)} batch parts not yet collected: run it with --mode"
             " batch (add --fallback online to send unfinished rows online)"
         )
+
+
+def _running(part: Part) -> bool:
+    """Submitted and not known to have ended (``batchrun cancel`` records a
+    cancelled batch's end): it may still run, and be paid."""
+    return part.live and part.batch_status not in TERMINAL
+
+
+def unsettled(state_root: Path) -> int:
+    """The parts of the output's batch record not yet settled (neither
+    collected nor refused): their answers are not all in the result store."""
+    state = BatchRecord(state_root).load()
+    if state is None:
+        return 0
+    return sum(part.status not in ("collected", "refused") for part in state.parts)
 
 
 def known_results(state_root: Path) -> KnownResults | None:
