@@ -212,17 +212,15 @@ async def test_a_refused_lines_file_mates_go_in_a_new_batch_even_with_fallback_o
 ) -> None:
     # The refused file never ran: --fallback online is for batches that ran
     # out of time, not a reason to pay full price for its other rows.
-    source = [*rows(3, model="m"), chat("bad mock:invalid", model="m")]
+    # The refused line's twin (left out of the batch) gets its record too.
+    bad = chat("bad mock:invalid", model="m")
+    source = [*rows(3, model="m"), bad, bad]
     config = make_config(tmp_path, source, batch_server, fallback="online", **FAST)
     assert (await run_async(config)).exit_code == 1
     assert batch_server.stats.requests == 0
     assert batch_server.stats.batch_rows == 3
-    assert [r["error"]["code"] if r["error"] else None for r in read_jsonl(config.out)] == [
-        None,
-        None,
-        None,
-        "invalid_request",
-    ]
+    codes = [None, None, None, "invalid_request", "invalid_request"]
+    assert error_codes(config.out) == codes
 
 
 async def test_a_refused_file_aborts_quoting_the_provider(
@@ -506,11 +504,15 @@ async def test_rows_a_provider_keeps_dropping_are_resubmitted_a_bounded_number_o
 ) -> None:
     # Completed batches without an output file: each new batch would be paid.
     async with MockServer(batch_faults=BatchFaults(seconds=0.05, lose_share=1.0)) as server:
-        config = make_config(tmp_path, rows(4, model="m"), server, **FAST)
+        # Row 5 repeats row 1: left out of the batches, it gets row 1's record
+        # from the store, not an online request of its own.
+        source = [*rows(4, model="m"), rows(1, model="m")[0]]
+        config = make_config(tmp_path, source, server, **FAST)
         summary = await run_async(config)
         assert summary.exit_code == 1
         assert server.batches.created == MAX_ROUNDS == 3
-        assert summary.failed_by_code == {"batch_unfinished": 4}
+        assert summary.failed_by_code == {"batch_unfinished": 5}
+        assert server.stats.requests == 0
         records = read_jsonl(config.out)
         assert all(r["error"]["retryable"] for r in records)
         assert "send it online with --retry-failed" in records[0]["error"]["message"]
@@ -519,10 +521,10 @@ async def test_rows_a_provider_keeps_dropping_are_resubmitted_a_bounded_number_o
         assert faults[0].startswith("the provider ended 2 batches (the last batch_")
         # The run is done: an online --retry-failed pass sends those rows.
         server.batches.faults.lose_share = 0.0
-        again = make_config(tmp_path, rows(4, model="m"), server, retry_failed=True)
+        again = make_config(tmp_path, source, server, retry_failed=True)
         assert (await run_async(again)).exit_code == 0
         assert server.stats.requests == 4
-    assert error_codes(config.out) == [None] * 4
+    assert error_codes(config.out) == [None] * 5
 
 
 async def test_each_row_is_resubmitted_at_most_twice(tmp_path: Path) -> None:

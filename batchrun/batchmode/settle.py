@@ -127,9 +127,13 @@ class Settler:
         if part.batch_status == "completed" and not len(found.records):
             self._completed_empty(part)
         try:
+            unfinished = found.unfinished
+            if unfinished and not self.fallback_online and part.rounds + 1 >= MAX_ROUNDS:
+                _give_up(part, found.records, unfinished, ids, filer)
+                unfinished = set()
             if filer is not None:
                 filer.file(found.records)
-            self._settle(part, found.records, found.unfinished, ids)
+            self._settle(part, found.records, unfinished, ids)
         finally:
             found.records.close()
 
@@ -138,12 +142,14 @@ class Settler:
         ids = self.record.read_ids(part.id)
         order = list(ids)
         named = Records(self._spill(part))
+        filer = self._filer(part, ids)
         for error in errors:
             number = error.get("line")
             if isinstance(number, int) and 1 <= number <= len(order):
                 line = order[number - 1]
                 code, message = str(error.get("code") or "invalid_request"), error.get("message")
-                named.add(line, invalid_line_record(line, ids[line], code, str(message or code)))
+                record = invalid_line_record(line, ids[line], code, str(message or code))
+                _add_error(named, line, record, filer, retryable=False)
         if not len(named):
             named.close()
             text = "; ".join(str(error.get("message") or error.get("code")) for error in errors)
@@ -155,6 +161,8 @@ class Settler:
             self.record.save(self.state)
             raise BatchRefused(part.refusal)
         try:  # the batch never ran: its other rows are no round further
+            if filer is not None:
+                filer.file(named)
             self._settle(part, named, set(ids) - named.lines(), ids, ran=False)
         finally:
             named.close()
@@ -183,9 +191,6 @@ class Settler:
         collected. ``ran``: the batch ran (one refused at validation did not),
         so its unfinished rows are one round further (see ``MAX_ROUNDS``)."""
         rounds = part.rounds + ran
-        if unfinished and not self.fallback_online and rounds >= MAX_ROUNDS:
-            _give_up(part, records, unfinished, ids)
-            unfinished = set()
         if not records.keep_as(self.record.file(part.id, "results")):
             self.record.write_results(part.id, records.sorted_chunks())
         if unfinished and self.fallback_online and ran:  # one refused never ran: a new part
@@ -245,15 +250,22 @@ class Settler:
                     await self.api.delete(file_id)
 
 
-def _give_up(part: Part, records: Records, unfinished: set[int], ids: dict[int, str]) -> None:
+def _give_up(
+    part: Part,
+    records: Records,
+    unfinished: set[int],
+    ids: dict[int, str],
+    filer: PartFiler | None,
+) -> None:
     """Give each of ``unfinished`` (left so by ``MAX_ROUNDS`` batches) a
-    retryable error record instead of a new batch."""
+    retryable error record instead of a new batch, noted for ``filer``."""
     message = (
         f"{MAX_ROUNDS} batches ended without this row's result (the last, {part.batch_id},"
         f" {part.batch_status}); not resubmitted: send it online with --retry-failed"
     )
     for line in sorted(unfinished):
-        records.add(line, unfinished_record(line, ids[line], message, MAX_ROUNDS))
+        record = unfinished_record(line, ids[line], message, MAX_ROUNDS)
+        _add_error(records, line, record, filer, retryable=True)
     log.warning(
         "batch %s ended %s with %d rows unfinished, each now by %d batches: not resubmitting"
         " them; they get %s errors (retryable: run --retry-failed without --mode batch"
@@ -264,6 +276,17 @@ def _give_up(part: Part, records: Records, unfinished: set[int], ids: dict[int, 
         MAX_ROUNDS,
         UNFINISHED,
     )
+
+
+def _add_error(
+    records: Records, line: int, record: bytes, filer: PartFiler | None, *, retryable: bool
+) -> None:
+    """Keep a row error of the batch's own (a line refused, a row given up
+    on) and note it for the store, as collected errors are: the rows left out
+    of the batches as its twins find it there, and are not sent online."""
+    at = records.add(line, record)
+    if filer is not None and at is not None:
+        filer.note(line, at, record, False, retryable, None)
 
 
 def unfinished_record(line: int, custom_id: str, message: str, batches: int) -> bytes:
