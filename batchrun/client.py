@@ -188,6 +188,14 @@ class Client:
         body = _parse_json(raw)
         request_id = _request_id(headers, body)
         if 200 <= status < 300:
+            if body is _UNPARSABLE and _is_stream(headers):
+                raise RowError(
+                    "streamed_answer",
+                    f"HTTP {status} with a streamed answer (text/event-stream), which batchrun"
+                    " does not read: drop \"stream\": true from the request",
+                    status=status,
+                    request_id=request_id,
+                )
             if body is _UNPARSABLE:
                 raise TransientError(
                     "invalid_json",
@@ -288,6 +296,12 @@ def _parse_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _UNPARSABLE
+
+
+def _is_stream(headers: Any) -> bool:
+    """Whether an answer is server-sent events: not retried, since every
+    attempt would be paid and come back the same."""
+    return str(headers.get("content-type") or "").startswith("text/event-stream")
 
 
 def _request_id(headers: Any, body: Any) -> str | None:

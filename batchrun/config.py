@@ -50,6 +50,21 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` (a parameter, at any depth) cannot be sent as JSON as
+    given, or None: a NaN or infinity (JSON has none), or an integer past 64
+    bits (JSON parsers round it; the run could not record it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "JSON has no NaN or infinity to send"
+    if isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):
+        return "an integer past 64 bits, which JSON parsers round: give it as a string"
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, list):
+        return next(filter(None, map(_json_problem, value)), None)
+    return None
+
+
 def _is_http_url(url: object) -> bool:
     """An absolute http or https URL with a host name that can be looked up,
     and a port of 1-65535 if it names one: nothing else can be sent to."""
@@ -471,10 +486,12 @@ class RunConfig:
         """The run-level settings, and the ones that only go together some ways."""
         require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
         for key, value in self.params.items():
-            require(
-                not (isinstance(value, float) and not math.isfinite(value)),
-                f"parameter {key} is {value!r}: JSON has no NaN or infinity to send",
-            )
+            problem = _json_problem(value)
+            require(problem is None, f"parameter {key} is {value!r}: {problem}")
+        require(
+            not self.params.get("stream"),
+            "parameter stream asks for streamed answers; batchrun reads whole answers: drop it",
+        )
         require(
             self.fsync in FSYNC_POLICIES,
             f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}",

@@ -188,8 +188,15 @@ def _batch_request(
         return _error(line, custom_id, f"url must be one of {known}, got {url!r}")
     if not isinstance(body, dict):
         return _error(line, custom_id, "body must be a JSON object")
+    if body.get("stream"):
+        return _error(line, custom_id, _STREAMED)
     body = _with_defaults(body, defaults, chat=kind == "chat")
     return Request(line=line, custom_id=custom_id, kind=kind, body=body, url=url)
+
+
+# A streamed answer comes as server-sent events, not one JSON body: every
+# attempt would be paid and then fail to parse.
+_STREAMED = 'asks for a streamed answer ("stream": true); batchrun reads whole answers: drop it'
 
 
 def _bare_request(
@@ -202,6 +209,8 @@ def _bare_request(
     if _is_native_embedding(body):
         body = _flat_embedding(body)
     kind = _bare_kind(body)
+    if body.get("stream"):
+        return _error(line, custom_id, _STREAMED)
     if kind is None:
         return _error(
             line,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -446,6 +447,23 @@ def test_build_config_unknown_provider() -> None:
     with pytest.raises(UsageError) as info:
         build_config({"input": "i", "out": "o", "provider": "azure"})
     assert str(info.value) == "--provider must be one of openai, dashscope, mock, got 'azure'"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"seed": 1 << 64}, "parameter seed is 18446744073709551616: an integer past 64 bits"),
+        ({"stop": [1.0, float("nan")]}, "parameter stop is [1.0, nan]: JSON has no NaN"),
+        ({"x": {"y": [-(1 << 70)]}}, "parameter x is {'y': [-1180591620717411303424]}: an int"),
+        ({"stream": True}, "parameter stream asks for streamed answers"),
+    ],
+)
+def test_build_config_refuses_params_that_cannot_be_sent_as_given(
+    params: dict[str, object], message: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        build_config({"input": "i", "out": "o", "params": params})
+    build_config({"input": "i", "out": "o", "params": {"seed": (1 << 64) - 1, "stream": False}})
 
 
 def test_build_config_params_must_be_a_table() -> None:

@@ -102,6 +102,25 @@ def test_batch_request_body_must_be_object(body: Any) -> None:
     assert error == LineError(line=9, custom_id="b", message="line 9: body must be a JSON object")
 
 
+def _asking(stream: object) -> list[dict[str, Any]]:
+    batch_body = {"messages": MESSAGES, "stream": stream}
+    return [
+        {"custom_id": "s", "url": "/v1/chat/completions", "body": batch_body},
+        {"custom_id": "s", "messages": MESSAGES, "stream": stream},
+        {"custom_id": "s", "prompt": "Once", "stream": stream},
+    ]
+
+
+@pytest.mark.parametrize("form", range(3))
+def test_a_line_asking_for_a_streamed_answer_is_refused(form: int) -> None:
+    error = parse_err(dumps(_asking(True)[form]), line=4)
+    assert error.custom_id == "s"
+    assert error.message == (
+        'line 4: asks for a streamed answer ("stream": true); batchrun reads whole answers: drop it'
+    )
+    assert isinstance(parse_line(dumps(_asking(False)[form]), 4, NO_DEFAULTS), Request)
+
+
 # --- bare bodies -----------------------------------------------------------------
 
 

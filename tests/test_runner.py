@@ -293,13 +293,27 @@ async def answering_once() -> AsyncIterator[int]:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
     )
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    async with raw_server(b"application/json", body, once=True) as (port, _):
+        yield port
+
+
+@asynccontextmanager
+async def raw_server(
+    content_type: bytes, body: bytes, *, once: bool = False
+) -> AsyncIterator[tuple[int, list[int]]]:
+    """A loopback port answering each request with HTTP 200, ``content_type``
+    and ``body`` on a connection of its own; with ``once``, it stops listening
+    at its first connection. Yields the port and a list that counts requests."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\nConnection: close\r\n" % content_type
+    seen: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        server.close()  # no second connection
+        if once:
+            server.close()  # no second connection
         request = await reader.readuntil(b"\r\n\r\n")
         found = re.search(rb"(?i)content-length: *(\d+)", request)
         await reader.readexactly(int(found.group(1)) if found else 0)
+        seen.append(1)
         writer.write(head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
         await writer.drain()
         writer.close()
@@ -307,10 +321,27 @@ async def answering_once() -> AsyncIterator[int]:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield server.sockets[0].getsockname()[1], seen
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_streamed_answer_fails_its_row_without_a_retry(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    # Each attempt would be paid, and come back as events again.
+    events = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: [DONE]\n\n'
+    async with raw_server(b"text/event-stream", events) as (port, seen):
+        url = f"http://127.0.0.1:{port}/v1"
+        config = make_config(tmp_path, [chat("a"), chat("b")], server, base_url=url)
+        summary = await run_async(config, clock=fake_clock)
+    assert summary.exit_code == 1
+    assert len(seen) == 2
+    records = read_jsonl(config.out)
+    assert [r["error"]["code"] for r in records] == ["streamed_answer", "streamed_answer"]
+    assert not any(r["error"]["retryable"] for r in records)
+    assert [r["attempts"] for r in records] == [1, 1]
 
 
 async def test_missing_key_is_an_error_before_any_request(
