@@ -142,6 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         None,
         "PEM file of CA certificates to trust besides the system's (a private CA).",
+        text=True,
     ),
     _s(
         "reorder_window",
@@ -186,6 +187,7 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         None,
         "JSON Schema file: ask for JSON answers and check each (online, retry those that fail).",
+        text=True,
     ),
     # Limits: the DashScope SDK's knobs and defaults, and the rate limits.
     _s(

@@ -42,6 +42,8 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     "out is empty": (["--out", ""], "out must be non-empty text, got ''"),
     "cache is empty": (["--cache", ""], "cache must be non-empty text, got ''"),
     "summary is empty": (["--summary", ""], "summary must be non-empty text, got ''"),
+    "schema is empty": (["--response-schema", ""], "response_schema must be non-empty text"),
+    "ca bundle is empty": (["--ca-bundle", " "], "ca_bundle must be non-empty text, got ' '"),
     "out is standard output": (["--out", "-"], "--out -: batchrun writes a file, not standard"),
     "out in a missing directory": (
         ["--out", "{dir}/missing/o.jsonl"],
