@@ -271,11 +271,18 @@ def cancel_command(
         raise typer.Exit(EXIT_FATAL) from None
     for batch_id, status in cancelled:
         typer.echo(f"{batch_id}: {status}")
-    typer.echo(
-        f"batchrun: asked the provider to cancel {len(cancelled)} batches; run the same"
-        " command again to collect their finished rows",
-        err=True,
-    )
+    typer.echo(f"batchrun: {_cancel_note(cancelled)}", err=True)
+
+
+def _cancel_note(cancelled: list[tuple[str, str]]) -> str:
+    """What ``cancel`` did, from the statuses the provider answered."""
+    if not cancelled:
+        return "no batch of this output is running: nothing to cancel"
+    ended = sum(status in ("completed", "failed", "expired") for _, status in cancelled)
+    note = f"asked the provider to cancel {len(cancelled)} batches"
+    if ended:
+        note += f" ({ended} had ended already)"
+    return note + "; run the same command again to collect their finished rows"
 
 
 # Run settings validate takes too, with their help and checks.

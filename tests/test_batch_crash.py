@@ -130,6 +130,9 @@ async def test_cancel_cancels_and_the_rerun_keeps_finished_rows(tmp_path: Path) 
         cancelled = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
         assert cancelled.returncode == 0, cancelled.stderr.decode()
         assert all(b.cancelled is not None for b in server.batches.batches.values())
+        assert cancelled.stderr.decode().startswith(
+            "batchrun: asked the provider to cancel 3 batches; run the same command again"
+        )
         server.batches.faults.seconds = 0.2
         done = await run_cli(command(source, out, server, "--fallback", "online"))
         assert done.returncode == 0, done.stderr.decode()
@@ -199,3 +202,11 @@ async def test_a_kill_mid_write_resumes_to_the_same_output_and_counts(tmp_path: 
     assert counts["extra"]["answered in batches"] == 4
     assert counts["tokens_in"] == sum(body["usage"]["prompt_tokens"] for body in bodies)
     assert counts["tokens_out"] == sum(body["usage"]["completion_tokens"] for body in bodies)
+
+
+async def test_cancel_says_which_batches_had_ended_and_when_none_ran() -> None:
+    from batchrun.cli import _cancel_note
+
+    assert _cancel_note([]) == "no batch of this output is running: nothing to cancel"
+    note = _cancel_note([("b1", "cancelling"), ("b2", "completed"), ("b3", "expired")])
+    assert note.startswith("asked the provider to cancel 3 batches (2 had ended already); ")

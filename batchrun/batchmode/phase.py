@@ -176,8 +176,8 @@ async def _until_stopped(
     with anyio.CancelScope() as scope, _signals_handled(signals, scope):
         await job.plan(*plan)
         result = await job.run(resumed=resumed)
-    if not result.complete and result.aborted is None:
-        result.running = job.running()  # stopped by a signal: they keep running
+    if not result.complete:
+        result.running = job.running()  # stopped or aborted: they keep running
     return result
 
 
