@@ -50,6 +50,12 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# The slowest rates taken, per minute: one request per 100 minutes, one
+# token a minute. Below them a run would wait for ages and look hung.
+MIN_RPM = 0.01
+MIN_TPM = 1.0
+
+
 def _json_problem(value: Any) -> str | None:
     """Why ``value`` (a parameter, at any depth) cannot be sent as JSON as
     given, or None: a NaN or infinity (JSON has none), or an integer past 64
@@ -129,11 +135,11 @@ class Limits:
                 _is_count(value),
                 f"{flag(f'limits.{name}')} must be a whole number >= 1, got {value!r}",
             )
-        for name in ("rpm", "tpm"):
+        for name, least in (("rpm", MIN_RPM), ("tpm", MIN_TPM)):
             value = getattr(self, name)
             require(
-                value is None or _is_seconds(value, minimum_exclusive=True),
-                f"--{name} must be a finite number > 0, got {value!r}",
+                value is None or (_is_seconds(value, minimum_exclusive=True) and value >= least),
+                f"--{name} must be a finite number >= {least:g}, got {value!r}",
             )
         require(isinstance(self.adaptive, bool), "adaptive_concurrency must be true or false")
         self._check_shared()

@@ -560,7 +560,7 @@ def test_job_file_operations_keys(tmp_path: Path) -> None:
         ({"base_url": "localhost:8000"}, "--base-url must be an http:// or https:// URL"),
         ({"context_limit": 0}, "context_limit must be a whole number"),
         ({"price_input_per_million": -1}, "price_input_per_million must be a number >= 0"),
-        ({"rpm": 0}, "--rpm must be a finite number > 0"),
+        ({"rpm": 0}, "--rpm must be a finite number >= 0.01"),
     ],
 )
 def test_operations_settings_are_validated(settings: dict[str, Any], message: str) -> None:

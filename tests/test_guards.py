@@ -54,9 +54,10 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
         "--summary {in}/s.json: the directory {in} is not a directory",
     ),
     "metrics in /proc": (["--metrics-file", "/proc/b.prom"], "--metrics-file /proc/b.prom: cannot"),
-    "rpm inf": (["--rpm", "inf"], "--rpm must be a finite number > 0, got inf"),
+    "rpm inf": (["--rpm", "inf"], "--rpm must be a finite number >= 0.01, got inf"),
+    "rpm tiny": (["--rpm", "1e-300"], "--rpm must be a finite number >= 0.01, got 1e-300"),
     "reorder bytes 0": (["--reorder-bytes", "0"], "--reorder-bytes must be a whole number"),
-    "tpm 1e400": (["--tpm", "1e400"], "--tpm must be a finite number > 0, got inf"),
+    "tpm 1e400": (["--tpm", "1e400"], "--tpm must be a finite number >= 1, got inf"),
     "ftp base url": (["--base-url", "ftp://x"], "--base-url must be an http:// or https:// URL"),
     "no host": (
         ["--base-url", "http://"],
