@@ -161,6 +161,9 @@ def read_results(
     source = output_source(Path(out), partial=partial)
     if columns and input is None:
         raise UsageError("--columns needs --input, the file to take them from")
+    twice = sorted({name for name in columns if list(columns).count(name) > 1})
+    if twice:
+        raise UsageError(f"--columns {', '.join(twice)}: named twice")
     clash = set(columns) & set(COLUMNS)
     if clash:
         raise UsageError(f"--columns {', '.join(sorted(clash))}: already an export column")

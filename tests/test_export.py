@@ -242,6 +242,8 @@ async def test_read_results_and_pandas(
     assert list(pandas.read_parquet(tmp_path / "t.parquet")["custom_id"]) == ["a", "b", "c", "d"]
     with pytest.raises(UsageError, match="--columns needs --input"):
         read_results(out, columns=["topic"])
+    with pytest.raises(UsageError, match="--columns topic: named twice"):
+        read_results(out, input=tmp_path / "in.jsonl", columns=["topic", "topic"])
 
 
 def test_the_export_command(tmp_path: Path) -> None:
