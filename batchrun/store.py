@@ -335,6 +335,7 @@ def _prepare(db: sqlite3.Connection, path: Path, *, durable: bool) -> None:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {'NORMAL' if durable else 'OFF'}")
         db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails here if read-only
+        _check_own(db, path)
         db.execute(_SCHEMA)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
@@ -347,6 +348,17 @@ def _prepare(db: sqlite3.Connection, path: Path, *, durable: bool) -> None:
         raise _damaged(path, exc) from None
     except sqlite3.DatabaseError as exc:
         raise _damaged(path, exc) from None
+
+
+def _check_own(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse another program's database: batchrun's table is not added to it."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    others = sorted(tables - {"results"})
+    if others:
+        raise StoreError(
+            f"{path} is not a batchrun result store (it holds other tables: {', '.join(others)});"
+            " give --cache a directory of its own"
+        )
 
 
 def _check_columns(db: sqlite3.Connection, path: Path) -> None:

@@ -127,6 +127,18 @@ def test_rows_of_one_commit_are_put_in_their_order_under_one_key(tmp_path: Path)
     store.close()
 
 
+def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILE
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (x)")
+    refusal = r"is not a batchrun result store \(it holds other tables: notes\)"
+    with pytest.raises(StoreError, match=refusal):
+        open_store(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
+    assert tables == ["notes"]
+
+
 def test_stats_and_prune(tmp_path: Path) -> None:
     store = open_store(tmp_path / STORE_FILE)
     store.put_many([(b"old", _stored("a", created=100.0)), (b"new", _stored("b", created=1000.0))])
