@@ -12,8 +12,8 @@ import pytest
 import pytest_asyncio
 
 from batchrun.batchmode import job as job_module
-from batchrun.batchmode.record import BatchRecord
-from batchrun.batchmode.settle import MAX_ROUNDS
+from batchrun.batchmode.record import BatchRecord, Part
+from batchrun.batchmode.settle import MAX_ROUNDS, Settler
 from batchrun.errors import UsageError
 from batchrun.mock.batches import BatchFaults
 from batchrun.mock.server import MockServer
@@ -144,6 +144,26 @@ async def test_provider_files_are_cleaned_up(tmp_path: Path, batch_server: MockS
     assert batch_server.batches.created == 4
     assert batch_server.batches.files == {}
     assert not (tmp_path / "out.jsonl.batchrun" / "batch").exists()
+
+
+async def test_files_left_by_a_stop_before_their_deletion_are_deleted_by_the_next_run(
+    tmp_path: Path, batch_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Part 1 is collected, part 2 refused: the run stops with its state kept.
+    # The first run's deletions never happen, as if it was killed just after
+    # collecting; the next run (stopping again at the refusal) deletes them.
+    source = [*rows(2, model="m"), chat("mock:invalid_file", model="m")]
+    config = make_config(tmp_path, source, batch_server, batch_rows=2, **FAST)
+
+    async def killed_first(self: Settler, part: Part) -> None:
+        del self, part
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Settler, "cleanup", killed_first)
+        assert (await run_async(config)).exit_code == 3
+    assert len(batch_server.batches.files) == 3  # part 1's input and output, part 2's input
+    assert (await run_async(config)).exit_code == 3
+    assert batch_server.batches.files == {}
 
 
 async def test_keep_files_keeps_them(tmp_path: Path, batch_server: MockServer) -> None:

@@ -146,6 +146,7 @@ class BatchJob:
             return PhaseResult(
                 aborted=self._unreachable(exc) if never_reached else _stopped_by(exc)
             )
+        await self._clean_settled()
         while self._aborted is None:
             await self._submit_due()
             await self._poll()
@@ -155,6 +156,15 @@ class BatchJob:
             if self._aborted is None:
                 await self.clock.sleep(self._interval())
         return PhaseResult(aborted=self._aborted)
+
+    async def _clean_settled(self) -> None:
+        """Delete the provider files that settled parts still name: a run
+        stopped between collecting a part and deleting them left them."""
+        settled = [part for part in self.state.parts if part.status in _SETTLED]
+        for part in settled:
+            if part.input_file_id or part.result_files:
+                await self.settler.cleanup(part)
+        self.record.save(self.state)
 
     async def _guarded(self, step: Callable[[Part], Awaitable[None]], part: Part) -> None:
         """Run one part's step; a refusal or fatal answer stops the phase, a

@@ -20,7 +20,6 @@ Provider files are deleted once their part is collected, unless ``keep_files``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,6 +157,7 @@ class Settler:
                 f"the provider refused batch {part.batch_id} (part {part.id}):"
                 f" {text or 'no reason given'}"
             )
+            await self.cleanup(part)  # the file would be refused again: no use kept
             self.record.save(self.state)
             raise BatchRefused(part.refusal)
         try:  # the batch never ran: its other rows are no round further
@@ -241,13 +241,20 @@ class Settler:
         return child
 
     async def cleanup(self, part: Part) -> None:
-        """Delete the part's files on the provider (unless ``keep_files``)."""
+        """Delete the part's files on the provider (unless ``keep_files``); the
+        part then names only those a deletion failed for (``result_files``),
+        which the next run tries again (``BatchJob.run``): DashScope keeps
+        at most 10,000 files and never deletes one itself."""
         if self.keep_files:
             return
+        left = []
         for file_id in [part.input_file_id, *part.result_files]:
             if file_id:
-                with contextlib.suppress(RequestError):  # a leftover file costs no money
+                try:
                     await self.api.delete(file_id)
+                except RequestError:  # a leftover file costs no money: not worth a stop
+                    left.append(file_id)
+        part.input_file_id, part.result_files = None, left
 
 
 def _give_up(
