@@ -19,23 +19,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import orjson
 
-from batchrun.config import RunConfig
-from batchrun.errors import CorruptStateError, LockedError, disk_writes
+from batchrun.config import RunConfig, Shard
+from batchrun.errors import CorruptStateError, LockedError, UsageError, disk_writes
 from batchrun.journal import begun_marks
 from batchrun.layout import partial_output, state_dir
+from batchrun.settings import PROVIDERS
 from batchrun.stats import COUNTS_KEYS, Counted, Counts, Summary
 from batchrun.store import STORE_FILE
 
@@ -107,8 +108,7 @@ class StateDir:
 
     def lock(self) -> None:
         """Take the lock or raise ``LockedError`` naming the holder."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -121,6 +121,32 @@ class StateDir:
         os.pwrite(fd, holder.encode(), 0)
         self._lock_fd = fd
 
+    def _open_lock(self) -> int:
+        """The lock file, made if missing (with the state directory). One
+        that cannot be opened is a ``UsageError`` naming it: every command
+        that takes the lock says it in one line, never as a traceback. (A
+        path too long, or a loop of links: the command line names it so.)"""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise CorruptStateError(f"the state directory {self.root} is not a directory") from None
+        except PermissionError as exc:
+            raise UsageError(
+                f"cannot make the state directory {self.root}: {exc.strerror}"
+            ) from None
+        try:
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            # --restart keeps the lock file, so it would not help: say what would.
+            raise CorruptStateError(
+                f"{self.lock_path} is a directory, not batchrun's lock file: the state"
+                " directory is damaged; remove that directory, then run again"
+            ) from None
+        except PermissionError as exc:
+            raise UsageError(
+                f"cannot open the lock file {self.lock_path}: {exc.strerror}"
+            ) from None
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
@@ -129,9 +155,11 @@ class StateDir:
     def holder(self) -> str | None:
         """Who holds or last held the lock, as its text says."""
         try:
-            return self.lock_path.read_text().strip() or None
+            # Replaced, not refused: undecodable text names no one, and is no error.
+            text = self.lock_path.read_bytes().decode(errors="replace")
         except OSError:
             return None
+        return text.strip() or None
 
     def is_locked(self) -> bool:
         """Whether a live process holds the lock now (takes nothing)."""
@@ -139,6 +167,10 @@ class StateDir:
             fd = os.open(self.lock_path, os.O_RDONLY)
         except FileNotFoundError:
             return False
+        except PermissionError as exc:  # whether a run is live is unknown
+            raise UsageError(
+                f"cannot open the lock file {self.lock_path}: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -148,36 +180,35 @@ class StateDir:
         return False
 
     def read_meta(self) -> dict[str, Any] | None:
-        return _read_json(self.meta_path)
+        """The run's fingerprint (``fingerprint``, and its ``pass``), each
+        field it holds of the type ``fingerprint`` writes; None when there is none."""
+        return _read_json(self.meta_path, _META_FIELDS)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         _write_json_atomic(self.meta_path, meta)
 
     def read_checkpoint(self) -> Checkpoint:
-        data = _read_json(self.checkpoint_path)
+        data = _read_json(self.checkpoint_path, _CHECKPOINT_FIELDS)
         if data is None:
             return Checkpoint()
         try:
             return Checkpoint.from_dict(data)
-        except TypeError:
-            raise CorruptStateError(f"{self.checkpoint_path} is damaged") from None
+        except TypeError:  # a key it does not know
+            raise _damaged(self.checkpoint_path) from None
 
     def write_checkpoint(self, checkpoint: Checkpoint) -> None:
         _write_json_atomic(self.checkpoint_path, checkpoint.to_dict())
 
     def read_finished(self) -> FinishedRun | None:
         """The finished run's summary, or None while the run is not finished."""
-        data = _read_json(self.finished_path)
+        data = _read_json(self.finished_path, _FINISHED_FIELDS)
         if data is None:
             return None
         try:
             summary = Summary.from_dict(data)
         except (TypeError, ValueError):
-            raise CorruptStateError(
-                f"{self.finished_path} is damaged; run again with --restart"
-            ) from None
-        at = data.get("finished_at")
-        return FinishedRun(summary, at if isinstance(at, str) else None)
+            raise _damaged(self.finished_path) from None
+        return FinishedRun(summary, data.get("finished_at"))
 
     def write_finished(self, summary: Summary) -> None:
         """Mark the run finished: its summary's keys, and ``finished_at``."""
@@ -192,8 +223,7 @@ class StateDir:
             self.journal_path,
             self.partial_path,
         ):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            _remove(path)
         shutil.rmtree(self.batch_path, ignore_errors=True)
 
     def start_pass(self, meta: dict[str, Any], *, in_doubt: set[int], resent: int) -> None:
@@ -206,27 +236,23 @@ class StateDir:
         Crash-safe: ``meta.json`` goes first and comes back last, and a run
         that finds none starts a pass again from the same journal and
         checkpoint, which hold the same rows at every step in between."""
-        with contextlib.suppress(FileNotFoundError):
-            self.meta_path.unlink()
+        _remove(self.meta_path)
         self.write_checkpoint(Checkpoint(in_doubt=resent))
         _write_atomic(self.journal_path, begun_marks(in_doubt))
         for path in (self.finished_path, self.partial_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            _remove(path)
         shutil.rmtree(self.batch_path, ignore_errors=True)
         self.write_meta(meta)
 
     def drop_results(self) -> None:
         """Remove the output's result store (``--restart``: start from nothing)."""
         for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / name).unlink()
+            _remove(self.root / name)
 
     def drop_progress_files(self) -> None:
         """After publishing: the journal, checkpoint and batch record are no longer needed."""
         for path in (self.journal_path, self.checkpoint_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            _remove(path)
         shutil.rmtree(self.batch_path, ignore_errors=True)
 
 
@@ -294,16 +320,129 @@ def recorded_input(out: Path) -> Path | None:
     return Path(value) if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, fields: Mapping[str, _Check]) -> dict[str, Any] | None:
+    """The JSON object in ``path``, None when there is none. Each of ``fields``
+    it holds is checked here, where it is read: a file edited by hand or
+    damaged otherwise is refused by name, not met later as a traceback.
+    (A path too long, or a loop of links: the command line names it so.)"""
     try:
         data = orjson.loads(path.read_bytes())
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise _damaged(path, "a directory") from None
+    except NotADirectoryError:  # --restart would refuse it too: say what is wrong
+        raise CorruptStateError(f"the state directory {path.parent} is not a directory") from None
+    except PermissionError as exc:  # not damage: --restart would not help
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     except orjson.JSONDecodeError:
-        raise CorruptStateError(f"{path} is damaged; run again with --restart") from None
+        raise _damaged(path) from None
     if not isinstance(data, dict):
-        raise CorruptStateError(f"{path} is damaged; run again with --restart")
+        raise _damaged(path, "not a JSON object")
+    bad = next((key for key, check in fields.items() if key in data and not check(data[key])), None)
+    if bad is not None:
+        raise _damaged(path, f"a bad {bad!r}")
     return data
+
+
+def _damaged(path: Path, why: str | None = None) -> CorruptStateError:
+    """The one message of a damaged state file: ``--restart`` starts the
+    output over (its state, result store included, removed)."""
+    detail = f" ({why})" if why else ""
+    return CorruptStateError(f"{path} is damaged{detail}; run again with --restart")
+
+
+def _remove(path: Path) -> None:
+    """Remove a state file if there is one; a directory in its place (a
+    damaged state directory) too, so that ``--restart`` mends it."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path)
+
+
+# Whether a value read from a state file is of its field's type. JSON's true
+# and false are no numbers here, though Python's bool is an int.
+_Check = Callable[[object], bool]
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _number(value: object) -> bool:
+    return type(value) is int or type(value) is float
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _mapping(value: object) -> bool:
+    return isinstance(value, dict)
+
+
+def _tally(value: object) -> bool:
+    """Rows by error code (``failed_by_code``)."""
+    return isinstance(value, dict) and all(_count(n) for n in value.values())
+
+
+def _shard(value: object) -> bool:
+    """``I/N``, as ``Shard.parse`` takes it (status and merge parse it)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        Shard.parse(value)
+    except UsageError:
+        return False
+    return True
+
+
+def _provider(value: object) -> bool:
+    """A dialect's name: status picks the dialect by it."""
+    return value in PROVIDERS
+
+
+def _or_none(check: _Check) -> _Check:
+    return lambda value: value is None or check(value)
+
+
+# ``Counts.to_dict``'s keys; a null tally reads as empty, as ``Counts.from_dict`` has it.
+_COUNTS_FIELDS: Final[dict[str, _Check]] = {
+    "ok": _count,
+    "failed_by_code": _or_none(_tally),
+    "tokens_in": _count,
+    "tokens_out": _count,
+    "cost": _number,
+}
+_CHECKPOINT_FIELDS: Final[dict[str, _Check]] = {
+    **dict.fromkeys(("rows", "output_bytes", "input_line", "input_offset", "in_doubt"), _count),
+    **_COUNTS_FIELDS,
+}
+# ``Summary``'s fields, as ``Summary.from_dict`` reads them, and ``finished_at``.
+_FINISHED_FIELDS: Final[dict[str, _Check]] = {
+    **_COUNTS_FIELDS,
+    **dict.fromkeys(
+        ("rows", "failed", "retries", "skipped", "exit_code", "reused", "sent"), _count
+    ),
+    **dict.fromkeys(("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"), _or_none(_number)),
+    **dict.fromkeys(("duration_s", "rows_per_s"), _number),
+    **dict.fromkeys(("cost", "cost_saved"), _or_none(_number)),
+    **dict.fromkeys(("aborted", "finished_at"), _or_none(_text)),
+    "output": _text,
+    "extra": _or_none(_mapping),
+}
+# ``fingerprint``'s keys, and the pass (``StateDir.start_pass``).
+_META_FIELDS: Final[dict[str, _Check]] = {
+    **dict.fromkeys(("input", "input_hash", "pass"), _text),
+    "input_size": _count,
+    "shard": _or_none(_shard),
+    "provider": _provider,
+    **dict.fromkeys(("model", "response_schema"), _or_none(_text)),
+    "params": _mapping,
+}
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -177,6 +177,18 @@ class _Quota:
         return None
 
 
+def _check_settings(latency: float, fail_rate: float, faults: BatchFaults) -> None:
+    """Refuse (``ValueError``, ``serve`` makes it a ``UsageError``) what the
+    command line's ranges let through: NaN, which no comparison refuses, and
+    infinite seconds (no answer, no batch would ever end)."""
+    seconds = {"--latency": latency, "--batch-seconds": faults.seconds}
+    for flag, value in seconds.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} must be a finite number of seconds >= 0, got {value}")
+    if not 0.0 <= fail_rate <= 1.0:
+        raise ValueError(f"--fail-rate must be a number in [0, 1], got {fail_rate}")
+
+
 class MockServer:
     """The simulated provider; use ``async with MockServer() as server``.
 
@@ -211,8 +223,7 @@ class MockServer:
         batch_faults: BatchFaults | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        if not 0.0 <= fail_rate <= 1.0:
-            raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
+        _check_settings(latency, fail_rate, batch_faults or BatchFaults())
         self.host = host
         self.port = port
         self.latency = latency
@@ -418,20 +429,24 @@ def serve(
     batch_faults: BatchFaults | None = None,
 ) -> None:
     """Blocking: serve until SIGINT or SIGTERM, then shut down cleanly;
-    ``UsageError`` when it cannot listen on ``host``:``port``.
+    ``UsageError`` when it cannot listen on ``host``:``port``, or for a
+    setting out of range.
 
     Once listening, prints one flushed line to stdout:
     ``mock server listening on http://HOST:PORT (openai: http://HOST:PORT/v1,
     dashscope: http://HOST:PORT/api/v1)``.
     """
-    server = MockServer(
-        host=host,
-        port=port,
-        latency=latency,
-        fail_rate=fail_rate,
-        seed=seed,
-        rate_limit=rate_limit,
-        sliding_window=sliding_window,
-        batch_faults=batch_faults,
-    )
+    try:
+        server = MockServer(
+            host=host,
+            port=port,
+            latency=latency,
+            fail_rate=fail_rate,
+            seed=seed,
+            rate_limit=rate_limit,
+            sliding_window=sliding_window,
+            batch_faults=batch_faults,
+        )
+    except ValueError as exc:  # a setting out of range: one line and exit 2
+        raise UsageError(str(exc)) from None
     asyncio.run(_serve_until_signal(server))

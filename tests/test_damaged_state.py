@@ -1,0 +1,157 @@
+"""A damaged state directory, or a mock server setting out of range: one line
+naming what is wrong and exit code 2, never a traceback.
+
+A state file is valid JSON of the wrong shape when edited by hand or written
+by another program; its readers check every field where they read it, so the
+damage is named there and not met later, deep in a report, as a crash."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchrun.errors import CorruptStateError
+from batchrun.mock.server import MockServer
+from batchrun.state import StateDir
+from tests.conftest import chat, write_jsonl
+from tests.test_cli import abatchrun, batchrun
+from tests.test_resume import command, run_cli
+
+# The asyncio mark goes on each async test: on a plain one it is a warning,
+# which this suite makes an error.
+pytestmark = pytest.mark.timeout(60)
+
+_READERS: dict[str, Callable[[StateDir], object]] = {
+    "finished.json": StateDir.read_finished,
+    "checkpoint.json": StateDir.read_checkpoint,
+    "meta.json": StateDir.read_meta,
+}
+
+# (file, its whole text, the field named): each valid JSON of the wrong shape.
+_WRONG_SHAPES = [
+    ("finished.json", b'{"rows": "x"}', "rows"),
+    ("finished.json", b'{"failed_by_code": {"timeout": "2"}}', "failed_by_code"),
+    ("finished.json", b'{"exit_code": true}', "exit_code"),
+    ("finished.json", b'{"finished_at": 5}', "finished_at"),
+    ("finished.json", b'{"latency_p95_ms": "9 ms"}', "latency_p95_ms"),
+    ("finished.json", b'{"extra": [1]}', "extra"),
+    ("checkpoint.json", b'{"rows": -1}', "rows"),
+    ("checkpoint.json", b'{"input_offset": 1.5}', "input_offset"),
+    ("checkpoint.json", b'{"cost": "0"}', "cost"),
+    ("meta.json", b'{"provider": "nope"}', "provider"),
+    ("meta.json", b'{"shard": "2/2"}', "shard"),
+    ("meta.json", b'{"input_size": "92"}', "input_size"),
+    ("meta.json", b'{"params": []}', "params"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "key"), _WRONG_SHAPES)
+def test_a_state_file_of_the_wrong_shape_is_damaged(
+    tmp_path: Path, name: str, text: bytes, key: str
+) -> None:
+    state = StateDir(tmp_path / "out.jsonl")
+    state.root.mkdir()
+    (state.root / name).write_bytes(text)
+
+    with pytest.raises(CorruptStateError) as caught:
+        _READERS[name](state)
+
+    assert str(caught.value) == (
+        f"{state.root / name} is damaged (a bad {key!r}); run again with --restart"
+    )
+
+
+def test_what_older_versions_left_out_or_null_still_reads(tmp_path: Path) -> None:
+    # Counts.from_dict and Summary.from_dict take a null tally for none.
+    state = StateDir(tmp_path / "out.jsonl")
+    state.root.mkdir()
+    state.finished_path.write_bytes(b'{"rows": 2, "ok": 2, "failed_by_code": null}')
+    state.checkpoint_path.write_bytes(b'{"rows": 1, "failed_by_code": null, "cost": 0}')
+    state.meta_path.write_bytes(b'{"input": "in.jsonl", "shard": null}')
+
+    finished = state.read_finished()
+    assert finished is not None
+    assert (finished.summary.rows, finished.at) == (2, None)
+    assert state.read_checkpoint().rows == 1
+    assert state.read_meta() == {"input": "in.jsonl", "shard": None}
+
+
+def test_a_directory_in_place_of_a_state_file_is_damaged_and_restart_mends_it(
+    tmp_path: Path,
+) -> None:
+    state = StateDir(tmp_path / "out.jsonl")
+    (state.meta_path / "x").mkdir(parents=True)
+
+    with pytest.raises(CorruptStateError, match=r"meta\.json is damaged \(a directory\)"):
+        state.read_meta()
+    state.clear()  # what --restart does first: it must not fail on the directory
+    assert state.read_meta() is None
+
+
+def _error_line(done: subprocess.CompletedProcess[bytes]) -> str:
+    """The one line a refused command prints; asserts exit 2 and no traceback."""
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert stderr.startswith("batchrun: error: "), stderr
+    assert stderr.count("\n") == 1, stderr
+    return stderr.removeprefix("batchrun: error: ").strip()
+
+
+@pytest.mark.asyncio
+async def test_a_damaged_finished_json_is_one_line_for_run_and_status(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b")])
+    out = tmp_path / "out.jsonl"
+    assert (await run_cli(command(source, out, server))).returncode == 0
+    sent = server.stats.requests
+    finished = StateDir(out).finished_path
+    finished.write_bytes(b'{"rows": "x"}')  # valid JSON, the wrong type
+
+    rerun = _error_line(await run_cli(command(source, out, server)))
+    status = _error_line(await abatchrun("status", out))
+
+    expected = f"{finished} is damaged (a bad 'rows'); run again with --restart"
+    assert rerun == status == expected
+    assert server.stats.requests == sent
+
+
+@pytest.mark.asyncio
+async def test_a_directory_in_place_of_the_lock_is_one_line_naming_it(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a")])
+    out = tmp_path / "out.jsonl"
+    lock = StateDir(out).lock_path
+    lock.mkdir(parents=True)
+
+    line = _error_line(await run_cli(command(source, out, server)))
+
+    assert line.startswith(f"{lock} is a directory, not batchrun's lock file")
+    assert server.stats.requests == 0
+    assert not out.exists()
+
+
+# NaN passes the command line's ranges (no comparison with it is true), and
+# infinite seconds would leave every answer or batch waiting for ever.
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--fail-rate", "nan", "--fail-rate must be a number in [0, 1], got nan"),
+        ("--latency", "nan", "--latency must be a finite number of seconds >= 0, got nan"),
+        ("--latency", "inf", "--latency must be a finite number of seconds >= 0, got inf"),
+        ("--batch-seconds", "nan", "--batch-seconds must be a finite number of seconds"),
+        ("--batch-seconds", "1e400", "--batch-seconds must be a finite number of seconds"),
+    ],
+)
+def test_a_mock_server_setting_out_of_range_is_a_usage_error(
+    flag: str, value: str, message: str
+) -> None:
+    done = batchrun("mock-server", "--port", "0", flag, value)
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"batchrun: error: {message}")
+    assert done.stderr.count("\n") == 1, done.stderr
