@@ -192,7 +192,7 @@ class Client:
                 raise RowError(
                     "streamed_answer",
                     f"HTTP {status} with a streamed answer (text/event-stream), which batchrun"
-                    " does not read: drop \"stream\": true from the request",
+                    ' does not read: drop "stream": true from the request',
                     status=status,
                     request_id=request_id,
                 )
