@@ -16,7 +16,7 @@ import pytest
 from batchrun.errors import CorruptStateError
 from batchrun.mock.server import MockServer
 from batchrun.state import StateDir
-from tests.conftest import chat, write_jsonl
+from tests.conftest import chat, make_config, write_jsonl
 from tests.test_cli import abatchrun, batchrun
 from tests.test_resume import command, run_cli
 
@@ -155,3 +155,31 @@ def test_a_mock_server_setting_out_of_range_is_a_usage_error(
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"batchrun: error: {message}")
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("rows", "x"), ("status", 3), ("counts", {"total": "9"}), ("result_files", [1])],
+)
+@pytest.mark.asyncio
+async def test_a_batch_record_of_the_wrong_shape_is_one_line_for_status(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    from batchrun.batchmode.record import BatchRecord
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.runner import run_async
+
+    # A batch run stopped with its record kept: its one file was refused.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batch_server:
+        rows = [chat("mock:invalid_file", model="m")]
+        config = make_config(tmp_path, rows, batch_server, mode="batch", poll_interval=0.05)
+        assert (await run_async(config)).exit_code == 3
+    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    state = record.load()
+    assert state is not None
+    setattr(state.parts[0], field, value)
+    record.save(state)
+
+    line = _error_line(await abatchrun("status", config.out))
+
+    assert line == f"{record.path} is damaged (a field of the wrong type)"

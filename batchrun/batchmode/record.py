@@ -77,6 +77,28 @@ class BatchState:
     parts: list[Part] = field(default_factory=list)
 
 
+def _well_formed(state: BatchState) -> bool:
+    """Whether every field holds what ``save`` writes there."""
+    texts = (state.run_id, state.provider, state.base_url)
+    return all(isinstance(text, str) for text in texts) and all(map(_part_ok, state.parts))
+
+
+def _part_ok(part: Part) -> bool:
+    counts = (part.id, part.rows, part.bytes, part.tries, part.rounds, part.online)
+    ids = (part.model, part.input_file_id, part.batch_id, part.batch_status, part.refusal)
+    return (
+        all(type(n) is int and n >= 0 for n in counts)
+        and isinstance(part.status, str)
+        and isinstance(part.endpoint, str)
+        and all(i is None or isinstance(i, str) for i in ids)
+        and (part.parent is None or type(part.parent) is int)
+        and isinstance(part.counts, dict)
+        and all(type(n) is int for n in part.counts.values())
+        and isinstance(part.result_files, list)
+        and all(isinstance(f, str) for f in part.result_files)
+    )
+
+
 class BatchRecord:
     """Reads and rewrites ``OUT.batchrun/batch/``."""
 
@@ -95,14 +117,19 @@ class BatchRecord:
         return BatchState(secrets.token_hex(8), provider, base_url, api_key_env)
 
     def load(self) -> BatchState | None:
+        """The record; None when there is none; ``CorruptStateError`` when it
+        is not one ``save`` wrote (a field of another type included)."""
         try:
             data = orjson.loads(self.path.read_bytes())
             parts = [Part(**part) for part in data.pop("parts")]
-            return BatchState(**data, parts=parts)
+            state = BatchState(**data, parts=parts)
         except FileNotFoundError:
             return None
-        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError, IsADirectoryError):
             raise CorruptStateError(f"{self.path} is damaged") from None
+        if not _well_formed(state):
+            raise CorruptStateError(f"{self.path} is damaged (a field of the wrong type)")
+        return state
 
     def save(self, state: BatchState) -> None:
         """Replace the record in one atomic, durable step."""
