@@ -52,5 +52,5 @@ def test_max_response_bytes_setting(tmp_path: Path) -> None:
     assert config.ca_bundle == Path("ca.pem")
     with pytest.raises(UsageError, match="--max-response-bytes must be a whole number >= 1"):
         build_config({"input": "i", "out": "o", "max_response_bytes": 0})
-    with pytest.raises(UsageError, match="ca_bundle must be a path"):
+    with pytest.raises(UsageError, match="ca_bundle must be non-empty text, got 3"):
         build_config({"input": "i", "out": "o", "ca_bundle": 3})
