@@ -56,6 +56,38 @@ MIN_RPM = 0.01
 MIN_TPM = 1.0
 
 
+def _check_params(params: Mapping[str, Any]) -> None:
+    """``[params]``: a table (a job file may hold anything there) of values
+    JSON carries as given, and no streaming."""
+    require(isinstance(params, Mapping), "[params] in a job file must be a table")
+    for key, value in params.items():
+        problem = _json_problem(value)
+        require(problem is None, f"parameter {key} is {value!r}: {problem}")
+    require(
+        not params.get("stream"),
+        "parameter stream asks for streamed answers; batchrun reads whole answers: drop it",
+    )
+
+
+def _check_base_url(url: str) -> None:
+    """An http(s) URL with a host, to which endpoint paths can be added, and
+    without credentials (the key goes in its environment variable)."""
+    require(
+        _is_http_url(url),
+        f"--base-url must be an http:// or https:// URL such as https://host/v1, got {url!r}",
+    )
+    require(
+        not any(c in "?#" or c.isspace() for c in url),
+        "--base-url must be a base URL without a query (?), a fragment (#) or spaces:"
+        f" paths such as /chat/completions are added to its end; got {url!r}",
+    )
+    require(
+        urlsplit(url).username is None,
+        "--base-url must not hold a user name or password: the API key goes in"
+        " the provider's key variable (OPENAI_API_KEY, DASHSCOPE_API_KEY)",
+    )
+
+
 def _json_problem(value: Any) -> str | None:
     """Why ``value`` (a parameter, at any depth) cannot be sent as JSON as
     given, or None: a NaN or infinity (JSON has none), or an integer past 64
@@ -490,14 +522,7 @@ class RunConfig:
 
     def _check_combinations(self) -> None:
         """The run-level settings, and the ones that only go together some ways."""
-        require(isinstance(self.params, Mapping), "[params] in a job file must be a table")
-        for key, value in self.params.items():
-            problem = _json_problem(value)
-            require(problem is None, f"parameter {key} is {value!r}: {problem}")
-        require(
-            not self.params.get("stream"),
-            "parameter stream asks for streamed answers; batchrun reads whole answers: drop it",
-        )
+        _check_params(self.params)
         require(
             self.fsync in FSYNC_POLICIES,
             f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}",
@@ -511,21 +536,7 @@ class RunConfig:
             f"--grace must be a finite number of seconds >= 0, got {self.grace!r}",
         )
         for url in self.base_urls:
-            require(
-                _is_http_url(url),
-                f"--base-url must be an http:// or https:// URL such as https://host/v1,"
-                f" got {url!r}",
-            )
-            require(
-                not any(c in "?#" or c.isspace() for c in url),
-                "--base-url must be a base URL without a query (?), a fragment (#) or spaces:"
-                f" paths such as /chat/completions are added to its end; got {url!r}",
-            )
-            require(
-                urlsplit(url).username is None,
-                "--base-url must not hold a user name or password: the API key goes in"
-                " the provider's key variable (OPENAI_API_KEY, DASHSCOPE_API_KEY)",
-            )
+            _check_base_url(url)
         require(
             not (self.mode == "batch" and self.retry_failed),
             "--retry-failed sends rows online: run it without --mode batch",
