@@ -17,6 +17,7 @@ import orjson
 import typer
 
 from batchrun.errors import DiskError, LockedError, RequestError, UsageError
+from batchrun.layout import STATE_SUFFIX
 from batchrun.settings import BY_KEY, SETTINGS, Setting
 
 # Modules a command needs are imported inside it: ``batchrun --version`` and
@@ -525,7 +526,10 @@ def mock_server_command(
 
 # Failures that can only be a path given wrong: a name too long for the file
 # system, or a loop of symbolic links.
-_BAD_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
+_BAD_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR, errno.ENOTDIR})
+# A directory where a file should be (or the reverse) inside a state
+# directory: damage that --restart, which removes either, mends.
+_WRONG_KIND = frozenset({errno.EISDIR, errno.ENOTDIR})
 
 
 @contextmanager
@@ -539,7 +543,10 @@ def _usage_errors() -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in _BAD_PATH_ERRNOS:
             raise
-        _exit_usage(f"{exc.strerror}: {exc.filename}")
+        message = f"{exc.strerror}: {exc.filename}"
+        if exc.errno in _WRONG_KIND and STATE_SUFFIX + "/" in str(exc.filename):
+            message += " (the output's state directory is damaged: run again with --restart)"
+        _exit_usage(message)
 
 
 def _exit_locked(exc: LockedError) -> NoReturn:

@@ -183,3 +183,29 @@ async def test_a_batch_record_of_the_wrong_shape_is_one_line_for_status(
     line = _error_line(await abatchrun("status", config.out))
 
     assert line == f"{record.path} is damaged (a field of the wrong type)"
+
+
+@pytest.mark.parametrize("name", ["journal", "output.partial"])
+@pytest.mark.asyncio
+async def test_a_directory_in_place_of_the_journal_or_partial_output_is_one_line(
+    tmp_path: Path, server: MockServer, name: str
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b")])
+    out = tmp_path / "out.jsonl"
+    assert (await run_cli(command(source, out, server))).returncode == 0
+    state = StateDir(out)
+    state.finished_path.unlink()  # as if stopped before the end
+    _replace_with_a_directory(state.root / name)
+
+    rerun = _error_line(await run_cli(command(source, out, server)))
+    status = _error_line(await abatchrun("status", out))
+
+    expected = f"Is a directory: {state.root / name} (the output's state directory is damaged"
+    assert rerun.startswith(expected)
+    assert status.startswith(expected)
+    assert (await run_cli(command(source, out, server, "--restart"))).returncode == 0
+
+
+def _replace_with_a_directory(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.mkdir()
