@@ -311,7 +311,9 @@ async def test_a_changed_input_resumes_by_content_not_position(
 ) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [chat("a"), chat("b unknown mock:fail=401")])
     out = tmp_path / "out.jsonl"
-    aborted = await run_cli(command(source, out, server))
+    # One row at a time: row a is answered before row b's fatal answer stops
+    # the run (sent together, a could still be in flight then, and be resent).
+    aborted = await run_cli([*command(source, out, server), "--max-async-requests", "1"])
     assert aborted.returncode == 3  # leaves a resumable state behind
     sent = server.stats.requests
     write_jsonl(source, [chat("a"), chat("b fixed")])
