@@ -75,28 +75,35 @@ class RowSender:
         except FatalError:
             raise
         except RequestError as exc:
-            if exc.code in _NEVER_SENT and not self.throttle.reached:
-                # Retries spent and nothing of this run ever reached the provider:
-                # a wrong --base-url or a host that is down, not a row's fault. Every
-                # other row would fail the same way: stop, resumably.
-                raise FatalError(exc.code, exc.message) from None
-            elapsed = self.clock.monotonic() - started
-            note = budget_note(exc, self.retry, row.count, elapsed)
-            if note is not None:
-                exc.message = f"{exc.message}; {note}"
-            return failed_outcome(request.line, request.custom_id, exc, row.count, elapsed)
-        tokens_in, tokens_out = self.provider.usage(response.body)
-        self.throttle.succeeded(row.estimate, tokens_in + tokens_out)
+            return self._failed(row, exc, self.clock.monotonic() - started)
+        self.throttle.succeeded(row.estimate, row.paid_in + row.paid_out)
         return Outcome(
             line=request.line,
             custom_id=request.custom_id,
             response=response,
             attempts=row.count,
             latency_s=self.clock.monotonic() - started,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
+            tokens_in=row.paid_in,
+            tokens_out=row.paid_out,
             parsed=row.parsed,
         )
+
+    def _failed(self, row: _RowAttempts, exc: RequestError, elapsed: float) -> Outcome:
+        """The outcome of a row whose last attempt failed with ``exc``, after
+        ``elapsed`` seconds, with the tokens of every answer it was billed
+        for (answers off the response schema are paid too)."""
+        if exc.code in _NEVER_SENT and not self.throttle.reached:
+            # Retries spent and nothing of this run ever reached the provider:
+            # a wrong --base-url or a host that is down, not a row's fault. Every
+            # other row would fail the same way: stop, resumably.
+            raise FatalError(exc.code, exc.message) from None
+        note = budget_note(exc, self.retry, row.count, elapsed)
+        if note is not None:
+            exc.message = f"{exc.message}; {note}"
+        request = row.request
+        outcome = failed_outcome(request.line, request.custom_id, exc, row.count, elapsed)
+        outcome.tokens_in, outcome.tokens_out = row.paid_in, row.paid_out
+        return outcome
 
     async def release(self, ticket: Ticket, *, answered: bool, hold: float) -> None:
         """Give the throttle's place back, ``hold`` seconds from now (a
@@ -183,6 +190,8 @@ class _RowAttempts:
         self.count = 0
         self.marked = False  # told ``on_send`` since the last error answer
         self.parsed: Any = NOT_PARSED  # the last answer's JSON, once it passed the schema
+        # Tokens of every answer billed so far (one off the schema is billed too).
+        self.paid_in = self.paid_out = 0
         throttle = sender.throttle
         self.estimate = estimate_tokens(request.body) if throttle.counts_tokens else 0
 
@@ -226,6 +235,9 @@ class _RowAttempts:
                 await sender.release(ticket, answered=answered, hold=hold)
             else:  # no coroutine to build for the usual case
                 throttle.release(ticket, answered=answered)
+        tokens_in, tokens_out = sender.provider.usage(response.body)
+        self.paid_in += tokens_in
+        self.paid_out += tokens_out
         answers = sender.answers
         if answers is not None:  # raises for an answer that fails the schema
             self.parsed = answers.classify(response)

@@ -100,6 +100,42 @@ async def test_always_the_wrong_shape_fails_after_max_attempts(
 
 
 @pytest.mark.asyncio
+async def test_answers_off_the_schema_are_paid_for_in_cost_and_budget(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    # Every answer is billed, the ones the schema refuses too: the record's
+    # cost, the summary and --max-cost count each of them.
+    prices = {"price_input_per_million": 1_000_000, "price_output_per_million": 1_000_000}
+    rows = [chat("never right mock:wrongshape"), chat("twice off mock:wrongshape=2")]
+    summary, records = await _run(tmp_path, server, fake_clock, rows, max_attempts=3, **prices)
+    per_answer = [
+        r["response"]["body"]["usage"]["prompt_tokens"]
+        + r["response"]["body"]["usage"]["completion_tokens"]
+        for r in records
+    ]
+    assert records[0]["cost"] == 3 * per_answer[0]  # three answers, all off the schema
+    assert records[1]["cost"] > per_answer[1]  # the good answer, and the two before it
+    assert summary.cost == sum(r["cost"] for r in records)
+    assert summary.tokens_in + summary.tokens_out == summary.cost
+    capped = make_config(
+        tmp_path,
+        [chat(f"row {i} mock:wrongshape") for i in range(40)],
+        server,
+        out=tmp_path / "capped.jsonl",
+        response_schema=_schema_file(tmp_path),
+        max_attempts=3,
+        max_cost=200,
+        max_async_requests=1,
+        **prices,
+    )
+    sent = server.stats.requests
+    stopped = await run_async(capped, clock=fake_clock)
+    assert stopped.exit_code == 5
+    paid = (server.stats.requests - sent) * per_answer[0]
+    assert stopped.cost == paid <= 200 + 3 * per_answer[0]  # the cap, past it by one row at most
+
+
+@pytest.mark.asyncio
 async def test_a_truncated_answer_fails_at_once(
     tmp_path: Path, server: MockServer, fake_clock: Clock
 ) -> None:
