@@ -8,8 +8,11 @@ output), ``job`` (the job file) and ``shards`` (how many), for example::
 
 Each mapped ``shard`` task runs ``batchrun run --shard I/N`` into its own
 part beside ``out`` (``answers.part-I-of-N.jsonl``); the ``merge`` task joins
-the parts into ``out`` in input order. Retries are safe: a shard resumes where
-it stopped, a finished shard's rerun sends nothing, and the output's lock
+the parts into ``out`` in input order. A shard that finishes with failed rows
+(exit 1: each has its error record) succeeds, so the merge still runs, and
+so does a merge of such shards.
+Retries are safe: a shard resumes where it stopped, a finished shard's rerun
+sends nothing, and the output's lock
 makes a retry that overlaps a straggler exit at once (code 4) instead of
 running twice. On ``execution_timeout`` Airflow 3 sends SIGTERM to the
 command's process group (and no SIGKILL): batchrun stops within ``--grace``
@@ -63,9 +66,13 @@ def batchrun_sharded() -> None:
         p = _params()
         n = int(p["shards"])
         mkdir = f"mkdir -p {shlex.quote(str(Path(p['out']).parent))} && "
+        # Exit 1 is a finished shard whose failed rows have their error records:
+        # the task succeeds, so the merge runs (a retry would only exit 1 again);
+        # `batchrun run ... --retry-failed` on the part resends the retryable ones.
         return [
             f"{mkdir}{BATCHRUN} run {shlex.quote(p['input'])} --job {shlex.quote(p['job'])}"
             f" --out {shlex.quote(_part(p['out'], i, n))} --shard {i}/{n} --no-progress"
+            " || [ $? -eq 1 ]"
             for i in range(n)
         ]
 
@@ -74,7 +81,8 @@ def batchrun_sharded() -> None:
         p = _params()
         n = int(p["shards"])
         parts = " ".join(shlex.quote(_part(p["out"], i, n)) for i in range(n))
-        return f"{BATCHRUN} merge {parts} --out {shlex.quote(p['out'])}"
+        # Exit 1: merged, with the shards' failed rows in it (see shard_commands).
+        return f"{BATCHRUN} merge {parts} --out {shlex.quote(p['out'])} || [ $? -eq 1 ]"
 
     shards = BashOperator.partial(
         task_id="shard",

@@ -59,7 +59,10 @@ async def airflow(env: dict[str, str], *args: str) -> subprocess.CompletedProces
 async def test_the_sharded_dag_under_airflow_dags_test(tmp_path: Path, server: MockServer) -> None:
     redis = RedisServer(tmp_path).start()
     try:
-        inp = write_jsonl(tmp_path / "in.jsonl", [chat(f"row {i}") for i in range(40)])
+        # Row 8 fails for good (a 400): its shard finishes with exit 1, which
+        # must not fail the task, or the merge would never run.
+        rows = [chat(f"row {i}" + (" mock:fail=400" if i == 7 else "")) for i in range(40)]
+        inp = write_jsonl(tmp_path / "in.jsonl", rows)
         job = tmp_path / "job.toml"
         job.write_text(
             f'provider = "openai"\nbase_url = "{server.base_url}"\nmodel = "m"\n'
@@ -75,8 +78,10 @@ async def test_the_sharded_dag_under_airflow_dags_test(tmp_path: Path, server: M
         await airflow(env, "dags", "test", "batchrun_sharded", "-c", json.dumps(conf))
         single = tmp_path / "single.jsonl"
         cmd = [sys.executable, "-m", "batchrun", "run", str(inp), "--out", str(single)]
-        done = await anyio.run_process([*cmd, "--job", str(job), "--no-progress"], env=env)
-        assert done.returncode == 0
+        done = await anyio.run_process(
+            [*cmd, "--job", str(job), "--no-progress"], env=env, check=False
+        )
+        assert done.returncode == 1  # finished, one row failed
     finally:
         redis.stop()
     parts = sorted(p.name for p in out.parent.glob("answers.part-*-of-3.jsonl"))
