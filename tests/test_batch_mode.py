@@ -347,7 +347,11 @@ async def test_rows_answered_online_are_not_put_in_a_batch(
     # An online run stops at a fatal answer on row 6, with rows 1-5 answered.
     source = [*rows(5, model="m"), chat("mock:quota", model="m"), *rows(3, model="n")]
     online = make_config(tmp_path, source, batch_server, max_async_requests=1)
-    assert (await run_async(online)).exit_code == 3
+    stopped = await run_async(online)
+    assert stopped.exit_code == 3
+    assert stopped.aborted is not None
+    assert "insufficient_quota" in stopped.aborted
+    assert ".." not in stopped.aborted  # the provider's message ends with its own period
     answered = batch_server.stats.requests
     batch = make_config(tmp_path, source, batch_server, **FAST)
     assert (await run_async(batch)).exit_code == 0

@@ -75,7 +75,9 @@ class PhaseResult:
 
 def _stopped_by(exc: RequestError) -> str:
     """Why the phase stops after ``exc``, and that the same command resumes."""
-    return f"the provider answered {exc.status or ''} {exc.code}: {exc.message}. {_RESUME}"
+    return (
+        f"the provider answered {exc.status or ''} {exc.code}: {exc.message.rstrip('.')}. {_RESUME}"
+    )
 
 
 class BatchJob:
