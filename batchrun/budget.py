@@ -25,32 +25,41 @@ class Budget:
     """Money against a cap, in the currency of the job's prices.
 
     ``spent`` counts settled rows of every run on this output; ``reserved``
-    the worst cases of rows in flight. ``cap`` None: no limit, never refuses.
-    Invariant: ``reserved >= 0``.
+    the worst cases of the ``holding`` rows in flight. ``cap`` None: no
+    limit, never refuses. Invariants: ``reserved >= 0``, ``holding >= 0``,
+    and ``reserved == 0`` when ``holding == 0``.
     """
 
     cap: float | None
     spent: float = 0.0
     reserved: float = 0.0
     refused: bool = False  # some row was refused: the cap is reached
+    # Rows holding a reservation: counted, since float sums of reservations
+    # need not come back to exactly 0.0 when they are all settled.
+    holding: int = 0
 
     def reserve(self, amount: float) -> bool:
         """Reserve ``amount`` for a row about to be sent; False (and nothing
-        reserved) when that would pass the cap."""
+        reserved) when that would pass the cap. Then ``refused`` says whether
+        the cap is reached for good: the row would pass it even once every
+        row in flight had settled, which can only lower what they hold
+        reserved (else the caller may wait for a settlement and try again)."""
         if self.cap is not None and self.spent + self.reserved + amount > self.cap:
-            self.refused = True
+            self.refused = self.refused or not self.holding or self.spent + amount > self.cap
             return False
         self.reserved += amount
+        self.holding += 1
         return True
 
     def settle(self, reserved: float, actual: float) -> None:
         """A row reserved with ``reserved`` finished having cost ``actual``."""
-        self.reserved = max(0.0, self.reserved - reserved)
+        self.release(reserved)
         self.spent += actual
 
     def release(self, reserved: float) -> None:
         """A row reserved with ``reserved`` was not paid (a fatal answer, a cancel)."""
-        self.reserved = max(0.0, self.reserved - reserved)
+        self.reserved = max(0.0, self.reserved - reserved) if self.holding > 1 else 0.0
+        self.holding = max(0, self.holding - 1)
 
 
 def worst_case_cost(costs: Costs, request: Request) -> float:

@@ -32,6 +32,7 @@ from batchrun.config import RunConfig
 from batchrun.errors import FatalError
 from batchrun.ordered import OrderedWriter
 from batchrun.records import output_line
+from batchrun.reservations import Reservations
 from batchrun.reuse import Answers, relabel
 from batchrun.rowsource import Finished, Work, answered_row
 from batchrun.sender import RowSender
@@ -70,6 +71,7 @@ class Workers:
         self._scope = anyio.CancelScope()
         self._alive = 0  # worker tasks alive
         self._backing_off_rows = 0  # rows waiting for a retry, each holding a worker
+        self._reservations = Reservations(budget)  # rows wait in input order for room
         sender.on_backoff = self._backing_off
         sender.on_send = writer.begin  # the row's waits are over: it may reach the provider
         sender.on_unpaid = writer.abandon  # an error answer or no connection: not in doubt
@@ -150,15 +152,16 @@ class Workers:
         512 KB answer) alive while it waits for the next one."""
         request, costs, writer = work.request, self.config.costs, self.writer
         reserved = worst_case_cost(costs, request) if costs.max_cost is not None else 0.0
-        if not self.budget.reserve(reserved):
+        if not await self._reserve(work, reserved):
             self.twins.settle(work.key)  # they stay unsent too: the run stops
-            self._stop_for_budget()
+            if self.budget.refused:
+                self._stop_for_budget()
             return False
         try:
             outcome = await self.sender.send(request)  # marks it begun when it goes out
         except FatalError as exc:
             writer.abandon(request.line)
-            self.budget.release(reserved)
+            self._reservations.release(reserved)
             self.twins.settle(work.key)
             self._abort(exc)
             return False
@@ -166,7 +169,7 @@ class Workers:
             crashpoint.hit("after_response")
         if costs.priced:
             outcome.cost = costs.price(outcome.tokens_in, outcome.tokens_out)
-        self.budget.settle(reserved, outcome.cost or 0.0)
+        self._reservations.settle(reserved, outcome.cost or 0.0)
         data = output_line(outcome)
         journal_at = writer.record(request.line, data, work.key)
         self.answers.add_outcome(work.key, data, outcome)
@@ -197,6 +200,17 @@ class Workers:
         stopping (then it stays unsent, for the next run)."""
         if not self.stopping and self.twins.lead(work):
             await self._send_and_deliver(work)
+
+    async def _reserve(self, work: Work, amount: float) -> bool:
+        """Reserve ``amount``, ``work``'s worst case under ``--max-cost``, in
+        its turn (``reservations``); False when the cap is reached or the run
+        stopped while the row waited (then nothing stays reserved)."""
+        if not await self._reservations.reserve(amount, work.row):
+            return False
+        if self.stopping:
+            self._reservations.release(amount)
+            return False
+        return True
 
     def _stop_for_budget(self) -> None:
         """Take no more rows; end once the rows in flight are answered."""

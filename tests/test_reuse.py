@@ -225,6 +225,37 @@ async def test_max_cost_stops_with_exit_5_and_a_higher_cap_finishes_without_payi
     assert stopped.cost + (finished.cost or 0) == pytest.approx(100.0)
 
 
+async def test_max_cost_waits_for_rows_in_flight_instead_of_stopping_far_below_it(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Each row costs 5 but reserves its worst case, 2 + 256 output tokens:
+    # 32 rows in flight hold 8,000 of reservations. A cap of 1,000 must let
+    # all 100 rows through (500 spent), not stop once the reservations fill it.
+    costs = {"price_input_per_million": 1_000_000.0, "price_output_per_million": 1_000_000.0}
+    rows = [chat(f"r {i}", custom_id=f"r{i}") for i in range(100)]
+    done = await run(tmp_path, rows, server, max_cost=1000.0, max_async_requests=32, **costs)
+    assert done.exit_code == 0, done.aborted
+    assert done.cost == pytest.approx(500.0)
+    # A cap it cannot reach: the run goes as far as the cap allows, and no further.
+    capped = await run(
+        tmp_path, rows, server, out=tmp_path / "capped.jsonl", max_cost=400.0, **costs
+    )
+    assert capped.exit_code == EXIT_BUDGET
+    assert capped.cost is not None
+    assert 400.0 - 260.0 < capped.cost <= 400.0  # stopped only when one worst case would pass it
+
+
+async def test_the_budget_waits_while_rows_in_flight_hold_the_room() -> None:
+    from batchrun.budget import Budget
+
+    budget = Budget(cap=10.0, spent=2.0)
+    assert budget.reserve(5.0)
+    assert not budget.reserve(4.0)  # 2 + 5 + 4 > 10, but 2 + 4 fits once the 5 settle
+    assert not budget.refused
+    assert not budget.reserve(9.0)  # 2 + 9 > 10 whatever settles
+    assert budget.refused
+
+
 async def test_max_cost_needs_prices(tmp_path: Path, server: MockServer) -> None:
     from batchrun.errors import UsageError
 

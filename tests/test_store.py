@@ -316,10 +316,10 @@ def test_the_budget_reserves_settles_and_refuses() -> None:
 
     budget = Budget(cap=10.0, spent=2.0)
     assert budget.reserve(5.0)
-    assert not budget.reserve(4.0)  # 2 spent + 5 reserved + 4 > 10
+    assert not budget.reserve(9.0)  # 2 spent + 9 > 10, even once the 5 reserved settle
     assert budget.refused
     budget.settle(5.0, 1.5)
-    assert (budget.spent, budget.reserved) == (3.5, 0.0)
+    assert (budget.spent, budget.reserved, budget.holding) == (3.5, 0.0, 0)
     assert budget.reserve(6.5)
     budget.release(6.5)
     assert budget.reserved == 0.0
