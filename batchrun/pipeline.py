@@ -163,6 +163,8 @@ class Pipeline:
         complete = self.complete
         if complete:
             self.stats.total = self.stats.done  # known now, even if the count was slower
+        else:
+            self.writer.count_waiting()
         disk_error = self.writer.close(complete=complete, disk_error=disk_error)
         if self.metrics is not None:
             self.metrics.write()

@@ -269,12 +269,17 @@ class RunStats(Counted):
         """
         self.done += 1
         self.counts.count(ok, error_code, tokens_in, tokens_out, cost)
+        self.record_sent(attempts, cost)
+        if latency_s is not None:
+            self.latency.record(latency_s)
+
+    def record_sent(self, attempts: int, cost: float) -> None:
+        """Count a row this run sent ``attempts`` times (0: never sent) and
+        the ``cost`` it paid for it, whether or not its record is written yet."""
         if attempts:
             self.sent += 1
             if attempts > 1:
                 self.retries += attempts - 1
-        if latency_s is not None:
-            self.latency.record(latency_s)
         self.cost += cost
 
     def record_earlier(self, verdict: Tally) -> None:

@@ -42,6 +42,10 @@ class ReorderBuffer(Generic[T]):
         """How many items wait for an earlier one."""
         return len(self._held)
 
+    def waiting(self) -> list[T]:
+        """The items held for an earlier index, in no particular order."""
+        return list(self._held.values())
+
     def pass_next(self) -> None:
         """Item ``next_index`` was released without being pushed; nothing may be held."""
         if self._held:

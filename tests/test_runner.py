@@ -344,6 +344,29 @@ async def test_a_streamed_answer_fails_its_row_without_a_retry(
     assert [r["attempts"] for r in records] == [1, 1]
 
 
+async def test_a_stopped_run_counts_the_answers_left_waiting_for_an_earlier_row(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Rows 2-6 are answered while row 1 is slow; row 7's fatal answer stops
+    # the run with them journaled, not written: they were still sent and paid
+    # for by this run, and the next run writes them as done before.
+    prices = {"price_input_per_million": 1_000_000, "price_output_per_million": 1_000_000}
+    rows = [chat("slow mock:delay=6"), *(chat(f"quick {i}") for i in range(5))]
+    rows.append(chat("mock:quota mock:delay=1.5"))
+    config = make_config(tmp_path, rows, server, max_async_requests=8, **prices)
+
+    stopped = await run_async(config)
+
+    assert stopped.exit_code == 3
+    assert stopped.rows == 0  # nothing written: row 1 never came
+    assert stopped.sent == 5
+    assert stopped.cost == pytest.approx(5 * 5.0)  # 2 tokens in, 3 out each
+    resumed = await run_async(make_config(tmp_path, rows[:-1], server, **prices))
+    assert resumed.exit_code == 0
+    assert resumed.sent == 1  # row 1: rows 2-6 were journaled, paid before, and are reused
+    assert resumed.cost == pytest.approx(5.0)
+
+
 async def test_missing_key_is_an_error_before_any_request(
     tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
