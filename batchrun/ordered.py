@@ -204,15 +204,6 @@ class OrderedWriter:
         else:
             self.stats.record_earlier(verdict)
 
-    def count_waiting(self) -> None:
-        """At a stop: count the answers left waiting for an earlier row as
-        sent and paid by this run. They are journaled, and the next run
-        writes them as done by an earlier run (``record_earlier``), which adds
-        no spend of its own: without this, no run's summary would show it."""
-        for item in self.reorder.waiting():
-            if item.outcome is not None:
-                self.stats.record_sent(item.outcome.attempts, item.outcome.cost or 0.0)
-
     def held_report(self) -> dict[str, object]:
         """How many results waited in the journal, past --reorder-bytes (if any did)."""
         held = self.held

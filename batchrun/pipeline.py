@@ -20,6 +20,7 @@ Whatever finished is journaled, so the run resumes where it stopped.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, closing, nullcontext
 from typing import NamedTuple
 
@@ -164,7 +165,7 @@ class Pipeline:
         if complete:
             self.stats.total = self.stats.done  # known now, even if the count was slower
         else:
-            self.writer.count_waiting()
+            _count_waiting(self.writer.reorder.waiting(), self.stats)
         disk_error = self.writer.close(complete=complete, disk_error=disk_error)
         if self.metrics is not None:
             self.metrics.write()
@@ -249,3 +250,13 @@ def _metrics_writer(config: RunConfig, stats: RunStats, throttle: Throttle) -> M
         shard=shard,
         extra=throttle.gauges,
     )
+
+
+def _count_waiting(waiting: Iterable[Finished], stats: RunStats) -> None:
+    """At a stop: count the answers left ``waiting`` for an earlier row as
+    sent and paid by this run. They are journaled, and the next run writes
+    them as done by an earlier run (``record_earlier``), which adds no spend
+    of its own: without this, no run's summary would show it."""
+    for item in waiting:
+        if item.outcome is not None:
+            stats.record_sent(item.outcome.attempts, item.outcome.cost or 0.0)
