@@ -57,6 +57,8 @@ def _finished(finished: FinishedRun) -> dict[str, Any]:
         "ok": summary.ok,
         "failed_by_code": summary.failed_by_code,
         "in_doubt": 0,
+        # The rows resent after stops over all its runs (each may be billed twice).
+        "resent_after_crashes": summary.extra.get("in doubt (all runs)", 0),
         "remaining": 0,
         "exit_code": summary.exit_code,
     }
@@ -110,6 +112,7 @@ def render(report: dict[str, Any]) -> str:
         f"  ok         {report['ok']:,}",
         f"  failed     {sum(failed.values()):,} ({failed_text})",
         _doubt_line(report["in_doubt"], running=report["running"]),
+        *_resent_line(report.get("resent_after_crashes") or 0),
         f"  remaining  {report['remaining'] if report['remaining'] is not None else '?'}",
         f"  running    {running}",
     ]
@@ -133,6 +136,14 @@ def _doubt_line(rows: int, *, running: bool) -> str:
     if running:
         return f"  in flight  {rows:,} (sent, no answer yet)"
     return f"  in doubt   {rows:,} (sent, answer not recorded: resent on resume)"
+
+
+def _resent_line(rows: int) -> list[str]:
+    """Rows in doubt at earlier stops and sent again since: each may have been
+    billed twice (none: no line)."""
+    if not rows:
+        return []
+    return [f"  resent     {rows:,} (in doubt at an earlier stop, sent again: may be billed twice)"]
 
 
 def _batch_lines(batches: list[dict[str, Any]]) -> list[str]:

@@ -133,6 +133,8 @@ async def test_rows_in_doubt_stay_counted_when_the_input_changed_before_the_resu
     extra = orjson.loads(summary_path.read_bytes())["extra"]
     assert extra["in doubt"] == in_doubt
     assert extra["in doubt (all runs)"] == in_doubt
+    finished = await status_of(out)  # the finished output still says so
+    assert (finished["in_doubt"], finished["resent_after_crashes"]) == (0, in_doubt)
     # Every row without a stored answer was sent, the rows in doubt among them:
     # the one answered just before the kill reached the server twice.
     assert server.stats.requests - sent_before == 151 - done

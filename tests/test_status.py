@@ -40,6 +40,13 @@ def test_rows_without_an_answer_are_in_doubt_once_no_run_is_alive() -> None:
     assert "  running    no" in text.splitlines()
 
 
+def test_rows_resent_after_earlier_stops_are_shown_finished_or_not() -> None:
+    finished = render(_report(state="finished", in_doubt=0, resent_after_crashes=3))
+    line = "  resent     3 (in doubt at an earlier stop, sent again: may be billed twice)"
+    assert line in finished.splitlines()
+    assert "  resent  " not in render(_report(resent_after_crashes=0))
+
+
 def test_while_the_run_is_alive_they_are_in_flight() -> None:
     text = render(_report(running=True, holder="pid 7 on host since 2026-11-26T10:00:00+0000"))
     assert "  in flight  2 (sent, no answer yet)" in text.splitlines()
