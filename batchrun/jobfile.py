@@ -182,11 +182,8 @@ def _base_urls(settings: Mapping[str, Any], key: str) -> tuple[str, ...]:
 
 
 def _response_schema(settings: Mapping[str, Any], key: str) -> ResponseSchema:
-    given = settings[key]
-    if isinstance(given, ResponseSchema):
-        return given
-    require(isinstance(given, str | Path), f"response_schema must be a path, got {given!r}")
-    return load_response_schema(Path(given))
+    # A non-empty path by now: a text setting (``_check_types``).
+    return load_response_schema(Path(settings[key]))
 
 
 def _shard(settings: Mapping[str, Any], key: str) -> Shard:
@@ -197,19 +194,9 @@ def _shard(settings: Mapping[str, Any], key: str) -> Shard:
     return Shard.parse(given)
 
 
-def _ca_bundle(settings: Mapping[str, Any], key: str) -> Path:
-    given = settings[key]
-    require(
-        isinstance(given, str | Path) and str(given).strip() != "",
-        f"ca_bundle must be a path to a PEM file, got {given!r}",
-    )
-    return Path(given)
-
-
 # Settings that are more than their value (the rest: a Path if the type says so).
 _CONVERT: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
     "base_url": _base_urls,
     "response_schema": _response_schema,
     "shard": _shard,
-    "ca_bundle": _ca_bundle,
 }

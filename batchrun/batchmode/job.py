@@ -22,7 +22,7 @@ import anyio
 
 from batchrun.batchmode.build import Answered, Body, KeyOf, plan_parts
 from batchrun.batchmode.progress import BatchProgress
-from batchrun.batchmode.record import TERMINAL, BatchRecord, BatchState, Part
+from batchrun.batchmode.record import SETTLED, TERMINAL, BatchRecord, BatchState, Part
 from batchrun.batchmode.settle import BatchRefused, Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
@@ -55,8 +55,6 @@ _RESUME = (
     " it resumes, and batches already created are not created again"
 )
 
-# Part statuses after which nothing more happens to a part in this run.
-_SETTLED = frozenset({"collected", "refused"})
 # What to do after the provider refused a part's file as a whole.
 _FIX_INPUT = (
     "Fix the input, then run the same command: the answers already collected are"
@@ -153,7 +151,7 @@ class BatchJob:
             await self._submit_due()
             await self._poll()
             self.progress.show(self.state.parts)
-            if all(part.status in _SETTLED for part in self.state.parts):
+            if all(part.status in SETTLED for part in self.state.parts):
                 return self._settled()
             if self._aborted is None:
                 await self.clock.sleep(self._interval())
@@ -162,11 +160,15 @@ class BatchJob:
     async def _clean_settled(self) -> None:
         """Delete the provider files that settled parts still name: a run
         stopped between collecting a part and deleting them left them."""
-        settled = [part for part in self.state.parts if part.status in _SETTLED]
-        for part in settled:
-            if part.input_file_id or part.result_files:
-                await self.settler.cleanup(part)
-        self.record.save(self.state)
+        left = [
+            part
+            for part in self.state.parts
+            if part.status in SETTLED and (part.input_file_id or part.result_files)
+        ]
+        for part in left:
+            await self.settler.cleanup(part)
+        if left:
+            self.record.save(self.state)
 
     async def _guarded(self, step: Callable[[Part], Awaitable[None]], part: Part) -> None:
         """Run one part's step; a refusal or fatal answer stops the phase, a

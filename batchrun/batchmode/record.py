@@ -36,6 +36,9 @@ from batchrun.errors import CorruptStateError
 
 # Provider statuses after which a batch changes no more.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# Part statuses after which a run does nothing more with a part: its answers
+# are all in the result store, or the provider refused its file.
+SETTLED = frozenset({"collected", "refused"})
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchrun.batchmode.known import KnownResults
-from batchrun.batchmode.record import TERMINAL, BatchRecord, Part
+from batchrun.batchmode.record import SETTLED, TERMINAL, BatchRecord, Part
 from batchrun.errors import UsageError
 
 __all__ = ["describe", "guard", "known_results", "unsettled"]
@@ -51,7 +51,7 @@ def unsettled(state_root: Path) -> int:
     state = BatchRecord(state_root).load()
     if state is None:
         return 0
-    return sum(part.status not in ("collected", "refused") for part in state.parts)
+    return sum(part.status not in SETTLED for part in state.parts)
 
 
 def known_results(state_root: Path) -> KnownResults | None:
