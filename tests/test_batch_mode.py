@@ -322,6 +322,45 @@ async def test_a_provider_never_reached_stops_the_run_at_once(
     assert [row["line"] for row in read_jsonl(fixed.out)] == [1, 2]
 
 
+async def test_online_mode_goes_on_where_no_batch_part_was_uploaded(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    # A batch run that never reached the provider left only planned parts:
+    # nothing of it exists there, so switching to online mode is safe.
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    source = rows(4, model="m")
+    settings = {"base_url": nowhere, "max_attempts": 1, "batch_rows": 2, **FAST}
+    assert (await run_async(make_config(tmp_path, source, batch_server, **settings))).exit_code == 3
+    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    assert record.exists()
+    online = make_config(tmp_path, source, batch_server)
+    summary = await run_async(online)
+    assert summary.exit_code == 0
+    assert not record.exists()  # a later batch run cannot submit the dropped parts
+    assert batch_server.stats.requests == 4
+    assert batch_server.stats.batch_rows == 0
+    assert [row["line"] for row in read_jsonl(online.out)] == [1, 2, 3, 4]
+
+
+async def test_online_mode_refuses_parts_that_reached_the_provider(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    settings = {"base_url": nowhere, "max_attempts": 1, "batch_rows": 2, **FAST}
+    config = make_config(tmp_path, rows(4, model="m"), batch_server, **settings)
+    assert (await run_async(config)).exit_code == 3
+    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    state = record.load()
+    assert state is not None
+    # One part's file was uploaded: its batch may have been created since.
+    state.parts[1].status, state.parts[1].input_file_id = "uploaded", "file-1"
+    record.save(state)
+    with pytest.raises(UsageError, match="2 batch parts not yet collected"):
+        await run_async(make_config(tmp_path, rows(4, model="m"), batch_server))
+    assert record.exists()
+    assert batch_server.stats.requests == 0
+
+
 async def test_a_new_base_url_is_refused_while_the_old_one_holds_the_runs_files(
     tmp_path: Path, batch_server: MockServer
 ) -> None:

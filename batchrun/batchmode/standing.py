@@ -7,6 +7,7 @@ Online runs read these too, so this module keeps clear of batch mode's HTTP.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from batchrun.batchmode.known import KnownResults
@@ -15,9 +16,13 @@ from batchrun.errors import UsageError
 
 __all__ = ["describe", "guard", "known_results", "unsettled"]
 
+log = logging.getLogger("batchrun")
+
 
 def guard(state_root: Path, *, mode: str, restart: bool) -> None:
-    """Refuse what would pay twice: online mode or ``--restart`` over live batches."""
+    """Refuse what would pay twice: online mode or ``--restart`` over live
+    batches, online mode over parts not yet collected. A record whose parts
+    were all only planned (no file uploaded) is dropped for online mode."""
     state = BatchRecord(state_root).load()
     if state is None:
         return
@@ -33,6 +38,12 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
         )
     pending = [part for part in state.parts if part.status != "collected"]
     if mode == "online" and pending and not restart:
+        if all(part.status == "planned" for part in state.parts):
+            # No part was uploaded, so no batch can exist: the rows go online
+            # and a later batch run plans afresh, leaving out what is answered.
+            BatchRecord(state_root).remove()
+            log.info("no batch of this output was submitted: its rows go online instead")
+            return
         raise UsageError(
             f"this output has {len(pending)} batch parts not yet collected: run it with --mode"
             " batch (add --fallback online to send unfinished rows online)"
