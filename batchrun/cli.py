@@ -280,9 +280,12 @@ def _cancel_note(cancelled: list[tuple[str, str]]) -> str:
     if not cancelled:
         return "no batch of this output is running: nothing to cancel"
     ended = sum(status in ("completed", "failed", "expired") for _, status in cancelled)
-    note = f"asked the provider to cancel {len(cancelled)} batches"
-    if ended:
-        note += f" ({ended} had ended already)"
+    if ended == len(cancelled):
+        note = f"all {ended} batches had ended already: nothing to cancel"
+    else:
+        asked = len(cancelled) - ended
+        note = f"asked the provider to cancel {asked} batch{'' if asked == 1 else 'es'}"
+        note += f" ({ended} had ended already)" if ended else ""
     return note + "; run the same command again to collect their finished rows"
 
 

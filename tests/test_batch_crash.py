@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from batchrun.batchmode.record import Part
 from batchrun.mock.batches import BatchFaults
 from batchrun.mock.server import MockServer
 from tests.conftest import chat, read_jsonl, write_jsonl
@@ -209,4 +210,19 @@ async def test_cancel_says_which_batches_had_ended_and_when_none_ran() -> None:
 
     assert _cancel_note([]) == "no batch of this output is running: nothing to cancel"
     note = _cancel_note([("b1", "cancelling"), ("b2", "completed"), ("b3", "expired")])
-    assert note.startswith("asked the provider to cancel 3 batches (2 had ended already); ")
+    assert note.startswith("asked the provider to cancel 1 batch (2 had ended already); ")
+    note = _cancel_note([("b1", "cancelling"), ("b2", "cancelling")])
+    assert note.startswith("asked the provider to cancel 2 batches; ")
+    note = _cancel_note([("b1", "completed"), ("b2", "failed")])
+    assert note.startswith("all 2 batches had ended already: nothing to cancel; ")
+
+
+async def test_a_batch_seen_records_its_status_and_integer_counts() -> None:
+    part = Part(1, "/v1/chat/completions", "m", rows=10, bytes=100, status="submitted")
+    part.seen({"status": "in_progress", "request_counts": {"total": 10, "completed": 3}})
+    assert (part.batch_status, part.counts) == ("in_progress", {"total": 10, "completed": 3})
+    # A cancel's answer for a batch that had completed meanwhile: its counts are news.
+    part.seen({"status": "completed", "request_counts": {"total": 10, "completed": 10, "x": True}})
+    assert (part.batch_status, part.counts) == ("completed", {"total": 10, "completed": 10})
+    part.seen({"status": "cancelled"})  # no counts given: the last ones stay
+    assert (part.batch_status, part.counts) == ("cancelled", {"total": 10, "completed": 10})

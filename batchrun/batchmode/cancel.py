@@ -79,6 +79,6 @@ async def _cancel(state: BatchState) -> list[tuple[str, str]]:
         for part in state.parts:
             if part.live and part.batch_id:
                 batch = await api.cancel(part.batch_id)
-                part.batch_status = batch["status"]
-                cancelled.append((part.batch_id, part.batch_status))
+                part.seen(batch)
+                cancelled.append((part.batch_id, batch["status"]))
     return cancelled

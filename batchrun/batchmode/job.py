@@ -238,12 +238,7 @@ class BatchJob:
     async def _poll_one(self, part: Part) -> None:
         assert part.batch_id is not None
         batch = await self.submitter.api.get(part.batch_id)
-        part.batch_status = str(batch.get("status"))
-        given = batch.get("request_counts")
-        if isinstance(given, dict):
-            part.counts = {
-                key: int(value) for key, value in given.items() if isinstance(value, int)
-            }
+        part.seen(batch)
         if part.batch_status in TERMINAL and not await self.settler.ended(part, batch):
             self._refused_for_tokens(part)
 

@@ -26,9 +26,10 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -66,6 +67,14 @@ class Part:
     def live(self) -> bool:
         """Submitted and not yet collected: paid work on the provider."""
         return self.status == "submitted"
+
+    def seen(self, batch: Mapping[str, Any]) -> None:
+        """Record what the provider says of this part's batch: its status and
+        request counts (the integer ones; absent counts leave the last ones)."""
+        self.batch_status = str(batch.get("status"))
+        given = batch.get("request_counts")
+        if isinstance(given, dict):
+            self.counts = {key: value for key, value in given.items() if type(value) is int}
 
 
 @dataclass(slots=True)
