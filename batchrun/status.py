@@ -22,8 +22,8 @@ def describe(out: Path) -> dict[str, Any]:
     Keys: ``output``, ``state`` (finished, unfinished), ``running`` (a live
     process holds the lock), ``holder``, ``input``, ``rows``, ``done``,
     ``ok``, ``failed_by_code``, ``in_doubt``, ``remaining`` (None when the input
-    is gone), ``exit_code`` (finished runs), ``batches`` (``--mode batch``: each
-    part's batch id and status).
+    is gone; ``input_problem`` says why), ``exit_code`` (finished runs),
+    ``batches`` (``--mode batch``: each part's batch id and status).
     """
     state = StateDir(out)
     meta = state.read_meta()
@@ -73,7 +73,7 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
     for record in point.journal.results.values():
         counts.count_record(tally(orjson.loads(record), usage))
     done = checkpoint.rows + len(point.journal.results)
-    rows = _input_rows(meta, shard)
+    rows, problem = _input_rows(meta, shard)
     changed = rows is not None and rows < done  # edited since: the next run tells how
     return {
         "state": "unfinished",
@@ -86,16 +86,20 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
         "resent_after_crashes": checkpoint.in_doubt,
         "remaining": None if rows is None or changed else rows - done,
         "input_changed": changed,
+        "input_problem": problem,
     }
 
 
-def _input_rows(meta: dict[str, Any], shard: Shard) -> int | None:
-    """The rows of the run's input now; None when it is gone or unreadable."""
+def _input_rows(meta: dict[str, Any], shard: Shard) -> tuple[int | None, str | None]:
+    """The rows of the run's input now, or None and why not (it is gone, or
+    cannot be read to its end)."""
     path = Path(str(meta.get("input")))
+    if not path.is_file():
+        return None, "missing"
     try:
-        return shard.rows_before(count_lines(path)) if path.is_file() else None
-    except READ_ERRORS:  # a damaged .gz, say: the report goes on without it
-        return None
+        return shard.rows_before(count_lines(path)), None
+    except READ_ERRORS as exc:  # a damaged .gz, say: the report goes on without it
+        return None, f"unreadable: {exc}"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -124,7 +128,7 @@ def render(report: dict[str, Any]) -> str:
 
 def _input_note(report: dict[str, Any]) -> str:
     if report["rows"] is None:
-        return " (missing or unreadable)"
+        return f" ({report.get('input_problem') or 'missing or unreadable'})"
     if report.get("input_changed"):
         return f" (changed since the run: {report['rows']:,} rows now)"
     return ""

@@ -64,10 +64,15 @@ def test_a_missing_or_damaged_input_leaves_the_row_count_unknown(tmp_path: Path)
     damaged.write_bytes(gzip.compress(b'{"messages": []}\n' * 1_000)[:60])  # cut short
     meta = {"input": str(damaged)}
 
-    assert _input_rows(meta, WHOLE) is None
-    assert _input_rows({"input": str(tmp_path / "gone.jsonl")}, WHOLE) is None
-    text = render(_report(rows=None))
-    assert "  input      in.jsonl (missing or unreadable)" in text.splitlines()
+    rows, problem = _input_rows(meta, WHOLE)
+    assert rows is None
+    assert problem is not None
+    assert problem.startswith("unreadable: Compressed file ended before")
+    assert _input_rows({"input": str(tmp_path / "gone.jsonl")}, WHOLE) == (None, "missing")
+    text = render(_report(rows=None, input_problem="missing"))
+    assert "  input      in.jsonl (missing)" in text.splitlines()
+    text = render(_report(rows=None, input_problem=problem))
+    assert f"  input      in.jsonl ({problem})" in text.splitlines()
 
 
 @pytest.mark.asyncio
