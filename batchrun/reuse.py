@@ -8,7 +8,9 @@ checkpoints).
 
 What is reused: answers and permanent row errors; a retryable error only when
 the run does not resend them (``--retry-failed``). The shared cache never
-takes retryable errors: a transient failure is no answer to share.
+takes retryable errors: a transient failure is no answer to share. With a
+response schema, an answer is reused only if it passes the run's check
+(``judge``), whatever schema it was stored under.
 
 Commits run on the event loop's thread: a batch of a few hundred rows
 takes a millisecond or two, and a writer thread would cost more in
@@ -30,17 +32,32 @@ those). A row whose twin is still in flight is the workers' affair
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from batchrun.errors import RequestError
 from batchrun.keyfilter import KeyFilter
-from batchrun.records import Outcome
+from batchrun.records import Outcome, Response
 from batchrun.store import STORE_FILE, ResultStore, Stored, StoreRow, open_store, store_row
 
-__all__ = ["FLUSH_EVERY", "Answers", "open_answers", "relabel", "stored_from_record"]
+__all__ = [
+    "FLUSH_EVERY",
+    "Answers",
+    "Judge",
+    "open_answers",
+    "relabel",
+    "stored_from_record",
+    "vetted",
+]
+
+# An answer's parsed JSON as the run's check reads it; raises ``RequestError``
+# when the answer fails the check (``schema.AnswerCheck.judge``).
+Judge = Callable[[Response], Any]
 
 # Results buffered before a commit; the pipeline also flushes on a timer.
 FLUSH_EVERY = 2_000
@@ -76,6 +93,11 @@ class Answers:
         # in the journal, and the resumed run would take it for a reused
         # answer (its record marked so) instead of its own.
         self.before_commit: Callable[[], None] = _nothing
+        # The run's answer check (``--response-schema``): a stored answer is
+        # reused only if it passes, with ``parsed`` as this run reads it; the
+        # content key does not always tell the schema (a line's own
+        # response_format, DashScope's json_object).
+        self.judge: Judge | None = None
 
     def find(self, key: bytes) -> Stored | None:
         """The reusable result stored under ``key``, or None (then: send it)."""
@@ -94,6 +116,8 @@ class Answers:
     def _usable(self, found: Stored | None) -> Stored | None:
         if found is None or not self.reusable(retryable=found.retryable):
             return None
+        if self.judge is not None and found.ok:
+            return vetted(found, self.judge)
         return found
 
     def reusable(self, *, retryable: bool) -> bool:
@@ -200,6 +224,27 @@ def open_answers(
             cache.close()
         raise
     return Answers(local, cache, resend_retryable=resend_retryable)
+
+
+def vetted(found: Stored, judge: Judge) -> Stored | None:
+    """Stored answer ``found`` with ``parsed`` as ``judge`` reads it now, or
+    None when it fails ``judge``: then the row is sent again, as a fresh
+    answer failing the check would be retried."""
+    data = orjson.loads(found.record)
+    response = data.get("response")
+    if not isinstance(response, dict) or type(response.get("status_code")) is not int:
+        return None
+    request_id = response.get("request_id")
+    answer = Response(
+        status_code=response["status_code"],
+        request_id=request_id if isinstance(request_id, str) else None,
+        body=response.get("body"),
+    )
+    try:
+        data["parsed"] = judge(answer)
+    except RequestError:
+        return None
+    return dataclasses.replace(found, record=orjson.dumps(data))
 
 
 def _stored(row: StoreRow) -> Stored:

@@ -141,6 +141,7 @@ async def _run(
             config, start = prepared
             job = _Job(config, provider, api_key, state, start, answers, clock or Clock(), stream)
             check = AnswerCheck(config.response_schema) if config.response_schema else None
+            answers.judge = check.judge if check is not None else None
             job = job._replace(signals=signals, stop=stop, check=check, input_stamp=before)
             return await _execute(job, tls)
         finally:

@@ -100,7 +100,17 @@ class AnswerCheck:
         """The answer's parsed JSON, or raise: ``RowError`` ``truncated`` when
         it was cut at the token limit (finish_reason ``length``), else
         ``TransientError`` ``invalid_json`` or ``schema_mismatch``. An answer
-        without text (embeddings) passes as None."""
+        without text (embeddings) passes as None. A failure is counted (see
+        ``failures``): the answer was paid for."""
+        try:
+            return self.judge(response)
+        except (RowError, TransientError) as exc:
+            self.failures[exc.code] += 1
+            raise
+
+    def judge(self, response: Response) -> Any:
+        """``classify`` without counting a failure: for a stored answer about
+        to be reused, which this run does not pay for."""
         answer = read_answer(response.body)
         if answer.text is None:
             return None
@@ -128,7 +138,6 @@ class AnswerCheck:
     def _failed(
         self, kind: type[RowError | TransientError], code: str, message: str, response: Response
     ) -> RowError | TransientError:
-        self.failures[code] += 1
         return kind(
             code,
             message,

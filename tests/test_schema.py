@@ -353,3 +353,88 @@ async def test_a_stored_answer_keeps_its_parsed_object(
     assert server.stats.requests == 1  # the second run took the stored answer
     assert summary.exit_code == 0
     assert record["parsed"] == {"echo": "kept answer", "words": 2}
+
+
+OTHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+}
+
+
+@pytest.mark.asyncio
+async def test_a_stored_answer_off_this_runs_schema_is_sent_again(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DashScope's native request asks for a JSON object whatever the schema:
+    # the content key is the same under either schema, the check is not.
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    native = {"custom_id": "n", "input": {"messages": [{"role": "user", "content": "native q"}]}}
+    cache, dialect = tmp_path / "cache", {"provider": "dashscope"}
+    first, _ = await _run(
+        tmp_path, server, fake_clock, [native], cache=cache, **dialect,
+        base_url=server.dashscope_base_url,
+    )  # fmt: skip
+    assert first.exit_code == 0
+    other = tmp_path / "other.json"
+    other.write_bytes(orjson.dumps(OTHER_SCHEMA))
+    config = make_config(
+        tmp_path, [native], server, response_schema=other, cache=cache,
+        out=tmp_path / "other.jsonl", base_url=server.dashscope_base_url,
+        max_attempts=1, **dialect,
+    )  # fmt: skip
+    summary = await run_async(config, clock=fake_clock)
+    (record,) = read_jsonl(config.out)
+    assert server.stats.requests == 2  # sent again: the stored answer fails this schema
+    assert record["error"]["code"] == "schema_mismatch"
+    assert "reused" not in record
+    assert summary.extra["answers off the schema (paid)"] == 1  # the fresh answer only
+    # Under the first schema the stored answer is still good.
+    again, (kept,) = await _run(
+        tmp_path, server, fake_clock, [native], cache=cache, out=tmp_path / "again.jsonl",
+        base_url=server.dashscope_base_url, **dialect,
+    )  # fmt: skip
+    assert server.stats.requests == 2
+    assert (again.exit_code, kept["reused"]) == (0, True)
+    assert kept["parsed"] == {"echo": "native q", "words": 2}
+
+
+@pytest.mark.asyncio
+async def test_a_stored_answer_gets_parsed_under_a_schema_it_was_not_checked_by(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    # The line asks for JSON itself, so the body is the same with and without
+    # --response-schema; the first run checked nothing.
+    row = chat("own format", response_format={"type": "json_object"})
+    plain = make_config(tmp_path, [row], server, cache=tmp_path / "cache")
+    assert (await run_async(plain, clock=fake_clock)).exit_code == 0
+    assert "parsed" not in read_jsonl(plain.out)[0]
+    summary, (record,) = await _run(
+        tmp_path, server, fake_clock, [row], cache=tmp_path / "cache", out=tmp_path / "b.jsonl"
+    )
+    assert server.stats.requests == 1
+    assert (summary.exit_code, record["reused"]) == (0, True)
+    assert record["parsed"] == {"echo": "own format", "words": 2}
+
+
+@pytest.mark.asyncio
+async def test_batch_mode_plans_a_row_whose_stored_answer_fails_the_schema(
+    tmp_path: Path,
+) -> None:
+    row = chat("own format", response_format={"type": "json_object"})
+    other = tmp_path / "other.json"
+    other.write_bytes(orjson.dumps(OTHER_SCHEMA))
+    cache = tmp_path / "cache"
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batches:
+        plain = make_config(tmp_path, [row, chat("plain")], batches, cache=cache)
+        assert (await run_async(plain)).exit_code == 0
+        config = make_config(
+            tmp_path, [row, chat("plain")], batches, response_schema=other, cache=cache,
+            out=tmp_path / "b.jsonl", **BATCH,
+        )  # fmt: skip
+        summary = await run_async(config)
+        # The stored answer to row 1 fails this schema: it goes in a batch.
+        # Row 2's body now asks for the schema: a new request, batched too.
+        assert (batches.stats.requests, batches.stats.batch_rows) == (2, 2)
+    assert summary.extra["answered in batches"] == 2
+    assert [r.get("reused") for r in read_jsonl(config.out)] == [None, None]
