@@ -89,7 +89,10 @@ def output_source(out: Path, *, partial: bool = False) -> Path:
             f"the run on {out} has not finished: finish it (run the same command again),"
             " or pass --partial to export the rows done so far"
         )
-    if unfinished and not out.exists():
+    if unfinished:
+        # OUT itself, if it exists, is an earlier pass's (a new pass over an
+        # edited input, or --retry-failed): this pass's rows are in the
+        # partial output, and its input is the one --input is checked against.
         if state.partial_path.exists():
             return state.partial_path
         raise UsageError(

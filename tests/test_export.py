@@ -22,7 +22,7 @@ from batchrun.export import export
 from batchrun.mock.server import MockServer
 from batchrun.results import COLUMNS, table_row
 from batchrun.runner import Clock, run_async
-from batchrun.state import StateDir
+from batchrun.state import StateDir, input_identity
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.test_cli import batchrun
 
@@ -209,6 +209,30 @@ def test_an_unfinished_output_is_refused_unless_partial(tmp_path: Path) -> None:
     state.partial_path.unlink()  # as a batch run has it until its batches end
     with pytest.raises(UsageError, match=r"has written no row yet.*nothing to export so far"):
         export(out, tmp_path / "t.csv", partial=True)
+
+
+def test_a_new_pass_exports_its_own_rows_not_the_last_passs_output(tmp_path: Path) -> None:
+    # A new pass (an edited input, --retry-failed) runs over a finished
+    # output: OUT is the last pass's, this pass's rows are in the partial output.
+    out = tmp_path / "out.jsonl"
+    old = {"line": 1, "custom_id": "old", "error": None, "attempts": 1}
+    out.write_bytes(orjson.dumps(old) + b"\n" + orjson.dumps({**old, "line": 2}) + b"\n")
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("new", custom_id="new", tag="N1")])
+    state = StateDir(out)
+    state.root.mkdir()
+    size, digest = input_identity(source)
+    state.write_meta({"input": str(source), "input_size": size, "input_hash": digest})
+    with pytest.raises(UsageError, match="has written no row yet"):
+        export(out, tmp_path / "t.csv", partial=True, input=source, columns=["tag"])
+    new = {"line": 1, "custom_id": "new", "error": None, "attempts": 1}
+    state.partial_path.write_bytes(orjson.dumps(new) + b"\n")
+
+    report = export(out, tmp_path / "t.csv", partial=True, input=source, columns=["tag"])
+
+    assert report.rows == 1
+    with (tmp_path / "t.csv").open() as table:
+        (row,) = csv.DictReader(table)
+    assert (row["custom_id"], row["tag"]) == ("new", "N1")
 
 
 @pytest.mark.asyncio
