@@ -117,6 +117,12 @@ def records(path: Path) -> Iterator[dict[str, Any]]:
                 raise UsageError(f"{path} holds a line that is not JSON: not an output") from None
             if not isinstance(record, dict):
                 raise UsageError(f"{path} holds a line that is not a record: not an output")
+            line = record.get("line")
+            if type(line) is not int or line < 1:
+                raise UsageError(
+                    f"{path} holds a record whose line is {orjson.dumps(line).decode()[:40]},"
+                    " not a line number: not an output"
+                )
             yield record
 
 
@@ -196,7 +202,7 @@ def _rows(source: Path, joined: InputColumns | None) -> Iterator[dict[str, Any]]
     for record in records(source):
         row = table_row(record)
         if joined is not None:
-            row.update(joined.fields(int(record.get("line") or 0)))
+            row.update(joined.fields(record["line"]))  # a line number (``records``)
         yield row
 
 

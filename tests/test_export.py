@@ -235,6 +235,25 @@ def test_a_new_pass_exports_its_own_rows_not_the_last_passs_output(tmp_path: Pat
     assert (row["custom_id"], row["tag"]) == ("new", "N1")
 
 
+@pytest.mark.parametrize(
+    ("line", "shown"), [('"x"', '"x"'), ("true", "true"), ("0", "0"), ("null", "null")]
+)
+def test_a_record_without_a_line_number_is_not_an_output(
+    tmp_path: Path, line: str, shown: str
+) -> None:
+    out = tmp_path / "g.jsonl"
+    out.write_text(f'{{"line": {line}, "custom_id": "a"}}\n')
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("q", tag="t")])
+    for to in ("t.csv", "t.parquet"):
+        done = CliRunner().invoke(
+            app, ["export", str(out), "--to", str(tmp_path / to), "--input", str(source),
+                  "--columns", "tag"],
+        )  # fmt: skip
+        assert done.exit_code == 2, done.output
+        assert f"holds a record whose line is {shown}, not a line number" in done.output
+        assert "Traceback" not in done.output
+
+
 @pytest.mark.asyncio
 async def test_parquet_without_pyarrow_names_the_extra(
     tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
