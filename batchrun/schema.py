@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 # that another attempt may cure; a truncated one would be cut the same way.
 INVALID_JSON, SCHEMA_MISMATCH, TRUNCATED = "invalid_json", "schema_mismatch", "truncated"
 _SHOWN = 200  # characters of a bad answer quoted in its error message
+# orjson reads an integer past 64 bits as a float, silently rounded; only a
+# text with a run of this many digits can hold one (-(2**63 + 1) has 19).
+_LONG_NUMBER = re.compile(r"[0-9]{19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,12 @@ class AnswerCheck:
             shown = answer.text[:_SHOWN]
             message = f"the answer is not JSON ({exc}): {shown!r}"
             raise self._failed(TransientError, INVALID_JSON, message, response) from None
+        if _LONG_NUMBER.search(answer.text) and _has_huge_integer(answer.text):
+            message = (
+                "the answer holds an integer past 64 bits, which would be kept rounded:"
+                f" {answer.text[:_SHOWN]!r} (have the schema ask for such numbers as strings)"
+            )
+            raise self._failed(TransientError, INVALID_JSON, message, response)
         error = self._best_match(self._validator.iter_errors(parsed))
         if error is not None:
             where = "/".join(map(str, error.absolute_path)) or "the top level"
@@ -153,3 +164,21 @@ class AnswerCheck:
             "answers off the schema (paid)": self.failures[SCHEMA_MISMATCH],
             "answers cut off (paid)": self.failures[TRUNCATED],
         }
+
+
+def _has_huge_integer(text: str) -> bool:
+    """Whether the JSON ``text`` (valid) holds an integer outside the 64-bit
+    range orjson reads exactly: the standard parser reads each one as written."""
+    huge = False
+
+    def integer(digits: str) -> int:
+        nonlocal huge
+        value = int(digits)
+        huge = huge or not -(1 << 63) <= value < (1 << 64)
+        return value
+
+    try:
+        json.loads(text, parse_int=integer)
+    except RecursionError:  # nested past the standard parser: keep orjson's reading
+        return False
+    return huge

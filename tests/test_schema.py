@@ -438,3 +438,33 @@ async def test_batch_mode_plans_a_row_whose_stored_answer_fails_the_schema(
         assert (batches.stats.requests, batches.stats.batch_rows) == (2, 2)
     assert summary.extra["answered in batches"] == 2
     assert [r.get("reused") for r in read_jsonl(config.out)] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("text", "huge"),
+    [
+        ('{"id": 123456789012345678901}', True),
+        ('{"id": -9223372036854775809}', True),
+        ('{"id": 18446744073709551615, "n": -9223372036854775808}', False),
+        ('{"id": "123456789012345678901"}', False),  # a string keeps its digits
+        ('{"x": 1.23456789012345678901}', False),  # a float is a float
+        ('{"id": ' + "9" * 300 + "}", True),
+    ],
+)
+def test_an_integer_past_64_bits_in_an_answer_fails_the_check(
+    tmp_path: Path, text: str, huge: bool
+) -> None:
+    from batchrun.errors import TransientError
+    from batchrun.records import Response
+    from batchrun.schema import AnswerCheck, load_response_schema
+
+    check = AnswerCheck(load_response_schema(_schema_file(tmp_path, {})))
+    body = {"choices": [{"message": {"content": text}, "finish_reason": "stop"}]}
+    answer = Response(status_code=200, request_id="r", body=body)
+    if not huge:
+        assert check.classify(answer) == orjson.loads(text)
+        return
+    with pytest.raises(TransientError, match="an integer past 64 bits") as caught:
+        check.classify(answer)
+    assert caught.value.code == "invalid_json"
+    assert check.failures["invalid_json"] == 1  # a paid answer
