@@ -191,6 +191,8 @@ class Limits:
             isinstance(url, str) and url.startswith(("redis://", "rediss://")),
             f"--shared-limits must be a redis:// or rediss:// URL, got {url!r}",
         )
+        problem = _redis_url_problem(url)
+        require(problem is None, f"--shared-limits {redact_url(url)}: {problem}")
         require(
             self.rpm is not None or self.tpm is not None,
             "--shared-limits shares --rpm and --tpm: set at least one of them",
@@ -199,6 +201,35 @@ class Limits:
             self.limits_key is None or (isinstance(self.limits_key, str) and self.limits_key != ""),
             f"--limits-key must be non-empty text, got {self.limits_key!r}",
         )
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What keeps a redis:// URL from naming one server and database, or None.
+    Redis's own parser reads a missing host as localhost and a database
+    that is no number as 0: another server's, or another budget's, limits."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port must be a number from 1 to 65535 (redis://HOST:PORT/DB)"
+    if not parts.hostname:
+        return "name the host: redis://HOST:PORT/DB"
+    if port == 0:
+        return "the port must be a number from 1 to 65535 (redis://HOST:PORT/DB)"
+    database = parts.path.lstrip("/")
+    if database and not (database.isascii() and database.isdigit()):
+        return f"the database must be a number (redis://HOST:PORT/DB), got {database!r}"
+    return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages (whatever else is wrong with it)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    credentials, _, host = parts.netloc.rpartition("@")
+    user = credentials.partition(":")[0]
+    return parts._replace(netloc=f"{user}@{host}" if user else host).geturl()
 
 
 def resolve_limits(

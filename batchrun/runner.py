@@ -417,6 +417,7 @@ async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
         session = await stack.enter_async_context(open_session(config.limits, config.timeouts, tls))
         started = clock.monotonic()
         if config.mode == "batch":
+            await _check_shared_limits(config, base_urls[0])
             phase = await _batch_phase(job, tls, base_urls[0])
             if not phase.complete:
                 return _batch_stopped(config, job.start, phase, clock.monotonic() - started)
@@ -558,6 +559,17 @@ async def _shared_budget(
         store, rpm=limits.rpm, tpm=limits.tpm, clock=clock.monotonic, sleep=clock.sleep
     )
     return await stack.enter_async_context(budget.running())
+
+
+async def _check_shared_limits(config: RunConfig, base_url: str) -> None:
+    """Batch mode's early check of ``--shared-limits`` (``UsageError`` as in
+    ``_shared_budget``): the online phase after the batches opens the budget
+    itself, and a mistyped URL must not wait that long to show."""
+    limits = config.limits
+    if limits.shared_limits is not None:
+        key = limits.limits_key or default_limits_key(config.provider, base_url, config.model)
+        async with open_lease_store(limits.shared_limits, key):
+            pass
 
 
 def _reporter(

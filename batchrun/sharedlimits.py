@@ -38,10 +38,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 
+from batchrun.config import redact_url
 from batchrun.errors import UsageError
 from batchrun.ratelimit import RateBudget
 from batchrun.timing import Monotonic, Sleep
@@ -155,18 +156,6 @@ class LeaseStore(Protocol):
     async def call(self, ask: LeaseAsk) -> Grant: ...
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = (f"{parts.username}@" if parts.username else "") + host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def default_limits_key(provider: str, base_url: str, model: str | None) -> str:
     """The limit key of a provider account: provider, host and model."""
     host = urlsplit(base_url).netloc or base_url or "embedded"
@@ -229,11 +218,16 @@ async def open_lease_store(url: str, key: str) -> AsyncIterator[LeaseStore]:
     }
     if urlsplit(url).password is None and os.environ.get(PASSWORD_ENV):
         options["password"] = os.environ[PASSWORD_ENV]
-    client = redis_asyncio.Redis.from_url(url, **options)
+    try:
+        client = redis_asyncio.Redis.from_url(url, **options)
+    except (ValueError, TypeError, IndexError) as exc:  # the URL's options, say
+        raise UsageError(f"--shared-limits {shown}: {exc}") from None
     try:
         store = _RedisStore(client, shown, key)
         try:
             await store.raw_call(LeaseAsk())
+        except (ValueError, TypeError, IndexError) as exc:  # options read at connect
+            raise UsageError(f"--shared-limits {shown}: {exc}") from None
         except (AuthenticationError, ResponseError) as exc:
             if isinstance(exc, AuthenticationError) or "AUTH" in str(exc).upper():
                 raise UsageError(f"Redis at {shown} refused the password: {exc}") from None

@@ -186,6 +186,20 @@ def test_settings_and_job_file(tmp_path: Path) -> None:
         build_config({**base, "shared_limits": "redis://127.0.0.1:1/0"})
     with pytest.raises(UsageError, match="--limits-key needs --shared-limits"):
         build_config({**base, "limits_key": "k"})
+    # Redis's parser would read these as another server or database, or fail
+    # with a traceback at the first call.
+    for url, why in (
+        ("redis://", "name the host"),
+        ("redis://:pw@/0", "name the host"),
+        ("redis://h:notaport/0", "the port must be a number from 1 to 65535"),
+        ("redis://h:99999/0", "the port must be a number from 1 to 65535"),
+        ("redis://:pw@h:0/0", "the port must be a number from 1 to 65535"),
+        ("redis://h:1/abc", "the database must be a number"),
+    ):
+        with pytest.raises(UsageError, match=why) as caught:
+            build_config({**base, "rpm": 60, "shared_limits": url})
+        assert "pw" not in str(caught.value)
+    assert redact_url("redis://u:pw@h:bad/0") == "redis://u@h:bad/0"
     job = tmp_path / "job.toml"
     job.write_text('[limits]\nrpm = 60\nshared_limits = "rediss://h:1/0"\nlimits_key = "acct"\n')
     limits = build_config({**base, **load_job_file(job)}).limits
@@ -368,6 +382,37 @@ async def test_unreachable_redis_is_exit_2_before_any_request(
     assert f"cannot reach Redis at {url}" in done.stderr.decode()
     assert "Traceback" not in done.stderr.decode()
     assert server.stats.requests == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_bad_redis_option_is_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    from tests.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0?db=x"
+    with pytest.raises(UsageError, match=r"--shared-limits .*db=x: Invalid value for 'db'"):
+        async with open_lease_store(url, "k"):
+            pass
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_batch_mode_checks_redis_before_any_batch(tmp_path: Path) -> None:
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.runner import run_async
+    from tests.conftest import make_config
+    from tests.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batches:
+        config = make_config(
+            tmp_path, [chat("row")], batches, mode="batch", poll_interval=0.05, rpm=60,
+            shared_limits=url,
+        )  # fmt: skip
+        with pytest.raises(UsageError, match=f"cannot reach Redis at {url}"):
+            await run_async(config)
+        assert batches.batches.created == 0  # nothing uploaded, nothing paid
+        assert not batches.batches.contents
 
 
 @pytest.mark.slow
