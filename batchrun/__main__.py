@@ -2,6 +2,7 @@
 
 import os
 import sys
+import traceback
 
 
 def main() -> None:
@@ -22,7 +23,19 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C before a command takes signals itself
         print("batchrun: interrupted", file=sys.stderr)
         exit_now(130)
+    except Exception:  # a bug: never exit 1, which says "finished, some rows failed"
+        traceback.print_exc()
+        print(
+            "batchrun: internal error (a bug in batchrun; the traceback above is for its"
+            " report). The run's state is kept: run the same command again to resume",
+            file=sys.stderr,
+        )
+        exit_now(EXIT_INTERNAL)
     exit_now(0)
+
+
+# sysexits.h's EX_SOFTWARE: no exit code of a run's own outcome.
+EXIT_INTERNAL = 70
 
 
 def exit_now(code: object) -> None:

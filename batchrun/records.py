@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -190,8 +190,30 @@ def _batch_request(
         return _error(line, custom_id, "body must be a JSON object")
     if body.get("stream"):
         return _error(line, custom_id, _STREAMED)
+    if not _has_request(kind, body):
+        field, shape = _REQUEST_FIELDS[kind]
+        return _error(line, custom_id, f'a {url} body needs "{field}" ({shape})')
     body = _with_defaults(body, defaults, chat=kind == "chat")
     return Request(line=line, custom_id=custom_id, kind=kind, body=body, url=url)
+
+
+# What a batch line's body must hold for its url: the field the request is.
+_REQUEST_FIELDS: Final[dict[str, tuple[str, str]]] = {
+    "chat": ("messages", "a non-empty list"),
+    "completions": ("prompt", "text or a list"),
+    "embeddings": ("input", "non-empty text or a non-empty list"),
+}
+
+
+def _has_request(kind: str, body: Mapping[str, Any]) -> bool:
+    """Whether ``body`` holds the request its url's ``kind`` reads (as a bare
+    line of that kind must, see ``_bare_kind``)."""
+    value = body.get(_REQUEST_FIELDS[kind][0])
+    if kind == "chat":
+        return isinstance(value, list) and bool(value)
+    if kind == "embeddings":
+        return isinstance(value, str | list) and bool(value)
+    return isinstance(value, str | list)
 
 
 # A streamed answer comes as server-sent events, not one JSON body: every

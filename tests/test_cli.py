@@ -425,3 +425,22 @@ def test_leaving_at_once_keeps_what_system_exit_means(
         entry.exit_now(code)
     assert done.value.status == status
     assert capsys.readouterr().err == ("no such job\n" if isinstance(code, str) else "")
+
+
+def test_a_bug_exits_70_with_its_traceback_never_1(
+    exits: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import batchrun.cli
+
+    def broken() -> None:
+        raise KeyError("messages")
+
+    monkeypatch.setattr(batchrun.cli, "main", broken)
+    monkeypatch.setattr(sys, "argv", ["batchrun", "run", "in.jsonl", "--out", "out.jsonl"])
+    with pytest.raises(_Exited) as done:
+        entry.main()
+    assert done.value.status == 70  # exit 1 says "finished, some rows failed"
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert "KeyError: 'messages'" in err
+    assert err.rstrip().splitlines()[-1].startswith("batchrun: internal error (a bug in batchrun")

@@ -59,10 +59,35 @@ def test_batch_request_kinds(url: str, kind: str, body: dict[str, Any]) -> None:
 
 
 def test_batch_request_method_defaults_to_post() -> None:
-    request = parse_ok({"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": []}})
+    body = {"messages": MESSAGES}
+    request = parse_ok({"custom_id": "a", "url": "/v1/chat/completions", "body": body})
     assert request.kind == "chat"
-    assert request.body == {"messages": []}
+    assert request.body == body
     assert request.url == "/v1/chat/completions"
+
+
+CHAT_NEEDS = '"messages" (a non-empty list)'
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "needs"),
+    [
+        # A native DashScope body in an OpenAI batch line: no chat request.
+        ("/v1/chat/completions", {"input": {"messages": MESSAGES}}, CHAT_NEEDS),
+        ("/v1/chat/completions", {"messages": []}, CHAT_NEEDS),
+        ("/v1/chat/completions", {"messages": "hi"}, CHAT_NEEDS),
+        ("/v1/embeddings", {"model": "e"}, '"input" (non-empty text or a non-empty list)'),
+        ("/v1/embeddings", {"input": ""}, '"input" (non-empty text or a non-empty list)'),
+        ("/v1/completions", {"model": "m"}, '"prompt" (text or a list)'),
+        ("/v1/completions", {"prompt": 3}, '"prompt" (text or a list)'),
+    ],
+)
+def test_a_batch_request_body_must_hold_the_request_its_url_names(
+    url: str, body: dict[str, Any], needs: str
+) -> None:
+    # Every provider reads that field: without it, the line is no request.
+    error = parse_err(dumps({"custom_id": "b", "url": url, "body": body}), line=2)
+    assert error == LineError(line=2, custom_id="b", message=f"line 2: a {url} body needs {needs}")
 
 
 def test_batch_request_without_custom_id_uses_line_number() -> None:

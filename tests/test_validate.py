@@ -132,7 +132,7 @@ def test_endpoints_and_models_with_job_defaults(tmp_path: Path) -> None:
         {"prompt": "complete me"},
         {"input": "embed me"},
         {"input": {"messages": [{"role": "user", "content": "native"}]}},
-        batch_line("e", url="/v1/embeddings"),
+        batch_line("e", url="/v1/embeddings", body={"input": "embed me too"}),
         b"broken",
     ]
     report = check(tmp_path, rows, model="job-model")
