@@ -468,3 +468,25 @@ def test_an_integer_past_64_bits_in_an_answer_fails_the_check(
         check.classify(answer)
     assert caught.value.code == "invalid_json"
     assert check.failures["invalid_json"] == 1  # a paid answer
+
+
+@pytest.mark.asyncio
+async def test_batch_answers_off_the_schema_are_paid_for_in_cost(tmp_path: Path) -> None:
+    prices = {"price_input_per_million": 1_000_000, "price_output_per_million": 1_000_000}
+    rows = [chat("good one"), chat("off mock:wrongshape"), chat("prose mock:notjson")]
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batches:
+        config = make_config(
+            tmp_path, rows, batches, response_schema=_schema_file(tmp_path), **BATCH, **prices
+        )
+        summary = await run_async(config)
+    records = read_jsonl(config.out)
+    assert [r["error"] and r["error"]["code"] for r in records] == [
+        None,
+        "schema_mismatch",
+        "invalid_json",
+    ]
+    for record in records:  # each answer paid at the batch price (half)
+        usage = record["response"]["body"]["usage"]
+        assert record["cost"] == (usage["prompt_tokens"] + usage["completion_tokens"]) / 2
+    assert summary.cost == sum(r["cost"] for r in records)
+    assert summary.tokens_in + summary.tokens_out == 2 * summary.cost

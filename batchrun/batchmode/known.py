@@ -68,7 +68,7 @@ class KnownResults:
         self._head: tuple[int, bytes] | None = None
         self._tallies: dict[bytes, Tally] = {}  # by token counts: most answers share a few
         self.found = 0
-        self.spent = 0.0  # the recorded cost of the answers found
+        self.spent = 0.0  # the recorded cost of the rows found
 
     def get(self, line: int) -> Known | None:
         """The answer of ``line``, if a batch answered it."""
@@ -87,8 +87,9 @@ class KnownResults:
     def _known(self, raw: bytes) -> Known:
         """A results-file line as the record and, with a head, its tally: an
         answer (no error), no recorded cost, not reused."""
-        if raw.startswith(b"{"):
-            return _known(raw, None)  # no head: an error (it cost nothing) or an older run's
+        if raw.startswith(b"{"):  # no head: an error, or an older run's answer
+            self.spent += _recorded_cost(raw)  # an answer off the schema was paid
+            return _known(raw, None)
         tab = raw.index(b"\t")
         tokens = raw[raw.index(b" ") + 1 : tab]
         tally = self._tallies.get(tokens)
@@ -101,6 +102,14 @@ class KnownResults:
 
     def close(self) -> None:
         self._stack.close()
+
+
+def _recorded_cost(record: bytes) -> float:
+    """The ``cost`` an output record gives (0.0 when it gives none)."""
+    if b'"cost":' not in record:
+        return 0.0
+    cost = orjson.loads(record).get("cost")
+    return float(cost) if type(cost) in (int, float) else 0.0
 
 
 def _tally(counts: bytes) -> Tally:

@@ -266,7 +266,7 @@ def _keep_checked(
         parsed = rules.check.classify(answer)
     except (RowError, TransientError) as exc:
         failed = failed_outcome(line, custom_id, exc, attempts=1)
-        failed.cost = _error_cost(rules)
+        failed.cost = cost  # the answer was paid, as online mode records it
         _keep(found, line, output_line(failed), b"", failed, reading)
         return
     outcome = Outcome(
