@@ -229,6 +229,8 @@ def _bare_request(
     body.pop("custom_id", None)
     body.pop("id", None)
     if _is_native_embedding(body):
+        if not isinstance(body.get("parameters", {}), dict):
+            return _error(line, custom_id, _NOT_PARAMETERS)
         body = _flat_embedding(body)
     kind = _bare_kind(body)
     if body.get("stream"):
@@ -242,11 +244,26 @@ def _bare_request(
             ' or {"texts": [...]}',
         )
     if kind == "dashscope":
-        return Request(
-            line=line, custom_id=custom_id, kind=kind, body=_native_defaults(body, defaults)
-        )
+        return _native_request(body, line, custom_id, defaults)
     body = _with_defaults(body, defaults, chat=kind == "chat")
     return Request(line=line, custom_id=custom_id, kind=kind, body=body)
+
+
+_NOT_PARAMETERS = "a native line's parameters must be a JSON object"
+
+
+def _native_request(
+    body: dict[str, Any], line: int, custom_id: str, defaults: Defaults
+) -> Request | LineError:
+    """A DashScope native chat line (``{"input": {"messages": ...}, "parameters": ...}``)."""
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        return _error(line, custom_id, _NOT_PARAMETERS)
+    if parameters.get("stream"):
+        return _error(line, custom_id, _STREAMED)
+    return Request(
+        line=line, custom_id=custom_id, kind="dashscope", body=_native_defaults(body, defaults)
+    )
 
 
 def _is_native_embedding(body: Mapping[str, Any]) -> bool:
@@ -295,15 +312,17 @@ def _with_defaults(body: dict[str, Any], defaults: Defaults, *, chat: bool) -> d
 
 
 def _native_defaults(body: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    """A native line with the job's defaults: the model beside ``input`` (from
+    ``--model``, else a ``model`` in ``[params]``, as for the other forms),
+    every other parameter under ``parameters``; the line wins."""
     merged = dict(body)
+    params = dict(defaults.params)
+    model = params.pop("model", None)
     if defaults.model is not None:
-        merged.setdefault("model", defaults.model)
-    given = body.get("parameters")
-    merged["parameters"] = {
-        **defaults.params,
-        **defaults.chat_params,
-        **(given if isinstance(given, dict) else {}),
-    }
+        model = defaults.model
+    if model is not None:
+        merged.setdefault("model", model)
+    merged["parameters"] = {**params, **defaults.chat_params, **body.get("parameters", {})}
     return merged
 
 

@@ -317,6 +317,37 @@ def test_native_line_model_wins() -> None:
     }
 
 
+def test_a_model_in_the_params_goes_beside_a_native_lines_input() -> None:
+    # As for the other forms: a "model" in [params] or --param is the model,
+    # not a parameter; --model beats it, and the line beats both.
+    native = {"input": {"messages": MESSAGES}}
+    request = parse_ok(native, defaults=Defaults(params={"model": "qwen-max", "seed": 1}))
+    assert request.body == {"model": "qwen-max", **native, "parameters": {"seed": 1}}
+    both = Defaults(model="qwen-plus", params={"model": "qwen-max"})
+    assert parse_ok(native, defaults=both).body["model"] == "qwen-plus"
+    own = parse_ok({"model": "mine", **native}, defaults=both)
+    assert (own.body["model"], own.body["parameters"]) == ("mine", {})
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"input": {"messages": MESSAGES}, "parameters": "oops"},
+        {"input": {"texts": ["a"]}, "parameters": [1]},
+    ],
+)
+def test_a_native_lines_parameters_must_be_an_object(line: dict[str, Any]) -> None:
+    error = parse_err(dumps({"custom_id": "p", **line}), line=3)
+    assert error.message == "line 3: a native line's parameters must be a JSON object"
+
+
+def test_a_native_line_asking_for_a_stream_in_its_parameters_is_refused() -> None:
+    line = {"input": {"messages": MESSAGES}, "parameters": {"stream": True}}
+    assert "streamed answer" in parse_err(dumps(line)).message
+    embedding = {"input": {"texts": ["a"]}, "parameters": {"stream": True}}
+    assert "streamed answer" in parse_err(dumps(embedding)).message
+
+
 # --- malformed lines -------------------------------------------------------------
 
 
