@@ -366,6 +366,8 @@ def ds_error(code: str, message: str = "msg") -> dict[str, Any]:
         (401, ds_error("InvalidApiKey"), "fatal"),
         (400, ds_error("InvalidApiKey"), "fatal"),
         (400, ds_error("Arrearage"), "fatal"),
+        (400, ds_error("PrepaidBillOverdue"), "fatal"),
+        (400, ds_error("PostpaidBillOverdue"), "fatal"),
         (403, ds_error("AccessDenied"), "fatal"),
         (400, ds_error("AccessDenied"), "fatal"),
         (403, ds_error("AccessDenied.Unpurchased"), "fatal"),

@@ -20,7 +20,18 @@ GENERATION_PATH = "/services/aigc/text-generation/generation"
 EMBEDDING_PATH = "/services/embeddings/text-embedding/text-embedding"
 
 # DashScope error codes that decide the verdict by themselves.
-_FATAL_CODES = frozenset({"InvalidApiKey", "Arrearage", "AccessDenied", "AccessDenied.Unpurchased"})
+# The account, not the row: every later request would fail the same way (the
+# billing ones with a 400, which would otherwise be each row's own error).
+_FATAL_CODES = frozenset(
+    {
+        "InvalidApiKey",
+        "Arrearage",
+        "PrepaidBillOverdue",
+        "PostpaidBillOverdue",
+        "AccessDenied",
+        "AccessDenied.Unpurchased",
+    }
+)
 _TRANSIENT_PREFIXES = ("Throttling", "InternalError", "ServiceUnavailable", "RequestTimeOut")
 
 
