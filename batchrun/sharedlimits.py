@@ -68,7 +68,8 @@ LEASE_MAX_S = 0.5
 # A grant starting further ahead than this is refused (retry later): it bounds
 # what a process that dies holding a lease can waste.
 HORIZON_S = 5.0
-# A process not heard from for this long no longer counts among the sharers.
+# A process not heard from for this long after it was due to call again (its
+# lease used up, its wait or the pause over) no longer counts among the sharers.
 PROCESS_TTL_S = 5.0
 # While Redis is away, try it again this often (seconds).
 RECONNECT_S = 1.0
@@ -78,7 +79,9 @@ CALL_TIMEOUT_S = 0.5
 KEY_TTL_S = 3600
 
 # KEYS[1]: the limit's hash (tat_r, tat_t, pause_until: server seconds);
-# KEYS[2]: sorted set of the processes seen, scored by when.
+# KEYS[2]: sorted set of the processes seen, each scored by when it is due to
+# call again plus the process TTL: at a low rate a process calls once per
+# lease, many seconds apart, and must still count while it waits.
 # ARGV: process id, requests asked, seconds per request (0: no --rpm), tokens
 # asked, seconds per token (0: no --tpm), tokens of debt, seconds of pause to
 # set, horizon, process TTL, key TTL.
@@ -93,13 +96,10 @@ local debt, pause = tonumber(ARGV[6]), tonumber(ARGV[7])
 local horizon, ttl, key_ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local s = redis.call('HMGET', KEYS[1], 'tat_r', 'tat_t', 'pause_until')
 local tat_r, tat_t, pause_until = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3]) or 0
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
-redis.call('EXPIRE', KEYS[2], key_ttl)
-local procs = redis.call('ZCARD', KEYS[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if debt > 0 then tat_t = math.max(tat_t, now) + debt * tok_iv end
 if pause > 0 then pause_until = math.max(pause_until, now + pause) end
-local verdict, seconds = 'ok', 0
+local verdict, seconds, due = 'ok', 0, now
 if req > 0 or tok > 0 then
   local start = math.max(now, tat_r, tat_t, pause_until)
   if pause_until > now then
@@ -111,7 +111,12 @@ if req > 0 or tok > 0 then
     tat_t = start + tok * tok_iv
     seconds = start - now
   end
+  -- When this process calls again: its lease used up, or its wait or pause over.
+  due = verdict == 'ok' and math.max(tat_r, tat_t) or now + seconds
 end
+redis.call('ZADD', KEYS[2], due + ttl, ARGV[1])
+redis.call('EXPIRE', KEYS[2], key_ttl)
+local procs = redis.call('ZCARD', KEYS[2])
 redis.call('HSET', KEYS[1], 'tat_r', string.format('%.6f', tat_r),
   'tat_t', string.format('%.6f', tat_t), 'pause_until', string.format('%.6f', pause_until))
 redis.call('EXPIRE', KEYS[1], key_ttl)

@@ -442,6 +442,37 @@ async def test_wrong_password_is_exit_2_without_the_password(
 
 
 @pytest.mark.asyncio
+async def test_a_process_counts_while_it_waits_for_its_next_lease(
+    redis_server: RedisServer,
+) -> None:
+    # At 3 requests a minute each lease is one request, 20 s long: a process
+    # calls again only once its lease is used up (or its wait is over), far
+    # past the process TTL, and must still count as sharing until then.
+    import redis.asyncio as redis_asyncio
+
+    slow = LeaseAsk(requests=1, request_s=20.0)
+    async with (
+        open_lease_store(redis_server.url, "slow") as first,
+        open_lease_store(redis_server.url, "slow") as second,
+    ):
+        taken = await first.call(slow)
+        waiting = await second.call(slow)
+        assert (taken.verdict, waiting.verdict) == ("ok", "wait")
+        assert waiting.seconds == pytest.approx(15.0, abs=0.1)  # 20 ahead, less the horizon
+        assert waiting.processes == 2
+    client = redis_asyncio.Redis.from_url(redis_server.url)
+    try:
+        now = float((await client.time())[0])
+        scores = dict(await client.zrange("batchrun:limits:slow:processes", 0, -1, withscores=True))
+    finally:
+        await client.aclose()
+    due = sorted(score - now for score in scores.values())
+    # Counted until 5 s (the process TTL) after each is due to call again:
+    # the waiting one in 15 s, the other once its 20 s lease is used up.
+    assert due == [pytest.approx(20.0, abs=1.1), pytest.approx(25.0, abs=1.1)]
+
+
+@pytest.mark.asyncio
 async def test_store_against_a_real_redis(redis_server: RedisServer) -> None:
     async with open_lease_store(redis_server.url, "unit") as store:
         first = await store.call(LeaseAsk(requests=10, request_s=0.1))
