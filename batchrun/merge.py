@@ -53,10 +53,12 @@ def merge(paths: list[Path], out: Path) -> MergeReport:
     reads: list[Named] = [(f"shard output {path}", path) for path in paths]
     reads += [("the shards' input", given) for given in filter(None, map(recorded_input, paths))]
     check_written(reads, [("--out", out)])
+    _check_replaceable(out)
     shards = sorted((_finished_shard(path) for path in paths), key=lambda s: s.shard.index)
     _check_complete(shards)
     _check_counts(shards)
     partial = out.with_name(out.name + ".merging")
+    partial.unlink(missing_ok=True)  # an earlier merge's, or a link: never written through
     try:
         with disk_writes(out):
             rows, failed = _interleave(shards, partial)
@@ -65,6 +67,24 @@ def merge(paths: list[Path], out: Path) -> MergeReport:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
     return MergeReport(rows=rows, failed=failed, output=out)
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out``, if it exists, holds batchrun records (an earlier merge, made
+    again): a file of anything else is not replaced."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return
+    with out.open("rb") as handle:
+        first = handle.readline(1 << 20)
+    try:
+        record = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        record = None
+    if not (isinstance(record, dict) and type(record.get("line")) is int):
+        raise UsageError(
+            f"--out {out} exists and is not a batchrun output: merge would replace it;"
+            " remove it first, or give another name"
+        )
 
 
 def _finished_shard(path: Path) -> ShardOutput:
@@ -158,7 +178,7 @@ def _interleave(shards: list[ShardOutput], partial: Path) -> tuple[int, int]:
     failed = 0
     with contextlib.ExitStack() as stack:
         readers = [_lines(stack.enter_context(s.path.open("rb"))) for s in shards]
-        sink = stack.enter_context(partial.open("wb"))
+        sink = stack.enter_context(partial.open("xb"))
         for row in range(1, total + 1):
             turn = (row - 1) % len(shards)
             line = next(readers[turn], None)

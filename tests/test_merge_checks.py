@@ -146,3 +146,33 @@ async def test_intact_shards_still_merge_in_input_order(tmp_path: Path, server: 
 
     assert (report.rows, report.failed) == (ROWS, 0)
     assert [r["line"] for r in read_jsonl(tmp_path / "m.jsonl")] == list(range(1, ROWS + 1))
+
+
+async def test_merge_replaces_an_earlier_merge_but_no_other_file(
+    tmp_path: Path, server: MockServer
+) -> None:
+    parts = await shards(tmp_path, server)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious\n")
+    with pytest.raises(UsageError, match=r"--out .*notes.txt exists and is not a batchrun output"):
+        merge(parts, notes)
+    assert notes.read_text() == "precious\n"
+    out = tmp_path / "m.jsonl"
+    merge(parts, out)
+    merge(parts, out)  # made again: it held batchrun records
+    assert [r["line"] for r in read_jsonl(out)] == list(range(1, ROWS + 1))
+
+
+async def test_a_link_left_where_merge_writes_is_not_written_through(
+    tmp_path: Path, server: MockServer
+) -> None:
+    parts = await shards(tmp_path, server)
+    kept = parts[1].read_bytes()
+    out = tmp_path / "m.jsonl"
+    out.with_name("m.jsonl.merging").symlink_to(parts[1])
+
+    merge(parts, out)
+
+    assert parts[1].read_bytes() == kept
+    assert not out.is_symlink()
+    assert len(read_jsonl(out)) == ROWS
