@@ -403,8 +403,9 @@ class Summary:
 
     def replay(self, *, output: str, extra: dict[str, object]) -> Summary:
         """What a run that finds this one finished reports: the same rows,
-        verdicts and exit code, every row done by an earlier run, nothing
-        sent, spent or timed now."""
+        verdicts, tokens and exit code (as a resumed run counts its earlier
+        runs' rows), every row done by an earlier run, nothing sent, spent
+        or timed now."""
         return Summary(
             **{
                 **_NOTHING_DONE,
@@ -412,6 +413,8 @@ class Summary:
                 "ok": self.ok,
                 "failed": self.failed,
                 "failed_by_code": dict(self.failed_by_code),
+                "tokens_in": self.tokens_in,
+                "tokens_out": self.tokens_out,
                 "skipped": self.rows,
                 "exit_code": self.exit_code,
                 "output": output,

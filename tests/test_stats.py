@@ -253,7 +253,7 @@ def test_replay_reports_the_rows_and_nothing_done_now() -> None:
         failed_by_code={"x": 1},
         retries=0,
         skipped=2,
-        tokens_in=0,
+        tokens_in=9,  # the output's tokens, as a resumed run counts them
         tokens_out=0,
         latency_p50_ms=None,
         latency_p95_ms=None,
