@@ -443,7 +443,7 @@ SETTINGS: tuple[Setting, ...] = (
         "grace",
         float,
         3.0,
-        "Seconds in-flight requests get after SIGINT/SIGTERM ({default}).",
+        "Seconds in-flight requests get after SIGINT/SIGTERM or a fatal answer ({default}).",
         panel=RESUME,
     ),
     # Batch mode.
