@@ -312,7 +312,7 @@ class SharedBudget:
 
     def settle(self, estimated: int, actual: int) -> None:
         """Usage above the estimate is sent with the next call; a refund goes
-        back to this process's lease. No-op without ``--tpm``."""
+        back to this process's lease and its local pacing. No-op without ``--tpm``."""
         if self._tpm is None:
             return
         if self._fallback is not None:
@@ -321,6 +321,9 @@ class SharedBudget:
             self._debt += actual - estimated
         else:
             self._tokens_left += estimated - actual
+            # The local pacing took the estimate: give it back there too, or
+            # answers shorter than estimated pace the run below the lease.
+            self._local.settle(estimated, actual)
 
     def hold(self, until: float) -> None:
         """A server asked to pause until ``until`` (monotonic seconds): bank

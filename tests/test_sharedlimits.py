@@ -125,6 +125,18 @@ async def test_tokens_debt_is_sent_in_a_batch_and_refunds_stay_local() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_refund_paces_the_next_requests_sooner() -> None:
+    # Estimates of 500 tokens, answers using 100: at 1,000 tokens a second
+    # the requests go at the pace of what they use, not of their estimates.
+    time, store = FakeClock(), FakeStore()
+    budget = shared(store, time, tpm=60_000)
+    for _ in range(50):
+        await budget.acquire(500)
+        budget.settle(500, 100)
+    assert time.now == pytest.approx(5.0)  # 50 x 100 tokens used; 24.6 s without the refunds
+
+
+@pytest.mark.asyncio
 async def test_an_oversize_request_asks_a_lease_big_enough() -> None:
     time, store = FakeClock(), FakeStore()
     budget = shared(store, time, tpm=6000)  # 100 tokens/s: a lease of 25
