@@ -99,9 +99,7 @@ def run_command(**flags: Any) -> None:
     except DiskError as exc:  # before the rows: the state files themselves
         typer.echo(f"batchrun: error: {disk_advice(exc)}", err=True)
         raise typer.Exit(EXIT_DISK) from None
-    typer.echo(result.render(), err=True)
-    if config.summary_path is not None:
-        _write_summary(config.summary_path, result.to_dict())
+    typer.echo(result.render(), err=True)  # ``run`` wrote --summary
     raise typer.Exit(result.exit_code)
 
 
@@ -157,18 +155,6 @@ _ALSO = "also_"  # the parameter of a setting's hidden spelling
 # Typer reads the parameters from the signature: the settings table spells them once.
 run_command.__signature__ = inspect.Signature(_run_parameters())  # type: ignore[attr-defined]
 app.command("run")(run_command)
-
-
-def _write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """The summary JSON; a failure to write it (checked writable at the start,
-    but a directory can vanish) is said in one line and changes no exit code:
-    the rows are done and kept."""
-    try:
-        path.write_bytes(
-            orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-        )
-    except OSError as exc:
-        typer.echo(f"batchrun: warning: could not write the summary {path}: {exc}", err=True)
 
 
 def _settings(flags: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import logging
 import os
 import ssl
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 from urllib.parse import urlsplit
 
 import anyio
+import orjson
 
 from batchrun import crashpoint, eventloop
 from batchrun.batchmode.standing import guard, known_results, unsettled
@@ -98,10 +100,28 @@ async def run_async(
     ``handle_signals``: SIGINT/SIGTERM stop the run resumably (exit code 75)
     from before the output's lock is taken; only from the main thread.
     ``stop``: setting it does the same, from anywhere (online mode).
+    The summary also goes to ``config.summary_path`` when it is set.
     """
     if handle_signals:
-        return await with_signals(lambda signals: _run(config, clock, stream, signals, stop))
-    return await _run(config, clock, stream, None, stop)
+        if threading.current_thread() is not threading.main_thread():
+            raise UsageError("handle_signals works only in the main thread: leave it out here")
+        summary = await with_signals(lambda signals: _run(config, clock, stream, signals, stop))
+    else:
+        summary = await _run(config, clock, stream, None, stop)
+    if config.summary_path is not None:
+        write_summary(config.summary_path, summary)
+    return summary
+
+
+def write_summary(path: Path, summary: Summary) -> None:
+    """The summary as JSON at ``path``; a failure to write it (checked
+    writable at the start, but a directory can vanish) is a warning and
+    changes no exit code: the rows are done and kept."""
+    data = orjson.dumps(summary.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        log.warning("could not write the summary %s: %s", path, exc)
 
 
 async def _run(

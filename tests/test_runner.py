@@ -449,3 +449,27 @@ async def test_the_output_may_not_be_the_input(tmp_path: Path, server: MockServe
     with pytest.raises(UsageError, match="is also the input"):
         await run_async(config)
     assert server.stats.requests == 0
+
+
+async def test_the_summary_setting_is_written_from_python_too(
+    tmp_path: Path, server: MockServer
+) -> None:
+    summary_path = tmp_path / "s.json"
+    config = make_config(tmp_path, [chat("a"), chat("b")], server, summary=summary_path)
+
+    summary = await run_async(config)
+
+    assert orjson.loads(summary_path.read_bytes()) == orjson.loads(orjson.dumps(summary.to_dict()))
+
+
+async def test_signals_from_another_thread_are_a_usage_error(
+    tmp_path: Path, server: MockServer
+) -> None:
+    config = make_config(tmp_path, [chat("a")], server)
+
+    def in_a_thread() -> None:
+        with pytest.raises(UsageError, match="handle_signals works only in the main thread"):
+            anyio.run(lambda: run_async(config, handle_signals=True))
+
+    await anyio.to_thread.run_sync(in_a_thread)
+    assert not config.out.exists()
