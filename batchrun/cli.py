@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
+import json
 import logging
 import math
 import sys
@@ -190,11 +191,15 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--param takes KEY=VALUE, got {pair!r}")
+        if _is_non_finite(value):
+            raise UsageError(f"--param {pair}: JSON has no NaN or infinity to send")
         try:
-            params[key] = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            if _is_non_finite(value):
-                raise UsageError(f"--param {pair}: JSON has no NaN or infinity to send") from None
+            # The standard parser keeps every digit of a big integer (orjson
+            # rounds it to a float): the settings check then refuses it.
+            params[key] = json.loads(value)
+        except ValueError as exc:
+            if value.lstrip().startswith(("[", "{", '"')):  # meant as JSON: a typo is no string
+                raise UsageError(f"--param {pair}: not valid JSON ({exc})") from None
             params[key] = value  # a bare word is a string
     return params
 

@@ -61,6 +61,7 @@ def _check_params(params: Mapping[str, Any]) -> None:
     JSON carries as given, and no streaming."""
     require(isinstance(params, Mapping), "[params] in a job file must be a table")
     for key, value in params.items():
+        require(isinstance(key, str), f"parameter {key!r}: a parameter's name must be text")
         problem = _json_problem(value)
         require(problem is None, f"parameter {key} is {value!r}: {problem}")
     require(
@@ -97,6 +98,8 @@ def _json_problem(value: Any) -> str | None:
     if isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):
         return "an integer past 64 bits, which JSON parsers round: give it as a string"
     if isinstance(value, Mapping):
+        if not all(isinstance(key, str) for key in value):
+            return "an object whose keys are not all text, which JSON cannot carry"
         value = list(value.values())
     if isinstance(value, list):
         return next(filter(None, map(_json_problem, value)), None)

@@ -456,6 +456,8 @@ def test_build_config_unknown_provider() -> None:
         ({"stop": [1.0, float("nan")]}, "parameter stop is [1.0, nan]: JSON has no NaN"),
         ({"x": {"y": [-(1 << 70)]}}, "parameter x is {'y': [-1180591620717411303424]}: an int"),
         ({"stream": True}, "parameter stream asks for streamed answers"),
+        ({1: 2}, "parameter 1: a parameter's name must be text"),
+        ({"x": {"a": {3: 4}}}, "parameter x is {'a': {3: 4}}: an object whose keys are not all"),
     ],
 )
 def test_build_config_refuses_params_that_cannot_be_sent_as_given(

@@ -115,6 +115,12 @@ _BAD_RUNS: dict[str, tuple[list[str], str]] = {
     ),
     "param NaN": (["--param", "temperature=NaN"], "--param temperature=NaN: JSON has no NaN"),
     "param Infinity": (["--param", "max_tokens=-Infinity"], "--param max_tokens=-Infinity: JSON"),
+    "param NaN inside": (["--param", "a=[NaN]"], "parameter a is [nan]: JSON has no NaN"),
+    "param big integer": (
+        ["--param", "n=123456789012345678901234567890"],
+        "parameter n is 123456789012345678901234567890: an integer past 64 bits",
+    ),
+    "param broken JSON": (["--param", "stop=[1, 2,]"], "--param stop=[1, 2,]: not valid JSON"),
 }
 
 
