@@ -16,6 +16,7 @@ import orjson
 from batchrun.answers import read_answer, usage_tokens
 from batchrun.errors import UsageError
 from batchrun.inputs import open_input
+from batchrun.records import UTF8_BOM
 from batchrun.state import StateDir, input_identity
 
 # The table's columns, in order; joined input columns follow them.
@@ -150,6 +151,8 @@ class InputColumns:
             self._at += 1
         if self._at != line:
             raise UsageError(f"the output's lines are out of order at line {line}")
+        if line == 1:
+            raw = raw.removeprefix(UTF8_BOM)  # skipped as the run skipped it
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:

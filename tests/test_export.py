@@ -413,3 +413,18 @@ def test_a_full_disk_while_exporting_exits_74_and_leaves_no_file(
         "out.jsonl",
         "out.jsonl.batchrun",
     ]
+
+
+@pytest.mark.asyncio
+async def test_an_input_starting_with_a_byte_order_mark_joins_its_first_line(
+    tmp_path: Path, server: MockServer
+) -> None:
+    source = tmp_path / "bom.jsonl"
+    lines = [chat("hi", custom_id="a", topic="t1"), chat("yo", custom_id="b", topic="t2")]
+    source.write_bytes(b"\xef\xbb\xbf" + b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    config = make_config(tmp_path, [], server, input=source)
+    assert (await run_async(config)).exit_code == 0
+
+    rows = list(read_results(config.out, input=source, columns=["topic"]))
+
+    assert [row["topic"] for row in rows] == ["t1", "t2"]
