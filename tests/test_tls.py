@@ -134,6 +134,22 @@ async def test_an_untrusted_certificate_says_it_is_the_certificate(
 
 
 @pytest.mark.asyncio
+async def test_batch_mode_says_the_certificate_stopped_it_not_an_answer(
+    tmp_path: Path, https_server: MockServer
+) -> None:
+    config = make_config(tmp_path, ROWS, https_server, mode="batch", poll_interval=0.05)
+
+    with anyio.fail_after(20):
+        summary = await run_async(config, clock=Clock())
+
+    assert summary.exit_code == EXIT_FATAL
+    advice = summary.aborted or ""
+    assert advice.startswith("no request could reach the provider (tls_certificate)")
+    assert "the provider answered" not in advice
+    assert "--ca-bundle" in advice
+
+
+@pytest.mark.asyncio
 async def test_ca_bundle_trusts_a_private_ca_and_resumes_the_stopped_run(
     tmp_path: Path, https_server: MockServer, pki: Pki
 ) -> None:

@@ -73,9 +73,13 @@ class PhaseResult:
 
 def _stopped_by(exc: RequestError) -> str:
     """Why the phase stops after ``exc``, and that the same command resumes."""
-    return (
-        f"the provider answered {exc.status or ''} {exc.code}: {exc.message.rstrip('.')}. {_RESUME}"
-    )
+    if exc.status is None:  # no answer at all: the connection (TLS, the URL) is at fault
+        return (
+            f"no request could reach the provider ({exc.code}): {exc.message.rstrip('.')}."
+            " Fix that (--base-url, --ca-bundle or the network), then run the same command"
+            " again: it resumes, and batches already created are not created again"
+        )
+    return f"the provider answered {exc.status} {exc.code}: {exc.message.rstrip('.')}. {_RESUME}"
 
 
 class BatchJob:
