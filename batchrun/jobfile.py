@@ -84,7 +84,8 @@ def _check_job_key(path: Path, key: str, *, section: str | None) -> None:
         allowed = ", ".join(sorted(_JOB_KEYS))
         raise UsageError(f"job file {path}: unknown key {key!r}{hint}; allowed keys: {allowed}")
     if section is not None and expected != section:
-        raise UsageError(f"job file {path}: key {key!r} belongs in [{expected}], not [{section}]")
+        where = "at the top level" if expected == "run" else f"in [{expected}]"
+        raise UsageError(f"job file {path}: key {key!r} belongs {where}, not in [{section}]")
 
 
 def build_config(settings: Mapping[str, Any]) -> RunConfig:

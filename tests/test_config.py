@@ -352,9 +352,8 @@ def test_load_job_file_key_in_wrong_table(
     path = write_job(tmp_path, text)
     with pytest.raises(UsageError) as info:
         load_job_file(path)
-    assert str(info.value) == (
-        f"job file {path}: key {key!r} belongs in [{expected}], not [{given}]"
-    )
+    where = "at the top level" if expected == "run" else f"in [{expected}]"
+    assert str(info.value) == (f"job file {path}: key {key!r} belongs {where}, not in [{given}]")
 
 
 def test_load_job_file_invalid_toml(tmp_path: Path) -> None:
