@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from batchrun.errors import (
         BatchrunError,
         FatalError,
+        LockedError,
         RequestError,
         RowError,
         TransientError,
@@ -41,6 +42,7 @@ _HOMES = {
     "Timeouts": "config",
     "BatchrunError": "errors",
     "FatalError": "errors",
+    "LockedError": "errors",
     "RequestError": "errors",
     "RowError": "errors",
     "TransientError": "errors",
@@ -68,6 +70,7 @@ __all__ = [
     "BatchrunError",
     "FatalError",
     "Limits",
+    "LockedError",
     "RequestError",
     "RetryPolicy",
     "RowError",

@@ -34,7 +34,7 @@ from batchrun.settings import BY_KEY, SECTIONS, SETTINGS, default, job_sections
 _JOB_KEYS = job_sections()
 
 
-def load_job_file(path: Path) -> dict[str, Any]:
+def load_job_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML job file into flat settings keyed like ``_JOB_KEYS``.
 
     Top-level keys and the optional tables ``[limits]``, ``[timeouts]``,
@@ -42,6 +42,7 @@ def load_job_file(path: Path) -> dict[str, Any]:
     request parameters. Unknown keys are an error, naming the allowed ones, so
     a typo never silently does nothing.
     """
+    path = Path(path)
     try:
         # Editors on Windows may start UTF-8 text with a byte order mark,
         # which TOML does not allow: it is not part of the file's text.

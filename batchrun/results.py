@@ -171,6 +171,8 @@ def read_results(
     """Stream ``out``'s rows as dicts, one per output line (see ``table_row``),
     with the fields ``columns`` of each row's ``input`` line added."""
     source = output_source(Path(out), partial=partial)
+    if isinstance(columns, str):  # its letters would each be a column
+        raise UsageError(f"columns is a list of field names, got the text {columns!r}")
     if columns and input is None:
         raise UsageError("--columns needs --input, the file to take them from")
     twice = sorted({name for name in columns if list(columns).count(name) > 1})

@@ -574,3 +574,16 @@ def test_costs_key_in_the_wrong_table_is_named(tmp_path: Path) -> None:
     job.write_text("[limits]\ncontext_limit = 5\n")
     with pytest.raises(UsageError, match=r"'context_limit' belongs in \[costs\]"):
         load_job_file(job)
+
+
+def test_load_job_file_takes_a_path_as_text(tmp_path: Path) -> None:
+    path = write_job(tmp_path, 'model = "m"\n')
+    assert load_job_file(str(path)) == load_job_file(path)
+
+
+def test_locked_error_is_exported() -> None:
+    import batchrun
+    from batchrun.errors import LockedError
+
+    assert batchrun.LockedError is LockedError
+    assert "LockedError" in batchrun.__all__

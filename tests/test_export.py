@@ -287,6 +287,8 @@ async def test_read_results_and_pandas(
         read_results(out, columns=["topic"])
     with pytest.raises(UsageError, match="--columns topic: named twice"):
         read_results(out, input=tmp_path / "in.jsonl", columns=["topic", "topic"])
+    with pytest.raises(UsageError, match="columns is a list of field names, got the text 'topic'"):
+        read_results(out, input=tmp_path / "in.jsonl", columns="topic")
 
 
 def test_the_export_command(tmp_path: Path) -> None:
