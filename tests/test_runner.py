@@ -403,6 +403,27 @@ async def test_a_bad_key_leaves_nothing_in_doubt(
     assert summary.extra["in doubt"] == 0
 
 
+@pytest.mark.parametrize(
+    ("key", "flaw"),
+    [
+        ("sk-abc\r", "holds the character U+000D, which an HTTP header cannot carry"),
+        ("sk-a\u2010b", "holds the character U+2010, which an HTTP header cannot carry"),
+        (" sk-abc", "starts or ends with a space, which an HTTP header drops"),
+    ],
+)
+async def test_a_key_an_http_header_cannot_carry_is_an_error_before_any_request(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch, key: str, flaw: str
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    config = make_config(tmp_path, [chat("x")], server, provider="openai")
+
+    with pytest.raises(UsageError) as caught:
+        await run_async(config)
+    assert str(caught.value) == f"the API key in OPENAI_API_KEY {flaw}: set it to the key alone"
+    assert "sk-a" not in str(caught.value)
+    assert server.stats.requests == 0
+
+
 async def test_missing_key_is_an_error_before_any_request(
     tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
