@@ -52,7 +52,16 @@ def tls_failure(exc: BaseException) -> FatalError | None:
 def untrusted(host: str | None, port: int | None, cause: BaseException) -> FatalError:
     """The fatal error for a server certificate ``cause`` refused."""
     reason = getattr(cause, "verify_message", None) or str(cause)
+    if getattr(cause, "verify_code", None) in _NAME_MISMATCH:
+        # A trusted certificate for another name: the URL's host is what to fix.
+        advice = f"the certificate is not for {host}: give --base-url the host name it names"
+    else:
+        advice = TRUST_ADVICE
     return FatalError(
         "tls_certificate",
-        f"the TLS certificate of {host}:{port} was not accepted: {reason}; {TRUST_ADVICE}",
+        f"the TLS certificate of {host}:{port} was not accepted: {reason}; {advice}",
     )
+
+
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})

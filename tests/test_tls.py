@@ -190,7 +190,11 @@ async def test_a_certificate_for_another_host_names_the_mismatch(tmp_path: Path)
             summary = await run_async(config, clock=Clock())
 
     assert summary.exit_code == EXIT_FATAL
-    assert "IP address mismatch" in (summary.aborted or "")
+    advice = summary.aborted or ""
+    assert "IP address mismatch" in advice
+    # The CA is trusted already: the URL's host is what to fix.
+    assert "the certificate is not for 127.0.0.1: give --base-url the host name it names" in advice
+    assert "--ca-bundle PEM" not in advice
 
 
 @pytest.mark.asyncio
