@@ -66,6 +66,7 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
             f"job file {path}: params must be a table ([params]) of request parameters,"
             f" got {params!r}"
         )
+    _check_params_table(path, params or {})
     for key, value in data.items():
         if key in SECTIONS and isinstance(value, dict):
             for sub_key, sub_value in value.items():
@@ -75,6 +76,19 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
             _check_job_key(path, key, section=None)
             flat[key] = value
     return flat
+
+
+def _check_params_table(path: Path, params: Mapping[str, Any]) -> None:
+    """No batchrun setting in ``[params]`` (``model`` is both): TOML puts
+    every key after a table's header into that table, so a setting written
+    below ``[params]`` would go to the provider with every request."""
+    settings = sorted(key for key in params if key in _JOB_KEYS and key != "model")
+    if settings:
+        raise UsageError(
+            f"job file {path}: [params] holds {', '.join(settings)}, which are batchrun"
+            " settings, not request parameters: TOML puts every key after [params] in it;"
+            " move them above the first table, or into theirs"
+        )
 
 
 def _check_job_key(path: Path, key: str, *, section: str | None) -> None:

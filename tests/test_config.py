@@ -587,3 +587,14 @@ def test_locked_error_is_exported() -> None:
 
     assert batchrun.LockedError is LockedError
     assert "LockedError" in batchrun.__all__
+
+
+def test_a_setting_written_below_params_is_refused(tmp_path: Path) -> None:
+    path = write_job(tmp_path, '[params]\ntemperature = 0.2\nmax_async_requests = 8\nmodel = "m"\n')
+    with pytest.raises(UsageError) as caught:
+        load_job_file(path)
+    assert str(caught.value) == (
+        f"job file {path}: [params] holds max_async_requests, which are batchrun settings, not"
+        " request parameters: TOML puts every key after [params] in it; move them above the"
+        " first table, or into theirs"
+    )
