@@ -159,6 +159,12 @@ def _check_known(settings: Mapping[str, Any]) -> None:
     """An unknown key is an error, as in a job file: a misspelt setting
     (``max_async_request``) would otherwise silently do nothing."""
     for key in settings:
+        if key in SECTIONS:  # a job file's table, as tomllib reads it
+            raise UsageError(
+                f"setting {key!r}: settings are flat, as load_job_file gives them: put the"
+                f" keys of [{key}] beside the others (max_async_requests, not"
+                " limits.max_async_requests)"
+            )
         if key not in _KEYS:
             close = difflib.get_close_matches(str(key), _KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)." if close else "."

@@ -598,3 +598,8 @@ def test_a_setting_written_below_params_is_refused(tmp_path: Path) -> None:
         " request parameters: TOML puts every key after [params] in it; move them above the"
         " first table, or into theirs"
     )
+
+
+def test_a_table_given_to_build_config_says_settings_are_flat() -> None:
+    with pytest.raises(UsageError, match=r"setting 'limits': settings are flat, as load_job_file"):
+        build_config({"input": "i", "out": "o", "limits": {"rpm": 60}})
