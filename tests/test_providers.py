@@ -238,6 +238,30 @@ def test_a_native_embedding_line_goes_to_dashscope_as_it_was_written() -> None:
     assert dashscope.url(parsed, "https://h/api/v1") == "https://h/api/v1" + EMBEDDING_PATH
 
 
+def test_an_embeddings_size_goes_by_the_name_each_api_reads() -> None:
+    # The native API reads parameters.dimension; the OpenAI-compatible mode
+    # (DashScope's batches) reads dimensions, as OpenAI does.
+    from batchrun.providers.openai import CompatibleModeProvider
+
+    native = {
+        "model": "text-embedding-v4",
+        "input": {"texts": ["a"]},
+        "parameters": {"dimension": 64},
+    }
+    parsed = parse_line(orjson.dumps(native), 1, Defaults())
+    assert isinstance(parsed, Request)
+    compatible = CompatibleModeProvider()
+    assert compatible.body(parsed) == {
+        "model": "text-embedding-v4",
+        "input": ["a"],
+        "dimensions": 64,
+    }
+    bare = request("embeddings", {"model": "text-embedding-v4", "input": "a", "dimensions": 64})
+    assert dashscope.body(bare)["parameters"] == {"dimension": 64}
+    assert compatible.body(bare) == bare.body
+    assert OpenAIProvider().body(parsed)["dimension"] == 64  # other servers: as written
+
+
 def test_dashscope_native_sent_as_is() -> None:
     body = {
         "model": "qwen-plus",

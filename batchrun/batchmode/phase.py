@@ -29,7 +29,7 @@ from batchrun.config import RunConfig
 from batchrun.contentkey import content_key, json_key
 from batchrun.errors import UsageError
 from batchrun.providers import Provider
-from batchrun.providers.openai import OpenAIProvider
+from batchrun.providers.openai import CompatibleModeProvider
 from batchrun.records import Request
 from batchrun.resume import ResumePoint
 from batchrun.reuse import Answers
@@ -90,7 +90,7 @@ def _api(
 
 def dialect(provider: Provider) -> Provider:
     """The dialect batches speak: OpenAI's, also on DashScope's compatible mode."""
-    return OpenAIProvider() if provider.name == "dashscope" else provider
+    return CompatibleModeProvider() if provider.name == "dashscope" else provider
 
 
 async def run_phase(

@@ -52,6 +52,8 @@ class DashScopeProvider(Provider):
         if request.kind == "embeddings":
             texts = body["input"]
             rest = {k: v for k, v in body.items() if k not in ("model", "input")}
+            if "dimensions" in rest and "dimension" not in rest:  # OpenAI's name for it
+                rest["dimension"] = rest.pop("dimensions")
             return _native(body, {"texts": texts if isinstance(texts, list) else [texts]}, rest)
         if request.kind == "completions":
             prompt = body["prompt"]

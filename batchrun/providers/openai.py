@@ -65,6 +65,19 @@ class OpenAIProvider(Provider):
         return int_field(usage, "prompt_tokens"), int_field(usage, "completion_tokens")
 
 
+class CompatibleModeProvider(OpenAIProvider):
+    """DashScope's OpenAI-compatible mode, which batch mode speaks for
+    ``--provider dashscope``: an embedding's ``dimension`` (the native API's
+    name, which native lines carry) goes as ``dimensions``, the name this
+    mode reads."""
+
+    def body(self, request: Request) -> dict[str, Any]:
+        body = super().body(request)
+        if request.kind == "embeddings" and "dimension" in body and "dimensions" not in body:
+            body = {("dimensions" if key == "dimension" else key): v for key, v in body.items()}
+        return body
+
+
 def _native_to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     """A DashScope native body sent to an OpenAI-dialect server."""
     parameters = dict(body.get("parameters") or {})
