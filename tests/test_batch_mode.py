@@ -514,21 +514,28 @@ async def test_dashscope_batches_go_through_compatible_mode(
 ) -> None:
     monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
     native = {"input": {"messages": [{"role": "user", "content": "native"}]}, "model": "qwen"}
+    # A completion row goes as a chat request, as online: DashScope's batches
+    # take chat and embeddings only.
+    prompt = {"prompt": "a prompt", "model": "qwen"}
     config = make_config(
         tmp_path,
-        [native, chat("plain", model="qwen")],
+        [native, chat("plain", model="qwen"), prompt],
         batch_server,
         provider="dashscope",
         base_url=batch_server.dashscope_base_url,
+        keep_files=True,
         **FAST,
     )
     assert (await run_async(config)).exit_code == 0
-    assert batch_server.stats.batch_rows == 2
+    assert batch_server.stats.batch_rows == 3
     assert batch_server.stats.requests == 0
     answers = [
         r["response"]["body"]["choices"][0]["message"]["content"] for r in read_jsonl(config.out)
     ]
-    assert answers == ["echo: native", "echo: plain"]
+    assert answers == ["echo: native", "echo: plain", "echo: a prompt"]
+    (batch,) = batch_server.batches.batches.values()  # one file: one endpoint, one model
+    lines = batch_server.batches.contents[batch.info["input_file_id"]].splitlines()
+    assert {orjson.loads(line)["url"] for line in lines} == {"/v1/chat/completions"}
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,9 @@ def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes, by
     would send), so a batch answer is the answer to the same request; its keys
     are sorted, which changes nothing the provider reads.
     """
-    endpoint = request.url or _ENDPOINTS[request.kind]
+    # A body of messages is a chat request, whatever the line was (a dialect
+    # may send a completion row as one: ``CompatibleModeProvider``).
+    endpoint = _ENDPOINTS["chat"] if "messages" in body else request.url or _ENDPOINTS[request.kind]
     model = body.get("model")
     sent = canonical_json(body)
     line = b'{"custom_id":"r%d","method":"POST","url":%b,"body":%b}\n' % (

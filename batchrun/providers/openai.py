@@ -67,12 +67,18 @@ class OpenAIProvider(Provider):
 
 class CompatibleModeProvider(OpenAIProvider):
     """DashScope's OpenAI-compatible mode, which batch mode speaks for
-    ``--provider dashscope``: an embedding's ``dimension`` (the native API's
-    name, which native lines carry) goes as ``dimensions``, the name this
-    mode reads."""
+    ``--provider dashscope``. Its batches take chat and embeddings only, so a
+    completion row goes as a chat request (one user message), as DashScope's
+    native API gets it online; an embedding's ``dimension`` (the native
+    API's name, which native lines carry) goes as ``dimensions``."""
 
     def body(self, request: Request) -> dict[str, Any]:
         body = super().body(request)
+        if request.kind == "completions":
+            prompt = body.get("prompt")
+            text = prompt if isinstance(prompt, str) else "\n".join(map(str, prompt or []))
+            rest = {key: value for key, value in body.items() if key != "prompt"}
+            return {**rest, "messages": [{"role": "user", "content": text}]}
         if request.kind == "embeddings" and "dimension" in body and "dimensions" not in body:
             body = {("dimensions" if key == "dimension" else key): v for key, v in body.items()}
         return body
