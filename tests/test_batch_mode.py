@@ -322,17 +322,41 @@ async def test_a_provider_never_reached_stops_the_run_at_once(
     assert [row["line"] for row in read_jsonl(fixed.out)] == [1, 2]
 
 
+async def _stopped_unreached(
+    tmp_path: Path, server: MockServer, count: int, **settings: Any
+) -> BatchRecord:
+    """A batch run of ``count`` rows whose provider never answered (exit 3):
+    its record, every part only planned."""
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    flags = {"base_url": nowhere, "max_attempts": 1, **FAST, **settings}
+    config = make_config(tmp_path, rows(count, model="m"), server, **flags)
+    assert (await run_async(config)).exit_code == 3
+    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    assert record.exists()
+    return record
+
+
+def _base_url(record: BatchRecord) -> str:
+    state = record.load()
+    assert state is not None
+    return state.base_url
+
+
+def _as_uploaded(record: BatchRecord, index: int) -> None:
+    """Record part ``index``'s file as uploaded (then a batch may exist)."""
+    state = record.load()
+    assert state is not None
+    state.parts[index].status, state.parts[index].input_file_id = "uploaded", "file-1"
+    record.save(state)
+
+
 async def test_online_mode_goes_on_where_no_batch_part_was_uploaded(
     tmp_path: Path, batch_server: MockServer
 ) -> None:
     # A batch run that never reached the provider left only planned parts:
     # nothing of it exists there, so switching to online mode is safe.
-    nowhere = f"http://127.0.0.1:{free_port()}/v1"
     source = rows(4, model="m")
-    settings = {"base_url": nowhere, "max_attempts": 1, "batch_rows": 2, **FAST}
-    assert (await run_async(make_config(tmp_path, source, batch_server, **settings))).exit_code == 3
-    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
-    assert record.exists()
+    record = await _stopped_unreached(tmp_path, batch_server, 4, batch_rows=2)
     online = make_config(tmp_path, source, batch_server)
     summary = await run_async(online)
     assert summary.exit_code == 0
@@ -345,16 +369,8 @@ async def test_online_mode_goes_on_where_no_batch_part_was_uploaded(
 async def test_online_mode_refuses_parts_that_reached_the_provider(
     tmp_path: Path, batch_server: MockServer
 ) -> None:
-    nowhere = f"http://127.0.0.1:{free_port()}/v1"
-    settings = {"base_url": nowhere, "max_attempts": 1, "batch_rows": 2, **FAST}
-    config = make_config(tmp_path, rows(4, model="m"), batch_server, **settings)
-    assert (await run_async(config)).exit_code == 3
-    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
-    state = record.load()
-    assert state is not None
-    # One part's file was uploaded: its batch may have been created since.
-    state.parts[1].status, state.parts[1].input_file_id = "uploaded", "file-1"
-    record.save(state)
+    record = await _stopped_unreached(tmp_path, batch_server, 4, batch_rows=2)
+    _as_uploaded(record, 1)  # its batch may have been created since
     with pytest.raises(UsageError, match="2 batch parts not yet collected"):
         await run_async(make_config(tmp_path, rows(4, model="m"), batch_server))
     assert record.exists()
@@ -364,16 +380,9 @@ async def test_online_mode_refuses_parts_that_reached_the_provider(
 async def test_a_new_base_url_is_refused_while_the_old_one_holds_the_runs_files(
     tmp_path: Path, batch_server: MockServer
 ) -> None:
-    nowhere = f"http://127.0.0.1:{free_port()}/v1"
-    settings = {"base_url": nowhere, "max_attempts": 1, **FAST}
-    config = make_config(tmp_path, rows(2, model="m"), batch_server, **settings)
-    assert (await run_async(config)).exit_code == 3
-    # As if the upload had worked there before the provider went away.
-    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
-    state = record.load()
-    assert state is not None
-    state.parts[0].status, state.parts[0].input_file_id = "uploaded", "file-1"
-    record.save(state)
+    record = await _stopped_unreached(tmp_path, batch_server, 2)
+    nowhere = _base_url(record)
+    _as_uploaded(record, 0)  # as if the upload had worked there before the provider went away
     held = f"1 parts of this output have files or batches at {nowhere}"
     with pytest.raises(UsageError, match=held):
         await run_async(make_config(tmp_path, rows(2, model="m"), batch_server, **FAST))
