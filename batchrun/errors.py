@@ -84,12 +84,6 @@ class FatalError(RequestError):
     """A failure that dooms every row: the run aborts (exit code 3)."""
 
 
-class BreakerOpen(FatalError):
-    """The run's first fatal answer, raised again for an attempt that was
-    about to go out: this attempt never left, so it tells nothing of the
-    row's earlier ones (one that timed out may have been billed)."""
-
-
 def sole_usage_error(group: BaseExceptionGroup) -> UsageError | None:
     """The ``UsageError`` a task group failed with, when it holds nothing else:
     then the user sees its one-line message, not a group's traceback."""

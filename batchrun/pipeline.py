@@ -188,7 +188,9 @@ class Pipeline:
     def _drain_after_fatal(self) -> None:
         """A fatal answer stopped the run: the rows on the wire get the grace
         to land (each that does is no longer in doubt), then are cut off."""
-        self.workers.end_if_drained()
+        if not self.writer.in_flight:
+            self.workers.cancel()
+            return
         self._tasks.start_soon(self._cancel_after_grace)
 
     async def _run_tasks(self) -> None:

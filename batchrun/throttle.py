@@ -24,7 +24,7 @@ from typing import NamedTuple
 from batchrun.concurrency import AdaptiveLimiter, AIMDController
 from batchrun.config import RunConfig
 from batchrun.congestion import RecentAnswers
-from batchrun.errors import BreakerOpen, FatalError, RequestError
+from batchrun.errors import FatalError, RequestError
 from batchrun.ratelimit import Budget, PauseGate, RateBudget
 from batchrun.timing import Clock, Sleep
 
@@ -195,7 +195,7 @@ class Throttle:
         """The circuit breaker: after one fatal answer, no request goes out."""
         fatal = self._tripped
         if fatal is not None:
-            raise BreakerOpen(fatal.code, fatal.message, status=fatal.status, body=fatal.body)
+            raise FatalError(fatal.code, fatal.message, status=fatal.status, body=fatal.body)
 
     def succeeded(self, estimate: int, used: int) -> None:
         """A good answer that used ``used`` tokens in all."""

@@ -29,7 +29,7 @@ import anyio.lowlevel
 from batchrun import crashpoint
 from batchrun.budget import Budget, worst_case_cost
 from batchrun.config import RunConfig
-from batchrun.errors import BreakerOpen, FatalError
+from batchrun.errors import FatalError
 from batchrun.ordered import OrderedWriter
 from batchrun.records import output_line
 from batchrun.reservations import Reservations
@@ -104,16 +104,6 @@ class Workers:
         """End every row in flight now (they stay in doubt)."""
         self._scope.cancel()
 
-    def end_if_drained(self) -> None:
-        """At a stop, once no row is in flight (no request on the wire after
-        a fatal answer: the breaker refuses every new attempt), the rows that
-        only wait have reached nobody: end them."""
-        if self.aborted is not None:
-            if not self.sender.stats.in_flight:
-                self.cancel()
-        elif self.stop_reason is not None and not self.writer.in_flight:
-            self.cancel()  # the last row in flight at a stop: the rest only wait (``stop``)
-
     def _start_one(self) -> None:
         self._alive += 1
         self._group.start_soon(self._work)
@@ -172,12 +162,12 @@ class Workers:
         try:
             outcome = await self.sender.send(request)  # marks it begun when it goes out
         except FatalError as exc:
-            if not isinstance(exc, BreakerOpen):  # an error answer: this row was not billed
-                writer.abandon(request.line)
+            writer.abandon(request.line)
             self._reservations.release(reserved)
             self.twins.settle(work.key)
             self._abort(exc)
-            self.end_if_drained()
+            if not writer.in_flight:
+                self.cancel()  # the last row in flight has landed: nothing left to hear
             return False
         if crashpoint.ARMED:
             crashpoint.hit("after_response")
@@ -187,8 +177,8 @@ class Workers:
         data = output_line(outcome)
         journal_at = writer.record(request.line, data, work.key)
         self.answers.add_outcome(work.key, data, outcome)
-        if self.stopping:
-            self.end_if_drained()
+        if self.stopping and not writer.in_flight:
+            self.cancel()  # the last row in flight at a stop: the rest only wait (``stop``)
         writer.deliver(answered_row(work.row, work.input_end, data, outcome, journal_at))
         twins = self.twins.settle(work.key)
         if twins:

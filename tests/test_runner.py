@@ -388,26 +388,6 @@ async def test_rows_on_the_wire_at_a_fatal_answer_land_and_are_not_in_doubt(
     assert resumed.sent == 21  # row 1 and the 20 never sent: rows 2-8 are not paid again
 
 
-async def test_a_row_timed_out_before_a_fatal_answer_stays_in_doubt(
-    tmp_path: Path, server: MockServer
-) -> None:
-    # Row 1's attempt times out (the provider may have done and billed it)
-    # and waits to be retried when row 2's fatal answer comes: its retry is
-    # refused by the breaker, which tells nothing of the attempt before.
-    rows = [chat("slow mock:delay=3"), chat("mock:quota")]
-    settings = {"read_timeout": 0.3, "backoff_initial": 2.0, "backoff_max": 2.0}
-    # One in flight: row 2 goes once row 1 waits out its backoff (a spare worker).
-    config = make_config(
-        tmp_path, rows, server, max_async_requests=1, adaptive_concurrency=False, **settings
-    )
-
-    stopped = await run_async(config)
-
-    assert stopped.exit_code == 3
-    assert server.stats.requests == 2  # no retry went out after the fatal answer
-    assert stopped.extra["in doubt"] == 1
-
-
 async def test_a_bad_key_leaves_nothing_in_doubt(
     tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
