@@ -115,7 +115,6 @@ class Pipeline:
         self.workers = Workers(
             config, sender=sender, writer=self.writer, budget=budget, answers=answers
         )
-        self.workers.on_abort = self._drain_after_fatal
         self.in_doubt = len(start.journal.in_doubt)
         self.writer.progress.in_doubt += self.in_doubt
         self.throttle = sender.throttle
@@ -184,14 +183,6 @@ class Pipeline:
     async def _cancel_after_grace(self) -> None:
         await self.clock.sleep(self.config.grace)
         self.workers.cancel()
-
-    def _drain_after_fatal(self) -> None:
-        """A fatal answer stopped the run: the rows on the wire get the grace
-        to land (each that does is no longer in doubt), then are cut off."""
-        if not self.writer.in_flight:
-            self.workers.cancel()
-            return
-        self._tasks.start_soon(self._cancel_after_grace)
 
     async def _run_tasks(self) -> None:
         async with anyio.create_task_group() as tasks:

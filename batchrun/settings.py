@@ -443,7 +443,7 @@ SETTINGS: tuple[Setting, ...] = (
         "grace",
         float,
         3.0,
-        "Seconds in-flight requests get after SIGINT/SIGTERM or a fatal answer ({default}).",
+        "Seconds in-flight requests get after SIGINT/SIGTERM ({default}).",
         panel=RESUME,
     ),
     # Batch mode.

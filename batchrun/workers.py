@@ -21,7 +21,7 @@ new row; ``cancel`` ends the rows in flight.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import anyio
 import anyio.lowlevel
@@ -75,8 +75,6 @@ class Workers:
         sender.on_backoff = self._backing_off
         sender.on_send = writer.begin  # the row's waits are over: it may reach the provider
         sender.on_unpaid = writer.abandon  # an error answer or no connection: not in doubt
-        # Told of the first fatal answer; the default ends the rows in flight at once.
-        self.on_abort: Callable[[], None] = self.cancel
 
     @property
     def stopping(self) -> bool:
@@ -166,8 +164,6 @@ class Workers:
             self._reservations.release(reserved)
             self.twins.settle(work.key)
             self._abort(exc)
-            if not writer.in_flight:
-                self.cancel()  # the last row in flight has landed: nothing left to hear
             return False
         if crashpoint.ARMED:
             crashpoint.hit("after_response")
@@ -221,11 +217,6 @@ class Workers:
         self.stop("budget reached")
 
     def _abort(self, exc: FatalError) -> None:
-        """A fatal answer: take no new row, and send no new attempt (the
-        throttle's breaker refuses them). Rows already on the wire may land
-        for ``on_abort``'s while (the pipeline gives them the grace): an
-        answer is kept, an error answer shows it was not billed; only the
-        rows cut off then stay in doubt."""
         if self.aborted is None:
             self.aborted = exc
-            self.on_abort()
+        self.cancel()
