@@ -456,6 +456,8 @@ def test_build_config_unknown_provider() -> None:
         ({"x": {"y": [-(1 << 70)]}}, "parameter x is {'y': [-1180591620717411303424]}: an int"),
         ({"stream": True}, "parameter stream asks for streamed answers"),
         ({1: 2}, "parameter 1: a parameter's name must be text"),
+        ({"stop": ["\ud800"]}, "parameter stop is ['\\ud800']: text with a lone surrogate"),
+        ({"x": {"\udfff": 1}}, "an object whose keys are not all text"),
         ({"x": {"a": {3: 4}}}, "parameter x is {'a': {3: 4}}: an object whose keys are not all"),
     ],
 )
