@@ -114,7 +114,11 @@ if req > 0 or tok > 0 then
   -- When this process calls again: its lease used up, or its wait or pause over.
   due = verdict == 'ok' and math.max(tat_r, tat_t) or now + seconds
 end
-redis.call('ZADD', KEYS[2], due + ttl, ARGV[1])
+-- A call asking no lease (a pause to share) keeps a later due time.
+local score = due + ttl
+local held = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
+if held and held > score then score = held end
+redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('EXPIRE', KEYS[2], key_ttl)
 local procs = redis.call('ZCARD', KEYS[2])
 redis.call('HSET', KEYS[1], 'tat_r', string.format('%.6f', tat_r),

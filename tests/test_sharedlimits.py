@@ -482,6 +482,17 @@ async def test_a_process_counts_while_it_waits_for_its_next_lease(
     # Counted until 5 s (the process TTL) after each is due to call again:
     # the waiting one in 15 s, the other once its 20 s lease is used up.
     assert due == [pytest.approx(20.0, abs=1.1), pytest.approx(25.0, abs=1.1)]
+    # A pause it shares (a call asking no lease) does not cut that short.
+    async with open_lease_store(redis_server.url, "paused") as third:
+        assert (await third.call(slow)).verdict == "ok"
+        await third.call(LeaseAsk(pause=1.0))
+    client = redis_asyncio.Redis.from_url(redis_server.url)
+    try:
+        now = float((await client.time())[0])
+        scores = await client.zrange("batchrun:limits:paused:processes", 0, -1, withscores=True)
+    finally:
+        await client.aclose()
+    assert [score - now for _, score in scores] == [pytest.approx(25.0, abs=1.1)]
 
 
 @pytest.mark.asyncio
