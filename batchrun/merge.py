@@ -69,18 +69,18 @@ def merge(paths: list[Path], out: Path) -> MergeReport:
     return MergeReport(rows=rows, failed=failed, output=out)
 
 
+# The start of every output record (``records.output_record``: its id first).
+_RECORD_START = b'{"id":"batch_req_'
+
+
 def _check_replaceable(out: Path) -> None:
     """``out``, if it exists, holds batchrun records (an earlier merge, made
     again): a file of anything else is not replaced."""
     if not out.is_file() or out.stat().st_size == 0:
         return
     with out.open("rb") as handle:
-        first = handle.readline(1 << 20)
-    try:
-        record = orjson.loads(first)
-    except orjson.JSONDecodeError:
-        record = None
-    if not (isinstance(record, dict) and type(record.get("line")) is int):
+        start = handle.read(len(_RECORD_START))
+    if start != _RECORD_START:  # every record batchrun writes starts so, however long
         raise UsageError(
             f"--out {out} exists and is not a batchrun output: merge would replace it;"
             " remove it first, or give another name"

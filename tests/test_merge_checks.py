@@ -161,6 +161,10 @@ async def test_merge_replaces_an_earlier_merge_but_no_other_file(
     merge(parts, out)
     merge(parts, out)  # made again: it held batchrun records
     assert [r["line"] for r in read_jsonl(out)] == list(range(1, ROWS + 1))
+    # A record of several MiB (a large answer) is one too.
+    out.write_bytes(b'{"id":"batch_req_1","custom_id":"a","body":"' + b"x" * (3 << 20) + b'"}\n')
+    merge(parts, out)
+    assert len(read_jsonl(out)) == ROWS
 
 
 async def test_a_link_left_where_merge_writes_is_not_written_through(
