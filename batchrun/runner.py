@@ -35,6 +35,7 @@ from batchrun.paths import Named, check_read_outside_state, check_written
 from batchrun.pipeline import Pipeline, RunEnding
 from batchrun.progress import ProgressReporter
 from batchrun.providers import Provider, get_provider
+from batchrun.providers.base import checked_key
 from batchrun.resume import ResumePoint, recover, spent_before
 from batchrun.reuse import Answers, open_answers
 from batchrun.rowsource import KnownLookup
@@ -246,26 +247,12 @@ def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
     name = config.api_key_env or provider.default_key_env
     key = os.environ.get(name)
     if key:
-        # An HTTP header carries printable Latin-1 only: a pasted line break
-        # or a look-alike character would fail every request as if the
-        # network were at fault.
-        bad = next((c for c in key if not (" " <= c <= "~" or "\xa0" <= c <= "\xff")), None)
-        if bad is not None or key != key.strip():
-            raise UsageError(f"the API key in {name} {_key_flaw(bad)}: set it to the key alone")
-        return key
+        return checked_key(name, key)
     if provider.fallback_key is not None:
         return provider.fallback_key
     raise UsageError(
         f"no API key: set the environment variable {name} (or name another one with --api-key-env)"
     )
-
-
-def _key_flaw(bad: str | None) -> str:
-    """What is wrong with an API key (``bad``: a character it may not hold),
-    without showing the key."""
-    if bad is not None:
-        return f"holds the character U+{ord(bad):04X}, which an HTTP header cannot carry"
-    return "starts or ends with a space, which an HTTP header drops"
 
 
 def prepare(

@@ -167,6 +167,20 @@ async def test_cancel_refuses_while_a_run_polls_then_cancels_once_it_stopped(
         assert server.batches.created == 3
 
 
+async def test_cancel_with_a_key_no_header_can_carry_says_so_in_one_line(tmp_path: Path) -> None:
+    async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
+        _, out = await stopped_with_batches_running(tmp_path, server)
+        argv = [sys.executable, "-m", "batchrun", "cancel", str(out)]
+        cancelled = await run_cli(argv, OPENAI_API_KEY="sk-test\n")
+        assert all(b.cancelled is None for b in server.batches.batches.values())
+    stderr = cancelled.stderr.decode()
+    assert cancelled.returncode == 2, stderr
+    assert stderr == (
+        "batchrun: error: the API key in OPENAI_API_KEY holds the character U+000A, which an"
+        " HTTP header cannot carry: set it to the key alone\n"
+    )
+
+
 async def test_cancel_with_the_provider_unreachable_says_so_in_one_line(tmp_path: Path) -> None:
     async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
         _, out = await stopped_with_batches_running(tmp_path, server)

@@ -25,6 +25,7 @@ from batchrun.batchmode.record import BatchRecord, BatchState
 from batchrun.config import Limits, RetryPolicy, Timeouts
 from batchrun.errors import LockedError, UsageError
 from batchrun.providers import get_provider
+from batchrun.providers.base import checked_key
 from batchrun.state import StateDir
 
 # Attempts per cancel call: a person is waiting.
@@ -62,7 +63,8 @@ async def _cancel(state: BatchState) -> list[tuple[str, str]]:
     """Cancel the live batches of ``state``, recording each answered status."""
     provider = get_provider(state.provider)
     key_env = state.api_key_env or provider.default_key_env
-    key = os.environ.get(key_env) or provider.fallback_key
+    given = os.environ.get(key_env)
+    key = checked_key(key_env, given) if given else provider.fallback_key
     if not key:
         raise UsageError(f"no API key: set the environment variable {key_env}")
     cancelled: list[tuple[str, str]] = []

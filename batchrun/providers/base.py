@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from batchrun.errors import UsageError
 from batchrun.records import Request
 
 Verdict = Literal["transient", "row", "fatal"]
@@ -93,3 +94,18 @@ def int_field(data: Any, *keys: str) -> int:
 def join_url(base_url: str, path: str) -> str:
     """``base_url`` + ``path``, with exactly one slash between them."""
     return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def checked_key(name: str, key: str) -> str:
+    """``key`` (read from the environment variable ``name``), or ``UsageError``
+    when an HTTP header cannot carry it as given: printable Latin-1 only, so a
+    pasted line break or a look-alike character would fail every request as
+    if the network were at fault. The message never shows the key."""
+    bad = next((c for c in key if not (" " <= c <= "~" or "\xa0" <= c <= "\xff")), None)
+    if bad is not None:
+        flaw = f"holds the character U+{ord(bad):04X}, which an HTTP header cannot carry"
+    elif key != key.strip():
+        flaw = "starts or ends with a space, which an HTTP header drops"
+    else:
+        return key
+    raise UsageError(f"the API key in {name} {flaw}: set it to the key alone")
