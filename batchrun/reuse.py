@@ -40,9 +40,9 @@ from typing import Any
 
 import orjson
 
-from batchrun.errors import RequestError
+from batchrun.errors import RequestError, TransientError
 from batchrun.keyfilter import KeyFilter
-from batchrun.records import Outcome, Response
+from batchrun.records import Outcome, Response, failed_outcome, output_line
 from batchrun.store import STORE_FILE, ResultStore, Stored, StoreRow, open_store, store_row
 
 __all__ = [
@@ -228,8 +228,9 @@ def open_answers(
 
 def vetted(found: Stored, judge: Judge) -> Stored | None:
     """Stored answer ``found`` with ``parsed`` as ``judge`` reads it now, or
-    None when it fails ``judge``: then the row is sent again, as a fresh
-    answer failing the check would be retried."""
+    None when it fails ``judge`` in a way a fresh answer would be retried
+    for: then the row is sent again. One that fails for good (cut off at the
+    token limit: a resend pays for the same cut) is reused as that failure."""
     data = orjson.loads(found.record)
     response = data.get("response")
     if not isinstance(response, dict) or type(response.get("status_code")) is not int:
@@ -242,9 +243,26 @@ def vetted(found: Stored, judge: Judge) -> Stored | None:
     )
     try:
         data["parsed"] = judge(answer)
-    except RequestError:
+    except TransientError:
         return None
+    except RequestError as exc:
+        return _failed_for_good(found, data, exc)
     return dataclasses.replace(found, record=orjson.dumps(data))
+
+
+def _failed_for_good(found: Stored, data: dict[str, Any], exc: RequestError) -> Stored:
+    """``found``'s answer recorded as the row error ``exc``, the answer kept,
+    as a run checking it when it came would have recorded it."""
+    attempts = data.get("attempts")
+    outcome = failed_outcome(
+        int(data.get("line") or 0),
+        str(data.get("custom_id") or ""),
+        exc,
+        attempts=attempts if type(attempts) is int else 1,
+    )
+    outcome.cost = found.cost
+    record = output_line(outcome).rstrip(b"\n")
+    return dataclasses.replace(found, record=record, ok=False, retryable=False)
 
 
 def _stored(row: StoreRow) -> Stored:

@@ -490,3 +490,22 @@ async def test_batch_answers_off_the_schema_are_paid_for_in_cost(tmp_path: Path)
         assert record["cost"] == (usage["prompt_tokens"] + usage["completion_tokens"]) / 2
     assert summary.cost == sum(r["cost"] for r in records)
     assert summary.tokens_in + summary.tokens_out == 2 * summary.cost
+
+
+@pytest.mark.asyncio
+async def test_a_stored_answer_cut_off_is_reused_as_the_cut_not_paid_again(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    # Stored by a run without a schema; this run's check fails it for good
+    # (a resend would pay for the same cut), so it is reused as that error.
+    row = chat("cut mock:length", response_format={"type": "json_object"})
+    plain = make_config(tmp_path, [row], server, cache=tmp_path / "cache")
+    assert (await run_async(plain, clock=fake_clock)).exit_code == 0
+    summary, (record,) = await _run(
+        tmp_path, server, fake_clock, [row], cache=tmp_path / "cache", out=tmp_path / "b.jsonl"
+    )
+    assert server.stats.requests == 1
+    assert summary.exit_code == 1
+    assert (record["error"]["code"], record["error"]["retryable"]) == ("truncated", False)
+    assert record["reused"] is True
+    assert record["response"]["body"]["choices"][0]["finish_reason"] == "length"
