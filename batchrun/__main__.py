@@ -27,7 +27,7 @@ def main() -> None:
         traceback.print_exc()
         print(
             "batchrun: internal error (a bug in batchrun; the traceback above is for its"
-            " report). The run's state is kept: run the same command again to resume",
+            " report). A run's state is kept: once it is fixed, the same command resumes",
             file=sys.stderr,
         )
         exit_now(EXIT_INTERNAL)

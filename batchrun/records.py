@@ -229,7 +229,7 @@ def _bare_request(
     body.pop("custom_id", None)
     body.pop("id", None)
     if _is_native_embedding(body):
-        if not isinstance(body.get("parameters", {}), dict):
+        if not isinstance(body.get("parameters", {}), dict | None):
             return _error(line, custom_id, _NOT_PARAMETERS)
         body = _flat_embedding(body)
     kind = _bare_kind(body)
@@ -256,7 +256,9 @@ def _native_request(
     body: dict[str, Any], line: int, custom_id: str, defaults: Defaults
 ) -> Request | LineError:
     """A DashScope native chat line (``{"input": {"messages": ...}, "parameters": ...}``)."""
-    parameters = body.get("parameters", {})
+    parameters = body.get("parameters")
+    if parameters is None:  # as good as none given
+        parameters = body["parameters"] = {}
     if not isinstance(parameters, dict):
         return _error(line, custom_id, _NOT_PARAMETERS)
     if parameters.get("stream"):

@@ -262,6 +262,19 @@ def test_an_embeddings_size_goes_by_the_name_each_api_reads() -> None:
     assert OpenAIProvider().body(parsed)["dimension"] == 64  # other servers: as written
 
 
+def test_a_completion_row_goes_to_dashscopes_batches_as_chat() -> None:
+    from batchrun.batchmode.plan import batch_line
+    from batchrun.providers.openai import CompatibleModeProvider
+
+    row = request("completions", {"model": "q", "prompt": ["a", "b"], "echo": True, "logprobs": 2})
+    body = CompatibleModeProvider().body(row)
+    assert body == {"model": "q", "messages": [{"role": "user", "content": "a\nb"}]}
+    assert batch_line(row, body)[0].endpoint == "/v1/chat/completions"
+    # Elsewhere a completion row stays one, whatever else its body holds.
+    odd = request("completions", {"model": "q", "prompt": "p", "messages": []})
+    assert batch_line(odd, OpenAIProvider().body(odd))[0].endpoint == "/v1/completions"
+
+
 def test_dashscope_native_sent_as_is() -> None:
     body = {
         "model": "qwen-plus",

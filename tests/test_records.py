@@ -341,6 +341,12 @@ def test_a_native_lines_parameters_must_be_an_object(line: dict[str, Any]) -> No
     assert error.message == "line 3: a native line's parameters must be a JSON object"
 
 
+@pytest.mark.parametrize("form", [{"messages": MESSAGES}, {"texts": ["a"]}])
+def test_a_native_lines_null_parameters_are_none(form: dict[str, Any]) -> None:
+    request = parse_ok({"input": form, "parameters": None})
+    assert request.body.get("parameters", {}) == {}
+
+
 def test_a_native_line_asking_for_a_stream_in_its_parameters_is_refused() -> None:
     line = {"input": {"messages": MESSAGES}, "parameters": {"stream": True}}
     assert "streamed answer" in parse_err(dumps(line)).message

@@ -61,9 +61,9 @@ def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes, by
     would send), so a batch answer is the answer to the same request; its keys
     are sorted, which changes nothing the provider reads.
     """
-    # A body of messages is a chat request, whatever the line was (a dialect
-    # may send a completion row as one: ``CompatibleModeProvider``).
-    endpoint = _ENDPOINTS["chat"] if "messages" in body else request.url or _ENDPOINTS[request.kind]
+    endpoint = (
+        _ENDPOINTS["chat"] if _as_chat(request, body) else request.url or _ENDPOINTS[request.kind]
+    )
     model = body.get("model")
     sent = canonical_json(body)
     line = b'{"custom_id":"r%d","method":"POST","url":%b,"body":%b}\n' % (
@@ -72,6 +72,12 @@ def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes, by
         sent,
     )
     return _group(endpoint, model if isinstance(model, str) else None), line, sent
+
+
+def _as_chat(request: Request, body: dict[str, Any]) -> bool:
+    """Whether the dialect sends completion row ``request`` as a chat request
+    (``CompatibleModeProvider``: its body has messages and no prompt)."""
+    return request.kind == "completions" and "messages" in body and "prompt" not in body
 
 
 @functools.lru_cache(maxsize=1024)
