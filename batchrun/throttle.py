@@ -138,7 +138,6 @@ class Throttle:
         self._failures = 0  # failed attempts so far
         self._tripped: FatalError | None = None
         self.reached = False  # the provider answered this run once (any HTTP status)
-        self.answered_ok = False  # ... and once with a good answer
 
     @property
     def counts_tokens(self) -> bool:
@@ -200,7 +199,7 @@ class Throttle:
 
     def succeeded(self, estimate: int, used: int) -> None:
         """A good answer that used ``used`` tokens in all."""
-        self.reached = self.answered_ok = True
+        self.reached = True
         if self.budget.enabled:
             self.budget.settle(estimate, used)
         self.controller.on_success()

@@ -219,18 +219,4 @@ class Workers:
     def _abort(self, exc: FatalError) -> None:
         if self.aborted is None:
             self.aborted = exc
-            if _refused_key(exc) and not self.sender.throttle.answered_ok:
-                # The key never worked this run: the rows in flight went with
-                # it and cannot be billed, so they are not in doubt.
-                for line in list(self.writer.in_flight):
-                    self.writer.abandon(line)
         self.cancel()
-
-
-def _refused_key(exc: FatalError) -> bool:
-    """Whether the provider refused the run's API key itself."""
-    return exc.status == 401 or exc.code in _KEY_REFUSED
-
-
-# The providers' codes for an API key they do not take.
-_KEY_REFUSED = frozenset({"invalid_api_key", "InvalidApiKey"})

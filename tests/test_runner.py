@@ -367,29 +367,6 @@ async def test_a_stopped_run_counts_the_answers_left_waiting_for_an_earlier_row(
     assert resumed.cost == pytest.approx(5.0)
 
 
-async def test_a_key_refused_from_the_start_leaves_nothing_in_doubt(
-    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Every request in flight went with the key the provider refused: none
-    # can be billed, so none is in doubt, now or on the next run.
-    monkeypatch.setenv("OPENAI_API_KEY", "bad-key")
-    rows = [chat(f"row {i}") for i in range(40)]
-    # Two hosts: the quick one refuses the key at once, while the requests
-    # sent to the slow one are still in flight.
-    async with MockServer(latency=1.0) as slow:
-        urls = [server.base_url, slow.base_url]
-        config = make_config(tmp_path, rows, server, provider="openai", base_urls=urls)
-        summary = await run_async(config)
-        assert summary.exit_code == 3
-        assert slow.stats.requests > 0  # in flight at the refusal
-        assert summary.extra["in doubt"] == 0
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-good")
-        config = make_config(tmp_path, rows, server, provider="openai", base_urls=urls)
-        resumed = await run_async(config)
-    assert resumed.exit_code == 0
-    assert resumed.extra["in doubt (all runs)"] == 0
-
-
 async def test_a_row_timed_out_before_a_fatal_answer_stays_in_doubt(
     tmp_path: Path, server: MockServer
 ) -> None:
