@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,14 @@ def merge(paths: list[Path], out: Path) -> MergeReport:
     return MergeReport(rows=rows, failed=failed, output=out)
 
 
-# The start of every output record (``records.output_record``: its id first).
-_RECORD_START = b'{"id":"batch_req_'
+# The start of every output record (``records.output_record``): the id
+# ``batch_req_<line>``, the custom id, then the same line number. A provider's
+# own batch output starts with ``batch_req_`` too, but a hex id and no line.
+_RECORD_START = re.compile(
+    rb'\{"id":"batch_req_(\d+)","custom_id":"(?:[^"\\]|\\.)*","line":(\d+)[,}]'
+)
+# Bytes read for it: custom ids longer than this are not worth telling apart.
+_START_BYTES = 1 << 16
 
 
 def _check_replaceable(out: Path) -> None:
@@ -79,8 +86,9 @@ def _check_replaceable(out: Path) -> None:
     if not out.is_file() or out.stat().st_size == 0:
         return
     with out.open("rb") as handle:
-        start = handle.read(len(_RECORD_START))
-    if start != _RECORD_START:  # every record batchrun writes starts so, however long
+        start = handle.read(_START_BYTES)
+    found = _RECORD_START.match(start)
+    if found is None or found[1] != found[2]:
         raise UsageError(
             f"--out {out} exists and is not a batchrun output: merge would replace it;"
             " remove it first, or give another name"

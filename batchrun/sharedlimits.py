@@ -114,7 +114,7 @@ if req > 0 or tok > 0 then
   -- When this process calls again: its lease used up, or its wait or pause over.
   due = verdict == 'ok' and math.max(tat_r, tat_t) or now + seconds
 end
--- A call asking no lease (a pause to share) keeps a later due time.
+-- Due times only grow: a call asking no lease (a pause to share) keeps a later one.
 local score = due + ttl
 local held = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
 if held and held > score then score = held end

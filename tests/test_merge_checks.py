@@ -162,9 +162,16 @@ async def test_merge_replaces_an_earlier_merge_but_no_other_file(
     merge(parts, out)  # made again: it held batchrun records
     assert [r["line"] for r in read_jsonl(out)] == list(range(1, ROWS + 1))
     # A record of several MiB (a large answer) is one too.
-    out.write_bytes(b'{"id":"batch_req_1","custom_id":"a","body":"' + b"x" * (3 << 20) + b'"}\n')
+    big = b'{"id":"batch_req_1","custom_id":"a","line":1,"body":"' + b"x" * (3 << 20) + b'"}\n'
+    out.write_bytes(big)
     merge(parts, out)
     assert len(read_jsonl(out)) == ROWS
+    # A provider's own batch output (paid results) is not replaced.
+    provider = b'{"id":"batch_req_6f1a2b3c","custom_id":"request-1","response":{},"error":null}\n'
+    out.write_bytes(provider)
+    with pytest.raises(UsageError, match="exists and is not a batchrun output"):
+        merge(parts, out)
+    assert out.read_bytes() == provider
 
 
 async def test_a_link_left_where_merge_writes_is_not_written_through(

@@ -266,9 +266,9 @@ def test_a_completion_row_goes_to_dashscopes_batches_as_chat() -> None:
     from batchrun.batchmode.plan import batch_line
     from batchrun.providers.openai import CompatibleModeProvider
 
-    row = request("completions", {"model": "q", "prompt": ["a", "b"], "echo": True, "logprobs": 2})
+    row = request("completions", {"model": "q", "prompt": ["a", "b"], "seed": 2})
     body = CompatibleModeProvider().body(row)
-    assert body == {"model": "q", "messages": [{"role": "user", "content": "a\nb"}]}
+    assert body == {"model": "q", "seed": 2, "messages": [{"role": "user", "content": "a\nb"}]}
     assert batch_line(row, body)[0].endpoint == "/v1/chat/completions"
     # Elsewhere a completion row stays one, whatever else its body holds.
     odd = request("completions", {"model": "q", "prompt": "p", "messages": []})

@@ -65,11 +65,6 @@ class OpenAIProvider(Provider):
         return int_field(usage, "prompt_tokens"), int_field(usage, "completion_tokens")
 
 
-# Completion parameters a chat request has no place for (``logprobs`` is a
-# count there, a flag in chat): left out when a completion row goes as chat.
-_COMPLETION_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
-
-
 class CompatibleModeProvider(OpenAIProvider):
     """DashScope's OpenAI-compatible mode, which batch mode speaks for
     ``--provider dashscope``. Its batches take chat and embeddings only, so a
@@ -82,7 +77,9 @@ class CompatibleModeProvider(OpenAIProvider):
         if request.kind == "completions":
             prompt = body.get("prompt")
             text = prompt if isinstance(prompt, str) else "\n".join(map(str, prompt or []))
-            rest = {key: value for key, value in body.items() if key not in _COMPLETION_ONLY}
+            # Every other parameter goes as given, as online: the answer is
+            # stored under the request's key, so it must answer that request.
+            rest = {key: value for key, value in body.items() if key != "prompt"}
             return {**rest, "messages": [{"role": "user", "content": text}]}
         if request.kind == "embeddings" and "dimension" in body and "dimensions" not in body:
             body = {("dimensions" if key == "dimension" else key): v for key, v in body.items()}
