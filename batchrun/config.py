@@ -62,7 +62,7 @@ def _check_params(params: Mapping[str, Any]) -> None:
     require(isinstance(params, Mapping), "[params] in a job file must be a table")
     for key, value in params.items():
         require(
-            isinstance(key, str) and _is_utf8(key),
+            isinstance(key, str) and is_utf8(key),
             f"parameter {key!r}: a parameter's name must be text (UTF-8)",
         )
         problem = _json_problem(value)
@@ -98,12 +98,12 @@ def _json_problem(value: Any) -> str | None:
     bits (JSON parsers round it; the run could not record it)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "JSON has no NaN or infinity to send"
-    if isinstance(value, str) and not _is_utf8(value):
+    if isinstance(value, str) and not is_utf8(value):
         return "text with a lone surrogate (\\ud800 to \\udfff), which UTF-8 cannot carry"
     if isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):
         return "an integer past 64 bits, which JSON parsers round: give it as a string"
     if isinstance(value, Mapping):
-        if not all(isinstance(key, str) and _is_utf8(key) for key in value):
+        if not all(isinstance(key, str) and is_utf8(key) for key in value):
             return "an object whose keys are not all text, which JSON cannot carry"
         value = list(value.values())
     if isinstance(value, list):
@@ -111,8 +111,9 @@ def _json_problem(value: Any) -> str | None:
     return None
 
 
-def _is_utf8(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (it holds no lone surrogate)."""
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: it holds no lone surrogate
+    (as an argument's byte that is no UTF-8 becomes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -23,6 +23,7 @@ from batchrun.config import (
     RunConfig,
     Shard,
     Timeouts,
+    is_utf8,
     require,
     resolve_limits,
 )
@@ -184,6 +185,11 @@ def _check_types(settings: Mapping[str, Any]) -> None:
             require(
                 isinstance(value, str) and value.strip() != "",
                 f"{key} must be non-empty text, got {value!r}",
+            )
+        if isinstance(value, str | Path):  # kept in the state's JSON, sent in requests
+            require(
+                is_utf8(str(value)),
+                f"{key} must be UTF-8 text, got {value!r} (a byte that is no UTF-8 in it)",
             )
         if setting.type is bool:
             require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")

@@ -605,3 +605,12 @@ def test_a_setting_written_below_params_is_refused(tmp_path: Path) -> None:
 def test_a_table_given_to_build_config_says_settings_are_flat() -> None:
     with pytest.raises(UsageError, match=r"setting 'limits': settings are flat, as load_job_file"):
         build_config({"input": "i", "out": "o", "limits": {"rpm": 60}})
+
+
+@pytest.mark.parametrize("key", ["model", "out", "input"])
+def test_a_setting_with_a_byte_that_is_no_utf8_is_refused(key: str) -> None:
+    # A command-line argument's stray byte becomes a lone surrogate: the state
+    # files (JSON) and the requests cannot carry it.
+    settings: dict[str, object] = {"input": "i", "out": "o", key: "x\udcff"}
+    with pytest.raises(UsageError, match=f"{key} must be UTF-8 text"):
+        build_config(settings)
