@@ -399,6 +399,20 @@ async def test_a_stored_answer_off_this_runs_schema_is_sent_again(
     assert kept["parsed"] == {"echo": "native q", "words": 2}
 
 
+async def _stored_then_checked(
+    tmp_path: Path, server: MockServer, clock: Clock, row: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """``row`` answered by a run without a schema into a cache, then run again
+    with the schema and that cache: the second run's summary and record."""
+    plain = make_config(tmp_path, [row], server, cache=tmp_path / "cache")
+    assert (await run_async(plain, clock=clock)).exit_code == 0
+    assert "parsed" not in read_jsonl(plain.out)[0]
+    summary, (record,) = await _run(
+        tmp_path, server, clock, [row], cache=tmp_path / "cache", out=tmp_path / "b.jsonl"
+    )
+    return summary, record
+
+
 @pytest.mark.asyncio
 async def test_a_stored_answer_gets_parsed_under_a_schema_it_was_not_checked_by(
     tmp_path: Path, server: MockServer, fake_clock: Clock
@@ -406,12 +420,7 @@ async def test_a_stored_answer_gets_parsed_under_a_schema_it_was_not_checked_by(
     # The line asks for JSON itself, so the body is the same with and without
     # --response-schema; the first run checked nothing.
     row = chat("own format", response_format={"type": "json_object"})
-    plain = make_config(tmp_path, [row], server, cache=tmp_path / "cache")
-    assert (await run_async(plain, clock=fake_clock)).exit_code == 0
-    assert "parsed" not in read_jsonl(plain.out)[0]
-    summary, (record,) = await _run(
-        tmp_path, server, fake_clock, [row], cache=tmp_path / "cache", out=tmp_path / "b.jsonl"
-    )
+    summary, record = await _stored_then_checked(tmp_path, server, fake_clock, row)
     assert server.stats.requests == 1
     assert (summary.exit_code, record["reused"]) == (0, True)
     assert record["parsed"] == {"echo": "own format", "words": 2}
@@ -499,11 +508,7 @@ async def test_a_stored_answer_cut_off_is_reused_as_the_cut_not_paid_again(
     # Stored by a run without a schema; this run's check fails it for good
     # (a resend would pay for the same cut), so it is reused as that error.
     row = chat("cut mock:length", response_format={"type": "json_object"})
-    plain = make_config(tmp_path, [row], server, cache=tmp_path / "cache")
-    assert (await run_async(plain, clock=fake_clock)).exit_code == 0
-    summary, (record,) = await _run(
-        tmp_path, server, fake_clock, [row], cache=tmp_path / "cache", out=tmp_path / "b.jsonl"
-    )
+    summary, record = await _stored_then_checked(tmp_path, server, fake_clock, row)
     assert server.stats.requests == 1
     assert summary.exit_code == 1
     assert (record["error"]["code"], record["error"]["retryable"]) == ("truncated", False)
