@@ -43,7 +43,11 @@ class OpenAIProvider(Provider):
     def body(self, request: Request) -> dict[str, Any]:
         if request.kind == "dashscope":
             return _native_to_chat(request.body)
-        return request.body
+        body = request.body
+        if request.kind == "embeddings" and "dimension" in body and "dimensions" not in body:
+            # DashScope's native name (a native line carries it): this API reads ``dimensions``.
+            body = {("dimensions" if key == "dimension" else key): v for key, v in body.items()}
+        return body
 
     def classify(self, status: int, body: Any) -> Classified:
         error = body.get("error") if isinstance(body, Mapping) else None
@@ -69,8 +73,7 @@ class CompatibleModeProvider(OpenAIProvider):
     """DashScope's OpenAI-compatible mode, which batch mode speaks for
     ``--provider dashscope``. Its batches take chat and embeddings only, so a
     completion row goes as a chat request (one user message), as DashScope's
-    native API gets it online; an embedding's ``dimension`` (the native
-    API's name, which native lines carry) goes as ``dimensions``."""
+    native API gets it online."""
 
     def body(self, request: Request) -> dict[str, Any]:
         body = super().body(request)
@@ -81,8 +84,6 @@ class CompatibleModeProvider(OpenAIProvider):
             # stored under the request's key, so it must answer that request.
             rest = {key: value for key, value in body.items() if key != "prompt"}
             return {**rest, "messages": [{"role": "user", "content": text}]}
-        if request.kind == "embeddings" and "dimension" in body and "dimensions" not in body:
-            body = {("dimensions" if key == "dimension" else key): v for key, v in body.items()}
         return body
 
 
