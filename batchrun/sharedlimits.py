@@ -239,6 +239,11 @@ async def open_lease_store(url: str, key: str) -> AsyncIterator[LeaseStore]:
             raise UsageError(f"--shared-limits {shown}: {exc}") from None
         except (AuthenticationError, ResponseError) as exc:
             if isinstance(exc, AuthenticationError) or "AUTH" in str(exc).upper():
+                if urlsplit(url).password is None and "password" not in options:
+                    raise UsageError(
+                        f"Redis at {shown} needs a password: put it in the URL"
+                        f" (redis://:PASSWORD@host:port/db) or in {PASSWORD_ENV}"
+                    ) from None
                 raise UsageError(f"Redis at {shown} refused the password: {exc}") from None
             raise UsageError(f"Redis at {shown} failed: {exc}") from None
         except (ConnectionError, TimeoutError, OSError) as exc:

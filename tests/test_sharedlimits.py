@@ -444,6 +444,12 @@ async def test_wrong_password_is_exit_2_without_the_password(
         assert f"Redis at redis://127.0.0.1:{redis.port}/0 refused the password" in stderr
         assert "wrong-one" not in stderr
         assert server.stats.requests == 0
+        # None given at all: the message says where one goes.
+        flags = ("--rpm", "60", "--shared-limits", redis.url)
+        [done] = await run_all([shard_cmd(inp, tmp_path / "out3.jsonl", server, *flags)])
+        stderr = done.stderr.decode()
+        assert done.returncode == 2, stderr
+        assert f"Redis at {redis.url} needs a password: put it in the URL" in stderr
         # The password may come from the environment instead.
         flags = ("--rpm", "600", "--shared-limits", redis.url)
         cmd = shard_cmd(inp, tmp_path / "out2.jsonl", server, *flags)
