@@ -207,13 +207,6 @@ async def open_lease_store(url: str, key: str) -> AsyncIterator[LeaseStore]:
     try:
         import redis.asyncio as redis_asyncio
         from redis.backoff import NoBackoff
-        from redis.exceptions import (
-            AuthenticationError,
-            ConnectionError,
-            RedisError,
-            ResponseError,
-            TimeoutError,
-        )
         from redis.retry import Retry
     except ImportError:
         raise UsageError(
@@ -233,26 +226,41 @@ async def open_lease_store(url: str, key: str) -> AsyncIterator[LeaseStore]:
         raise UsageError(f"--shared-limits {shown}: {exc}") from None
     try:
         store = _RedisStore(client, shown, key)
-        try:
-            await store.raw_call(LeaseAsk())
-        except (ValueError, TypeError, IndexError) as exc:  # options read at connect
-            raise UsageError(f"--shared-limits {shown}: {exc}") from None
-        except (AuthenticationError, ResponseError) as exc:
-            if isinstance(exc, AuthenticationError) or "AUTH" in str(exc).upper():
-                if urlsplit(url).password is None and "password" not in options:
-                    raise UsageError(
-                        f"Redis at {shown} needs a password: put it in the URL"
-                        f" (redis://:PASSWORD@host:port/db) or in {PASSWORD_ENV}"
-                    ) from None
-                raise UsageError(f"Redis at {shown} refused the password: {exc}") from None
-            raise UsageError(f"Redis at {shown} failed: {exc}") from None
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise UsageError(f"cannot reach Redis at {shown} (--shared-limits): {exc}") from None
-        except RedisError as exc:
-            raise UsageError(f"Redis at {shown} failed: {exc}") from None
+        given = urlsplit(url).password is not None or "password" in options
+        await _first_call(store, shown, password_given=given)
         yield store
     finally:
         await client.aclose()
+
+
+async def _first_call(store: _RedisStore, shown: str, *, password_given: bool) -> None:
+    """One call, to check Redis answers; each way it can fail is a
+    ``UsageError`` naming ``shown`` (the URL without its password)."""
+    from redis.exceptions import (
+        AuthenticationError,
+        ConnectionError,
+        RedisError,
+        ResponseError,
+        TimeoutError,
+    )
+
+    try:
+        await store.raw_call(LeaseAsk())
+    except (ValueError, TypeError, IndexError) as exc:  # options read at connect
+        raise UsageError(f"--shared-limits {shown}: {exc}") from None
+    except (AuthenticationError, ResponseError) as exc:
+        if isinstance(exc, AuthenticationError) or "AUTH" in str(exc).upper():
+            if not password_given:
+                raise UsageError(
+                    f"Redis at {shown} needs a password: put it in the URL"
+                    f" (redis://:PASSWORD@host:port/db) or in {PASSWORD_ENV}"
+                ) from None
+            raise UsageError(f"Redis at {shown} refused the password: {exc}") from None
+        raise UsageError(f"Redis at {shown} failed: {exc}") from None
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise UsageError(f"cannot reach Redis at {shown} (--shared-limits): {exc}") from None
+    except RedisError as exc:
+        raise UsageError(f"Redis at {shown} failed: {exc}") from None
 
 
 class SharedBudget:
