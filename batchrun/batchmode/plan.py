@@ -61,9 +61,9 @@ def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes, by
     would send), so a batch answer is the answer to the same request; its keys
     are sorted, which changes nothing the provider reads.
     """
-    endpoint = (
-        _ENDPOINTS["chat"] if _as_chat(request, body) else request.url or _ENDPOINTS[request.kind]
-    )
+    endpoint = request.url or _ENDPOINTS[request.kind]
+    if request.kind == "completions" and _as_chat(body):  # rare: no call for other rows
+        endpoint = _ENDPOINTS["chat"]
     model = body.get("model")
     sent = canonical_json(body)
     line = b'{"custom_id":"r%d","method":"POST","url":%b,"body":%b}\n' % (
@@ -74,10 +74,10 @@ def batch_line(request: Request, body: dict[str, Any]) -> tuple[Group, bytes, by
     return _group(endpoint, model if isinstance(model, str) else None), line, sent
 
 
-def _as_chat(request: Request, body: dict[str, Any]) -> bool:
-    """Whether the dialect sends completion row ``request`` as a chat request
-    (``CompatibleModeProvider``: its body has messages and no prompt)."""
-    return request.kind == "completions" and "messages" in body and "prompt" not in body
+def _as_chat(body: dict[str, Any]) -> bool:
+    """Whether the dialect sends a completion row as a chat request, by the
+    ``body`` it made (``CompatibleModeProvider``: messages and no prompt)."""
+    return "messages" in body and "prompt" not in body
 
 
 @functools.lru_cache(maxsize=1024)
