@@ -262,8 +262,7 @@ SETTINGS: tuple[Setting, ...] = (
         target="limits.adaptive",
         section="limits",
         panel=LIMITS,
-        decls=("--adaptive/--no-adaptive",),
-        hidden_decls=("--adaptive-concurrency/--no-adaptive-concurrency",),
+        hidden_decls=("--adaptive/--no-adaptive",),  # the short spelling of earlier releases
     ),
     _s(
         "max_response_bytes",

@@ -177,7 +177,7 @@ class Throttle:
         every ``QUIET_S`` seconds in which rows queued and nothing failed take
         one step of the ramp (see ``QUIET_S``). Ends at the first answer, at
         congestion, at the limit or after ``_QUIET_STEPS`` steps; does nothing
-        under --no-adaptive."""
+        under --no-adaptive-concurrency."""
         controller = self.controller
         if not self._adaptive:
             return
@@ -233,7 +233,7 @@ class Throttle:
             instant = now - sent.started < self._throughput.latency
             congested = self._recent.pushed_back(sent.rank if instant else None)
             hold = self._throughput.latency
-        if congested and self._adaptive:  # --no-adaptive pins the limit at the cap
+        if congested and self._adaptive:  # --no-adaptive-concurrency pins the limit at the cap
             self.controller.on_congestion(self._throughput.sustained_concurrency())
         if error.retry_after and (congested or not self._recent.good_seen):
             self.gate.pause_for(min(error.retry_after, self._pause_cap))

@@ -209,8 +209,8 @@ def test_the_adaptive_flag_has_the_job_keys_name_too(tmp_path: Path, invoke: Any
     assert not invoke("in.jsonl", "--out", out, "--no-adaptive-concurrency").limits.adaptive
     assert not invoke("in.jsonl", "--out", out, "--no-adaptive").limits.adaptive
     assert invoke("in.jsonl", "--out", out, "--job", job, "--adaptive-concurrency").limits.adaptive
-    # Both spellings given: the one --help shows wins.
-    both = invoke("in.jsonl", "--out", out, "--no-adaptive", "--adaptive-concurrency")
+    # Both spellings given: the one --help shows (the job key's) wins.
+    both = invoke("in.jsonl", "--out", out, "--adaptive", "--no-adaptive-concurrency")
     assert not both.limits.adaptive
 
 
@@ -219,8 +219,8 @@ def test_one_name_per_setting() -> None:
     for setting in SETTINGS:
         if setting.argument:
             continue
-        decls = (*setting.flag_decls, *setting.hidden_decls)
-        spellings = [part for decl in decls for part in decl.split("/")]
+        # The spelling --help shows is the job key's: other spellings are hidden aliases.
+        spellings = [part for decl in setting.flag_decls for part in decl.split("/")]
         name = NAMED_OTHERWISE.get(setting.key, "--" + setting.key.replace("_", "-"))
         assert name in spellings, setting.key
     assert {s.key for s in SETTINGS if not s.job_key} == FLAG_ONLY
@@ -270,9 +270,9 @@ def test_reference_job_file_names_every_key_in_its_table() -> None:
 
 
 def _readme_default(text: str) -> Any:
-    """A README default ("32", "120 s", "10,000", "256 MiB", "`off`", "none")."""
+    """A README default ("32", "120 s", "10,000", "256 MiB", "`off`", "none", "on")."""
     text = text.strip().strip("`").replace(",", "")
-    if text in ("none", "adaptive"):
+    if text in ("none", "on"):
         return None if text == "none" else True
     number = re.fullmatch(r"(\d+)( s| MiB)?", text)
     if number is None:
