@@ -71,6 +71,20 @@ class RequestError(BatchrunError):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, status={self.status!r})"
 
+    def stop_reason(self) -> str:
+        """Why a run stops after this error, then what to fix, ending in a
+        clause the caller goes on with (", then run ...")."""
+        message = self.message.rstrip(".")
+        if self.status is None:  # no answer at all: the connection (TLS, the URL) is at fault
+            return (
+                f"no request could reach the provider ({self.code}): {message}."
+                " Fix that (--base-url, --ca-bundle or the network)"
+            )
+        return (
+            f"the provider answered {self.status} {self.code}: {message}."
+            " Fix that (the key, the account or the quota)"
+        )
+
 
 class TransientError(RequestError):
     """A failure that another attempt may cure."""

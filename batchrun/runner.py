@@ -715,16 +715,7 @@ def disk_advice(error: DiskError) -> str:
 
 
 def _fatal_advice(error: FatalError) -> str:
-    if error.status is None:  # no answer at all: the connection (TLS, the URL) is at fault
-        return (
-            f"no request could reach the provider ({error.code}): {error.message.rstrip('.')}."
-            " Fix that (--base-url, --ca-bundle or the network), then run again:"
-            " the run resumes where it stopped"
-        )
-    return (
-        f"the provider answered {error.status} {error.code}: {error.message.rstrip('.')}."
-        " Fix the key or the quota, then run the same command again to resume"
-    )
+    return f"{error.stop_reason()}, then run the same command again: it resumes where it stopped"
 
 
 def _publish(state: StateDir, out: Path) -> None:

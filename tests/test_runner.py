@@ -254,7 +254,7 @@ async def test_a_provider_never_reached_aborts_resumably_instead_of_failing_ever
     assert summary.exit_code == 3
     assert summary.aborted is not None
     assert summary.aborted.startswith("no request could reach the provider (connect_error)")
-    assert "the run resumes where it stopped" in summary.aborted
+    assert "run the same command again: it resumes where it stopped" in summary.aborted
     assert summary.failed == 0  # no row got a connect_error record
     assert not config.out.exists()
     fixed = make_config(tmp_path, rows, server, max_async_requests=4)

@@ -54,7 +54,7 @@ async def test_a_wrong_key_aborts_after_a_handful_of_requests(
     assert summary.exit_code == 3
     assert server.stats.requests <= INITIAL_CONCURRENCY
     assert summary.aborted is not None
-    assert "Fix the key" in summary.aborted
+    assert "Fix that (the key" in summary.aborted
 
 
 async def test_a_server_dropping_idle_connections_fails_no_row(

@@ -126,8 +126,8 @@ async def test_an_untrusted_certificate_says_it_is_the_certificate(
     assert "unable to get local issuer certificate" in advice  # OpenSSL's own reason
     assert "--ca-bundle" in advice
     assert "SSL_CERT_FILE" in advice
-    assert "key or the quota" not in advice
-    assert advice.endswith("then run again: the run resumes where it stopped")
+    assert "the quota" not in advice
+    assert advice.endswith("then run the same command again: it resumes where it stopped")
     assert https_server.stats.requests == 0  # nothing got past the handshake
     assert not config.out.exists()
     assert StateDir(config.out).read_finished() is None  # resumable

@@ -50,10 +50,10 @@ NEVER_REACHED = frozenset({"connect_error", "connect_timeout"})
 
 # What to do after an answer that is not about the input (a key, an account,
 # a wrong --base-url, an outage): the parts are kept, so the run resumes.
-_RESUME = (
-    "Fix that (the key, the account, --base-url), then run the same command again:"
-    " it resumes, and batches already created are not created again"
+_AGAIN = (
+    "then run the same command again: it resumes, and batches already created are not created again"
 )
+_RESUME = f"Fix that (the key, the account, --base-url), {_AGAIN}"
 
 # What to do after the provider refused a part's file as a whole.
 _FIX_INPUT = (
@@ -73,13 +73,7 @@ class PhaseResult:
 
 def _stopped_by(exc: RequestError) -> str:
     """Why the phase stops after ``exc``, and that the same command resumes."""
-    if exc.status is None:  # no answer at all: the connection (TLS, the URL) is at fault
-        return (
-            f"no request could reach the provider ({exc.code}): {exc.message.rstrip('.')}."
-            " Fix that (--base-url, --ca-bundle or the network), then run the same command"
-            " again: it resumes, and batches already created are not created again"
-        )
-    return f"the provider answered {exc.status} {exc.code}: {exc.message.rstrip('.')}. {_RESUME}"
+    return f"{exc.stop_reason()}, {_AGAIN}"
 
 
 class BatchJob:
