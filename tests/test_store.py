@@ -110,6 +110,26 @@ def test_put_get_and_the_replace_rule(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_new_store_takes_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    made = open_store(tmp_path / "new" / STORE_FILE)
+    made.close()
+    old = tmp_path / "old" / STORE_FILE
+    old.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(old)) as db:  # a store of an earlier release
+        db.execute("CREATE TABLE t (x)")
+        db.execute("DROP TABLE t")
+    reopened = open_store(old)
+    reopened.put_many([(b"k1", _stored("answer"))])
+    reopened.close()
+
+    def page_size(path: Path) -> int:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return int(db.execute("PRAGMA page_size").fetchone()[0])
+
+    assert page_size(tmp_path / "new" / STORE_FILE) == batchrun.store.PAGE_BYTES == 8192
+    assert page_size(old) == 4096
+
+
 def test_rows_of_one_commit_are_put_in_their_order_under_one_key(tmp_path: Path) -> None:
     store = open_store(tmp_path / "c" / STORE_FILE)
     store.put_rows(
