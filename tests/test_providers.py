@@ -463,6 +463,11 @@ def test_status_verdict(status: int, verdict: str) -> None:
         ({"usage": {"prompt_tokens": True, "completion_tokens": "5"}}, (0, 0)),
         ({"usage": {"prompt_tokens": 3, "completion_tokens": False}}, (3, 0)),
         ({"usage": None}, (0, 0)),
+        # A broken server's counts are no counts: a negative one made --max-cost's
+        # spend go down (the cap then never held), a huge one put --tpm in debt
+        # for centuries (the run waited forever, no row bound applying).
+        ({"usage": {"prompt_tokens": -(10**12), "completion_tokens": 5}}, (0, 5)),
+        ({"usage": {"prompt_tokens": 2**63 - 1, "completion_tokens": 2**63 - 1}}, (0, 0)),
         ({}, (0, 0)),
         (None, (0, 0)),
         ([1, 2], (0, 0)),

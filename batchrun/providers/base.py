@@ -68,6 +68,12 @@ def status_verdict(status: int) -> Verdict:
     return "row"
 
 
+# The most tokens one answer may report: 100 times the largest context
+# window. A negative count or one past this is no count: it would make
+# --max-cost spend go down, or put --tpm in debt for years.
+MAX_TOKENS = 10**8
+
+
 def plain_usage(body: Any, tokens_in: str, tokens_out: str) -> tuple[int, int] | None:
     """``body["usage"][tokens_in]`` and ``[tokens_out]`` when the body and its
     usage are plain dicts and both counts are ints, as in almost every answer
@@ -75,17 +81,23 @@ def plain_usage(body: Any, tokens_in: str, tokens_out: str) -> tuple[int, int] |
     usage = body.get("usage") if type(body) is dict else None
     if type(usage) is dict:
         given_in, given_out = usage.get(tokens_in), usage.get(tokens_out)
-        if type(given_in) is int and type(given_out) is int:  # a bool is no count
+        if (
+            type(given_in) is int  # a bool is no count
+            and type(given_out) is int
+            and 0 <= given_in <= MAX_TOKENS
+            and 0 <= given_out <= MAX_TOKENS
+        ):
             return given_in, given_out
     return None
 
 
 def int_field(data: Any, *keys: str) -> int:
-    """``data[keys[0]]`` if it is an int, else the next key's, else 0."""
+    """``data[keys[0]]`` if it is a count (an int in ``0..MAX_TOKENS``), else
+    the next key's, else 0."""
     if isinstance(data, dict | Mapping):  # dict first: its check is cheaper than the ABC's
         for key in keys:
             value = data.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
                 return value
     return 0
 
