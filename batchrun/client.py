@@ -170,6 +170,8 @@ class Client:
         except connections.TooLarge as exc:
             raise _too_large(exc, self._max_response_bytes) from None
         except connections.ClosedEarly as exc:
+            if not exc.reused:  # a new connection cannot be stale: the close is the answer
+                raise self._redacted(transport_error(exc)) from exc
             raise _StaleConnection(exc) from exc
         except connections.WireError as exc:
             raise self._redacted(transport_error(exc)) from exc

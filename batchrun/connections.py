@@ -90,7 +90,13 @@ class ReadTimeout(WireError):
 
 class ClosedEarly(WireError):
     """The connection closed before any byte of an answer (a pooled one may
-    have been closed by the server's keep-alive timeout as it was reused)."""
+    have been closed by the server's keep-alive timeout as it was reused).
+    ``reused``: the connection had carried an answer before, so the close
+    may be that race; a new connection's close is the server's answer."""
+
+    def __init__(self, message: str, *, reused: bool = True) -> None:
+        super().__init__(message)
+        self.reused = reused
 
 
 class CutShort(WireError):
@@ -355,6 +361,8 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._max = 0
         self._began = False  # a byte of the answer arrived
+        self._answered = False  # a whole answer came on this connection
+        self._head_bytes = 0  # bytes of the answer before its headers ended
         self._headed = False  # the answer's headers are complete
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -377,6 +385,7 @@ class _Connection(asyncio.Protocol):
         self._answer = answer
         self._headers, self._chunks, self._size, self._max = {}, [], 0, max_bytes
         self._began = self._headed = self.reusable = False
+        self._head_bytes = 0
         try:
             if len(body) < 1 << 16:  # one write, one packet for a small request
                 transport.write(head + b"%d\r\n\r\n" % len(body) + body)
@@ -436,8 +445,15 @@ class _Connection(asyncio.Protocol):
             return
         self._began = True
         self._last_read = asyncio.get_running_loop().time()
+        if not self._headed:
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD_BYTES:  # httptools buffers a header whole
+                self._fail(BadAnswer(f"the answer's headers pass {_MAX_HEAD_BYTES:,} bytes"))
+                return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101: not an answer to a POST
+            self._fail(BadAnswer("the server switched protocols (HTTP 101) instead of answering"))
         except httptools.HttpParserError as exc:
             self._fail(BadAnswer(f"the server's answer is not HTTP: {exc}"))
 
@@ -455,7 +471,7 @@ class _Connection(asyncio.Protocol):
         if self._began:
             error = CutShort(_why(exc, "part-way through the answer"))
         else:
-            error = ClosedEarly(_why(exc, "before answering"))
+            error = ClosedEarly(_why(exc, "before answering"), reused=self._answered)
         error.__cause__ = exc
         answer.set_exception(error)
 
@@ -476,6 +492,7 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status < 200:
             self._headers = {}  # an interim answer (1xx): the real one follows
+            self._head_bytes = 0
             return
         self._headed = True
         length = self._headers.get("content-length")
@@ -516,12 +533,17 @@ class _Connection(asyncio.Protocol):
         self.reusable = (
             keep_alive and transport is not None and not transport.get_write_buffer_size()
         )
+        self._answered = True
         answer.set_result(Answer(status, headers, body))
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)  # answered before reading it all: stop writing
 
     def _too_large(self, length: int | None) -> None:
         self._fail(TooLarge(self._parser.get_status_code(), self._headers, length))
+
+
+# Headers of a real answer take a few KiB; servers refuse requests past 8-64 KiB.
+_MAX_HEAD_BYTES = 1 << 20
 
 
 def _why(exc: Exception | None, when: str) -> str:

@@ -101,8 +101,7 @@ async def test_a_key_of_a_few_characters_is_no_secret_to_mask_inside_words(
 
 async def test_reset_truncation_and_bad_json_are_transient(server: MockServer) -> None:
     codes = []
-    # Two resets: the first is taken for a stale pooled connection and resent at once.
-    for directive in ("mock:reset=2", "mock:truncate=1", "mock:badjson=1"):
+    for directive in ("mock:reset=1", "mock:truncate=1", "mock:badjson=1"):
         with pytest.raises(TransientError) as caught:
             await send(server.base_url, request(f"x {directive}"))
         codes.append(caught.value.code)
@@ -117,10 +116,27 @@ async def test_one_reset_is_resent_at_once_as_a_stale_connection(server: MockSer
             base_url=server.base_url,
             api_key="k",
         )
+        await client.send(request("warm"))  # the reset comes on a reused connection
         response = await client.send(request("x mock:reset=1"))
     assert response.status_code == 200
     assert client.stale_retries == 1
-    assert server.stats.requests == 2
+    assert server.stats.requests == 3
+
+
+async def test_a_reset_on_a_new_connection_is_not_resent_behind_the_attempt(
+    server: MockServer,
+) -> None:
+    # A new connection cannot have gone stale in the pool: its close is the
+    # server's answer to the attempt (an idle timeout of a load balancer in
+    # front of a slow model, say, after the work was done and billed). A
+    # silent resend made two requests of one attempt ("attempts": 1).
+    async with open_session(Limits(), Timeouts()) as session:
+        client = Client(session, get_provider("openai"), base_url=server.base_url, api_key="k")
+        with pytest.raises(TransientError) as caught:
+            await client.send(request("x mock:reset=1"))
+    assert caught.value.code == "connection_reset"
+    assert client.stale_retries == 0
+    assert server.stats.requests == 1
 
 
 async def test_read_timeout(server: MockServer) -> None:

@@ -438,3 +438,53 @@ async def test_random_traffic_keeps_the_bounds_and_ends(raw: Serve, seed: int) -
         type(t.exception()).__name__ if not t.cancelled() and t.exception() else "ok" for t in done
     }
     assert outcomes <= {"ok", "ClosedEarly", "CutShort"}
+
+
+async def test_a_switch_of_protocols_is_a_bad_answer_not_a_protocol_crash(
+    raw: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    # httptools raises HttpParserUpgrade, no HttpParserError, for a 101: out of
+    # data_received it logged "Fatal error on transport" with a traceback.
+    server = await raw(
+        [
+            raw_reply(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+            )
+        ]
+    )
+    p = pool(read=5)
+    try:
+        with pytest.raises(BadAnswer, match="101"):
+            await post(p, server)
+    finally:
+        await p.close()
+    assert "Traceback" not in caplog.text
+    assert "Fatal error" not in caplog.text
+
+
+async def test_headers_that_never_end_are_bounded(raw: Serve) -> None:
+    # The body's bound does not cover the head: httptools buffers a header
+    # value whole, so one that never ends grew memory until --request-timeout.
+    endless = [b"HTTP/1.1 200 OK\r\nX-Big: "] + [b"a" * 65536] * 40  # 2.5 MiB of one header
+    server = await raw([raw_reply(*endless)])
+    p = pool(read=5)
+    try:
+        with pytest.raises(BadAnswer, match="headers pass"):
+            await post(p, server, max_bytes=1 << 20)
+    finally:
+        await p.close()
+
+
+async def test_a_close_on_a_new_connection_is_not_taken_for_a_stale_one(raw: Serve) -> None:
+    server = await raw([raw_reply(close=True), answer(), raw_reply(close=True)])
+    p = pool()
+    try:
+        with pytest.raises(ClosedEarly) as new:
+            await post(p, server)
+        await post(p, server)  # this connection answered once: it goes back to the pool
+        with pytest.raises(ClosedEarly) as reused:
+            await post(p, server)
+    finally:
+        await p.close()
+    assert not new.value.reused
+    assert reused.value.reused

@@ -75,7 +75,7 @@ async def test_transient_faults_are_retried_until_success(
     rows = [
         chat("a mock:fail=429x2 mock:retry_after=7"),
         chat("b mock:fail=503x1"),
-        chat("c mock:reset=2"),
+        chat("c mock:reset=1"),
         chat("d mock:truncate=1"),
         chat("e mock:badjson=1"),
         chat("f mock:fail=408x1"),
