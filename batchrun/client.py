@@ -27,6 +27,7 @@ from batchrun.deadlines import FifoDeadlines
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.hosts import HostPool
 from batchrun.providers import Provider
+from batchrun.providers.base import Classified, answer_error
 from batchrun.rateheaders import pause_hint
 from batchrun.records import Request, Response, json_type
 from batchrun.tls import tls_failure
@@ -190,32 +191,7 @@ class Client:
         body = _parse_json(raw)
         request_id = _request_id(headers, body)
         if 200 <= status < 300:
-            if body is _UNPARSABLE and _is_stream(headers):
-                raise RowError(
-                    "streamed_answer",
-                    f"HTTP {status} with a streamed answer (text/event-stream), which batchrun"
-                    ' does not read: drop "stream": true from the request',
-                    status=status,
-                    request_id=request_id,
-                )
-            if body is _UNPARSABLE:
-                raise TransientError(
-                    "invalid_json",
-                    f"HTTP {status} with a body that is not JSON ({len(raw)} bytes)",
-                    status=status,
-                    request_id=request_id,
-                )
-            if not isinstance(body, dict):  # null, [], "text": not an answer
-                raise self._redacted(
-                    TransientError(
-                        "invalid_body",
-                        f"HTTP {status} with a JSON {json_type(body)} body, not an object",
-                        status=status,
-                        body=body,
-                        request_id=request_id,
-                    )
-                )
-            return Response(status_code=status, request_id=request_id, body=body)
+            return self._answer(status, headers, raw, body, request_id)
         if 300 <= status < 400:
             raise self._redacted(_redirect_error(status, headers, request_id))
         shown = None if body is _UNPARSABLE else body
@@ -233,6 +209,42 @@ class Client:
                 retry_after=pause_hint(headers, status=status),
             )
         )
+
+    def _answer(
+        self, status: int, headers: Any, raw: bytes, body: Any, request_id: str | None
+    ) -> Response:
+        """A 2xx answer whose body is a JSON object with a result; else its row's error."""
+        if body is _UNPARSABLE and _is_stream(headers):
+            raise RowError(
+                "streamed_answer",
+                f"HTTP {status} with a streamed answer (text/event-stream), which batchrun"
+                ' does not read: drop "stream": true from the request',
+                status=status,
+                request_id=request_id,
+            )
+        if body is _UNPARSABLE:
+            raise TransientError(
+                "invalid_json",
+                f"HTTP {status} with a body that is not JSON ({len(raw)} bytes)",
+                status=status,
+                request_id=request_id,
+            )
+        failed = (
+            answer_error(body)
+            if isinstance(body, dict)
+            else Classified(
+                "transient",
+                "invalid_body",
+                f"HTTP {status} with a JSON {json_type(body)} body, not an object",
+            )  # null, [], "text": not an answer
+        )
+        if failed is not None:
+            raise self._redacted(
+                TransientError(
+                    failed.code, failed.message, status=status, body=body, request_id=request_id
+                )
+            )
+        return Response(status_code=status, request_id=request_id, body=body)
 
     def _redacted(self, error: RequestError) -> RequestError:
         """The error with every trace of the API key masked (providers echo it)."""

@@ -14,6 +14,8 @@ from batchrun.jobfile import build_config
 from batchrun.mock.server import GATEWAY_PREFIX, MockServer
 from batchrun.retry import budget_note
 from batchrun.runner import Clock, run_async
+from batchrun.state import StateDir
+from batchrun.store import STORE_FILE, open_store
 from batchrun.validate import validate
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 
@@ -54,6 +56,31 @@ async def test_a_200_whose_body_is_not_an_object_is_retried_as_a_bad_body(
     assert always["attempts"] == 4
     assert fine["error"] is None
     assert summary.failed_by_code == {"invalid_body": 1}
+
+
+@pytest.mark.asyncio
+async def test_a_200_carrying_an_error_is_retried_and_never_kept_as_an_answer(
+    tmp_path: Path, server: MockServer, fake_clock: Clock
+) -> None:
+    # Some gateways pass an upstream failure on as 200 {"error": ...}: taken
+    # for an answer, it was written as a success and stored for reuse.
+    rows = [chat("gw mock:errbody=1"), chat("always mock:errbody=99")]
+    config = make_config(tmp_path, rows, server, max_attempts=3)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    passed_on, always = read_jsonl(config.out)
+    assert (passed_on["error"], passed_on["attempts"]) == (None, 2)
+    assert always["error"]["code"] == "overloaded"
+    assert always["error"]["retryable"] is True
+    assert "model overloaded" in always["error"]["message"]
+    assert always["attempts"] == 3
+    assert summary.failed_by_code == {"overloaded": 1}
+    store = open_store(StateDir(config.out).root / STORE_FILE)
+    stored = store.stats()
+    store.close()
+    assert stored.ok == 1  # the real answer only
+    assert stored.errors == stored.retryable  # a later run sends the other again
 
 
 @pytest.mark.asyncio

@@ -114,6 +114,36 @@ def test_results_map_back_by_our_key_and_missing_rows_are_unfinished(tmp_path: P
     assert failed["response"]["status_code"] == 400
 
 
+def test_a_200_result_carrying_an_error_is_a_retryable_row_error(tmp_path: Path) -> None:
+    provider = OpenAIProvider()
+    gateway = {"error": {"message": "model overloaded", "code": "overloaded"}}
+    answer = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+    results = tmp_path / "out"
+    results.write_bytes(
+        b"".join(
+            orjson.dumps(
+                {"custom_id": batch_key(line), "response": {"status_code": 200, "body": body}}
+            )
+            + b"\n"
+            for line, body in ((1, gateway), (2, {**answer, "error": None}))
+        )
+    )
+    seen: list[tuple[int, bool, bool]] = []
+
+    def note(line: int, at: int, record: bytes, ok: bool, retryable: bool, cost: object) -> None:
+        seen.append((line, ok, retryable))
+
+    found = collect([results], {1: "a", 2: "b"}, provider, tmp_path / "spill", note)
+    records = [orjson.loads(chunk) for chunk in found.records.sorted_chunks()]
+    found.records.close()
+    failed, ok = records
+    assert failed["error"]["code"] == "overloaded"
+    assert failed["error"]["retryable"] is True
+    assert failed["response"]["status_code"] == 200
+    assert ok["error"] is None  # an answer with "error": null is an answer
+    assert seen == [(1, False, True), (2, True, False)]  # the store keeps no error as an answer
+
+
 def test_known_results_read_headed_and_plain_lines(tmp_path: Path) -> None:
     # A part collected with token heads, and one of an older run without them.
     answer = Response(status_code=200, request_id="r", body={})

@@ -195,13 +195,19 @@ async def test_status_mapping_without_a_socket() -> None:
         (200, {}, b"not json"),
         (429, {}, quota),
         (404, {}, b'{"error": {"message": "no such model", "code": "model_not_found"}}'),
+        (200, {}, b'{"error": "upstream timed out"}'),
     ]
     errors = []
     for status, headers, raw in cases:
         with pytest.raises((TransientError, FatalError, RowError)) as caught:
             client._response(status, CIMultiDict(headers), raw)
         errors.append(caught.value)
-    busy, garbled, no_quota, missing = errors
+    busy, garbled, no_quota, missing, passed_on = errors
+    assert isinstance(passed_on, TransientError)
+    assert passed_on.code == "error_in_answer"
+    assert passed_on.message.endswith(": upstream timed out")
+    answer = client._response(200, CIMultiDict(), b'{"choices": [], "error": {"code": "x"}}')
+    assert answer.body == {"choices": [], "error": {"code": "x"}}  # a result beside it wins
     assert isinstance(busy, TransientError)
     assert busy.code == "http_503"
     assert busy.retry_after == 2

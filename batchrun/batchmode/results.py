@@ -25,6 +25,7 @@ from batchrun.batchmode.known import filed_head
 from batchrun.batchmode.plan import line_of_key
 from batchrun.errors import RowError, TransientError
 from batchrun.providers import Provider
+from batchrun.providers.base import answer_error
 from batchrun.records import Outcome, Response, answer_line, failed_outcome, output_line
 from batchrun.schema import AnswerCheck
 
@@ -188,7 +189,7 @@ def _take(found: Collected, raw: bytes, ids: Mapping[int, str], reading: _Readin
     if custom_id is None:  # not one of this part's rows (custom ids are never None)
         return
     response = data.get("response")
-    if type(response) is dict and _is_answer(response.get("status_code")):
+    if type(response) is dict and _is_answer(response.get("status_code"), response.get("body")):
         if reading.rules.check is None:
             _keep_answer(found, line, custom_id, response, reading)  # most lines: no Outcome
         else:
@@ -226,8 +227,12 @@ def _keep(
             reading.on_record(line, at, record, verdict.ok, verdict.retryable, verdict.cost)
 
 
-def _is_answer(status: object) -> bool:
-    return type(status) is int and 200 <= status < 300
+def _is_answer(status: object, body: object) -> bool:
+    """Whether a response is an answer: a 2xx whose body carries no error
+    instead (see ``answer_error``)."""
+    if type(status) is not int or not 200 <= status < 300:
+        return False
+    return type(body) is not dict or answer_error(body) is None
 
 
 def _keep_answer(
@@ -301,7 +306,8 @@ def _error_answer(
 ) -> Outcome:
     """A response that is no answer, classified as online mode would."""
     status, body = response["status_code"], response.get("body")
-    verdict = provider.classify(status, body)
+    passed_on = answer_error(body) if 200 <= status < 300 and type(body) is dict else None
+    verdict = passed_on or provider.classify(status, body)
     return Outcome(
         line=line,
         custom_id=custom_id,

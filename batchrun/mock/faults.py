@@ -18,6 +18,8 @@ from batchrun.records import Kind
 JSON_TYPE: Final = "application/json"
 _BAD_JSON: Final = b'{"choices": ['
 _ODD_BODIES: Final[tuple[Any, ...]] = (None, [], "fine, thanks")
+# What a gateway passing an upstream failure on answers with a 200.
+_ERROR_BODY: Final = {"error": {"message": "model overloaded", "code": "overloaded"}}
 # SO_LINGER on with a zero timeout makes close() send an RST instead of a FIN.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # How long a hang102 answer stays silent: longer than any test's timeout.
@@ -173,6 +175,8 @@ async def scripted_answer(
         return web.Response(body=_BAD_JSON, content_type=JSON_TYPE, headers=headers)
     if call.attempt <= rules.oddbody:
         return _json(200, _ODD_BODIES[(call.attempt - 1) % len(_ODD_BODIES)], headers)
+    if call.attempt <= rules.errbody:
+        return _json(200, _ERROR_BODY, headers)
     special = await _slow_or_big(request, call, rules)
     if special is not None:
         return special

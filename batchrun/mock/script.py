@@ -43,6 +43,7 @@ class Directives:
     huge: int = 0  # body bytes
     chunked: bool = False
     oddbody: int = 0
+    errbody: int = 0  # attempts n <= N: a 200 whose body is an error, as some gateways answer
     redirect: int | None = None  # a 3xx status
     size: int = 0  # characters of answer content, at least
 
@@ -117,6 +118,7 @@ def parse_directives(text: str) -> Directives:
         huge=_count(found.get("huge")),
         chunked="chunked" in found,
         oddbody=_count(found.get("oddbody")),
+        errbody=_count(found.get("errbody")),
         redirect=_redirect(found.get("redirect")),
         size=_count(found.get("size")),
     )

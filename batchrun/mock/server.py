@@ -31,6 +31,8 @@ digest, this one included. The first of these that fires decides the answer:
 * ``mock:badjson=N``: attempts ``n <= N`` get a 200 JSON body that won't parse;
 * ``mock:oddbody=N``: attempts ``n <= N`` get a 200 whose JSON body is not an
   object: ``null``, ``[]`` and a string in turn;
+* ``mock:errbody=N``: attempts ``n <= N`` get a 200 whose body is an error
+  (``{"error": {"code": "overloaded", ...}}``), as some gateways answer;
 * ``mock:hang102=N``: attempts ``n <= N`` get ``HTTP/1.1 102 Processing``,
   then nothing until the client gives up;
 * ``mock:trickle=S`` (always) / ``mock:trickle=SxN`` (attempts ``n <= N``):

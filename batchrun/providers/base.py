@@ -59,6 +59,31 @@ class Provider:
         raise NotImplementedError
 
 
+# Keys of a successful answer's body: chat and completions, embeddings, DashScope's native API.
+_ANSWER_KEYS = ("choices", "data", "output")
+
+
+def answer_error(body: Mapping[str, Any]) -> Classified | None:
+    """The error a 2xx ``body`` carries instead of an answer (some gateways
+    pass an upstream failure on as ``200 {"error": ...}``), or None. Such a
+    row is tried again (transient): it must not be recorded, or stored for
+    reuse, as an answer."""
+    error = body.get("error")
+    if not error or any(key in body for key in _ANSWER_KEYS):
+        return None
+    code = message = None
+    if isinstance(error, Mapping):
+        code, message = error.get("code") or error.get("type"), error.get("message")
+    elif isinstance(error, str):
+        message = error
+    code_text = str(code) if code else "error_in_answer"
+    return Classified(
+        "transient",
+        code_text,
+        f"a 2xx answer with an error instead of a result: {message or code_text}",
+    )
+
+
 def status_verdict(status: int) -> Verdict:
     """The verdict a bare HTTP status implies when the body says nothing more."""
     if status in (401, 403):
