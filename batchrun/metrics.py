@@ -9,14 +9,13 @@ never read half-written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from batchrun.paths import replace_file
 from batchrun.stats import RunStats
 
 log = logging.getLogger("batchrun")
@@ -60,21 +59,9 @@ def render_metrics(
 
 
 def write_metrics(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically; raises OSError when it cannot.
-
-    The file is written beside the target and renamed over it, so a reader
-    sees the old file or the new one, never a part. Not fsynced: after a
-    crash the next write replaces it anyway.
-    """
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        # The cleanup's own failure must not hide why the write failed.
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise
+    """Replace ``path`` with ``text`` whole (``paths.replace_file``); raises
+    OSError when it cannot."""
+    replace_file(path, text.encode())
 
 
 class MetricsWriter:

@@ -6,10 +6,12 @@ them the input, or one another, a paid result would be overwritten; were one
 unwritable, the run would pay for every row and then fail to keep them.
 ``check_written`` refuses both up front with a ``UsageError`` naming the
 setting; so it does ``-``, which other tools take for standard output.
+``replace_file`` writes a small file (a summary, a metrics file) whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -102,7 +104,11 @@ def _check_not_a_run(name: str, path: Path, *, mine: bool) -> None:
                 f"{name} {path}: a name ending in {STATE_SUFFIX} is an output's state"
                 " directory, and writing it would damage that run's state; choose another path"
             )
-        if place.is_file() and state_dir(place).exists():
+        # A run not finished yet (live, stopped or killed) has no file at
+        # its output's path, only the state beside it: it publishes there later.
+        if (place.is_file() and state_dir(place).exists()) or (
+            not place.exists() and state_dir(place).is_dir()
+        ):
             raise UsageError(
                 f"{name} {path} is the output of a batchrun run (its state is in"
                 f" {state_dir(place)}): writing it would destroy those results; choose another path"
@@ -202,3 +208,19 @@ def _identity(path: Path) -> object:
         except RuntimeError:  # a loop of symbolic links: Python 3.13 raises it as this
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
     return (stat.st_dev, stat.st_ino)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: written beside it, then renamed over
+    it, so a reader (a scheduler, a scraper) sees the old file or the new
+    one, never a part, and a full disk leaves the old one. Not fsynced: the
+    next write replaces it anyway. Raises OSError when it cannot."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except BaseException:
+        # The cleanup's own failure must not hide why the write failed.
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise

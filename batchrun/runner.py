@@ -31,7 +31,7 @@ from batchrun.hosts import HostPool
 from batchrun.inputs import Stamp, check_readable, check_unchanged, stamp
 from batchrun.journal import JournalContents, read_journal
 from batchrun.layout import state_dir
-from batchrun.paths import Named, check_read_outside_state, check_written
+from batchrun.paths import Named, check_read_outside_state, check_written, replace_file
 from batchrun.pipeline import Pipeline, RunEnding
 from batchrun.progress import ProgressReporter
 from batchrun.providers import Provider, get_provider
@@ -120,7 +120,7 @@ def write_summary(path: Path, summary: Summary) -> None:
     changes no exit code: the rows are done and kept."""
     data = orjson.dumps(summary.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
     try:
-        path.write_bytes(data)
+        replace_file(path, data)  # a reader sees the last summary or this one, never a part
     except OSError as exc:
         log.warning("could not write the summary %s: %s", path, exc)
 

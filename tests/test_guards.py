@@ -597,3 +597,27 @@ async def test_a_run_resumes_its_own_output_and_rewrites_its_own_summary_and_tab
     assert server.stats.requests == 0
     assert orjson.loads(summary.read_bytes())["ok"] == 2
     assert table.read_text().count("\n") == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("option", ["--summary", "--metrics-file"])
+async def test_a_run_never_writes_over_an_unfinished_runs_output(
+    option: str, tmp_path: Path, server: MockServer
+) -> None:
+    # A run not finished yet (live, stopped, or its OUT deleted to redo it) has
+    # only its state: it publishes a.jsonl later, and a summary or metrics
+    # file written there after that would replace its paid answers.
+    finished = await _finished_output(tmp_path, server)
+    finished.unlink()
+    write_jsonl(tmp_path / "b.jsonl", [chat("c")])
+    args = ["run", tmp_path / "b.jsonl", "--out", tmp_path / "b-out.jsonl", "--no-progress"]
+
+    line = await _refused(
+        server,
+        tmp_path,
+        *args,
+        *("--provider", "openai", "--base-url", server.base_url, option, finished),
+    )
+
+    assert line.startswith(f"{option} {finished} is the output of a batchrun run"), line
+    assert not finished.exists()

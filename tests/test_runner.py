@@ -16,7 +16,7 @@ import pytest
 
 from batchrun.errors import UsageError
 from batchrun.mock.server import MockServer
-from batchrun.runner import Clock, run_async
+from batchrun.runner import Clock, run_async, write_summary
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
 from tests.fakes import FakeClock
 from tests.redis_server import free_port
@@ -478,3 +478,25 @@ async def test_signals_from_another_thread_are_a_usage_error(
 
     await anyio.to_thread.run_sync(in_a_thread)
     assert not config.out.exists()
+
+
+async def test_a_summary_that_cannot_be_written_whole_leaves_the_last_one(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk part-way through the write: a reader (cron's next check, a
+    # dashboard) must see the last whole summary, never an empty or cut one.
+    summary_path = tmp_path / "s.json"
+    summary_path.write_bytes(b'{"ok": 1}\n')
+    summary = await run_async(make_config(tmp_path, [chat("a")], server))
+    real_write = Path.write_bytes
+
+    def full_disk(self: Path, data: bytes) -> int:  # type: ignore[override]
+        real_write(self, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    write_summary(summary_path, summary)  # warns, keeps the run's exit code
+    monkeypatch.undo()
+
+    assert summary_path.read_bytes() == b'{"ok": 1}\n'
+    assert not summary_path.with_name("s.json.tmp").exists()
