@@ -156,7 +156,7 @@ def _batch_lines(batches: list[dict[str, Any]]) -> list[str]:
         counts = batch["counts"]
         done = counts.get("settled", counts.get("completed", 0) + counts.get("failed", 0))
         lines.append(
-            f"    part {batch['part']}: {batch['batch_id'] or '(not created)'}"
+            f"    part {batch['part']}: {batch['batch_id'] or '(none recorded)'}"
             f" {batch['status']}, {done:,}/{batch['rows']:,} rows"
         )
     return lines

@@ -240,3 +240,32 @@ async def test_a_batch_seen_records_its_status_and_integer_counts() -> None:
     assert (part.batch_status, part.counts) == ("completed", {"total": 10, "completed": 10})
     part.seen({"status": "cancelled"})  # no counts given: the last ones stay
     assert (part.batch_status, part.counts) == ("cancelled", {"total": 10, "completed": 10})
+
+
+async def test_a_batch_created_but_unrecorded_is_cancelled_before_a_restart(
+    tmp_path: Path,
+) -> None:
+    # Killed between creating a batch and recording its id: the batch runs on,
+    # paid. --restart must not pay for its rows again beside it, and cancel
+    # must find it (as a resume does) instead of reporting nothing to cancel.
+    async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        crashed = await run_cli(
+            command(source, out, server), BATCHRUN_CRASH_AT="after_batch_create:1"
+        )
+        assert crashed.returncode == -signal.SIGKILL
+        assert server.batches.created >= 1  # on the provider, unrecorded
+        online = [a for a in command(source, out, server) if a not in ("--mode", "batch")]
+        refused = await run_cli([*online, "--restart"])
+        assert refused.returncode == 2, refused.stderr.decode()
+        assert b"batchrun cancel OUT" in refused.stderr
+        assert server.stats.requests == 0
+        cancelled = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
+        assert cancelled.returncode == 0, cancelled.stderr.decode()
+        assert all(b.cancelled is not None for b in server.batches.batches.values())
+        server.batches.faults.seconds = 0.2  # the cancels end now
+        again = await run_cli([sys.executable, "-m", "batchrun", "cancel", str(out)])
+        assert again.returncode == 0, again.stderr.decode()
+        restarted = await run_cli([*online, "--restart"])
+        assert restarted.returncode == 0, restarted.stderr.decode()
+    assert len(read_jsonl(out)) == 10

@@ -21,7 +21,8 @@ import anyio
 from batchrun.batchmode.api import BatchApi
 from batchrun.batchmode.http import open_http
 from batchrun.batchmode.phase import dialect
-from batchrun.batchmode.record import BatchRecord, BatchState
+from batchrun.batchmode.record import NOT_CREATED, BatchRecord, BatchState
+from batchrun.batchmode.submit import attach, metadata
 from batchrun.config import Limits, RetryPolicy, Timeouts
 from batchrun.errors import LockedError, UsageError
 from batchrun.providers import get_provider
@@ -79,6 +80,14 @@ async def _cancel(state: BatchState) -> list[tuple[str, str]]:
             sleep=anyio.sleep,
         )
         for part in state.parts:
+            if part.status == "uploaded":
+                # A stop between creating its batch and recording it leaves the
+                # batch running unrecorded: find it by its metadata, as a resume does.
+                found = await api.find(metadata(state, part))
+                if found is None:
+                    part.batch_status = NOT_CREATED
+                else:
+                    attach(part, found)
             if part.live and part.batch_id:
                 batch = await api.cancel(part.batch_id)
                 part.seen(batch)

@@ -40,6 +40,9 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 # Part statuses after which a run does nothing more with a part: its answers
 # are all in the result store, or the provider refused its file.
 SETTLED = frozenset({"collected", "refused"})
+# The ``batch_status`` ``batchrun cancel`` gives an uploaded part it found no
+# batch for: no batch can run for it unrecorded.
+NOT_CREATED = "not created"
 
 
 @dataclass(slots=True)

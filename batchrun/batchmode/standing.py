@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from batchrun.batchmode.known import KnownResults
-from batchrun.batchmode.record import SETTLED, TERMINAL, BatchRecord, Part
+from batchrun.batchmode.record import NOT_CREATED, SETTLED, TERMINAL, BatchRecord, Part
 from batchrun.errors import UsageError
 
 __all__ = ["describe", "guard", "known_results", "unsettled"]
@@ -30,8 +30,9 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
     if restart and live:
         cancelling = sum(part.batch_status == "cancelling" for part in live)
         raise UsageError(
-            f"{len(live)} batches of this output are still running on the provider and are"
-            " paid: cancel them first with `batchrun cancel OUT`, or run without --restart"
+            f"{len(live)} batches of this output are, or may be, still running on the provider"
+            " and are paid (a stop right after creating one leaves it unrecorded): cancel them"
+            " first with `batchrun cancel OUT`, which finds those too, or run without --restart"
             if not cancelling
             else f"{cancelling} batches of this output are being cancelled: run `batchrun"
             " cancel OUT` again until it reports them cancelled, then --restart"
@@ -52,7 +53,11 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
 
 def _running(part: Part) -> bool:
     """Submitted and not known to have ended (``batchrun cancel`` records a
-    cancelled batch's end): it may still run, and be paid."""
+    cancelled batch's end): it may still run, and be paid. So may an uploaded
+    part's batch: a stop between creating it and recording it leaves it
+    unrecorded, until ``batchrun cancel`` looks for it."""
+    if part.status == "uploaded":
+        return part.batch_status != NOT_CREATED
     return part.live and part.batch_status not in TERMINAL
 
 
