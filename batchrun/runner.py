@@ -397,12 +397,20 @@ def _begin(
 
 
 def _resent_before(state: StateDir) -> int:
-    """The rows resent after stops, over the runs the checkpoint counts (0
-    when it is damaged: the rows of the journal are still counted)."""
+    """The rows resent after stops, over the runs the checkpoint counts, or
+    the finished run's summary once its output was published (publishing
+    drops the checkpoint); 0 when they are damaged: the rows of the journal
+    are still counted."""
     try:
-        return state.read_checkpoint().in_doubt
+        resent = state.read_checkpoint().in_doubt
+        finished = state.read_finished()
     except CorruptStateError:
         return 0
+    if finished is not None:
+        counted = finished.summary.extra.get("in doubt (all runs)", 0)
+        if type(counted) is int:
+            resent = max(resent, counted)
+    return resent
 
 
 def _already_done(finished: FinishedRun, out: Path) -> Summary:

@@ -189,6 +189,9 @@ class _RowAttempts:
         self.budget = budget
         self.count = 0
         self.marked = False  # told ``on_send`` since the last error answer
+        # An earlier attempt may have been billed (a reset, a read timeout, a
+        # cut-short answer): the row stays in doubt whatever a later one gets.
+        self.maybe_billed = False
         self.parsed: Any = NOT_PARSED  # the last answer's JSON, once it passed the schema
         # Tokens of every answer billed so far (one off the schema is billed too).
         self.paid_in = self.paid_out = 0
@@ -226,8 +229,11 @@ class _RowAttempts:
         except RequestError as exc:
             hold = throttle.failed(exc, sent=ticket)
             if isinstance(exc, TransientError) and _unpaid(exc):
-                sender.on_unpaid(self.request.line)  # not billed: a retry follows
-                self.marked = False
+                if not self.maybe_billed:
+                    sender.on_unpaid(self.request.line)  # not billed: a retry follows
+                    self.marked = False
+            else:
+                self.maybe_billed = True
             raise
         finally:
             sender.stats.in_flight -= 1

@@ -82,6 +82,28 @@ async def test_rows_waiting_to_retry_after_an_error_answer_are_not_in_doubt(
     assert (await status_of(out))["in_doubt"] == 1  # the row in flight only
 
 
+async def test_a_row_cut_short_then_answered_with_an_error_stays_in_doubt(
+    tmp_path: Path,
+) -> None:
+    # The first attempt's 200 is cut short (the provider did, and billed, the
+    # work); the second gets a 503 asking for 30 s (fail_rate 0.8, seed 0:
+    # draws 0.84, then 0.76), and the run is killed while the row waits: its
+    # resend may be billed twice, so it is in doubt.
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("r mock:truncate=1 mock:retry_after=30")])
+    out = tmp_path / "out.jsonl"
+
+    async with MockServer(fail_rate=0.8, seed=0) as server:
+        process = await start_cli(command(source, out, server))
+        await wait_for(lambda: server.stats.requests >= 2)
+        await anyio.sleep(0.5)  # the 503 is answered and journaled
+        process.kill()
+        code, _ = await finish(process)
+        assert server.stats.statuses == {0: 1, 503: 1}  # cut short, then the 503
+
+    assert code == -signal.SIGKILL
+    assert (await status_of(out))["in_doubt"] == 1
+
+
 async def test_rows_waiting_to_retry_after_no_connection_are_not_in_doubt(
     tmp_path: Path,
 ) -> None:
@@ -139,3 +161,38 @@ async def test_rows_in_doubt_stay_counted_when_the_input_changed_before_the_resu
     # the one answered just before the kill reached the server twice.
     assert server.stats.requests - sent_before == 151 - done
     assert 1 <= duplicates(server) <= in_doubt
+
+
+@pytest.mark.parametrize("next_pass", ["edited input", "--retry-failed"])
+async def test_rows_resent_stay_counted_over_a_new_pass_of_a_finished_output(
+    tmp_path: Path, server: MockServer, next_pass: str
+) -> None:
+    # A killed run, resumed to the end, resent its rows in doubt; a later pass
+    # over the finished output (an edited input, or --retry-failed) must keep
+    # counting them in "in doubt (all runs)" and in status's "resent".
+    source = write_jsonl(tmp_path / "in.jsonl", [*rows(60), chat("bad mock:fail=503")])
+    out, summary_path = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    fast = ("--max-attempts", "1")
+    crashed = await run_cli(
+        command(source, out, server, *fast), BATCHRUN_CRASH_AT="after_response:20"
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    in_doubt = (await status_of(out))["in_doubt"]
+    assert isinstance(in_doubt, int)
+    assert in_doubt > 0
+    resumed = await run_cli(command(source, out, server, *fast))
+    assert resumed.returncode == 1, resumed.stderr.decode()  # the 503 row failed
+    assert (await status_of(out))["resent_after_crashes"] == in_doubt
+    extra: tuple[str, ...] = fast
+    if next_pass == "edited input":
+        with source.open("ab") as handle:
+            handle.write(orjson.dumps(chat("one more row")) + b"\n")
+    else:
+        extra = (*fast, "--retry-failed")
+
+    again = await run_cli(command(source, out, server, *extra, "--summary", str(summary_path)))
+
+    assert again.returncode == 1, again.stderr.decode()
+    summary = orjson.loads(summary_path.read_bytes())
+    assert summary["extra"]["in doubt (all runs)"] == in_doubt
+    assert (await status_of(out))["resent_after_crashes"] == in_doubt
