@@ -50,8 +50,9 @@ class RowSender:
         self.on_send: Callable[[int], None] = _ignore
         # Told a row's line when an attempt got an error answer (an HTTP
         # status of 400 or more) or no connection at all, and will be
-        # retried: the provider did not bill it, so the row is not in doubt
-        # while it waits.
+        # retried, or when a fatal answer stops the run: the provider did
+        # not bill it, so the row is not in doubt while it waits. Never after
+        # an attempt that may have been billed (``_RowAttempts.maybe_billed``).
         self.on_unpaid: Callable[[int], None] = _ignore
 
     async def send(self, request: Request) -> Outcome:
@@ -73,6 +74,8 @@ class RowSender:
             except TransientError as exc:
                 response = await self._retried(exc, row.attempt, row.budget.remaining)
         except FatalError:
+            if not row.maybe_billed:  # the run stops; a row no attempt paid for is not in doubt
+                self.on_unpaid(request.line)
             raise
         except RequestError as exc:
             return self._failed(row, exc, self.clock.monotonic() - started)
@@ -189,8 +192,9 @@ class _RowAttempts:
         self.budget = budget
         self.count = 0
         self.marked = False  # told ``on_send`` since the last error answer
-        # An earlier attempt may have been billed (a reset, a read timeout, a
-        # cut-short answer): the row stays in doubt whatever a later one gets.
+        # An earlier attempt may have been billed (an answer, one off the
+        # schema included, a reset, a read timeout, a cut-short answer): the
+        # row stays in doubt whatever a later one gets, a fatal answer too.
         self.maybe_billed = False
         self.parsed: Any = NOT_PARSED  # the last answer's JSON, once it passed the schema
         # Tokens of every answer billed so far (one off the schema is billed too).
@@ -225,15 +229,14 @@ class _RowAttempts:
         answered, hold = False, 0.0
         try:
             response = await sender.client.send(self.request, within=self.budget.remaining())
-            answered = True
+            answered = self.maybe_billed = True  # billed even if it fails the schema
         except RequestError as exc:
             hold = throttle.failed(exc, sent=ticket)
-            if isinstance(exc, TransientError) and _unpaid(exc):
-                if not self.maybe_billed:
-                    sender.on_unpaid(self.request.line)  # not billed: a retry follows
-                    self.marked = False
-            else:
-                self.maybe_billed = True
+            if not _unpaid(exc):
+                self.maybe_billed = True  # a reset, a timeout, a cut-short answer
+            elif isinstance(exc, TransientError) and not self.maybe_billed:
+                sender.on_unpaid(self.request.line)  # not billed: a retry follows
+                self.marked = False
             raise
         finally:
             sender.stats.in_flight -= 1
@@ -254,7 +257,7 @@ class _RowAttempts:
 _NEVER_SENT = frozenset({"connect_error", "connect_timeout"})
 
 
-def _unpaid(exc: TransientError) -> bool:
+def _unpaid(exc: RequestError) -> bool:
     """Whether the provider cannot have billed the attempt that failed so:
     an error answer (HTTP 400 or more), or no connection at all."""
     return (exc.status is not None and exc.status >= 400) or exc.code in _NEVER_SENT

@@ -159,8 +159,7 @@ class Workers:
             return False
         try:
             outcome = await self.sender.send(request)  # marks it begun when it goes out
-        except FatalError as exc:
-            writer.abandon(request.line)
+        except FatalError as exc:  # the sender un-marked the row unless it may be billed
             self._reservations.release(reserved)
             self.twins.settle(work.key)
             self._abort(exc)

@@ -104,6 +104,24 @@ async def test_a_row_cut_short_then_answered_with_an_error_stays_in_doubt(
     assert (await status_of(out))["in_doubt"] == 1
 
 
+async def test_a_row_reset_then_answered_fatally_stays_in_doubt(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Its first attempt is reset on a new connection (the provider may have
+    # done the work); its retry gets a 401, which stops the run. Un-marking
+    # the row for the 401 left a possibly billed request out of "in doubt".
+    source = write_jsonl(tmp_path / "in.jsonl", [chat("r mock:reset=1 mock:fail=401")])
+    out, summary_path = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    fast = ("--backoff-initial", "0.01", "--summary", str(summary_path))
+
+    done = await run_cli(command(source, out, server, *fast))
+
+    assert done.returncode == 3, done.stderr.decode()
+    assert server.stats.requests == 2
+    assert orjson.loads(summary_path.read_bytes())["extra"]["in doubt"] == 1
+    assert (await status_of(out))["in_doubt"] == 1
+
+
 async def test_rows_waiting_to_retry_after_no_connection_are_not_in_doubt(
     tmp_path: Path,
 ) -> None:
