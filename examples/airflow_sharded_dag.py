@@ -20,7 +20,8 @@ seconds, its progress saved.
 
 The shards share the account's limits through the job file: set ``rpm`` /
 ``tpm`` to the account's limits and ``shared_limits = "redis://..."`` under
-``[limits]``; no shard needs to know how many there are. ``BATCHRUN`` in the
+``[limits]``; no shard needs to know how many there are. The job file should
+not set ``summary`` or ``metrics_file``: every shard would write that one file. ``BATCHRUN`` in the
 workers' environment names the command (default ``batchrun`` on the PATH).
 """
 
