@@ -21,7 +21,9 @@ def describe(out: Path) -> dict[str, Any]:
 
     Keys: ``output``, ``state`` (finished, unfinished), ``running`` (a live
     process holds the lock), ``holder``, ``input``, ``rows``, ``done``,
-    ``ok``, ``failed_by_code``, ``in_doubt``, ``remaining`` (None when the input
+    ``ok``, ``failed_by_code``, ``in_flight`` (rows sent with no answer yet,
+    while a run is alive), ``in_doubt`` (the same rows once no run is: the
+    provider may have billed them), ``remaining`` (None when the input
     is gone; ``input_problem`` says why), ``exit_code`` (finished runs),
     ``batches`` (``--mode batch``: each part's batch id and status).
     """
@@ -41,6 +43,10 @@ def describe(out: Path) -> dict[str, Any]:
         report.update(_finished(finished))
     else:
         report.update(_unfinished(state, meta))
+    # Rows sent with no answer recorded are in flight while their run is alive.
+    report["in_flight"] = report["in_doubt"] if running else 0
+    if running:
+        report["in_doubt"] = 0
     batches = describe_batches(state.root)
     if batches is not None:
         report["batches"] = batches
@@ -115,7 +121,7 @@ def render(report: dict[str, Any]) -> str:
         f"  done       {report['done']:,}" + (f" of {rows:,}" if rows is not None else ""),
         f"  ok         {report['ok']:,}",
         f"  failed     {sum(failed.values()):,} ({failed_text})",
-        _doubt_line(report["in_doubt"], running=report["running"]),
+        _doubt_line(report),
         *_resent_line(report.get("resent_after_crashes") or 0),
         f"  remaining  {report['remaining'] if report['remaining'] is not None else '?'}",
         f"  running    {running}",
@@ -134,12 +140,12 @@ def _input_note(report: dict[str, Any]) -> str:
     return ""
 
 
-def _doubt_line(rows: int, *, running: bool) -> str:
+def _doubt_line(report: dict[str, Any]) -> str:
     """Rows sent with no answer recorded: in flight while the run is alive,
     in doubt (the provider may have billed them) once it is not."""
-    if running:
-        return f"  in flight  {rows:,} (sent, no answer yet)"
-    return f"  in doubt   {rows:,} (sent, answer not recorded: resent on resume)"
+    if report["running"]:
+        return f"  in flight  {report.get('in_flight', 0):,} (sent, no answer yet)"
+    return f"  in doubt   {report['in_doubt']:,} (sent, answer not recorded: resent on resume)"
 
 
 def _resent_line(rows: int) -> list[str]:

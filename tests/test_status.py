@@ -48,7 +48,8 @@ def test_rows_resent_after_earlier_stops_are_shown_finished_or_not() -> None:
 
 
 def test_while_the_run_is_alive_they_are_in_flight() -> None:
-    text = render(_report(running=True, holder="pid 7 on host since 2026-11-26T10:00:00+0000"))
+    live = _report(running=True, holder="pid 7", in_doubt=0, in_flight=2)
+    text = render(live)
     assert "  in flight  2 (sent, no answer yet)" in text.splitlines()
     assert "in doubt" not in text
 
@@ -93,3 +94,24 @@ async def test_the_holder_is_named_only_while_a_run_holds_the_lock(
     assert held["running"]
     assert held["holder"].startswith(f"pid {os.getpid()} on ")
     assert (after["running"], after["holder"]) == (False, None)
+
+
+@pytest.mark.asyncio
+async def test_rows_sent_unanswered_are_in_flight_while_locked_and_in_doubt_after(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # A script reading --json must not take a live run's requests for doubtful ones.
+    config = make_config(tmp_path, [chat("a"), chat("b")], server)
+    state = StateDir(config.out)
+    state.root.mkdir()
+    state.write_meta({"input": str(config.input)})
+    state.journal_path.write_bytes(b'{"b":1}\n{"b":2}\n')
+    state.lock()
+    try:
+        live = describe(config.out)
+    finally:
+        state.unlock()
+    stopped = describe(config.out)
+
+    assert (live["in_flight"], live["in_doubt"]) == (2, 0)
+    assert (stopped["in_flight"], stopped["in_doubt"]) == (0, 2)
