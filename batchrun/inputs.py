@@ -23,6 +23,21 @@ class InputReadError(UsageError):
 READ_BUFFER = 1 << 16
 
 
+def check_input_file(path: Path, name: str = "input file") -> None:
+    """Raise ``UsageError`` unless ``path`` is a regular file, saying what it
+    is instead: a run reads its input more than once (to resume, to check it
+    did not change), which a pipe or a terminal cannot give."""
+    if path.is_file():
+        return
+    if not path.exists():
+        what = "does not exist"
+    elif path.is_dir():
+        what = "is a directory"
+    else:  # a pipe (``-``, ``<(...)``, a FIFO), a terminal, a device or a socket
+        what = "is not a regular file (a pipe or a device): save the requests to a file first"
+    raise UsageError(f"{name} {path} {what}")
+
+
 # Which file a path names and its version: inode, size, modification time (ns).
 Stamp = tuple[int, int, int]
 

@@ -15,7 +15,7 @@ import orjson
 
 from batchrun.answers import read_answer, usage_tokens
 from batchrun.errors import UsageError
-from batchrun.inputs import open_input
+from batchrun.inputs import check_input_file, open_input
 from batchrun.records import UTF8_BOM
 from batchrun.state import StateDir, input_identity
 
@@ -132,8 +132,7 @@ class InputColumns:
     number (1-based) while reading the input once, front to back."""
 
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
-        if not path.is_file():
-            raise UsageError(f"input file {path} does not exist or is not a file")
+        check_input_file(path)
         self.columns = tuple(columns)
         self._lines = self._read(path)
         self._at = 0

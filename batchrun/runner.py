@@ -28,7 +28,7 @@ from batchrun.errors import CorruptStateError, DiskError, FatalError, TornOutput
 from batchrun.eventloop import backend_options
 from batchrun.fdlimit import make_room
 from batchrun.hosts import HostPool
-from batchrun.inputs import Stamp, check_readable, check_unchanged, stamp
+from batchrun.inputs import Stamp, check_input_file, check_readable, check_unchanged, stamp
 from batchrun.journal import JournalContents, read_journal
 from batchrun.layout import state_dir
 from batchrun.paths import Named, check_read_outside_state, check_written, replace_file
@@ -134,8 +134,7 @@ async def _run(
 ) -> Summary:
     provider = get_provider(config.provider)
     api_key = resolve_api_key(provider, config)
-    if not config.input.is_file():
-        raise UsageError(f"input file {config.input} does not exist or is not a file")
+    check_input_file(config.input)
     check_readable(config.input)
     check_run_paths(config)
     make_room(config.limits.pool_size)  # before anything is sent or written

@@ -19,7 +19,7 @@ from typing import Any
 
 from batchrun.config import WHOLE, Costs, RunConfig, Shard
 from batchrun.errors import UsageError
-from batchrun.inputs import open_input
+from batchrun.inputs import check_input_file, open_input
 from batchrun.records import LineError, Request, parse_line
 from batchrun.tokens import estimate_input_tokens, estimate_output_tokens
 
@@ -120,8 +120,7 @@ def validate(config: RunConfig) -> ValidationReport:
     ``config.costs``. Raises ``UsageError`` when the input is missing or
     cannot be read (a corrupt ``.gz``, say); bad lines are reported, not raised.
     """
-    if not config.input.is_file():
-        raise UsageError(f"input file {config.input} does not exist or is not a file")
+    check_input_file(config.input)
     defaults = config.request_defaults()
     tally = _Tally(config.costs.context_limit)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
 import random
 import re
 from collections.abc import AsyncIterator
@@ -424,6 +425,19 @@ async def test_missing_input_is_a_usage_error(tmp_path: Path, server: MockServer
 
     with pytest.raises(UsageError, match="does not exist"):
         await run_async(config)
+
+
+async def test_an_input_that_is_no_regular_file_says_what_it_is(
+    tmp_path: Path, server: MockServer
+) -> None:
+    fifo, folder = tmp_path / "pipe.jsonl", tmp_path / "folder.jsonl"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for path, said in ((fifo, "is not a regular file (a pipe"), (folder, "is a directory")):
+        config = make_config(tmp_path, [], server, input=path)
+        with pytest.raises(UsageError, match=re.escape(f"input file {path} {said}")):
+            await run_async(config)
+    assert server.stats.requests == 0
 
 
 async def test_reorder_window_bounds_how_far_reading_runs_ahead(
