@@ -118,6 +118,11 @@ class Throttle:
         self.budget: Budget = budget or RateBudget(
             rpm=limits.rpm, tpm=limits.tpm, clock=clock.monotonic, sleep=clock.sleep
         )
+        # The most one answer's usage may put the token budget in debt past its
+        # estimate: a minute of --tpm (a provider refuses a request larger than
+        # its own limit), so a count a broken server inflates delays the run by
+        # a minute, not the hours 100,000,000 tokens take at a small --tpm.
+        self._max_debt = math.ceil(limits.tpm) if limits.tpm else 0
         initial = (
             min(limits.max_async, INITIAL_CONCURRENCY) if limits.adaptive else limits.max_async
         )
@@ -201,6 +206,8 @@ class Throttle:
         """A good answer that used ``used`` tokens in all."""
         self.reached = True
         if self.budget.enabled:
+            if self._max_debt:
+                used = min(used, estimate + self._max_debt)
             self.budget.settle(estimate, used)
         self.controller.on_success()
 

@@ -182,6 +182,20 @@ async def test_tokens_per_minute_budget_is_corrected_by_usage(tmp_path: Path) ->
     assert time.now == pytest.approx(4.0)  # 300 of debt and 100 more, at 100/s
 
 
+async def test_one_answers_usage_puts_the_token_budget_in_debt_a_minute_at_most(
+    tmp_path: Path,
+) -> None:
+    # 99,999,999 tokens is within the bound on counts, yet at --tpm 6000 it was
+    # 1,000,000 s (11 days) of debt: the next row waited that long.
+    time = FakeClock()
+    throttle = throttle_for(tmp_path, time, tpm=6000)  # 100 tokens/s, 10 of burst
+    throttle.release(await throttle.acquire(100), answered=True)
+    throttle.succeeded(100, 99_999_999)
+    with anyio.fail_after(1):  # fake time: only a wait that never ends fails
+        throttle.release(await throttle.acquire(100), answered=True)
+    assert time.now <= 61.0 + 1e-6  # a minute of --tpm, then the 100 tokens
+
+
 async def healthy(throttle: Throttle, time: FakeClock, answers: int) -> None:
     """``answers`` good answers, 10 ms apart, each 50 ms after its request."""
     for _ in range(answers):
