@@ -82,7 +82,7 @@ class RequestError(BatchrunError):
             )
         return (
             f"the provider answered {self.status} {self.code}: {message}."
-            " Fix that (the key, the account or the quota)"
+            " Fix that (the key, the account, the quota or --base-url)"
         )
 
 

@@ -1,7 +1,7 @@
 """Where an output's work in progress lives: ``OUT.batchrun/`` beside ``OUT``.
 
 The one definition of the state directory's name and of the partial output's
-place in it; ``state.StateDir`` names the other files.
+place in it, and of its meta file; ``state.StateDir`` names the other files.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from pathlib import Path
 
 from batchrun.errors import UsageError
 
-__all__ = ["STATE_SUFFIX", "output_of", "partial_output", "state_dir"]
+__all__ = ["META_FILE", "STATE_SUFFIX", "output_of", "partial_output", "state_dir"]
 
 # What ends the name of every state directory, and nothing else batchrun writes.
 STATE_SUFFIX = ".batchrun"
+# The file in a state directory that says which job it is the work of; a run
+# writes it before its first row.
+META_FILE = "meta.json"
 
 
 def state_dir(out: Path) -> Path:

@@ -3,8 +3,8 @@
 ``render_metrics`` turns a ``RunStats`` into text exposition format 0.0.4;
 ``write_metrics`` replaces the file atomically; ``MetricsWriter`` rewrites it
 at most every ``interval`` seconds while the run goes. The collector reads
-only ``*.prom`` files, so the temporary ``<name>.tmp`` beside the target is
-never read half-written.
+only ``*.prom`` files, so the temporary ``.<name>.<random>.tmp`` beside the
+target is never read half-written.
 """
 
 from __future__ import annotations

@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from batchrun.errors import UsageError
-from batchrun.layout import STATE_SUFFIX, state_dir
+from batchrun.layout import META_FILE, STATE_SUFFIX, state_dir
 
 # (what the user calls it, e.g. "--summary"; the path)
 Named = tuple[str, Path]
@@ -104,10 +105,11 @@ def _check_not_a_run(name: str, path: Path, *, mine: bool) -> None:
                 f"{name} {path}: a name ending in {STATE_SUFFIX} is an output's state"
                 " directory, and writing it would damage that run's state; choose another path"
             )
-        # A run not finished yet (live, stopped or killed) has no file at
-        # its output's path, only the state beside it: it publishes there later.
+        # A run not finished yet (live, stopped or killed) has no file at its
+        # output's path, only the state beside it, with the run's meta.json
+        # (a run refused before it began leaves none): it publishes there later.
         if (place.is_file() and state_dir(place).exists()) or (
-            not place.exists() and state_dir(place).is_dir()
+            not place.exists() and (state_dir(place) / META_FILE).is_file()
         ):
             raise UsageError(
                 f"{name} {path} is the output of a batchrun run (its state is in"
@@ -215,7 +217,9 @@ def replace_file(path: Path, data: bytes) -> None:
     it, so a reader (a scheduler, a scraper) sees the old file or the new
     one, never a part, and a full disk leaves the old one. Not fsynced: the
     next write replaces it anyway. Raises OSError when it cannot."""
-    temporary = path.with_name(path.name + ".tmp")
+    # A name no other file has (48 random bits): a fixed "PATH.tmp" was written
+    # over, then renamed away, whatever file had that name (the run's output or input).
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         temporary.write_bytes(data)
         os.replace(temporary, path)

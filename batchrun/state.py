@@ -35,7 +35,7 @@ import orjson
 from batchrun.config import RunConfig, Shard
 from batchrun.errors import CorruptStateError, LockedError, UsageError, disk_writes
 from batchrun.journal import begun_marks
-from batchrun.layout import partial_output, state_dir
+from batchrun.layout import META_FILE, partial_output, state_dir
 from batchrun.settings import PROVIDERS
 from batchrun.stats import COUNTS_KEYS, Counted, Counts, Summary
 from batchrun.store import STORE_FILE
@@ -98,7 +98,7 @@ class StateDir:
         self.out = out
         self.root = state_dir(out)
         self.lock_path = self.root / "lock"
-        self.meta_path = self.root / "meta.json"
+        self.meta_path = self.root / META_FILE
         self.checkpoint_path = self.root / "checkpoint.json"
         self.finished_path = self.root / "finished.json"
         self.journal_path = self.root / "journal"

@@ -18,8 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from batchrun.cli import app
+from batchrun.errors import UsageError
 from batchrun.merge import merge
 from batchrun.mock.server import MockServer
+from batchrun.paths import check_written
 from batchrun.runner import run_async
 from tests.conftest import chat, make_config, read_jsonl, run_shards, write_jsonl
 from tests.fakes import FakeClock
@@ -621,3 +623,19 @@ async def test_a_run_never_writes_over_an_unfinished_runs_output(
 
     assert line.startswith(f"{option} {finished} is the output of a batchrun run"), line
     assert not finished.exists()
+
+
+def test_only_a_state_directory_a_run_began_in_marks_an_unfinished_output(
+    tmp_path: Path,
+) -> None:
+    # A run refused before its first row (--retry-failed on a new output, say)
+    # leaves a state directory without meta.json: no run will publish there.
+    begun, refused = tmp_path / "begun.jsonl", tmp_path / "refused.jsonl"
+    (tmp_path / "begun.jsonl.batchrun").mkdir()
+    (tmp_path / "begun.jsonl.batchrun" / "meta.json").write_text("{}")
+    (tmp_path / "refused.jsonl.batchrun").mkdir()
+    (tmp_path / "refused.jsonl.batchrun" / "lock").write_text("")
+
+    with pytest.raises(UsageError, match="is the output of a batchrun run"):
+        check_written([], [("--summary", begun)])
+    check_written([], [("--summary", refused)])

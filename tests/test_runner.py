@@ -513,4 +513,27 @@ async def test_a_summary_that_cannot_be_written_whole_leaves_the_last_one(
     monkeypatch.undo()
 
     assert summary_path.read_bytes() == b'{"ok": 1}\n'
-    assert not summary_path.with_name("s.json.tmp").exists()
+    assert [name for name in os.listdir(tmp_path) if "s.json" in name] == ["s.json"]  # no .tmp
+
+
+@pytest.mark.parametrize("kept", ["out", "input"])
+async def test_the_summary_never_writes_over_a_file_named_like_its_temporary(
+    tmp_path: Path, server: MockServer, kept: str
+) -> None:
+    # The summary was written to "SUMMARY.tmp", then renamed over SUMMARY:
+    # --summary answers with --out answers.tmp (or the input answers.tmp)
+    # wrote the summary over that file, then moved it away.
+    named = tmp_path / "answers.tmp"
+    settings: dict[str, object] = {"summary": tmp_path / "answers"}
+    if kept == "out":
+        settings["out"] = named
+    else:
+        write_jsonl(named, [chat("a"), chat("b")])
+        settings["input"] = named
+    config = make_config(tmp_path, [chat("a"), chat("b")], server, **settings)
+
+    summary = await run_async(config)
+
+    assert summary.exit_code == 0
+    assert len(read_jsonl(named)) == 2  # still the output's answers, or the input's rows
+    assert orjson.loads((tmp_path / "answers").read_bytes())["ok"] == 2
