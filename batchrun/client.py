@@ -91,7 +91,13 @@ class Client:
         self._deadlines = FifoDeadlines(request_timeout)
         self.stale_retries = 0
 
-    async def send(self, request: Request, *, within: float = math.inf) -> Response:
+    async def send(
+        self,
+        request: Request,
+        *,
+        within: float = math.inf,
+        sending: connections.Sending | None = None,
+    ) -> Response:
         """One attempt, to the host the pool picks, cut at ``--request-timeout``
         (``request_timeout`` error) or after ``within`` seconds if sooner
         (``OutOfTime``: the caller's own deadline).
@@ -102,7 +108,9 @@ class Client:
         is the same for every attempt, so its deadlines share one timer
         (``FifoDeadlines``); a shorter ``within`` takes asyncio's own timeout
         (a cancel scope costs as much as a tenth of a fast row's work).
-        ``_post`` turns every TimeoutError of its own into a RequestError."""
+        ``_post`` turns every TimeoutError of its own into a RequestError.
+        ``sending`` is called just before a byte of the request is written
+        (see ``Pool.post``)."""
         host = self.hosts.pick()
         host_failed = False
         try:  # from the pick on: the host is told ``finished`` whatever happens
@@ -110,10 +118,10 @@ class Client:
             data = orjson.dumps(self._provider.body(request))
             if within < self._request_timeout:
                 async with asyncio.timeout(within):
-                    return await self._exchange(url, data)
+                    return await self._exchange(url, data, sending)
             deadline = self._deadlines.start()
             try:
-                return await self._exchange(url, data)
+                return await self._exchange(url, data, sending)
             except asyncio.CancelledError:
                 if self._deadlines.timed_out(deadline):
                     raise TimeoutError from None
@@ -130,16 +138,18 @@ class Client:
         finally:
             self.hosts.finished(host, host_failed=host_failed)
 
-    async def _exchange(self, url: str, data: bytes) -> Response:
+    async def _exchange(
+        self, url: str, data: bytes, sending: connections.Sending | None
+    ) -> Response:
         """A pooled connection the server had already closed (its keep-alive
         timeout ran out as we reused it) is not the provider's answer: the
         request goes once more at once, on a new connection (``_resend``).
         Only a close before any byte of an answer counts."""
         try:
-            return await self._post(url, data)
+            return await self._post(url, data, sending=sending)
         except _StaleConnection:
             self.stale_retries += 1
-        return await self._resend(url, data)
+        return await self._resend(url, data, sending)
 
     def _out_of_time(self, within: float) -> Exception:
         """What an attempt cut by the deadline raises: ``OutOfTime`` when it
@@ -152,21 +162,28 @@ class Client:
             f"the attempt took longer than --request-timeout ({self._request_timeout:g} s)",
         )
 
-    async def _resend(self, url: str, data: bytes) -> Response:
+    async def _resend(self, url: str, data: bytes, sending: connections.Sending | None) -> Response:
         """The one resend after a stale pooled connection, on a new
         connection. A second close before any answer is the answer."""
         try:
-            return await self._post(url, data, fresh=True)
+            return await self._post(url, data, fresh=True, sending=sending)
         except _StaleConnection as exc:
             raise self._redacted(transport_error(exc.cause)) from exc.cause
 
-    async def _post(self, url: str, data: bytes, *, fresh: bool = False) -> Response:
+    async def _post(
+        self,
+        url: str,
+        data: bytes,
+        *,
+        fresh: bool = False,
+        sending: connections.Sending | None = None,
+    ) -> Response:
         to = self._targets.get(url) or self._target(url)
         if crashpoint.SIGNALS_ARMED:
             crashpoint.signal_at("request")
         try:
             status, headers, raw = await self._pool.post(
-                to, data, max_bytes=self._max_response_bytes, fresh=fresh
+                to, data, max_bytes=self._max_response_bytes, fresh=fresh, sending=sending
             )
         except connections.TooLarge as exc:
             raise _too_large(exc, self._max_response_bytes) from None

@@ -27,7 +27,7 @@ import socket
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
@@ -48,12 +48,16 @@ __all__ = [
     "InvalidTarget",
     "Pool",
     "ReadTimeout",
+    "Sending",
     "Target",
     "TooLarge",
     "WireError",
     "WriteTimeout",
     "target",
 ]
+
+# Called just before a request's first byte is written (``Pool.post``).
+Sending = Callable[[], None]
 
 
 class WireError(Exception):
@@ -179,13 +183,24 @@ class Pool:
         self._all: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def post(self, to: Target, body: bytes, *, max_bytes: int, fresh: bool = False) -> Answer:
+    async def post(
+        self,
+        to: Target,
+        body: bytes,
+        *,
+        max_bytes: int,
+        fresh: bool = False,
+        sending: Sending | None = None,
+    ) -> Answer:
         """``body`` POSTed to ``to``; its answer, with a body of at most
         ``max_bytes`` bytes once decoded (else ``TooLarge``). ``fresh`` asks
-        for a new connection, not an idle pooled one."""
+        for a new connection, not an idle pooled one. ``sending`` is called
+        once a connection is ready, just before the request's first byte is
+        written: a failure before it (no connection, a failed TLS handshake)
+        sent nothing."""
         conn = (None if fresh else self._pop_idle(to.key)) or await self._acquire(to, fresh)
         try:
-            answer = await conn.exchange(to.head, body, max_bytes, self._timeouts)
+            answer = await conn.exchange(to.head, body, max_bytes, self._timeouts, sending)
         except BaseException:
             self._discard(conn)
             raise
@@ -374,12 +389,20 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
 
     async def exchange(
-        self, head: bytes, body: bytes, max_bytes: int, timeouts: Timeouts
+        self,
+        head: bytes,
+        body: bytes,
+        max_bytes: int,
+        timeouts: Timeouts,
+        sending: Sending | None = None,
     ) -> Answer:
-        """One request and its whole answer (see the module's invariants)."""
+        """One request and its whole answer (see the module's invariants);
+        ``sending`` is called just before the request's first byte is written."""
         transport = self._transport
         if transport is None or self.closed:
             raise ClosedEarly("the connection is closed")
+        if sending is not None:
+            sending()
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Answer] = loop.create_future()
         self._answer = answer

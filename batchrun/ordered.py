@@ -92,8 +92,8 @@ class OrderedWriter:
     def begin(self, line: int) -> None:
         """``line``'s request goes to the socket next: from now on it is in
         doubt until its result is journaled (it stays in ``in_flight`` if
-        cancelled). A row cancelled while it waited at the throttle never
-        gets here: it reached nobody."""
+        cancelled). A row cancelled while it waited at the throttle or for
+        its connection never gets here: it reached nobody."""
         self.journal.begin(line)
         self.in_flight.add(line)  # stays there if cancelled: that row is in doubt
 

@@ -45,8 +45,9 @@ class RowSender:
         self.stats = stats
         # Told +1 when a row starts waiting for a retry and -1 when it is done.
         self.on_backoff: Callable[[int], None] = _ignore
-        # Told a row's line just before an attempt goes to the socket (the
-        # first, and any after ``on_unpaid``).
+        # Told a row's line just before an attempt's first byte is written
+        # (the first attempt's, and any after ``on_unpaid``): a row stopped
+        # while it waited or connected reached nobody.
         self.on_send: Callable[[int], None] = _ignore
         # Told a row's line when an attempt got an error answer (an HTTP
         # status of 400 or more) or no connection at all, and will be
@@ -215,20 +216,26 @@ class _RowAttempts:
         except OutOfTime:
             raise self.budget.exhausted() from None
 
+    def _sending(self) -> None:
+        """The request's first byte goes out next (its waits and its
+        connection are over): from now on the provider may bill it."""
+        if not self.marked:
+            self.sender.on_send(self.request.line)
+            self.marked = True
+
     async def _throttled(self) -> Response:
         """A throttled attempt whose answer passed the response schema, if any.
         Raises ``OutOfTime`` when the budget ends with the attempt in flight."""
         sender, throttle = self.sender, self.sender.throttle
         ticket = await throttle.acquire(self.estimate)
         self.budget.start()
-        if not self.marked:
-            sender.on_send(self.request.line)  # its waits are over: it may reach the provider
-            self.marked = True
         self.count += 1
         sender.stats.in_flight += 1
         answered, hold = False, 0.0
         try:
-            response = await sender.client.send(self.request, within=self.budget.remaining())
+            response = await sender.client.send(
+                self.request, within=self.budget.remaining(), sending=self._sending
+            )
             answered = self.maybe_billed = True  # billed even if it fails the schema
         except RequestError as exc:
             hold = throttle.failed(exc, sent=ticket)

@@ -73,7 +73,7 @@ class Workers:
         self._backing_off_rows = 0  # rows waiting for a retry, each holding a worker
         self._reservations = Reservations(budget)  # rows wait in input order for room
         sender.on_backoff = self._backing_off
-        sender.on_send = writer.begin  # the row's waits are over: it may reach the provider
+        sender.on_send = writer.begin  # its first byte goes out next: it may be billed
         sender.on_unpaid = writer.abandon  # an error answer or no connection: not in doubt
 
     @property

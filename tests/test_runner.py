@@ -440,6 +440,37 @@ async def test_an_input_that_is_no_regular_file_says_what_it_is(
     assert server.stats.requests == 0
 
 
+async def test_rows_stopped_while_their_connection_is_made_are_not_in_doubt(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # A host that takes connections and never answers the TLS handshake:
+    # every row waits for its connection when the run is stopped. None wrote
+    # a byte of its request, so none may be billed: none is in doubt.
+    connected = 0
+    stop = anyio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connected
+        connected += 1
+        if connected == 8:  # every row waits for its handshake now
+            stop.set()
+        await reader.read()  # until the client closes it
+        writer.close()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    rows = [chat(f"r{i}") for i in range(8)]
+    config = make_config(tmp_path, rows, server, base_url=f"https://127.0.0.1:{port}/v1")
+    try:
+        with anyio.fail_after(20):
+            summary = await run_async(config, stop=stop)
+    finally:
+        listener.close()
+
+    assert summary.exit_code == 75
+    assert summary.extra["in doubt"] == 0
+
+
 async def test_reorder_window_bounds_how_far_reading_runs_ahead(
     tmp_path: Path, server: MockServer, fake_clock: Clock
 ) -> None:
