@@ -79,7 +79,10 @@ def export(
         _require_pyarrow()
     rows = _Counted(read_results(out, input=input, columns=columns, partial=partial))
     names = (*COLUMNS, *columns)
-    fresh = to.with_name(f".{to.name}.{os.getpid()}.tmp")
+    # One name per --to, as merge's ".merging": a killed export's piece is
+    # removed by the next export to the same place, never left for good.
+    fresh = to.with_name(f".{to.name}.exporting")
+    fresh.unlink(missing_ok=True)
     try:
         with disk_writes(to):
             writer(rows, names, fresh)

@@ -430,3 +430,36 @@ async def test_an_input_starting_with_a_byte_order_mark_joins_its_first_line(
     rows = list(read_results(config.out, input=source, columns=["topic"]))
 
     assert [row["topic"] for row in rows] == ["t1", "t2"]
+
+
+def test_an_export_killed_midway_leaves_nothing_after_the_next_export(tmp_path: Path) -> None:
+    """SIGKILL skips ``finally``: the piece a killed export wrote must not stay beside
+    --to for good (each export used to name it by its process id)."""
+    import os
+    import signal
+    import subprocess
+
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+    to = tmp_path / "t.csv"
+    killed = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "import batchrun.export as e\n"
+        "def dying(rows, names, path):\n"
+        "    path.write_bytes(b'half a ta')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "e.write_csv = dying\n"
+        "e.export(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", killed, str(out), str(to)], env=env, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+
+    export(out, to)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl", "out.jsonl", "out.jsonl.batchrun", "t.csv",
+    ]  # fmt: skip
