@@ -1,7 +1,8 @@
 """Chaos at scale: 20,000 rows, 5 % of them faulted (500, 503, 429, reset,
 truncated, trickling), the run SIGKILLed at 50 random moments and resumed
-each time. The output is byte-identical to a clean run's, and the rows the
-provider billed twice are at most those reported in doubt."""
+each time. The output is byte-identical to a clean run's (but for the
+attempts of rows whose first attempt is reset: see ``_comparable``), and the
+rows the provider billed twice are at most those reported in doubt."""
 
 from __future__ import annotations
 
@@ -86,6 +87,20 @@ class Provider:
         return server.stats
 
 
+def _comparable(path: Path, reset: set[int]) -> list[bytes]:
+    """The output's lines, byte for byte, but the ``attempts`` of the rows
+    whose first attempt is reset (``reset``: their lines): a reset on a
+    pooled connection is taken for the keep-alive race and resent free, one
+    on a new connection is an attempt (the server may have done the work),
+    and which one a row meets depends on timing."""
+    lines = path.read_bytes().splitlines()
+    for index in reset:
+        record = orjson.loads(lines[index - 1])
+        record["attempts"] = None
+        lines[index - 1] = orjson.dumps(record)
+    return lines
+
+
 async def one_run(provider: Provider, argv_of: Any, *, kill_after: int | float | None) -> int:
     """One process against a fresh provider; killed once the provider has
     seen ``kill_after`` requests (an int) or after that many seconds (a
@@ -147,7 +162,8 @@ async def test_chaos_at_scale_20000_rows_50_kills(tmp_path: Path) -> None:
 
     assert code == 0
     assert kills == KILLS
-    assert out.read_bytes() == clean_out.read_bytes()
+    reset = {i + 1 for i, row in enumerate(chaos_rows()) if "mock:reset" in str(row)}
+    assert _comparable(out, reset) == _comparable(clean_out, reset)
     in_doubt = orjson.loads(summary_path.read_bytes())["extra"]["in doubt (all runs)"]
     billed_twice = sum(count - 1 for count in chaos.billed.values())
     assert all(count == 1 for count in clean.billed.values())
