@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,25 +71,47 @@ def begun_marks(lines: Iterable[int]) -> bytes:
     return b"".join(b'{"b":%d}\n' % line for line in sorted(lines))
 
 
-def read_journal(path: Path, *, after_line: int) -> JournalContents:
-    """Read the journal, keeping rows with line > ``after_line``.
+def read_journal(path: Path, *, after_line: int, with_keys: bool = True) -> JournalContents:
+    """Read the journal, keeping rows with line > ``after_line``; with
+    ``with_keys``, also every result with its content key in ``keyed`` (all
+    of them in memory: a resume salvages them with ``scan_journal`` instead).
 
     Raises ``CorruptStateError`` for an unreadable record that is not the
     torn final piece.
     """
     contents = JournalContents()
+    for pair in scan_journal(path, contents, after_line=after_line):
+        if with_keys:
+            contents.keyed.append(pair)
+    return contents
+
+
+def scan_journal(
+    path: Path, contents: JournalContents, *, after_line: int, keep_results: bool = True
+) -> Iterator[tuple[bytes, bytes]]:
+    """Read the journal into ``contents`` (as ``read_journal``), yielding each
+    result with its content key as it is read, so no copy of them all waits
+    in memory. Without ``keep_results`` a result's line is noted (``in_doubt``
+    is right) but its bytes are not kept.
+
+    Raises ``CorruptStateError`` for an unreadable record that is not the
+    torn final piece.
+    """
     if not path.exists():
-        return contents
+        return
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.endswith(b"\n"):
                 break  # torn by a kill mid-write: the row is simply not done
-            _take(contents, raw, number, path, after_line)
+            pair = _take(contents, raw, number, path, after_line, keep_results)
             contents.valid_bytes += len(raw)
-    return contents
+            if pair is not None:
+                yield pair
 
 
-def _take(contents: JournalContents, raw: bytes, number: int, path: Path, after: int) -> None:
+def _take(
+    contents: JournalContents, raw: bytes, number: int, path: Path, after: int, keep: bool
+) -> tuple[bytes, bytes] | None:
     try:
         record = orjson.loads(raw)
         kind = "b" if "b" in record else "x" if "x" in record else "k" if "k" in record else "line"
@@ -100,28 +122,30 @@ def _take(contents: JournalContents, raw: bytes, number: int, path: Path, after:
             f"journal {path} is damaged at record {number}; it cannot be resumed safely."
             " Run again with --restart to start over"
         ) from None
-    _take_key(contents, kind, line, key, raw)
+    pair = _take_key(contents, kind, line, key, raw)
     if not isinstance(line, int) or line <= after or kind == "k":
-        return
+        return pair
     if kind == "b":
         contents.begun.add(line)
     elif kind == "x":
         contents.begun.discard(line)
     else:
-        contents.results[line] = raw
+        contents.results[line] = raw if keep else b""
+    return pair
 
 
 def _take_key(
     contents: JournalContents, kind: str, line: object, key: bytes | None, raw: bytes
-) -> None:
+) -> tuple[bytes, bytes] | None:
     """Pair a result with the key record written just before it."""
     if kind == "k":
         contents.last_key = (line, key) if isinstance(line, int) and key else None
-        return
+        return None
     last = contents.last_key
-    if kind == "line" and last is not None and last[0] == line:
-        contents.keyed.append((last[1], raw))
     contents.last_key = None
+    if kind == "line" and last is not None and last[0] == line:
+        return (last[1], raw)
+    return None
 
 
 # Waiting records up to this many bytes in all are joined and written with

@@ -34,10 +34,15 @@ from batchrun.rowsource import Finished, line_of
 from batchrun.state import StateDir
 from batchrun.writer import OutputFile, ReorderBuffer
 
-__all__ = ["CHECKPOINT_EVERY", "OrderedWriter"]
+__all__ = ["CHECKPOINT_BYTES", "CHECKPOINT_EVERY", "OrderedWriter"]
 
 # Rows between journal compactions: bounds the journal and the resume scan.
 CHECKPOINT_EVERY = 50_000
+# ... and output bytes between them: the journal keeps every written row's
+# result until the next compaction, so 50,000 large answers would otherwise
+# be kept twice on disk (journal and output) and all be parsed again by a
+# resume.
+CHECKPOINT_BYTES = 256 << 20
 
 
 class OrderedWriter:
@@ -74,6 +79,7 @@ class OrderedWriter:
         self.held = Held(self.journal, config.reorder_bytes, start.journal.results)
         self.in_flight: set[int] = set()  # lines begun, not answered: in doubt if we stop now
         self._last_checkpoint = start.checkpoint.rows
+        self._last_checkpoint_bytes = start.checkpoint.output_bytes
 
     # -- the journal ----------------------------------------------------------
 
@@ -181,7 +187,10 @@ class OrderedWriter:
         progress.output_bytes += len(data)
         progress.input_line, progress.input_offset = line, item.input_end
         self._count(item, data)
-        if progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY:
+        if (
+            progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY
+            or progress.output_bytes - self._last_checkpoint_bytes >= CHECKPOINT_BYTES
+        ):
             self.checkpoint()
         self.reporter.update()
 
@@ -240,3 +249,4 @@ class OrderedWriter:
         begun = [b'{"b":%d}\n' % line for line in sorted(self.in_flight)]
         self.held.compact(begun)
         self._last_checkpoint = self.progress.rows
+        self._last_checkpoint_bytes = self.progress.output_bytes

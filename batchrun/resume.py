@@ -66,7 +66,7 @@ def recover(state: StateDir, usage: Usage, shard: Shard = WHOLE) -> ResumePoint:
     elif rows:
         raise TornOutputError(f"{state.partial_path} is missing")
     counted.rows, counted.output_bytes = rows, output_bytes
-    journal = read_journal(state.journal_path, after_line=shard.line_of(rows) - 1)
+    journal = read_journal(state.journal_path, after_line=shard.line_of(rows) - 1, with_keys=False)
     return ResumePoint(checkpoint=counted, journal=journal)
 
 

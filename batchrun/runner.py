@@ -29,7 +29,7 @@ from batchrun.eventloop import backend_options
 from batchrun.fdlimit import make_room
 from batchrun.hosts import HostPool
 from batchrun.inputs import Stamp, check_input_file, check_readable, check_unchanged, stamp
-from batchrun.journal import JournalContents, read_journal
+from batchrun.journal import JournalContents, scan_journal
 from batchrun.layout import state_dir
 from batchrun.paths import Named, check_read_outside_state, check_written, replace_file
 from batchrun.pipeline import Pipeline, RunEnding
@@ -262,9 +262,10 @@ def prepare(
     ``Summary``) because the output is already complete. ``--restart`` has
     cleared the state before this."""
     current = fingerprint(config)
-    journal = read_journal(state.journal_path, after_line=0)
-    # Whatever happens next, the journal's results go to the store first.
-    answers.salvage(journal.keyed)
+    # Whatever happens next, the journal's results go to the store first, as
+    # they are read: only the rows' lines are kept (for the rows in doubt).
+    journal = JournalContents()
+    answers.salvage(scan_journal(state.journal_path, journal, after_line=0, keep_results=False))
     meta = state.read_meta()
     if meta is None:  # none yet, or a new pass was being started (``StateDir.start_pass``)
         if config.retry_failed:
@@ -458,7 +459,7 @@ async def _execute(job: _Job, tls: ssl.SSLContext | None) -> Summary:
             max_response_bytes=config.max_response_bytes,
         )
         rate_budget = await _shared_budget(stack, config, base_urls[0], clock)
-        known = known_results(job.state.root)
+        known = known_results(job.state.root, config.limits.pool_size)
         if known is not None:
             stack.callback(known.close)
         return await _online(job, client, Throttle(config, clock, rate_budget), known, started)

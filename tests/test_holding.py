@@ -172,3 +172,29 @@ async def test_a_worker_keeps_no_finished_row_while_it_sends_the_next(
 
     assert summary.exit_code == 0
     assert references == [2] * 4  # the list above and getrefcount's argument: nobody else
+
+
+@pytest.mark.asyncio
+async def test_the_journal_is_compacted_by_bytes_written_not_only_by_rows(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 answers of 20 kB, far fewer rows than CHECKPOINT_EVERY: without a
+    # byte bound the journal would keep every written answer (a second copy
+    # of the output on disk, parsed again by a resume) until the run ends.
+    monkeypatch.setattr(ordered, "CHECKPOINT_BYTES", 100_000, raising=False)
+    compactions = []
+    rewrite = Journal.rewrite
+
+    def counted(self: Journal, records: object) -> list[int]:
+        compactions.append(self.size)
+        return rewrite(self, records)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Journal, "rewrite", counted)
+    config = make_config(tmp_path, [chat(f"big {i} mock:size=20000") for i in range(40)], server)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    assert summary.exit_code == 0
+    assert [r["line"] for r in read_jsonl(config.out)] == list(range(1, 41))
+    assert len(compactions) >= 5  # about one per 100 kB of output
+    assert max(compactions) < 300_000

@@ -474,3 +474,46 @@ async def test_a_signal_as_the_run_starts_stops_it_resumably(
     await resume_to_end(source, out, server, tmp_path)
     assert duplicates(server) == 0
     assert out.read_bytes() == await clean_output(tmp_path, source)
+
+
+@pytest.mark.slow
+async def test_a_resume_keeps_no_copy_of_the_journals_written_results(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # A kill leaves a journal of about 45 MB of answers, nearly all of them
+    # already in the ordered output. Resuming salvages them into the store and
+    # must not hold them in memory: the README allows at most the results of
+    # rows after the ordered prefix (one reorder window).
+    import tracemalloc
+
+    from batchrun.providers import get_provider
+    from batchrun.reuse import open_answers
+    from batchrun.runner import prepare
+    from tests.conftest import make_config
+
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [chat(f"row {i} mock:size=500000") for i in range(100)]
+    )
+    out = tmp_path / "out.jsonl"
+    crashed = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT="after_response:90")
+    assert crashed.returncode == -signal.SIGKILL
+    state = StateDir(out)
+    journal_bytes = state.journal_path.stat().st_size
+    assert journal_bytes > 40_000_000
+    config = make_config(tmp_path, [], server, input=source, out=out, provider="openai")
+    answers = open_answers(state.root, None, resend_retryable=False)
+    try:
+        tracemalloc.start()
+        try:
+            _, start = prepare(state, config, get_provider("openai"), answers)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        answers.close()
+
+    assert start.checkpoint.rows > 60  # most rows were written before the kill
+    assert start.journal.keyed == []
+    waiting = sum(map(len, start.journal.results.values()))
+    assert waiting <= MAX_ASYNC * 600_000
+    assert peak < waiting + 12_000_000, (peak, journal_bytes)
