@@ -11,7 +11,6 @@ import csv
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +31,9 @@ _SUFFIXES: dict[str, Format] = {
     ".ndjson": "jsonl",
 }
 ROW_GROUP = 8_192  # Parquet rows held in memory at once
+# ... and at most about this many bytes of their values: large answers or
+# vectors end a group early, so memory holds one group whatever rows weigh.
+GROUP_BYTES = 16 << 20
 # Columns that ``table_row`` fills with text or None only.
 _ALWAYS_TEXT = frozenset({"custom_id", "status", "finish_reason", "error_code", "parsed"})
 
@@ -156,13 +158,44 @@ def write_parquet(rows: Iterable[dict[str, Any]], names: Sequence[str], path: Pa
     ``parquet_schema``)."""
     import pyarrow.parquet as pq
 
-    iterator = iter(rows)
-    group = list(islice(iterator, ROW_GROUP))
+    groups = _groups(iter(rows))
+    group = next(groups, [])
     schema = parquet_schema(group, names)
     with pq.ParquetWriter(path, schema) as writer:
         while group:
             writer.write_table(_arrow_table(group, schema), row_group_size=ROW_GROUP)
-            group = list(islice(iterator, ROW_GROUP))
+            group = next(groups, [])
+
+
+def _groups(rows: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """``rows`` in groups of at most ``ROW_GROUP`` rows and about
+    ``GROUP_BYTES`` bytes of values (a group holds at least one row)."""
+    group: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        group.append(row)
+        size += _weight(row)
+        if len(group) >= ROW_GROUP or size >= GROUP_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _weight(row: dict[str, Any]) -> int:
+    """About what ``row``'s values take in a table: text by length, lists
+    (vectors) at 8 bytes an item."""
+    size = 0
+    for value in row.values():
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, list):
+            size += 8 * len(value) + sum(8 * len(item) for item in value if isinstance(item, list))
+        elif isinstance(value, dict):
+            size += len(orjson.dumps(value))
+        else:
+            size += 8
+    return size
 
 
 def parquet_schema(sample: list[dict[str, Any]], names: Sequence[str]) -> Any:

@@ -463,3 +463,24 @@ def test_an_export_killed_midway_leaves_nothing_after_the_next_export(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "in.jsonl", "out.jsonl", "out.jsonl.batchrun", "t.csv",
     ]  # fmt: skip
+
+
+def test_parquet_row_groups_are_bounded_in_bytes_not_only_in_rows(tmp_path: Path) -> None:
+    # 40 answers of 1 MiB: 8,192 rows a group would hold them all in memory at
+    # once (and 8 GiB for 8,192 such rows); a group must stop at about
+    # GROUP_BYTES of values instead.
+    big = "x" * (1 << 20)
+    rows = [
+        {**dict.fromkeys(COLUMNS), "line": n, "custom_id": f"r{n}", "status": "ok", "text": big}
+        for n in range(1, 41)
+    ]
+    path = tmp_path / "t.parquet"
+
+    export_module.write_parquet(iter(rows), COLUMNS, path)
+
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_rows == 40
+    assert meta.num_row_groups >= 2
+    most = max(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    assert most * len(big) <= export_module.GROUP_BYTES + len(big)
+    assert pq.read_table(path).column("line").to_pylist() == list(range(1, 41))
