@@ -31,17 +31,27 @@ def files_needed(pool_size: int) -> int:
     return pool_size + FILES_BESIDE_CONNECTIONS
 
 
-def make_room(pool_size: int) -> None:
-    """Let this process open ``files_needed(pool_size)`` files: raise the
-    soft limit up to the hard one if it is lower; ``UsageError`` naming the
-    setting when the hard limit is too low. A no-op without POSIX limits."""
+def make_room(pool_size: int, *, parts: int = 0) -> None:
+    """Let this process open ``files_needed(pool_size)`` files, and one more
+    per collected batch part's results file (``parts``: all are read at once):
+    raise the soft limit up to the hard one if it is lower; ``UsageError``
+    naming the setting when the hard limit is too low. A no-op without POSIX
+    limits."""
     if sys.platform == "win32":
         return
-    needed = files_needed(pool_size)
+    needed = files_needed(pool_size) + parts
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if _at_least(soft, needed):
         return
     if not _at_least(hard, needed):
+        if parts:
+            raise UsageError(
+                f"the {parts:,} batch parts' results files are read at once, and with"
+                f" {pool_size:,} connections and the run's own files that needs about"
+                f" {needed:,} open files; this process may open at most {hard:,}"
+                " (ulimit -n). Raise that limit and run the same command again"
+                " (a larger --batch-rows makes fewer parts next time)"
+            )
         raise UsageError(
             f"--connection-pool-size {pool_size} keeps up to {pool_size:,} connections"
             f" open, and with the run's own files it needs about {needed:,} open files;"

@@ -69,3 +69,46 @@ def test_a_run_whose_pool_cannot_fit_is_refused_before_anything_is_written(
     assert "Traceback" not in done.stderr
     assert not out.exists()
     assert not out.with_name("out.jsonl.batchrun").exists()
+
+
+def _batch_run(
+    tmp_path: Path, soft: int, hard: int
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """350 rows in 350 batch parts on the embedded mock: their results files
+    are read at once at the end, past the ``soft`` limit on open files."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(f'{{"messages": [{{"role": "user", "content": "row {i}"}}]}}\n' for i in range(350))
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(source), "--out", str(out), "--provider", "mock", "--no-progress"]
+    batch = ["--mode", "batch", "--batch-rows", "1", "--poll-interval", "0.2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrun", *args, *batch],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=cli_env(),
+        cwd=ROOT,
+        preexec_fn=lambda: _limited(soft, hard),
+    )
+    return done, out
+
+
+def test_many_batch_parts_raise_the_soft_limit_for_their_results_files(tmp_path: Path) -> None:
+    done, out = _batch_run(tmp_path, soft=300, hard=4_096)
+
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == 350
+
+
+def test_many_batch_parts_past_the_hard_limit_stop_with_a_message_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    done, out = _batch_run(tmp_path, soft=300, hard=300)
+
+    assert done.returncode == 2, done.stderr
+    assert "350 batch parts" in done.stderr
+    assert "ulimit -n" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()

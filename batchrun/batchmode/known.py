@@ -28,8 +28,10 @@ from batchrun.stats import Tally
 
 # Every output record starts with its id, ``batch_req_<line>`` (records.output_record).
 _PREFIX = b'{"id":"batch_req_'
-# Bytes read at a time from each results file (all are open at once).
+# Bytes read at a time from each results file (all are open at once), and
+# at most this many for all of them together (thousands of small parts).
 READ_BUFFER = 1 << 16
+READ_BUFFERS = 16 << 20
 # Tallies kept for reuse (frozen, so shared), by their token counts.
 MAX_TALLIES = 4096
 
@@ -61,8 +63,10 @@ class KnownResults:
 
     def __init__(self, paths: Iterable[Path]) -> None:
         self._stack = contextlib.ExitStack()
+        paths = list(paths)
+        buffering = max(4096, min(READ_BUFFER, READ_BUFFERS // max(1, len(paths))))
         handles = [
-            self._stack.enter_context(path.open("rb", buffering=READ_BUFFER)) for path in paths
+            self._stack.enter_context(path.open("rb", buffering=buffering)) for path in paths
         ]
         self._merged: Iterator[tuple[int, bytes]] = merge_runs(list(map(_records, handles)))
         self._head: tuple[int, bytes] | None = None

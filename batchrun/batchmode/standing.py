@@ -13,6 +13,7 @@ from pathlib import Path
 from batchrun.batchmode.known import KnownResults
 from batchrun.batchmode.record import NOT_CREATED, SETTLED, TERMINAL, BatchRecord, Part
 from batchrun.errors import UsageError
+from batchrun.fdlimit import make_room
 
 __all__ = ["describe", "guard", "known_results", "unsettled"]
 
@@ -70,13 +71,16 @@ def unsettled(state_root: Path) -> int:
     return sum(part.status not in SETTLED for part in state.parts)
 
 
-def known_results(state_root: Path) -> KnownResults | None:
-    """The collected batch answers of the run in ``state_root``, if any."""
+def known_results(state_root: Path, pool_size: int) -> KnownResults | None:
+    """The collected batch answers of the run in ``state_root``, if any;
+    room is made for their files beside ``pool_size`` connections."""
     record = BatchRecord(state_root)
     state = record.load()
     if state is None:
         return None
-    return KnownResults(record.results(state))
+    paths = list(record.results(state))
+    make_room(pool_size, parts=len(paths))
+    return KnownResults(paths)
 
 
 def describe(state_root: Path) -> list[dict[str, object]] | None:
