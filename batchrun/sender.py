@@ -197,6 +197,7 @@ class _RowAttempts:
         # schema included, a reset, a read timeout, a cut-short answer): the
         # row stays in doubt whatever a later one gets, a fatal answer too.
         self.maybe_billed = False
+        self.wrote = False  # the attempt in progress wrote a byte of its request
         self.parsed: Any = NOT_PARSED  # the last answer's JSON, once it passed the schema
         # Tokens of every answer billed so far (one off the schema is billed too).
         self.paid_in = self.paid_out = 0
@@ -219,6 +220,7 @@ class _RowAttempts:
     def _sending(self) -> None:
         """The request's first byte goes out next (its waits and its
         connection are over): from now on the provider may bill it."""
+        self.wrote = True
         if not self.marked:
             self.sender.on_send(self.request.line)
             self.marked = True
@@ -232,6 +234,7 @@ class _RowAttempts:
         self.count += 1
         sender.stats.in_flight += 1
         answered, hold = False, 0.0
+        self.wrote = False
         try:
             response = await sender.client.send(
                 self.request, within=self.budget.remaining(), sending=self._sending
@@ -239,8 +242,10 @@ class _RowAttempts:
             answered = self.maybe_billed = True  # billed even if it fails the schema
         except RequestError as exc:
             hold = throttle.failed(exc, sent=ticket)
-            if not _unpaid(exc):
-                self.maybe_billed = True  # a reset, a timeout, a cut-short answer
+            if self.wrote and not _unpaid(exc):
+                # A reset, a timeout, a cut-short answer: once a byte went out
+                # (a timeout or a close while connecting sent nothing).
+                self.maybe_billed = True
             elif isinstance(exc, TransientError) and not self.maybe_billed:
                 sender.on_unpaid(self.request.line)  # not billed: a retry follows
                 self.marked = False

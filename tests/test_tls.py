@@ -3,6 +3,7 @@ what an untrusted certificate says, --ca-bundle, SSL_CERT_FILE, bad bundles."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import ssl
@@ -234,3 +235,57 @@ async def test_cli_bad_bundle_exits_2_with_one_line(
     assert lines == [f"batchrun: error: --ca-bundle {tmp_path / 'nowhere.pem'} does not exist"
                      " or is not a file"]  # fmt: skip
     assert https_server.stats.requests == 0
+
+
+async def _front(target_port: int) -> tuple[asyncio.Server, list[int]]:
+    """A TCP front: its first connection is held silent (a TLS handshake that
+    never ends), every later one is piped to ``target_port``."""
+    seen = [0]
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen[0] += 1
+        if seen[0] == 1:
+            await reader.read()  # silent until the client gives up
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0), seen
+
+
+@pytest.mark.asyncio
+async def test_an_attempt_timed_out_in_its_handshake_leaves_no_doubt(
+    tmp_path: Path, pki: Pki
+) -> None:
+    # Attempt 1 times out (--request-timeout) in its TLS handshake: no byte of
+    # the request was written. Attempt 2 gets a 401: not billed either. Taking
+    # the timeout for a possibly billed attempt kept the row in doubt.
+    async with MockServer(tls=pki.server_context) as https:
+        listener, seen = await _front(https.port)
+        port = listener.sockets[0].getsockname()[1]
+        config = make_config(
+            tmp_path, [chat("r mock:fail=401")], https,
+            base_url=f"https://127.0.0.1:{port}/v1", ca_bundle=str(pki.ca_pem),
+            request_timeout=1, connect_timeout=30, backoff_initial=0.01,
+        )  # fmt: skip
+        try:
+            with anyio.fail_after(30):
+                summary = await run_async(config, clock=Clock())
+        finally:
+            listener.close()
+
+    assert seen[0] == 2
+    assert https.stats.requests == 1
+    assert summary.exit_code == EXIT_FATAL
+    assert summary.extra["in doubt"] == 0
