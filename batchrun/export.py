@@ -17,7 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from batchrun.errors import UsageError, disk_writes
-from batchrun.paths import Named, check_written
+from batchrun.paths import Named, check_written, claim_temporary
 from batchrun.results import COLUMNS, read_results
 from batchrun.state import recorded_input
 
@@ -81,16 +81,20 @@ def export(
         _require_pyarrow()
     rows = _Counted(read_results(out, input=input, columns=columns, partial=partial))
     names = (*COLUMNS, *columns)
-    # One name per --to, as merge's ".merging": a killed export's piece is
-    # removed by the next export to the same place, never left for good.
+    # One name per --to: a killed export's piece is taken over by the next
+    # export to the same place, never left for good (see ``claim_temporary``).
     fresh = to.with_name(f".{to.name}.exporting")
-    fresh.unlink(missing_ok=True)
+    with disk_writes(to):
+        held = claim_temporary(fresh, to)
     try:
         with disk_writes(to):
             writer(rows, names, fresh)
             os.replace(fresh, to)
+    except BaseException:
+        fresh.unlink(missing_ok=True)  # still ours: the lock kept other commands off it
+        raise
     finally:
-        fresh.unlink(missing_ok=True)
+        os.close(held)
     return ExportReport(rows=rows.rows, failed=rows.failed, path=to, format=chosen)
 
 

@@ -26,7 +26,7 @@ import orjson
 from batchrun.config import Shard
 from batchrun.errors import UsageError, disk_writes
 from batchrun.inputs import count_lines
-from batchrun.paths import Named, check_written
+from batchrun.paths import Named, check_written, claim_temporary
 from batchrun.state import StateDir, recorded_input
 
 
@@ -59,14 +59,17 @@ def merge(paths: list[Path], out: Path) -> MergeReport:
     _check_complete(shards)
     _check_counts(shards)
     partial = out.with_name(out.name + ".merging")
-    partial.unlink(missing_ok=True)  # an earlier merge's, or a link: never written through
+    with disk_writes(out):
+        held = claim_temporary(partial, out)  # an earlier merge's is taken over
     try:
         with disk_writes(out):
             rows, failed = _interleave(shards, partial)
             os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # still ours: the lock kept other commands off it
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
+        os.close(held)
     return MergeReport(rows=rows, failed=failed, output=out)
 
 
@@ -186,7 +189,7 @@ def _interleave(shards: list[ShardOutput], partial: Path) -> tuple[int, int]:
     failed = 0
     with contextlib.ExitStack() as stack:
         readers = [_lines(stack.enter_context(s.path.open("rb"))) for s in shards]
-        sink = stack.enter_context(partial.open("xb"))
+        sink = stack.enter_context(partial.open("wb"))  # claimed: ours, no link
         for row in range(1, total + 1):
             turn = (row - 1) % len(shards)
             line = next(readers[turn], None)

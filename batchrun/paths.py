@@ -6,13 +6,15 @@ them the input, or one another, a paid result would be overwritten; were one
 unwritable, the run would pay for every row and then fail to keep them.
 ``check_written`` refuses both up front with a ``UsageError`` naming the
 setting; so it does ``-``, which other tools take for standard output.
-``replace_file`` writes a small file (a summary, a metrics file) whole.
+``replace_file`` writes a small file (a summary, a metrics file) whole;
+``claim_temporary`` takes the temporary a long write (export, merge) goes to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -228,3 +230,40 @@ def replace_file(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
         raise
+
+
+def claim_temporary(fresh: Path, to: Path) -> int:
+    """Open and lock ``fresh``, the one temporary a command writes before
+    renaming it to ``to``: a killed command's piece there is taken over (the
+    writer truncates it), and a live one's makes this command stop with a
+    ``UsageError`` instead of writing over it or renaming it away. The lock
+    goes with the file, renamed or not; the caller closes the descriptor
+    returned when done."""
+    for _ in range(_CLAIM_TRIES):  # another command may rename or create it meanwhile
+        if fresh.is_symlink():
+            fresh.unlink(missing_ok=True)  # never written through
+        held = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(held)
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            raise UsageError(
+                f"another batchrun command is writing {to} now; run this one once it is done"
+            ) from None
+        if _still_named(held, fresh):  # not a file renamed away since it was opened
+            return held
+        os.close(held)
+    raise UsageError(f"cannot take {fresh}: other commands writing {to} keep replacing it")
+
+
+# Tries at taking a temporary that other commands keep renaming away.
+_CLAIM_TRIES = 100
+
+
+def _still_named(held: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(held), os.stat(path))
+    except FileNotFoundError:
+        return False

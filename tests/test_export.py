@@ -484,3 +484,43 @@ def test_parquet_row_groups_are_bounded_in_bytes_not_only_in_rows(tmp_path: Path
     most = max(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     assert most * len(big) <= export_module.GROUP_BYTES + len(big)
     assert pq.read_table(path).column("line").to_pylist() == list(range(1, 41))
+
+
+def test_a_second_export_to_the_same_place_never_publishes_a_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Export A is writing its temporary when export B to the same --to starts.
+    # B used to remove A's temporary and write its own under the same name; A
+    # then renamed B's half-written file onto --to and said it had exported
+    # everything, and B's rename found nothing (exit 70, a traceback).
+    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+    to = tmp_path / "t.csv"
+    real = export_module.write_csv
+    second: list[BaseException | None] = []
+
+    def interrupted(rows: Any, names: Any, path: Path) -> None:
+        with path.open("wb") as handle:  # A holds its file open, as every writer does
+            monkeypatch.setattr(export_module, "write_csv", real)
+            try:
+                export(out, to)  # B starts while A writes
+            except UsageError as exc:
+                second.append(exc)
+            else:
+                second.append(None)
+            scratch = tmp_path / "scratch"
+            real(rows, names, scratch)
+            handle.write(scratch.read_bytes())
+            scratch.unlink()
+
+    monkeypatch.setattr(export_module, "write_csv", interrupted)
+    report = export(out, to)
+
+    assert report.rows == 3
+    assert isinstance(second[0], UsageError)  # B is refused, A's file is whole
+    assert "another batchrun command is writing" in str(second[0])
+    assert len(to.read_bytes().splitlines()) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl", "out.jsonl", "out.jsonl.batchrun", "t.csv",
+    ]  # fmt: skip

@@ -21,7 +21,7 @@ from batchrun.cli import app
 from batchrun.errors import UsageError
 from batchrun.merge import merge
 from batchrun.mock.server import MockServer
-from batchrun.paths import check_written
+from batchrun.paths import check_written, claim_temporary
 from batchrun.runner import run_async
 from tests.conftest import chat, make_config, read_jsonl, run_shards, write_jsonl
 from tests.fakes import FakeClock
@@ -639,3 +639,18 @@ def test_only_a_state_directory_a_run_began_in_marks_an_unfinished_output(
     with pytest.raises(UsageError, match="is the output of a batchrun run"):
         check_written([], [("--summary", begun)])
     check_written([], [("--summary", refused)])
+
+
+def test_a_temporary_is_taken_over_when_left_and_refused_while_held(tmp_path: Path) -> None:
+    # export and merge write one temporary per target: a killed command's is
+    # taken over, a live one's is never written over or renamed away.
+    to, fresh = tmp_path / "t.csv", tmp_path / ".t.csv.exporting"
+    fresh.write_bytes(b"a killed export's piece")
+    held = claim_temporary(fresh, to)
+    try:
+        with pytest.raises(UsageError, match=f"another batchrun command is writing {to} now"):
+            claim_temporary(fresh, to)
+    finally:
+        os.close(held)
+    again = claim_temporary(fresh, to)
+    os.close(again)
