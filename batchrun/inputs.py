@@ -29,7 +29,9 @@ def check_input_file(path: Path, name: str = "input file") -> None:
     did not change), which a pipe or a terminal cannot give."""
     if path.is_file():
         return
-    if not path.exists():
+    if str(path) == "-":  # other tools' standard input
+        what = "is no file: batchrun reads no standard input; save the requests to a file first"
+    elif not path.exists():
         what = "does not exist"
     elif path.is_dir():
         what = "is a directory"

@@ -433,7 +433,8 @@ async def test_an_input_that_is_no_regular_file_says_what_it_is(
     fifo, folder = tmp_path / "pipe.jsonl", tmp_path / "folder.jsonl"
     os.mkfifo(fifo)
     folder.mkdir()
-    for path, said in ((fifo, "is not a regular file (a pipe"), (folder, "is a directory")):
+    cases = [(fifo, "is not a regular file (a pipe"), (folder, "is a directory")]
+    for path, said in [*cases, (Path("-"), "is no file")]:
         config = make_config(tmp_path, [], server, input=path)
         with pytest.raises(UsageError, match=re.escape(f"input file {path} {said}")):
             await run_async(config)
