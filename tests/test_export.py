@@ -363,10 +363,16 @@ async def test_columns_come_only_from_the_input_the_run_read(
 RUN_FILES = {"in.jsonl", "out.jsonl", "out.jsonl.batchrun"}
 
 
-def test_export_refuses_to_write_where_it_must_not(tmp_path: Path) -> None:
+def _three_rows_run(tmp_path: Path) -> tuple[Path, Path]:
+    """``in.jsonl`` (three chat rows) and ``out.jsonl``, its finished run's output."""
     source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
     out = tmp_path / "out.jsonl"
     assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+    return source, out
+
+
+def test_export_refuses_to_write_where_it_must_not(tmp_path: Path) -> None:
+    source, out = _three_rows_run(tmp_path)
     kept = {path: path.read_bytes() for path in (source, out)}
     (tmp_path / "adir").mkdir()
     cases = {
@@ -395,9 +401,7 @@ def test_export_refuses_to_write_where_it_must_not(tmp_path: Path) -> None:
 def test_a_full_disk_while_exporting_exits_74_and_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
-    out = tmp_path / "out.jsonl"
-    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+    _, out = _three_rows_run(tmp_path)
 
     def full(rows: Any, names: Any, path: Path) -> None:
         path.write_bytes(b"half a ta")
@@ -439,9 +443,7 @@ def test_an_export_killed_midway_leaves_nothing_after_the_next_export(tmp_path: 
     import signal
     import subprocess
 
-    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
-    out = tmp_path / "out.jsonl"
-    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+    _, out = _three_rows_run(tmp_path)
     to = tmp_path / "t.csv"
     killed = (
         "import os, signal, sys\n"
@@ -493,9 +495,7 @@ def test_a_second_export_to_the_same_place_never_publishes_a_part(
     # B used to remove A's temporary and write its own under the same name; A
     # then renamed B's half-written file onto --to and said it had exported
     # everything, and B's rename found nothing (exit 70, a traceback).
-    source = write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(3)])
-    out = tmp_path / "out.jsonl"
-    assert batchrun("run", source, "--out", out, "--no-progress").returncode == 0
+    _, out = _three_rows_run(tmp_path)
     to = tmp_path / "t.csv"
     real = export_module.write_csv
     second: list[BaseException | None] = []
