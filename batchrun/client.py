@@ -208,7 +208,10 @@ class Client:
         body = _parse_json(raw)
         request_id = _request_id(headers, body)
         if 200 <= status < 300:
-            return self._answer(status, headers, raw, body, request_id)
+            failed = _answer_error(status, headers, raw, body, request_id)
+            if failed is not None:
+                raise self._redacted(failed)
+            return Response(status_code=status, request_id=request_id, body=body)
         if 300 <= status < 400:
             raise self._redacted(_redirect_error(status, headers, request_id))
         shown = None if body is _UNPARSABLE else body
@@ -227,42 +230,6 @@ class Client:
             )
         )
 
-    def _answer(
-        self, status: int, headers: Any, raw: bytes, body: Any, request_id: str | None
-    ) -> Response:
-        """A 2xx answer whose body is a JSON object with a result; else its row's error."""
-        if body is _UNPARSABLE and _is_stream(headers):
-            raise RowError(
-                "streamed_answer",
-                f"HTTP {status} with a streamed answer (text/event-stream), which batchrun"
-                ' does not read: drop "stream": true from the request',
-                status=status,
-                request_id=request_id,
-            )
-        if body is _UNPARSABLE:
-            raise TransientError(
-                "invalid_json",
-                f"HTTP {status} with a body that is not JSON ({len(raw)} bytes)",
-                status=status,
-                request_id=request_id,
-            )
-        failed = (
-            answer_error(body)
-            if isinstance(body, dict)
-            else Classified(
-                "transient",
-                "invalid_body",
-                f"HTTP {status} with a JSON {json_type(body)} body, not an object",
-            )  # null, [], "text": not an answer
-        )
-        if failed is not None:
-            raise self._redacted(
-                TransientError(
-                    failed.code, failed.message, status=status, body=body, request_id=request_id
-                )
-            )
-        return Response(status_code=status, request_id=request_id, body=body)
-
     def _redacted(self, error: RequestError) -> RequestError:
         """The error with every trace of the API key masked (providers echo it)."""
         key = self._api_key
@@ -276,6 +243,42 @@ class Client:
                     error.body = orjson.loads(text.replace(key, redact(key)))
             error.args = (error.message,)
         return error
+
+
+def _answer_error(
+    status: int, headers: Any, raw: bytes, body: Any, request_id: str | None
+) -> RequestError | None:
+    """The row's error for a 2xx answer whose body is not a JSON object with
+    a result (None when it is one)."""
+    if body is _UNPARSABLE and _is_stream(headers):
+        return RowError(
+            "streamed_answer",
+            f"HTTP {status} with a streamed answer (text/event-stream), which batchrun"
+            ' does not read: drop "stream": true from the request',
+            status=status,
+            request_id=request_id,
+        )
+    if body is _UNPARSABLE:
+        return TransientError(
+            "invalid_json",
+            f"HTTP {status} with a body that is not JSON ({len(raw)} bytes)",
+            status=status,
+            request_id=request_id,
+        )
+    failed = (
+        answer_error(body)
+        if isinstance(body, dict)
+        else Classified(
+            "transient",
+            "invalid_body",
+            f"HTTP {status} with a JSON {json_type(body)} body, not an object",
+        )  # null, [], "text": not an answer
+    )
+    if failed is None:
+        return None
+    return TransientError(
+        failed.code, failed.message, status=status, body=body, request_id=request_id
+    )
 
 
 def _redirect_error(status: int, headers: Mapping[str, str], request_id: str | None) -> RowError:
