@@ -88,3 +88,12 @@ class Held:
                 yield self._journal.read_at(entry.offset, entry.length)
             else:
                 yield entry
+
+    def report(self) -> dict[str, object]:
+        """How many results waited in the journal, past --reorder-bytes (if any did)."""
+        if not self.spilled:
+            return {}
+        return {
+            "results waited in the journal (--reorder-bytes)": self.spilled,
+            "most result bytes waiting in memory": self.peak_bytes,
+        }

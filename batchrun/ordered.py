@@ -213,16 +213,6 @@ class OrderedWriter:
         else:
             self.stats.record_earlier(verdict)
 
-    def held_report(self) -> dict[str, object]:
-        """How many results waited in the journal, past --reorder-bytes (if any did)."""
-        held = self.held
-        if not held.spilled:
-            return {}
-        return {
-            "results waited in the journal (--reorder-bytes)": held.spilled,
-            "most result bytes waiting in memory": held.peak_bytes,
-        }
-
     def flush(self, *, store: bool = True) -> None:
         """Hand written lines to the OS (with --fsync batch, to the disk with the
         journal); with ``store``, commit the buffered results to the stores too."""

@@ -154,7 +154,7 @@ class Pipeline:
             in_doubt=self.in_doubt + len(cut_off),
             # the checkpoint's count leaves the rows cut off to the next run's
             in_doubt_all=self.writer.progress.in_doubt + len(cut_off),
-            held=self.writer.held_report(),
+            held=self.writer.held.report(),
             disk_error=disk_error,
         )
 
