@@ -86,6 +86,11 @@ class RequestError(BatchrunError):
         )
 
 
+# Failure codes of a request that found no connection: no byte of it left,
+# so the provider cannot have seen it, let alone billed it.
+NEVER_SENT = frozenset({"connect_error", "connect_timeout"})
+
+
 class TransientError(RequestError):
     """A failure that another attempt may cure."""
 

@@ -10,7 +10,7 @@ import anyio
 
 from batchrun.client import Client, OutOfTime
 from batchrun.config import RetryPolicy
-from batchrun.errors import FatalError, RequestError, TransientError
+from batchrun.errors import NEVER_SENT, FatalError, RequestError, TransientError
 from batchrun.providers import Provider
 from batchrun.records import NOT_PARSED, Outcome, Request, Response, failed_outcome
 from batchrun.retry import budget_note, retrying
@@ -96,7 +96,7 @@ class RowSender:
         """The outcome of a row whose last attempt failed with ``exc``, after
         ``elapsed`` seconds, with the tokens of every answer it was billed
         for (answers off the response schema are paid too)."""
-        if exc.code in _NEVER_SENT and not self.throttle.reached:
+        if exc.code in NEVER_SENT and not self.throttle.reached:
             # Retries spent and nothing of this run ever reached the provider:
             # a wrong --base-url or a host that is down, not a row's fault. Every
             # other row would fail the same way: stop, resumably.
@@ -265,14 +265,10 @@ class _RowAttempts:
         return response
 
 
-# Failures before any connection was made: the request never left.
-_NEVER_SENT = frozenset({"connect_error", "connect_timeout"})
-
-
 def _unpaid(exc: RequestError) -> bool:
     """Whether the provider cannot have billed the attempt that failed so:
     an error answer (HTTP 400 or more), or no connection at all."""
-    return (exc.status is not None and exc.status >= 400) or exc.code in _NEVER_SENT
+    return (exc.status is not None and exc.status >= 400) or exc.code in NEVER_SENT
 
 
 def _ignore(_value: int) -> None:

@@ -26,7 +26,7 @@ from batchrun.batchmode.record import SETTLED, TERMINAL, BatchRecord, BatchState
 from batchrun.batchmode.settle import BatchRefused, Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
-from batchrun.errors import FatalError, RequestError
+from batchrun.errors import NEVER_SENT, FatalError, RequestError
 from batchrun.resume import ResumePoint
 from batchrun.timing import Clock
 
@@ -41,11 +41,6 @@ MAX_TOKEN_LIMIT_PAUSE = 1800.0
 MAX_FAILED_STEPS = 20
 # Share of the poll interval added or taken at random, so runs do not poll in step.
 JITTER = 0.2
-# Failures that mean no request reached the provider. Before any step of the
-# run has had an answer they point at the setup (a wrong --base-url, a host
-# down), which waiting will not fix: the run stops at once, as online mode
-# fails such rows after their own retries.
-NEVER_REACHED = frozenset({"connect_error", "connect_timeout"})
 
 
 # What to do after an answer that is not about the input (a key, an account,
@@ -140,7 +135,7 @@ class BatchJob:
         try:
             await self.submitter.reattach(resumed=resumed)
         except RequestError as exc:  # retried already: nothing to attach to is known
-            never_reached = exc.code in NEVER_REACHED
+            never_reached = exc.code in NEVER_SENT
             return PhaseResult(
                 aborted=self._unreachable(exc) if never_reached else _stopped_by(exc)
             )
@@ -180,7 +175,10 @@ class BatchJob:
         except FatalError as exc:
             self._aborted = _stopped_by(exc)
         except RequestError as exc:
-            if not self._reached and exc.code in NEVER_REACHED:
+            # No connection before any step had an answer points at the setup
+            # (a wrong --base-url, a host down), which waiting will not fix:
+            # stop at once, as online mode fails such rows after their retries.
+            if not self._reached and exc.code in NEVER_SENT:
                 self._aborted = self._unreachable(exc)
                 return
             self._failures += 1
