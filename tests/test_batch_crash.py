@@ -89,6 +89,25 @@ async def test_a_crash_after_upload_uploads_no_second_file(tmp_path: Path) -> No
     assert len(read_jsonl(out)) == 10
 
 
+async def test_online_mode_after_a_crash_mid_upload_names_the_files_left(tmp_path: Path) -> None:
+    # Killed after an upload and before its file id was recorded: every part
+    # is still "planned", so online mode may go on, and the record that could
+    # find the file goes. The file stays on the provider: the run names it.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.3)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        crashed = await run_cli(command(source, out, server), BATCHRUN_CRASH_AT="after_upload:1")
+        assert crashed.returncode == -signal.SIGKILL
+        left = {str(file["filename"]) for file in server.batches.files.values()}
+        assert left
+        online = [a for a in command(source, out, server) if a not in ("--mode", "batch")]
+        done = await run_cli(online)
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "a stopped batch run may have left" in stderr
+    assert all(name in stderr for name in left)
+    assert len(read_jsonl(out)) == 10
+
+
 async def test_sigterm_leaves_the_batches_running_and_the_rerun_attaches(tmp_path: Path) -> None:
     async with MockServer(batch_faults=BatchFaults(seconds=60)) as server:
         source, out = source_rows(tmp_path), tmp_path / "out.jsonl"

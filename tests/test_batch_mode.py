@@ -351,7 +351,7 @@ def _as_uploaded(record: BatchRecord, index: int) -> None:
 
 
 async def test_online_mode_goes_on_where_no_batch_part_was_uploaded(
-    tmp_path: Path, batch_server: MockServer
+    tmp_path: Path, batch_server: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A batch run that never reached the provider left only planned parts:
     # nothing of it exists there, so switching to online mode is safe.
@@ -360,6 +360,7 @@ async def test_online_mode_goes_on_where_no_batch_part_was_uploaded(
     online = make_config(tmp_path, source, batch_server)
     summary = await run_async(online)
     assert summary.exit_code == 0
+    assert "may have left" not in caplog.text  # no upload reached the provider
     assert not record.exists()  # a later batch run cannot submit the dropped parts
     assert batch_server.stats.requests == 4
     assert batch_server.stats.batch_rows == 0

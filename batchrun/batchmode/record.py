@@ -65,6 +65,9 @@ class Part:
     result_files: list[str] = field(default_factory=list)  # to delete on the provider
     online: int = 0  # unfinished rows left to online mode (--fallback online)
     refusal: str | None = None  # why the provider refused the whole file (status "refused")
+    # An upload of its file began and may have reached the provider (it is
+    # "uploaded" only once its file id is recorded).
+    upload_started: bool = False
 
     @property
     def live(self) -> bool:
@@ -109,6 +112,7 @@ def _part_ok(part: Part) -> bool:
         and (part.parent is None or type(part.parent) is int)
         and isinstance(part.counts, dict)
         and all(type(n) is int for n in part.counts.values())
+        and type(part.upload_started) is bool
         and isinstance(part.result_files, list)
         and all(isinstance(f, str) for f in part.result_files)
     )
@@ -204,6 +208,11 @@ def _write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview]) -> Non
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(fresh, path)
+
+
+def upload_name(state: BatchState, part: Part) -> str:
+    """The file name a part is uploaded under: names the run and the part."""
+    return f"batchrun-{state.run_id}-part-{part.id}.jsonl"
 
 
 def load_any(state_root: Path) -> BatchState | None:

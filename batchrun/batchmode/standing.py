@@ -11,7 +11,15 @@ import logging
 from pathlib import Path
 
 from batchrun.batchmode.known import KnownResults
-from batchrun.batchmode.record import NOT_CREATED, SETTLED, TERMINAL, BatchRecord, Part
+from batchrun.batchmode.record import (
+    NOT_CREATED,
+    SETTLED,
+    TERMINAL,
+    BatchRecord,
+    BatchState,
+    Part,
+    upload_name,
+)
 from batchrun.errors import UsageError
 from batchrun.fdlimit import make_room
 
@@ -43,12 +51,27 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
         if all(part.status == "planned" for part in state.parts):
             # No part was uploaded, so no batch can exist: the rows go online
             # and a later batch run plans afresh, leaving out what is answered.
+            _warn_of_files(state)
             BatchRecord(state_root).remove()
             log.info("no batch of this output was submitted: its rows go online instead")
             return
         raise UsageError(
             f"this output has {len(pending)} batch parts not yet collected: run it with --mode"
             " batch (add --fallback online to send unfinished rows online)"
+        )
+
+
+def _warn_of_files(state: BatchState) -> None:
+    """Name the files a batch run stopped mid-upload may have left on the
+    provider: once the record is dropped, no run looks for them again."""
+    names = [upload_name(state, part) for part in state.parts if part.upload_started]
+    if names:
+        log.warning(
+            "a stopped batch run may have left %d file(s) on the provider at %s: %s;"
+            " delete them there (its files API) if they are listed",
+            len(names),
+            state.base_url,
+            ", ".join(names),
         )
 
 

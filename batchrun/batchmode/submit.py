@@ -14,14 +14,16 @@ transit is looked up the same way before it is tried again.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from batchrun import crashpoint
 from batchrun.batchmode.api import BatchApi
-from batchrun.batchmode.record import BatchRecord, BatchState, Part
+from batchrun.batchmode.record import BatchRecord, BatchState, Part, upload_name
 from batchrun.config import RetryPolicy
+from batchrun.errors import NEVER_SENT, RequestError
 from batchrun.retry import retrying
 from batchrun.timing import Sleep
 
@@ -64,7 +66,7 @@ class Submitter:
         if part.status == "planned":
             async with self._uploading:
                 path = self.record.file(part.id, "jsonl")
-                part.input_file_id = await self.api.upload(path, upload_name(self.state, part))
+                part.input_file_id = await self._upload(part, path)
             crashpoint.hit("after_upload")
             part.status = "uploaded"
             self.record.save(self.state)
@@ -74,6 +76,21 @@ class Submitter:
         attach(part, batch)
         self.record.save(self.state)
         log.info("part %d (%d rows): batch %s", part.id, part.rows, part.batch_id)
+
+    async def _upload(self, part: Part, path: Path) -> str:
+        """Upload ``part``'s file at ``path``; its file id. The start is
+        recorded first: a stop before the id is recorded may leave the file
+        on the provider (``standing.guard`` names it)."""
+        if not part.upload_started:
+            part.upload_started = True
+            self.record.save(self.state)
+        try:
+            return await self.api.upload(path, upload_name(self.state, part))
+        except RequestError as exc:
+            if exc.code in NEVER_SENT:  # no connection: nothing reached the provider
+                part.upload_started = False
+                self.record.save(self.state)
+            raise
 
     async def _create(self, part: Part) -> dict[str, Any]:
         wanted = metadata(self.state, part)
@@ -130,11 +147,6 @@ class Submitter:
             if not waiting:
                 break
         self.record.save(self.state)
-
-
-def upload_name(state: BatchState, part: Part) -> str:
-    """The file name a part is uploaded under: names the run and the part."""
-    return f"batchrun-{state.run_id}-part-{part.id}.jsonl"
 
 
 def attach(part: Part, batch: dict[str, Any]) -> None:
