@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ def describe(out: Path) -> dict[str, Any]:
     ``ok``, ``failed_by_code``, ``in_flight`` (rows sent with no answer yet,
     while a run is alive), ``in_doubt`` (the same rows once no run is: the
     provider may have billed them), ``remaining`` (None when the input
-    is gone; ``input_problem`` says why), ``exit_code`` (finished runs),
-    ``batches`` (``--mode batch``: each part's batch id and status).
+    is gone; ``input_problem`` says why), ``to_resend`` (a ``--retry-failed``
+    pass: the remaining rows it sends again, the rest being kept from the
+    finished output), ``exit_code`` (finished runs), ``batches``
+    (``--mode batch``: each part's batch id and status).
     """
     state = StateDir(out)
     meta = state.read_meta()
@@ -81,6 +84,9 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
     done = checkpoint.rows + len(point.journal.results)
     rows, problem = _input_rows(meta, shard)
     changed = rows is not None and rows < done  # edited since: the next run tells how
+    resend = None
+    if meta.get("pass") == "retry-failed" and not changed:
+        resend = _to_resend(state.out, checkpoint.rows, point.journal.results.keys())
     return {
         "state": "unfinished",
         "rows": rows,
@@ -93,7 +99,42 @@ def _unfinished(state: StateDir, meta: dict[str, Any]) -> dict[str, Any]:
         "remaining": None if rows is None or changed else rows - done,
         "input_changed": changed,
         "input_problem": problem,
+        "to_resend": resend,
     }
+
+
+# Every record the pass resends has this in its error: a line without it is
+# kept, unparsed. A line with it is parsed, since an answer's body may hold
+# the same pair.
+_RETRYABLE = b'"retryable":true'
+
+
+def _to_resend(out: Path, written: int, done: Iterable[int]) -> int | None:
+    """How many records of the finished output ``out`` (the one a
+    ``--retry-failed`` pass replaces) from place ``written`` on have a
+    retryable error, leaving out the input lines in ``done`` (journaled by
+    the pass already); None if ``out`` cannot be read."""
+    finished, count = set(done), 0
+    try:
+        with out.open("rb") as handle:
+            for place, raw in enumerate(handle):
+                if place < written or _RETRYABLE not in raw:
+                    continue
+                record = _record(raw)
+                error = record.get("error")
+                if isinstance(error, dict) and error.get("retryable") is True:
+                    count += record.get("line") not in finished
+    except OSError:
+        return None
+    return count
+
+
+def _record(raw: bytes) -> dict[str, Any]:
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _input_rows(meta: dict[str, Any], shard: Shard) -> tuple[int | None, str | None]:
@@ -123,7 +164,8 @@ def render(report: dict[str, Any]) -> str:
         f"  failed     {sum(failed.values()):,} ({failed_text})",
         _doubt_line(report),
         *_resent_line(report.get("resent_after_crashes") or 0),
-        f"  remaining  {report['remaining'] if report['remaining'] is not None else '?'}",
+        f"  remaining  {report['remaining'] if report['remaining'] is not None else '?'}"
+        + _resend_note(report),
         f"  running    {running}",
     ]
     if report.get("exit_code") is not None:
@@ -138,6 +180,14 @@ def _input_note(report: dict[str, Any]) -> str:
     if report.get("input_changed"):
         return f" (changed since the run: {report['rows']:,} rows now)"
     return ""
+
+
+def _resend_note(report: dict[str, Any]) -> str:
+    """A ``--retry-failed`` pass's remaining rows are mostly kept, not sent."""
+    resend = report.get("to_resend")
+    if resend is None:
+        return ""
+    return f" ({resend:,} to send again, the others kept from the finished output)"
 
 
 def _doubt_line(report: dict[str, Any]) -> str:

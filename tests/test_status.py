@@ -115,3 +115,30 @@ async def test_rows_sent_unanswered_are_in_flight_while_locked_and_in_doubt_afte
 
     assert (live["in_flight"], live["in_doubt"]) == (2, 0)
     assert (stopped["in_flight"], stopped["in_doubt"]) == (0, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_retry_pass_tells_how_many_of_its_remaining_rows_it_sends_again(
+    tmp_path: Path, server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrun.runner import run_async
+
+    # An answer whose text names the marker is kept, not counted (it is escaped there).
+    rows = [chat("a"), chat("b mock:fail=503"), chat('"retryable":true'), chat("d mock:fail=503")]
+    rows += [chat("e")]
+    first = make_config(tmp_path, rows, server, provider="openai", max_attempts=1)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert (await run_async(first)).exit_code == 1
+    # The pass stops at its first resent row (a refused key is fatal): row a is written.
+    monkeypatch.setenv("OPENAI_API_KEY", "bad-key")
+    again = make_config(tmp_path, rows, server, provider="openai", retry_failed=True)
+    assert (await run_async(again)).exit_code == 3
+
+    report = describe(again.out)
+
+    assert (report["state"], report["done"], report["remaining"]) == ("unfinished", 1, 4)
+    assert report["to_resend"] == 2
+    line = "  remaining  4 (2 to send again, the others kept from the finished output)"
+    assert line in render(report).splitlines()
+    assert describe(first.out)["to_resend"] == 2
+    assert "to send again" not in render(_report())
