@@ -32,18 +32,27 @@ _QUANTILES = (("0.5", 50.0), ("0.95", 95.0), ("0.99", 99.0))
 
 
 def render_metrics(
-    stats: RunStats, *, job: str, shard: str | None, extra: Mapping[str, float]
+    stats: RunStats,
+    *,
+    job: str,
+    shard: str | None,
+    extra: Mapping[str, float],
+    output: str | None = None,
 ) -> str:
     """``stats`` as exposition text (ends with a newline).
 
-    Every series carries ``job`` and, when given, ``shard`` ("I/N"). Each
+    Every series carries ``job`` (label ``batch_job``) and, when given,
+    ``output`` (the output's absolute path) and ``shard`` ("I/N"). Each
     ``extra`` item becomes a gauge ``batchrun_<name>``, characters outside
     ``[a-zA-Z0-9_]`` in the name replaced by ``_``. A family with no series
     (no failures yet, no latency yet, unknown total) is left out. Raises
     ValueError when an extra's name clashes with another metric's.
     """
-    # Not "job": Prometheus sets that label itself at scrape time.
-    common = {"batch_job": job} if shard is None else {"batch_job": job, "shard": shard}
+    # Not "job": Prometheus sets that label itself at scrape time. The path
+    # tells apart two jobs whose outputs share a name: node_exporter refuses
+    # series that two textfiles both hold.
+    labels = {"batch_job": job, "output": output, "shard": shard}
+    common = {name: value for name, value in labels.items() if value is not None}
     lines: list[str] = []
     for name, series in _series(stats).items():
         kind, help_text = _METRICS[name]
@@ -84,6 +93,7 @@ class MetricsWriter:
         shard: str | None,
         extra: Callable[[], Mapping[str, float]] | None = None,
         interval: float = 10.0,
+        output: str | None = None,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
@@ -91,6 +101,7 @@ class MetricsWriter:
         self.stats = stats
         self.job = job
         self.shard = shard
+        self.output = output
         self.interval = interval
         self._extra = extra
         self._warned = False  # one warning per run, however many writes fail
@@ -98,7 +109,9 @@ class MetricsWriter:
     def write(self) -> None:
         """Write the file now."""
         extra = self._extra() if self._extra is not None else {}
-        text = render_metrics(self.stats, job=self.job, shard=self.shard, extra=extra)
+        text = render_metrics(
+            self.stats, job=self.job, shard=self.shard, extra=extra, output=self.output
+        )
         try:
             write_metrics(self.path, text)
         except OSError as exc:

@@ -20,6 +20,7 @@ Whatever finished is journaled, so the run resumes where it stopped.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, closing, nullcontext
 from typing import NamedTuple
@@ -249,6 +250,7 @@ def _metrics_writer(config: RunConfig, stats: RunStats, throttle: Throttle) -> M
         job=config.out.name,
         shard=shard,
         extra=throttle.gauges,
+        output=os.path.abspath(config.out),
     )
 
 

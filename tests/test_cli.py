@@ -313,6 +313,8 @@ def test_metrics_file_is_a_valid_prometheus_textfile(tmp_path: Path) -> None:
     (done_sample,) = families["batchrun_rows_done"].samples
     assert done_sample.value == 100
     assert done_sample.labels["batch_job"] == "o.jsonl"
+    # Two jobs whose outputs share a name keep apart in one textfile directory.
+    assert done_sample.labels["output"] == str(tmp_path / "o.jsonl")
     assert "batchrun_concurrency_limit" in families
 
 

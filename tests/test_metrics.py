@@ -156,6 +156,8 @@ def test_writer_writes_the_counts_and_extra_gauges_at_each_write(tmp_path: Path)
     writer.write()
     assert calls == [0, 1]
     assert 'batchrun_rows_done{batch_job="j",shard="0/2"} 1\n' in path.read_text()
+    MetricsWriter(path, stats, job="j", shard="0/2", output="/data/j").write()
+    assert 'batchrun_rows_done{batch_job="j",output="/data/j",shard="0/2"} 1\n' in path.read_text()
 
 
 def test_writer_rejects_a_non_positive_interval(tmp_path: Path) -> None:
