@@ -60,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -457,11 +458,21 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu_model": cpu,
         "cores": os.cpu_count(),
+        "python_loop_us": python_loop_us(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
         "batchrun_commit": commit or None,
     }
+
+
+def python_loop_us() -> float:
+    """This machine's speed at plain Python work: the best of five timings of
+    ``sum(range(1000))``, in microseconds (the README quotes it beside CPU
+    figures, which move with it from machine to machine)."""
+    timer = timeit.Timer("sum(range(1000))")
+    loops, _ = timer.autorange()
+    return round(min(timer.repeat(5, loops)) / loops * 1e6, 1)
 
 
 def source_fingerprint() -> str:
@@ -481,7 +492,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# batchrun benchmark",
         "",
-        f"{m['cpu_model']}, {m['cores']} cores, Python {m['python']}, "
+        f"{m['cpu_model']}, {m['cores']} cores, Python {m['python']} "
+        f"(`sum(range(1000))`: {m.get('python_loop_us', '?')} us), "
         f"aiohttp {m['versions']['aiohttp']}, batchrun {m['batchrun_commit']}; "
         f"median of {report['reps']} rep(s); each client and the mock server are "
         "separate processes on loopback.",
