@@ -210,6 +210,8 @@ class OrderedWriter:
         verdict = item.tally or tally(orjson.loads(data), self.provider.usage)
         if item.reused:
             self.stats.record_reused(verdict)
+        elif item.batched:
+            self.stats.record_batched(verdict)
         else:
             self.stats.record_earlier(verdict)
 

@@ -66,12 +66,13 @@ class Finished(NamedTuple):
     journal_at: int | None = None  # where the journal holds the record, if it does
     kept: int = 0  # bytes the record holds in memory while an earlier row is unfinished
     tally: Tally | None = None  # what a known record counts for, when known without parsing it
+    batched: bool = False  # answered in a batch: this run's work, not an earlier run's
 
 
 def known_row(row: int, offset: int, data: bytes, tally: Tally | None) -> Finished:
-    """``Finished(row, offset, data, None, tally=tally)``, at half the cost of
+    """``Finished(row, offset, data, None, tally=tally, batched=True)``, at half the cost of
     a NamedTuple's Python-level constructor: made for each row a batch answered."""
-    return tuple.__new__(Finished, (row, offset, data, None, False, None, 0, tally))
+    return tuple.__new__(Finished, (row, offset, data, None, False, None, 0, tally, True))
 
 
 def answered_row(
@@ -79,7 +80,7 @@ def answered_row(
 ) -> Finished:
     """``Finished(row, offset, data, outcome, journal_at=journal_at)`` as
     ``known_row`` makes it: made for each row answered online."""
-    return tuple.__new__(Finished, (row, offset, data, outcome, False, journal_at, 0, None))
+    return tuple.__new__(Finished, (row, offset, data, outcome, False, journal_at, 0, None, False))
 
 
 class Work(NamedTuple):

@@ -662,11 +662,10 @@ def _ending_code(ending: RunEnding, parts: _Parts) -> tuple[int, str | None]:
 
 
 def _batched(stats: RunStats, known: KnownLookup | None) -> int:
-    """Count the rows answered in batches as this run's work and spend, not
-    an earlier run's; how many there were."""
+    """Count the spend of the rows answered in batches as this run's (the
+    writer counted them as its work, ``record_batched``); how many there were."""
     if known is None:
         return 0
-    stats.skipped -= known.found
     stats.cost += known.spent
     return known.found
 

@@ -294,6 +294,13 @@ class RunStats(Counted):
         self.counts.count(v.ok, v.error_code, v.tokens_in, v.tokens_out, v.cost)
         self.skipped += 1
 
+    def record_batched(self, verdict: Tally) -> None:
+        """Count a row a batch answered: this run's work, in the totals and
+        the rate (its cost is added once the run ends, see ``runner``)."""
+        self.done += 1
+        v = verdict
+        self.counts.count(v.ok, v.error_code, v.tokens_in, v.tokens_out, v.cost)
+
     def record_reused(self, verdict: Tally) -> None:
         """Count a row answered from a result store: no tokens or cost of this
         output's, its recorded cost saved."""

@@ -3,6 +3,7 @@ faults, cleanup, and the same output as online mode."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -664,3 +665,16 @@ async def test_identical_rows_go_into_a_batch_once(
         assert (await run_async(online)).exit_code == 0
     assert online_server.stats.requests == 2
     assert batch.out.read_bytes() == online.out.read_bytes()
+
+
+async def test_rows_answered_in_batches_are_this_runs_work_in_the_progress_line(
+    tmp_path: Path, batch_server: MockServer
+) -> None:
+    stream = io.StringIO()
+    config = make_config(tmp_path, rows(6), batch_server, progress=True, **FAST)
+    summary = await run_async(config, stream=stream)
+    assert (summary.exit_code, summary.skipped) == (0, 0)
+    progress = [line for line in stream.getvalue().splitlines() if line.startswith("progress ")]
+    # Not "skipped 6" (which says an earlier run did them), nor a rate of 0.
+    assert " | ok 6 failed 0 | " in progress[-1]
+    assert " 0.0 rows/s" not in progress[-1]

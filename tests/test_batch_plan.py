@@ -248,6 +248,7 @@ def test_merging_runs_gives_what_heapq_merge_gives(lines: list[list[int]]) -> No
 def test_a_known_row_is_the_finished_row_its_fields_make() -> None:
     tally = Tally(True, None, False, 1, 2)
     row = known_row(3, 10, b"x\n", tally)
-    assert row == Finished(3, 10, b"x\n", None, tally=tally)
+    assert row == Finished(3, 10, b"x\n", None, tally=tally, batched=True)
     assert len(row) == len(Finished._fields)
     assert (row.reused, row.journal_at, row.kept, row.tally) == (False, None, 0, tally)
+    assert row.batched
