@@ -133,6 +133,32 @@ async def test_sigterm_leaves_the_batches_running_and_the_rerun_attaches(tmp_pat
     assert len(read_jsonl(out)) == 10
 
 
+async def test_a_signal_while_planning_ends_it_at_once_and_records_no_part(
+    tmp_path: Path,
+) -> None:
+    # Planning a big input takes seconds: a stop must not wait for its end
+    # (Airflow kills a task 5 s after SIGTERM), nor record the parts after it.
+    source = tmp_path / "in.jsonl"
+    with source.open("wb") as handle:
+        handle.writelines(_row(i) for i in range(300_000))
+    async with MockServer(batch_faults=BatchFaults(seconds=0.3)) as server:
+        out = tmp_path / "out.jsonl"
+        process = await start_cli(command(source, out, server, "--batch-rows", "50000"))
+        batch_dir = out.with_name(out.name + ".batchrun") / "batch"
+        await wait_for((batch_dir / "part-000001.jsonl").exists)
+        process.send_signal(signal.SIGTERM)
+        code, stderr = await finish(process)
+        assert code == 75, stderr
+        assert submitted(out) == 0
+        state = batch_dir / "state.json"
+        assert not state.exists() or orjson.loads(state.read_bytes())["parts"] == []
+        assert not server.batches.contents  # nothing uploaded
+
+
+def _row(index: int) -> bytes:
+    return b'{"messages": [{"role": "user", "content": "row %d"}]}\n' % index
+
+
 async def stopped_with_batches_running(tmp_path: Path, server: MockServer) -> tuple[Path, Path]:
     """The input and output of a run stopped by SIGTERM once its 3 batches
     are submitted (they keep running on ``server``)."""

@@ -29,6 +29,13 @@ Answered = Callable[[bytes], bool]
 # A request's content key (``contentkey.request_key`` with the run's
 # provider), given the body its batch line sends and that body's canonical JSON.
 KeyOf = Callable[[Request, dict[str, Any], bytes], bytes]
+# Raises when the run has been stopped (a signal): planning then ends at once.
+CheckStop = Callable[[], None]
+
+# Rows planned between two looks at whether the run was stopped: planning a
+# million rows takes tens of seconds, and a stop must come within its grace
+# period (Airflow kills a task 5 s after asking it to stop).
+STOP_CHECK_ROWS = 4096
 
 
 @dataclass(slots=True)
@@ -89,15 +96,19 @@ def plan_parts(
     max_bytes: int,
     key_of: KeyOf,
     answered: Answered | None = None,
+    check_stop: CheckStop | None = None,
 ) -> list[Part]:
     """Write the part files of every row still to answer (none in the output,
     the journal, or, by ``answered``, the result store), each request once
     however many rows repeat it, with each row's content key (its answer is
-    stored under it); the parts."""
+    stored under it); the parts. ``check_stop`` is called every
+    ``STOP_CHECK_ROWS`` rows; what it raises ends planning, files abandoned."""
     writer = PartWriter(record, Splitter(config.batch.rows, max_bytes))
     planned = KeySet()
     try:
-        for request in unanswered(config, start):
+        for index, request in enumerate(unanswered(config, start)):
+            if check_stop is not None and not index % STOP_CHECK_ROWS:
+                check_stop()
             sent = body(request)
             group, data, sent_json = batch_line(request, sent)
             key = key_of(request, sent, sent_json)

@@ -117,7 +117,10 @@ class BatchJob:
 
         def write() -> list[Part]:
             check = in_loop if answered is not None else None
-            return plan_parts(self.config, self.record, start, body, max_bytes, key_of, check)
+            # A stop (a signal cancels the phase's scope) ends planning at
+            # once: the thread is not abandoned, so no file is written after.
+            stop = anyio.from_thread.check_cancelled
+            return plan_parts(self.config, self.record, start, body, max_bytes, key_of, check, stop)
 
         self.state.parts = await anyio.to_thread.run_sync(write)
         self.state.planned = True
