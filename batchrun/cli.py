@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -586,6 +587,23 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+# The exit code of a command ended by SIGTERM, as a shell reports one.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end a command as Ctrl-C does: its clean-up runs (an
+    export's or merge's temporary is removed) and it exits 143, where the
+    default would kill it outright. ``run`` receives both signals itself
+    while it goes (``batchrun.signals``)."""
+
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(EXIT_TERMINATED)
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def main() -> None:
     """Console entry point."""
+    stop_on_sigterm()
     app()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import errno
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typer.testing import CliRunner
 import batchrun.export as export_module
 from batchrun import read_results, to_pandas
 from batchrun.answers import read_answer
-from batchrun.cli import app
+from batchrun.cli import app, stop_on_sigterm
 from batchrun.errors import UsageError
 from batchrun.export import export
 from batchrun.mock.server import MockServer
@@ -414,6 +416,37 @@ def test_a_full_disk_while_exporting_exits_74_and_leaves_no_file(
     assert done.output.startswith(f"batchrun: error: cannot write {tmp_path / 't.csv'}: ")
     assert "(ENOSPC)" in done.output
     assert not done.exception or isinstance(done.exception, SystemExit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl",
+        "out.jsonl",
+        "out.jsonl.batchrun",
+    ]
+
+
+def test_sigterm_midway_ends_an_export_as_ctrl_c_does_its_temporary_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default SIGTERM kills at once, leaving a hidden temporary as big as
+    # the table beside it until another export to the same place.
+    _, out = _three_rows_run(tmp_path)
+
+    def terminated_midway(rows: Any, names: Any, path: Path) -> None:
+        path.write_bytes(b"half a ta")
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1_000_000):  # the handler runs in this thread, between bytecodes
+            pass
+        raise AssertionError("SIGTERM did not end the export")
+
+    monkeypatch.setattr(export_module, "write_csv", terminated_midway)
+    previous = signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            export(out, tmp_path / "t.csv")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    assert stopped.value.code == 143
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "in.jsonl",
         "out.jsonl",
