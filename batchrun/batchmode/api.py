@@ -79,13 +79,19 @@ def _quote(answer: Mapping[str, Any]) -> str:
 
 
 def _batch(answer: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """A batch object, its id, status and result file ids checked."""
+    """A batch object, its id, status and result file ids checked; a result
+    file id ``""`` is no file (None), as gateways that write every field
+    (Go's zero value) say so: refusing it would stop every run, and
+    ``batchrun cancel``, for as long as the batch is listed."""
     checked(answer, "id", what, str)
     checked(answer, "status", what, str)
+    batch = dict(answer)
     for name in ("output_file_id", "error_file_id"):
-        if answer.get(name) is not None:
+        if batch.get(name) == "":
+            batch[name] = None
+        elif batch.get(name) is not None:
             checked(answer, name, what, str)
-    return dict(answer)
+    return batch
 
 
 def batch_base_url(provider: str, base_url: str) -> str:

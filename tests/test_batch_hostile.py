@@ -1,0 +1,124 @@
+"""--mode batch behind a gateway that bends the files and batches API: a
+loopback proxy in front of the mock rewrites its answers as real gateways
+and providers do (empty strings for absent ids, odd metadata on other
+programs' batches, lists whose pages never end, result lines that are no
+answer, deletions that fail)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from batchrun.mock.batches import BatchFaults
+from batchrun.mock.server import MockServer
+from batchrun.runner import run_async
+from tests.conftest import chat, make_config, read_jsonl
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+FAST = {"mode": "batch", "poll_interval": 0.05, "max_attempts": 2, "backoff_initial": 0.01}
+# What a test may answer instead of the mock: the call ("GET batches"), its
+# count so far, then the mock's parsed answer (None before it is asked).
+Early = Callable[[str, int], web.Response | None]
+Rewrite = Callable[[str, Any], Any]
+
+
+@dataclass
+class Gateway:
+    """How the proxy bends answers; ``calls`` counts each call."""
+
+    early: Early = lambda call, count: None
+    rewrite: Rewrite = lambda call, answer: answer
+    content: Callable[[bytes], bytes] = lambda data: data
+    calls: Counter[str] = field(default_factory=Counter)
+
+
+def call_of(method: str, path: str) -> str:
+    """``GET batch`` for ``/v1/batches/ID``, ``GET batches`` for the list, and so on."""
+    parts = path.split("/")[2:]
+    if parts[0] == "files" and len(parts) == 3:
+        return "GET content"
+    single = {"files": "file", "batches": "batch"}[parts[0]]
+    return f"{method} {parts[0] if len(parts) == 1 else single}"
+
+
+@asynccontextmanager
+async def bent(
+    bend: Gateway, faults: BatchFaults | None = None
+) -> AsyncIterator[tuple[MockServer, str]]:
+    """A mock (batches ending in 0.2 s by default) behind a proxy to its
+    ``/v1`` bent by ``bend``: the mock and the proxy's base URL."""
+    mock = MockServer(batch_faults=faults or BatchFaults(seconds=0.2))
+    async with mock, aiohttp.ClientSession() as session:
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            call = call_of(request.method, request.path)
+            bend.calls[call] += 1
+            early = bend.early(call, bend.calls[call])
+            if early is not None:
+                return early
+            url = f"{mock.origin}{request.path_qs}"
+            headers = {"Authorization": request.headers.get("Authorization", "")}
+            if "Content-Type" in request.headers:
+                headers["Content-Type"] = request.headers["Content-Type"]
+            data = await request.read()
+            async with session.request(request.method, url, headers=headers, data=data) as got:
+                status, body = got.status, await got.read()
+            if call == "GET content" and status == 200:
+                return web.Response(body=bend.content(body))
+            answer = bend.rewrite(call, orjson.loads(body))
+            return web.json_response(
+                answer, status=status, dumps=lambda v: orjson.dumps(v).decode()
+            )
+
+        app = web.Application(client_max_size=1 << 26)
+        app.router.add_route("*", "/v1/{tail:.*}", forward)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            yield mock, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        finally:
+            await runner.cleanup()
+
+
+def rows(count: int) -> list[dict[str, Any]]:
+    return [chat(f"row {i}", model="m") for i in range(count)]
+
+
+def fail(status: int) -> web.Response:
+    return web.json_response(
+        {"error": {"message": "gateway fault", "type": "server_error"}}, status=status
+    )
+
+
+def items(answer: Any) -> list[dict[str, Any]]:
+    """The batches of a batch answer or a list answer."""
+    return answer["data"] if answer.get("object") == "list" else [answer]
+
+
+async def test_empty_result_file_ids_are_no_files(tmp_path: Path) -> None:
+    # A gateway writing every field gives "" for a file not made yet: the
+    # batch runs (and is paid) all the same, and its answers are collected.
+    def empty(call: str, answer: Any) -> Any:
+        for batch in items(answer) if "batch" in call else []:
+            for name in ("output_file_id", "error_file_id"):
+                batch[name] = batch[name] or ""
+        return answer
+
+    async with bent(Gateway(rewrite=empty)) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert [row["line"] for row in read_jsonl(config.out)] == [1, 2, 3]
+    assert mock.batches.created == 1
