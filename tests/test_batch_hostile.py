@@ -122,3 +122,58 @@ async def test_empty_result_file_ids_are_no_files(tmp_path: Path) -> None:
     assert summary.exit_code == 0, summary.aborted
     assert [row["line"] for row in read_jsonl(config.out)] == [1, 2, 3]
     assert mock.batches.created == 1
+
+
+def foreign(metadata: Any, number: int = 0) -> dict[str, Any]:
+    """Another program's batch, as the list shows it."""
+    return {
+        "id": f"batch_other{number}",
+        "object": "batch",
+        "status": "completed",
+        "metadata": metadata,
+    }
+
+
+def with_foreign_first(call: str, answer: Any) -> Any:
+    if call == "GET batches":
+        answer["data"] = [foreign("not an object"), *answer["data"]]
+    return answer
+
+
+def losing_first_create(bend: Gateway, also: Rewrite) -> Rewrite:
+    """A rewrite that loses the first create's answer (the batch is made)."""
+
+    def rewrite(call: str, answer: Any) -> Any:
+        if call == "POST batches" and bend.calls[call] == 1:
+            raise web.HTTPBadGateway()
+        return also(call, answer)
+
+    return rewrite
+
+
+async def test_a_lost_create_is_found_past_a_batch_with_odd_metadata(tmp_path: Path) -> None:
+    # The create reaches the provider, its answer is lost: the lookup by
+    # metadata must pass over another program's batch whose metadata is no
+    # object, find this run's batch and not create a second one.
+    bend = Gateway()
+    bend.rewrite = losing_first_create(bend, with_foreign_first)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert mock.batches.created == 1
+    assert bend.calls["GET batches"] >= 1
+
+
+async def test_a_resume_looks_past_a_batch_with_odd_metadata(tmp_path: Path) -> None:
+    # The first run stops with the batch made but its id unknown (exit 3);
+    # the next one lists batches to attach to it, past a foreign batch.
+    faults = BatchFaults(seconds=0.2, no_id="batches")
+    async with bent(Gateway(rewrite=with_foreign_first), faults) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        assert (await run_async(config)).exit_code == 3
+        faults.no_id = ""
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert mock.batches.created == 1
+    assert mock.stats.batch_rows == 3

@@ -94,6 +94,14 @@ def _batch(answer: Mapping[str, Any], what: str) -> dict[str, Any]:
     return batch
 
 
+def metadata_of(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A listed batch's metadata; ``{}`` when it has none, or something
+    other than an object: the list holds every batch of the account, and
+    another program's odd batch must neither stop the run nor match."""
+    given = batch.get("metadata")
+    return given if isinstance(given, dict) else {}
+
+
 def batch_base_url(provider: str, base_url: str) -> str:
     """The OpenAI-compatible base URL that serves batches for ``base_url``:
     DashScope's native ``.../api/v1`` becomes ``.../compatible-mode/v1``."""
@@ -210,7 +218,7 @@ class BatchApi:
     async def find(self, metadata: dict[str, str]) -> dict[str, Any] | None:
         """The newest batch whose metadata holds every pair of ``metadata``."""
         async for batch in self.batches():
-            given = checked(batch, "metadata", "GET batches", dict, {})
+            given = metadata_of(batch)
             if all(given.get(key) == value for key, value in metadata.items()):
                 return batch
         return None

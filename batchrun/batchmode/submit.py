@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from batchrun import crashpoint
-from batchrun.batchmode.api import BatchApi
+from batchrun.batchmode.api import BatchApi, metadata_of
 from batchrun.batchmode.record import BatchRecord, BatchState, Part, upload_name
 from batchrun.config import RetryPolicy
 from batchrun.errors import NEVER_SENT, RequestError
@@ -134,7 +134,7 @@ class Submitter:
     async def _find_batches(self) -> None:
         waiting = {str(part.id): part for part in self.state.parts if part.status == "uploaded"}
         async for batch in self.api.batches():
-            given = batch.get("metadata") or {}
+            given = metadata_of(batch)
             part = waiting.get(str(given.get("batchrun_part")))
             if part is None or given.get("batchrun_run") != self.state.run_id:
                 continue
