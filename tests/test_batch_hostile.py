@@ -177,3 +177,30 @@ async def test_a_resume_looks_past_a_batch_with_odd_metadata(tmp_path: Path) -> 
     assert summary.exit_code == 0, summary.aborted
     assert mock.batches.created == 1
     assert mock.stats.batch_rows == 3
+
+
+async def test_a_list_whose_pages_never_end_stops_instead_of_creating_again(
+    tmp_path: Path,
+) -> None:
+    # The create's answer is lost, and the list's next page is the same
+    # page forever: the batch made may be past it, so another create could
+    # pay twice. The run stops; with the list mended, it attaches.
+    endless = {"object": "list", "data": [foreign({}, n) for n in range(3)], "has_more": True}
+    broken = True
+
+    def early(call: str, count: int) -> web.Response | None:
+        return web.json_response(endless) if call == "GET batches" and broken else None
+
+    bend = Gateway(early=early)
+    bend.rewrite = losing_first_create(bend, lambda call, answer: answer)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+        assert summary.exit_code == 3
+        assert summary.aborted is not None
+        assert "GET batches pages do not advance" in summary.aborted
+        assert bend.calls["GET batches"] == 2
+        broken = False
+        assert (await run_async(config)).exit_code == 0
+    assert mock.batches.created == 1
+    assert mock.stats.batch_rows == 3

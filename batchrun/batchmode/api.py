@@ -205,6 +205,7 @@ class BatchApi:
 
     async def _pages(self, path: str, query: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
         after: str | None = None
+        used: set[str] = set()
         for _ in range(LIST_PAGES):
             params = {**query, "limit": str(LIST_PAGE), **({"after": after} if after else {})}
             page = await self._retried("GET", path, params=params)
@@ -213,7 +214,11 @@ class BatchApi:
                 yield item
             if not checked(page, "has_more", f"GET {path}", bool, False) or not data:
                 return
+            if after is not None:
+                used.add(after)
             after = data[-1]["id"]
+            if after in used:
+                _no_progress(path, after)
 
     async def find(self, metadata: dict[str, str]) -> dict[str, Any] | None:
         """The newest batch whose metadata holds every pair of ``metadata``."""
@@ -262,6 +267,18 @@ class BatchApi:
             body=body,
             retry_after=pause_hint(headers, status=status),
         )
+
+
+def _no_progress(path: str, after: str) -> NoReturn:
+    """A list whose next page starts where an earlier one did: the rest of
+    the list cannot be read, and a lookup that stopped there could miss a
+    batch or file that exists, and make it again (paid twice)."""
+    raise FatalError(
+        INVALID_ANSWER,
+        f"GET {path} pages do not advance (more after {after!r} again): the list"
+        " cannot be read to its end",
+        status=200,
+    )
 
 
 def _items(page: Mapping[str, Any], what: str) -> list[dict[str, Any]]:
