@@ -27,9 +27,9 @@ from batchrun.deadlines import FifoDeadlines
 from batchrun.errors import FatalError, RequestError, RowError, TransientError
 from batchrun.hosts import HostPool
 from batchrun.providers import Provider
-from batchrun.providers.base import Classified, answer_error
+from batchrun.providers.base import body_error
 from batchrun.rateheaders import pause_hint
-from batchrun.records import Request, Response, json_type
+from batchrun.records import Request, Response
 from batchrun.tls import tls_failure
 
 
@@ -265,15 +265,7 @@ def _answer_error(
             status=status,
             request_id=request_id,
         )
-    failed = (
-        answer_error(body)
-        if isinstance(body, dict)
-        else Classified(
-            "transient",
-            "invalid_body",
-            f"HTTP {status} with a JSON {json_type(body)} body, not an object",
-        )  # null, [], "text": not an answer
-    )
+    failed = body_error(status, body)
     if failed is None:
         return None
     return TransientError(

@@ -204,3 +204,22 @@ async def test_a_list_whose_pages_never_end_stops_instead_of_creating_again(
         assert (await run_async(config)).exit_code == 0
     assert mock.batches.created == 1
     assert mock.stats.batch_rows == 3
+
+
+@pytest.mark.parametrize("body", [None, "text", [1]])
+async def test_a_2xx_result_that_is_no_object_is_no_answer(tmp_path: Path, body: Any) -> None:
+    # As online mode reads such an answer: a retryable row error, never an
+    # answer counted ok and stored for reuse.
+    def bodies(data: bytes) -> bytes:
+        lines = [orjson.loads(raw) for raw in data.splitlines()]
+        for line in lines:
+            line["response"]["body"] = body
+        return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+    async with bent(Gateway(content=bodies)) as (mock, url):
+        config = make_config(tmp_path, rows(2), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 1
+    records = read_jsonl(config.out)
+    assert [row["error"]["code"] for row in records] == ["invalid_body", "invalid_body"]
+    assert all(row["error"]["retryable"] for row in records)

@@ -25,7 +25,7 @@ from batchrun.batchmode.known import filed_head
 from batchrun.batchmode.plan import line_of_key
 from batchrun.errors import RowError, TransientError
 from batchrun.providers import Provider
-from batchrun.providers.base import answer_error
+from batchrun.providers.base import answer_error, body_error
 from batchrun.records import Outcome, Response, answer_line, failed_outcome, output_line
 from batchrun.schema import AnswerCheck
 
@@ -228,11 +228,11 @@ def _keep(
 
 
 def _is_answer(status: object, body: object) -> bool:
-    """Whether a response is an answer: a 2xx whose body carries no error
-    instead (see ``answer_error``)."""
+    """Whether a response is an answer: a 2xx whose body is an object
+    carrying no error instead (see ``body_error``)."""
     if type(status) is not int or not 200 <= status < 300:
         return False
-    return type(body) is not dict or answer_error(body) is None
+    return type(body) is dict and answer_error(body) is None
 
 
 def _keep_answer(
@@ -306,7 +306,7 @@ def _error_answer(
 ) -> Outcome:
     """A response that is no answer, classified as online mode would."""
     status, body = response["status_code"], response.get("body")
-    passed_on = answer_error(body) if 200 <= status < 300 and type(body) is dict else None
+    passed_on = body_error(status, body) if 200 <= status < 300 else None
     verdict = passed_on or provider.classify(status, body)
     return Outcome(
         line=line,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from batchrun.errors import UsageError
-from batchrun.records import Request
+from batchrun.records import Request, json_type
 
 Verdict = Literal["transient", "row", "fatal"]
 
@@ -81,6 +81,19 @@ def answer_error(body: Mapping[str, Any]) -> Classified | None:
         "transient",
         code_text,
         f"a 2xx answer with an error instead of a result: {message or code_text}",
+    )
+
+
+def body_error(status: int, body: Any) -> Classified | None:
+    """The error a 2xx answer's parsed ``body`` is instead of a result, or
+    None: an object carrying an error (``answer_error``), or no object at
+    all (null, [], "text"). Online mode and batch results read it alike."""
+    if isinstance(body, dict):
+        return answer_error(body)
+    return Classified(
+        "transient",
+        "invalid_body",
+        f"HTTP {status} with a JSON {json_type(body)} body, not an object",
     )
 
 
