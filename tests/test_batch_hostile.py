@@ -223,3 +223,21 @@ async def test_a_2xx_result_that_is_no_object_is_no_answer(tmp_path: Path, body:
     records = read_jsonl(config.out)
     assert [row["error"]["code"] for row in records] == ["invalid_body", "invalid_body"]
     assert all(row["error"]["retryable"] for row in records)
+
+
+async def test_files_a_finished_run_could_not_delete_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The batch record that names them is dropped with the published
+    # output: no later run would delete them, so the run names them.
+    def early(call: str, count: int) -> web.Response | None:
+        return fail(500) if call == "DELETE file" else None
+
+    async with bent(Gateway(early=early)) as (mock, url):
+        config = make_config(tmp_path, rows(2), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0
+    left = sorted(mock.batches.files)
+    assert len(left) == 2  # the input file and the output file
+    assert f"2 file(s) could not be deleted on the provider at {url}: " in caplog.text
+    assert all(file_id in caplog.text for file_id in left)

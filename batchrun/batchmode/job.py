@@ -71,6 +71,26 @@ def _stopped_by(exc: RequestError) -> str:
     return f"{exc.stop_reason()}, {_AGAIN}"
 
 
+def _warn_of_files_left(state: BatchState) -> None:
+    """Name the provider files a deletion failed for: the record that holds
+    them is dropped once the output is published, so no later run deletes
+    them (DashScope keeps at most 10,000 files)."""
+    left = [
+        file_id
+        for part in state.parts
+        for file_id in (part.input_file_id, *part.result_files)
+        if file_id
+    ]
+    if left:
+        log.warning(
+            "%d file(s) could not be deleted on the provider at %s: %s; delete them there"
+            " (its files API)",
+            len(left),
+            state.base_url,
+            ", ".join(left),
+        )
+
+
 class BatchJob:
     """Runs the parts of one batch-mode run to the end; see the module docstring."""
 
@@ -195,6 +215,8 @@ class BatchJob:
         stays refused, as the same file would be)."""
         refused = next((part for part in self.state.parts if part.status == "refused"), None)
         if refused is None:
+            if not self.config.batch.keep_files:
+                _warn_of_files_left(self.state)
             return PhaseResult(complete=True)
         reason = refused.refusal or f"the provider refused part {refused.id} as a whole"
         return PhaseResult(aborted=f"{reason.rstrip('.')}. {_FIX_INPUT}")
