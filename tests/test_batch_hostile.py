@@ -179,6 +179,43 @@ async def test_a_resume_looks_past_a_batch_with_odd_metadata(tmp_path: Path) -> 
     assert mock.stats.batch_rows == 3
 
 
+def without_metadata(call: str, answer: Any) -> Any:
+    """The batches list as gateways that drop metadata show it."""
+    for batch in answer["data"] if call == "GET batches" else []:
+        del batch["metadata"]
+    return answer
+
+
+async def test_a_lost_create_is_found_by_its_file_where_the_list_shows_no_metadata(
+    tmp_path: Path,
+) -> None:
+    # The part's input file is its own: a batch listed without metadata
+    # that runs on it is the one the lost create made, not a reason to
+    # create (and pay for) a second one.
+    bend = Gateway()
+    bend.rewrite = losing_first_create(bend, without_metadata)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert mock.batches.created == 1
+    assert mock.stats.batch_rows == 3
+
+
+async def test_a_resume_finds_its_batch_by_its_file_where_the_list_shows_no_metadata(
+    tmp_path: Path,
+) -> None:
+    faults = BatchFaults(seconds=0.2, no_id="batches")
+    async with bent(Gateway(rewrite=without_metadata), faults) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        assert (await run_async(config)).exit_code == 3
+        faults.no_id = ""
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert mock.batches.created == 1
+    assert mock.stats.batch_rows == 3
+
+
 async def test_a_list_whose_pages_never_end_stops_instead_of_creating_again(
     tmp_path: Path,
 ) -> None:

@@ -102,6 +102,18 @@ def metadata_of(batch: Mapping[str, Any]) -> dict[str, Any]:
     return given if isinstance(given, dict) else {}
 
 
+def made_with(batch: Mapping[str, Any], metadata: dict[str, str], file_id: str | None) -> bool:
+    """Whether a listed batch is the one created with ``metadata`` on the
+    file ``file_id``: its metadata holds every pair or, where the list shows
+    none (some gateways drop it), it runs on that file, which was uploaded
+    for one part alone. Reading "none" as "not there" would create the
+    batch again, paid twice."""
+    given = metadata_of(batch)
+    if given:
+        return all(given.get(key) == value for key, value in metadata.items())
+    return file_id is not None and batch.get("input_file_id") == file_id
+
+
 def batch_base_url(provider: str, base_url: str) -> str:
     """The OpenAI-compatible base URL that serves batches for ``base_url``:
     DashScope's native ``.../api/v1`` becomes ``.../compatible-mode/v1``."""
@@ -220,11 +232,13 @@ class BatchApi:
             if after in used:
                 _no_progress(path, after)
 
-    async def find(self, metadata: dict[str, str]) -> dict[str, Any] | None:
-        """The newest batch whose metadata holds every pair of ``metadata``."""
+    async def find(
+        self, metadata: dict[str, str], file_id: str | None = None
+    ) -> dict[str, Any] | None:
+        """The newest batch created with ``metadata`` on the file ``file_id``
+        (see ``made_with``)."""
         async for batch in self.batches():
-            given = metadata_of(batch)
-            if all(given.get(key) == value for key, value in metadata.items()):
+            if made_with(batch, metadata, file_id):
                 return batch
         return None
 

@@ -83,7 +83,7 @@ async def _cancel(state: BatchState) -> list[tuple[str, str]]:
             if part.status == "uploaded":
                 # A stop between creating its batch and recording it leaves the
                 # batch running unrecorded: find it by its metadata, as a resume does.
-                found = await api.find(metadata(state, part))
+                found = await api.find(metadata(state, part), part.input_file_id)
                 if found is None:
                     part.batch_status = NOT_CREATED
                 else:

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from batchrun import crashpoint
-from batchrun.batchmode.api import BatchApi, metadata_of
+from batchrun.batchmode.api import BatchApi, made_with, metadata_of
 from batchrun.batchmode.record import BatchRecord, BatchState, Part, upload_name
 from batchrun.config import RetryPolicy
 from batchrun.errors import NEVER_SENT, RequestError
@@ -99,7 +99,7 @@ class Submitter:
         async def once() -> dict[str, Any]:
             nonlocal first
             if not first:  # the failed create may have made the batch after all
-                found = await self.api.find(wanted)
+                found = await self.api.find(wanted, part.input_file_id)
                 if found is not None:
                     return found
             first = False
@@ -133,20 +133,32 @@ class Submitter:
 
     async def _find_batches(self) -> None:
         waiting = {str(part.id): part for part in self.state.parts if part.status == "uploaded"}
+        by_file = {part.input_file_id: part for part in waiting.values() if part.input_file_id}
         async for batch in self.api.batches():
-            given = metadata_of(batch)
-            part = waiting.get(str(given.get("batchrun_part")))
-            if part is None or given.get("batchrun_run") != self.state.run_id:
+            part = self._made_for(batch, waiting, by_file)
+            if part is None:
                 continue
-            if given.get("batchrun_try") == str(part.tries):
-                attach(part, batch)
-                del waiting[str(part.id)]
-                log.info(
-                    "part %d: attached to batch %s created before a crash", part.id, part.batch_id
-                )
+            attach(part, batch)
+            del waiting[str(part.id)]
+            by_file.pop(part.input_file_id or "", None)
+            log.info("part %d: attached to batch %s created before a crash", part.id, part.batch_id)
             if not waiting:
                 break
         self.record.save(self.state)
+
+    def _made_for(
+        self, batch: dict[str, Any], waiting: dict[str, Part], by_file: dict[str, Part]
+    ) -> Part | None:
+        """The waiting part ``batch`` was created for (see ``api.made_with``),
+        looked up by the part its metadata names, or by its input file."""
+        given = metadata_of(batch)
+        if given:
+            part = waiting.get(str(given.get("batchrun_part")))
+        else:
+            part = by_file.get(str(batch.get("input_file_id")))
+        if part is None or not made_with(batch, metadata(self.state, part), part.input_file_id):
+            return None
+        return part
 
 
 def attach(part: Part, batch: dict[str, Any]) -> None:
