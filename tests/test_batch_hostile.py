@@ -216,6 +216,23 @@ async def test_a_resume_finds_its_batch_by_its_file_where_the_list_shows_no_meta
     assert mock.stats.batch_rows == 3
 
 
+async def test_a_lost_create_is_looked_for_again_at_the_next_round(tmp_path: Path) -> None:
+    # The create's answer is lost and so is the lookup's (the list fails
+    # past its retries): the next round must look again before creating,
+    # or the batch the lost create made runs unrecorded and is paid twice.
+    def list_down(call: str, count: int) -> web.Response | None:
+        return fail(500) if call == "GET batches" and count <= 2 else None
+
+    bend = Gateway(early=list_down)
+    bend.rewrite = losing_first_create(bend, lambda call, answer: answer)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert bend.calls["GET batches"] == 3
+    assert mock.batches.created == 1
+
+
 async def test_a_list_whose_pages_never_end_stops_instead_of_creating_again(
     tmp_path: Path,
 ) -> None:

@@ -60,6 +60,9 @@ class Submitter:
         self.retry = retry
         self.sleep = sleep
         self._uploading = anyio.CapacityLimiter(UPLOAD_AT_ONCE)
+        # Parts whose batch a failed create may have made (a new process
+        # looks for them in ``reattach``).
+        self._tried: set[int] = set()
 
     async def submit(self, part: Part) -> None:
         """Upload ``part`` if needed, then create and record its batch."""
@@ -93,20 +96,22 @@ class Submitter:
             raise
 
     async def _create(self, part: Part) -> dict[str, Any]:
+        """Create ``part``'s batch; first, if a create of this try failed
+        before (in this call or an earlier round, whose lookup may have
+        failed too), look for the batch it may have made after all."""
         wanted = metadata(self.state, part)
-        first = True
 
         async def once() -> dict[str, Any]:
-            nonlocal first
-            if not first:  # the failed create may have made the batch after all
+            if part.id in self._tried:
                 found = await self.api.find(wanted, part.input_file_id)
                 if found is not None:
                     return found
-            first = False
+            self._tried.add(part.id)
             assert part.input_file_id is not None
             return await self.api.create(part.input_file_id, part.endpoint, wanted)
 
         batch: dict[str, Any] = await retrying(self.retry, sleep=self.sleep)(once)
+        self._tried.discard(part.id)  # a later try has metadata of its own
         return batch
 
     async def reattach(self, *, resumed: bool) -> None:
