@@ -107,11 +107,13 @@ def made_with(batch: Mapping[str, Any], metadata: dict[str, str], file_id: str |
     file ``file_id``: its metadata holds every pair or, where the list shows
     none (some gateways drop it), it runs on that file, which was uploaded
     for one part alone. Reading "none" as "not there" would create the
-    batch again, paid twice."""
+    batch again, paid twice; a ``failed`` batch ran nothing, and may be an
+    earlier try's (refused for the enqueued-token limit) on the same file."""
     given = metadata_of(batch)
     if given:
         return all(given.get(key) == value for key, value in metadata.items())
-    return file_id is not None and batch.get("input_file_id") == file_id
+    same_file = file_id is not None and batch.get("input_file_id") == file_id
+    return same_file and batch.get("status") != "failed"
 
 
 def batch_base_url(provider: str, base_url: str) -> str:
