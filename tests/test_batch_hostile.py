@@ -233,6 +233,24 @@ async def test_a_lost_create_is_looked_for_again_at_the_next_round(tmp_path: Pat
     assert mock.batches.created == 1
 
 
+async def test_a_lost_upload_is_found_by_its_name_not_uploaded_again(tmp_path: Path) -> None:
+    # The provider stored the file, its answer was lost: a second upload
+    # would leave the first copy there, named by no record.
+    def lose_first_upload(call: str, answer: Any) -> Any:
+        if call == "POST files" and bend.calls[call] == 1:
+            raise web.HTTPBadGateway()
+        return answer
+
+    bend = Gateway(rewrite=lose_first_upload)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert mock.batches.uploads == 1
+    assert bend.calls["GET files"] == 1
+    assert not mock.batches.files  # every file deleted once collected
+
+
 async def test_a_list_whose_pages_never_end_stops_instead_of_creating_again(
     tmp_path: Path,
 ) -> None:

@@ -147,10 +147,12 @@ class BatchApi:
         self._retry = retry
         self._sleep = sleep
 
-    async def upload(self, path: Path, name: str) -> str:
+    async def upload(self, path: Path, name: str, *, tried: bool = False) -> str:
         """Upload a batch input file under the file name ``name``; its
         provider file id. An upload the provider stops taking fails (see
-        ``upload.watched``)."""
+        ``upload.watched``). After a failed try (``tried``: an earlier
+        call's), the file is looked for by its name first: the provider may
+        have stored it, and a second copy would be left there."""
 
         async def send(handle: BinaryIO) -> Any:
             form = aiohttp.FormData()
@@ -159,6 +161,12 @@ class BatchApi:
             return await self._call("POST", "files", whole=False, data=form)
 
         async def once() -> Any:
+            nonlocal tried
+            if tried:
+                found = await self.file_named(name)
+                if found is not None:
+                    return found
+            tried = True
             return await watched(path, self._timeouts, send)
 
         answer: dict[str, Any] = await retrying(self._retry, sleep=self._sleep)(once)
@@ -233,6 +241,13 @@ class BatchApi:
             after = data[-1]["id"]
             if after in used:
                 _no_progress(path, after)
+
+    async def file_named(self, name: str) -> dict[str, Any] | None:
+        """A batch input file uploaded under the name ``name``."""
+        async for file in self.files():
+            if file.get("filename") == name:
+                return file
+        return None
 
     async def find(
         self, metadata: dict[str, str], file_id: str | None = None

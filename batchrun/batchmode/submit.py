@@ -84,13 +84,14 @@ class Submitter:
         """Upload ``part``'s file at ``path``; its file id. The start is
         recorded first: a stop before the id is recorded may leave the file
         on the provider (``standing.guard`` names it)."""
-        if not part.upload_started:
+        tried = part.upload_started  # by this run or one before: the file may be there
+        if not tried:
             part.upload_started = True
             self.record.save(self.state)
         try:
-            return await self.api.upload(path, upload_name(self.state, part))
+            return await self.api.upload(path, upload_name(self.state, part), tried=tried)
         except RequestError as exc:
-            if exc.code in NEVER_SENT:  # no connection: nothing reached the provider
+            if exc.code in NEVER_SENT or _refused(exc):  # nothing stored on the provider
                 part.upload_started = False
                 self.record.save(self.state)
             raise
@@ -164,6 +165,12 @@ class Submitter:
         if part is None or not made_with(batch, metadata(self.state, part), part.input_file_id):
             return None
         return part
+
+
+def _refused(exc: RequestError) -> bool:
+    """Whether the provider answered a call with a refusal (a 4xx other
+    than a timeout): it did not act on it."""
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 408
 
 
 def attach(part: Part, batch: dict[str, Any]) -> None:
