@@ -313,3 +313,23 @@ async def test_files_a_finished_run_could_not_delete_are_named(
     assert len(left) == 2  # the input file and the output file
     assert f"2 file(s) could not be deleted on the provider at {url}: " in caplog.text
     assert all(file_id in caplog.text for file_id in left)
+
+
+async def test_a_result_whose_status_is_a_boolean_is_no_answer_and_no_http_error(
+    tmp_path: Path,
+) -> None:
+    # ``true`` is no status code: the row did not run as far as batchrun can
+    # tell (sent again, then given up on), never an ``http_True`` error.
+    def statuses(data: bytes) -> bytes:
+        lines = [orjson.loads(raw) for raw in data.splitlines()]
+        for line in lines:
+            line["response"]["status_code"] = True
+        return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+    async with bent(Gateway(content=statuses)) as (mock, url):
+        config = make_config(tmp_path, rows(2), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 1
+    records = read_jsonl(config.out)
+    assert {row["error"]["code"] for row in records} == {"batch_unfinished"}
+    assert all(row["response"] is None for row in records)

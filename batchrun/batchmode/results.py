@@ -286,7 +286,7 @@ def outcome_of(
     """The outcome of a result line that is no answer (answers, see
     ``_is_answer``, go straight to their record); None when the row did not run."""
     response, error = data.get("response"), data.get("error")
-    if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+    if isinstance(response, dict) and type(response.get("status_code")) is int:  # not a bool
         return _error_answer(response, line, custom_id, provider)
     code = error.get("code") if isinstance(error, dict) else None
     if code is None or code in NOT_RUN:
