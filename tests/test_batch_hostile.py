@@ -333,3 +333,19 @@ async def test_a_result_whose_status_is_a_boolean_is_no_answer_and_no_http_error
     records = read_jsonl(config.out)
     assert {row["error"]["code"] for row in records} == {"batch_unfinished"}
     assert all(row["response"] is None for row in records)
+
+
+async def test_a_status_batchrun_does_not_know_is_polled_on_and_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def paused(call: str, answer: Any) -> Any:
+        if call == "GET batch" and bend.calls[call] <= 3:
+            answer["status"] = "paused"
+        return answer
+
+    bend = Gateway(rewrite=paused)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(2), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0
+    assert caplog.text.count("has the status 'paused', which batchrun does not know") == 1

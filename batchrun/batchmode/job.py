@@ -22,7 +22,14 @@ import anyio
 
 from batchrun.batchmode.build import Answered, Body, KeyOf, plan_parts
 from batchrun.batchmode.progress import BatchProgress
-from batchrun.batchmode.record import SETTLED, TERMINAL, BatchRecord, BatchState, Part
+from batchrun.batchmode.record import (
+    SETTLED,
+    STATUSES,
+    TERMINAL,
+    BatchRecord,
+    BatchState,
+    Part,
+)
 from batchrun.batchmode.settle import BatchRefused, Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
@@ -259,7 +266,17 @@ class BatchJob:
     async def _poll_one(self, part: Part) -> None:
         assert part.batch_id is not None
         batch = await self.submitter.api.get(part.batch_id)
+        before = part.batch_status
         part.seen(batch)
+        if part.batch_status != before and part.batch_status not in STATUSES:
+            # Said once per change: a batch polled on and on should say why.
+            log.warning(
+                "part %d: batch %s has the status %r, which batchrun does not know; it is"
+                " polled on until it ends (at the latest when the provider's 24 h window does)",
+                part.id,
+                part.batch_id,
+                part.batch_status,
+            )
         if part.batch_status in TERMINAL and not await self.settler.ended(part, batch):
             self._refused_for_tokens(part)
 

@@ -37,6 +37,8 @@ from batchrun.errors import CorruptStateError
 
 # Provider statuses after which a batch changes no more.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# Every status the batches API documents; another is polled on like a running one.
+STATUSES = TERMINAL | {"validating", "in_progress", "finalizing", "cancelling"}
 # Part statuses after which a run does nothing more with a part: its answers
 # are all in the result store, or the provider refused its file.
 SETTLED = frozenset({"collected", "refused"})
