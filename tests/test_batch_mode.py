@@ -379,6 +379,24 @@ async def test_online_mode_refuses_parts_that_reached_the_provider(
     assert batch_server.stats.requests == 0
 
 
+async def test_restart_names_the_files_a_stop_mid_upload_may_have_left(
+    tmp_path: Path, batch_server: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Killed mid-upload: the part is only planned, so --restart may go on;
+    # the record that could find the file goes, so the run names it.
+    record = await _stopped_unreached(tmp_path, batch_server, 4, batch_rows=2)
+    state = record.load()
+    assert state is not None
+    state.parts[1].upload_started = True
+    record.save(state)
+    left = f"batchrun-{state.run_id}-part-{state.parts[1].id}.jsonl"
+    config = make_config(tmp_path, rows(4, model="m"), batch_server, restart=True, **FAST)
+    assert (await run_async(config)).exit_code == 0
+    warnings = [r.message for r in caplog.records if "may have left 1 file(s)" in r.message]
+    assert len(warnings) == 1
+    assert left in warnings[0]
+
+
 async def test_a_new_base_url_is_refused_while_the_old_one_holds_the_runs_files(
     tmp_path: Path, batch_server: MockServer
 ) -> None:

@@ -46,8 +46,11 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
             else f"{cancelling} batches of this output are being cancelled: run `batchrun"
             " cancel OUT` again until it reports them cancelled, then --restart"
         )
+    if restart:  # the record goes: no later run deletes what it names on the provider
+        _warn_of_files(state)
+        return
     pending = [part for part in state.parts if part.status != "collected"]
-    if mode == "online" and pending and not restart:
+    if mode == "online" and pending:
         if all(part.status == "planned" for part in state.parts):
             # No part was uploaded, so no batch can exist: the rows go online
             # and a later batch run plans afresh, leaving out what is answered.
@@ -62,9 +65,11 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
 
 
 def _warn_of_files(state: BatchState) -> None:
-    """Name the files a batch run stopped mid-upload may have left on the
-    provider: once the record is dropped, no run looks for them again."""
-    names = [upload_name(state, part) for part in state.parts if part.upload_started]
+    """Name the files a stopped batch run may have left on the provider (an
+    upload begun, a file not deleted yet): once the record is dropped, no
+    run looks for them again."""
+    names = [upload_name(state, part) for part in state.parts if _may_hold_input(part)]
+    names += [file_id for part in state.parts for file_id in part.result_files]
     if names:
         log.warning(
             "a stopped batch run may have left %d file(s) on the provider at %s: %s;"
@@ -73,6 +78,12 @@ def _warn_of_files(state: BatchState) -> None:
             state.base_url,
             ", ".join(names),
         )
+
+
+def _may_hold_input(part: Part) -> bool:
+    """Whether ``part``'s input file may be on the provider: its upload
+    began, and it was not deleted once the part was settled."""
+    return part.upload_started and (part.status not in SETTLED or part.input_file_id is not None)
 
 
 def _running(part: Part) -> bool:
