@@ -159,6 +159,9 @@ async def _run(
             if isinstance(prepared, Summary):
                 return prepared
             config, start = prepared
+            # A retry pass resumed without the flag (``prepare`` goes on with
+            # it) still resends its retryable errors instead of reusing them.
+            answers.resend_retryable = answers.resend_retryable or config.retry_failed
             job = _Job(config, provider, api_key, state, start, answers, clock or Clock(), stream)
             check = AnswerCheck(config.response_schema) if config.response_schema else None
             answers.judge = check.judge if check is not None else None

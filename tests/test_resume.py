@@ -517,3 +517,19 @@ async def test_a_resume_keeps_no_copy_of_the_journals_written_results(
     waiting = sum(map(len, start.journal.results.values()))
     assert waiting <= MAX_ASYNC * 600_000
     assert peak < waiting + 12_000_000, (peak, journal_bytes)
+
+
+async def test_a_retry_pass_resumed_without_the_flag_still_resends_its_failed_rows(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # A scheduler reruns the plain command after a stopped --retry-failed
+    # pass: the pass goes on, and its failed rows are sent, not reused as failed.
+    rows = [chat("a"), chat("b mock:fail=500x1"), chat("c"), chat("d mock:fail=500x1")]
+    source, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    plain = command(source, out, server, "--max-attempts", "1", "--max-async-requests", "1")
+    assert (await run_cli(plain)).returncode == 1
+    stopped = await run_cli([*plain, "--retry-failed"], BATCHRUN_SIGNAL_AT="request:1")
+    assert stopped.returncode == 75, stopped.stderr.decode()
+    resumed = await run_cli(plain)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert [r["error"] for r in read_jsonl(out)] == [None] * 4
