@@ -23,7 +23,8 @@ Disk faults: ``BATCHRUN_DISK_FAULT`` set to ``NAME``, ``NAME:N`` or
 ``NAME:N:EIO`` makes the Nth write at point ``NAME`` and every later one
 fail as a full disk would (``ENOSPC``, or ``EIO``), after writing half its
 bytes. Points: ``journal`` (a journal write), ``output`` (a flush of the
-ordered output).
+ordered output), ``batch`` (a file of batch mode's record, before it is
+written) and ``download`` (a chunk of a batch's result file).
 """
 
 from __future__ import annotations

@@ -314,3 +314,22 @@ async def test_a_batch_created_but_unrecorded_is_cancelled_before_a_restart(
         restarted = await run_cli([*online, "--restart"])
         assert restarted.returncode == 0, restarted.stderr.decode()
     assert len(read_jsonl(out)) == 10
+
+
+@pytest.mark.parametrize("point", ["batch:8", "download"])
+async def test_a_full_disk_stops_the_batch_run_with_74_and_it_resumes(
+    tmp_path: Path, point: str
+) -> None:
+    # The batch record's files and the downloaded results are state files
+    # too: one line naming the file, exit 74, no traceback, no provider blamed.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as server:
+        source, out = source_rows(tmp_path), tmp_path / "out.jsonl"
+        full = await run_cli(command(source, out, server), BATCHRUN_DISK_FAULT=point)
+        stderr = full.stderr.decode()
+        assert full.returncode == 74, stderr
+        assert "Traceback" not in stderr
+        assert "No space left on device (ENOSPC). Free some space" in stderr
+        done = await run_cli(command(source, out, server))
+        assert done.returncode == 0, done.stderr.decode()
+        assert sum(count - 1 for count in server.stats.by_digest.values()) == 0
+    assert [row["line"] for row in read_jsonl(out)] == list(range(1, 11))

@@ -27,10 +27,11 @@ import aiohttp
 import anyio
 import orjson
 
+from batchrun import crashpoint
 from batchrun.batchmode.http import http_error
 from batchrun.batchmode.upload import watched
 from batchrun.config import RetryPolicy, Timeouts
-from batchrun.errors import FatalError, RowError, TransientError
+from batchrun.errors import FatalError, RowError, TransientError, disk_writes
 from batchrun.providers import Provider
 from batchrun.providers.base import join_url
 from batchrun.rateheaders import pause_hint
@@ -199,8 +200,12 @@ class BatchApi:
                 async with self._session.get(url, headers=self._auth) as answer:
                     if answer.status != 200:
                         self._raise(answer.status, answer.headers, await _body(answer), url)
-                    with path.open("wb") as handle:
+                    # A full disk is no network failure: DiskError is no OSError.
+                    with disk_writes(path), path.open("wb") as handle:
                         async for chunk in answer.content.iter_chunked(_CHUNK):
+                            fault = crashpoint.disk_fault("download")
+                            if fault is not None:
+                                raise fault
                             handle.write(chunk)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise http_error(exc) from exc

@@ -27,7 +27,7 @@ from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
 from batchrun.contentkey import content_key, json_key
-from batchrun.errors import UsageError
+from batchrun.errors import DISK_ERRNOS, DiskError, UsageError
 from batchrun.providers import Provider
 from batchrun.providers.openai import CompatibleModeProvider
 from batchrun.records import Request
@@ -173,12 +173,31 @@ async def _until_stopped(
     result = PhaseResult()
     # A scope, not a task group: the phase starts no task of its own, and its
     # errors (an unreadable input while planning) come out as they are.
-    with anyio.CancelScope() as scope, _signals_handled(signals, scope):
-        await job.plan(*plan)
-        result = await job.run(resumed=resumed)
+    try:
+        with anyio.CancelScope() as scope, _signals_handled(signals, scope):
+            await job.plan(*plan)
+            result = await job.run(resumed=resumed)
+    except (OSError, BaseExceptionGroup) as exc:
+        disk = _disk_failure(exc, job.record.root)
+        if disk is None:
+            raise
+        raise disk from exc  # every step is recorded before the next: the run resumes
     if not result.complete:
         result.running = job.running()  # stopped or aborted: they keep running
     return result
+
+
+def _disk_failure(exc: BaseException, root: Path) -> DiskError | None:
+    """The full disk or I/O error that ``exc`` is or holds (a task group's
+    steps fail in a group), naming its file, or else ``root``; None if none."""
+    if isinstance(exc, BaseExceptionGroup):
+        found = (_disk_failure(inner, root) for inner in exc.exceptions)
+        return next((disk for disk in found if disk is not None), None)
+    if isinstance(exc, DiskError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return DiskError(Path(exc.filename) if exc.filename else root, exc)
+    return None
 
 
 def _signals_handled(

@@ -33,7 +33,8 @@ from typing import Any
 
 import orjson
 
-from batchrun.errors import CorruptStateError
+from batchrun import crashpoint
+from batchrun.errors import CorruptStateError, disk_writes
 
 # Provider statuses after which a batch changes no more.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -154,12 +155,7 @@ class BatchRecord:
 
     def save(self, state: BatchState) -> None:
         """Replace the record in one atomic, durable step."""
-        fresh = self.path.with_name("state.json.new")
-        with fresh.open("wb") as handle:
-            handle.write(orjson.dumps(asdict(state), option=orjson.OPT_INDENT_2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(fresh, self.path)
+        _write_atomic(self.path, orjson.dumps(asdict(state), option=orjson.OPT_INDENT_2))
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -201,15 +197,21 @@ class BatchRecord:
 
 
 def _write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Replace ``path`` with ``data`` durably; ``DiskError`` on a full disk
+    or an I/O error (the old file stays)."""
     fresh = path.with_name(path.name + ".new")
-    with fresh.open("wb") as handle:
-        if isinstance(data, bytes):
-            handle.write(data)
-        else:
-            handle.writelines(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(fresh, path)
+    with disk_writes(path):
+        fault = crashpoint.disk_fault("batch")
+        if fault is not None:
+            raise fault
+        with fresh.open("wb") as handle:
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                handle.writelines(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(fresh, path)
 
 
 def upload_name(state: BatchState, part: Part) -> str:
