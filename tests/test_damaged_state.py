@@ -159,7 +159,13 @@ def test_a_mock_server_setting_out_of_range_is_a_usage_error(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("rows", "x"), ("status", 3), ("counts", {"total": "9"}), ("result_files", [1])],
+    [
+        ("rows", "x"),
+        ("status", 3),
+        ("status", "Collected"),
+        ("counts", {"total": "9"}),
+        ("result_files", [1]),
+    ],
 )
 @pytest.mark.asyncio
 async def test_a_batch_record_of_the_wrong_shape_is_one_line_for_status(
@@ -183,6 +189,25 @@ async def test_a_batch_record_of_the_wrong_shape_is_one_line_for_status(
     line = _error_line(await abatchrun("status", config.out))
 
     assert line == f"{record.path} is damaged (a field of the wrong type)"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_batch_part_in_no_known_state_is_refused_by_run(tmp_path: Path) -> None:
+    from batchrun.batchmode.record import BatchRecord
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.runner import run_async
+
+    # A part the run would neither submit, poll nor count as settled: it
+    # would wait on it for ever.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batch_server:
+        rows = [chat("mock:invalid_file", model="m")]
+        config = make_config(tmp_path, rows, batch_server, mode="batch", poll_interval=0.05)
+        assert (await run_async(config)).exit_code == 3
+        record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+        record.path.write_bytes(record.path.read_bytes().replace(b'"refused"', b'"Refused"'))
+        with pytest.raises(CorruptStateError, match="a field of the wrong type"):
+            await run_async(config)
 
 
 @pytest.mark.parametrize("name", ["journal", "output.partial"])

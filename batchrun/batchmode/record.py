@@ -43,6 +43,9 @@ STATUSES = TERMINAL | {"validating", "in_progress", "finalizing", "cancelling"}
 # Part statuses after which a run does nothing more with a part: its answers
 # are all in the result store, or the provider refused its file.
 SETTLED = frozenset({"collected", "refused"})
+# What a part can be (see the module docstring): a record with another
+# status is damaged, and a run would wait on such a part for ever.
+PART_STATUSES = frozenset({"planned", "uploaded", "submitted", "collected", "refused"})
 # The ``batch_status`` ``batchrun cancel`` gives an uploaded part it found no
 # batch for: no batch can run for it unrecorded.
 NOT_CREATED = "not created"
@@ -57,7 +60,7 @@ class Part:
     model: str | None
     rows: int
     bytes: int
-    status: str = "planned"  # planned, uploaded, submitted, collected
+    status: str = "planned"  # one of PART_STATUSES
     input_file_id: str | None = None
     batch_id: str | None = None
     batch_status: str | None = None
@@ -109,7 +112,7 @@ def _part_ok(part: Part) -> bool:
     ids = (part.model, part.input_file_id, part.batch_id, part.batch_status, part.refusal)
     return (
         all(type(n) is int and n >= 0 for n in counts)
-        and isinstance(part.status, str)
+        and part.status in PART_STATUSES
         and isinstance(part.endpoint, str)
         and all(i is None or isinstance(i, str) for i in ids)
         and (part.parent is None or type(part.parent) is int)
