@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from batchrun.errors import CorruptStateError
@@ -18,7 +19,7 @@ from batchrun.mock.server import MockServer
 from batchrun.state import StateDir
 from tests.conftest import chat, make_config, write_jsonl
 from tests.test_cli import abatchrun, batchrun
-from tests.test_resume import command, run_cli
+from tests.test_resume import command, run_cli, wait_for
 
 # The asyncio mark goes on each async test: on a plain one it is a warning,
 # which this suite makes an error.
@@ -207,6 +208,35 @@ async def test_a_batch_part_in_no_known_state_is_refused_by_run(tmp_path: Path) 
         record = BatchRecord(tmp_path / "out.jsonl.batchrun")
         record.path.write_bytes(record.path.read_bytes().replace(b'"refused"', b'"Refused"'))
         with pytest.raises(CorruptStateError, match="a field of the wrong type"):
+            await run_async(config)
+
+
+@pytest.mark.parametrize("damage", [b'[[1,"a"],', b'[[1,"a"],[2]]'])
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_damaged_batch_part_file_is_one_line_not_a_traceback(
+    tmp_path: Path, damage: bytes
+) -> None:
+    from batchrun.batchmode.record import BatchRecord
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.runner import run_async
+
+    async with MockServer(batch_faults=BatchFaults(seconds=60)) as batch_server:
+        config = make_config(
+            tmp_path, [chat("a", model="m")], batch_server, mode="batch", poll_interval=0.05
+        )
+        record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+
+        def submitted() -> bool:
+            return record.exists() and b'"submitted"' in record.path.read_bytes()
+
+        async with anyio.create_task_group() as tasks:  # stopped as a signal would stop it
+            tasks.start_soon(run_async, config)
+            await wait_for(submitted)
+            tasks.cancel_scope.cancel()
+        batch_server.batches.faults.seconds = 0.05  # it ends: collecting reads the file
+        record.file(1, "ids").write_bytes(damage)
+        with pytest.raises(CorruptStateError, match=r"part-000001\.ids is damaged"):
             await run_async(config)
 
 

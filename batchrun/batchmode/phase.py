@@ -27,7 +27,7 @@ from batchrun.batchmode.settle import Settler
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
 from batchrun.contentkey import content_key, json_key
-from batchrun.errors import DISK_ERRNOS, DiskError, UsageError
+from batchrun.errors import DISK_ERRNOS, DiskError, UsageError, sole_usage_error
 from batchrun.providers import Provider
 from batchrun.providers.openai import CompatibleModeProvider
 from batchrun.records import Request
@@ -179,9 +179,13 @@ async def _until_stopped(
             result = await job.run(resumed=resumed)
     except (OSError, BaseExceptionGroup) as exc:
         disk = _disk_failure(exc, job.record.root)
-        if disk is None:
+        if disk is not None:
+            raise disk from exc  # every step is recorded before the next: the run resumes
+        # A step's damaged part file fails in the steps' group: one line, exit 2.
+        usage = sole_usage_error(exc) if isinstance(exc, BaseExceptionGroup) else None
+        if usage is None:
             raise
-        raise disk from exc  # every step is recorded before the next: the run resumes
+        raise usage from exc
     if not result.complete:
         result.running = job.running()  # stopped or aborted: they keep running
     return result

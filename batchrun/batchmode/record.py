@@ -169,11 +169,11 @@ class BatchRecord:
 
     def read_ids(self, part: int) -> dict[int, str]:
         """Part ``part``'s input lines and their own ``custom_id``s."""
-        pairs = orjson.loads(self.file(part, "ids").read_bytes())
         try:
-            # Written by ``write_ids`` as [int, str] pairs: no conversion needed.
-            return dict(pairs)
-        except (TypeError, ValueError):
+            # Written by ``write_ids`` as [int, str] pairs: no conversion needed
+            # (orjson's JSONDecodeError is a ValueError).
+            return dict(orjson.loads(self.file(part, "ids").read_bytes()))
+        except (TypeError, ValueError, IsADirectoryError):
             raise CorruptStateError(f"{self.file(part, 'ids')} is damaged") from None
 
     def write_ids(self, part: int, ids: Iterable[tuple[int, str]]) -> None:
