@@ -696,3 +696,26 @@ async def test_rows_answered_in_batches_are_this_runs_work_in_the_progress_line(
     # Not "skipped 6" (which says an earlier run did them), nor a rate of 0.
     assert " | ok 6 failed 0 | " in progress[-1]
     assert " 0.0 rows/s" not in progress[-1]
+
+
+async def test_a_create_whose_answer_was_lost_makes_no_second_batch(tmp_path: Path) -> None:
+    # The batch is made, its answer lost, and no retry is left: the next
+    # round looks the batch up before creating one, as a retry would.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1, lost_creates=1)) as server:
+        config = make_config(tmp_path, rows(3, model="m"), server, max_attempts=1, **FAST)
+        assert (await run_async(config)).exit_code == 0
+        assert server.batches.created == 1
+        assert server.stats.batch_rows == 3
+        assert paid_twice(server) == 0
+    assert [row["line"] for row in read_jsonl(config.out)] == [1, 2, 3]
+
+
+async def test_an_upload_whose_answer_was_lost_leaves_no_second_file(tmp_path: Path) -> None:
+    # The file is kept, its answer lost: the retry finds it by its name
+    # instead of uploading a second one that nothing would ever delete.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1, lost_uploads=1)) as server:
+        config = make_config(tmp_path, rows(3, model="m"), server, backoff_initial=0.01, **FAST)
+        assert (await run_async(config)).exit_code == 0
+        assert server.batches.files == {}
+        assert server.batches.uploads == 1
+        assert server.stats.batch_rows == 3

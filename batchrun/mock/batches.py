@@ -24,6 +24,10 @@ ends ``seconds`` after its creation. Its fate is decided when it is created:
   ``lose_share``, the last share of their rows is in neither file (never
   answered), and a batch with no row answered has no output file.
 
+``lost_creates``: the first creates make their batch but answer HTTP 502,
+as a gateway that lost the provider's answer would; ``lost_uploads`` the
+same for uploads, which keep their file.
+
 ``no_id`` makes answers lack what the call returns, with HTTP 200: ``files``
 keeps the uploaded file but answers ``{"object": "file"}`` without its id;
 ``batches`` creates the batch but answers it without its id; ``error``
@@ -71,6 +75,8 @@ class BatchFaults:
     expire_share: float = 0.5
     no_id: str = ""  # "", "files", "batches" or "error"
     lose_share: float = 0.0  # of a completed batch's rows: missing from its result files
+    lost_creates: int = 0  # the first creates make their batch but answer 502, as a gateway may
+    lost_uploads: int = 0  # the first uploads keep their file but answer 502, likewise
 
 
 @dataclass(slots=True)
@@ -132,6 +138,8 @@ class MockFiles:
         info = self.new_file("batch", upload.filename, data)
         if self._faults.no_id == "files":
             return _ok({"object": "file", "purpose": "batch"})
+        if self.uploads <= self._faults.lost_uploads:
+            return _fail(502, "mock fault: the file was kept, its answer lost")
         return _ok(info)
 
     async def _list(self, request: web.Request) -> web.Response:
@@ -223,6 +231,8 @@ class MockBatches:
         self.batches[batch_id] = _Batch(info, rows, self._clock(), self._fate(errors), errors)
         if self.faults.no_id == "batches":
             return _ok({key: value for key, value in info.items() if key != "id"})
+        if self.created <= self.faults.lost_creates:
+            return _fail(502, "mock fault: the batch was made, its answer lost")
         return _ok(info)
 
     def _fate(self, errors: list[dict[str, Any]]) -> str:
