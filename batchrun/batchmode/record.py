@@ -151,9 +151,9 @@ class BatchRecord:
         except FileNotFoundError:
             return None
         except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError, IsADirectoryError):
-            raise CorruptStateError(f"{self.path} is damaged") from None
+            raise _damaged(self.path) from None
         if not _well_formed(state):
-            raise CorruptStateError(f"{self.path} is damaged (a field of the wrong type)")
+            raise _damaged(self.path, " (a field of the wrong type)")
         return state
 
     def save(self, state: BatchState) -> None:
@@ -197,6 +197,19 @@ class BatchRecord:
             path = self.file(part.id, "results")
             if part.status == "collected" and path.exists():
                 yield path
+
+
+def _damaged(path: Path, what: str = "") -> CorruptStateError:
+    """The error of a batch record batchrun cannot read, and what to do. No
+    command drops such a record on its own: batches it names may be running,
+    paid, with answers to collect."""
+    return CorruptStateError(
+        f"{path} is damaged{what}; batches it names may still run on the provider,"
+        " paid: find them there (a batch's metadata batchrun_run names its run; the"
+        " uploaded files are named batchrun-RUN-part-N.jsonl), cancel or keep them, then"
+        f" delete the directory {path.parent} to go on (answers already collected stay"
+        " in the result store; rows of batches not collected are sent again)"
+    )
 
 
 def _write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
