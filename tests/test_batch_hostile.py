@@ -349,3 +349,27 @@ async def test_a_status_batchrun_does_not_know_is_polled_on_and_named_once(
         summary = await run_async(config)
     assert summary.exit_code == 0
     assert caplog.text.count("has the status 'paused', which batchrun does not know") == 1
+
+
+async def test_a_refused_lookup_after_a_lost_upload_keeps_the_upload_recorded(
+    tmp_path: Path,
+) -> None:
+    # The provider stored the file, its answer was lost; the lookup by name
+    # is then refused (a gateway without a files list: 404). The refusal is
+    # the lookup's, not the upload's: the file may be there, so the next
+    # round looks again instead of uploading a second copy no record names.
+    def lose_first_upload(call: str, answer: Any) -> Any:
+        if call == "POST files" and bend.calls[call] == 1:
+            raise web.HTTPBadGateway()
+        return answer
+
+    def list_refused(call: str, count: int) -> web.Response | None:
+        return fail(404) if call == "GET files" and count == 1 else None
+
+    bend = Gateway(early=list_refused, rewrite=lose_first_upload)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    assert summary.exit_code == 0, summary.aborted
+    assert mock.batches.uploads == 1
+    assert not mock.batches.files  # every file deleted once collected

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
@@ -31,7 +32,14 @@ from batchrun import crashpoint
 from batchrun.batchmode.http import http_error
 from batchrun.batchmode.upload import watched
 from batchrun.config import RetryPolicy, Timeouts
-from batchrun.errors import FatalError, RowError, TransientError, disk_writes
+from batchrun.errors import (
+    NEVER_SENT,
+    FatalError,
+    RequestError,
+    RowError,
+    TransientError,
+    disk_writes,
+)
 from batchrun.providers import Provider
 from batchrun.providers.base import join_url
 from batchrun.rateheaders import pause_hint
@@ -126,6 +134,23 @@ def batch_base_url(provider: str, base_url: str) -> str:
     return trimmed
 
 
+@dataclass(slots=True)
+class Doubt:
+    """Whether an upload may have stored its file on the provider: a try
+    whose answer was lost (a 5xx, a timeout) may have, a refusal or a
+    connection never made did not."""
+
+    stored: bool = False
+
+
+def _nothing_stored(exc: RequestError) -> bool:
+    """Whether a failed upload surely stored nothing: no connection, or a
+    refusal (a 4xx other than a timeout), which the provider did not act on."""
+    if exc.code in NEVER_SENT:
+        return True
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 408
+
+
 class BatchApi:
     """Files and batches at ``base_url`` (an OpenAI-compatible ``.../v1``)."""
 
@@ -148,12 +173,14 @@ class BatchApi:
         self._retry = retry
         self._sleep = sleep
 
-    async def upload(self, path: Path, name: str, *, tried: bool = False) -> str:
+    async def upload(self, path: Path, name: str, doubt: Doubt | None = None) -> str:
         """Upload a batch input file under the file name ``name``; its
         provider file id. An upload the provider stops taking fails (see
-        ``upload.watched``). After a failed try (``tried``: an earlier
-        call's), the file is looked for by its name first: the provider may
-        have stored it, and a second copy would be left there."""
+        ``upload.watched``). While the file may be stored already (``doubt``:
+        an earlier try's answer was lost), it is looked for by its name
+        first: a second copy would be left there. ``doubt`` tells the caller
+        afterwards whether a failed upload may have stored it."""
+        doubt = doubt or Doubt()
 
         async def send(handle: BinaryIO) -> Any:
             form = aiohttp.FormData()
@@ -162,13 +189,17 @@ class BatchApi:
             return await self._call("POST", "files", whole=False, data=form)
 
         async def once() -> Any:
-            nonlocal tried
-            if tried:
+            if doubt.stored:
+                # A lookup that fails leaves the doubt: the file may be there.
                 found = await self.file_named(name)
                 if found is not None:
                     return found
-            tried = True
-            return await watched(path, self._timeouts, send)
+                doubt.stored = False
+            try:
+                return await watched(path, self._timeouts, send)
+            except RequestError as exc:
+                doubt.stored = not _nothing_stored(exc)
+                raise
 
         answer: dict[str, Any] = await retrying(self._retry, sleep=self._sleep)(once)
         return checked(answer, "id", "POST files", str)

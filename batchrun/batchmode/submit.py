@@ -20,10 +20,10 @@ from typing import Any
 import anyio
 
 from batchrun import crashpoint
-from batchrun.batchmode.api import BatchApi, made_with, metadata_of
+from batchrun.batchmode.api import BatchApi, Doubt, made_with, metadata_of
 from batchrun.batchmode.record import BatchRecord, BatchState, Part, upload_name
 from batchrun.config import RetryPolicy
-from batchrun.errors import NEVER_SENT, RequestError
+from batchrun.errors import RequestError
 from batchrun.retry import retrying
 from batchrun.timing import Sleep
 
@@ -84,14 +84,17 @@ class Submitter:
         """Upload ``part``'s file at ``path``; its file id. The start is
         recorded first: a stop before the id is recorded may leave the file
         on the provider (``standing.guard`` names it)."""
-        tried = part.upload_started  # by this run or one before: the file may be there
-        if not tried:
+        # Started by this run or one before: the file may be there.
+        doubt = Doubt(stored=part.upload_started)
+        if not part.upload_started:
             part.upload_started = True
             self.record.save(self.state)
         try:
-            return await self.api.upload(path, upload_name(self.state, part), tried=tried)
-        except RequestError as exc:
-            if exc.code in NEVER_SENT or _refused(exc):  # nothing stored on the provider
+            return await self.api.upload(path, upload_name(self.state, part), doubt)
+        except RequestError:
+            # Un-recorded only if no try stored the file: a lookup's failure
+            # (after a lost answer) is no proof that nothing is there.
+            if not doubt.stored:
                 part.upload_started = False
                 self.record.save(self.state)
             raise
@@ -165,12 +168,6 @@ class Submitter:
         if part is None or not made_with(batch, metadata(self.state, part), part.input_file_id):
             return None
         return part
-
-
-def _refused(exc: RequestError) -> bool:
-    """Whether the provider answered a call with a refusal (a 4xx other
-    than a timeout): it did not act on it."""
-    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 408
 
 
 def attach(part: Part, batch: dict[str, Any]) -> None:
