@@ -164,6 +164,7 @@ def test_a_mock_server_setting_out_of_range_is_a_usage_error(
         ("rows", "x"),
         ("status", 3),
         ("status", "Collected"),
+        ("status", ["collected"]),
         ("counts", {"total": "9"}),
         ("result_files", [1]),
     ],

@@ -112,6 +112,7 @@ def _part_ok(part: Part) -> bool:
     ids = (part.model, part.input_file_id, part.batch_id, part.batch_status, part.refusal)
     return (
         all(type(n) is int and n >= 0 for n in counts)
+        and isinstance(part.status, str)  # first: a list or an object is unhashable
         and part.status in PART_STATUSES
         and isinstance(part.endpoint, str)
         and all(i is None or isinstance(i, str) for i in ids)
