@@ -214,7 +214,9 @@ async def test_a_batch_part_in_no_known_state_is_refused_by_run(tmp_path: Path) 
             await run_async(config)
 
 
-@pytest.mark.parametrize("damage", [b'[[1,"a"],', b'[[1,"a"],[2]]'])
+@pytest.mark.parametrize(
+    "damage", [b'[[1,"a"],', b'[[1,"a"],[2]]', b'[["1","a"]]', b'{"1":"a"}', b"[[1,2]]"]
+)
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
 async def test_a_damaged_batch_part_file_is_one_line_not_a_traceback(

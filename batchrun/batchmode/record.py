@@ -170,12 +170,17 @@ class BatchRecord:
 
     def read_ids(self, part: int) -> dict[int, str]:
         """Part ``part``'s input lines and their own ``custom_id``s."""
+        path = self.file(part, "ids")
         try:
-            # Written by ``write_ids`` as [int, str] pairs: no conversion needed
-            # (orjson's JSONDecodeError is a ValueError).
-            return dict(orjson.loads(self.file(part, "ids").read_bytes()))
+            # Written by ``write_ids`` as [int, str] pairs (orjson's
+            # JSONDecodeError is a ValueError).
+            ids = dict(orjson.loads(path.read_bytes()))
         except (TypeError, ValueError, IsADirectoryError):
-            raise CorruptStateError(f"{self.file(part, 'ids')} is damaged") from None
+            raise CorruptStateError(f"{path} is damaged") from None
+        # An object, or pairs of other types, would fail deep in collecting.
+        if not all(type(line) is int and type(given) is str for line, given in ids.items()):
+            raise CorruptStateError(f"{path} is damaged (a field of the wrong type)")
+        return ids
 
     def write_ids(self, part: int, ids: Iterable[tuple[int, str]]) -> None:
         _write_atomic(self.file(part, "ids"), orjson.dumps(list(ids)))
