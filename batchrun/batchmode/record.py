@@ -176,10 +176,10 @@ class BatchRecord:
             # JSONDecodeError is a ValueError).
             ids = dict(orjson.loads(path.read_bytes()))
         except (TypeError, ValueError, IsADirectoryError):
-            raise CorruptStateError(f"{path} is damaged") from None
+            raise _damaged(path) from None
         # An object, or pairs of other types, would fail deep in collecting.
         if not all(type(line) is int and type(given) is str for line, given in ids.items()):
-            raise CorruptStateError(f"{path} is damaged (a field of the wrong type)")
+            raise _damaged(path, " (a field of the wrong type)")
         return ids
 
     def write_ids(self, part: int, ids: Iterable[tuple[int, str]]) -> None:
