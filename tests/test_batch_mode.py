@@ -397,6 +397,26 @@ async def test_restart_names_the_files_a_stop_mid_upload_may_have_left(
     assert left in warnings[0]
 
 
+async def test_restart_names_the_batches_whose_result_files_it_leaves(
+    tmp_path: Path, batch_server: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A batch that ended (cancelled, say) and was never collected: its
+    # result files are on the provider, named by no record once --restart
+    # drops this one; only its batch tells where they are.
+    record = await _stopped_unreached(tmp_path, batch_server, 4, batch_rows=2)
+    state = record.load()
+    assert state is not None
+    part = state.parts[1]
+    part.status, part.upload_started, part.input_file_id = "submitted", True, "file-x"
+    part.batch_id, part.batch_status = "batch_x", "cancelled"
+    record.save(state)
+    config = make_config(tmp_path, rows(4, model="m"), batch_server, restart=True, **FAST)
+    assert (await run_async(config)).exit_code == 0
+    warnings = [r.message for r in caplog.records if "batch_x" in r.message]
+    assert len(warnings) == 1
+    assert "result files" in warnings[0]
+
+
 async def test_a_new_base_url_is_refused_while_the_old_one_holds_the_runs_files(
     tmp_path: Path, batch_server: MockServer
 ) -> None:

@@ -66,8 +66,8 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
 
 def _warn_of_files(state: BatchState) -> None:
     """Name the files a stopped batch run may have left on the provider (an
-    upload begun, a file not deleted yet): once the record is dropped, no
-    run looks for them again."""
+    upload begun, a file not deleted yet, an ended batch's results not
+    collected): once the record is dropped, no run looks for them again."""
     names = [upload_name(state, part) for part in state.parts if _may_hold_input(part)]
     names += [file_id for part in state.parts for file_id in part.result_files]
     if names:
@@ -77,6 +77,17 @@ def _warn_of_files(state: BatchState) -> None:
             len(names),
             state.base_url,
             ", ".join(names),
+        )
+    # Ended and never collected (--restart refuses live ones): the record
+    # holds no id of their result files, only of the batch that names them.
+    ended = [part.batch_id for part in state.parts if part.status == "submitted" and part.batch_id]
+    if ended:
+        log.warning(
+            "the result files of %d ended batch(es) may stay on the provider at %s: %s; delete"
+            " them there (each batch names its output_file_id and error_file_id)",
+            len(ended),
+            state.base_url,
+            ", ".join(ended),
         )
 
 
