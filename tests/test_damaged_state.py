@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 
 from batchrun.errors import CorruptStateError
@@ -193,6 +194,31 @@ async def test_a_batch_record_of_the_wrong_shape_is_one_line_for_status(
     # No command drops it: the batches it names may run, paid. The line says what to do.
     assert line.startswith(f"{record.path} is damaged (a field of the wrong type); batches")
     assert f"then delete the directory {record.root} to go on" in line
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_batch_record_whose_key_variable_is_no_text_is_one_line_for_cancel(
+    tmp_path: Path,
+) -> None:
+    from batchrun.batchmode.record import BatchRecord
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.runner import run_async
+
+    # cancel reads the key from the variable the record names: a number
+    # there is damage like any field of the wrong type, not a traceback.
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batch_server:
+        rows = [chat("mock:invalid_file", model="m")]
+        config = make_config(tmp_path, rows, batch_server, mode="batch", poll_interval=0.05)
+        assert (await run_async(config)).exit_code == 3
+    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    data = orjson.loads(record.path.read_bytes())
+    data["api_key_env"] = 5
+    record.path.write_bytes(orjson.dumps(data))
+
+    line = _error_line(await abatchrun("cancel", config.out))
+
+    assert line.startswith(f"{record.path} is damaged (a field of the wrong type); batches")
 
 
 @pytest.mark.asyncio

@@ -104,7 +104,10 @@ class BatchState:
 def _well_formed(state: BatchState) -> bool:
     """Whether every field holds what ``save`` writes there."""
     texts = (state.run_id, state.provider, state.base_url)
-    return all(isinstance(text, str) for text in texts) and all(map(_part_ok, state.parts))
+    key_env = state.api_key_env is None or isinstance(state.api_key_env, str)  # cancel reads it
+    return (
+        all(isinstance(text, str) for text in texts) and key_env and all(map(_part_ok, state.parts))
+    )
 
 
 def _part_ok(part: Part) -> bool:
