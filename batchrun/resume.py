@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
@@ -38,6 +40,13 @@ def tally(data: dict[str, Any], usage: Usage) -> Tally:
     return Tally(True, None, False, *tokens, paid, reused)
 
 
+def free_tally(data: dict[str, Any], usage: Usage) -> Tally:
+    """``tally`` of a record a --retry-failed pass keeps from the finished
+    output: its verdict and tokens, at no cost to the pass (a pass's
+    ``--max-cost`` counts its own spend; the pass before paid for the row)."""
+    return dataclasses.replace(tally(data, usage), cost=0.0)
+
+
 @dataclass(slots=True)
 class ResumePoint:
     """The state a run starts from.
@@ -51,8 +60,12 @@ class ResumePoint:
     journal: JournalContents = field(default_factory=JournalContents)
 
 
-def recover(state: StateDir, usage: Usage, shard: Shard = WHOLE) -> ResumePoint:
+def recover(
+    state: StateDir, usage: Usage, shard: Shard = WHOLE, *, kept: Path | None = None
+) -> ResumePoint:
     """The resume point of the unfinished run in ``state`` (of ``shard``'s rows).
+    ``kept``: the finished output a --retry-failed pass keeps rows of; a row
+    written as it is there counts at no cost (``free_tally``).
 
     Raises ``TornOutputError`` when ``output.partial`` is missing, shorter
     than its checkpoint says, not cut at a line's end there, or damaged
@@ -62,7 +75,7 @@ def recover(state: StateDir, usage: Usage, shard: Shard = WHOLE) -> ResumePoint:
     counted = dataclasses.replace(checkpoint, counts=checkpoint.counts.copy())
     rows, output_bytes = checkpoint.rows, checkpoint.output_bytes
     if state.partial_path.exists():
-        rows, output_bytes = _scan_output(state, counted, usage, shard)
+        rows, output_bytes = _scan_output(state, counted, usage, shard, kept)
     elif rows:
         raise TornOutputError(f"{state.partial_path} is missing")
     counted.rows, counted.output_bytes = rows, output_bytes
@@ -71,20 +84,35 @@ def recover(state: StateDir, usage: Usage, shard: Shard = WHOLE) -> ResumePoint:
 
 
 def _scan_output(
-    state: StateDir, counted: Checkpoint, usage: Usage, shard: Shard
+    state: StateDir, counted: Checkpoint, usage: Usage, shard: Shard, kept: Path | None
 ) -> tuple[int, int]:
     """Count the complete lines written after the checkpoint into ``counted``."""
     rows, offset = counted.rows, counted.output_bytes
-    with state.partial_path.open("rb") as handle:
+    with state.partial_path.open("rb") as handle, _kept_lines(kept, rows) as previous:
         _check_extent(handle, offset, state)
         handle.seek(offset)
         for raw in handle:
             if not raw.endswith(b"\n"):
                 break  # torn by a kill mid-write: cut off when appending resumes
-            _count(counted, raw, shard.line_of(rows), usage, state)
+            old = next(previous, b"")
+            free = bool(old) and raw in (old, old + b"\n")
+            _count(counted, raw, shard.line_of(rows), usage, state, free=free)
             rows += 1
             offset += len(raw)
     return rows, offset
+
+
+@contextmanager
+def _kept_lines(kept: Path | None, skip: int) -> Iterator[Iterator[bytes]]:
+    """The lines of the finished output ``kept`` from its row ``skip`` on
+    (none without one): a row written as it is there was kept, not paid."""
+    if kept is None or not kept.exists():  # gone: the row source says so, by name
+        yield iter(())
+        return
+    with kept.open("rb") as handle:
+        for _ in range(skip):
+            handle.readline()
+        yield iter(handle)
 
 
 def _check_extent(handle: BinaryIO, size: int, state: StateDir) -> None:
@@ -105,10 +133,12 @@ def _check_extent(handle: BinaryIO, size: int, state: StateDir) -> None:
             )
 
 
-def _count(counted: Checkpoint, raw: bytes, line: int, usage: Usage, state: StateDir) -> None:
+def _count(
+    counted: Checkpoint, raw: bytes, line: int, usage: Usage, state: StateDir, *, free: bool
+) -> None:
     try:
         data = orjson.loads(raw)
-        found, verdict = data.get("line"), tally(data, usage)
+        found, verdict = data.get("line"), (free_tally if free else tally)(data, usage)
     except (orjson.JSONDecodeError, AttributeError):
         found, verdict = None, None
     if found != line or verdict is None:

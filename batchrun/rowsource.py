@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -35,7 +35,7 @@ from batchrun.records import (
     output_line,
     parse_line,
 )
-from batchrun.resume import ResumePoint
+from batchrun.resume import ResumePoint, free_tally
 from batchrun.reuse import Answers, relabel
 from batchrun.stats import Tally
 
@@ -220,8 +220,18 @@ class RowSource:
             if answer is not None:
                 return known_row(row, offset, answer.data, answer.tally)
         if data is None and old is not None:
-            data = _kept_record(old, line, self.config.out)
+            return self._kept(row, offset, old)
         return None if data is None else Finished(row, offset, data, None)
+
+    def _kept(self, row: int, offset: int, old: bytes) -> Finished | None:
+        """The finished output's record of ``row``, kept by a --retry-failed
+        pass (None: the pass resends it). It counts at no cost: a pass has a
+        budget of its own, and the pass before paid for this row."""
+        kept = _kept_record(old, line_of(row), self.config.out)
+        if kept is None:
+            return None
+        data, fields = kept
+        return Finished(row, offset, data, None, tally=free_tally(fields, self.provider.usage))
 
     def _parse(self, row: int, offset: int, raw: bytes, defaults: Defaults) -> Work | Finished:
         """The row to send, or its known result: a bad line's error record,
@@ -249,8 +259,9 @@ class RowSource:
             yield iter(handle)
 
 
-def _kept_record(old: bytes, line: int, out: object) -> bytes | None:
-    """A finished output's record for ``line``, unless --retry-failed resends it."""
+def _kept_record(old: bytes, line: int, out: object) -> tuple[bytes, dict[str, Any]] | None:
+    """A finished output's record for ``line`` and its fields, unless
+    --retry-failed resends it."""
     try:
         data = orjson.loads(old)
     except orjson.JSONDecodeError:
@@ -260,4 +271,4 @@ def _kept_record(old: bytes, line: int, out: object) -> bytes | None:
     error = data.get("error")
     if isinstance(error, dict) and error.get("retryable"):
         return None
-    return old if old.endswith(b"\n") else old + b"\n"
+    return (old if old.endswith(b"\n") else old + b"\n"), data

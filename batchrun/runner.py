@@ -294,7 +294,8 @@ def prepare(
             " (the same command without --retry-failed)"
         )
     try:
-        start = recover(state, provider.usage, config.shard or WHOLE)
+        kept = config.out if retry_pass else None  # the rows the pass keeps cost it nothing
+        start = recover(state, provider.usage, config.shard or WHOLE, kept=kept)
     except TornOutputError as torn:
         start = _start_over(state, current, str(meta.get("pass") or "full"), torn, journal)
     return dataclasses.replace(config, retry_failed=retry_pass), start

@@ -533,3 +533,36 @@ async def test_a_retry_pass_resumed_without_the_flag_still_resends_its_failed_ro
     resumed = await run_cli(plain)
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert [r["error"] for r in read_jsonl(out)] == [None] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
+async def test_a_resumed_retry_pass_does_not_count_the_kept_rows_against_max_cost(
+    tmp_path: Path, server: MockServer, stop: str
+) -> None:
+    # A --retry-failed pass starts its own count under --max-cost: the rows it
+    # keeps from the finished output were paid by the pass before it, so a
+    # resume of the pass must not count them as spent (it would exit 5
+    # without sending anything). Each answer costs 3 at these prices; row d's
+    # worst case is 13, so a cap of 16 leaves room for it, not for 9 more.
+    row_d = chat("d mock:fail=500x1 mock:delay=0.5", max_tokens=5)
+    kept = [chat(text, max_tokens=5) for text in ("a", "b", "c")]
+    source, out = write_jsonl(tmp_path / "in.jsonl", [*kept, row_d]), tmp_path / "out.jsonl"
+    prices = ("--price-input-per-million", "1000000", "--price-output-per-million", "1000000")
+    plain = command(
+        source, out, server, "--max-attempts", "1", "--max-async-requests", "1", *prices
+    )
+    assert (await run_cli(plain)).returncode == 1  # row d failed, retryable
+    crash = (
+        {"BATCHRUN_SIGNAL_AT": "request:1"}
+        if stop == "SIGINT"
+        else {"BATCHRUN_CRASH_AT": "after_response:1"}
+    )
+    stopped = await run_cli([*plain, "--retry-failed"], **crash)
+    assert stopped.returncode == (75 if stop == "SIGINT" else -signal.SIGKILL)
+    assert (out.with_name("out.jsonl.batchrun") / "output.partial").read_bytes().count(b"\n") == 3
+
+    resumed = await run_cli([*plain, "--retry-failed", "--max-cost", "16"])
+
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert [r["error"] for r in read_jsonl(out)] == [None] * 4
