@@ -5,14 +5,23 @@ every earlier row has. Until then it waits here: in memory while the results
 waiting for an earlier row total at most ``limit`` bytes, past that only in
 the journal, which already holds it, to be read back when its turn comes. A
 slow head row in front of large answers then costs disk reads, not memory.
+A result the journal does not hold (a stored answer reused, an identical
+row's, a row kept by --retry-failed) waits past the limit in a scratch file
+of its own instead: unnamed, gone with the process, and never read by a
+resume, which finds such results again where they came from.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
+from batchrun.errors import disk_writes
 from batchrun.journal import Journal
 
 
@@ -39,7 +48,8 @@ class Held:
         self._results: dict[int, bytes | Spilled] = dict(results)
         self.bytes = 0
         self.peak_bytes = 0
-        self.spilled = 0  # results that waited in the journal, over the run
+        self.spilled = 0  # results that waited in the journal (or aside), over the run
+        self._aside = _Aside(journal.path.parent)  # results not in the journal, past the limit
 
     def add(self, line: int, data: bytes) -> None:
         """Row ``line``'s result was just journaled."""
@@ -47,6 +57,9 @@ class Held:
 
     def get(self, line: int) -> bytes | None:
         """Row ``line``'s result, read back from the journal if it waits there."""
+        aside = self._aside.get(line)
+        if aside is not None:
+            return aside
         entry = self._results.get(line)
         if isinstance(entry, Spilled):
             return self._journal.read_at(entry.offset, entry.length)
@@ -55,13 +68,16 @@ class Held:
     def keep(self, line: int, data: bytes, journal_at: int | None) -> bool:
         """Row ``line`` waits for an earlier one: keep ``data`` in memory if it
         fits the limit (True); else leave it in the journal at ``journal_at``
-        (False). A result not in the journal (None) stays in memory."""
+        (False), or, when the journal does not hold it (None), set it aside."""
         size = len(data)
-        if journal_at is None or self.bytes + size <= self.limit:
+        if self.bytes + size <= self.limit:
             self.bytes += size
             self.peak_bytes = max(self.peak_bytes, self.bytes)
             return True
-        self._results[line] = Spilled(journal_at, size)
+        if journal_at is None:
+            self._aside.put(line, data)
+        else:
+            self._results[line] = Spilled(journal_at, size)
         self.spilled += 1
         return False
 
@@ -69,7 +85,12 @@ class Held:
         """Row ``line`` is in the output; ``kept``: the bytes ``keep`` counted
         for it (0 when it never waited in memory)."""
         self._results.pop(line, None)
+        self._aside.done(line)
         self.bytes -= kept
+
+    def close(self) -> None:
+        """Remove the scratch file of the results set aside, if any."""
+        self._aside.close()
 
     def compact(self, begun: list[bytes]) -> None:
         """Rewrite the journal to ``begun`` marks and the results held here,
@@ -97,3 +118,41 @@ class Held:
             "results waited in the journal (--reorder-bytes)": self.spilled,
             "most result bytes waiting in memory": self.peak_bytes,
         }
+
+
+class _Aside:
+    """Results past the limit that the journal does not hold, by line, in an
+    unnamed scratch file in ``directory`` (made on first use, emptied
+    whenever nothing waits in it, so it never grows past what waits)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._file: BinaryIO | None = None
+        self._places: dict[int, Spilled] = {}
+        self._size = 0
+
+    def put(self, line: int, data: bytes) -> None:
+        with disk_writes(self._directory):
+            if self._file is None:
+                # Closed by ``close`` (the writer's), or with the process.
+                self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115
+            self._file.seek(self._size)
+            self._file.write(data)
+            self._file.flush()  # read back by ``pread``
+        self._places[line] = Spilled(self._size, len(data))
+        self._size += len(data)
+
+    def get(self, line: int) -> bytes | None:
+        place = self._places.get(line)
+        if place is None or self._file is None:
+            return None
+        return os.pread(self._file.fileno(), place.length, place.offset)
+
+    def done(self, line: int) -> None:
+        if self._places.pop(line, None) is not None and not self._places:
+            self._size = 0  # nothing waits: the next result starts the file over
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

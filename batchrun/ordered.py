@@ -129,7 +129,7 @@ class OrderedWriter:
     def close(self, *, complete: bool, disk_error: DiskError | None = None) -> DiskError | None:
         """Checkpoint (unless complete, or a write failed: then the state stays
         as a kill would leave it) and close; returns the write failure, if any."""
-        steps = [self.output.close, self.journal.close]
+        steps = [self.output.close, self.journal.close, self.held.close]
         if not complete and disk_error is None:
             steps.insert(0, self.checkpoint)
         for step in steps:
@@ -150,7 +150,8 @@ class OrderedWriter:
     def _wait(self, item: Finished) -> Finished:
         """A row that must wait for an earlier one keeps only what its turn
         needs: the answer's parsed body goes (its record has it), and past
-        --reorder-bytes the record itself stays in the journal only."""
+        --reorder-bytes the record itself stays in the journal only (or in
+        a scratch file, when the journal does not hold it)."""
         outcome = item.outcome
         if outcome is not None and outcome.response is not None:
             outcome = dataclasses.replace(outcome, response=None)
@@ -179,7 +180,7 @@ class OrderedWriter:
         data = item.data
         if data is None:
             data = self.held.get(line)
-            assert data is not None, "a row waiting in the journal is held"
+            assert data is not None, "a row waiting outside memory is held"
         self.output.write(data)
         self.held.done(line, item.kept)
         progress = self.progress

@@ -58,13 +58,25 @@ def test_results_past_the_limit_wait_in_the_journal_and_follow_compaction(
     journal.close()
 
 
-def test_a_result_not_in_the_journal_stays_in_memory(tmp_path: Path) -> None:
+def test_a_result_not_in_the_journal_waits_aside_past_the_limit(tmp_path: Path) -> None:
+    # A reused answer, an identical row's, a row kept by --retry-failed: the
+    # journal does not hold them, and past the limit they wait in a scratch file.
     journal = Journal(tmp_path / "journal")
     journal.open()
-    held = Held(journal, limit=1, results={3: record(3)})
+    held = Held(journal, limit=len(record(2)), results={})
 
-    assert held.keep(3, record(3), journal_at=None)
-    assert held.bytes == len(record(3))
+    assert held.keep(2, record(2), journal_at=None)  # fits: in memory
+    assert not held.keep(3, record(3, 50), journal_at=None)
+    assert not held.keep(4, record(4, 70), journal_at=None)
+    assert held.bytes == len(record(2))
+    assert (held.get(3), held.get(4)) == (record(3, 50), record(4, 70))
+    held.done(3, kept=0)
+    held.done(4, kept=0)
+    assert held.get(4) is None
+    assert not held.keep(5, record(5, 5), journal_at=None)  # the scratch file starts over
+    assert held.get(5) == record(5, 5)
+    held.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["journal"]
     journal.close()
 
 
@@ -200,3 +212,31 @@ async def test_the_journal_is_compacted_by_bytes_written_not_only_by_rows(
     assert [r["line"] for r in read_jsonl(config.out)] == list(range(1, 41))
     assert len(compactions) >= 5  # about one per 100 kB of output
     assert max(compactions) < 100_000 + 4 * 21_000  # the bound, a row over, two waiting
+
+
+@pytest.mark.asyncio
+async def test_reused_answers_behind_a_slow_head_row_hold_at_most_reorder_bytes_in_memory(
+    tmp_path: Path, server: MockServer, fake_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new pass over an edited input: the head row is new (and slow), the 60
+    # rows of 20 kB answers behind it come from the result store. They wait
+    # for the head row as a fresh run's answers do, within --reorder-bytes.
+    rows = large_rows(60, 20_000, head_delay=0)
+    config = make_config(tmp_path, rows, server, reorder_bytes=100_000)
+    assert (await run_async(config, clock=fake_clock)).exit_code == 0
+    write_jsonl(config.input, [chat("edited head mock:delay=0.5"), *rows[1:]])
+    made: list[Held] = []
+
+    class Recorded(Held):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(ordered, "Held", Recorded)
+
+    summary = await run_async(config, clock=fake_clock)
+
+    assert summary.exit_code == 0
+    assert summary.reused == 60
+    assert [r["line"] for r in read_jsonl(config.out)] == list(range(1, 62))
+    assert made[0].peak_bytes <= 100_000
