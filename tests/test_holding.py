@@ -199,7 +199,7 @@ async def test_the_journal_is_compacted_by_bytes_written_not_only_by_rows(
 
     def counted(self: Journal, records: object) -> list[int]:
         compactions.append(self.size)
-        return rewrite(self, records)  # type: ignore[arg-type]
+        return rewrite(self, records)
 
     monkeypatch.setattr(Journal, "rewrite", counted)
     rows = [chat(f"big {i} mock:size=20000") for i in range(40)]
@@ -228,8 +228,8 @@ async def test_reused_answers_behind_a_slow_head_row_hold_at_most_reorder_bytes_
     made: list[Held] = []
 
     class Recorded(Held):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        def __init__(self, journal: Journal, limit: int, results: dict[int, bytes]) -> None:
+            super().__init__(journal, limit, results)
             made.append(self)
 
     monkeypatch.setattr(ordered, "Held", Recorded)
