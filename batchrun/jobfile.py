@@ -10,6 +10,7 @@ holds default request parameters.
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -190,6 +191,14 @@ def _check_types(settings: Mapping[str, Any]) -> None:
             require(
                 is_utf8(str(value)),
                 f"{key} must be UTF-8 text, got {value!r} (a byte that is no UTF-8 in it)",
+            )
+        if isinstance(value, Path):  # the state keeps the full path
+            full = os.path.abspath(value)
+            require(
+                is_utf8(full),
+                f"{key}'s full path {full!r} is no UTF-8 text (a byte that is no UTF-8 in"
+                " a directory's name): batchrun keeps it in its state; run from, or name,"
+                " a directory whose path is UTF-8",
             )
         if setting.type is bool:
             require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")

@@ -614,3 +614,15 @@ def test_a_setting_with_a_byte_that_is_no_utf8_is_refused(key: str) -> None:
     settings: dict[str, object] = {"input": "i", "out": "o", key: "x\udcff"}
     with pytest.raises(UsageError, match=f"{key} must be UTF-8 text"):
         build_config(settings)
+
+
+def test_a_path_in_a_directory_whose_name_is_no_utf8_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative path is kept whole in the state (JSON): the directory run
+    # from must be UTF-8 too, or the run would stop with a traceback.
+    odd = tmp_path / "bad\udcff"
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    with pytest.raises(UsageError, match=r"input's full path '.*' is no UTF-8 text"):
+        build_config({"input": Path("in.jsonl"), "out": Path("o.jsonl")})
