@@ -371,7 +371,7 @@ def _after_finish(
     state: StateDir, config: RunConfig, current: dict[str, Any], finished: FinishedRun
 ) -> tuple[RunConfig, ResumePoint] | Summary:
     if state.partial_path.exists():  # stopped between the marker and the rename
-        _publish(state, config.out)
+        _publish(state, config.out, durable=config.fsync != "off")
     if config.retry_failed:
         if not config.out.exists():
             raise UsageError(f"--retry-failed: {config.out} does not exist any more")
@@ -535,7 +535,7 @@ async def _online(
         if job.input_stamp is not None:
             check_unchanged(config.input, job.input_stamp)  # before the output is published
         job.state.write_finished(summary)
-        _publish(job.state, config.out)
+        _publish(job.state, config.out, durable=config.fsync != "off")
     return summary
 
 
@@ -729,8 +729,8 @@ def _fatal_advice(error: FatalError) -> str:
     return f"{error.stop_reason()}, then run the same command again: it resumes where it stopped"
 
 
-def _publish(state: StateDir, out: Path) -> None:
-    OutputFile(out).publish()
+def _publish(state: StateDir, out: Path, *, durable: bool) -> None:
+    OutputFile(out).publish(durable=durable)
     state.drop_progress_files()
 
 

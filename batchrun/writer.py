@@ -118,17 +118,33 @@ class OutputFile:
                     self._handle.close()
                 self._handle = None
 
-    def publish(self) -> None:
-        """Make the finished output visible at ``out`` in one step."""
+    def publish(self, *, durable: bool = False) -> None:
+        """Make the finished output visible at ``out`` in one step; with
+        ``durable`` (``--fsync batch`` or ``always``), its bytes are on the
+        disk first, even when another ``OutputFile`` wrote them: the run's
+        finished record says it is complete, so a power loss must not leave
+        it short."""
         if self._handle is not None:
             self.flush(fsync=True)
             self.close()
+        elif durable:
+            _fsync_file(self.partial)
         crashpoint.hit("before_publish")
         os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
         # Left in place when not empty: it holds state a later step still needs.
         with contextlib.suppress(OSError):
             self.partial.parent.rmdir()
+
+
+def _fsync_file(path: Path) -> None:
+    """Put ``path``'s written bytes on the disk; ``DiskError`` on an I/O error."""
+    with disk_writes(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -162,6 +162,39 @@ def test_publish_after_close(tmp_path: Path) -> None:
     assert not state_dir(out).exists()
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_durable_publish_puts_the_output_on_the_disk_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    # The run's writer closed the output without an fsync; the finished
+    # record then says it is complete, so with --fsync batch or always a
+    # power loss after the rename must not find it short.
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    out = tmp_path / "o.jsonl"
+    written = OutputFile(out)
+    written.open()
+    written.write(b"a\n")
+    written.close()
+    monkeypatch.setattr(writer.os, "fsync", fsync)
+    monkeypatch.setattr(writer.os, "replace", replace)
+
+    OutputFile(out).publish(durable=durable)
+
+    expected = ["fsync file", "rename", "fsync dir"] if durable else ["rename", "fsync dir"]
+    assert events == expected
+    assert out.read_bytes() == b"a\n"
+
+
 def test_publish_keeps_non_empty_state_dir(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     output = OutputFile(out)
@@ -223,3 +256,26 @@ def test_flush_and_close_without_open_are_noops(tmp_path: Path) -> None:
     output.flush(fsync=True)
     output.close()
     assert not output.partial.parent.exists()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("fsync", "durable"), [("off", False), ("batch", True), ("always", True)])
+async def test_a_run_publishes_durably_unless_fsync_is_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: str, durable: bool
+) -> None:
+    from batchrun.mock.server import MockServer
+    from batchrun.runner import run_async
+    from tests.conftest import chat, make_config
+
+    asked: list[bool] = []
+    real_publish = OutputFile.publish
+
+    def publish(self: OutputFile, *, durable: bool = False) -> None:
+        asked.append(durable)
+        real_publish(self, durable=durable)
+
+    monkeypatch.setattr(OutputFile, "publish", publish)
+    async with MockServer() as server:
+        config = make_config(tmp_path, [chat("a")], server, fsync=fsync)
+        assert (await run_async(config)).exit_code == 0
+    assert asked == [durable]
