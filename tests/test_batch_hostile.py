@@ -6,6 +6,7 @@ answer, deletions that fail)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -373,3 +374,26 @@ async def test_a_refused_lookup_after_a_lost_upload_keeps_the_upload_recorded(
     assert summary.exit_code == 0, summary.aborted
     assert mock.batches.uploads == 1
     assert not mock.batches.files  # every file deleted once collected
+
+
+async def test_an_upload_answered_without_an_id_is_named_when_its_record_is_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The provider stored the file and answered 200 without its id: that
+    # answer says nothing of what it did, so the upload stays recorded as
+    # started, and --restart, which drops the record, names the file.
+    def strip_first_id(call: str, answer: Any) -> Any:
+        if call == "POST files" and bend.calls[call] == 1:
+            return {key: value for key, value in answer.items() if key != "id"}
+        return answer
+
+    bend = Gateway(rewrite=strip_first_id)
+    async with bent(bend) as (mock, url):
+        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
+        first = await run_async(config)
+        assert first.aborted is not None
+        assert "answered without a valid 'id'" in first.aborted
+        assert mock.batches.uploads == 1
+        restarted = dataclasses.replace(config, restart=True)
+        assert (await run_async(restarted)).exit_code == 0
+    assert "may have left 1 file(s)" in caplog.text

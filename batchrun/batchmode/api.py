@@ -202,6 +202,8 @@ class BatchApi:
                 raise
 
         answer: dict[str, Any] = await retrying(self._retry, sleep=self._sleep)(once)
+        # A 2xx: the file is stored, even if the answer names no valid id.
+        doubt.stored = True
         return checked(answer, "id", "POST files", str)
 
     async def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
