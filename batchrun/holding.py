@@ -88,6 +88,11 @@ class Held:
         self._aside.done(line)
         self.bytes -= kept
 
+    @property
+    def aside_bytes(self) -> int:
+        """The size of the scratch file of the results set aside."""
+        return self._aside.file_bytes
+
     def close(self) -> None:
         """Remove the scratch file of the results set aside, if any."""
         self._aside.close()
@@ -122,25 +127,33 @@ class Held:
 
 class _Aside:
     """Results past the limit that the journal does not hold, by line, in an
-    unnamed scratch file in ``directory`` (made on first use, emptied
-    whenever nothing waits in it, so it never grows past what waits)."""
+    unnamed scratch file in ``directory`` (made on first use). The file is
+    rewritten to what still waits once more of it is written out than
+    waits: results behind a slow row come and go while others still wait,
+    so starting over only when nothing waits could let it grow with the
+    whole run."""
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self._file: BinaryIO | None = None
         self._places: dict[int, Spilled] = {}
-        self._size = 0
+        self._size = 0  # bytes of the file in use: where the next result goes
+        self._waiting = 0  # bytes of the results in ``_places``
+
+    @property
+    def file_bytes(self) -> int:
+        """The size of the scratch file (0 before its first use)."""
+        return 0 if self._file is None else os.fstat(self._file.fileno()).st_size
 
     def put(self, line: int, data: bytes) -> None:
         with disk_writes(self._directory):
             if self._file is None:
                 # Closed by ``close`` (the writer's), or with the process.
                 self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115
-            self._file.seek(self._size)
-            self._file.write(data)
-            self._file.flush()  # read back by ``pread``
-        self._places[line] = Spilled(self._size, len(data))
-        self._size += len(data)
+            elif self._size - self._waiting > self._waiting:
+                self._compact(self._file)
+            self._places[line] = self._append(self._file, data)
+        self._waiting += len(data)
 
     def get(self, line: int) -> bytes | None:
         place = self._places.get(line)
@@ -149,10 +162,40 @@ class _Aside:
         return os.pread(self._file.fileno(), place.length, place.offset)
 
     def done(self, line: int) -> None:
-        if self._places.pop(line, None) is not None and not self._places:
+        place = self._places.pop(line, None)
+        if place is None:
+            return
+        self._waiting -= place.length
+        if not self._places:
             self._size = 0  # nothing waits: the next result starts the file over
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def _append(self, file: BinaryIO, data: bytes) -> Spilled:
+        file.seek(self._size)
+        file.write(data)
+        file.flush()  # read back by ``pread``
+        place = Spilled(self._size, len(data))
+        self._size += len(data)
+        return place
+
+    def _compact(self, old: BinaryIO) -> None:
+        """Copy the results that wait, one at a time, to a new file that
+        takes the old one's place (its space goes back to the disk). A
+        failed copy (a full disk) leaves the old file as it was."""
+        kept_size, self._size = self._size, 0
+        new = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115
+        try:
+            places = {
+                line: self._append(new, os.pread(old.fileno(), place.length, place.offset))
+                for line, place in self._places.items()
+            }
+        except BaseException:
+            new.close()
+            self._size = kept_size
+            raise
+        old.close()
+        self._file, self._places = new, places

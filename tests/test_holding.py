@@ -240,3 +240,23 @@ async def test_reused_answers_behind_a_slow_head_row_hold_at_most_reorder_bytes_
     assert summary.reused == 60
     assert [r["line"] for r in read_jsonl(config.out)] == list(range(1, 62))
     assert made[0].peak_bytes <= 100_000
+
+
+def test_the_scratch_file_stays_bounded_while_results_always_wait_in_it(
+    tmp_path: Path,
+) -> None:
+    # Behind staggered slow rows some result always waits aside: the file
+    # must not grow with every result set aside over the run, only with
+    # what waits at once.
+    journal = Journal(tmp_path / "journal")
+    journal.open()
+    held = Held(journal, limit=0, results={})
+    assert not held.keep(1, record(1, 1000), journal_at=None)
+    for line in range(2, 500):
+        assert not held.keep(line, record(line, 1000), journal_at=None)
+        assert held.get(line - 1) == record(line - 1, 1000)  # in order, once
+        held.done(line - 1, kept=0)
+    assert held.get(499) == record(499, 1000)
+    assert held.aside_bytes <= 4 * len(record(1, 1000))
+    held.close()
+    journal.close()
