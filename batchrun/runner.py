@@ -257,6 +257,19 @@ def resolve_api_key(provider: Provider, config: RunConfig) -> str | None:
     )
 
 
+def _kept_output(config: RunConfig) -> Path:
+    """The finished output an unfinished --retry-failed pass keeps its other
+    rows from (they cost the pass nothing); refused when it is gone, as
+    those rows would then be lost, or paid again by a --restart."""
+    if not config.out.exists():
+        raise UsageError(
+            f"{config.out} is missing: the unfinished --retry-failed pass on it keeps the rows"
+            " it does not resend from it. Put it back and run the same command again, or run"
+            " with --restart to start over (every row is sent again)"
+        )
+    return config.out
+
+
 def prepare(
     state: StateDir, config: RunConfig, provider: Provider, answers: Answers
 ) -> tuple[RunConfig, ResumePoint] | Summary:
@@ -294,7 +307,7 @@ def prepare(
             " (the same command without --retry-failed)"
         )
     try:
-        kept = config.out if retry_pass else None  # the rows the pass keeps cost it nothing
+        kept = _kept_output(config) if retry_pass else None
         start = recover(state, provider.usage, config.shard or WHOLE, kept=kept)
     except TornOutputError as torn:
         start = _start_over(state, current, str(meta.get("pass") or "full"), torn, journal)

@@ -566,3 +566,27 @@ async def test_a_resumed_retry_pass_does_not_count_the_kept_rows_against_max_cos
 
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert [r["error"] for r in read_jsonl(out)] == [None] * 4
+
+
+async def test_a_resumed_retry_pass_whose_finished_output_is_gone_stops_with_a_message(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # The pass keeps the rows it does not resend from OUT: gone, the resume
+    # names it (exit 2) instead of failing with an internal error's traceback.
+    rows_ = [chat("a"), chat("b mock:fail=500x1")]
+    source, out = write_jsonl(tmp_path / "in.jsonl", rows_), tmp_path / "out.jsonl"
+    plain = command(source, out, server, "--max-attempts", "1", "--max-async-requests", "1")
+    assert (await run_cli(plain)).returncode == 1  # row b failed, retryable
+    stopped = await run_cli([*plain, "--retry-failed"], BATCHRUN_SIGNAL_AT="request:1")
+    assert stopped.returncode == 75
+    out.rename(tmp_path / "moved.jsonl")
+
+    resumed = await run_cli([*plain, "--retry-failed"])
+
+    stderr = resumed.stderr.decode()
+    assert resumed.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert f"{out} is missing" in stderr
+    (tmp_path / "moved.jsonl").rename(out)
+    assert (await run_cli([*plain, "--retry-failed"])).returncode == 0
+    assert [r["error"] for r in read_jsonl(out)] == [None, None]
