@@ -166,20 +166,6 @@ async def test_a_lost_create_is_found_past_a_batch_with_odd_metadata(tmp_path: P
     assert bend.calls["GET batches"] >= 1
 
 
-async def test_a_resume_looks_past_a_batch_with_odd_metadata(tmp_path: Path) -> None:
-    # The first run stops with the batch made but its id unknown (exit 3);
-    # the next one lists batches to attach to it, past a foreign batch.
-    faults = BatchFaults(seconds=0.2, no_id="batches")
-    async with bent(Gateway(rewrite=with_foreign_first), faults) as (mock, url):
-        config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
-        assert (await run_async(config)).exit_code == 3
-        faults.no_id = ""
-        summary = await run_async(config)
-    assert summary.exit_code == 0, summary.aborted
-    assert mock.batches.created == 1
-    assert mock.stats.batch_rows == 3
-
-
 def without_metadata(call: str, answer: Any) -> Any:
     """The batches list as gateways that drop metadata show it."""
     for batch in answer["data"] if call == "GET batches" else []:
@@ -203,11 +189,15 @@ async def test_a_lost_create_is_found_by_its_file_where_the_list_shows_no_metada
     assert mock.stats.batch_rows == 3
 
 
-async def test_a_resume_finds_its_batch_by_its_file_where_the_list_shows_no_metadata(
-    tmp_path: Path,
+@pytest.mark.parametrize("listing", [with_foreign_first, without_metadata])
+async def test_a_resume_finds_its_unrecorded_batch_in_a_bent_list(
+    tmp_path: Path, listing: Rewrite
 ) -> None:
+    # The first run stops with the batch made but its id unknown (exit 3);
+    # the next one lists batches to attach to it: past a foreign batch with
+    # odd metadata, or by its input file where the list shows no metadata.
     faults = BatchFaults(seconds=0.2, no_id="batches")
-    async with bent(Gateway(rewrite=without_metadata), faults) as (mock, url):
+    async with bent(Gateway(rewrite=listing), faults) as (mock, url):
         config = make_config(tmp_path, rows(3), mock, base_url=url, **FAST)
         assert (await run_async(config)).exit_code == 3
         faults.no_id = ""
@@ -279,21 +269,28 @@ async def test_a_list_whose_pages_never_end_stops_instead_of_creating_again(
     assert mock.stats.batch_rows == 3
 
 
+async def with_responses(tmp_path: Path, name: str, value: Any) -> tuple[Any, list[Any]]:
+    """The summary and output of a two-row run whose result lines all have
+    ``response[name]`` set to ``value``."""
+
+    def bend(data: bytes) -> bytes:
+        lines = [orjson.loads(raw) for raw in data.splitlines()]
+        for line in lines:
+            line["response"][name] = value
+        return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+    async with bent(Gateway(content=bend)) as (mock, url):
+        config = make_config(tmp_path, rows(2), mock, base_url=url, **FAST)
+        summary = await run_async(config)
+    return summary, read_jsonl(config.out)
+
+
 @pytest.mark.parametrize("body", [None, "text", [1]])
 async def test_a_2xx_result_that_is_no_object_is_no_answer(tmp_path: Path, body: Any) -> None:
     # As online mode reads such an answer: a retryable row error, never an
     # answer counted ok and stored for reuse.
-    def bodies(data: bytes) -> bytes:
-        lines = [orjson.loads(raw) for raw in data.splitlines()]
-        for line in lines:
-            line["response"]["body"] = body
-        return b"".join(orjson.dumps(line) + b"\n" for line in lines)
-
-    async with bent(Gateway(content=bodies)) as (mock, url):
-        config = make_config(tmp_path, rows(2), mock, base_url=url, **FAST)
-        summary = await run_async(config)
+    summary, records = await with_responses(tmp_path, "body", body)
     assert summary.exit_code == 1
-    records = read_jsonl(config.out)
     assert [row["error"]["code"] for row in records] == ["invalid_body", "invalid_body"]
     assert all(row["error"]["retryable"] for row in records)
 
@@ -321,17 +318,8 @@ async def test_a_result_whose_status_is_a_boolean_is_no_answer_and_no_http_error
 ) -> None:
     # ``true`` is no status code: the row did not run as far as batchrun can
     # tell (sent again, then given up on), never an ``http_True`` error.
-    def statuses(data: bytes) -> bytes:
-        lines = [orjson.loads(raw) for raw in data.splitlines()]
-        for line in lines:
-            line["response"]["status_code"] = True
-        return b"".join(orjson.dumps(line) + b"\n" for line in lines)
-
-    async with bent(Gateway(content=statuses)) as (mock, url):
-        config = make_config(tmp_path, rows(2), mock, base_url=url, **FAST)
-        summary = await run_async(config)
+    summary, records = await with_responses(tmp_path, "status_code", True)
     assert summary.exit_code == 1
-    records = read_jsonl(config.out)
     assert {row["error"]["code"] for row in records} == {"batch_unfinished"}
     assert all(row["response"] is None for row in records)
 

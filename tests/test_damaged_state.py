@@ -15,6 +15,8 @@ import anyio
 import orjson
 import pytest
 
+from batchrun.batchmode.record import BatchRecord
+from batchrun.config import RunConfig
 from batchrun.errors import CorruptStateError
 from batchrun.mock.server import MockServer
 from batchrun.state import StateDir
@@ -174,16 +176,7 @@ def test_a_mock_server_setting_out_of_range_is_a_usage_error(
 async def test_a_batch_record_of_the_wrong_shape_is_one_line_for_status(
     tmp_path: Path, field: str, value: object
 ) -> None:
-    from batchrun.batchmode.record import BatchRecord
-    from batchrun.mock.batches import BatchFaults
-    from batchrun.runner import run_async
-
-    # A batch run stopped with its record kept: its one file was refused.
-    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batch_server:
-        rows = [chat("mock:invalid_file", model="m")]
-        config = make_config(tmp_path, rows, batch_server, mode="batch", poll_interval=0.05)
-        assert (await run_async(config)).exit_code == 3
-    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    config, record = await _refused_batch_run(tmp_path)
     state = record.load()
     assert state is not None
     setattr(state.parts[0], field, value)
@@ -201,17 +194,9 @@ async def test_a_batch_record_of_the_wrong_shape_is_one_line_for_status(
 async def test_a_batch_record_whose_key_variable_is_no_text_is_one_line_for_cancel(
     tmp_path: Path,
 ) -> None:
-    from batchrun.batchmode.record import BatchRecord
-    from batchrun.mock.batches import BatchFaults
-    from batchrun.runner import run_async
-
     # cancel reads the key from the variable the record names: a number
     # there is damage like any field of the wrong type, not a traceback.
-    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batch_server:
-        rows = [chat("mock:invalid_file", model="m")]
-        config = make_config(tmp_path, rows, batch_server, mode="batch", poll_interval=0.05)
-        assert (await run_async(config)).exit_code == 3
-    record = BatchRecord(tmp_path / "out.jsonl.batchrun")
+    config, record = await _refused_batch_run(tmp_path)
     data = orjson.loads(record.path.read_bytes())
     data["api_key_env"] = 5
     record.path.write_bytes(orjson.dumps(data))
@@ -224,20 +209,14 @@ async def test_a_batch_record_whose_key_variable_is_no_text_is_one_line_for_canc
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
 async def test_a_batch_part_in_no_known_state_is_refused_by_run(tmp_path: Path) -> None:
-    from batchrun.batchmode.record import BatchRecord
-    from batchrun.mock.batches import BatchFaults
     from batchrun.runner import run_async
 
     # A part the run would neither submit, poll nor count as settled: it
     # would wait on it for ever.
-    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batch_server:
-        rows = [chat("mock:invalid_file", model="m")]
-        config = make_config(tmp_path, rows, batch_server, mode="batch", poll_interval=0.05)
-        assert (await run_async(config)).exit_code == 3
-        record = BatchRecord(tmp_path / "out.jsonl.batchrun")
-        record.path.write_bytes(record.path.read_bytes().replace(b'"refused"', b'"Refused"'))
-        with pytest.raises(CorruptStateError, match="a field of the wrong type"):
-            await run_async(config)
+    config, record = await _refused_batch_run(tmp_path)
+    record.path.write_bytes(record.path.read_bytes().replace(b'"refused"', b'"Refused"'))
+    with pytest.raises(CorruptStateError, match="a field of the wrong type"):
+        await run_async(config)  # refused before any call: no server needed
 
 
 @pytest.mark.parametrize(
@@ -297,3 +276,17 @@ async def test_a_directory_in_place_of_the_journal_or_partial_output_is_one_line
 def _replace_with_a_directory(path: Path) -> None:
     path.unlink(missing_ok=True)
     path.mkdir()
+
+
+async def _refused_batch_run(tmp_path: Path) -> tuple[RunConfig, BatchRecord]:
+    """A batch run stopped (exit 3) with its record kept: its one file was
+    refused; its config and batch record."""
+    from batchrun.batchmode.record import BatchRecord
+    from batchrun.mock.batches import BatchFaults
+    from batchrun.runner import run_async
+
+    async with MockServer(batch_faults=BatchFaults(seconds=0.1)) as batch_server:
+        rows = [chat("mock:invalid_file", model="m")]
+        config = make_config(tmp_path, rows, batch_server, mode="batch", poll_interval=0.05)
+        assert (await run_async(config)).exit_code == 3
+    return config, BatchRecord(tmp_path / "out.jsonl.batchrun")
