@@ -512,3 +512,31 @@ async def test_an_input_rewritten_while_a_run_reads_it_is_not_published(
 
     assert again.exit_code == 0
     assert_answers_match(config.out, edited)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_stop_reaches_workers_writing_reused_rows_within_short_turns(
+    tmp_path: Path, server: MockServer
+) -> None:
+    # Every ready worker takes its turn before another task (a signal's
+    # receiver, this stopper) does: in turns of 256 reused rows, 32 workers
+    # kept it waiting for seconds, to the end of this input. Turns are now
+    # bounded in time too.
+    rows = prompts(12_000)
+    assert (await run(tmp_path, rows, server, max_async_requests=32)).exit_code == 0
+    partial = StateDir(tmp_path / "out.jsonl").partial_path
+    stop = anyio.Event()
+
+    async def stop_midway() -> None:
+        while not partial.exists() or partial.stat().st_size < 200_000:  # noqa: ASYNC110
+            await anyio.sleep(0.005)  # the output is the run's own state: no event to await
+        stop.set()
+
+    edited = make_config(tmp_path, [*rows, chat("new")], server, max_async_requests=32)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(stop_midway)
+        summary = await run_async(edited, stop=stop)
+
+    assert summary.exit_code == 75, summary.aborted
+    assert partial.read_bytes().count(b"\n") < 6_000  # about 1,000; before, about 12,000
