@@ -295,6 +295,10 @@ class SharedBudget:
         self._pause = 0.0  # seconds of pause to share, not yet sent
         self._wake = anyio.Event()
         self._fallback: RateBudget | None = None
+        # After an outage, the local share still bounds this process for a
+        # reconnect period (see ``_call``): the share, and when that ends.
+        self._returning: RateBudget | None = None
+        self._returning_until = -math.inf
         self._retry_at = -math.inf
         self.processes = 1
         self.calls = 0
@@ -324,8 +328,19 @@ class SharedBudget:
                     await self._fallback.acquire(tokens)
                     return
             await self._local.acquire(tokens)
+            if self._returning is not None:
+                await self._still_returning(tokens)
             self._requests_left -= 1
             self._tokens_left -= tokens
+
+    async def _still_returning(self, tokens: int) -> None:
+        """Keep to the local share too while other processes may still be on
+        theirs (a Redis restarted without its data does not know they send)."""
+        assert self._returning is not None
+        if self._clock() >= self._returning_until:
+            self._returning = None
+            return
+        await self._returning.acquire(tokens)
 
     def settle(self, estimated: int, actual: int) -> None:
         """Usage above the estimate is sent with the next call; a refund goes
@@ -334,7 +349,10 @@ class SharedBudget:
             return
         if self._fallback is not None:
             self._fallback.settle(estimated, actual)
-        elif actual > estimated:
+            return
+        if self._returning is not None:
+            self._returning.settle(estimated, actual)
+        if actual > estimated:
             self._debt += actual - estimated
         else:
             self._tokens_left += estimated - actual
@@ -346,8 +364,9 @@ class SharedBudget:
         """A server asked to pause until ``until`` (monotonic seconds): bank
         nothing here, and tell every process (sent at once, in the background)."""
         self._local.hold(until)
-        if self._fallback is not None:
-            self._fallback.hold(until)
+        for local in (self._fallback, self._returning):
+            if local is not None:
+                local.hold(until)
         self._pause = max(self._pause, until - self._clock())
         self._wake.set()
 
@@ -413,7 +432,11 @@ class SharedBudget:
         self.processes = max(1, grant.processes)
         if self._fallback is not None:
             log.warning("Redis at %s is back: the shared limits apply again", self._store.url)
-            self._fallback = None
+            # Every other process finds it back within its next reconnect
+            # try; until then it sends at its share, which Redis does not see.
+            self._returning, self._fallback = self._fallback, None
+            self._returning.hold(self._clock())  # nothing banked while it was idle
+            self._returning_until = self._clock() + RECONNECT_S
         return grant
 
     def _lost(self, exc: RedisUnavailable) -> None:

@@ -7,6 +7,7 @@ against the real mock provider.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
@@ -26,6 +27,7 @@ from batchrun.layout import state_dir
 from batchrun.mock.server import MockServer
 from batchrun.sharedlimits import (
     LEASE_REQUESTS,
+    RECONNECT_S,
     Grant,
     LeaseAsk,
     RedisUnavailable,
@@ -168,6 +170,32 @@ async def test_a_lost_redis_falls_back_to_a_share_then_returns(
         await budget.acquire(0)
         assert "is back" in caplog.text
     assert budget.report()["redis outages"] == 1
+
+
+@pytest.mark.asyncio
+async def test_back_from_an_outage_a_process_keeps_its_share_for_a_reconnect_period() -> None:
+    # Redis back (restarted without its data) grants this process the whole
+    # rate, while the others may send at their shares until their next try:
+    # the account would see up to 1.5 times its rate for a second.
+    time, store = FakeClock(), FakeStore(processes=2)
+    budget = shared(store, time, rpm=1200)  # 20/s; 10/s each of 2
+    await budget.acquire(0)
+    store.down = True
+    for _ in range(LEASE_REQUESTS + 3):  # the lease spent, then the share
+        await budget.acquire(0)
+    assert budget.report()["redis outages"] == 1
+    store.down = False
+    time.advance(RECONNECT_S)  # the next acquire tries Redis again
+    back_at = time.now
+    stamps = []
+    for _ in range(30):
+        await budget.acquire(0)
+        stamps.append(time.now - back_at)
+    within = [t for t in stamps if t < RECONNECT_S]
+    assert len(within) <= 10 + 1  # its share, 10/s, for the reconnect period
+    after = [b - a for a, b in itertools.pairwise(stamps) if a >= RECONNECT_S + 0.1]
+    assert after
+    assert all(gap == pytest.approx(0.05) for gap in after)  # then the full 20/s
 
 
 @pytest.mark.asyncio
