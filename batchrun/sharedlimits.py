@@ -295,10 +295,7 @@ class SharedBudget:
         self._pause = 0.0  # seconds of pause to share, not yet sent
         self._wake = anyio.Event()
         self._fallback: RateBudget | None = None
-        # After an outage, the local share still bounds this process for a
-        # reconnect period (see ``_call``): the share, and when that ends.
-        self._returning: RateBudget | None = None
-        self._returning_until = -math.inf
+        self._returning = _Returning(clock)
         self._retry_at = -math.inf
         self.processes = 1
         self.calls = 0
@@ -328,19 +325,10 @@ class SharedBudget:
                     await self._fallback.acquire(tokens)
                     return
             await self._local.acquire(tokens)
-            if self._returning is not None:
-                await self._still_returning(tokens)
+            if (share := self._returning.share) is not None:
+                await share.acquire(tokens)
             self._requests_left -= 1
             self._tokens_left -= tokens
-
-    async def _still_returning(self, tokens: int) -> None:
-        """Keep to the local share too while other processes may still be on
-        theirs (a Redis restarted without its data does not know they send)."""
-        assert self._returning is not None
-        if self._clock() >= self._returning_until:
-            self._returning = None
-            return
-        await self._returning.acquire(tokens)
 
     def settle(self, estimated: int, actual: int) -> None:
         """Usage above the estimate is sent with the next call; a refund goes
@@ -350,8 +338,8 @@ class SharedBudget:
         if self._fallback is not None:
             self._fallback.settle(estimated, actual)
             return
-        if self._returning is not None:
-            self._returning.settle(estimated, actual)
+        if (share := self._returning.share) is not None:
+            share.settle(estimated, actual)
         if actual > estimated:
             self._debt += actual - estimated
         else:
@@ -364,7 +352,7 @@ class SharedBudget:
         """A server asked to pause until ``until`` (monotonic seconds): bank
         nothing here, and tell every process (sent at once, in the background)."""
         self._local.hold(until)
-        for local in (self._fallback, self._returning):
+        for local in (self._fallback, self._returning.share):
             if local is not None:
                 local.hold(until)
         self._pause = max(self._pause, until - self._clock())
@@ -432,11 +420,8 @@ class SharedBudget:
         self.processes = max(1, grant.processes)
         if self._fallback is not None:
             log.warning("Redis at %s is back: the shared limits apply again", self._store.url)
-            # Every other process finds it back within its next reconnect
-            # try; until then it sends at its share, which Redis does not see.
-            self._returning, self._fallback = self._fallback, None
-            self._returning.hold(self._clock())  # nothing banked while it was idle
-            self._returning_until = self._clock() + RECONNECT_S
+            self._returning.start(self._fallback)
+            self._fallback = None
         return grant
 
     def _lost(self, exc: RedisUnavailable) -> None:
@@ -466,6 +451,29 @@ class SharedBudget:
                 await self._call(LeaseAsk(pause=self._pause))
             except RedisUnavailable as exc:
                 self._lost(exc)
+
+
+class _Returning:
+    """A process's local share, kept for a reconnect period once Redis is
+    back: every other process finds it back within its next reconnect try,
+    and until then sends at its own share, which a Redis restarted without
+    its data does not see."""
+
+    def __init__(self, clock: Monotonic) -> None:
+        self._clock = clock
+        self._share: RateBudget | None = None
+        self._until = -math.inf
+
+    def start(self, share: RateBudget) -> None:
+        share.hold(self._clock())  # nothing banked while it was idle
+        self._share, self._until = share, self._clock() + RECONNECT_S
+
+    @property
+    def share(self) -> RateBudget | None:
+        """The share while it still applies, else None."""
+        if self._share is not None and self._clock() >= self._until:
+            self._share = None
+        return self._share
 
 
 def _share(
