@@ -106,10 +106,18 @@ def _scan_output(
 def _kept_lines(kept: Path | None, skip: int) -> Iterator[Iterator[bytes]]:
     """The lines of the finished output ``kept`` from its row ``skip`` on
     (none without one): a row written as it is there was kept, not paid."""
-    if kept is None or not kept.exists():  # gone: the row source says so, by name
+    if kept is None or not kept.exists():  # gone: ``prepare`` stops the run, by name
         yield iter(())
         return
-    with kept.open("rb") as handle:
+    with finished_lines(kept, skip) as lines:
+        yield lines
+
+
+@contextmanager
+def finished_lines(out: Path, skip: int) -> Iterator[Iterator[bytes]]:
+    """The lines of the finished output ``out`` (the one a --retry-failed
+    pass replaces) from its row ``skip`` on, read as they are asked for."""
+    with out.open("rb") as handle:
         for _ in range(skip):
             handle.readline()
         yield iter(handle)

@@ -35,7 +35,7 @@ from batchrun.records import (
     output_line,
     parse_line,
 )
-from batchrun.resume import ResumePoint, free_tally
+from batchrun.resume import ResumePoint, finished_lines, free_tally
 from batchrun.reuse import Answers, relabel
 from batchrun.stats import Tally
 
@@ -253,10 +253,8 @@ class RowSource:
         if not self.config.retry_failed:
             yield None
             return
-        with self.config.out.open("rb") as handle:
-            for _ in range(self.shard.rows_before(skip)):
-                handle.readline()
-            yield iter(handle)
+        with finished_lines(self.config.out, self.shard.rows_before(skip)) as lines:
+            yield lines
 
 
 def _kept_record(old: bytes, line: int, out: object) -> tuple[bytes, dict[str, Any]] | None:

@@ -13,7 +13,7 @@ from batchrun.config import WHOLE, Shard
 from batchrun.errors import UsageError
 from batchrun.inputs import READ_ERRORS, count_lines
 from batchrun.providers import get_provider
-from batchrun.resume import recover, tally
+from batchrun.resume import finished_lines, recover, tally
 from batchrun.state import FinishedRun, StateDir
 
 
@@ -116,9 +116,9 @@ def _to_resend(out: Path, written: int, done: Iterable[int]) -> int | None:
     the pass already); None if ``out`` cannot be read."""
     finished, count = set(done), 0
     try:
-        with out.open("rb") as handle:
-            for place, raw in enumerate(handle):
-                if place < written or _RETRYABLE not in raw:
+        with finished_lines(out, written) as lines:
+            for raw in lines:
+                if _RETRYABLE not in raw:
                     continue
                 record = _record(raw)
                 error = record.get("error")

@@ -31,6 +31,7 @@ from batchrun.batchmode.record import (
     Part,
 )
 from batchrun.batchmode.settle import BatchRefused, Settler
+from batchrun.batchmode.standing import warn_of_undeleted
 from batchrun.batchmode.submit import Submitter
 from batchrun.config import RunConfig
 from batchrun.errors import NEVER_SENT, FatalError, RequestError
@@ -76,26 +77,6 @@ class PhaseResult:
 def _stopped_by(exc: RequestError) -> str:
     """Why the phase stops after ``exc``, and that the same command resumes."""
     return f"{exc.stop_reason()}, {_AGAIN}"
-
-
-def _warn_of_files_left(state: BatchState) -> None:
-    """Name the provider files a deletion failed for: the record that holds
-    them is dropped once the output is published, so no later run deletes
-    them (DashScope keeps at most 10,000 files)."""
-    left = [
-        file_id
-        for part in state.parts
-        for file_id in (part.input_file_id, *part.result_files)
-        if file_id
-    ]
-    if left:
-        log.warning(
-            "%d file(s) could not be deleted on the provider at %s: %s; delete them there"
-            " (its files API)",
-            len(left),
-            state.base_url,
-            ", ".join(left),
-        )
 
 
 class BatchJob:
@@ -223,7 +204,7 @@ class BatchJob:
         refused = next((part for part in self.state.parts if part.status == "refused"), None)
         if refused is None:
             if not self.config.batch.keep_files:
-                _warn_of_files_left(self.state)
+                warn_of_undeleted(self.state)
             return PhaseResult(complete=True)
         reason = refused.refusal or f"the provider refused part {refused.id} as a whole"
         return PhaseResult(aborted=f"{reason.rstrip('.')}. {_FIX_INPUT}")

@@ -1,6 +1,8 @@
 """What an output's batch record says, read without the provider: whether a
 run may go on over it (``guard``), the answers its batches brought
-(``known_results``) and its parts for ``batchrun status`` (``describe``).
+(``known_results``), its parts for ``batchrun status`` (``describe``), and
+the provider files it leaves named (``warn_of_undeleted``, and on --restart
+``guard``).
 
 Online runs read these too, so this module keeps clear of batch mode's HTTP.
 """
@@ -23,7 +25,7 @@ from batchrun.batchmode.record import (
 from batchrun.errors import UsageError
 from batchrun.fdlimit import make_room
 
-__all__ = ["describe", "guard", "known_results", "unsettled"]
+__all__ = ["describe", "guard", "known_results", "unsettled", "warn_of_undeleted"]
 
 log = logging.getLogger("batchrun")
 
@@ -61,6 +63,26 @@ def guard(state_root: Path, *, mode: str, restart: bool) -> None:
         raise UsageError(
             f"this output has {len(pending)} batch parts not yet collected: run it with --mode"
             " batch (add --fallback online to send unfinished rows online)"
+        )
+
+
+def warn_of_undeleted(state: BatchState) -> None:
+    """Name the provider files a deletion failed for: the record that holds
+    them is dropped once the output is published, so no later run deletes
+    them (DashScope keeps at most 10,000 files)."""
+    left = [
+        file_id
+        for part in state.parts
+        for file_id in (part.input_file_id, *part.result_files)
+        if file_id
+    ]
+    if left:
+        log.warning(
+            "%d file(s) could not be deleted on the provider at %s: %s; delete them there"
+            " (its files API)",
+            len(left),
+            state.base_url,
+            ", ".join(left),
         )
 
 
