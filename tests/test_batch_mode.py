@@ -20,6 +20,7 @@ from batchrun.mock.batches import BatchFaults
 from batchrun.mock.server import MockServer
 from batchrun.runner import run_async
 from tests.conftest import chat, make_config, read_jsonl, write_jsonl
+from tests.fakes import FakeClock
 from tests.redis_server import free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -284,6 +285,25 @@ async def test_a_part_the_token_limit_keeps_refusing_stops_the_run_resumably(
     assert summary.aborted is not None
     assert "enqueued-token limit refused it 2 times" in summary.aborted
     assert summary.aborted.endswith("run the same command again later: it resumes")
+
+
+async def test_a_batch_that_never_ends_is_polled_for_a_bounded_time(tmp_path: Path) -> None:
+    # The provider keeps the batch in_progress past its 24 h window: the run
+    # stops (exit 3) instead of polling for ever, and leaves the batch running.
+    clock = FakeClock()
+    async with MockServer(batch_faults=BatchFaults(seconds=1e9)) as server:
+        settings = {"mode": "batch", "poll_interval": 3600.0}
+        config = make_config(tmp_path, rows(2, model="m"), server, **settings)
+        summary = await run_async(config, clock=clock.as_clock())
+        (batch,) = server.batches.batches.values()
+        status = batch.info["status"]
+        assert status in ("validating", "in_progress")  # not cancelled: left as it is
+    assert summary.exit_code == 3
+    assert summary.aborted is not None
+    assert f"batch {batch.info['id']} is still {status} after 30 h of polling" in summary.aborted
+    assert f"batchrun cancel {config.out}" in summary.aborted
+    assert job_module.MAX_BATCH_WAIT < clock.now <= job_module.MAX_BATCH_WAIT + 2 * 3600 * 1.2
+    assert not config.out.exists()
 
 
 async def test_a_wrong_base_url_aborts_saying_that_the_run_resumes(

@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 
@@ -49,6 +50,10 @@ MAX_TOKEN_LIMIT_PAUSE = 1800.0
 MAX_FAILED_STEPS = 20
 # Share of the poll interval added or taken at random, so runs do not poll in step.
 JITTER = 0.2
+# Seconds one process polls a batch that does not end before it stops (exit 3):
+# the provider's 24 h window, and 6 h for it to expire the batch and write its
+# files. A batch past that is the provider's fault, and polling would never end.
+MAX_BATCH_WAIT = 30 * 3600.0
 
 
 # What to do after an answer that is not about the input (a key, an account,
@@ -104,6 +109,7 @@ class BatchJob:
         self._aborted: str | None = None
         self._failures = 0  # part steps failed in a row, each after its own retries
         self._reached = False  # a step of this run has had the provider's answer
+        self._overdue = _Overdue(clock, config.out)
 
     async def plan(
         self,
@@ -258,7 +264,9 @@ class BatchJob:
                 part.batch_id,
                 part.batch_status,
             )
-        if part.batch_status in TERMINAL and not await self.settler.ended(part, batch):
+        if part.batch_status not in TERMINAL:
+            self._aborted = self._aborted or self._overdue.check(part)
+        elif not await self.settler.ended(part, batch):
             self._refused_for_tokens(part)
 
     def _refused_for_tokens(self, part: Part) -> None:
@@ -275,4 +283,29 @@ class BatchJob:
             " (try %d)",
             part.id,
             part.tries + 1,
+        )
+
+
+class _Overdue:
+    """When each live batch was first polled by this process (``clock``'s
+    monotonic seconds), to stop polling one that runs past ``MAX_BATCH_WAIT``."""
+
+    def __init__(self, clock: Clock, out: Path) -> None:
+        self.clock = clock
+        self.out = out
+        self._first: dict[str, float] = {}  # batch id -> first poll
+
+    def check(self, part: Part) -> str | None:
+        """Why the run stops for ``part``'s batch (still running), or None."""
+        assert part.batch_id is not None
+        now = self.clock.monotonic()
+        first = self._first.setdefault(part.batch_id, now)
+        if now - first <= MAX_BATCH_WAIT:
+            return None
+        return (
+            f"part {part.id}: batch {part.batch_id} is still {part.batch_status} after"
+            f" {MAX_BATCH_WAIT / 3600:.0f} h of polling, past the provider's 24 h window;"
+            " batchrun stops polling and leaves it as it is. Check it at the provider, or"
+            f" cancel it (batchrun cancel {self.out} keeps its finished rows), then run the same"
+            " command again: it collects what the batch finished and resubmits the rest"
         )
