@@ -256,14 +256,7 @@ class BatchJob:
         before = part.batch_status
         part.seen(batch)
         if part.batch_status != before and part.batch_status not in STATUSES:
-            # Said once per change: a batch polled on and on should say why.
-            log.warning(
-                "part %d: batch %s has the status %r, which batchrun does not know; it is"
-                " polled on until it ends (at the latest when the provider's 24 h window does)",
-                part.id,
-                part.batch_id,
-                part.batch_status,
-            )
+            _warn_unknown(part)  # once per change: a batch polled on and on should say why
         if part.batch_status not in TERMINAL:
             self._aborted = self._aborted or self._overdue.check(part)
         elif not await self.settler.ended(part, batch):
@@ -284,6 +277,16 @@ class BatchJob:
             part.id,
             part.tries + 1,
         )
+
+
+def _warn_unknown(part: Part) -> None:
+    log.warning(
+        "part %d: batch %s has the status %r, which batchrun does not know; it is polled on"
+        " until it ends (at the latest when the provider's 24 h window does)",
+        part.id,
+        part.batch_id,
+        part.batch_status,
+    )
 
 
 class _Overdue:
