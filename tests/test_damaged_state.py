@@ -219,13 +219,21 @@ async def test_a_batch_part_in_no_known_state_is_refused_by_run(tmp_path: Path) 
         await run_async(config)  # refused before any call: no server needed
 
 
-@pytest.mark.parametrize(
-    "damage", [b'[[1,"a"],', b'[[1,"a"],[2]]', b'[["1","a"]]', b'{"1":"a"}', b"[[1,2]]"]
-)
+# (part file, its damaged content; None: the file is gone).
+_PART_FILE_DAMAGE = [
+    *(("ids", text) for text in (b'[[1,"a"],', b'[[1,"a"],[2]]', b'[["1","a"]]', b'{"1":"a"}')),
+    ("ids", b"[[1,2]]"),
+    ("ids", None),
+    ("keys", None),
+    ("keys", b"abc"),  # short: an answer would be filed under a key no request has
+]
+
+
+@pytest.mark.parametrize(("suffix", "damage"), _PART_FILE_DAMAGE)
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
 async def test_a_damaged_batch_part_file_is_one_line_not_a_traceback(
-    tmp_path: Path, damage: bytes
+    tmp_path: Path, suffix: str, damage: bytes | None
 ) -> None:
     from batchrun.batchmode.record import BatchRecord
     from batchrun.mock.batches import BatchFaults
@@ -245,10 +253,16 @@ async def test_a_damaged_batch_part_file_is_one_line_not_a_traceback(
             await wait_for(submitted)
             tasks.cancel_scope.cancel()
         batch_server.batches.faults.seconds = 0.05  # it ends: collecting reads the file
-        record.file(1, "ids").write_bytes(damage)
+        path = record.file(1, suffix)
+        if damage is None:
+            path.unlink()
+        else:
+            path.write_bytes(damage)
         # As a damaged state.json: its batch may be done and paid, so the
         # line says what to do, not only what is wrong.
-        with pytest.raises(CorruptStateError, match=r"part-000001\.ids is damaged.*; batches"):
+        with pytest.raises(
+            CorruptStateError, match=rf"part-000001\.{suffix} is damaged.*; batches"
+        ):
             await run_async(config)
 
 

@@ -178,7 +178,7 @@ class BatchRecord:
             # Written by ``write_ids`` as [int, str] pairs (orjson's
             # JSONDecodeError is a ValueError).
             ids = dict(orjson.loads(path.read_bytes()))
-        except (TypeError, ValueError, IsADirectoryError):
+        except (TypeError, ValueError, FileNotFoundError, IsADirectoryError):
             raise _damaged(path) from None
         # An object, or pairs of other types, would fail deep in collecting.
         if not all(type(line) is int and type(given) is str for line, given in ids.items()):
@@ -193,7 +193,15 @@ class BatchRecord:
 
     def read_keys(self, part: int, lines: Iterable[int]) -> dict[int, bytes]:
         """Part ``part``'s content keys by line (``lines``: its ids' order)."""
-        data = self.file(part, "keys").read_bytes()
+        path = self.file(part, "keys")
+        lines = list(lines)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise _damaged(path) from None
+        # Of another length, answers would be filed under keys no request has.
+        if len(data) != 32 * len(lines):
+            raise _damaged(path, f" ({len(data)} bytes, not 32 for each of {len(lines)} rows)")
         return {line: data[32 * n : 32 * n + 32] for n, line in enumerate(lines)}
 
     def write_results(self, part: int, chunks: Iterable[bytes | memoryview]) -> None:
