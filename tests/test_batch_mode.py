@@ -475,7 +475,9 @@ async def test_online_mode_refuses_an_output_with_batches_not_collected(
     config = make_config(tmp_path, rows(2, model="m"), batch_server)
     record = BatchRecord(tmp_path / "out.jsonl.batchrun")
     state = record.new(provider="mock", base_url=batch_server.base_url, api_key_env=None)
-    state.parts.append(Part(1, "/v1/chat/completions", "m", rows=2, bytes=10, status="submitted"))
+    part = Part(1, "/v1/chat/completions", "m", rows=2, bytes=10, status="submitted")
+    part.batch_id = "batch_1"  # a live part always has one
+    state.parts.append(part)
     record.save(state)
     with pytest.raises(UsageError, match="--mode batch"):
         await run_async(config)

@@ -206,6 +206,31 @@ async def test_a_batch_record_whose_key_variable_is_no_text_is_one_line_for_canc
     assert line.startswith(f"{record.path} is damaged (a field of the wrong type); batches")
 
 
+@pytest.mark.parametrize(
+    ("where", "field", "value"),
+    [
+        ("record", "provider", "nope"),  # cancel would look up the dialect: KeyError
+        ("part", "batch_id", None),  # live without a batch id: run would poll it: AssertionError
+        ("part", "batch_id", ""),
+    ],
+)
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_batch_record_naming_what_batchrun_never_writes_is_one_line_for_cancel(
+    tmp_path: Path, where: str, field: str, value: object
+) -> None:
+    config, record = await _refused_batch_run(tmp_path)
+    data = orjson.loads(record.path.read_bytes())
+    data["parts"][0]["status"] = "submitted"  # live: cancel and run act on it
+    data["parts"][0]["batch_id"] = "batch_1"
+    (data if where == "record" else data["parts"][0])[field] = value
+    record.path.write_bytes(orjson.dumps(data))
+
+    line = _error_line(await abatchrun("cancel", config.out))
+
+    assert line.startswith(f"{record.path} is damaged (a field of the wrong type); batches")
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
 async def test_a_batch_part_in_no_known_state_is_refused_by_run(tmp_path: Path) -> None:

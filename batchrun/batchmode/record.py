@@ -35,6 +35,7 @@ import orjson
 
 from batchrun import crashpoint
 from batchrun.errors import CorruptStateError, disk_writes
+from batchrun.settings import PROVIDERS
 
 # Provider statuses after which a batch changes no more.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -106,7 +107,10 @@ def _well_formed(state: BatchState) -> bool:
     texts = (state.run_id, state.provider, state.base_url)
     key_env = state.api_key_env is None or isinstance(state.api_key_env, str)  # cancel reads it
     return (
-        all(isinstance(text, str) for text in texts) and key_env and all(map(_part_ok, state.parts))
+        all(isinstance(text, str) for text in texts)
+        and state.provider in PROVIDERS  # cancel speaks its dialect
+        and key_env
+        and all(map(_part_ok, state.parts))
     )
 
 
@@ -117,6 +121,8 @@ def _part_ok(part: Part) -> bool:
         all(type(n) is int and n >= 0 for n in counts)
         and isinstance(part.status, str)  # first: a list or an object is unhashable
         and part.status in PART_STATUSES
+        # A live part is polled by its batch id: without one a run could not poll it.
+        and (part.status != "submitted" or bool(part.batch_id))
         and isinstance(part.endpoint, str)
         and all(i is None or isinstance(i, str) for i in ids)
         and (part.parent is None or type(part.parent) is int)
