@@ -761,3 +761,14 @@ async def test_an_upload_whose_answer_was_lost_leaves_no_second_file(tmp_path: P
         assert server.batches.files == {}
         assert server.batches.uploads == 1
         assert server.stats.batch_rows == 3
+
+
+@pytest.mark.parametrize("model", [["m"], {"name": "m"}])
+async def test_a_line_whose_model_is_no_text_is_answered_by_the_mock_not_a_500(
+    tmp_path: Path, batch_server: MockServer, model: object
+) -> None:
+    # batchrun sends such a line as it is (the provider judges it); the mock's
+    # check of one model per file hashed it and failed every create with a 500.
+    config = make_config(tmp_path, rows(2, model=model), batch_server, max_attempts=1, **FAST)
+    assert (await run_async(config)).exit_code == 0
+    assert batch_server.stats.batch_rows == 2

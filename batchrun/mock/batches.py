@@ -368,7 +368,7 @@ def _read_rows(data: bytes, endpoint: str) -> tuple[list[_Row], list[dict[str, A
     rows: list[_Row] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
-    models: set[Any] = set()
+    models: set[bytes | None] = set()
     for number, raw in enumerate(data.splitlines(), start=1):
         problem, row = _read_row(raw, endpoint, seen, models)
         if problem == "file":
@@ -382,7 +382,7 @@ def _read_rows(data: bytes, endpoint: str) -> tuple[list[_Row], list[dict[str, A
 
 
 def _read_row(
-    raw: bytes, endpoint: str, seen: set[str], models: set[Any]
+    raw: bytes, endpoint: str, seen: set[str], models: set[bytes | None]
 ) -> tuple[str | None, _Row | None]:
     try:
         line = orjson.loads(raw)
@@ -392,7 +392,8 @@ def _read_row(
     if custom_id in seen:
         return f"custom_id {custom_id!r} is repeated in the file", None
     seen.add(custom_id)
-    models.add(body.get("model") if isinstance(body, dict) else None)
+    # As JSON: a line's model may be a list or an object, which no set holds.
+    models.add(canonical_json(body.get("model")) if isinstance(body, dict) else None)
     if url != endpoint or not isinstance(body, dict) or len(models) > 1:
         return "every line must have the batch's endpoint and one model", None
     kind = BATCH_URLS[endpoint]
