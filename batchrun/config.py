@@ -464,6 +464,12 @@ class Costs:
         )
 
 
+# The longest poll interval taken, in seconds: a batch ends within the
+# providers' 24 h window, and a longer wait (1e300 passes as finite) would
+# leave a run asleep, silent, long after its batches had ended.
+MAX_POLL_INTERVAL = 86_400.0
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BatchSettings:
     """Settings of ``--mode batch``.
@@ -491,8 +497,10 @@ class BatchSettings:
             f"--batch-bytes must be a whole number >= 1024, got {self.bytes!r}",
         )
         require(
-            _is_seconds(self.poll_interval, minimum_exclusive=True),
-            f"--poll-interval must be a number of seconds > 0, got {self.poll_interval!r}",
+            _is_seconds(self.poll_interval, minimum_exclusive=True)
+            and self.poll_interval <= MAX_POLL_INTERVAL,
+            f"--poll-interval must be a number of seconds > 0 and at most {MAX_POLL_INTERVAL:.0f}"
+            f" (a day: the providers' window for a batch), got {self.poll_interval!r}",
         )
         require(isinstance(self.keep_files, bool), "keep_files must be true or false")
         require(

@@ -476,7 +476,7 @@ SETTINGS: tuple[Setting, ...] = (
         "poll_interval",
         float,
         30.0,
-        "Seconds between polls of running batches ({default}).",
+        "Seconds between polls of running batches ({default}; at most a day).",
         target="batch.poll_interval",
         section="batch",
         panel=BATCH,

@@ -437,6 +437,22 @@ def test_build_config_reorder_window_bad_value(bad: Any) -> None:
     assert str(info.value) == f"--reorder-window must be a whole number >= 1, got {bad!r}"
 
 
+@pytest.mark.parametrize("bad", [0, -1, 86_400.5, 1e300, float("nan"), "30"])
+def test_build_config_poll_interval_bad_value(bad: Any) -> None:
+    # 1e300 is finite: a run would sleep through its batches, silent, for ever.
+    with pytest.raises(UsageError) as info:
+        build_config({"input": "i", "out": "o", "mode": "batch", "poll_interval": bad})
+    assert str(info.value) == (
+        "--poll-interval must be a number of seconds > 0 and at most 86400 (a day: the"
+        f" providers' window for a batch), got {bad!r}"
+    )
+
+
+def test_build_config_poll_interval_of_a_day_is_taken() -> None:
+    config = build_config({"input": "i", "out": "o", "mode": "batch", "poll_interval": 86_400})
+    assert config.batch.poll_interval == 86_400
+
+
 @pytest.mark.parametrize("provider", ["openai", "dashscope", "mock"])
 def test_build_config_known_providers(provider: str) -> None:
     assert build_config({"input": "i", "out": "o", "provider": provider}).provider == provider
