@@ -7,6 +7,8 @@ damage is named there and not met later, deep in a report, as a crash."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -229,6 +231,26 @@ async def test_a_batch_record_naming_what_batchrun_never_writes_is_one_line_for_
     line = _error_line(await abatchrun("cancel", config.out))
 
     assert line.startswith(f"{record.path} is damaged (a field of the wrong type); batches")
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_file_in_place_of_the_batch_directory_is_a_damaged_record(
+    tmp_path: Path,
+) -> None:
+    from batchrun.runner import run_async
+
+    # Its record is lost as a damaged state.json's is: the line says what to
+    # do. It said "run again with --restart", which failed the same way.
+    config, record = await _refused_batch_run(tmp_path)
+    shutil.rmtree(record.root)
+    record.root.write_bytes(b"x")
+
+    line = _error_line(await abatchrun("cancel", config.out))
+
+    assert line.startswith(f"{record.path} is damaged; batches")
+    with pytest.raises(CorruptStateError, match="is damaged; batches"):
+        await run_async(dataclasses.replace(config, restart=True))
 
 
 @pytest.mark.asyncio

@@ -162,6 +162,12 @@ class BatchRecord:
             return None
         except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError, IsADirectoryError):
             raise _damaged(self.path) from None
+        except NotADirectoryError:
+            if not self.root.parent.is_dir():
+                raise  # the state directory itself is a file: named as such
+            # A file in place of batch/: whatever record it held is lost, as
+            # with a damaged state.json (--restart would loop on this error).
+            raise _damaged(self.path) from None
         if not _well_formed(state):
             raise _damaged(self.path, " (a field of the wrong type)")
         return state
