@@ -98,6 +98,12 @@ def _check_job_key(path: Path, key: str, *, section: str | None) -> None:
     if expected is None:
         close = difflib.get_close_matches(key, _JOB_KEYS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+        flag_only = BY_KEY.get(key)
+        if flag_only is not None:  # restart, retry_failed: "did you mean" would mislead
+            hint = (
+                f" ({flag_only.flag} is a flag only: it says what one command does,"
+                " not what the job is)"
+            )
         allowed = ", ".join(sorted(_JOB_KEYS))
         raise UsageError(f"job file {path}: unknown key {key!r}{hint}; allowed keys: {allowed}")
     if section is not None and expected != section:
