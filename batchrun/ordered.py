@@ -32,6 +32,7 @@ from batchrun.resume import ResumePoint, tally
 from batchrun.reuse import Answers
 from batchrun.rowsource import Finished, line_of
 from batchrun.state import StateDir
+from batchrun.stats import Tally
 from batchrun.writer import OutputFile, ReorderBuffer
 
 __all__ = ["CHECKPOINT_BYTES", "CHECKPOINT_EVERY", "OrderedWriter"]
@@ -171,6 +172,40 @@ class OrderedWriter:
         self.reorder.pass_next()
         self._write(item)
 
+    def room(self) -> tuple[int, int]:
+        """Rows and output bytes still to write before a checkpoint is due
+        (each at least 1: the row that reaches either one is followed by it)."""
+        progress = self.progress
+        return (
+            CHECKPOINT_EVERY - (progress.rows - self._last_checkpoint),
+            CHECKPOINT_BYTES - (progress.output_bytes - self._last_checkpoint_bytes),
+        )
+
+    def write_run(self, records: list[bytes], tallies: list[Tally], row: int, end: int) -> None:
+        """Write the known rows of ``records`` as ``write_now`` would one at a
+        time, with one write, one count and one checkpoint check. They are
+        rows a batch answered (counted as ``tallies``, not journaled): the
+        first ``is_next``, each the next place after the one before, the last
+        0-based input ``row``, whose line ends at input offset ``end``. They
+        end no later than the row that fills ``room``: a checkpoint follows
+        the same row as one by one, and never claims a row not written."""
+        self.reorder.pass_next(len(records))
+        if crashpoint.ARMED:  # ``output_torn`` counts rows: each its own write
+            for record in records:
+                self.output.write(record)
+            size = sum(map(len, records))
+        else:
+            data = b"".join(records)
+            self.output.write(data)
+            size = len(data)
+        progress = self.progress
+        progress.rows += len(records)
+        progress.output_bytes += size
+        progress.input_line, progress.input_offset = line_of(row), end
+        self.stats.record_batched_run(tallies)
+        self._checkpoint_if_due()
+        self.reporter.update()
+
     def _emit(self, item: Finished) -> None:
         self._write(item)
         self.window.release()
@@ -188,12 +223,16 @@ class OrderedWriter:
         progress.output_bytes += len(data)
         progress.input_line, progress.input_offset = line, item.input_end
         self._count(item, data)
+        self._checkpoint_if_due()
+        self.reporter.update()
+
+    def _checkpoint_if_due(self) -> None:
+        progress = self.progress
         if (
             progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY
             or progress.output_bytes - self._last_checkpoint_bytes >= CHECKPOINT_BYTES
         ):
             self.checkpoint()
-        self.reporter.update()
 
     def _count(self, item: Finished, data: bytes) -> None:
         outcome = item.outcome

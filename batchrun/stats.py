@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import itertools
 import math
-from collections.abc import Mapping
+import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
@@ -103,6 +105,12 @@ class Tally:
     tokens_out: int
     cost: float = 0.0  # the record's recorded cost (0 when none)
     reused: bool = False  # answered from a result store, not paid by this output
+
+
+_OK = operator.attrgetter("ok")
+_TOKENS_IN = operator.attrgetter("tokens_in")
+_TOKENS_OUT = operator.attrgetter("tokens_out")
+_COST = operator.attrgetter("cost")
 
 
 @dataclass(slots=True)
@@ -300,6 +308,23 @@ class RunStats(Counted):
         self.done += 1
         v = verdict
         self.counts.count(v.ok, v.error_code, v.tokens_in, v.tokens_out, v.cost)
+
+    def record_batched_run(self, verdicts: Sequence[Tally]) -> None:
+        """``record_batched`` for each of ``verdicts`` in turn, with the same
+        sums: the cost is added row by row, in order, as floats add."""
+        counts = self.counts
+        self.done += len(verdicts)
+        oks = sum(map(_OK, verdicts))
+        counts.ok += oks
+        if oks != len(verdicts):
+            for v in verdicts:
+                if not v.ok:
+                    counts.failed_by_code[v.error_code or "unknown"] += 1
+        counts.tokens_in += sum(map(_TOKENS_IN, verdicts))
+        counts.tokens_out += sum(map(_TOKENS_OUT, verdicts))
+        # ``reduce``, not ``sum``: sum() compensates float rounding (3.12+),
+        # which would give a total a row-by-row count does not.
+        counts.cost = functools.reduce(operator.add, map(_COST, verdicts), counts.cost)
 
     def record_reused(self, verdict: Tally) -> None:
         """Count a row answered from a result store: no tokens or cost of this

@@ -46,11 +46,12 @@ class ReorderBuffer(Generic[T]):
         """The items held for an earlier index, in no particular order."""
         return list(self._held.values())
 
-    def pass_next(self) -> None:
-        """Item ``next_index`` was released without being pushed; nothing may be held."""
+    def pass_next(self, count: int = 1) -> None:
+        """Items ``next_index`` on (``count`` of them) were released without
+        being pushed; nothing may be held."""
         if self._held:
             raise ValueError(f"index {self._next} passed while later ones wait")
-        self._next += 1
+        self._next += count
 
     def push(self, index: int, item: T) -> list[T]:
         """Add item ``index``; return the items now releasable, in order."""
