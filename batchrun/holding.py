@@ -57,9 +57,10 @@ class Held:
 
     def get(self, line: int) -> bytes | None:
         """Row ``line``'s result, read back from the journal if it waits there."""
-        aside = self._aside.get(line)
-        if aside is not None:
-            return aside
+        if self._aside.places:  # asked for each row: no call while nothing is aside
+            aside = self._aside.get(line)
+            if aside is not None:
+                return aside
         entry = self._results.get(line)
         if isinstance(entry, Spilled):
             return self._journal.read_at(entry.offset, entry.length)
@@ -136,9 +137,9 @@ class _Aside:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self._file: BinaryIO | None = None
-        self._places: dict[int, Spilled] = {}
+        self.places: dict[int, Spilled] = {}
         self._size = 0  # bytes of the file in use: where the next result goes
-        self._waiting = 0  # bytes of the results in ``_places``
+        self._waiting = 0  # bytes of the results in ``places``
 
     @property
     def file_bytes(self) -> int:
@@ -152,21 +153,21 @@ class _Aside:
                 self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115
             elif self._size - self._waiting > self._waiting:
                 self._compact(self._file)
-            self._places[line] = self._append(self._file, data)
+            self.places[line] = self._append(self._file, data)
         self._waiting += len(data)
 
     def get(self, line: int) -> bytes | None:
-        place = self._places.get(line)
+        place = self.places.get(line)
         if place is None or self._file is None:
             return None
         return os.pread(self._file.fileno(), place.length, place.offset)
 
     def done(self, line: int) -> None:
-        place = self._places.pop(line, None)
+        place = self.places.pop(line, None)
         if place is None:
             return
         self._waiting -= place.length
-        if not self._places:
+        if not self.places:
             self._size = 0  # nothing waits: the next result starts the file over
 
     def close(self) -> None:
@@ -191,11 +192,11 @@ class _Aside:
         try:
             places = {
                 line: self._append(new, os.pread(old.fileno(), place.length, place.offset))
-                for line, place in self._places.items()
+                for line, place in self.places.items()
             }
         except BaseException:
             new.close()
             self._size = kept_size
             raise
         old.close()
-        self._file, self._places = new, places
+        self._file, self.places = new, places

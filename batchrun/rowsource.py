@@ -225,16 +225,17 @@ class RowSource:
         first, offset, written = checkpoint.input_line, checkpoint.input_offset, checkpoint.rows
         in_a_row = 0  # rows written at once since the last one handed on
         run = _Gathered(self.now)  # written before anything is handed on
+        count, index = self.shard.count, self.shard.index  # ``owns`` and ``seq``, without calls
         with open_input(self.config.input) as handle, self._previous(first) as previous:
             handle.seek(offset)
             lines = self._until_unreadable(handle)
             try:
                 for row, raw in enumerate(lines, start=first):
                     offset += len(raw)
-                    if not self.shard.owns(row):
+                    if row % count != index:
                         continue
                     old = next(previous, None) if previous is not None else None
-                    place = self.shard.seq(row)
+                    place = row // count
                     if place < written:
                         continue  # written by an earlier run
                     self.rows_read = place + 1

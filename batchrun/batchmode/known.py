@@ -20,7 +20,7 @@ import heapq
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import orjson
 
@@ -68,7 +68,9 @@ class KnownResults:
         handles = [
             self._stack.enter_context(path.open("rb", buffering=buffering)) for path in paths
         ]
-        self._merged: Iterator[tuple[int, bytes]] = merge_runs(list(map(_records, handles)))
+        # ``map``, not a generator per file: a frame less to resume for each row.
+        runs: list[Iterator[tuple[int, bytes]]] = [map(_entry, handle) for handle in handles]
+        self._merged: Iterator[tuple[int, bytes]] = merge_runs(runs)
         self._head: tuple[int, bytes] | None = None
         self._tallies: dict[bytes, Tally] = {}  # by token counts: most answers share a few
         self.found = 0
@@ -151,9 +153,9 @@ def merge_runs(runs: list[Iterator[tuple[int, bytes]]]) -> Iterator[tuple[int, b
             heapq.heappop(heap)
 
 
-def _records(handle: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    for raw in handle:
-        yield _line_of(raw), raw
+def _entry(raw: bytes) -> tuple[int, bytes]:
+    """A results-file line with its input line."""
+    return _line_of(raw), raw
 
 
 def _line_of(raw: bytes) -> int:
