@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun import ordered, rowsource
-from batchrun.config import Shard
+from batchrun.config import WHOLE, RunConfig, Shard
 from batchrun.jobfile import build_config
 from batchrun.journal import JournalContents
 from batchrun.ordered import OrderedWriter
 from batchrun.progress import ProgressReporter
 from batchrun.providers import get_provider
 from batchrun.records import Outcome, output_line
-from batchrun.resume import ResumePoint
+from batchrun.resume import ResumePoint, recover
 from batchrun.reuse import open_answers
 from batchrun.rowsource import Finished, RowSource, Work, answered_row
 from batchrun.state import StateDir
@@ -113,9 +113,8 @@ def _finished(out: Path, rows: int, shard: Shard | None) -> None:
     out.write_bytes(b"".join(records))
 
 
-def _run(case: _Case, root: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Run ``case`` through a row source and an ordered writer, sending rows
-    as workers would (answers late by ``delays``); what it leaves behind."""
+def _config(case: _Case, root: Path) -> tuple[RunConfig, dict[int, _Known], dict[int, bytes]]:
+    """The run of ``case`` in ``root``, its batch answers and journaled results."""
     path, known, journaled = _inputs(case, root)
     settings_: dict[str, Any] = {"input": path, "out": root / "out.jsonl", "provider": "mock"}
     settings_.update(base_url="http://127.0.0.1:9", progress=False)
@@ -126,15 +125,48 @@ def _run(case: _Case, root: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     config = build_config(settings_)
     if case.retry_failed:
         _finished(config.out, len(case.kinds), config.shard)
-    provider, state = get_provider(config.provider), StateDir(config.out)
-    state.root.mkdir(parents=True)
-    answers = open_answers(state.root, None, resend_retryable=False)
-    reporter = ProgressReporter(RunStats(), mode="off")
+    StateDir(config.out).root.mkdir(parents=True)
+    return config, known, journaled
+
+
+class _Killed(Exception):
+    """A kill right after a checkpoint."""
+
+
+def _run(
+    case: _Case, root: Path, monkeypatch: pytest.MonkeyPatch, kill_after: int | None = None
+) -> dict[str, Any]:
+    """Run ``case`` through a row source and an ordered writer, sending rows
+    as workers would (answers late by ``delays``); what it leaves behind.
+    With ``kill_after``, the run is killed after that many checkpoints and
+    resumed from its state."""
+    config, known, journaled = _config(case, root)
     start = ResumePoint(journal=JournalContents(results=dict(journaled)))
+    try:
+        return _pass(case, config, start, _Lookup(known), monkeypatch, kill_after)
+    except _Killed:
+        provider = get_provider(config.provider)
+        kept = config.out if config.retry_failed else None
+        resumed = recover(StateDir(config.out), provider.usage, config.shard or WHOLE, kept=kept)
+        return _pass(case, config, resumed, _Lookup(known), monkeypatch)
+
+
+def _pass(
+    case: _Case,
+    config: RunConfig,
+    start: ResumePoint,
+    lookup: _Lookup,
+    monkeypatch: pytest.MonkeyPatch,
+    kill_after: int | None = None,
+) -> dict[str, Any]:
+    provider, state = get_provider(config.provider), StateDir(config.out)
+    answers = open_answers(state.root, None, resend_retryable=False)
+    reporter = ProgressReporter(
+        RunStats.resumed(start.checkpoint.rows, start.checkpoint.counts), mode="off"
+    )
     writer = OrderedWriter(
         config, state=state, start=start, provider=provider, answers=answers, reporter=reporter
     )
-    lookup = _Lookup(known)
     source = RowSource(
         config,
         start=start,
@@ -145,11 +177,16 @@ def _run(case: _Case, root: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
         now=writer,
     )
     checkpoints: list[tuple[bytes, bytes]] = []
-    _note_checkpoints(monkeypatch, writer, state, checkpoints)
-    writer.open()
-    anyio.run(_work, source, writer, case.delays)
-    writer.close(complete=False)
-    answers.local.close()
+    _note_checkpoints(monkeypatch, writer, state, checkpoints, kill_after)
+    try:
+        writer.open()
+        anyio.run(_work, source, writer, case.delays)
+        writer.close(complete=False)  # its checkpoint first: a kill may come after it too
+    except _Killed:
+        writer.close(complete=True)  # no checkpoint: the state as the kill leaves it
+        raise
+    finally:
+        answers.local.close()
     return {
         "output": state.partial_path.read_bytes(),
         "checkpoints": checkpoints,
@@ -172,13 +209,17 @@ def _note_checkpoints(
     writer: OrderedWriter,
     state: StateDir,
     checkpoints: list[tuple[bytes, bytes]],
+    kill_after: int | None = None,
 ) -> None:
-    """Keep each checkpoint the writer writes, with the journal it leaves."""
+    """Keep each checkpoint the writer writes, with the journal it leaves;
+    after ``kill_after`` of them, the run is killed."""
     checkpoint: Callable[[], None] = writer.checkpoint
 
     def noted() -> None:
         checkpoint()
         checkpoints.append((state.checkpoint_path.read_bytes(), state.journal_path.read_bytes()))
+        if len(checkpoints) == kill_after:
+            raise _Killed
 
     monkeypatch.setattr(writer, "checkpoint", noted)
 
@@ -298,3 +339,26 @@ def test_a_run_counts_as_its_rows_one_by_one(verdicts: list[Tally]) -> None:
         one_by_one.record_batched(verdict)
     run.record_batched_run(verdicts)
     assert _figures(run) == _figures(one_by_one)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=_cases, kill_after=st.integers(1, 12))
+def test_a_gathered_run_killed_after_a_checkpoint_resumes_to_the_same_output(
+    case: _Case, kill_after: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint claims no row a run has not written: killed right after
+    one and resumed, the run ends with the output and counts of one that
+    wrote its rows one by one, uninterrupted."""
+    monkeypatch.setattr(ordered, "CHECKPOINT_EVERY", case.every)
+    monkeypatch.setattr(ordered, "CHECKPOINT_BYTES", case.every_bytes)
+    with tempfile.TemporaryDirectory() as root:
+        killed = _run(case, Path(root), monkeypatch, kill_after)
+    with monkeypatch.context() as patch, tempfile.TemporaryDirectory() as root:
+        patch.setattr(rowsource, "GATHERED_RUN", 0)
+        whole = _run(case, Path(root), patch)
+    assert killed["output"] == whole["output"]
+    assert killed["checkpoints"][-1][0] == whole["checkpoints"][-1][0]  # rows, offsets, counts
