@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 
 import orjson
 
@@ -31,8 +32,8 @@ from batchrun.providers import Provider
 from batchrun.resume import ResumePoint, tally
 from batchrun.reuse import Answers
 from batchrun.rowsource import Finished, line_of
-from batchrun.state import StateDir
-from batchrun.stats import Tally
+from batchrun.state import Checkpoint, StateDir
+from batchrun.stats import RunStats, Tally
 from batchrun.writer import OutputFile, ReorderBuffer
 
 __all__ = ["CHECKPOINT_BYTES", "CHECKPOINT_EVERY", "OrderedWriter"]
@@ -79,8 +80,7 @@ class OrderedWriter:
         # Journaled, unwritten, by line; in memory up to --reorder-bytes, then in the journal only.
         self.held = Held(self.journal, config.reorder_bytes, start.journal.results)
         self.in_flight: set[int] = set()  # lines begun, not answered: in doubt if we stop now
-        self._last_checkpoint = start.checkpoint.rows
-        self._last_checkpoint_bytes = start.checkpoint.output_bytes
+        self._cadence = _Cadence(start.checkpoint.rows, start.checkpoint.output_bytes)
 
     # -- the journal ----------------------------------------------------------
 
@@ -175,35 +175,23 @@ class OrderedWriter:
     def room(self) -> tuple[int, int]:
         """Rows and output bytes still to write before a checkpoint is due
         (each at least 1: the row that reaches either one is followed by it)."""
-        progress = self.progress
-        return (
-            CHECKPOINT_EVERY - (progress.rows - self._last_checkpoint),
-            CHECKPOINT_BYTES - (progress.output_bytes - self._last_checkpoint_bytes),
-        )
+        return self._cadence.room(self.progress)
 
     def write_run(self, records: list[bytes], tallies: list[Tally], row: int, end: int) -> None:
-        """Write the known rows of ``records`` as ``write_now`` would one at a
-        time, with one write, one count and one checkpoint check. They are
-        rows a batch answered (counted as ``tallies``, not journaled): the
-        first ``is_next``, each the next place after the one before, the last
-        0-based input ``row``, whose line ends at input offset ``end``. They
-        end no later than the row that fills ``room``: a checkpoint follows
-        the same row as one by one, and never claims a row not written."""
+        """Write rows a batch answered (``records``, counted as ``tallies``,
+        not journaled) as ``write_now`` would one at a time: the first
+        ``is_next``, each the next place, the last 0-based input ``row``, its
+        line ending at input offset ``end``, and none past ``room``'s (so a
+        checkpoint follows the same row as one by one)."""
         self.reorder.pass_next(len(records))
-        if crashpoint.ARMED:  # ``output_torn`` counts rows: each its own write
-            for record in records:
-                self.output.write(record)
-            size = sum(map(len, records))
-        else:
-            data = b"".join(records)
-            self.output.write(data)
-            size = len(data)
+        size = _write_all(self.output, records)
         progress = self.progress
         progress.rows += len(records)
         progress.output_bytes += size
         progress.input_line, progress.input_offset = line_of(row), end
         self.stats.record_batched_run(tallies)
-        self._checkpoint_if_due()
+        if self._cadence.due(progress):
+            self.checkpoint()
         self.reporter.update()
 
     def _emit(self, item: Finished) -> None:
@@ -222,38 +210,10 @@ class OrderedWriter:
         progress.rows += 1
         progress.output_bytes += len(data)
         progress.input_line, progress.input_offset = line, item.input_end
-        self._count(item, data)
-        self._checkpoint_if_due()
-        self.reporter.update()
-
-    def _checkpoint_if_due(self) -> None:
-        progress = self.progress
-        if (
-            progress.rows - self._last_checkpoint >= CHECKPOINT_EVERY
-            or progress.output_bytes - self._last_checkpoint_bytes >= CHECKPOINT_BYTES
-        ):
+        _count(self.stats, self.provider, item, data)
+        if self._cadence.due(progress):
             self.checkpoint()
-
-    def _count(self, item: Finished, data: bytes) -> None:
-        outcome = item.outcome
-        if outcome is not None:
-            self.stats.record_outcome(
-                ok=outcome.ok,
-                error_code=outcome.error_code,
-                attempts=outcome.attempts,
-                latency_s=outcome.latency_s,
-                tokens_in=outcome.tokens_in,
-                tokens_out=outcome.tokens_out,
-                cost=outcome.cost or 0.0,
-            )
-            return
-        verdict = item.tally or tally(orjson.loads(data), self.provider.usage)
-        if item.reused:
-            self.stats.record_reused(verdict)
-        elif item.batched:
-            self.stats.record_batched(verdict)
-        else:
-            self.stats.record_earlier(verdict)
+        self.reporter.update()
 
     def flush(self, *, store: bool = True) -> None:
         """Hand written lines to the OS (with --fsync batch, to the disk with the
@@ -280,5 +240,63 @@ class OrderedWriter:
         crashpoint.hit("between_checkpoint_and_compaction")
         begun = [b'{"b":%d}\n' % line for line in sorted(self.in_flight)]
         self.held.compact(begun)
-        self._last_checkpoint = self.progress.rows
-        self._last_checkpoint_bytes = self.progress.output_bytes
+        self._cadence.mark(self.progress)
+
+
+@dataclass(slots=True)
+class _Cadence:
+    """When the next checkpoint is due: once ``CHECKPOINT_EVERY`` rows or
+    ``CHECKPOINT_BYTES`` output bytes are written after the last one, which
+    held ``rows`` rows and ``bytes`` bytes."""
+
+    rows: int
+    bytes: int
+
+    def room(self, progress: Checkpoint) -> tuple[int, int]:
+        """Rows and output bytes still to write before a checkpoint is due."""
+        return (
+            CHECKPOINT_EVERY - (progress.rows - self.rows),
+            CHECKPOINT_BYTES - (progress.output_bytes - self.bytes),
+        )
+
+    def due(self, progress: Checkpoint) -> bool:
+        rows, size = self.room(progress)
+        return rows <= 0 or size <= 0
+
+    def mark(self, progress: Checkpoint) -> None:
+        """A checkpoint of ``progress`` was just written."""
+        self.rows, self.bytes = progress.rows, progress.output_bytes
+
+
+def _write_all(output: OutputFile, records: list[bytes]) -> int:
+    """Write ``records`` in one call; the bytes written."""
+    if crashpoint.ARMED:  # ``output_torn`` counts rows: each its own write
+        for record in records:
+            output.write(record)
+        return sum(map(len, records))
+    data = b"".join(records)
+    output.write(data)
+    return len(data)
+
+
+def _count(stats: RunStats, provider: Provider, item: Finished, data: bytes) -> None:
+    """Count written row ``item`` (its record ``data``) in ``stats``."""
+    outcome = item.outcome
+    if outcome is not None:
+        stats.record_outcome(
+            ok=outcome.ok,
+            error_code=outcome.error_code,
+            attempts=outcome.attempts,
+            latency_s=outcome.latency_s,
+            tokens_in=outcome.tokens_in,
+            tokens_out=outcome.tokens_out,
+            cost=outcome.cost or 0.0,
+        )
+        return
+    verdict = item.tally or tally(orjson.loads(data), provider.usage)
+    if item.reused:
+        stats.record_reused(verdict)
+    elif item.batched:
+        stats.record_batched(verdict)
+    else:
+        stats.record_earlier(verdict)
