@@ -257,7 +257,8 @@ def _answer(writer: OrderedWriter, work: Work) -> None:
         error_message="e",
         attempts=1,
         latency_s=0.01 * work.row,
-        tokens_in=3,
+        # No tokens: a record without a response carries none, so a resumed
+        # run counting it from the journal would count what this one did not.
         cost=0.1,
     )
     data = output_line(outcome)
