@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -79,6 +80,9 @@ class OrderedWriter:
         self.progress.counts = self.stats.counts
         # Journaled, unwritten, by line; in memory up to --reorder-bytes, then in the journal only.
         self.held = Held(self.journal, config.reorder_bytes, start.journal.results)
+        # The result journaled for a line and not written yet, if any: the
+        # held results' own lookup, asked for each row the row source reads.
+        self.journaled: Callable[[int], bytes | None] = self.held.get
         self.in_flight: set[int] = set()  # lines begun, not answered: in doubt if we stop now
         self._cadence = _Cadence(start.checkpoint.rows, start.checkpoint.output_bytes)
 
@@ -91,10 +95,6 @@ class OrderedWriter:
         store still takes the results (they are paid for)."""
         with contextlib.suppress(DiskError):
             self.journal.flush()
-
-    def journaled(self, line: int) -> bytes | None:
-        """The result journaled for ``line`` and not written yet, if any."""
-        return self.held.get(line)
 
     def begin(self, line: int) -> None:
         """``line``'s request goes to the socket next: from now on it is in

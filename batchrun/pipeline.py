@@ -109,7 +109,7 @@ class Pipeline:
             start=start,
             provider=provider,
             answers=answers,
-            journaled=self.writer.held.get,  # its ``journaled``, a call less per row
+            journaled=self.writer.journaled,
             known=known,
             now=self.writer,
         )

@@ -151,6 +151,21 @@ class Counts:
         self.tokens_out += tokens_out
         self.cost += cost
 
+    def count_all(self, verdicts: Sequence[Tally]) -> None:
+        """``count`` each of ``verdicts`` (none reused) in turn, with the same
+        sums in fewer calls: the costs are added one by one, in order."""
+        oks = sum(map(_OK, verdicts))
+        self.ok += oks
+        if oks != len(verdicts):
+            for v in verdicts:
+                if not v.ok:
+                    self.count(False, v.error_code)  # no tokens, and cost + 0.0 is exact
+        self.tokens_in += sum(map(_TOKENS_IN, verdicts))
+        self.tokens_out += sum(map(_TOKENS_OUT, verdicts))
+        # ``reduce``, not ``sum``: sum() compensates float rounding (3.12+),
+        # which would give a total a row-by-row count does not.
+        self.cost = functools.reduce(operator.add, map(_COST, verdicts), self.cost)
+
     def count_record(self, verdict: Tally) -> None:
         """Count an output record's verdict. A reused row adds no tokens and
         no cost: they were paid for elsewhere."""
@@ -312,19 +327,8 @@ class RunStats(Counted):
     def record_batched_run(self, verdicts: Sequence[Tally]) -> None:
         """``record_batched`` for each of ``verdicts`` in turn, with the same
         sums: the cost is added row by row, in order, as floats add."""
-        counts = self.counts
         self.done += len(verdicts)
-        oks = sum(map(_OK, verdicts))
-        counts.ok += oks
-        if oks != len(verdicts):
-            for v in verdicts:
-                if not v.ok:
-                    counts.failed_by_code[v.error_code or "unknown"] += 1
-        counts.tokens_in += sum(map(_TOKENS_IN, verdicts))
-        counts.tokens_out += sum(map(_TOKENS_OUT, verdicts))
-        # ``reduce``, not ``sum``: sum() compensates float rounding (3.12+),
-        # which would give a total a row-by-row count does not.
-        counts.cost = functools.reduce(operator.add, map(_COST, verdicts), counts.cost)
+        self.counts.count_all(verdicts)
 
     def record_reused(self, verdict: Tally) -> None:
         """Count a row answered from a result store: no tokens or cost of this

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -198,12 +199,10 @@ async def test_a_batch_record_whose_key_variable_is_no_text_is_one_line_for_canc
 ) -> None:
     # cancel reads the key from the variable the record names: a number
     # there is damage like any field of the wrong type, not a traceback.
-    config, record = await _refused_batch_run(tmp_path)
-    data = orjson.loads(record.path.read_bytes())
-    data["api_key_env"] = 5
-    record.path.write_bytes(orjson.dumps(data))
+    def edit(data: dict[str, Any]) -> None:
+        data["api_key_env"] = 5
 
-    line = _error_line(await abatchrun("cancel", config.out))
+    record, line = await _cancel_after(tmp_path, edit)
 
     assert line.startswith(f"{record.path} is damaged (a field of the wrong type); batches")
 
@@ -221,14 +220,13 @@ async def test_a_batch_record_whose_key_variable_is_no_text_is_one_line_for_canc
 async def test_a_batch_record_naming_what_batchrun_never_writes_is_one_line_for_cancel(
     tmp_path: Path, where: str, field: str, value: object
 ) -> None:
-    config, record = await _refused_batch_run(tmp_path)
-    data = orjson.loads(record.path.read_bytes())
-    data["parts"][0]["status"] = "submitted"  # live: cancel and run act on it
-    data["parts"][0]["batch_id"] = "batch_1"
-    (data if where == "record" else data["parts"][0])[field] = value
-    record.path.write_bytes(orjson.dumps(data))
 
-    line = _error_line(await abatchrun("cancel", config.out))
+    def edit(data: dict[str, Any]) -> None:
+        data["parts"][0]["status"] = "submitted"  # live: cancel and run act on it
+        data["parts"][0]["batch_id"] = "batch_1"
+        (data if where == "record" else data["parts"][0])[field] = value
+
+    record, line = await _cancel_after(tmp_path, edit)
 
     assert line.startswith(f"{record.path} is damaged (a field of the wrong type); batches")
 
@@ -337,6 +335,18 @@ async def test_a_directory_in_place_of_the_journal_or_partial_output_is_one_line
 def _replace_with_a_directory(path: Path) -> None:
     path.unlink(missing_ok=True)
     path.mkdir()
+
+
+async def _cancel_after(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None]
+) -> tuple[BatchRecord, str]:
+    """The record of a refused batch run, and the error line of ``batchrun
+    cancel`` once ``edit`` changed the record's ``state.json``."""
+    config, record = await _refused_batch_run(tmp_path)
+    data = orjson.loads(record.path.read_bytes())
+    edit(data)
+    record.path.write_bytes(orjson.dumps(data))
+    return record, _error_line(await abatchrun("cancel", config.out))
 
 
 async def _refused_batch_run(tmp_path: Path) -> tuple[RunConfig, BatchRecord]:
