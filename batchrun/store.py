@@ -95,23 +95,40 @@ CREATE TABLE IF NOT EXISTS results (
 )
 """
 
-# Rows put by one INSERT statement. SQLite's cost is mostly per statement
-# (an upsert sets up a statement journal each time): 128 rows at once cost
-# less than half as much per row as one at a time. 128 rows are 768
-# parameters, under the 999 that the oldest SQLite builds allow.
+# Rows put by one INSERT statement. SQLite's cost is mostly per statement:
+# 128 rows at once cost less than half as much per row as one at a time.
+# 128 rows are 768 parameters, under the 999 that the oldest SQLite builds allow.
 ROWS_PER_STATEMENT = 128
+
+_COLUMNS = "results (key, record, ok, retryable, cost, created)"
+
+
+@functools.lru_cache(maxsize=16)
+def _values(rows: int) -> str:
+    return ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _add(rows: int) -> str:
+    """An insert of ``rows`` rows that skips those whose key is stored (or
+    repeated within it). It cannot fail half-way, so SQLite keeps no
+    statement journal for it: a multi-row upsert writes the old content of
+    every page it touches to one, which at a million stored results is more
+    bytes than the results themselves. Most rows are new: ``_put`` follows
+    only for a statement that skipped some."""
+    return f"INSERT OR IGNORE INTO {_COLUMNS} VALUES {_values(rows)}"
 
 
 @functools.lru_cache(maxsize=16)
 def _put(rows: int) -> str:
     """An upsert of ``rows`` rows, each by the replace rule (module docstring).
     SQLite takes a statement's rows in order: of two under one key, the later
-    one is the one kept (if the rule lets it replace the first). Called with
-    powers of two only (``_statements``), so a handful of texts, each
-    compiled once by the connection's statement cache."""
-    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+    one is the one kept (if the rule lets it replace the first); a row that
+    ``_add`` inserted just before is replaced by itself. Called with powers
+    of two only (``_statements``), so a handful of texts, each compiled once
+    by the connection's statement cache."""
     return f"""
-INSERT INTO results (key, record, ok, retryable, cost, created) VALUES {values}
+INSERT INTO {_COLUMNS} VALUES {_values(rows)}
 ON CONFLICT (key) DO UPDATE SET
     record = excluded.record, ok = excluded.ok, retryable = excluded.retryable,
     cost = excluded.cost, created = excluded.created
@@ -208,8 +225,9 @@ class ResultStore:
             with self._db:
                 for chunk in _chunks(rows):
                     for start, size in _statements(len(chunk)):
-                        values = itertools.chain.from_iterable(chunk[start : start + size])
-                        self._db.execute(_put(size), list(values))
+                        values = list(itertools.chain.from_iterable(chunk[start : start + size]))
+                        if self._db.execute(_add(size), values).rowcount != size:
+                            self._db.execute(_put(size), values)
         except sqlite3.DatabaseError as exc:
             raise _damaged(self.path, exc) from None
 

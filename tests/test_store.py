@@ -23,7 +23,7 @@ from batchrun.contentkey import canonical_json, content_key, json_key, request_k
 from batchrun.providers import get_provider
 from batchrun.records import Defaults, Request, parse_line
 from batchrun.reuse import open_answers
-from batchrun.store import STORE_FILE, Stored, StoreError, open_store, store_row
+from batchrun.store import STORE_FILE, ResultStore, Stored, StoreError, open_store, store_row
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
@@ -93,6 +93,11 @@ def test_the_key_covers_defaults_dialect_and_endpoint() -> None:
 
 def _stored(text: str, *, ok: bool = True, retryable: bool = False, created: float = 1.0) -> Stored:
     return Stored(record=text.encode(), ok=ok, retryable=retryable, cost=0.5, created=created)
+
+
+def _record(store: ResultStore, key: bytes) -> bytes | None:
+    found = store.get(key)
+    return None if found is None else found.record
 
 
 def test_put_get_and_the_replace_rule(tmp_path: Path) -> None:
@@ -441,6 +446,45 @@ def test_a_short_put_takes_a_few_statements_not_one_per_row(tmp_path: Path) -> N
     store._db.set_trace_callback(None)
     assert len(inserts) == 4  # 32 + 16 + 8 + 1
     assert store.stats().results == 57
+    store.close()
+
+
+def test_new_rows_are_inserted_without_an_upsert_and_stored_ones_take_it(
+    tmp_path: Path,
+) -> None:
+    """Rows whose keys are new go in by an insert that cannot fail half-way
+    (so SQLite keeps no statement journal for it); only a statement that met
+    a stored key is followed by the upsert, which applies the replace rule."""
+    store = open_store(tmp_path / STORE_FILE, durable=False)
+    store.put_many(
+        [
+            (b"k050", _stored("lasting", ok=False)),
+            (b"k051", _stored("flaky", ok=False, retryable=True)),
+            (b"k052", _stored("kept")),
+        ]
+    )
+    inserts: list[str] = []
+    store._db.set_trace_callback(
+        lambda sql: (
+            inserts.append(sql.split("VALUES")[0].split()[1])
+            if sql.lstrip().startswith("INSERT")
+            else None
+        )
+    )
+    rows = [store_row(b"k%03d" % n, _stored(f"r{n}")) for n in range(48)]
+    rows += [store_row(b"k%03d" % n, _stored(f"r{n}")) for n in (50, 51)]
+    rows.append(store_row(b"k052", _stored("r52", ok=False, retryable=True)))
+    store.put_rows(rows)
+    store._db.set_trace_callback(None)
+    # 32 + 16 new rows; then 2 and 1 rows of stored keys, each statement upserted
+    assert inserts == ["OR", "OR", "OR", "INTO", "OR", "INTO"]
+    assert store.stats().results == 51
+    assert [_record(store, key) for key in (b"k000", b"k050", b"k051", b"k052")] == [
+        b"r0",
+        b"r50",  # an answer replaces a lasting error
+        b"r51",  # and a transient one
+        b"kept",  # a transient error replaces no answer
+    ]
     store.close()
 
 
