@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             reorder = run_reorder(work)
         from benchmarks.batch import run_batch
 
-        batch = {} if args.skip_big else run_batch(args.scenarios, work, args.rows_big)
+        batch = {} if args.skip_big else run_batch(args.scenarios, work, args.rows_big, args.reps)
         from benchmarks.reuse_bench import run_cache, run_edits
 
         edits = cache = None
