@@ -285,6 +285,8 @@ async def test_a_batch_seen_records_its_status_and_integer_counts() -> None:
     assert (part.batch_status, part.counts) == ("completed", {"total": 10, "completed": 10})
     part.seen({"status": "cancelled"})  # no counts given: the last ones stay
     assert (part.batch_status, part.counts) == ("cancelled", {"total": 10, "completed": 10})
+    part.seen({"status": "failed", "request_counts": {"total": 10, "completed": -3}})
+    assert part.counts == {"total": 10}  # a count below zero is none (status shows no -3)
 
 
 async def test_a_batch_created_but_unrecorded_is_cancelled_before_a_restart(

@@ -83,11 +83,14 @@ class Part:
 
     def seen(self, batch: Mapping[str, Any]) -> None:
         """Record what the provider says of this part's batch: its status and
-        request counts (the integer ones; absent counts leave the last ones)."""
+        request counts (the whole numbers >= 0: a count below zero is no
+        count; absent counts leave the last ones)."""
         self.batch_status = str(batch.get("status"))
         given = batch.get("request_counts")
         if isinstance(given, dict):
-            self.counts = {key: value for key, value in given.items() if type(value) is int}
+            self.counts = {
+                key: value for key, value in given.items() if type(value) is int and value >= 0
+            }
 
 
 @dataclass(slots=True)
