@@ -242,6 +242,11 @@ class MockServer:
         self.batches = MockBatches(self.stats, batch_faults)
         self.tls = tls
         self._digests: dict[int, str] = {}  # live request -> its body's digest
+        # Called with the count of requests so far as each one arrives, before
+        # it is answered: a test can act at an exact request (kill the client
+        # at its Nth), which a loop watching the count overshoots by as many
+        # requests as arrive between two looks.
+        self.on_request: Callable[[int], None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -307,6 +312,8 @@ class MockServer:
         async def handle(request: web.Request) -> web.StreamResponse:
             stats = self.stats
             stats.requests += 1
+            if self.on_request is not None:
+                self.on_request(stats.requests)
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             status = 0  # stays 0 if the client gives up and the handler is cancelled
